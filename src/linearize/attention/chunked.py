@@ -1,0 +1,119 @@
+"""Chunked PyTorch implementation: no (T x T) tensor; time and memory grow linearly with T.
+
+Sliding window: queries in blocks of C attend to a key block of C + w - 1 (a band mask inside it).
+Linear branch: causal linear attention over keys shifted right by `shift` positions (w for
+'complementary', 0 otherwise) -- sum_{s <= t - shift} phi(k_s) v_s -- done as intra-chunk products
+plus an exclusive prefix sum of per-chunk states.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from linearize.attention.common import (
+    check_mode, combine, expand_weight, group_queries, safe_div, sink_positions, softcapped, ungroup,
+)
+
+
+def _pad_time(x: torch.Tensor, front: int, back: int, dim: int = 2) -> torch.Tensor:
+    pad = [0, 0] * (x.dim() - dim - 1) + [front, back]
+    return F.pad(x, pad)
+
+
+def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None):
+    """Numerator (B, Hq, T, d) and denominator (B, Hq, T) of softmax over the window, max-shifted."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    n = -(-t // chunk)
+    tp = n * chunk
+    span = chunk + window - 1
+    qg = group_queries(_pad_time(q, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, d)
+    kb = _pad_time(k, window - 1, tp - t).unfold(2, span, chunk)  # (B, Hkv, N, d, span)
+    vb = _pad_time(v, window - 1, tp - t).unfold(2, span, chunk)
+    vmask = F.pad(valid, (window - 1, tp - t)).unfold(1, span, chunk)  # (B, N, span)
+    i = torch.arange(chunk, device=q.device)[:, None]
+    j = torch.arange(span, device=q.device)[None, :]
+    band = (j >= i) & (j <= i + window - 1)  # key j of the block is in query i's window
+    mask = band & vmask[:, None, None, :, None, :]  # (B, 1, 1, N, C, span)
+    logits = softcapped(torch.einsum("bhgncd,bhnds->bhgncs", qg, kb) * scale, softcap)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    c = logits.amax(-1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    a = torch.exp(logits - c)
+    num = torch.einsum("bhgncs,bhnds->bhgncd", a, vb)
+    den = a.sum(-1)
+    num = ungroup(num.reshape(b, hkv, hq // hkv, tp, d))[:, :, :t]
+    den = ungroup(den.reshape(b, hkv, hq // hkv, tp))[:, :, :t]
+    return num, den
+
+
+def linear_sums(qf, kf, v, valid, *, shift, chunk, state=None):
+    """Causal linear attention over keys shifted right by `shift`: sums over s <= t - shift.
+
+    `state` = (S0 (B, Hkv, m, d), z0 (B, Hkv, m)) adds keys seen before this call to every query.
+    """
+    b, hq, t, m = qf.shape
+    hkv, d = kf.shape[1], v.shape[-1]
+    kf = (kf * valid[:, None, :, None].to(kf.dtype))
+    kf = _pad_time(kf, shift, 0)[:, :, :t]
+    v = _pad_time(v, shift, 0)[:, :, :t]
+    n = -(-t // chunk)
+    tp = n * chunk
+    qc = group_queries(_pad_time(qf, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, m)
+    kc = _pad_time(kf, 0, tp - t).reshape(b, hkv, n, chunk, m)
+    vc = _pad_time(v, 0, tp - t).reshape(b, hkv, n, chunk, d)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=qf.device).tril()
+    scores = torch.einsum("bhgncm,bhnsm->bhgncs", qc, kc) * causal
+    num = torch.einsum("bhgncs,bhnsd->bhgncd", scores, vc)
+    den = scores.sum(-1)
+    kv = torch.einsum("bhnsm,bhnsd->bhnmd", kc, vc)
+    ks = kc.sum(3)
+    kv_before = torch.cumsum(kv, dim=2) - kv  # state from the chunks before each chunk
+    ks_before = torch.cumsum(ks, dim=2) - ks
+    if state is not None:
+        kv_before = kv_before + state[0][:, :, None]
+        ks_before = ks_before + state[1][:, :, None]
+    num = num + torch.einsum("bhgncm,bhnmd->bhgncd", qc, kv_before)
+    den = den + torch.einsum("bhgncm,bhnm->bhgnc", qc, ks_before)
+    num = ungroup(num.reshape(b, hkv, hq // hkv, tp, d))[:, :, :t]
+    den = ungroup(den.reshape(b, hkv, hq // hkv, tp))[:, :, :t]
+    return num, den
+
+
+def sink_sums(q, k, v, valid, *, scale, num_sinks, softcap=None):
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    idx, sink_valid = sink_positions(valid, num_sinks)  # (B, n)
+    ks = k.gather(2, idx[:, None, :, None].expand(b, hkv, idx.shape[1], d))
+    vs = v.gather(2, idx[:, None, :, None].expand(b, hkv, idx.shape[1], d))
+    pos = torch.arange(t, device=q.device)
+    mask = sink_valid[:, None, None, None, :] & (idx[:, None, None, None, :] <= pos[None, None, None, :, None])
+    logits = softcapped(torch.einsum("bhgtd,bhsd->bhgts", group_queries(q, hkv), ks) * scale, softcap)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    c = logits.amax(-1, keepdim=True)
+    a = torch.exp(logits - torch.where(torch.isfinite(c), c, torch.zeros_like(c)))
+    return ungroup(torch.einsum("bhgts,bhsd->bhgtd", a, vs)), ungroup(a.sum(-1))
+
+
+def hybrid_attention_chunked(
+    q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
+    placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid=None,
+    softcap: float | None = None, chunk_size: int = 64,
+) -> torch.Tensor:
+    check_mode(mode)
+    b, hq, t, _ = q.shape
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    if mode == "none":
+        return torch.zeros_like(q)
+    if mode == "sinks_only":
+        return safe_div(*sink_sums(q, k, v, valid, scale=scale, num_sinks=num_sinks, softcap=softcap))
+    if mode == "la_only":
+        return safe_div(*linear_sums(qf, kf, v, valid, shift=0, chunk=chunk_size))
+    swa = window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk_size, softcap=softcap)
+    if mode == "swa_only":
+        return safe_div(*swa)
+    shift = window if placement == "complementary" else 0
+    la = linear_sums(qf, kf, v, valid, shift=shift, chunk=chunk_size)
+    return combine(rule, expand_weight(weight, b, hq, t, q), swa, la)

@@ -1,0 +1,69 @@
+"""Pieces every implementation of the hybrid layer shares: the combination rule and safe division.
+
+Tensor layout everywhere: q (B, Hq, T, d), k/v (B, Hkv, T, d), qf (B, Hq, T, m), kf (B, Hkv, T, m).
+Query heads are grouped over key/value heads (GQA): query head h uses key/value head h // (Hq // Hkv).
+`weight` broadcasts to (B, Hq, T): gamma for `shared_norm`, g for `mix`.
+Branch sums arrive as numerators (B, Hq, T, d) and denominators (B, Hq, T).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, and 0 where den == 0 (a query with no keys: padding, or an empty linear support)."""
+    empty = den == 0
+    return torch.where(empty.unsqueeze(-1), torch.zeros_like(num), num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1))
+
+
+def combine(rule: str, weight: torch.Tensor, swa: tuple[torch.Tensor, torch.Tensor], la: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Combine SWA and LA sums in 'hybrid' mode.
+
+    shared_norm: (gamma * num_swa + num_la) / (gamma * den_swa + den_la)   (LoLCATs Eq. 7)
+    mix:         g * num_swa/den_swa + (1 - g) * num_la/den_la; where LA has no keys, SWA alone.
+    """
+    num_s, den_s = swa
+    num_l, den_l = la
+    weight = weight.to(num_s.dtype)
+    if rule == "shared_norm":
+        return safe_div(weight.unsqueeze(-1) * num_s + num_l, weight * den_s + den_l)
+    if rule == "mix":
+        g = torch.where(den_l == 0, torch.ones_like(den_l), weight.expand_as(den_l))
+        return g.unsqueeze(-1) * safe_div(num_s, den_s) + (1 - g).unsqueeze(-1) * safe_div(num_l, den_l)
+    raise ValueError(f"unknown combination rule {rule!r}")
+
+
+def expand_weight(weight, b: int, hq: int, t: int, like: torch.Tensor) -> torch.Tensor:
+    """A float, a per-head (Hq,) tensor or a (B, Hq, T) tensor -> (B, Hq, T)."""
+    w = torch.as_tensor(weight, dtype=like.dtype, device=like.device)
+    if w.dim() == 1:
+        w = w.view(1, -1, 1)
+    return w.expand(b, hq, t)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown component mode {mode!r}; expected one of {MODES}")
+
+
+def group_queries(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, Hq, ...) -> (B, Hkv, G, ...) so that key/value tensors broadcast over the group axis."""
+    b, hq = x.shape[:2]
+    return x.reshape(b, num_kv_heads, hq // num_kv_heads, *x.shape[2:])
+
+
+def ungroup(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def sink_positions(valid: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the first `num_sinks` valid tokens of each row: (B, n) indices and (B, n) validity."""
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :num_sinks]
+    return order, valid.gather(1, order)

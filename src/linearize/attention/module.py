@@ -1,0 +1,204 @@
+"""HybridAttention: the drop-in replacement for a Hugging Face attention module.
+
+It reuses the base module's q/k/v/o projections and q/k norms (same parameter names, so base weights
+load unchanged), the family's RoPE and softmax scale, and adds per-head feature maps plus the mixing
+parameters. Which branches run is set by `mode` (whole layer) or `head_modes` (per head); training
+can replace 'hybrid' by 'la_only' through `drop_swa` (Scheduled Sliding-window Dropout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from linearize.attention.cache import hybrid_cache_layer
+from linearize.attention.chunked import hybrid_attention_chunked
+from linearize.attention.common import check_mode
+from linearize.attention.recurrent import hybrid_attention_step, prefill_state
+from linearize.attention.reference import hybrid_attention_reference
+from linearize.config import HybridConfig
+from linearize.feature_maps import FeatureMap
+from linearize.models.adapters import FamilyAdapter, head_dim
+
+
+class PaddingContext:
+    """The 2-D attention mask of the current forward, shared by all converted layers of a model.
+
+    Set by a forward pre-hook on the decoder; each layer takes the columns of its own new tokens,
+    so padding never enters the linear-attention sums or the window.
+    """
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+
+    def hook(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+    def valid(self, batch: int, length: int, device) -> torch.Tensor | None:
+        if self.mask is None or self.mask.shape[0] != batch or self.mask.shape[1] < length:
+            return None
+        return self.mask[:, -length:].to(device=device, dtype=torch.bool)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _triton_available(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    try:
+        import linearize.attention.triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class HybridAttention(nn.Module):
+    def __init__(self, base_attention: nn.Module, model_config, hybrid: HybridConfig, adapter: FamilyAdapter,
+                 layer_idx: int, padding: PaddingContext):
+        super().__init__()
+        self.hybrid = hybrid
+        self.layer_idx = layer_idx
+        self.padding = padding
+        self.num_heads = model_config.num_attention_heads
+        self.num_kv_heads = model_config.num_key_value_heads
+        self.head_dim = head_dim(model_config)
+        self.scale = adapter.scale(model_config)
+        self._rope = adapter.rope()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj") + (("q_norm", "k_norm") if adapter.qk_norm else ()):
+            setattr(self, name, getattr(base_attention, name))
+        self.qk_norm = adapter.qk_norm
+        h = hybrid
+        self.feature_map_q = FeatureMap(self.num_heads, self.head_dim, h.feature_map, h.feature_size, h.init_noise)
+        self.feature_map_k = FeatureMap(self.num_kv_heads, self.head_dim, h.feature_map, h.feature_size, h.init_noise)
+        if h.combine == "shared_norm":
+            self.gamma_logit = nn.Parameter(torch.full((self.num_heads,), _logit(h.gamma_init)), requires_grad=h.gamma_trainable)
+        elif h.mix_gate == "learned":
+            self.gate_logit = nn.Parameter(torch.full((self.num_heads,), _logit(min(max(h.mix_value, 1e-4), 1 - 1e-4))))
+        elif h.mix_gate == "dynamic":
+            self.gate = nn.Linear(model_config.hidden_size, self.num_heads)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, _logit(min(max(h.mix_value, 1e-4), 1 - 1e-4)))
+        self.mode = "hybrid"
+        self.head_modes: dict[int, str] | None = None
+        self.drop_swa: bool | torch.Tensor | None = None
+
+    # -- pieces the training and diagnostics code reuses -------------------------------------------
+    def project(self, hidden_states, position_embeddings):
+        """q (B, Hq, T, d), k and v (B, Hkv, T, d) exactly as the base attention computes them."""
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = self._rope(q, k, cos, sin)
+        return q, k, v
+
+    def mixing_weight(self, hidden_states) -> torch.Tensor | float:
+        """gamma (shared_norm) or g (mix): per head (Hq,), per token (B, Hq, T), or a constant."""
+        h = self.hybrid
+        if h.combine == "shared_norm":
+            return torch.sigmoid(self.gamma_logit)
+        if h.mix_gate == "learned":
+            return torch.sigmoid(self.gate_logit)
+        if h.mix_gate == "dynamic":
+            return torch.sigmoid(self.gate(hidden_states)).transpose(1, 2)
+        return h.mix_value
+
+    def attend(self, q, k, v, weight, valid, mode: str) -> torch.Tensor:
+        """The hybrid layer's per-head output (B, Hq, T, d) for one component mode, full sequence."""
+        h = self.hybrid
+        qf, kf = self.feature_map_q(q), self.feature_map_k(k)
+        kwargs = dict(scale=self.scale, window=h.window, weight=weight, rule=h.combine, placement=h.placement,
+                      mode=mode, num_sinks=h.num_sinks, valid=valid)
+        backend = h.backend
+        if backend == "auto":
+            backend = "triton" if _triton_available(q) else "torch"
+        if backend == "reference":
+            return hybrid_attention_reference(q, k, v, qf, kf, **kwargs)
+        if backend == "triton":
+            from linearize.attention.triton import hybrid_attention_triton
+
+            return hybrid_attention_triton(q, k, v, qf, kf, chunk_size=h.chunk_size, **kwargs)
+        dtype = q.dtype
+        f32 = [x.float() for x in (q, k, v, qf, kf)]
+        if torch.is_tensor(weight):
+            weight = weight.float()
+        return hybrid_attention_chunked(*f32, chunk_size=h.chunk_size, **kwargs).to(dtype)
+
+    def head_mode_list(self) -> list[str]:
+        modes = [self.mode] * self.num_heads
+        for head, mode in (self.head_modes or {}).items():
+            modes[head] = mode
+        for mode in set(modes):
+            check_mode(mode)
+        return modes
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        b, t, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
+        valid = self.padding.valid(b, t, q.device)
+        weight = self.mixing_weight(hidden_states)
+        if past_key_values is not None:
+            out = self._forward_cached(past_key_values, q, k, v, weight, valid)
+        else:
+            out = self._forward_full(q, k, v, weight, valid)
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out), None
+
+    def _forward_full(self, q, k, v, weight, valid):
+        modes = self.head_mode_list()
+        drop = self.drop_swa
+        if drop is not None and not (isinstance(drop, bool) and not drop) and "hybrid" in modes:
+            if isinstance(drop, bool):
+                modes = ["la_only" if m == "hybrid" else m for m in modes]
+            else:  # per sample: la_only rows where drop is True
+                hybrid = self._by_head(q, k, v, weight, valid, modes)
+                dropped = self._by_head(q, k, v, weight, valid, ["la_only" if m == "hybrid" else m for m in modes])
+                return torch.where(drop.view(-1, 1, 1, 1).to(q.device), dropped, hybrid)
+        return self._by_head(q, k, v, weight, valid, modes)
+
+    def _by_head(self, q, k, v, weight, valid, modes):
+        distinct = sorted(set(modes))
+        if len(distinct) == 1:
+            return self.attend(q, k, v, weight, valid, distinct[0])
+        out = torch.zeros_like(q)
+        for mode in distinct:
+            heads = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=q.device)
+            out[:, heads] = self.attend(q, k, v, weight, valid, mode)[:, heads]
+        return out
+
+    def _forward_cached(self, cache, q, k, v, weight, valid):
+        layer = hybrid_cache_layer(cache, self.layer_idx)
+        h = self.hybrid
+        if layer.state is None:
+            out = self._forward_full(q, k, v, weight, valid)
+            kf = self.feature_map_k(k)
+            if valid is None:
+                valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+            layer.state = prefill_state(k, v, kf, valid, window=h.window, num_sinks=h.num_sinks)
+            return out
+        modes = self.head_mode_list()
+        qf, kf = self.feature_map_q(q), self.feature_map_k(k)
+        outs = []
+        for i in range(q.shape[2]):
+            sl = slice(i, i + 1)
+            w = weight[..., sl] if torch.is_tensor(weight) and weight.dim() == 3 else weight
+            step_valid = None if valid is None else valid[:, sl]
+            per_mode = {}
+            for mode in sorted(set(modes)):
+                per_mode[mode], new_state = hybrid_attention_step(
+                    layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], scale=self.scale,
+                    window=h.window, weight=w, rule=h.combine, placement=h.placement, mode=mode, valid=step_valid,
+                )
+            layer.state = new_state
+            step = torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1)
+            outs.append(step)
+        return torch.cat(outs, dim=2)

@@ -1,0 +1,70 @@
+"""Hybrid attention settings. Each field's help text is the documentation (`linearize info` prints it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+COMPONENT_MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
+COMBINE_RULES = ("shared_norm", "mix")
+PLACEMENTS = ("complementary", "overlap")
+MIX_GATES = ("fixed", "learned", "dynamic")
+FEATURE_SIZES = ("full", "half")
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+@dataclass
+class HybridConfig:
+    window: int = field(default=64, metadata={"help": "Sliding-window size w: softmax covers the w most recent keys, the query's own included."})
+    feature_map: str = field(default="hedgehog", metadata={"help": "Feature map of the linear branch: hedgehog, exp, relu, elu1, t2r or none (see linearize.feature_maps)."})
+    feature_size: str = field(default="full", metadata={"help": "Projection W of the feature map: 'full' is head_dim x head_dim (hedgehog then gives 2*head_dim features), 'half' is head_dim x head_dim/2 (LoLCATs size)."})
+    init_noise: float = field(default=0.1, metadata={"help": "W starts as identity plus N(0, init_noise^2); 0 gives the exact identity."})
+    combine: str = field(default="shared_norm", metadata={"help": "How the branches combine: 'shared_norm' (LoLCATs Eq. 7, one normaliser, SWA terms scaled by gamma) or 'mix' (g*SWA + (1-g)*LA of separately normalised outputs)."})
+    gamma_init: float = field(default=0.1, metadata={"help": "shared_norm: initial gamma = sigmoid(theta) per head (LoLCATs uses 0.1)."})
+    gamma_trainable: bool = field(default=True, metadata={"help": "shared_norm: whether gamma is a trainable parameter."})
+    mix_gate: str = field(default="fixed", metadata={"help": "mix: 'fixed' g, 'learned' per-head g = sigmoid(theta), or 'dynamic' input-dependent g = sigmoid(w.x + b) per head."})
+    mix_value: float = field(default=0.5, metadata={"help": "mix: g (fixed) or its initial value (learned, dynamic)."})
+    placement: str = field(default="complementary", metadata={"help": "Keys the linear branch covers in 'hybrid' mode: 'complementary' = only keys older than the window (LoLCATs), 'overlap' = all past keys."})
+    num_sinks: int = field(default=8, metadata={"help": "Number of leading tokens attended in the 'sinks_only' diagnostic mode."})
+    chunk_size: int = field(default=64, metadata={"help": "Query/key block size of the chunked implementations."})
+    backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA when available, else chunked PyTorch), 'torch', 'triton' or 'reference' (quadratic spec, for tests)."})
+    layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers) or a list of layer indices."})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "combine": (self.combine, COMBINE_RULES),
+            "placement": (self.placement, PLACEMENTS),
+            "mix_gate": (self.mix_gate, MIX_GATES),
+            "feature_size": (self.feature_size, FEATURE_SIZES),
+            "backend": (self.backend, BACKENDS),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"HybridConfig.{name}={value!r}; expected one of {allowed}")
+        from linearize.feature_maps import FEATURE_MAPS  # local import: feature_maps imports nothing from here
+
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"HybridConfig.feature_map={self.feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
+        if self.window < 1:
+            raise ValueError(f"HybridConfig.window must be >= 1, got {self.window}")
+        if not 0.0 < self.gamma_init < 1.0 or not 0.0 <= self.mix_value <= 1.0:
+            raise ValueError("gamma_init must be in (0, 1) and mix_value in [0, 1]")
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HybridConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown HybridConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, Any, str]]:
+        """(name, default, help) for every field: the documentation of the layer's options."""
+        return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]

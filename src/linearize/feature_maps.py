@@ -1,0 +1,72 @@
+"""Learned feature maps phi(x) = f(x W (+ b)) for the linear-attention branch, one W per head.
+
+A registry maps a name to its activation f; `FeatureMap` holds the per-head projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FeatureMapSpec:
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    features_per_unit: int  # output features per projected unit (hedgehog concatenates two softmaxes)
+    bias: bool
+    help: str
+
+
+def _hedgehog(u: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
+
+
+FEATURE_MAPS: dict[str, FeatureMapSpec] = {
+    "hedgehog": FeatureMapSpec(_hedgehog, 2, False, "[softmax(xW) ; softmax(-xW)] over the feature axis (Hedgehog / LoLCATs)"),
+    "exp": FeatureMapSpec(torch.exp, 1, False, "exp(xW), element-wise"),
+    "relu": FeatureMapSpec(F.relu, 1, False, "ReLU(xW)"),
+    "elu1": FeatureMapSpec(lambda u: 1.0 + F.elu(u), 1, False, "1 + ELU(xW)"),
+    "t2r": FeatureMapSpec(F.relu, 1, True, "ReLU(xW + b) (T2R)"),
+    "none": FeatureMapSpec(lambda u: u, 1, False, "xW, no activation (its normaliser can be near zero or negative)"),
+}
+
+
+def num_features(kind: str, head_dim: int, size: str) -> int:
+    spec = FEATURE_MAPS[kind]
+    return spec.features_per_unit * projection_dim(head_dim, size)
+
+
+def projection_dim(head_dim: int, size: str) -> int:
+    return head_dim if size == "full" else head_dim // 2
+
+
+class FeatureMap(nn.Module):
+    """Per-head feature map: input (B, H, T, d) -> features (B, H, T, m)."""
+
+    def __init__(self, num_heads: int, head_dim: int, kind: str = "hedgehog", size: str = "full", init_noise: float = 0.1):
+        super().__init__()
+        if kind not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map {kind!r}; expected one of {sorted(FEATURE_MAPS)}")
+        self.kind = kind
+        self.spec = FEATURE_MAPS[kind]
+        out = projection_dim(head_dim, size)
+        eye = torch.eye(head_dim)[:, :out]
+        weight = eye.expand(num_heads, head_dim, out).clone()
+        if init_noise > 0:
+            weight += init_noise * torch.randn_like(weight)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(num_heads, 1, out)) if self.spec.bias else None
+
+    @property
+    def num_features(self) -> int:
+        return self.spec.features_per_unit * self.weight.shape[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.einsum("bhtd,hdm->bhtm", x, self.weight.to(x.dtype))
+        if self.bias is not None:
+            u = u + self.bias.to(x.dtype)
+        return self.spec.activation(u)

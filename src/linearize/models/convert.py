@@ -1,0 +1,150 @@
+"""Swap a Hugging Face model's attention modules for HybridAttention; save and load converted models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from linearize.attention.module import HybridAttention, PaddingContext
+from linearize.config import HybridConfig
+from linearize.errors import ModelFileError
+from linearize.models.adapters import adapter_for, layer_types
+
+CONFIG_KEY = "linearize"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layers at .get_decoder().layers")
+    return layers
+
+
+def text_config(model: nn.Module):
+    return model.config.get_text_config(decoder=True)
+
+
+def resolve_layers(spec, config) -> list[int]:
+    n = config.num_hidden_layers
+    if spec == "all":
+        return list(range(n))
+    if spec == "global":
+        return [i for i, kind in enumerate(layer_types(config)) if kind == "full_attention"]
+    layers = sorted(int(i) for i in spec)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range for a {n}-layer model")
+    return layers
+
+
+def convert(model: nn.Module, hybrid: HybridConfig | None = None, layers=None) -> nn.Module:
+    """Replace the attention of `layers` (default: hybrid.layers) by HybridAttention, in place.
+
+    The base weights are kept; new parameters are the feature maps and the mixing parameters.
+    The settings are recorded in `model.config.linearize` so `save_pretrained` + `load` restore them.
+    """
+    hybrid = hybrid or HybridConfig()
+    config = text_config(model)
+    adapter = adapter_for(config)
+    if layers is not None:
+        hybrid.layers = layers if isinstance(layers, str) else list(layers)
+    indices = resolve_layers(hybrid.layers, config)
+    padding = PaddingContext()
+    blocks = decoder_layers(model)
+    ref = next(model.parameters())
+    for i in indices:
+        base = blocks[i].self_attn
+        if isinstance(base, HybridAttention):
+            raise ValueError(f"layer {i} is already converted")
+        blocks[i].self_attn = HybridAttention(base, config, hybrid, adapter, i, padding).to(device=ref.device, dtype=ref.dtype)
+    model.get_decoder().register_forward_pre_hook(padding.hook, with_kwargs=True)
+    model.config.__dict__[CONFIG_KEY] = {**hybrid.to_dict(), "layers": indices}
+    return model
+
+
+def hybrid_modules(model: nn.Module) -> list[HybridAttention]:
+    return [m for m in model.modules() if isinstance(m, HybridAttention)]
+
+
+def is_converted(model: nn.Module) -> bool:
+    return bool(hybrid_modules(model))
+
+
+@contextlib.contextmanager
+def components(model: nn.Module, modes):
+    """Switch attention branches at inference.
+
+    `modes` is a mode for the whole model ('hybrid', 'swa_only', 'la_only', 'sinks_only', 'none'), or a dict
+    {layer_idx: mode} (other layers keep theirs), or {layer_idx: {head: mode}} for per-head attribution.
+    """
+    modules = {m.layer_idx: m for m in hybrid_modules(model)}
+    if not modules:
+        raise ValueError("model has no converted attention layers; call linearize.convert first")
+    saved = {i: (m.mode, m.head_modes) for i, m in modules.items()}
+    try:
+        if isinstance(modes, str):
+            plan = {i: modes for i in modules}
+        else:
+            missing = set(modes) - set(modules)
+            if missing:
+                raise ValueError(f"layers {sorted(missing)} are not converted (converted: {sorted(modules)})")
+            plan = modes
+        for i, mode in plan.items():
+            if isinstance(mode, str):
+                modules[i].mode = mode
+                modules[i].head_modes = None
+            else:
+                modules[i].head_modes = dict(mode)
+            modules[i].head_mode_list()  # validates names
+        yield model
+    finally:
+        for i, (mode, heads) in saved.items():
+            modules[i].mode, modules[i].head_modes = mode, heads
+
+
+def hybrid_config_of(model_or_config) -> HybridConfig:
+    config = getattr(model_or_config, "config", model_or_config)
+    data = dict(getattr(config, CONFIG_KEY, None) or config.__dict__.get(CONFIG_KEY) or {})
+    if not data:
+        raise ValueError("this model has no linearize settings in its config (not converted)")
+    return HybridConfig.from_dict(data)
+
+
+def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
+    """Load a converted model written by `save_pretrained`: base weights, then the hybrid parameters."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelFileError(f"{path} has no config.json; expected a directory written by save_pretrained")
+    settings = json.loads(config_file.read_text()).get(CONFIG_KEY)
+    if not settings:
+        raise ModelFileError(f"{config_file} has no '{CONFIG_KEY}' entry; it is not a converted model")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the hybrid parameters are 'unexpected' to the base class; loaded below
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    convert(model, HybridConfig.from_dict(settings))
+    own = {name for name, _ in model.named_parameters() if _is_hybrid_param(name)}
+    found = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        found.update({k: v for k, v in load_file(shard).items() if k in own})
+    missing = own - set(found)
+    if missing:
+        raise ModelFileError(f"{path} lacks hybrid parameters: {sorted(missing)[:5]} ...")
+    model.load_state_dict(found, strict=False)
+    return model.to(device).eval()
+
+
+def _is_hybrid_param(name: str) -> bool:
+    return any(part in name for part in ("feature_map_q", "feature_map_k", "gamma_logit", "gate_logit", ".gate."))

@@ -1,0 +1,39 @@
+"""`linearize <verb>`: one command line over the library. Each verb lives in linearize/commands/<verb>.py
+and provides `register(subparsers)`, which adds its parser and sets `func`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = ("info", "convert", "eval", "diagnose", "generate", "bench", "report", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linearize", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb in VERBS:
+        try:
+            module = importlib.import_module(f"linearize.commands.{verb}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"linearize.commands.{verb}":
+                raise
+            continue  # verb not shipped in this build
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from linearize.errors import LinearizeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LinearizeError as exc:
+        print(f"linearize {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ from linearize.attention.recurrent import hybrid_attention_step, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.config import HybridConfig
 from linearize.feature_maps import FeatureMap
-from linearize.models.adapters import FamilyAdapter, head_dim
+from linearize.models.adapters import FamilyAdapter, head_dim, layer_types
 
 
 class PaddingContext:
@@ -83,9 +83,15 @@ class HybridAttention(nn.Module):
             self.gate = nn.Linear(model_config.hidden_size, self.num_heads)
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, _logit(min(max(h.mix_value, 1e-4), 1 - 1e-4)))
+        kinds = layer_types(model_config)
+        # the base layer's own softmax window (Gemma 3 local layers, Mistral): the teacher's attention span
+        self.base_sliding_window = model_config.sliding_window if kinds[layer_idx] == "sliding_attention" else None
         self.mode = "hybrid"
         self.head_modes: dict[int, str] | None = None
         self.drop_swa: bool | torch.Tensor | None = None
+        # training hook: called as hook(module, q, k, v, valid, weight, hidden_states) in full-sequence forwards;
+        # a tensor it returns (B, Hq, T, d) replaces the layer's per-head output (e.g. the teacher's)
+        self.transfer_hook = None
 
     # -- pieces the training and diagnostics code reuses -------------------------------------------
     def project(self, hidden_states, position_embeddings):
@@ -146,7 +152,12 @@ class HybridAttention(nn.Module):
         q, k, v = self.project(hidden_states, position_embeddings)
         valid = self.padding.valid(b, t, q.device)
         weight = self.mixing_weight(hidden_states)
-        if past_key_values is not None:
+        out = None
+        if self.transfer_hook is not None and past_key_values is None:
+            out = self.transfer_hook(self, q, k, v, valid, weight, hidden_states)
+        if out is not None:
+            pass
+        elif past_key_values is not None:
             out = self._forward_cached(past_key_values, q, k, v, weight, valid)
         else:
             out = self._forward_full(q, k, v, weight, valid)

@@ -152,14 +152,11 @@ class HybridAttention(nn.Module):
         q, k, v = self.project(hidden_states, position_embeddings)
         valid = self.padding.valid(b, t, q.device)
         weight = self.mixing_weight(hidden_states)
-        out = None
-        if self.transfer_hook is not None and past_key_values is None:
-            out = self.transfer_hook(self, q, k, v, valid, weight, hidden_states)
-        if out is not None:
-            pass
-        elif past_key_values is not None:
+        hook = self.transfer_hook if past_key_values is None else None
+        out = hook(self, q, k, v, valid, weight, hidden_states) if hook is not None else None
+        if out is None and past_key_values is not None:
             out = self._forward_cached(past_key_values, q, k, v, weight, valid)
-        else:
+        elif out is None:
             out = self._forward_full(q, k, v, weight, valid)
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out), None

@@ -1,0 +1,109 @@
+"""Conversion of every supported family: with swa_only and a window covering the sequence, logits are the base's."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import linearize
+from linearize.attention.module import HybridAttention
+from linearize.errors import UnsupportedArchitectureError
+from tiny_models import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("combine", ["shared_norm", "mix"])
+def test_swa_only_full_window_reproduces_base_logits(family, combine):
+    model = tiny_model(family)
+    ids = torch.randint(1, 128, (2, 48))
+    with torch.no_grad():
+        base = model(ids).logits
+    linearize.convert(model, linearize.HybridConfig(window=64, combine=combine))
+    assert len([m for m in model.modules() if isinstance(m, HybridAttention)]) == model.config.num_hidden_layers
+    with torch.no_grad(), linearize.components(model, "swa_only"):
+        converted = model(ids).logits
+    assert (converted - base).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_linear_branch_changes_output_beyond_the_window(family):
+    model = tiny_model(family)
+    ids = torch.randint(1, 128, (1, 40))
+    linearize.convert(model, linearize.HybridConfig(window=8))
+    with torch.no_grad():
+        hybrid = model(ids).logits
+        with linearize.components(model, "swa_only"):
+            swa = model(ids).logits
+    assert torch.allclose(hybrid[:, :8], swa[:, :8], atol=1e-5)  # no key older than the window yet
+    assert (hybrid[:, 8:] - swa[:, 8:]).abs().max() > 1e-3
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitectureError, match="llama.*mistral"):
+        linearize.convert(model)
+
+
+def test_global_layers_only_and_layer_lists():
+    model = tiny_model("gemma3")
+    linearize.convert(model, linearize.HybridConfig(layers="global"))
+    converted = [m.layer_idx for m in model.modules() if isinstance(m, HybridAttention)]
+    assert converted == [2]
+    model = tiny_model("llama")
+    linearize.convert(model, layers=[1])
+    assert [m.layer_idx for m in model.modules() if isinstance(m, HybridAttention)] == [1]
+    with pytest.raises(ValueError, match="already converted"):
+        linearize.convert(model, layers=[1])
+    with pytest.raises(ValueError, match="out of range"):
+        linearize.convert(tiny_model("llama"), layers=[7])
+
+
+def test_components_context_restores_and_validates():
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    ids = torch.randint(1, 128, (1, 20))
+    with torch.no_grad():
+        before = model(ids).logits
+        with linearize.components(model, "none"):
+            none = model(ids).logits
+        after = model(ids).logits
+    assert torch.equal(before, after) and not torch.allclose(before, none)
+    with pytest.raises(ValueError, match="unknown component mode"):
+        with linearize.components(model, "bogus"):
+            pass
+    with pytest.raises(ValueError, match="not converted"):
+        with linearize.components(model, {5: "none"}):
+            pass
+    assert all(m.mode == "hybrid" and m.head_modes is None for m in model.modules() if isinstance(m, HybridAttention))
+
+
+def test_per_layer_and_per_head_modes():
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    ids = torch.randint(1, 128, (1, 20))
+    with torch.no_grad():
+        with linearize.components(model, {0: {h: "none" for h in range(4)}, 1: "none"}):
+            heads = model(ids).logits
+        with linearize.components(model, "none"):
+            whole = model(ids).logits
+        with linearize.components(model, {0: {1: "la_only"}}):
+            one_head = model(ids).logits
+        base = model(ids).logits
+    torch.testing.assert_close(heads, whole)
+    assert not torch.allclose(one_head, base)
+
+
+def test_ssd_hook_replaces_hybrid_by_la_only():
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    ids = torch.randint(1, 128, (2, 20))
+    modules = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    with torch.no_grad():
+        with linearize.components(model, "la_only"):
+            la = model(ids).logits
+        hybrid = model(ids).logits
+        for m in modules:
+            m.drop_swa = True
+        dropped = model(ids).logits
+        for m in modules:
+            m.drop_swa = torch.tensor([True, False])
+        per_sample = model(ids).logits
+    torch.testing.assert_close(dropped, la)
+    torch.testing.assert_close(per_sample[0], la[0])
+    torch.testing.assert_close(per_sample[1], hybrid[1])

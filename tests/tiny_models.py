@@ -1,0 +1,35 @@
+"""Tiny random-weight models of every supported family, built from transformers config classes (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 4096}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    # Gemma 3's pattern: local sliding layers plus a global one, q/k norms, query_pre_attn_scalar, 1 KV head
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512,
+                                                     "num_hidden_layers": 3, "num_key_value_heads": 1,
+                                                     "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
+    # random biases too, so Qwen 2's q/k/v biases are exercised
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model

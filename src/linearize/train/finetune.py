@@ -1,0 +1,142 @@
+"""Stage 2: LoRA fine-tuning of the converted model with the next-token loss (optionally with SSD).
+
+- peft LoRA (defaults r=8, alpha=16, dropout 0 on q/k/v/o_proj); feature maps and mixing parameters
+  frozen unless the recipe says otherwise.
+- The LM loss is computed in chunks of `loss_chunk` tokens: hidden states -> lm_head -> cross-entropy
+  per chunk, each chunk recomputed in the backward pass, so the (tokens x vocabulary) logits of a whole
+  batch never exist (Gemma's vocabulary has 262k entries).
+- Validation: LM loss of the held-out rows under each component mode (`hybrid`, `swa_only`, `la_only`
+  by default), so a collapse (hybrid ~ swa_only, la_only bad) is visible during training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from linearize.models.convert import components, hybrid_modules, is_converted
+from linearize.train.ssd import SSDSchedule, clear_drops, dropped_fraction, set_drops
+
+
+def _softcap(model) -> float | None:
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def _chunk_loss(head, softcap, h, y):
+    logits = head(h).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def lm_loss_sum(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over a batch of packed rows, and the number of predicted tokens."""
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = input_ids[:, 1:].reshape(-1)
+    head = model.get_output_embeddings()
+    softcap = _softcap(model)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_loss, head, softcap, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, softcap, h[i:i + chunk], y[i:i + chunk])
+    return total, int(y.numel())
+
+
+def lm_loss(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
+    total, n = lm_loss_sum(model, input_ids, chunk=chunk)
+    return total / max(n, 1)
+
+
+def add_lora(model, lora: dict, *, train_feature_maps: bool = False, train_mixing: bool = False):
+    """Wrap `model` with peft LoRA (in place: the original object gets the adapters); returns
+    (peft_model, {name: trainable parameter}) with names as in `model.named_parameters()`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                        target_modules=list(lora["target_modules"]), bias="none")
+    peft_model = get_peft_model(model, config)
+    params = {}
+    for name, p in model.named_parameters():
+        is_fm = ".feature_map_q." in name or ".feature_map_k." in name
+        is_mix = name.endswith("gamma_logit") or name.endswith("gate_logit") or ".gate." in name
+        if "lora_" in name:
+            p.requires_grad_(True)
+        elif (is_fm and train_feature_maps) or (is_mix and train_mixing):
+            p.requires_grad_(True)
+        else:
+            p.requires_grad_(False)
+        if p.requires_grad:
+            params[name] = p
+    return peft_model, params
+
+
+def finetune_loss_fn(model, *, chunk: int, ssd: SSDSchedule | None = None):
+    """The loop's loss function for stage 2: LM loss, with SSD draws set on the layers before the forward."""
+    modules = hybrid_modules(model)
+
+    def loss_fn(batch, ctx):
+        info = {}
+        if ssd is not None:
+            p = ssd.probability(ctx["step"], ctx["total_steps"], ctx["epoch"])
+            drops = ssd.draw(p, ctx["step"], len(modules), len(ctx["global_rows"]), ctx["micro"])
+            set_drops(modules, drops, ssd.granularity, ctx["row_slice"])
+            info = {"ssd_p": p, "swa_dropped": dropped_fraction(drops)}
+        try:
+            loss = lm_loss(model, batch, chunk=chunk)
+        finally:
+            if ssd is not None:
+                clear_drops(modules)
+        return loss, info
+
+    return loss_fn
+
+
+@torch.no_grad()
+def validation_losses(model, val: torch.Tensor, *, modes=("hybrid", "swa_only", "la_only"), batch_size: int = 4,
+                      chunk: int = 1024, max_rows: int | None = None, accelerator=None) -> dict[str, float]:
+    """Mean next-token loss of `val` rows per component mode ('base' when the model is not converted).
+
+    With several processes each takes every world-th row and the sums are all-reduced.
+    """
+    was_training = model.training
+    model.eval()
+    rows = val if max_rows is None else val[:max_rows]
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    mine = rows[rank::world]
+    converted = is_converted(model)
+    if converted:
+        clear_drops(hybrid_modules(model))
+    out = {}
+    for mode in (modes if converted else ["base"]):
+        total, count = 0.0, 0
+        ctx = components(model, mode) if converted else _null()
+        with ctx:
+            for i in range(0, len(mine), batch_size):
+                batch = mine[i:i + batch_size].to(device)
+                s, n = lm_loss_sum(model, batch, chunk=chunk)
+                total += float(s)
+                count += n
+        if world > 1:
+            t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+            t = accelerator.reduce(t, reduction="sum")
+            total, count = float(t[0]), int(t[1])
+        out[mode] = total / count if count else math.nan
+    model.train(was_training)
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,436 @@
+"""The training loop both stages share.
+
+- `accelerate` picks the device and the processes: the same code runs on CPU, one GPU, or several
+  processes (``accelerate launch`` / torchrun; gloo on CPU, NCCL on GPU). Each optimizer step consumes
+  ``batch_size * grad_accum`` packed rows of the *global* batch; a process takes every ``world``-th row of
+  each micro-batch, and the gradients of the trainable parameters are averaged over processes with one
+  all-reduce (plain data parallelism; no DDP wrapper, so hooks and peft wrappers stay untouched).
+- AdamW, gradient clipping (1.0), optional warmup + cosine/linear decay.
+- The row order is a function of ``(seed, epoch)`` and the step number, so a run is reproducible and
+  ``resume`` continues exactly: a checkpoint holds the trainable parameters, the optimizer and scheduler
+  states, the RNG states and the step (which fixes the data position). An interrupted run resumed from
+  its last checkpoint ends with the same weights as an uninterrupted one.
+- A NaN/inf loss or gradient norm stops the run with :class:`linearize.errors.TrainingDivergedError`; the
+  last good checkpoint is left untouched.
+- Every step is logged to a JSONL file; validations too (``event: eval``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from linearize.errors import LinearizeError, TrainingDivergedError
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+FINAL = "final.pt"
+
+
+class RunInterrupted(LinearizeError):
+    """Raised by the `interrupt_after` test hook: the run stops as if killed (checkpoints stay)."""
+
+
+@dataclass
+class LoopSpec:
+    name: str = "stage"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    checkpoint_every: int = 100
+    log_every: int = 1
+    eval_every: int = 0
+    early_stopping: dict | None = None  # {enabled, patience, min_delta, metric}
+    seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, name: str, stage: dict, seed: int, eval_every: int = 0, early_stopping: dict | None = None) -> "LoopSpec":
+        keys = ("lr", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip", "batch_size", "grad_accum", "epochs",
+                "max_steps", "checkpoint_every", "log_every")
+        kwargs = {k: stage[k] for k in keys}
+        kwargs["lr"] = float(kwargs["lr"])
+        kwargs["weight_decay"] = float(kwargs["weight_decay"])
+        return cls(name=name, betas=tuple(float(b) for b in stage["betas"]), seed=seed, eval_every=eval_every,
+                   early_stopping=early_stopping, **kwargs)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def steps_per_epoch(self, n_rows: int) -> int:
+        return n_rows // self.rows_per_step
+
+    def total_steps(self, n_rows: int) -> int:
+        per_epoch = self.steps_per_epoch(n_rows)
+        if per_epoch == 0:
+            raise LinearizeError(
+                f"{self.name}: {n_rows} training rows are fewer than one optimizer step "
+                f"(batch_size {self.batch_size} x grad_accum {self.grad_accum}); add data or shrink the batch")
+        total = per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps is not None else total
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
+
+
+def batch_rows(spec: LoopSpec, n_rows: int, step: int, micro: int) -> tuple[torch.Tensor, int]:
+    """Global row indices of micro-batch `micro` of optimizer step `step`, and the epoch."""
+    per_epoch = spec.steps_per_epoch(n_rows)
+    epoch, within = divmod(step, per_epoch)
+    start = within * spec.rows_per_step + micro * spec.batch_size
+    return epoch_order(n_rows, spec.seed, epoch)[start:start + spec.batch_size], epoch
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class JsonlLog:
+    """Append-only JSONL training log (main process writes)."""
+
+    def __init__(self, path: str | Path | None, enabled: bool = True):
+        self.path = Path(path) if path else None
+        self.enabled = enabled and self.path is not None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """Drop this stage's records after `step` (they belong to the run that was interrupted)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("stage") == stage and rec.get("step", 0) > step:
+                continue
+            keep.append(json.dumps(rec, default=float))
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def records(self) -> list[dict]:
+        if self.path is None or not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class StepCounter:
+    """Counts optimizer steps over a whole invocation (all stages); raises RunInterrupted at `limit`."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.count = 0
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.limit is not None and self.count >= self.limit:
+            raise RunInterrupted(f"interrupted after {self.count} optimizer steps (test hook)")
+
+
+def _lr_lambda(spec: LoopSpec, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if spec.warmup_steps and step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.lr_schedule == "constant":
+            return 1.0
+        span = max(total - spec.warmup_steps, 1)
+        frac = min(max(step - spec.warmup_steps, 0) / span, 1.0)
+        if spec.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        return 1.0 - frac
+
+    return f
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int = 0
+    total_steps: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    last_loss: float | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+    evals: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class Trainer:
+    """One stage of training.
+
+    `loss_fn(rows, ctx)` gets this process's token rows (LongTensor (b, T)) and a context dict
+    (step, micro, epoch, total_steps, global_rows, row_slice) and returns (loss, info): `loss` is the mean
+    over the local rows (a scalar tensor), `info` a dict of floats to log. `eval_fn(step)` returns
+    {name: float} validation losses. `before_step(ctx)` runs before each micro-batch (SSD draws).
+    """
+
+    def __init__(self, *, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], data: torch.Tensor,
+                 loss_fn: Callable, spec: LoopSpec, ckpt_dir: str | Path, accelerator, log: JsonlLog,
+                 eval_fn: Callable | None = None, show_progress: bool = True, counter: StepCounter | None = None):
+        if not params:
+            raise LinearizeError(f"{spec.name}: no trainable parameters")
+        self.model, self.params, self.data, self.loss_fn, self.spec = model, params, data, loss_fn, spec
+        self.ckpt_dir = Path(ckpt_dir)
+        self.acc = accelerator
+        self.log = log
+        self.eval_fn = eval_fn
+        self.show_progress = show_progress
+        self.counter = counter or StepCounter()
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        if spec.batch_size % self.world:
+            raise LinearizeError(f"{spec.name}.batch_size={spec.batch_size} must be a multiple of the number of "
+                                 f"processes ({self.world}); each process takes an equal share of every micro-batch")
+        plist = list(params.values())
+        self.optimizer = torch.optim.AdamW(plist, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        self.total = spec.total_steps(len(data))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(spec, self.total))
+        self.result = StageResult(spec.name, total_steps=self.total)
+        es = spec.early_stopping or {}
+        self.early = bool(es.get("enabled"))
+        self.evals_since_best = 0
+
+    # -- state -----------------------------------------------------------------------------------
+    def param_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.params.items()}
+
+    def load_param_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.params) - set(state)
+        if missing:
+            raise LinearizeError(f"{self.spec.name}: checkpoint lacks parameters {sorted(missing)[:3]} ...")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.acc.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save({
+                "stage": self.spec.name, "step": step, "params": self.param_state(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "result": self.result.to_dict(), "evals_since_best": self.evals_since_best, "world": self.world,
+            }, self.ckpt_dir / CHECKPOINT)
+        self.acc.wait_for_everyone()
+
+    def load_checkpoint(self) -> int:
+        path = self.ckpt_dir / CHECKPOINT
+        if not path.is_file():
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.load_param_state(state["params"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        for k, v in state["result"].items():
+            setattr(self.result, k, v)
+        self.result.total_steps = self.total
+        self.evals_since_best = state["evals_since_best"]
+        return int(state["step"])
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _all_reduce_grads(self) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = []
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad.reshape(-1))
+        flat = torch.cat(grads)
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in self.params.values():
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+    def _mean_across(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
+        return float(self.acc.reduce(t, reduction="mean")[0])
+
+    def _diverged(self, step: int, what: str, value: float) -> TrainingDivergedError:
+        last = self.ckpt_dir / CHECKPOINT
+        where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        return TrainingDivergedError(
+            f"{self.spec.name} step {step + 1}: {what} is {value}; training stopped ({where}; "
+            f"resume with --resume after lowering {self.spec.name}.lr, currently {self.spec.lr:g})")
+
+    def train_step(self, step: int) -> tuple[float, dict]:
+        spec = self.spec
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, infos = [], {}
+        epoch = 0
+        for micro in range(spec.grad_accum):
+            rows, epoch = batch_rows(spec, len(self.data), step, micro)
+            local = slice(self.rank * (spec.batch_size // self.world), (self.rank + 1) * (spec.batch_size // self.world))
+            ctx = {"step": step, "micro": micro, "epoch": epoch, "total_steps": self.total, "global_rows": rows,
+                   "row_slice": local}
+            batch = self.data[rows[local]].to(self.acc.device)
+            with self.acc.autocast():
+                loss, info = self.loss_fn(batch, ctx)
+            (loss / spec.grad_accum).backward()
+            losses.append(float(loss.detach()))
+            for k, v in (info or {}).items():
+                infos.setdefault(k, []).append(float(v))
+        self._all_reduce_grads()
+        loss = self._mean_across(sum(losses) / len(losses))
+        if not math.isfinite(loss):
+            raise self._diverged(step, "the loss", loss)
+        plist = list(self.params.values())
+        if spec.grad_clip:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(plist, spec.grad_clip))
+        else:
+            gnorm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in plist if p.grad is not None)))
+        if not math.isfinite(gnorm):
+            raise self._diverged(step, "the gradient norm", gnorm)
+        self.optimizer.step()
+        self.scheduler.step()
+        info = {k: sum(v) / len(v) for k, v in infos.items()}
+        info.update(grad_norm=gnorm, epoch=epoch)
+        return loss, info
+
+    def evaluate(self, step: int) -> bool:
+        """Run eval_fn; returns True when early stopping says stop."""
+        if self.eval_fn is None:
+            return False
+        self.model.eval()
+        values = self.eval_fn(step)
+        self.result.evals.append({"step": step, **values})
+        record = {"stage": self.spec.name, "step": step, "event": "eval", "val": values}
+        es = self.spec.early_stopping or {}
+        if self.early:
+            metric = values[es.get("metric", "hybrid")]
+            best = self.result.best_metric
+            if best is None or metric < best - float(es.get("min_delta", 0.0)):
+                self.result.best_metric, self.result.best_step = metric, step
+                self.evals_since_best = 0
+                if self.acc.is_main_process:
+                    self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_save({"step": step, "metric": metric, "params": self.param_state()}, self.ckpt_dir / BEST)
+                self.acc.wait_for_everyone()
+                record["best"] = True
+            else:
+                self.evals_since_best += 1
+            record["evals_since_best"] = self.evals_since_best
+        if self.acc.is_main_process:
+            self.log.write(record)
+        return self.early and self.evals_since_best >= int(es.get("patience", 3))
+
+    def restore_best(self) -> None:
+        path = self.ckpt_dir / BEST
+        if path.is_file():
+            self.load_param_state(torch.load(path, map_location="cpu", weights_only=False)["params"])
+
+    def run(self, resume: bool = False) -> StageResult:
+        spec = self.spec
+        final = self.ckpt_dir / FINAL
+        if resume and final.is_file():  # this stage finished in an earlier invocation
+            state = torch.load(final, map_location="cpu", weights_only=False)
+            self.load_param_state(state["params"])
+            for k, v in state["result"].items():
+                setattr(self.result, k, v)
+            return self.result
+        start = self.load_checkpoint() if resume else 0
+        if resume and start and self.acc.is_main_process:
+            self.log.truncate_after(spec.name, start)
+            self.log.write({"stage": spec.name, "step": start, "event": "resumed"})
+        self.acc.wait_for_everyone()
+        tokens_per_step = spec.rows_per_step * self.data.shape[1]
+        bar = None
+        if self.show_progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total, initial=start, desc=spec.name, unit="step", dynamic_ncols=True)
+        stop = False
+        step = start
+        try:
+            while step < self.total and not stop:
+                t0 = time.perf_counter()
+                loss, info = self.train_step(step)
+                dt = time.perf_counter() - t0
+                step += 1
+                self.result.steps = step
+                self.result.tokens += tokens_per_step
+                self.result.train_seconds += dt
+                self.result.tokens_per_s = self.result.tokens / max(self.result.train_seconds, 1e-9)
+                self.result.last_loss = loss
+                if self.acc.is_main_process and (step % spec.log_every == 0 or step == self.total):
+                    self.log.write({"stage": spec.name, "step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                    "tokens": self.result.tokens, "tokens_per_s": tokens_per_step / dt, **info})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens_per_step / dt:.0f}")
+                if spec.eval_every and step % spec.eval_every == 0 and step < self.total:
+                    stop = self.evaluate(step)
+                if step % spec.checkpoint_every == 0 or step == self.total or stop:
+                    self.save_checkpoint(step)
+                self.counter.tick()
+            if self.early and (not self.result.evals or self.result.evals[-1]["step"] != step):
+                self.evaluate(step)
+            self.result.stopped_early = stop
+            if self.early:
+                self.restore_best()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.acc.is_main_process:
+            atomic_save({"params": self.param_state(), "result": self.result.to_dict()}, final)
+        self.acc.wait_for_everyone()
+        return self.result

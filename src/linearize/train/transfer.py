@@ -1,0 +1,191 @@
+"""Stage 1: attention transfer. The base model is frozen; only the feature maps (and, where the recipe says,
+gamma / the mixing gate) train, so the linear branch learns to imitate the base's softmax attention.
+
+The teacher is the base layer's own attention in the same forward: its q/k/v come from the frozen
+projections (`HybridAttention.project`), softmax over all past keys -- or over the base's own sliding
+window (`module.base_sliding_window`, Gemma 3 local layers) -- with the base's scale, GQA included.
+Each converted layer's `transfer_hook` computes the teacher output and the student, adds the layer's loss
+to a list, and returns the TEACHER output, so every later layer sees the base model's hidden states. All
+layers train together in one forward of `model.get_decoder()`; the LM head is never computed.
+
+Objectives (per layer, averaged over heads, batch and positions; then averaged over layers, times
+`loss_scale`):
+
+- ``weights``: KL(teacher softmax weights || LA-only weights), with the LA weights
+  ``b_ts / sum_{s<=t} b_ts`` over ALL past keys. This is the Hedgehog cross-entropy minus the teacher's
+  entropy (a constant for the feature maps): same gradients, and 0 when the student equals the teacher.
+  Computed in blocks of `query_block` queries, each block recomputed in the backward pass
+  (activation checkpointing), so no T x T tensor is held. log(0) is guarded (b clamped at 1e-12).
+  Where the teacher is the base's sliding window, its weights are 0 outside the window; the KL then
+  pushes the student's mass into the window through its normaliser.
+- ``output``: MSE between the teacher output and the ``la_only`` output (per head, before o_proj).
+- ``hybrid_output``: MSE between the teacher output and the ``hybrid`` output (LoLCATs; they use
+  ``loss_scale`` 1000).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from linearize.attention.common import group_queries, ungroup
+from linearize.models.convert import hybrid_modules
+
+OBJECTIVES = ("weights", "output", "hybrid_output")
+_NEG = -1e30
+
+
+def _key_mask(t0: int, t1: int, s: int, window: int | None, valid: torch.Tensor | None, device) -> torch.Tensor:
+    """(B or 1, 1, 1, t1-t0, s) mask of the teacher's keys for queries t0..t1-1."""
+    tq = torch.arange(t0, t1, device=device)[:, None]
+    ts = torch.arange(s, device=device)[None, :]
+    mask = ts <= tq
+    if window is not None:
+        mask = mask & (tq - ts < window)
+    mask = mask[None, None, None]
+    if valid is not None:
+        mask = mask & valid[:, None, None, None, :s]
+    return mask
+
+
+def teacher_attention(q, k, v, *, scale: float, window: int | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention (B, Hq, T, d): causal, optionally within the last `window` keys, GQA, padding keys masked."""
+    b, hq, t, d = q.shape
+    rep = hq // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if window is None and valid is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = _key_mask(0, t, t, window, valid, q.device)[:, 0]  # (B or 1, 1, T, T)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return torch.nan_to_num(out)  # a query with no valid key (left padding) gets 0
+
+
+def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps):
+    t1 = t0 + qg.shape[3]
+    mask = _key_mask(t0, t1, t1, window, valid, qg.device)  # (B|1, 1, 1, C, S)
+    la_mask = _key_mask(t0, t1, t1, None, valid, qg.device)  # the student (la_only) sees all past keys
+    with torch.no_grad():
+        logits = torch.einsum("bhgcd,bhsd->bhgcs", qg.float(), k[:, :, :t1].float()) * scale
+        logp = torch.log_softmax(logits.masked_fill(~mask, _NEG), dim=-1)
+        p = torch.where(mask, logp.exp(), torch.zeros_like(logp))
+        logp = torch.where(mask, logp, torch.zeros_like(logp))
+    bts = torch.einsum("bhgcm,bhsm->bhgcs", qfg.float(), kf[:, :, :t1].float())
+    bts = torch.where(la_mask, bts, torch.zeros_like(bts))
+    logq = torch.log(bts.clamp_min(eps)) - torch.log(bts.sum(-1, keepdim=True).clamp_min(eps))
+    logq = torch.where(mask, logq, torch.zeros_like(logq))
+    return (p * (logp - logq)).sum(-1)  # (B, Hkv, G, C)
+
+
+def attention_weights_kl(q, k, qf, kf, *, scale: float, window: int | None = None, valid: torch.Tensor | None = None,
+                         block: int = 256, eps: float = 1e-12) -> torch.Tensor:
+    """Mean over (batch, query heads, valid queries) of KL(softmax weights || LA weights), blockwise."""
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    qg, qfg = group_queries(q, hkv), group_queries(qf, hkv)
+    kls = []
+    for t0 in range(0, t, block):
+        t1 = min(t0 + block, t)
+        args = (qg[:, :, :, t0:t1], qfg[:, :, :, t0:t1], k, kf, scale, window, valid, t0, eps)
+        if torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad):
+            kls.append(checkpoint(_block_kl, *args, use_reentrant=False))
+        else:
+            kls.append(_block_kl(*args))
+    kl = ungroup(torch.cat(kls, dim=3))  # (B, Hq, T)
+    if valid is None:
+        return kl.mean()
+    w = valid[:, None, :].to(kl.dtype).expand_as(kl)
+    return (kl * w).sum() / w.sum().clamp_min(1)
+
+
+def masked_mse(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over (B, H, T, d), padding positions left out."""
+    err = (student.float() - teacher.float()) ** 2
+    if valid is None:
+        return err.mean()
+    w = valid[:, None, :, None].to(err.dtype)
+    return (err * w).sum() / (w.sum() * err.shape[1] * err.shape[-1]).clamp_min(1)
+
+
+class AttentionTransfer:
+    """Installs the transfer hooks on every converted layer and collects the per-layer losses."""
+
+    def __init__(self, model, objective: str = "weights", loss_scale: float = 1.0, query_block: int = 256):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown transfer objective {objective!r}; expected one of {OBJECTIVES}")
+        self.model = model
+        self.objective = objective
+        self.loss_scale = float(loss_scale)
+        self.query_block = query_block
+        self.modules = hybrid_modules(model)
+        if not self.modules:
+            raise ValueError("attention transfer needs a converted model (linearize.convert)")
+        self.losses: list[torch.Tensor] = []
+
+    def hook(self, module, q, k, v, valid, weight, hidden_states):
+        window = module.base_sliding_window
+        with torch.no_grad():
+            teacher = teacher_attention(q, k, v, scale=module.scale, window=window, valid=valid)
+        if self.objective == "weights":
+            qf, kf = module.feature_map_q(q), module.feature_map_k(k)
+            loss = attention_weights_kl(q, k, qf, kf, scale=module.scale, window=window, valid=valid, block=self.query_block)
+        else:
+            mode = "la_only" if self.objective == "output" else "hybrid"
+            loss = masked_mse(teacher, module.attend(q, k, v, weight, valid, mode), valid)
+        self.losses.append(loss)
+        return teacher
+
+    def __enter__(self):
+        for m in self.modules:
+            m.transfer_hook = self.hook
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.transfer_hook = None
+        self.losses = []
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder forward (no LM head); the mean per-layer loss times loss_scale."""
+        self.losses = []
+        self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if len(self.losses) != len(self.modules):
+            raise RuntimeError(f"expected {len(self.modules)} layer losses, got {len(self.losses)} (are the hooks installed?)")
+        loss = torch.stack(self.losses).mean() * self.loss_scale
+        self.losses = []
+        return loss
+
+
+def trainable_transfer_params(model, train_feature_maps: bool = True, train_mixing: bool = False) -> dict[str, torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the feature maps and/or the mixing parameters; returns them by name."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {}
+    for name, p in model.named_parameters():
+        is_fm = ".feature_map_q." in name or ".feature_map_k." in name
+        is_mix = name.endswith("gamma_logit") or name.endswith("gate_logit") or ".gate." in name
+        if (is_fm and train_feature_maps) or (is_mix and train_mixing):
+            p.requires_grad_(True)
+            params[name] = p
+    return params
+
+
+def transfer_loss_fn(transfer: AttentionTransfer):
+    """The loop's loss function for stage 1."""
+
+    def loss_fn(batch, ctx):
+        return transfer.loss(batch), {}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def transfer_validation(transfer: AttentionTransfer, val: torch.Tensor, batch_size: int = 4) -> float:
+    total, n = 0.0, 0
+    for i in range(0, len(val), batch_size):
+        rows = val[i:i + batch_size]
+        total += float(transfer.loss(rows)) * len(rows)
+        n += len(rows)
+    return total / max(n, 1)

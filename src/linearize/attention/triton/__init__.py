@@ -1,0 +1,18 @@
+"""Triton kernels for the hybrid layer (GPU; also runs on CPU under TRITON_INTERPRET=1).
+
+    hybrid_attention_triton       chunked forward + backward, same semantics and keywords as
+                                  linearize.attention.chunked.hybrid_attention_chunked
+    hybrid_attention_step_triton  one decoding step against the constant-size HybridState, same contract as
+                                  linearize.attention.recurrent.hybrid_attention_step
+
+Importing this package raises ImportError when triton is not installed (HybridAttention then keeps the
+PyTorch path).
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  -- ImportError here means: no Triton, use the PyTorch paths
+
+from linearize.attention.triton.hybrid import TUNING, hybrid_attention_step_triton, hybrid_attention_triton
+
+__all__ = ["TUNING", "hybrid_attention_step_triton", "hybrid_attention_triton"]

@@ -1,0 +1,357 @@
+"""The hybrid layer on Triton kernels: `hybrid_attention_triton` (training/prefill, with autograd) and
+`hybrid_attention_step_triton` (one decoding step against the constant-size state).
+
+Both compute exactly what `linearize.attention.chunked.hybrid_attention_chunked` and
+`linearize.attention.recurrent.hybrid_attention_step` compute (the quadratic spec is
+`linearize.attention.reference`); the diagnostic modes 'sinks_only' and 'none', float64 inputs, and CPU tensors
+outside `TRITON_INTERPRET=1` go to those PyTorch paths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from linearize.attention.chunked import hybrid_attention_chunked
+from linearize.attention.common import check_mode, expand_weight, sink_positions  # noqa: F401
+from linearize.attention.recurrent import HybridState, hybrid_attention_step
+from linearize.attention.triton import _kernels as K
+
+RULES = {"shared_norm": 0, "mix": 1}
+
+# Tuning knobs (tests shrink them to exercise several segments at small T).
+TUNING = {
+    "block_m": 64,  # feature tile of the linear branch
+    "state_block_d": 128,  # value tile of the state scan kernels
+    "chunks_per_segment": None,  # None: chosen from the machine's multiprocessor count
+    "num_warps": None,  # None: 4 for head_dim <= 64, else 8
+    "num_stages": 2,
+}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter turns loop bounds into Python ints with int(array of shape (1,)), which numpy >= 2.3
+    refuses; make __index__ take the single element instead (only under TRITON_INTERPRET=1, scoped like its own
+    patches)."""
+    try:
+        from triton.runtime import interpreter as _itp
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(_itp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_linearize_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._linearize_patched = True
+    _itp._patch_lang_tensor = patched
+
+
+if _interpret():
+    _patch_interpreter()
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    return (x.is_cuda or _interpret()) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _num_sms(device) -> int:
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _mode_code(mode: str, rule: str) -> int:
+    if mode == "swa_only":
+        return 2
+    if mode == "la_only":
+        return 3
+    if rule not in RULES:
+        raise ValueError(f"unknown combination rule {rule!r}")
+    return RULES[rule]
+
+
+class _Config:
+    """Launch parameters shared by the forward and backward kernels of one call."""
+
+    def __init__(self, q, k, qf, *, scale, window, code, shift, softcap, chunk_size):
+        b, hq, t, d = q.shape
+        self.b, self.hq, self.t, self.d = b, hq, t, d
+        self.hkv = k.shape[1]
+        self.g = hq // self.hkv
+        self.m = qf.shape[-1]
+        self.scale = float(scale)
+        self.window = int(window)
+        self.code = code
+        self.has_swa = code != 3
+        self.has_la = code != 2
+        self.shift = int(shift)
+        self.softcap = float(softcap) if softcap is not None else 1.0
+        self.use_softcap = softcap is not None
+        bt = int(chunk_size) if chunk_size else 64
+        if bt & (bt - 1) or not 16 <= bt <= 64:
+            bt = 64
+        self.bt = bt
+        self.n = triton.cdiv(t, bt)
+        self.bd = _pow2(d)
+        self.bm = min(TUNING["block_m"], _pow2(self.m))
+        self.sbd = min(TUNING["state_block_d"], self.bd)
+        tiles = triton.cdiv(self.m, self.bm) * triton.cdiv(d, self.sbd)
+        cps = TUNING["chunks_per_segment"]
+        if cps is None:
+            target = max(1, math.ceil(4 * _num_sms(q.device) / max(1, b * self.hkv * tiles)))
+            cps = max(1, math.ceil(self.n / target))
+        self.cps = int(cps)
+        self.nseg = triton.cdiv(self.n, self.cps)
+        self.tiles = tiles
+        self.num_warps = TUNING["num_warps"] or (4 if self.bd <= 64 else 8)
+        self.num_stages = TUNING["num_stages"]
+        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _exclusive_prefix(tot: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Exclusive (reverse) cumulative sum over dim 1 of segment totals (B*H, NSEG, ...)."""
+    if reverse:
+        tot = tot.flip(1)
+    out = torch.cumsum(tot, 1) - tot
+    return out.flip(1) if reverse else out
+
+
+def _states_fwd(kf, v, valid, cfg: _Config):
+    bkv = cfg.b * cfg.hkv
+    dev = kf.device
+    s_loc = torch.empty(bkv, cfg.n, cfg.m, cfg.d, device=dev, dtype=kf.dtype)
+    z_loc = torch.empty(bkv, cfg.n, cfg.m, device=dev, dtype=torch.float32)
+    s_tot = torch.empty(bkv, cfg.nseg, cfg.m, cfg.d, device=dev, dtype=torch.float32)
+    z_tot = torch.empty(bkv, cfg.nseg, cfg.m, device=dev, dtype=torch.float32)
+    K.la_state_fwd_kernel[(cfg.nseg, bkv, cfg.tiles)](
+        kf, v, valid, s_loc, z_loc, s_tot, z_tot,
+        cfg.t, cfg.n, cfg.cps, cfg.nseg, cfg.hkv, cfg.m, cfg.d, cfg.shift,
+        BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return s_loc, _exclusive_prefix(s_tot), z_loc, _exclusive_prefix(z_tot)
+
+
+def _forward(q, k, v, qf, kf, wrow, valid, cfg: _Config):
+    dev, dt = q.device, q.dtype
+    b, hq, t, d = q.shape
+    out = torch.empty_like(q)
+    xs = torch.empty_like(q) if cfg.code in (0, 1) else out
+    xl = torch.empty_like(q) if cfg.code == 1 else out
+    rows = (b, hq, t)
+    cmax = torch.empty(rows, device=dev, dtype=torch.float32)
+    arg = torch.empty(rows, device=dev, dtype=torch.int32)
+    den_s = torch.empty(rows, device=dev, dtype=torch.float32)
+    den_l = torch.empty(rows, device=dev, dtype=torch.float32)
+    if cfg.has_la:
+        s_loc, s_seg, z_loc, z_seg = _states_fwd(kf, v, valid, cfg)
+        amat = torch.empty(b * hq, cfg.n, cfg.bt, cfg.bt, device=dev, dtype=torch.float32)
+    else:
+        s_loc = s_seg = z_loc = z_seg = amat = torch.empty(1, device=dev, dtype=torch.float32)
+        s_loc = torch.empty(1, device=dev, dtype=dt)
+    K.hybrid_fwd_kernel[(b * hq, cfg.n)](
+        q, k, v, qf, kf, valid, wrow, s_loc, s_seg, z_loc, z_seg,
+        out, xs, xl, cmax, arg, den_s, den_l, amat,
+        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift,
+        RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    saved = dict(out=out, xs=xs, xl=xl, cmax=cmax, arg=arg, den_s=den_s, den_l=den_l, amat=amat,
+                 s_loc=s_loc, s_seg=s_seg, z_loc=z_loc, z_seg=z_seg)
+    return out, saved
+
+
+def _backward(do, q, k, v, qf, kf, wrow, valid, sv, cfg: _Config):
+    dev, dt = q.device, q.dtype
+    b, hq, t, d = q.shape
+    bkv = b * cfg.hkv
+    nrow = b * hq * t
+    do = do.contiguous().to(dt)
+    dq = torch.empty_like(q)
+    dqf = torch.empty_like(qf) if cfg.has_la else torch.empty(1, device=dev, dtype=dt)
+    damat = torch.empty_like(sv["amat"]) if cfg.has_la else sv["amat"]
+    coef = torch.empty(5, b, hq, t, device=dev, dtype=torch.float32)
+    dw = torch.empty(b, hq, t, device=dev, dtype=torch.float32)
+    f32 = torch.empty(1, device=dev, dtype=torch.float32)
+    K.hybrid_bwd_q_kernel[(b * hq, cfg.n)](
+        q, k, v, qf, kf, valid, wrow, sv["s_loc"], sv["s_seg"], sv["z_loc"], sv["z_seg"],
+        sv["out"], sv["xs"], sv["xl"], do, sv["cmax"], sv["arg"], sv["den_s"], sv["den_l"],
+        dq, dqf, damat, coef, dw,
+        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, nrow,
+        RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if cfg.has_la:
+        ds_loc = torch.empty(bkv, cfg.n, cfg.m, cfg.d, device=dev, dtype=dt)
+        dz_loc = torch.empty(bkv, cfg.n, cfg.m, device=dev, dtype=torch.float32)
+        ds_tot = torch.empty(bkv, cfg.nseg, cfg.m, cfg.d, device=dev, dtype=torch.float32)
+        dz_tot = torch.empty(bkv, cfg.nseg, cfg.m, device=dev, dtype=torch.float32)
+        K.la_state_bwd_kernel[(cfg.nseg, bkv, cfg.tiles)](
+            qf, do, coef, ds_loc, dz_loc, ds_tot, dz_tot,
+            t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, nrow,
+            BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        ds_seg, dz_seg = _exclusive_prefix(ds_tot, reverse=True), _exclusive_prefix(dz_tot, reverse=True)
+        dkf = torch.empty_like(kf)
+    else:
+        ds_loc = torch.empty(1, device=dev, dtype=dt)
+        dz_loc = ds_seg = dz_seg = f32
+        dkf = torch.empty(1, device=dev, dtype=dt)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    nk = triton.cdiv(t + cfg.shift, cfg.bt)
+    K.hybrid_bwd_kv_kernel[(bkv, nk)](
+        q, k, v, qf, kf, valid, do, sv["cmax"], sv["arg"], coef, sv["amat"], damat, ds_loc, ds_seg, dz_loc, dz_seg,
+        dk, dv, dkf,
+        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, nrow,
+        HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not cfg.has_swa:  # la_only reads neither q nor k
+        dq = dk = None
+    if cfg.code in (2, 3):  # the weight enters only the 'hybrid' combination
+        dw = None
+    return dq, dk, dv, (dqf if cfg.has_la else None), (dkf if cfg.has_la else None), dw
+
+
+class _HybridFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, qf, kf, wrow, valid, cfg):
+        out, saved = _forward(q, k, v, qf, kf, wrow, valid, cfg)
+        ctx.cfg = cfg
+        ctx.keys = list(saved)
+        ctx.save_for_backward(q, k, v, qf, kf, wrow, valid, *saved.values())
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, qf, kf, wrow, valid, *rest = ctx.saved_tensors
+        sv = dict(zip(ctx.keys, rest))
+        dq, dk, dv, dqf, dkf, dw = _backward(do, q, k, v, qf, kf, wrow, valid, sv, ctx.cfg)
+        return dq, dk, dv, dqf, dkf, (dw if ctx.needs_input_grad[5] else None), None, None
+
+
+def hybrid_attention_triton(
+    q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
+    placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid=None,
+    softcap: float | None = None, chunk_size: int = 64,
+) -> torch.Tensor:
+    """Hybrid attention (B, Hq, T, d) with exactly the semantics of `hybrid_attention_chunked`, on Triton kernels.
+
+    Differentiable in q, k, v, qf, kf and weight.  `chunk_size` is the kernels' block size when it is a power of
+    two in [16, 64] (64 otherwise); it changes no result.
+    """
+    check_mode(mode)
+    kwargs = dict(scale=scale, window=window, weight=weight, rule=rule, placement=placement, mode=mode,
+                  num_sinks=num_sinks, valid=valid, softcap=softcap, chunk_size=chunk_size)
+    if mode in ("sinks_only", "none") or not _kernel_ok(q) or q.shape[2] == 0:
+        return hybrid_attention_chunked(q, k, v, qf, kf, **kwargs)
+    b, hq, t, d = q.shape
+    if int(window) < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    code = _mode_code(mode, rule) if mode == "hybrid" else _mode_code(mode, "shared_norm")
+    shift = int(window) if (mode == "hybrid" and placement == "complementary") else 0
+    dt = q.dtype
+    q, k, v, qf, kf = (x.to(dt).contiguous() for x in (q, k, v, qf, kf))
+    if valid is None:
+        valid_i8 = torch.ones(b, t, dtype=torch.int8, device=q.device)
+    else:
+        valid_i8 = valid.to(device=q.device, dtype=torch.int8).contiguous()
+    if torch.is_tensor(weight):
+        w = weight.to(device=q.device, dtype=torch.float32)
+        if w.dim() == 1:
+            w = w.view(1, -1, 1)
+        wrow = w.expand(b, hq, t)
+        if not wrow.requires_grad:
+            wrow = wrow.contiguous()
+    else:
+        wrow = torch.full((b, hq, t), float(weight), device=q.device, dtype=torch.float32)
+    cfg = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, softcap=softcap, chunk_size=chunk_size)
+    if wrow.requires_grad:
+        wrow_in = wrow.contiguous()  # differentiable copy: autograd sums the row gradients back onto weight
+    else:
+        wrow_in = wrow
+    return _HybridFn.apply(q, k, v, qf, kf, wrow_in, valid_i8, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------------------------
+def hybrid_attention_step_triton(
+    state: HybridState, q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
+    placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None,
+) -> tuple[torch.Tensor, HybridState]:
+    """One decoding step, same contract as `recurrent.hybrid_attention_step`: (output (B, Hq, 1, d), new state).
+
+    The old state is left untouched (S and z of the new state are fresh tensors), so one state can feed
+    several component modes, as `HybridAttention` does with per-head modes.
+    """
+    check_mode(mode)
+    kwargs = dict(scale=scale, window=window, weight=weight, rule=rule, placement=placement, mode=mode,
+                  valid=valid, softcap=softcap)
+    if mode in ("sinks_only", "none") or not _kernel_ok(q) or state.S.dtype != torch.float32 or int(window) < 2:
+        return hybrid_attention_step(state, q, k, v, qf, kf, **kwargs)
+    code = _mode_code(mode, rule) if mode == "hybrid" else _mode_code(mode, "shared_norm")
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    m = qf.shape[-1]
+    dev = q.device
+    if valid is None:
+        valid = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    L = state.buf_k.shape[2]
+    fold = L + 1 > window - 1
+    if torch.is_tensor(weight):
+        w = weight.to(device=dev, dtype=torch.float32)
+        w = (w.view(1, -1) if w.dim() == 1 else w.reshape(b, hq, -1)[..., 0]).expand(b, hq).contiguous()
+    else:
+        w = torch.full((b, hq), float(weight), device=dev, dtype=torch.float32)
+    la_window = code == 3 or (code in (0, 1) and placement != "complementary")
+    qc, qfc = q.contiguous(), qf.contiguous()
+    kn, vn, kfn = k.contiguous(), v.contiguous(), kf.contiguous()
+    valid_n = valid.to(torch.int8).contiguous()
+    if L > 0:
+        bk, bv, bkf = state.buf_k.contiguous(), state.buf_v.contiguous(), state.buf_kf.contiguous()
+        bval = state.buf_valid.to(torch.int8).contiguous()
+    else:
+        bk = bv = bkf = torch.zeros(1, device=dev, dtype=q.dtype)
+        bval = torch.zeros(1, device=dev, dtype=torch.int8)
+    S, z = state.S.contiguous(), state.z.contiguous()
+    S_new, z_new = torch.empty_like(S), torch.empty_like(z)
+    out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
+    bd = min(64, _pow2(d))
+    K.hybrid_decode_kernel[(b * hkv, triton.cdiv(d, bd))](
+        qc, qfc, kn, vn, kfn, valid_n, bk, bv, bkf, bval, S, z, w,
+        out, S_new, z_new,
+        float(scale), float(softcap) if softcap is not None else 1.0, L, hq, hkv, hq // hkv, m, d,
+        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=la_window, FOLD=fold, SOFTCAP=softcap is not None,
+        GP=_pow2(hq // hkv, 1), BL=_pow2(L + 1, 2), BM=32, BD=bd, BDK=min(64, _pow2(d)), num_warps=4,
+    )
+    # buffer and sinks: small tensors, same bookkeeping as the PyTorch step
+    win_k = torch.cat([state.buf_k, k], 2)
+    win_v = torch.cat([state.buf_v, v], 2)
+    win_kf = torch.cat([state.buf_kf, kf], 2)
+    win_valid = torch.cat([state.buf_valid, valid], 1)
+    keep = slice(1, None) if fold else slice(0, None)
+    count = state.sink_valid.sum(1, keepdim=True)
+    slot = torch.arange(state.sink_valid.shape[1], device=dev)[None, :]
+    becomes = (slot == count) & valid
+    sel = becomes[:, None, :, None]
+    new_state = HybridState(
+        S=S_new, z=z_new, buf_k=win_k[:, :, keep], buf_v=win_v[:, :, keep], buf_kf=win_kf[:, :, keep],
+        buf_valid=win_valid[:, keep], sink_k=torch.where(sel, k, state.sink_k), sink_v=torch.where(sel, v, state.sink_v),
+        sink_valid=state.sink_valid | becomes, seen=state.seen + 1,
+    )
+    return out, new_state

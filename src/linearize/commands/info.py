@@ -1,0 +1,80 @@
+"""`linearize info MODEL`: the architecture, and what conversion would change."""
+
+from __future__ import annotations
+
+import argparse
+
+from linearize.config import HybridConfig
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="print a model's attention layout and what conversion would change")
+    p.add_argument("model", help="HF directory, .gguf file, converted directory, or a short name (gemma3-270m, smollm2-135m)")
+    p.add_argument("--window", type=int, default=HybridConfig.window)
+    p.add_argument("--feature-map", default=HybridConfig.feature_map)
+    p.add_argument("--feature-size", default=HybridConfig.feature_size, choices=["full", "half"])
+    p.add_argument("--layers", default="all", help="'all', 'global' or comma-separated layer indices")
+    p.add_argument("--context", type=int, default=32768, help="context length for the cache-size comparison")
+    p.set_defaults(func=run)
+
+
+def parse_layers(text: str):
+    return text if text in ("all", "global") else [int(x) for x in text.split(",") if x]
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import linearize
+    from linearize.models.convert import CONFIG_KEY, hybrid_modules
+
+    path = Path(args.model)
+    if (path / "config.json").is_file() and CONFIG_KEY in json.loads((path / "config.json").read_text()):
+        model = linearize.load(path)
+        hybrid = linearize.hybrid_config_of(model)
+    else:
+        model, _ = linearize.load_base(args.model, check=False)
+        hybrid = HybridConfig(window=args.window, feature_map=args.feature_map, feature_size=args.feature_size,
+                              layers=parse_layers(args.layers))
+    print(describe(model, hybrid, args.context, converted=bool(hybrid_modules(model))))
+    return 0
+
+
+def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
+    from linearize.feature_maps import num_features
+    from linearize.models.adapters import adapter_for, head_dim, layer_types
+    from linearize.models.convert import resolve_layers, text_config
+
+    c = text_config(model)
+    d = head_dim(c)
+    kinds = layer_types(c)
+    layers = resolve_layers(hybrid.layers, c)
+    m = num_features(hybrid.feature_map, d, hybrid.feature_size)
+    adapter = adapter_for(c)
+    params = sum(p.numel() for p in model.parameters())
+    proj = d if hybrid.feature_size == "full" else d // 2
+    new_params = len(layers) * (c.num_attention_heads + c.num_key_value_heads) * d * proj
+    bytes_per = 4
+    base_kv = sum(2 * c.num_key_value_heads * d * (min(context, c.sliding_window) if k == "sliding_attention" else context)
+                  for k in kinds) * bytes_per
+    hybrid_state = len(layers) * c.num_key_value_heads * (m * d + m + 2 * (hybrid.window - 1 + hybrid.num_sinks) * d + (hybrid.window - 1) * m) * bytes_per
+    kept = sum(2 * c.num_key_value_heads * d * (min(context, c.sliding_window) if kinds[i] == "sliding_attention" else context)
+               for i in range(c.num_hidden_layers) if i not in layers) * bytes_per
+    lines = [
+        f"model           {type(model).__name__} (model_type {c.model_type}, adapter '{adapter.family}'), {params / 1e6:.1f}M parameters",
+        f"layers          {c.num_hidden_layers}: " + ", ".join(f"{n}x {k}" for k, n in sorted({k: kinds.count(k) for k in kinds}.items())),
+        f"heads           {c.num_attention_heads} query, {c.num_key_value_heads} key/value, head_dim {d}, scale {adapter.scale(c):.4g}"
+        + (", q/k norms" if adapter.qk_norm else ""),
+        f"base window     {getattr(c, 'sliding_window', None)} (sliding layers)" if "sliding_attention" in kinds else "base window     none (all layers full attention)",
+        f"status          {'converted' if converted else 'base model (not converted)'}",
+        "",
+        "conversion" + (" (as converted)" if converted else " (would)"),
+        f"  layers        {len(layers)} of {c.num_hidden_layers}: {layers}",
+        f"  attention     softmax over the last {hybrid.window} keys + linear attention ({hybrid.placement}), combined by {hybrid.combine}",
+        f"  feature map   {hybrid.feature_map}, W {d}x{proj} per head -> {m} features",
+        f"  new params    ~{new_params / 1e6:.2f}M feature-map weights (+ mixing parameters)",
+        f"  decode cache  at {context} tokens, fp32, batch 1: base {base_kv / 2**20:.1f} MiB -> converted {(hybrid_state + kept) / 2**20:.1f} MiB"
+        + (" (constant in context)" if kept == 0 else " (unconverted layers still grow)"),
+    ]
+    return "\n".join(lines)

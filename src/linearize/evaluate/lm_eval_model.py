@@ -1,0 +1,229 @@
+"""Loading models for evaluation, and converted models inside lm-eval.
+
+* :func:`load_model` turns what a user types after ``--model`` into ``(model, tokenizer, info)``:
+  a short name or HF directory of a base model (:func:`linearize.load_base`), or a directory written
+  by ``linearize convert`` / ``save_pretrained`` of a converted model (its ``config.json`` has a
+  ``linearize`` entry; :func:`linearize.load`). ``convert=True`` converts a base model on the fly
+  with an *untrained* feature map (for diagnostics of the bare hybrid layer).
+* :func:`set_components` switches the branches of a converted model persistently (the
+  :func:`linearize.components` context manager restores them on exit; lm-eval needs a model that
+  stays switched while it runs).
+* :class:`LinearizeLM` is lm-eval's ``HFLM`` registered as ``"linearize"``: it loads with
+  :func:`load_model` and accepts ``components=`` (and ``convert=``, ``window=``) in ``model_args``.
+  Plain ``HFLM(pretrained=model)`` already works on a converted model (it is an ordinary HF model
+  object). lm-eval has no plugin discovery for models, so its CLI sees the name only once this module
+  is imported; ``python -m linearize.evaluate.lm_eval_model <lm_eval arguments>`` does that and
+  then runs lm-eval's own CLI, e.g.::
+
+      python -m linearize.evaluate.lm_eval_model --model linearize \\
+          --model_args pretrained=runs/ssd,components=la_only --tasks lz_piqa \\
+          --include_path "$(python -c 'from linearize.evaluate.tasks import build_task_dir; print(build_task_dir())')"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linearize.config import COMPONENT_MODES, HybridConfig
+from linearize.errors import LinearizeError, ModelFileError
+
+__all__ = ["load_model", "converted_dir_info", "set_components", "LinearizeLM", "register"]
+
+
+def converted_dir_info(path: str | Path) -> dict[str, Any] | None:
+    """For a directory holding a converted model: ``{"hybrid": settings, "base": name|None, "recipe": name|None}``.
+
+    ``base`` and ``recipe`` come from ``summary.json`` (written by ``linearize convert``) when present.
+    ``None`` when ``path`` is not a directory with a ``linearize`` entry in its ``config.json``.
+    """
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        settings = json.loads(cfg.read_text()).get("linearize")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not settings:
+        return None
+    info: dict[str, Any] = {"hybrid": settings, "base": None, "recipe": None}
+    summary = path / "summary.json"
+    if summary.is_file():
+        try:
+            data = json.loads(summary.read_text())
+            info["base"] = data.get("model")
+            info["recipe"] = data.get("recipe")
+        except (OSError, json.JSONDecodeError):
+            pass
+    return info
+
+
+def load_model(
+    spec,
+    *,
+    tokenizer=None,
+    convert: bool = False,
+    window: int | None = None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    check: bool = True,
+    seed: int = 0,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Load ``spec`` for evaluation: ``(model, tokenizer, info)``.
+
+    Args:
+        spec: a short name (``gemma3-270m``), an HF model directory, a ``.gguf`` file, a converted
+            model directory, or an already loaded model object (then ``tokenizer`` is required).
+        tokenizer: overrides the tokenizer (a loaded one).
+        convert: convert a base model with an untrained feature map (identity + noise, the
+            :class:`HybridConfig` defaults) so that its component modes can be run.
+        window: sliding window of that conversion (default :class:`HybridConfig`'s, 64).
+        device: where the model goes (default: CUDA when available, else CPU).
+        check: the degenerate-output check of :func:`linearize.load_base`.
+        seed: torch seed for the untrained feature maps.
+
+    ``info``: ``{"model": spec as text, "kind": "base"|"converted"|"converted_untrained",
+    "base": base model name or None, "recipe": recipe or None, "hybrid": settings or None}``.
+    """
+    import linearize
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info: dict[str, Any] = {"model": str(spec), "kind": "base", "base": None, "recipe": None, "hybrid": None}
+    if not isinstance(spec, (str, Path)):
+        if tokenizer is None:
+            raise LinearizeError("load_model(model_object) needs tokenizer=")
+        model = spec.to(device)
+        info["model"] = getattr(model.config, "_name_or_path", None) or type(model).__name__
+    else:
+        conv = converted_dir_info(spec)
+        if conv is not None:
+            model = linearize.load(spec, dtype=dtype, device=device)
+            if tokenizer is None:
+                tokenizer = _tokenizer_for(Path(spec), conv.get("base"), check)
+            info.update(kind="converted", base=conv["base"], recipe=conv["recipe"])
+        else:
+            model, tok = linearize.load_base(str(spec), dtype=dtype, device=device, check=check)
+            tokenizer = tokenizer or tok
+            info["base"] = str(spec)
+    if convert:
+        if linearize.is_converted(model):
+            raise LinearizeError(f"{spec} is already converted; drop --convert")
+        hybrid = HybridConfig() if window is None else HybridConfig(window=window)
+        torch.manual_seed(seed)
+        linearize.convert(model, hybrid)
+        model.to(device).eval()
+        info["kind"] = "converted_untrained"
+    if linearize.is_converted(model):
+        info["hybrid"] = linearize.hybrid_config_of(model).to_dict()
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer, info
+
+
+def _tokenizer_for(path: Path, base: str | None, check: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        if base:
+            import linearize
+
+            return linearize.load_base(base, check=False)[1]
+        raise ModelFileError(f"{path} has no tokenizer files and no base model recorded in summary.json") from exc
+
+
+def set_components(model, modes) -> None:
+    """Switch branches persistently (unlike :func:`linearize.components`, nothing is restored).
+
+    ``modes``: a mode name for every converted layer, ``{layer: mode}`` or ``{layer: {head: mode}}``.
+    """
+    from linearize.models.convert import hybrid_modules
+
+    modules = {m.layer_idx: m for m in hybrid_modules(model)}
+    if not modules:
+        raise LinearizeError("components= needs a converted model (no hybrid attention layers found)")
+    plan = {i: modes for i in modules} if isinstance(modes, str) else modes
+    for i, mode in plan.items():
+        if i not in modules:
+            raise LinearizeError(f"layer {i} is not converted (converted: {sorted(modules)})")
+        if isinstance(mode, str):
+            if mode not in COMPONENT_MODES:
+                raise LinearizeError(f"unknown component mode {mode!r}; expected one of {COMPONENT_MODES}")
+            modules[i].mode, modules[i].head_modes = mode, None
+        else:
+            modules[i].head_modes = dict(mode)
+        modules[i].head_mode_list()
+
+
+def _make_class():
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+
+    @register_model("linearize")
+    class LinearizeLM(HFLM):
+        """lm-eval's HFLM over a model loaded by :func:`load_model`.
+
+        ``model_args``: ``pretrained`` (short name, HF dir or converted dir, or a model object),
+        ``components`` (hybrid, swa_only, la_only, sinks_only, none), ``convert`` (bool: convert a
+        base model with an untrained feature map), ``window`` (its window), plus HFLM's own
+        ``batch_size``, ``max_length``, ``device``.
+        """
+
+        def __init__(self, pretrained, components: str | None = None, convert: bool | str = False,
+                     window: int | str | None = None, device: str | None = None, tokenizer=None,
+                     check: bool | str = True, **kwargs):
+            convert = _as_bool(convert)
+            model, tok, info = load_model(pretrained, tokenizer=tokenizer if not isinstance(tokenizer, str) else None,
+                                          convert=convert, window=int(window) if window else None, device=device,
+                                          check=_as_bool(check))
+            if components:
+                set_components(model, components)
+            self.linearize_info = {**info, "components": components}
+            kwargs.pop("dtype", None)
+            super().__init__(pretrained=model, tokenizer=tok, **kwargs)
+
+    return LinearizeLM
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "y")
+    return bool(value)
+
+
+_CLASS = None
+
+
+def register():
+    """Register ``"linearize"`` in lm-eval's model registry (idempotent) and return the class."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_class()
+    return _CLASS
+
+
+def __getattr__(name):  # LinearizeLM is built lazily: importing lm-eval takes seconds
+    if name == "LinearizeLM":
+        return register()
+    raise AttributeError(name)
+
+
+def main(argv=None) -> None:
+    """lm-eval's own CLI with the ``linearize`` model registered."""
+    import sys
+
+    register()
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ reproduced with ``--recipe <out>/recipe.yaml``.
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import yaml
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError
 
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
 OBJECTIVES = ("weights", "output", "hybrid_output")
@@ -117,12 +119,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Gemma 3 270M on a 2-core CPU: the whole `ssd` recipe in a few minutes. Small sequences, a few
     # dozen optimizer steps per stage, 8 validation rows.
     "cpu": {
-        "data": {"sources": ["alpaca_demo", "dolly"], "seq_len": 256, "train_tokens": 32_768, "val_tokens": 2_048},
-        "stage1": {"batch_size": 1, "grad_accum": 2, "epochs": 1, "max_steps": 24, "checkpoint_every": 8,
+        "data": {"sources": ["alpaca_demo", "dolly"], "seq_len": 256, "train_tokens": 16_384, "val_tokens": 1_024},
+        "stage1": {"batch_size": 1, "grad_accum": 1, "epochs": 1, "max_steps": 16, "checkpoint_every": 8,
                    "query_block": 128},
-        "stage2": {"batch_size": 1, "grad_accum": 2, "epochs": 1, "max_steps": 24, "checkpoint_every": 8,
+        "stage2": {"batch_size": 1, "grad_accum": 1, "epochs": 1, "max_steps": 16, "checkpoint_every": 8,
                    "loss_chunk": 256, "early_stopping": {"eval_every": 8, "patience": 2}},
-        "eval": {"max_val_rows": 8, "batch_size": 4},
+        "eval": {"max_val_rows": 4, "batch_size": 4},
         "runtime": {"cpu": True},
     },
     # a first look on one GPU: LoLCATs shapes, a tenth of the tokens
@@ -181,6 +183,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {key}: cannot parse {raw!r} as YAML: {exc}") from exc
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value) if any(c in value for c in ".eE") else int(value)  # YAML 1.1 reads 1e-3 as a string
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise RecipeError(f"--set expects key.path=value, got {text!r}")

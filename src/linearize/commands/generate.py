@@ -1,0 +1,72 @@
+"""`linearize generate MODEL PROMPT`: greedy or sampled continuation, with a choice of attention components."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from linearize.config import COMPONENT_MODES
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a base or converted model")
+    p.add_argument("model", help="converted directory, HF directory, .gguf file or short name")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--components", default="hybrid", choices=COMPONENT_MODES, help="attention branches to use (converted models)")
+    p.add_argument("--convert", action="store_true", help="convert a base model on the fly (untrained feature maps)")
+    p.add_argument("--window", type=int, default=64, help="window when --convert is given")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.95) instead of greedy")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_any(name: str, device: str = "cpu"):
+    """A converted directory (config.json with a 'linearize' entry) or anything load_base accepts."""
+    import json
+    from pathlib import Path
+
+    import linearize
+    from linearize.models.convert import CONFIG_KEY
+    from transformers import AutoTokenizer
+
+    path = Path(name)
+    config = path / "config.json"
+    if config.is_file() and CONFIG_KEY in json.loads(config.read_text()):
+        return linearize.load(path, device=device), AutoTokenizer.from_pretrained(path)
+    model, tokenizer = linearize.load_base(name, check=False)
+    return model.to(device), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import torch
+
+    import linearize
+    from linearize.attention.cache import cache_nbytes
+    from transformers import DynamicCache
+
+    model, tokenizer = load_any(args.model, args.device)
+    if args.convert:
+        linearize.convert(model, linearize.HybridConfig(window=args.window))
+    converted = linearize.is_converted(model)
+    ctx = linearize.components(model, args.components) if converted else contextlib.nullcontext()
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
+    cache = DynamicCache(config=model.config)
+    sampling = dict(do_sample=True, temperature=0.8, top_p=0.95) if args.sample else dict(do_sample=False)
+    start = time.perf_counter()
+    with ctx, torch.no_grad():
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, **sampling)
+    seconds = time.perf_counter() - start
+    new = out[0, inputs.input_ids.shape[1]:]
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    print(f"\n[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tok/s; cache {cache_nbytes(cache) / 2**20:.2f} MiB;"
+          f" {'converted, ' + args.components if converted else 'base model'}]")
+    return 0

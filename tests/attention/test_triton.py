@@ -1,0 +1,289 @@
+"""Triton kernels of the hybrid layer against the quadratic reference (outputs and gradients) and the recurrent step.
+
+Without CUDA the kernels run on the CPU under TRITON_INTERPRET=1 at small sizes (set here, before the kernels are
+imported); with CUDA the same checks run compiled, and the `gpu` tests add full-size shapes in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, where this module is the first to import it
+
+triton = pytest.importorskip("triton")
+
+
+def _interpret_triton_stdlib() -> None:
+    """When something imported triton before TRITON_INTERPRET was set (transformers' model modules do), its
+    standard-library helpers (tl.sum, tl.cdiv, ...) are compiled-only JIT functions that the interpreter refuses to
+    call; swap them for interpreted twins, as an import under TRITON_INTERPRET=1 would have made them."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    made = {}
+    mods = [m for n, m in list(sys.modules.items()) if m is not None and (n == "triton.language" or n.startswith("triton.language."))]
+    for mod in mods + [triton.language.core.tensor]:
+        for name, val in list(vars(mod).items()):
+            if isinstance(val, JITFunction):
+                made.setdefault(id(val), InterpretedFunction(val.fn))
+                setattr(mod, name, made[id(val)])
+
+
+if not CUDA:
+    _interpret_triton_stdlib()
+
+import linearize.attention.triton._kernels as _kernels  # noqa: E402
+import linearize.attention.triton.hybrid as _hybrid  # noqa: E402
+
+if not CUDA and type(_kernels.hybrid_fwd_kernel).__name__ != "InterpretedFunction":
+    # imported earlier without the interpreter: rebuild the kernels as interpreted functions
+    _kernels = importlib.reload(_kernels)
+    _hybrid = importlib.reload(_hybrid)
+    _hybrid._patch_interpreter()
+
+from linearize.attention.chunked import hybrid_attention_chunked  # noqa: E402
+from linearize.attention.recurrent import hybrid_attention_step, prefill_state  # noqa: E402
+from linearize.attention.reference import hybrid_attention_reference  # noqa: E402
+
+hybrid_attention_triton = _hybrid.hybrid_attention_triton
+hybrid_attention_step_triton = _hybrid.hybrid_attention_step_triton
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _small_segments():
+    """Several chunks per segment and several segments, even at the small test lengths."""
+    saved = dict(_hybrid.TUNING)
+    _hybrid.TUNING["chunks_per_segment"] = 2
+    yield
+    _hybrid.TUNING.clear()
+    _hybrid.TUNING.update(saved)
+
+
+def _inputs(b, hq, hkv, t, d, m, *, dtype=torch.float32, pad=False, seed=None, device=DEVICE):
+    g = torch.Generator(device="cpu").manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ())))
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, k, v = rnd(b, hq, t, d), rnd(b, hkv, t, d), rnd(b, hkv, t, d)
+    qf = torch.softmax(rnd(b, hq, t, m), -1)  # positive features, like hedgehog's
+    kf = torch.softmax(rnd(b, hkv, t, m), -1)
+    valid = None
+    if pad:
+        valid = torch.ones(b, t, dtype=torch.bool)
+        valid[0, : max(1, t // 7)] = False  # left padding
+        if b > 1:
+            valid[1, -max(1, t // 9):] = False  # right padding
+            valid[1, t // 2] = False  # a hole
+    tensors = [x.to(device=device, dtype=dtype) for x in (q, k, v, qf, kf)]
+    return tensors, (None if valid is None else valid.to(device))
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check(tensors, valid, weight, *, tol_out, tol_grad, chunk_size=16, **kw):
+    """Triton output and gradients vs the reference in float64 on the same (rounded) inputs."""
+    ins = [x.detach().clone().requires_grad_() for x in tensors]
+    w_in = weight.detach().clone().requires_grad_() if torch.is_tensor(weight) else weight
+    torch.manual_seed(1)
+    out = hybrid_attention_triton(*ins, weight=w_in, valid=valid, chunk_size=chunk_size, **kw)
+    assert out.dtype == tensors[0].dtype and out.shape == tensors[0].shape
+    assert torch.isfinite(out).all()
+    go = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
+    out.backward(go)
+
+    ref_ins = [x.detach().double().requires_grad_() for x in tensors]
+    w_ref = weight.detach().double().requires_grad_() if torch.is_tensor(weight) else weight
+    ref = hybrid_attention_reference(*ref_ins, weight=w_ref, valid=valid, **kw)
+    ref.backward(go.double())
+    assert _rel(out, ref) < tol_out, f"output rel err {_rel(out, ref):.2e}"
+    names = ["q", "k", "v", "qf", "kf"]
+    for name, a, r in zip(names, ins, ref_ins):
+        if r.grad is None or r.grad.abs().max() == 0:
+            assert a.grad is None or a.grad.abs().max() == 0, name
+            continue
+        assert a.grad is not None, name
+        assert torch.isfinite(a.grad).all(), name
+        assert _rel(a.grad, r.grad) < tol_grad, f"d{name} rel err {_rel(a.grad, r.grad):.2e}"
+    if torch.is_tensor(weight) and w_ref.grad is not None and w_ref.grad.abs().max() > 0:
+        assert _rel(w_in.grad, w_ref.grad) < tol_grad, f"dweight rel err {_rel(w_in.grad, w_ref.grad):.2e}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small shapes: interpreted on CPU, compiled on CUDA
+# ---------------------------------------------------------------------------------------------------------------
+CASES = [
+    # (mode, rule, placement, b, hq, hkv, t, window, weight kind, softcap)
+    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 45, 20, "head", None),  # GQA, padding, T % 16 != 0
+    ("hybrid", "mix", "overlap", 1, 2, 2, 37, 9, "rows", 4.0),  # per-token gate, softcap, MHA
+    ("hybrid", "shared_norm", "overlap", 1, 2, 1, 40, 16, "float", None),  # window == block, MQA
+    ("hybrid", "mix", "complementary", 2, 2, 1, 33, 50, "head", None),  # window > T: no linear keys at all
+    ("swa_only", "shared_norm", "complementary", 1, 2, 1, 29, 7, "float", None),
+    ("la_only", "mix", "complementary", 2, 2, 1, 35, 5, "float", None),
+]
+
+
+@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,t,window,wkind,softcap", CASES)
+def test_forward_backward_matches_reference(mode, rule, placement, b, hq, hkv, t, window, wkind, softcap):
+    d, m = 16, 32
+    tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=True)
+    if wkind == "head":
+        weight = torch.rand(hq, device=DEVICE) * 0.8 + 0.1
+    elif wkind == "rows":
+        weight = torch.rand(b, hq, t, device=DEVICE) * 0.8 + 0.1
+    else:
+        weight = 0.3
+    tol = 1e-4 if CUDA else 1e-5  # fp32 (IEEE dots on CUDA)
+    _check(tensors, valid, weight, tol_out=tol, tol_grad=tol, scale=d**-0.5, window=window, rule=rule,
+           placement=placement, mode=mode, softcap=softcap)
+
+
+def test_matches_chunked_exactly_enough_and_diagnostic_modes_fall_back():
+    tensors, valid = _inputs(1, 2, 1, 24, 16, 32, pad=True)
+    kw = dict(scale=0.25, window=6, weight=0.2, valid=valid, chunk_size=16)
+    for mode in ("hybrid", "sinks_only", "none"):
+        a = hybrid_attention_triton(*tensors, mode=mode, num_sinks=3, **kw)
+        b = hybrid_attention_chunked(*tensors, mode=mode, num_sinks=3, **kw)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), mode
+
+
+def test_bad_rule_raises():
+    tensors, _ = _inputs(1, 1, 1, 8, 16, 32)
+    with pytest.raises(ValueError):
+        hybrid_attention_triton(*tensors, scale=0.25, window=4, rule="nope")
+    with pytest.raises(ValueError):
+        hybrid_attention_triton(*tensors, scale=0.25, window=4, mode="nope")
+
+
+@pytest.mark.parametrize("rule", ["shared_norm", "mix"])
+def test_half_precision(rule):
+    """fp16 inputs (tensor-core operands in fp16, fp32 accumulation).  bf16 is checked by the gpu tests only: the
+    Triton 3.6 interpreter's tl.dot mis-reads bf16 operands."""
+    tensors, valid = _inputs(2, 4, 2, 40, 16, 32, dtype=torch.float16, pad=True)
+    weight = torch.rand(4, device=DEVICE) * 0.8 + 0.1
+    _check(tensors, valid, weight, tol_out=1e-2, tol_grad=2e-2, scale=0.25, window=11, rule=rule)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode step
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,rule,placement", [
+    ("hybrid", "shared_norm", "complementary"), ("hybrid", "mix", "overlap"), ("hybrid", "shared_norm", "overlap"),
+    ("swa_only", "shared_norm", "complementary"), ("la_only", "mix", "complementary"), ("sinks_only", "mix", "overlap"),
+])
+def test_decode_step_matches_recurrent_and_reference(mode, rule, placement):
+    b, hq, hkv, d, m, w = 2, 4, 2, 16, 32, 6
+    for prompt in (0, 3, 9):
+        t = prompt + 4
+        tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=True)
+        q, k, v, qf, kf = tensors
+        weight = torch.rand(hq, device=DEVICE)
+        kw = dict(scale=0.3, window=w, weight=weight, rule=rule, placement=placement, mode=mode)
+        st = st_ref = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=w, num_sinks=3)
+        outs = []
+        for i in range(prompt, t):
+            sl = slice(i, i + 1)
+            args = (q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl])
+            o, st = hybrid_attention_step_triton(st, *args, valid=valid[:, sl], **kw)
+            o_ref, st_ref = hybrid_attention_step(st_ref, *args, valid=valid[:, sl], **kw)
+            assert torch.allclose(o, o_ref, atol=2e-5, rtol=1e-4)
+            for a, r in zip(st.tensors(), st_ref.tensors()):
+                assert a.shape == r.shape
+                assert torch.allclose(a.float(), r.float(), atol=1e-5, rtol=1e-5)
+            assert st.seen == st_ref.seen
+            outs.append(o)
+        if mode != "sinks_only":
+            ref = hybrid_attention_reference(*tensors, valid=valid, **kw)[:, :, prompt:]
+            assert torch.allclose(torch.cat(outs, 2), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_leaves_old_state_untouched():
+    tensors, valid = _inputs(1, 2, 1, 9, 16, 32)
+    q, k, v, qf, kf = tensors
+    st = prefill_state(k[:, :, :8], v[:, :, :8], kf[:, :, :8], torch.ones(1, 8, dtype=torch.bool, device=DEVICE), window=4, num_sinks=2)
+    before = [x.clone() for x in st.tensors()]
+    sl = slice(8, 9)
+    hybrid_attention_step_triton(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], scale=0.3, window=4)
+    for a, b in zip(st.tensors(), before):
+        assert torch.equal(a, b)
+
+
+def test_import_without_triton_raises_importerror():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "try:\n    import linearize.attention.triton\nexcept ImportError:\n    sys.exit(0)\nsys.exit(1)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# full sizes on the GPU
+# ---------------------------------------------------------------------------------------------------------------
+GPU_SHAPES = [
+    # (b, hq, hkv, t, d, m): Gemma-3-270M-like, Llama-like (fewer heads), odd head_dim
+    (1, 4, 1, 1000, 256, 512),
+    (2, 8, 2, 777, 128, 256),
+    (1, 2, 1, 300, 80, 160),
+]
+
+
+def _poison_allocator():
+    """Fill freed CUDA memory with NaN so that an element a kernel forgets to write shows up."""
+    x = torch.full((64 * 2**20,), float("nan"), device="cuda")
+    del x
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,rule,placement", [
+    ("hybrid", "shared_norm", "complementary"), ("hybrid", "mix", "overlap"), ("swa_only", "shared_norm", "complementary"),
+    ("la_only", "shared_norm", "complementary"),
+])
+def test_gpu_full_size(shape, dtype, mode, rule, placement):
+    b, hq, hkv, t, d, m = shape
+    _hybrid.TUNING["chunks_per_segment"] = 3
+    tensors, valid = _inputs(b, hq, hkv, t, d, m, dtype=dtype, pad=True)
+    weight = torch.rand(hq, device="cuda") * 0.8 + 0.1
+    _poison_allocator()
+    _check(tensors, valid, weight, tol_out=1.5e-2, tol_grad=3e-2, chunk_size=64, scale=d**-0.5, window=64,
+           rule=rule, placement=placement, mode=mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_default_segments_and_long_sequence():
+    _hybrid.TUNING["chunks_per_segment"] = None  # the heuristic used in production
+    tensors, valid = _inputs(1, 4, 1, 4100, 256, 512, dtype=torch.bfloat16, pad=False)
+    _check(tensors, valid, 0.25, tol_out=1.5e-2, tol_grad=3e-2, chunk_size=64, scale=256**-0.5, window=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("placement", ["complementary", "overlap"])
+def test_gpu_decode_full_size(placement):
+    b, hq, hkv, d, m, w, prompt = 8, 4, 1, 256, 512, 64, 200
+    tensors, valid = _inputs(b, hq, hkv, prompt + 70, d, m, dtype=torch.bfloat16, pad=True)
+    q, k, v, qf, kf = tensors
+    kw = dict(scale=d**-0.5, window=w, weight=torch.rand(hq, device="cuda"), placement=placement)
+    st = st_ref = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=w, num_sinks=8)
+    for i in range(prompt, prompt + 70):
+        sl = slice(i, i + 1)
+        args = (q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl])
+        o, st = hybrid_attention_step_triton(st, *args, valid=valid[:, sl], **kw)
+        o_ref, st_ref = hybrid_attention_step(st_ref, *args, valid=valid[:, sl], **kw)
+        assert _rel(o, o_ref) < 1e-2
+    assert _rel(st.S, st_ref.S) < 1e-5 and _rel(st.z, st_ref.z) < 1e-5

@@ -245,14 +245,21 @@ def _poison_allocator():
     del x
 
 
+GEMMA, LLAMA, ODD = GPU_SHAPES
+GPU_CASES = [
+    (GEMMA, torch.bfloat16, "hybrid", "shared_norm", "complementary"),
+    (GEMMA, torch.bfloat16, "hybrid", "mix", "overlap"),
+    (GEMMA, torch.bfloat16, "swa_only", "shared_norm", "complementary"),
+    (GEMMA, torch.bfloat16, "la_only", "shared_norm", "complementary"),
+    (LLAMA, torch.bfloat16, "hybrid", "shared_norm", "complementary"),
+    (LLAMA, torch.float16, "hybrid", "mix", "overlap"),
+    (ODD, torch.bfloat16, "hybrid", "shared_norm", "overlap"),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode,rule,placement", [
-    ("hybrid", "shared_norm", "complementary"), ("hybrid", "mix", "overlap"), ("swa_only", "shared_norm", "complementary"),
-    ("la_only", "shared_norm", "complementary"),
-])
+@pytest.mark.parametrize("shape,dtype,mode,rule,placement", GPU_CASES)
 def test_gpu_full_size(shape, dtype, mode, rule, placement):
     b, hq, hkv, t, d, m = shape
     _hybrid.TUNING["chunks_per_segment"] = 3
@@ -287,3 +294,15 @@ def test_gpu_decode_full_size(placement):
         o_ref, st_ref = hybrid_attention_step(st_ref, *args, valid=valid[:, sl], **kw)
         assert _rel(o, o_ref) < 1e-2
     assert _rel(st.S, st_ref.S) < 1e-5 and _rel(st.z, st_ref.z) < 1e-5
+
+
+def test_bench_cli_arguments_match_the_library():
+    import argparse
+
+    from linearize.attention.triton.benchmark import add_arguments
+    from linearize.cli import build_parser
+
+    cli = vars(build_parser().parse_args(["bench", "--name", "x"]))
+    lib = argparse.ArgumentParser()
+    add_arguments(lib)
+    assert {k: v for k, v in cli.items() if k not in ("func", "verb")} == vars(lib.parse_args(["--name", "x"]))

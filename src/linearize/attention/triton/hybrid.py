@@ -337,7 +337,7 @@ def hybrid_attention_step_triton(
         out, S_new, z_new,
         float(scale), float(softcap) if softcap is not None else 1.0, L, hq, hkv, hq // hkv, m, d,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=la_window, FOLD=fold, SOFTCAP=softcap is not None,
-        GP=_pow2(hq // hkv, 1), BL=_pow2(L + 1, 2), BM=32, BD=bd, BDK=min(64, _pow2(d)), num_warps=4,
+        GP=_pow2(hq // hkv, 1), BL=_pow2(L + 1, 2), BM=32, BD=bd, BDK=min(32, _pow2(d)), num_warps=4,
     )
     # buffer and sinks: small tensors, same bookkeeping as the PyTorch step
     win_k = torch.cat([state.buf_k, k], 2)

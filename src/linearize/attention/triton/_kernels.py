@@ -39,7 +39,7 @@ def _tanh(x):
 def la_state_fwd_kernel(
     KF, V, VALID, S_LOC, Z_LOC, S_TOT, Z_TOT,
     T, N, CPS, NSEG, HKV, M, D, SHIFT,
-    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_VALID: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Per-chunk linear-attention states, exclusive within a segment of CPS chunks.
 
@@ -74,7 +74,8 @@ def la_state_fwd_kernel(
             tl.store(Z_LOC + (bh64 * N + c) * M + offs_m, z, mask=mm)
         ks = c * BT - SHIFT + tl.arange(0, BT)
         km = (ks >= 0) & (ks < T)
-        km = km & (tl.load(VALID + b * T + ks, mask=km, other=0) != 0)
+        if HAS_VALID:
+            km = km & (tl.load(VALID + b * T + ks, mask=km, other=0) != 0)
         kf = tl.load(kf_base + ks[:, None] * M + offs_m[None, :], mask=km[:, None] & mm[None, :], other=0.0)
         v = tl.load(v_base + ks[:, None] * D + offs_d[None, :], mask=km[:, None] & md[None, :], other=0.0)
         S += tl.dot(tl.trans(kf), v, input_precision=DOT_PREC)
@@ -85,6 +86,24 @@ def la_state_fwd_kernel(
         tl.store(Z_TOT + (bh64 * NSEG + pid_seg) * M + offs_m, z, mask=mm)
 
 
+@triton.jit
+def seg_prefix_kernel(X, NSEG, E, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """In place, over the segment axis of X (B*H, NSEG, E): X[:, s] <- sum_{s' < s} X[:, s'] (REVERSE: s' > s)."""
+    pid_bh = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < E
+    base = X + pid_bh.to(tl.int64) * NSEG * E
+    run = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, NSEG):
+        if REVERSE:
+            s = NSEG - 1 - i
+        else:
+            s = i
+        x = tl.load(base + s * E + offs, mask=msk, other=0.0)
+        tl.store(base + s * E + offs, run, mask=msk)
+        run += x
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # forward: the hybrid output, one program per (query chunk, b, h)
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,8 +111,9 @@ def la_state_fwd_kernel(
 def hybrid_fwd_kernel(
     Q, K, V, QF, KF, VALID, WROW, S_LOC, S_SEG, Z_LOC, Z_SEG,
     OUT, XS, XL, CMAX, ARG, DEN_S, DEN_L, AMAT,
-    scale, softcap, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT,
+    scale, softcap, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, WMODE: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Hybrid attention output for BT queries.
@@ -132,7 +152,8 @@ def hybrid_fwd_kernel(
     if HAS_LA:
         ks = t0 - SHIFT + tl.arange(0, BT)
         km = (ks >= 0) & (ks < T)
-        km = km & (tl.load(VALID + b * T + ks, mask=km, other=0) != 0)
+        if HAS_VALID:
+            km = km & (tl.load(VALID + b * T + ks, mask=km, other=0) != 0)
         A = tl.zeros([BT, BT], dtype=tl.float32)
         den_inter = tl.zeros([BT], dtype=tl.float32)
         for m0 in range(0, M, BM):
@@ -142,7 +163,8 @@ def hybrid_fwd_kernel(
             kf = tl.load(KF + (kv64 * T + ks[:, None]) * M + offs_m[None, :], mask=km[:, None] & mm[None, :], other=0.0)
             A += tl.dot(qf, tl.trans(kf), input_precision=DOT_PREC)
             z = tl.load(Z_LOC + (kv64 * N + pid_t) * M + offs_m, mask=mm, other=0.0)
-            z += tl.load(Z_SEG + (kv64 * NSEG + seg) * M + offs_m, mask=mm, other=0.0)
+            if HAS_SEG:
+                z += tl.load(Z_SEG + (kv64 * NSEG + seg) * M + offs_m, mask=mm, other=0.0)
             den_inter += tl.sum(qf.to(tl.float32) * z[None, :], 1)
         causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
         A = tl.where(causal & km[None, :], A, 0.0)
@@ -159,7 +181,8 @@ def hybrid_fwd_kernel(
         for k0 in range(lo, hi, BT):
             offs_k = k0 + tl.arange(0, BT)
             kin = offs_k < hi
-            kin = kin & (tl.load(VALID + b * T + offs_k, mask=kin, other=0) != 0)
+            if HAS_VALID:
+                kin = kin & (tl.load(VALID + b * T + offs_k, mask=kin, other=0) != 0)
             kk = tl.load(K + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             vv = tl.load(V + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
@@ -184,7 +207,12 @@ def hybrid_fwd_kernel(
     # combination coefficients: out = a * acc_swa + bcoef * (LA sums)
     inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
     inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
-    wrow = tl.load(WROW + row, mask=tm, other=0.0)
+    if WMODE == 0:
+        wrow = tl.zeros([BT], dtype=tl.float32) + wscalar
+    elif WMODE == 1:
+        wrow = tl.load(WROW + h + offs_t * 0)
+    else:
+        wrow = tl.load(WROW + row, mask=tm, other=0.0)
     xs_ptr = XS + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :]
     om = tm[:, None] & md[None, :]
     if RULE == 0:
@@ -214,7 +242,9 @@ def hybrid_fwd_kernel(
             qfb = (qf.to(tl.float32) * bcoef[:, None]).to(dtype)
             smask = mm[:, None] & md[None, :]
             st = tl.load(S_LOC + ((kv64 * N + pid_t) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
-            st = st.to(tl.float32) + tl.load(S_SEG + ((kv64 * NSEG + seg) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
+            st = st.to(tl.float32)
+            if HAS_SEG:
+                st += tl.load(S_SEG + ((kv64 * NSEG + seg) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
             acc += tl.dot(qfb, st.to(dtype), input_precision=DOT_PREC)
 
     if RULE == 1:
@@ -237,8 +267,9 @@ def hybrid_bwd_q_kernel(
     Q, K, V, QF, KF, VALID, WROW, S_LOC, S_SEG, Z_LOC, Z_SEG,
     OUT, XS, XL, DO, CMAX, ARG, DEN_S, DEN_L,
     DQ, DQF, DAMAT, COEF, DW,
-    scale, softcap, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
+    scale, softcap, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, WMODE: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Query-side backward for BT queries.
@@ -277,7 +308,12 @@ def hybrid_bwd_q_kernel(
     do = tl.load(DO + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
     den_s = tl.load(DEN_S + row, mask=tm, other=0.0)
     den_l = tl.load(DEN_L + row, mask=tm, other=0.0)
-    wrow = tl.load(WROW + row, mask=tm, other=0.0)
+    if WMODE == 0:
+        wrow = tl.zeros([BT], dtype=tl.float32) + wscalar
+    elif WMODE == 1:
+        wrow = tl.load(WROW + h + offs_t * 0)
+    else:
+        wrow = tl.load(WROW + row, mask=tm, other=0.0)
     inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
     inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
     zero = den_s * 0.0
@@ -342,7 +378,8 @@ def hybrid_bwd_q_kernel(
         for k0 in range(lo, hi, BT):
             offs_k = k0 + tl.arange(0, BT)
             kin = offs_k < hi
-            kin = kin & (tl.load(VALID + b * T + offs_k, mask=kin, other=0) != 0)
+            if HAS_VALID:
+                kin = kin & (tl.load(VALID + b * T + offs_k, mask=kin, other=0) != 0)
             kk = tl.load(K + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             vv = tl.load(V + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
@@ -362,7 +399,8 @@ def hybrid_bwd_q_kernel(
     if HAS_LA:
         ks = t0 - SHIFT + tl.arange(0, BT)
         km = (ks >= 0) & (ks < T)
-        km = km & (tl.load(VALID + b * T + ks, mask=km, other=0) != 0)
+        if HAS_VALID:
+            km = km & (tl.load(VALID + b * T + ks, mask=km, other=0) != 0)
         vl = tl.load(V + (kv64 * T + ks[:, None]) * D + offs_d[None, :], mask=km[:, None] & md[None, :], other=0.0)
         dod = (do * delta[:, None]).to(dtype)
         dA = tl.dot(dod, tl.trans(vl), input_precision=DOT_PREC) + eps[:, None]
@@ -378,10 +416,13 @@ def hybrid_bwd_q_kernel(
             dqf = tl.dot(dAc, kf, input_precision=DOT_PREC)
             smask = mm[:, None] & md[None, :]
             st = tl.load(S_LOC + ((kv64 * N + pid_t) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
-            st = st.to(tl.float32) + tl.load(S_SEG + ((kv64 * NSEG + seg) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
+            st = st.to(tl.float32)
+            if HAS_SEG:
+                st += tl.load(S_SEG + ((kv64 * NSEG + seg) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
             dqf += tl.dot(dod, tl.trans(st.to(dtype)), input_precision=DOT_PREC)
             z = tl.load(Z_LOC + (kv64 * N + pid_t) * M + offs_m, mask=mm, other=0.0)
-            z += tl.load(Z_SEG + (kv64 * NSEG + seg) * M + offs_m, mask=mm, other=0.0)
+            if HAS_SEG:
+                z += tl.load(Z_SEG + (kv64 * NSEG + seg) * M + offs_m, mask=mm, other=0.0)
             dqf += eps[:, None] * z[None, :]
             tl.store(DQF + (bh64 * T + offs_t[:, None]) * M + offs_m[None, :], dqf.to(DQF.dtype.element_ty), mask=tm[:, None] & mm[None, :])
 
@@ -453,6 +494,7 @@ def hybrid_bwd_kv_kernel(
     DK, DV, DKF,
     scale, softcap, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
     HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Key-side backward for the BT keys s = j*BT - SHIFT + [0, BT) (the shifted linear chunk j).
@@ -475,7 +517,9 @@ def hybrid_bwd_kv_kernel(
     ks0 = j * BT - SHIFT
     ks = ks0 + tl.arange(0, BT)
     kin = (ks >= 0) & (ks < T)
-    km = kin & (tl.load(VALID + b * T + ks, mask=kin, other=0) != 0)
+    km = kin
+    if HAS_VALID:
+        km = km & (tl.load(VALID + b * T + ks, mask=kin, other=0) != 0)
     offs_d = tl.arange(0, BD)
     md = offs_d < D
     kmask = km[:, None] & md[None, :]
@@ -539,10 +583,14 @@ def hybrid_bwd_kv_kernel(
                     dkf += tl.dot(tl.trans(dA.to(dtype)), qf, input_precision=DOT_PREC)
                 smask = mm[:, None] & md[None, :]
                 dS = tl.load(DS_LOC + ((kv64 * N + j) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
-                dS = (dS.to(tl.float32) + tl.load(DS_SEG + ((kv64 * NSEG + seg) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)).to(dtype)
+                dS = dS.to(tl.float32)
+                if HAS_SEG:
+                    dS += tl.load(DS_SEG + ((kv64 * NSEG + seg) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
+                dS = dS.to(dtype)
                 dkf += tl.dot(vv, tl.trans(dS), input_precision=DOT_PREC)
                 dz = tl.load(DZ_LOC + (kv64 * N + j) * M + offs_m, mask=mm, other=0.0)
-                dz += tl.load(DZ_SEG + (kv64 * NSEG + seg) * M + offs_m, mask=mm, other=0.0)
+                if HAS_SEG:
+                    dz += tl.load(DZ_SEG + (kv64 * NSEG + seg) * M + offs_m, mask=mm, other=0.0)
                 dkf = tl.where(km[:, None], dkf + dz[None, :], 0.0)
                 kf = tl.load(KF + (kv64 * T + ks[:, None]) * M + offs_m[None, :], mask=km[:, None] & mm[None, :], other=0.0)
                 dv += tl.dot(kf, dS, input_precision=DOT_PREC)

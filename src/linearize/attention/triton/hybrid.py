@@ -87,13 +87,16 @@ def _mode_code(mode: str, rule: str) -> int:
 class _Config:
     """Launch parameters shared by the forward and backward kernels of one call."""
 
-    def __init__(self, q, k, qf, *, scale, window, code, shift, softcap, chunk_size):
+    def __init__(self, q, k, qf, *, scale, window, code, shift, softcap, chunk_size, has_valid, wmode, wscalar):
         b, hq, t, d = q.shape
         self.b, self.hq, self.t, self.d = b, hq, t, d
         self.hkv = k.shape[1]
         self.g = hq // self.hkv
         self.m = qf.shape[-1]
         self.scale = float(scale)
+        self.has_valid = bool(has_valid)
+        self.wmode = wmode  # 0: a float (wscalar), 1: per head (Hq,), 2: per row (B, Hq, T)
+        self.wscalar = float(wscalar)
         self.window = int(window)
         self.code = code
         self.has_swa = code != 3
@@ -122,12 +125,13 @@ class _Config:
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _exclusive_prefix(tot: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """Exclusive (reverse) cumulative sum over dim 1 of segment totals (B*H, NSEG, ...)."""
-    if reverse:
-        tot = tot.flip(1)
-    out = torch.cumsum(tot, 1) - tot
-    return out.flip(1) if reverse else out
+def _segment_prefix(tot: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """In place: segment totals (B*H, NSEG, ...) -> exclusive (reverse) prefix sums over the segments."""
+    bh, nseg = tot.shape[:2]
+    e = tot[0, 0].numel()
+    block = 1024
+    K.seg_prefix_kernel[(bh, triton.cdiv(e, block))](tot, nseg, e, REVERSE=reverse, BLOCK=block, num_warps=4)
+    return tot
 
 
 def _states_fwd(kf, v, valid, cfg: _Config):
@@ -140,9 +144,12 @@ def _states_fwd(kf, v, valid, cfg: _Config):
     K.la_state_fwd_kernel[(cfg.nseg, bkv, cfg.tiles)](
         kf, v, valid, s_loc, z_loc, s_tot, z_tot,
         cfg.t, cfg.n, cfg.cps, cfg.nseg, cfg.hkv, cfg.m, cfg.d, cfg.shift,
-        BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_VALID=cfg.has_valid, BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return s_loc, _exclusive_prefix(s_tot), z_loc, _exclusive_prefix(z_tot)
+    if cfg.nseg > 1:
+        _segment_prefix(s_tot)
+        _segment_prefix(z_tot)
+    return s_loc, s_tot, z_loc, z_tot
 
 
 def _forward(q, k, v, qf, kf, wrow, valid, cfg: _Config):
@@ -165,8 +172,9 @@ def _forward(q, k, v, qf, kf, wrow, valid, cfg: _Config):
     K.hybrid_fwd_kernel[(b * hq, cfg.n)](
         q, k, v, qf, kf, valid, wrow, s_loc, s_seg, z_loc, z_seg,
         out, xs, xl, cmax, arg, den_s, den_l, amat,
-        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift,
+        cfg.scale, cfg.softcap, cfg.wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift,
         RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, WMODE=cfg.wmode,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     saved = dict(out=out, xs=xs, xl=xl, cmax=cmax, arg=arg, den_s=den_s, den_l=den_l, amat=amat,
@@ -190,8 +198,9 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, sv, cfg: _Config):
         q, k, v, qf, kf, valid, wrow, sv["s_loc"], sv["s_seg"], sv["z_loc"], sv["z_seg"],
         sv["out"], sv["xs"], sv["xl"], do, sv["cmax"], sv["arg"], sv["den_s"], sv["den_l"],
         dq, dqf, damat, coef, dw,
-        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, nrow,
+        cfg.scale, cfg.softcap, cfg.wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, nrow,
         RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, WMODE=cfg.wmode,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.has_la:
@@ -204,7 +213,10 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, sv, cfg: _Config):
             t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, nrow,
             BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        ds_seg, dz_seg = _exclusive_prefix(ds_tot, reverse=True), _exclusive_prefix(dz_tot, reverse=True)
+        if cfg.nseg > 1:
+            _segment_prefix(ds_tot, reverse=True)
+            _segment_prefix(dz_tot, reverse=True)
+        ds_seg, dz_seg = ds_tot, dz_tot
         dkf = torch.empty_like(kf)
     else:
         ds_loc = torch.empty(1, device=dev, dtype=dt)
@@ -218,11 +230,12 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, sv, cfg: _Config):
         dk, dv, dkf,
         cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, nrow,
         HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not cfg.has_swa:  # la_only reads neither q nor k
         dq = dk = None
-    if cfg.code in (2, 3):  # the weight enters only the 'hybrid' combination
+    if cfg.code in (2, 3) or cfg.wmode == 0:  # the weight enters only the 'hybrid' combination
         dw = None
     return dq, dk, dv, (dqf if cfg.has_la else None), (dkf if cfg.has_la else None), dw
 
@@ -241,7 +254,11 @@ class _HybridFn(torch.autograd.Function):
         q, k, v, qf, kf, wrow, valid, *rest = ctx.saved_tensors
         sv = dict(zip(ctx.keys, rest))
         dq, dk, dv, dqf, dkf, dw = _backward(do, q, k, v, qf, kf, wrow, valid, sv, ctx.cfg)
-        return dq, dk, dv, dqf, dkf, (dw if ctx.needs_input_grad[5] else None), None, None
+        if dw is not None and ctx.needs_input_grad[5]:
+            dw = dw.sum((0, 2)) if ctx.cfg.wmode == 1 else dw
+        else:
+            dw = None
+        return dq, dk, dv, dqf, dkf, dw, None, None
 
 
 def hybrid_attention_triton(
@@ -266,25 +283,23 @@ def hybrid_attention_triton(
     shift = int(window) if (mode == "hybrid" and placement == "complementary") else 0
     dt = q.dtype
     q, k, v, qf, kf = (x.to(dt).contiguous() for x in (q, k, v, qf, kf))
-    if valid is None:
-        valid_i8 = torch.ones(b, t, dtype=torch.int8, device=q.device)
+    has_valid = valid is not None and not bool(valid.all())
+    valid_i8 = valid.to(device=q.device, dtype=torch.int8).contiguous() if has_valid else q.new_empty(1, dtype=torch.int8)
+    wscalar = 0.0
+    if not torch.is_tensor(weight):
+        wmode, w = 0, q.new_empty(1, dtype=torch.float32)
+        wscalar = float(weight)
     else:
-        valid_i8 = valid.to(device=q.device, dtype=torch.int8).contiguous()
-    if torch.is_tensor(weight):
         w = weight.to(device=q.device, dtype=torch.float32)
+        if w.dim() == 0:
+            w = w.reshape(1).expand(hq)
         if w.dim() == 1:
-            w = w.view(1, -1, 1)
-        wrow = w.expand(b, hq, t)
-        if not wrow.requires_grad:
-            wrow = wrow.contiguous()
-    else:
-        wrow = torch.full((b, hq, t), float(weight), device=q.device, dtype=torch.float32)
-    cfg = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, softcap=softcap, chunk_size=chunk_size)
-    if wrow.requires_grad:
-        wrow_in = wrow.contiguous()  # differentiable copy: autograd sums the row gradients back onto weight
-    else:
-        wrow_in = wrow
-    return _HybridFn.apply(q, k, v, qf, kf, wrow_in, valid_i8, cfg)
+            wmode, w = 1, w.expand(hq).contiguous()
+        else:
+            wmode, w = 2, w.expand(b, hq, t).contiguous()
+    cfg = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, softcap=softcap, chunk_size=chunk_size,
+                  has_valid=has_valid, wmode=wmode, wscalar=wscalar)
+    return _HybridFn.apply(q, k, v, qf, kf, w, valid_i8, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -87,12 +87,20 @@ def la_state_fwd_kernel(
 
 
 @triton.jit
-def seg_prefix_kernel(X, NSEG, E, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """In place, over the segment axis of X (B*H, NSEG, E): X[:, s] <- sum_{s' < s} X[:, s'] (REVERSE: s' > s)."""
+def seg_prefix_kernel(X1, E1, NB1, X2, E2, NSEG, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """In place, over the segment axis of X1 (B*H, NSEG, E1) and X2 (B*H, NSEG, E2), one launch for both:
+    X[:, s] <- sum_{s' < s} X[:, s'] (REVERSE: s' > s).  Programs pid < NB1 take X1, the others X2."""
     pid_bh = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pid_e = tl.program_id(1)
+    if pid_e < NB1:
+        base = X1 + pid_bh.to(tl.int64) * NSEG * E1
+        E = E1
+        offs = pid_e * BLOCK + tl.arange(0, BLOCK)
+    else:
+        base = X2 + pid_bh.to(tl.int64) * NSEG * E2
+        E = E2
+        offs = (pid_e - NB1) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < E
-    base = X + pid_bh.to(tl.int64) * NSEG * E
     run = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, NSEG):
         if REVERSE:

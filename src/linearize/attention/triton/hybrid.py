@@ -125,13 +125,14 @@ class _Config:
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _segment_prefix(tot: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+def _segment_prefix(s_tot: torch.Tensor, z_tot: torch.Tensor, reverse: bool = False) -> None:
     """In place: segment totals (B*H, NSEG, ...) -> exclusive (reverse) prefix sums over the segments."""
-    bh, nseg = tot.shape[:2]
-    e = tot[0, 0].numel()
+    bh, nseg = s_tot.shape[:2]
+    e1, e2 = s_tot[0, 0].numel(), z_tot[0, 0].numel()
     block = 1024
-    K.seg_prefix_kernel[(bh, triton.cdiv(e, block))](tot, nseg, e, REVERSE=reverse, BLOCK=block, num_warps=4)
-    return tot
+    nb1 = triton.cdiv(e1, block)
+    K.seg_prefix_kernel[(bh, nb1 + triton.cdiv(e2, block))](
+        s_tot, e1, nb1, z_tot, e2, nseg, REVERSE=reverse, BLOCK=block, num_warps=4)
 
 
 def _states_fwd(kf, v, valid, cfg: _Config):
@@ -147,8 +148,7 @@ def _states_fwd(kf, v, valid, cfg: _Config):
         HAS_VALID=cfg.has_valid, BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.nseg > 1:
-        _segment_prefix(s_tot)
-        _segment_prefix(z_tot)
+        _segment_prefix(s_tot, z_tot)
     return s_loc, s_tot, z_loc, z_tot
 
 
@@ -214,8 +214,7 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, sv, cfg: _Config):
             BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if cfg.nseg > 1:
-            _segment_prefix(ds_tot, reverse=True)
-            _segment_prefix(dz_tot, reverse=True)
+            _segment_prefix(ds_tot, dz_tot, reverse=True)
         ds_seg, dz_seg = ds_tot, dz_tot
         dkf = torch.empty_like(kf)
     else:

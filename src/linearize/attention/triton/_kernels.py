@@ -313,7 +313,7 @@ def hybrid_bwd_q_kernel(
     row = bh64 * T + offs_t
     seg = pid_t // CPS
 
-    do = tl.load(DO + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
+    do = tl.load(DO + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0)  # input dtype
     den_s = tl.load(DEN_S + row, mask=tm, other=0.0)
     den_l = tl.load(DEN_L + row, mask=tm, other=0.0)
     if WMODE == 0:
@@ -328,8 +328,8 @@ def hybrid_bwd_q_kernel(
     if RULE == 0:
         out = tl.load(OUT + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
         xs = tl.load(XS + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
-        P = tl.sum(do * out, 1)
-        Qs = tl.sum(do * xs, 1)
+        P = tl.sum(do.to(tl.float32) * out, 1)
+        Qs = tl.sum(do.to(tl.float32) * xs, 1)
         den = wrow * den_s + den_l
         inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
         alpha = wrow * inv
@@ -341,8 +341,8 @@ def hybrid_bwd_q_kernel(
     elif RULE == 1:
         xs = tl.load(XS + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
         xl = tl.load(XL + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
-        Qs = tl.sum(do * xs, 1)
-        Ql = tl.sum(do * xl, 1)
+        Qs = tl.sum(do.to(tl.float32) * xs, 1)
+        Ql = tl.sum(do.to(tl.float32) * xl, 1)
         gp = tl.where(den_l == 0.0, 1.0, wrow)
         alpha = gp * inv_s
         beta = -alpha * Qs
@@ -352,7 +352,7 @@ def hybrid_bwd_q_kernel(
         dc = zero
     elif RULE == 2:
         out = tl.load(OUT + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
-        P = tl.sum(do * out, 1)
+        P = tl.sum(do.to(tl.float32) * out, 1)
         alpha = inv_s
         beta = -alpha * P
         delta = zero
@@ -361,7 +361,7 @@ def hybrid_bwd_q_kernel(
         dc = zero
     else:
         out = tl.load(OUT + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
-        P = tl.sum(do * out, 1)
+        P = tl.sum(do.to(tl.float32) * out, 1)
         alpha = zero
         beta = zero
         delta = inv_l
@@ -380,7 +380,7 @@ def hybrid_bwd_q_kernel(
         q = tl.load(Q + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0)
         c = tl.load(CMAX + row, mask=tm, other=0.0)
         arg = tl.load(ARG + row, mask=tm, other=-1)
-        doa = (do * alpha[:, None]).to(dtype)
+        doa = (do.to(tl.float32) * alpha[:, None]).to(dtype)
         lo = tl.maximum(t0 - W + 1, 0)
         hi = tl.minimum(t0 + BT, T)
         for k0 in range(lo, hi, BT):
@@ -410,7 +410,7 @@ def hybrid_bwd_q_kernel(
         if HAS_VALID:
             km = km & (tl.load(VALID + b * T + ks, mask=km, other=0) != 0)
         vl = tl.load(V + (kv64 * T + ks[:, None]) * D + offs_d[None, :], mask=km[:, None] & md[None, :], other=0.0)
-        dod = (do * delta[:, None]).to(dtype)
+        dod = (do.to(tl.float32) * delta[:, None]).to(dtype)
         dA = tl.dot(dod, tl.trans(vl), input_precision=DOT_PREC) + eps[:, None]
         causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
         dA = tl.where(causal & km[None, :], dA, 0.0)

@@ -260,6 +260,9 @@ class Trainer:
                 "stage": self.spec.name, "step": step, "params": self.param_state(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "result": self.result.to_dict(), "evals_since_best": self.evals_since_best, "world": self.world,
+                # the data position follows from the step: epoch = step // steps_per_epoch, rows from epoch_order()
+                "data_position": {"epoch": step // self.spec.steps_per_epoch(len(self.data)),
+                                  "row": (step % self.spec.steps_per_epoch(len(self.data))) * self.spec.rows_per_step},
             }, self.ckpt_dir / CHECKPOINT)
         self.acc.wait_for_everyone()
 

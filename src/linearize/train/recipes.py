@@ -121,7 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "data": {"sources": ["alpaca_demo", "dolly"], "seq_len": 256, "train_tokens": 16_384, "val_tokens": 1_024},
         "stage1": {"batch_size": 1, "grad_accum": 1, "epochs": 1, "max_steps": 16, "checkpoint_every": 8,
-                   "query_block": 128},
+                   "query_block": 256},
         "stage2": {"batch_size": 1, "grad_accum": 1, "epochs": 1, "max_steps": 16, "checkpoint_every": 8,
                    "loss_chunk": 256, "early_stopping": {"eval_every": 8, "patience": 2}},
         "eval": {"max_val_rows": 4, "batch_size": 4},

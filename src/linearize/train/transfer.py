@@ -66,17 +66,14 @@ def teacher_attention(q, k, v, *, scale: float, window: int | None = None, valid
 def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps):
     t1 = t0 + qg.shape[3]
     mask = _key_mask(t0, t1, t1, window, valid, qg.device)  # (B|1, 1, 1, C, S)
-    la_mask = _key_mask(t0, t1, t1, None, valid, qg.device)  # the student (la_only) sees all past keys
+    la_mask = mask if window is None else _key_mask(t0, t1, t1, None, valid, qg.device)  # student: all past keys
     with torch.no_grad():
         logits = torch.einsum("bhgcd,bhsd->bhgcs", qg.float(), k[:, :, :t1].float()) * scale
-        logp = torch.log_softmax(logits.masked_fill(~mask, _NEG), dim=-1)
-        p = torch.where(mask, logp.exp(), torch.zeros_like(logp))
-        logp = torch.where(mask, logp, torch.zeros_like(logp))
-    bts = torch.einsum("bhgcm,bhsm->bhgcs", qfg.float(), kf[:, :, :t1].float())
-    bts = torch.where(la_mask, bts, torch.zeros_like(bts))
+        logp = torch.log_softmax(logits.masked_fill_(~mask, _NEG), dim=-1)
+        p = logp.exp()  # exactly 0 outside the teacher's keys
+    bts = torch.einsum("bhgcm,bhsm->bhgcs", qfg.float(), kf[:, :, :t1].float()).masked_fill(~la_mask, 0.0)
     logq = torch.log(bts.clamp_min(eps)) - torch.log(bts.sum(-1, keepdim=True).clamp_min(eps))
-    logq = torch.where(mask, logq, torch.zeros_like(logq))
-    return (p * (logp - logq)).sum(-1)  # (B, Hkv, G, C)
+    return (p * (logp - logq)).sum(-1)  # (B, Hkv, G, C); p = 0 where masked, logq finite (clamped)
 
 
 def attention_weights_kl(q, k, qf, kf, *, scale: float, window: int | None = None, valid: torch.Tensor | None = None,
@@ -89,7 +86,8 @@ def attention_weights_kl(q, k, qf, kf, *, scale: float, window: int | None = Non
     for t0 in range(0, t, block):
         t1 = min(t0 + block, t)
         args = (qg[:, :, :, t0:t1], qfg[:, :, :, t0:t1], k, kf, scale, window, valid, t0, eps)
-        if torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad):
+        # several blocks: recompute each in the backward pass, so only one block's (C x T) tensors live at once
+        if t > block and torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad):
             kls.append(checkpoint(_block_kl, *args, use_reentrant=False))
         else:
             kls.append(_block_kl(*args))

@@ -72,15 +72,23 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(6 * max(len(stages), 1), 4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         steps = [r for r in records if r.get("stage") == stage and "loss" in r]
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", lw=1)
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", lw=1, color="black")
         evals = [r for r in records if r.get("stage") == stage and r.get("event") == "eval"]
+        # stage 1 trains a transfer loss; its validation is the LM loss, on a second axis
+        vax = ax.twinx() if stage == "stage1" else ax
         for mode in sorted({m for r in evals for m in r["val"]}):
             pts = [(r["step"], r["val"][mode]) for r in evals if mode in r["val"]]
-            ax.plot(*zip(*pts), marker="o", lw=1, label=f"val {mode}")
+            vax.plot(*zip(*pts), marker="o", lw=1, label=f"val LM loss, {mode}")
         ax.set_title({"stage1": "stage 1: attention transfer", "stage2": "stage 2: LoRA fine-tuning"}[stage])
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.legend(fontsize=8)
+        ax.set_ylabel("transfer loss" if stage == "stage1" else "LM loss")
+        if vax is not ax:
+            vax.set_ylabel("validation LM loss")
+        handles = ax.get_legend_handles_labels()
+        if vax is not ax:
+            extra = vax.get_legend_handles_labels()
+            handles = (handles[0] + extra[0], handles[1] + extra[1])
+        ax.legend(*handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

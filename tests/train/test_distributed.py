@@ -11,8 +11,17 @@ from safetensors.torch import load_file
 from linearize.train import run_recipe
 from lz_train_helpers import random_data, tiny_llama, tiny_recipe
 
-SETS = tiny_recipe(**{"stage1.max_steps": 3, "stage2.max_steps": 3, "stage2.ssd.granularity": "sample",
-                      "eval.batch_size": 1})
+import pytest
+
+CONFIGS = {
+    # batch 2 split over 2 processes; per-sample SSD draws
+    "split_batch": tiny_recipe(**{"stage1.max_steps": 3, "stage2.max_steps": 3, "stage2.ssd.granularity": "sample",
+                                  "eval.batch_size": 1}),
+    # LoLCATs shape: batch 1 x accumulation 2 -> one micro-batch per process
+    "split_accum": tiny_recipe(**{"stage1.max_steps": 3, "stage2.max_steps": 3, "stage1.batch_size": 1,
+                                  "stage1.grad_accum": 2, "stage2.batch_size": 1, "stage2.grad_accum": 2,
+                                  "eval.batch_size": 1}),
+}
 
 
 def _free_port() -> int:
@@ -21,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, sets: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -31,7 +40,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world and acc.process_index == rank
-    run_recipe(tiny_llama(), "ssd", out, overrides=SETS, data=random_data(), accelerator=acc)
+    run_recipe(tiny_llama(), "ssd", out, overrides=sets, data=random_data(), accelerator=acc)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -41,11 +50,12 @@ def _losses(out):
     return [(r["stage"], r["step"], r["loss"]) for r in records if "loss" in r]
 
 
-def test_two_gloo_processes_match_one(tmp_path):
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_two_gloo_processes_match_one(tmp_path, config):
     single = tmp_path / "single"
-    one = run_recipe(tiny_llama(), "ssd", single, overrides=SETS, data=random_data())
+    one = run_recipe(tiny_llama(), "ssd", single, overrides=CONFIGS[config], data=random_data())
     double = tmp_path / "double"
-    mp.spawn(_worker, args=(2, _free_port(), str(double)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(double), CONFIGS[config]), nprocs=2, join=True)
     a, b = _losses(single), _losses(double)
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 6
     for (_, _, la), (_, _, lb) in zip(a, b):

@@ -85,8 +85,11 @@ def finetune_loss_fn(model, *, chunk: int, ssd: SSDSchedule | None = None):
         info = {}
         if ssd is not None:
             p = ssd.probability(ctx["step"], ctx["total_steps"], ctx["epoch"])
-            drops = ssd.draw(p, ctx["step"], len(modules), len(ctx["global_rows"]), ctx["micro"])
-            set_drops(modules, drops, ssd.granularity, ctx["row_slice"])
+            # one draw per optimizer step (per layer, or per row of the step), the same in every micro-batch
+            drops = ssd.draw(p, ctx["step"], len(modules), ctx["rows_per_step"])
+            if ssd.granularity == "sample":
+                drops = drops[ctx["positions"]]
+            set_drops(modules, drops, ssd.granularity)
             info = {"ssd_p": p, "swa_dropped": dropped_fraction(drops)}
         try:
             loss = lm_loss(model, batch, chunk=chunk)

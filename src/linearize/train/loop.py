@@ -210,7 +210,8 @@ class Trainer:
     """One stage of training.
 
     `loss_fn(rows, ctx)` gets this process's token rows (LongTensor (b, T)) and a context dict
-    (step, micro, epoch, total_steps, global_rows, row_slice) and returns (loss, info): `loss` is the mean
+    (step, micro, epoch, total_steps, rows: global row ids, positions: the rows' positions among the step's
+    rows_per_step rows) and returns (loss, info): `loss` is the mean
     over the local rows (a scalar tensor), `info` a dict of floats to log. `eval_fn(step)` returns
     {name: float} validation losses. `before_step(ctx)` runs before each micro-batch (SSD draws).
     """
@@ -229,9 +230,9 @@ class Trainer:
         self.counter = counter or StepCounter()
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
-        if spec.batch_size % self.world:
-            raise LinearizeError(f"{spec.name}.batch_size={spec.batch_size} must be a multiple of the number of "
-                                 f"processes ({self.world}); each process takes an equal share of every micro-batch")
+        if spec.rows_per_step % self.world:
+            raise LinearizeError(f"{spec.name}: batch_size x grad_accum = {spec.rows_per_step} rows per step must be a "
+                                 f"multiple of the number of processes ({self.world}); each takes an equal share")
         plist = list(params.values())
         self.optimizer = torch.optim.AdamW(plist, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
         self.total = spec.total_steps(len(data))
@@ -314,26 +315,44 @@ class Trainer:
             f"{self.spec.name} step {step + 1}: {what} is {value}; training stopped ({where}; "
             f"resume with --resume after lowering {self.spec.name}.lr, currently {self.spec.lr:g})")
 
+    def local_micro_batches(self, step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This process's micro-batches of optimizer step `step`: (global row ids, positions in the step).
+
+        The step's ``batch_size * grad_accum`` rows (in the global order) are cut into `world` contiguous
+        shares; a process splits its share into micro-batches of ``max(1, batch_size // world)`` rows.
+        """
+        spec = self.spec
+        rows, epoch = [], 0
+        for micro in range(spec.grad_accum):
+            r, epoch = batch_rows(spec, len(self.data), step, micro)
+            rows.append(r)
+        rows = torch.cat(rows)
+        share = len(rows) // self.world
+        positions = torch.arange(self.rank * share, (self.rank + 1) * share)
+        size = max(1, spec.batch_size // self.world)
+        return [(rows[positions[i:i + size]], positions[i:i + size]) for i in range(0, share, size)], epoch
+
     def train_step(self, step: int) -> tuple[float, dict]:
         spec = self.spec
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses, infos = [], {}
-        epoch = 0
-        for micro in range(spec.grad_accum):
-            rows, epoch = batch_rows(spec, len(self.data), step, micro)
-            local = slice(self.rank * (spec.batch_size // self.world), (self.rank + 1) * (spec.batch_size // self.world))
-            ctx = {"step": step, "micro": micro, "epoch": epoch, "total_steps": self.total, "global_rows": rows,
-                   "row_slice": local}
-            batch = self.data[rows[local]].to(self.acc.device)
+        micro_batches, epoch = self.local_micro_batches(step)
+        share = sum(len(p) for _, p in micro_batches)
+        for micro, (rows, positions) in enumerate(micro_batches):
+            ctx = {"step": step, "micro": micro, "epoch": epoch, "total_steps": self.total, "rows": rows,
+                   "positions": positions, "rows_per_step": spec.rows_per_step}
+            batch = self.data[rows].to(self.acc.device)
             with self.acc.autocast():
                 loss, info = self.loss_fn(batch, ctx)
-            (loss / spec.grad_accum).backward()
-            losses.append(float(loss.detach()))
+            # each micro loss is a mean over its rows: weight by its share of this process's rows, so the
+            # gradient (averaged over processes) is that of the mean over the step's rows
+            (loss * (len(rows) / share)).backward()
+            losses.append(float(loss.detach()) * len(rows) / share)
             for k, v in (info or {}).items():
                 infos.setdefault(k, []).append(float(v))
         self._all_reduce_grads()
-        loss = self._mean_across(sum(losses) / len(losses))
+        loss = self._mean_across(sum(losses))
         if not math.isfinite(loss):
             raise self._diverged(step, "the loss", loss)
         plist = list(self.params.values())

@@ -9,9 +9,9 @@ instead of `hybrid` -- with a probability p that follows a schedule:
 
 Granularity of the Bernoulli draws:
 
-- ``step``: one draw per optimizer step, shared by all layers and rows (the default);
-- ``layer``: one draw per layer per step;
-- ``sample``: one draw per batch row (global row index) per step, shared by all layers.
+- ``step``: one draw per optimizer step, shared by all layers, rows and micro-batches (the default);
+- ``layer``: one draw per layer per optimizer step;
+- ``sample``: one draw per row of the optimizer step's global batch, shared by all layers.
 
 Draws come from a generator seeded by ``(seed, step)`` only, so they are identical across processes,
 across runs with the same seed, and after ``--resume`` -- no random state to carry. The draws are set on
@@ -85,15 +85,15 @@ class SSDSchedule:
                    granularity=ssd["granularity"], seed=seed)
 
 
-def set_drops(modules, drops: torch.Tensor, granularity: str, row_slice: slice | None = None) -> None:
-    """Write the draws onto the layers' `drop_swa` (rows: this process's slice of the global batch)."""
+def set_drops(modules, drops: torch.Tensor, granularity: str) -> None:
+    """Write the draws onto the layers' `drop_swa` (sample: one entry per row of the micro-batch)."""
     for i, module in enumerate(modules):
         if granularity == "step":
             module.drop_swa = bool(drops[0])
         elif granularity == "layer":
             module.drop_swa = bool(drops[i])
         else:
-            module.drop_swa = drops[row_slice] if row_slice is not None else drops
+            module.drop_swa = drops
 
 
 def clear_drops(modules) -> None:

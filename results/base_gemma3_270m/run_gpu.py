@@ -8,6 +8,7 @@ is done (so a run cut short keeps what finished), then eval.json + eval.md with 
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,15 +24,16 @@ model_path, out = sys.argv[1], Path(sys.argv[2])
 dtype = sys.argv[3] if len(sys.argv) > 3 else "bfloat16"
 batch = int(sys.argv[4]) if len(sys.argv) > 4 else 64
 tasks = sys.argv[5].split(",") if len(sys.argv) > 5 else ["piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "mmlu"]
+limit = int(os.environ["LIMIT"]) if os.environ.get("LIMIT") else None  # smoke runs only
 out.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
-model, tok = linearize.load_base(model_path, dtype=getattr(torch, dtype), device="cuda")
+model, tok = linearize.load_base(model_path, dtype=getattr(torch, dtype), device=os.environ.get("DEVICE", "cuda"))
 load_s = time.perf_counter() - t0
 print(f"loaded in {load_s:.0f} s", flush=True)
 reports, seconds = [], {}
 for task in tasks:
     t = time.perf_counter()
-    rep = evaluate(model, tok, [task], batch_size=batch, seed=1234, bootstrap=1000)
+    rep = evaluate(model, tok, [task], limit=limit, batch_size=batch, seed=1234, bootstrap=1000)
     seconds[task] = time.perf_counter() - t
     reports.append(rep)
     e = rep[task]
@@ -40,7 +42,7 @@ for task in tasks:
     (out / f"{task}.json").write_text(json.dumps(rep, indent=1))
 merged = _merge(reports)
 meta = run_metadata(model_info={"model": "gemma3-270m (Q4_K_M GGUF, dequantized)", "kind": "base", "base": "gemma3-270m"},
-                    data_dir=default_data_dir(), device="cuda", seed=1234, tasks=tasks, limit=None, batch_size=batch,
+                    data_dir=default_data_dir(), device=str(model.device), seed=1234, tasks=tasks, limit=limit, batch_size=batch,
                     dtype=dtype, load_seconds=load_s, eval_seconds=seconds, wall_seconds=time.perf_counter() - t0,
                     argv=["python3", *sys.argv])
 record = {"meta": meta, "runs": {"base": merged}}

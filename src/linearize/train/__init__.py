@@ -45,6 +45,9 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise LinearizeError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if overwrite:
+            resolved = out.resolve()
+            if resolved in (Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()):
+                raise LinearizeError(f"refusing to --overwrite {out}: choose a dedicated output directory")
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif not resume:

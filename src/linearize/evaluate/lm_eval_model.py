@@ -15,9 +15,14 @@
   is imported; ``python -m linearize.evaluate.lm_eval_model <lm_eval arguments>`` does that and
   then runs lm-eval's own CLI, e.g.::
 
+      TASKS=$(python -c 'from linearize.evaluate.tasks import build_task_dir
+      from linearize.evaluate.harness import default_data_dir; print(build_task_dir(default_data_dir()))')
       python -m linearize.evaluate.lm_eval_model --model linearize \\
-          --model_args pretrained=runs/ssd,components=la_only --tasks lz_piqa \\
-          --include_path "$(python -c 'from linearize.evaluate.tasks import build_task_dir; print(build_task_dir())')"
+          --model_args pretrained=runs/ssd,components=la_only --device cpu \\
+          --tasks lz_piqa --include_path "$TASKS"
+
+  (put the device in ``--device``, not in ``--model_args``: lm-eval passes both and Python refuses the
+  duplicate keyword). ``--include_path`` points lm-eval at our offline ``lz_*`` task configs.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def compiled_report():
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--lengths", default="32768")
+    p.add_argument("--lengths", default="2048,32768")
     p.add_argument("--configs", default="gemma3-270m,llama")
     a = p.parse_args()
     for cname in a.configs.split(","):
@@ -48,6 +48,18 @@ def main():
 
             step()
             torch.cuda.synchronize()
+            import time
+
+            for label, fn in (("forward", lambda: hybrid_attention_triton(q, k, v, qf, kf, scale=cfg["d"] ** -0.5, window=64, weight=w)),
+                              ("forward+backward", step)):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    fn()
+                t_issue = (time.perf_counter() - t0) / 10
+                torch.cuda.synchronize()
+                t_all = (time.perf_counter() - t0) / 10
+                print(f"{cname} T={t} {label}: host issue {t_issue * 1e6:.0f} us/call, issue+finish {t_all * 1e6:.0f} us/call")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     step()

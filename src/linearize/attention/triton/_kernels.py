@@ -132,7 +132,9 @@ def hybrid_fwd_kernel(
         num_s, den_s, c, argmax  by an online softmax over the window key blocks
         shared_norm: out = (g num_s + num_l) / (g den_s + den_l)
         mix:         out = g' num_s/den_s + (1 - g') num_l/den_l,  g' = 1 where den_l == 0
-    Also stores, per row, c, argmax, den_s, den_l, and XS = num_s/den_s (shared_norm, mix), XL = num_l/den_l (mix).
+    Also stores, per row, c, argmax, den_s, den_l; and for backward XS = o_s - out (shared_norm) or o_s (mix),
+    XL = o_l - o_s (mix), with o_s = num_s/den_s, o_l = num_l/den_l: differences are formed in fp32 before rounding,
+    so the weight gradient (a difference of nearly equal dot products) keeps its precision in bf16.
     Grid: (B*HQ, N).
     """
     pid_bh = tl.program_id(0)
@@ -223,11 +225,14 @@ def hybrid_fwd_kernel(
         wrow = tl.load(WROW + row, mask=tm, other=0.0)
     xs_ptr = XS + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :]
     om = tm[:, None] & md[None, :]
+    out_ptr = OUT + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :]
     if RULE == 0:
+        # accumulate out - o_s = (num_l - den_l o_s) / D, so that XS = o_s - out keeps full precision for backward
         den = wrow * den_s + den_l
         inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
-        tl.store(xs_ptr, (acc * inv_s[:, None]).to(XS.dtype.element_ty), mask=om)
-        acc = acc * (wrow * inv)[:, None]
+        o_s = acc * inv_s[:, None]
+        tl.store(out_ptr, o_s.to(OUT.dtype.element_ty), mask=om)  # parked in OUT until the end
+        acc = o_s * (-den_l * inv)[:, None]
         bcoef = inv
     elif RULE == 1:
         o_s = acc * inv_s[:, None]
@@ -255,12 +260,16 @@ def hybrid_fwd_kernel(
                 st += tl.load(S_SEG + ((kv64 * NSEG + seg) * M + offs_m[:, None]) * D + offs_d[None, :], mask=smask, other=0.0)
             acc += tl.dot(qfb, st.to(dtype), input_precision=DOT_PREC)
 
+    if RULE == 0:
+        tl.store(xs_ptr, (-acc).to(XS.dtype.element_ty), mask=om)  # o_s - out
+        tl.debug_barrier()
+        acc = acc + tl.load(out_ptr, mask=om, other=0.0).to(tl.float32)
     if RULE == 1:
-        tl.store(XL + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], acc.to(XL.dtype.element_ty), mask=om)
+        tl.store(XL + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], (acc - o_s).to(XL.dtype.element_ty), mask=om)
         gp = tl.where(den_l == 0.0, 1.0, wrow)
         acc = gp[:, None] * o_s + (1.0 - gp)[:, None] * acc
 
-    tl.store(OUT + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=om)
+    tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=om)
     tl.store(CMAX + row, c, mask=tm)
     tl.store(ARG + row, arg, mask=tm)
     tl.store(DEN_S + row, den_s, mask=tm)
@@ -286,6 +295,7 @@ def hybrid_bwd_q_kernel(
         d num_s = alpha do,  d den_s = beta,  d num_l = delta do,  d den_l = eps,  d c = dc,  d weight = dw
       shared_norm (D = g den_s + den_l, P = do.out, Qs = do.num_s/den_s):
         alpha = g/D, delta = 1/D, beta = -alpha P, eps = -delta P, dw = den_s (Qs - P)/D, dc = -g dw
+        (Qs - P = do.XS, read from the fp32-formed difference)
         (the output depends on the window max c through exp(l - c); dc flows to the argmax logit)
       mix (g' = g, or 1 where den_l == 0; Ql = do.num_l/den_l):
         alpha = g'/den_s, beta = -alpha Qs, delta = (1-g')/den_l, eps = -delta Ql, dw = Qs - Ql (0 where den_l == 0)
@@ -329,26 +339,27 @@ def hybrid_bwd_q_kernel(
         out = tl.load(OUT + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
         xs = tl.load(XS + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
         P = tl.sum(do.to(tl.float32) * out, 1)
-        Qs = tl.sum(do.to(tl.float32) * xs, 1)
+        Qd = tl.sum(do.to(tl.float32) * xs, 1)  # do . (o_s - out), stored as a difference for precision
         den = wrow * den_s + den_l
         inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
         alpha = wrow * inv
         delta = inv
         beta = -alpha * P
         eps = -delta * P
-        dw = den_s * (Qs - P) * inv
+        dw = den_s * Qd * inv
         dc = -wrow * dw
     elif RULE == 1:
         xs = tl.load(XS + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
         xl = tl.load(XL + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)
         Qs = tl.sum(do.to(tl.float32) * xs, 1)
-        Ql = tl.sum(do.to(tl.float32) * xl, 1)
+        Qd = tl.sum(do.to(tl.float32) * xl, 1)  # do . (o_l - o_s)
+        Ql = Qs + Qd
         gp = tl.where(den_l == 0.0, 1.0, wrow)
         alpha = gp * inv_s
         beta = -alpha * Qs
         delta = (1.0 - gp) * inv_l
         eps = -delta * Ql
-        dw = tl.where(den_l == 0.0, 0.0, Qs - Ql)
+        dw = tl.where(den_l == 0.0, 0.0, -Qd)
         dc = zero
     elif RULE == 2:
         out = tl.load(OUT + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0).to(tl.float32)

@@ -129,33 +129,57 @@ _FLEX = {}
 
 
 def _flex():
+    """flex_attention compiled once with dynamic shapes (one compile per head config, not per length)."""
     if "fn" not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX["fn"] = torch.compile(flex_attention)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
     return _FLEX["fn"]
 
 
-def _window_mask(t, window):
-    from torch.nn.attention.flex_attention import create_block_mask
+def _window_mask(t, window, block=128):
+    """Sliding-window BlockMask built from its block lists directly (no T x T mask evaluation, no compile):
+    query block i needs key blocks i - ceil((w-1)/block) .. i, all partial."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     key = (t, window)
     if key not in _FLEX:
         def sliding(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
-        _FLEX[key] = create_block_mask(sliding, B=None, H=None, Q_LEN=t, KV_LEN=t, device="cuda")
+        nb = -(-t // block)
+        back = -(-(window - 1) // block)
+        i = torch.arange(nb, device="cuda", dtype=torch.int32)[:, None]
+        j = torch.arange(back + 1, device="cuda", dtype=torch.int32)[None, :]
+        idx = i - back + j  # (nb, back + 1), ascending, may start below 0
+        num = (idx >= 0).sum(1).to(torch.int32)
+        idx = torch.sort(torch.where(idx >= 0, idx, torch.full_like(idx, nb)), dim=1).values  # valid first
+        idx = torch.where(idx >= nb, torch.zeros_like(idx), idx)
+        kv_indices = torch.zeros(1, 1, nb, nb, device="cuda", dtype=torch.int32)
+        kv_indices[0, 0, :, : back + 1] = idx
+        _FLEX[key] = BlockMask.from_kv_blocks(num[None, None], kv_indices, BLOCK_SIZE=block, mask_mod=sliding,
+                                              seq_lengths=(t, t))
     return _FLEX[key]
 
 
+def _window_fn(window, scale):
+    """The window branch of the baselines: compiled FlexAttention, or (if it fails here) our Triton swa_only."""
+    def flex_fn(q, k, v):
+        return _flex()(q, k, v, block_mask=_window_mask(q.shape[2], window), scale=scale, enable_gqa=True)
+
+    def triton_fn(q, k, v):
+        from linearize.attention.triton import hybrid_attention_triton
+
+        return hybrid_attention_triton(q, k, v, q, k, scale=scale, window=window, mode="swa_only")
+
+    return triton_fn if _FLEX.get("broken") else flex_fn
+
+
 def impl_swa(cfg, t, window, scale):
-    mask = _window_mask(t, window)
-    flex = _flex()
-
-    def fn(q, k, v, qf, kf):
-        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-
-    return Impl("swa", fn, (0, 1, 2))
+    fn = _window_fn(window, scale)
+    impl = Impl("swa", lambda q, k, v, qf, kf: fn(q, k, v), (0, 1, 2))
+    impl.window_impl = "triton_swa_only" if _FLEX.get("broken") else "flex_attention"
+    return impl
 
 
 def impl_chunked(cfg, t, window, scale, weight):
@@ -197,14 +221,13 @@ def _trim_fla_autotune(max_configs: int = 4) -> int:
 
 
 def impl_fla_swa(cfg, t, window, scale, weight_g):
-    """fla chunked linear attention (normalised, keys s <= t) + FlexAttention window, 'mix' rule combination.
+    """fla chunked linear attention (normalised, keys s <= t) + the window branch, 'mix' rule combination.
 
     fla takes (B, T, H, K) with as many key heads as query heads: inputs are laid out and expanded outside the timed
     region (favouring fla)."""
     from fla.ops.linear_attn import chunk_linear_attn
 
-    mask = _window_mask(t, window)
-    flex = _flex()
+    window_fn = _window_fn(window, scale)
     g = cfg["hq"] // cfg["hkv"]
 
     def prep(q, k, v, qf, kf):
@@ -213,11 +236,12 @@ def impl_fla_swa(cfg, t, window, scale, weight_g):
 
     def fn(q, k, v, qf_t, kf_t, v_t):
         o_l, _ = chunk_linear_attn(qf_t, kf_t, v_t, scale=1.0, normalize=True)
-        o_s = flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+        o_s = window_fn(q, k, v)
         return weight_g * o_s + (1 - weight_g) * o_l.transpose(1, 2)
 
     impl = Impl("fla_swa", fn, (0, 1, 2, 3, 4, 5))
     impl.prep = prep
+    impl.window_impl = "triton_swa_only" if _FLEX.get("broken") else "flex_attention"
     return impl
 
 
@@ -276,8 +300,9 @@ def bench_layer(impl: Impl, inputs, *, budget_s: float):
     return fwd_ms, fb_ms, peak
 
 
-def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=print, max_chunked_t=65536):
-    rows = []
+def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=print, max_chunked_t=65536, rows=None,
+                    on_row=None):
+    rows = [] if rows is None else rows
     weight = None
     for cname in configs:
         cfg = HEAD_CONFIGS[cname]
@@ -310,7 +335,17 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                     else:
                         raise ValueError(name)
                     t0 = time.perf_counter()
-                    fwd_ms, fb_ms, peak = bench_layer(impl, inputs, budget_s=budget_s)
+                    try:
+                        fwd_ms, fb_ms, peak = bench_layer(impl, inputs, budget_s=budget_s)
+                    except Exception as exc:
+                        if name not in ("swa", "fla_swa") or _FLEX.get("broken") or isinstance(exc, torch.cuda.OutOfMemoryError):
+                            raise
+                        _FLEX["broken"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        log(f"FlexAttention failed ({_FLEX['broken'][:120]}); window baselines use Triton swa_only")
+                        impl = impl_swa(cfg, t, window, scale) if name == "swa" else impl_fla_swa(cfg, t, window, scale, 0.5)
+                        fwd_ms, fb_ms, peak = bench_layer(impl, inputs, budget_s=budget_s)
+                    if hasattr(impl, "window_impl"):
+                        row["window_impl"] = impl.window_impl
                     flops = useful_flops(name, cfg, t, window)
                     row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, peak_mib=peak,
                                fwd_tflops=flops / (fwd_ms * 1e-3) / 1e12, fwd_bwd_tflops=3 * flops / (fb_ms * 1e-3) / 1e12,
@@ -327,6 +362,8 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                 finally:
                     _free()
                 rows.append(row)
+                if on_row:
+                    on_row()
             del inputs
             _free()
     return rows
@@ -628,7 +665,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-peak", action="store_true")
-    p.add_argument("--fla-configs", type=int, default=4, help="autotune configs kept per fla kernel (0: all)")
+    p.add_argument("--fla-configs", type=int, default=1, help="autotune configs kept per fla kernel (0: all)")
     p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
 
 
@@ -661,8 +698,12 @@ def run(args: argparse.Namespace, argv=None) -> dict:
             impls.remove("fla_swa")
     if not args.skip_layer:
         lengths = [int(x) for x in args.lengths.split(",") if x]
-        res["layer"] = run_layer_bench(lengths, [c for c in args.configs.split(",") if c], impls, window=args.window,
-                                       budget_s=args.budget, log=lambda s: print(s, flush=True), max_chunked_t=args.max_chunked_t)
+        res["layer"] = []
+        run_layer_bench(lengths, [c for c in args.configs.split(",") if c], impls, window=args.window,
+                        budget_s=args.budget, log=lambda s: print(s, flush=True), max_chunked_t=args.max_chunked_t,
+                        rows=res["layer"], on_row=save)
+        if _FLEX.get("broken"):
+            res["flex_attention_error"] = _FLEX["broken"]
         res["layer_ratios"] = layer_ratios(res["layer"])
         save()
     if not args.skip_decode:

@@ -115,7 +115,7 @@ class _Config:
         tiles = triton.cdiv(self.m, self.bm) * triton.cdiv(d, self.sbd)
         cps = TUNING["chunks_per_segment"]
         if cps is None:
-            target = max(1, math.ceil(4 * _num_sms(q.device) / max(1, b * self.hkv * tiles)))
+            target = max(1, math.ceil(2 * _num_sms(q.device) / max(1, b * self.hkv * tiles)))
             cps = max(1, math.ceil(self.n / target))
         self.cps = int(cps)
         self.nseg = triton.cdiv(self.n, self.cps)
@@ -129,7 +129,7 @@ def _segment_prefix(s_tot: torch.Tensor, z_tot: torch.Tensor, reverse: bool = Fa
     """In place: segment totals (B*H, NSEG, ...) -> exclusive (reverse) prefix sums over the segments."""
     bh, nseg = s_tot.shape[:2]
     e1, e2 = s_tot[0, 0].numel(), z_tot[0, 0].numel()
-    block = 1024
+    block = 256
     nb1 = triton.cdiv(e1, block)
     K.seg_prefix_kernel[(bh, nb1 + triton.cdiv(e2, block))](
         s_tot, e1, nb1, z_tot, e2, nseg, REVERSE=reverse, BLOCK=block, num_warps=4)

@@ -91,3 +91,31 @@ def test_la_only_with_empty_la_equals_none(tokenizer):
             assert rec["runs"]["la_only"][task][metric] == rec["runs"]["none"][task][metric]
             assert rec["runs"]["hybrid"][task][metric] == rec["runs"]["swa_only"][task][metric]
     assert math.isnan(rec["table"]["la_only"]["recovery"]["average"] or math.nan)
+
+
+@pytest.mark.skipif(DATA is None, reason="benchmark data directory not found")
+def test_diagnose_cli_all_parts(tokenizer, tmp_path, capsys):
+    """`linearize diagnose BASE_DIR`: base run, untrained conversion, five modes, probes and attribution."""
+    from linearize.cli import main
+
+    model_dir = tmp_path / "base"
+    tiny_llama(tokenizer, max_pos=512).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    rc = main(["diagnose", str(model_dir), "--tasks", "piqa", "--limit", "3", "--no-check", "--window", "8",
+               "--bootstrap", "10", "--device", "cpu", "--what", "benchmarks,probes,attribution",
+               "--attr-seqs", "1", "--attr-len", "64", "--docs", "1", "--doc-len", "96", "--contexts", "96",
+               "--trials", "1", "--out", str(out)])
+    assert rc == 0
+    diag = json.loads((out / "diagnose.json").read_text())
+    assert list(diag["runs"]) == ["base", "hybrid", "swa_only", "la_only", "sinks_only", "none"]
+    assert diag["info"]["kind"] == "converted_untrained" and diag["window"] == 8
+    assert diag["meta"]["command"].startswith("linearize") and "commit" in diag["meta"]
+    probes = json.loads((out / "probes.json").read_text())
+    assert list(probes["position_loss"]["curves"]) == ["base", "hybrid", "swa_only"]
+    assert set(probes["passkey"]["accuracy"]) == {"base", "hybrid", "swa_only"}
+    attr = json.loads((out / "attribution.json").read_text())
+    assert attr["layers"] == [0, 1]
+    for name in ("diagnose.md", "probes.md", "attribution.md", "attribution.png", "position_loss.png"):
+        assert (out / name).is_file(), name
+    assert "SWA + Linear" in capsys.readouterr().out

@@ -76,7 +76,7 @@ def run(args) -> int:
         result = diagnose(model, tokenizer, tasks=tasks, limit=parse_limit(args.limit), modes=modes, base=base,
                           window=window, batch_size=parse_batch(args.batch_size), data_dir=data_dir, seed=args.seed,
                           bootstrap=args.bootstrap, max_length=args.max_length, check=not args.no_check, progress=say)
-        info = {**info, **result["info"], "model": spec}
+        info = {**info, **{k: v for k, v in result["info"].items() if v is not None}, "model": spec}
         meta = run_metadata(**{**common, "model_info": info}, tasks=tasks, limit=args.limit, modes=modes)
         record = {"meta": meta, **result}
         md = diagnose_markdown(record)

@@ -184,7 +184,8 @@ def diagnose(
         torch.manual_seed(seed)
         linearize.convert(model, linearize.HybridConfig() if window is None else linearize.HybridConfig(window=window))
         model.eval()
-        info.update(kind="converted_untrained", hybrid=linearize.hybrid_config_of(model).to_dict())
+        info.update(kind="converted_untrained", hybrid=linearize.hybrid_config_of(model).to_dict(),
+                    base=info.get("base") or info.get("model"))
     elif base is not False and (base is not None or info.get("base")):
         spec = base if base is not None else info["base"]
         if isinstance(spec, tuple):

@@ -282,7 +282,7 @@ def hybrid_attention_triton(
     shift = int(window) if (mode == "hybrid" and placement == "complementary") else 0
     dt = q.dtype
     q, k, v, qf, kf = (x.to(dt).contiguous() for x in (q, k, v, qf, kf))
-    has_valid = valid is not None and not bool(valid.all())
+    has_valid = valid is not None  # no valid.all() check: it would synchronise with the device on every call
     valid_i8 = valid.to(device=q.device, dtype=torch.int8).contiguous() if has_valid else q.new_empty(1, dtype=torch.int8)
     wscalar = 0.0
     if not torch.is_tensor(weight):

@@ -27,23 +27,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def load_any(name: str, device: str = "cpu"):
-    """A converted directory (config.json with a 'linearize' entry) or anything load_base accepts."""
-    import json
-    from pathlib import Path
-
-    import linearize
-    from linearize.models.convert import CONFIG_KEY
-    from transformers import AutoTokenizer
-
-    path = Path(name)
-    config = path / "config.json"
-    if config.is_file() and CONFIG_KEY in json.loads(config.read_text()):
-        return linearize.load(path, device=device), AutoTokenizer.from_pretrained(path)
-    model, tokenizer = linearize.load_base(name, check=False)
-    return model.to(device), tokenizer
-
-
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -51,11 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
     import linearize
     from linearize.attention.cache import cache_nbytes
+    from linearize.evaluate.lm_eval_model import load_model
     from transformers import DynamicCache
 
-    model, tokenizer = load_any(args.model, args.device)
-    if args.convert:
-        linearize.convert(model, linearize.HybridConfig(window=args.window))
+    model, tokenizer, _ = load_model(args.model, convert=args.convert, window=args.window, device=args.device, check=False)
     converted = linearize.is_converted(model)
     ctx = linearize.components(model, args.components) if converted else contextlib.nullcontext()
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)

@@ -130,8 +130,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a first look on one GPU: LoLCATs shapes, a tenth of the tokens
     "gpu-small": {
         "data": {"train_tokens": 1_000_000},
-        "stage1": {"epochs": 1},
-        "stage2": {"epochs": 1, "early_stopping": {"eval_every": 25}},
+        # one micro-batch of 8 rows per step (same effective batch): a 270M model is launch-bound at batch 1
+        "stage1": {"epochs": 1, "batch_size": 8, "grad_accum": 1},
+        "stage2": {"epochs": 1, "batch_size": 8, "grad_accum": 1, "early_stopping": {"eval_every": 25}},
         "runtime": {"mixed_precision": "bf16"},
     },
 }

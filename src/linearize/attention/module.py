@@ -126,6 +126,14 @@ class HybridAttention(nn.Module):
         backend = h.backend
         if backend == "auto":
             backend = "triton" if _triton_available(q) else "torch"
+        if backend == "triton" and q.dtype == torch.float32:
+            # the kernels tile for 16-bit inputs (fp32 tiles of head_dim 256 overflow shared memory); under
+            # autocast run them in its dtype, else fp32 takes the chunked PyTorch path
+            if torch.is_autocast_enabled("cuda"):
+                half = torch.get_autocast_dtype("cuda")
+                q, k, v, qf, kf = (x.to(half) for x in (q, k, v, qf, kf))
+            elif h.backend == "auto":
+                backend = "torch"
         if backend == "reference":
             return hybrid_attention_reference(q, k, v, qf, kf, **kwargs)
         if backend == "triton":

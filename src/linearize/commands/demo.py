@@ -14,8 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--recipe", default="ssd")
     p.add_argument("--preset", default="cpu", help="size preset of the recipe ('cpu', 'gpu-small', or 'none' for full size)")
     p.add_argument("--out", default="runs/demo", help="output directory (replaced on every demo run)")
-    p.add_argument("--tasks", default="piqa,arc_easy,winogrande", help="benchmarks of the component table")
-    p.add_argument("--limit", type=int, default=40, help="questions per benchmark")
+    p.add_argument("--tasks", default="piqa,arc_easy", help="benchmarks of the component table")
+    p.add_argument("--limit", type=int, default=25, help="questions per benchmark")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=run)
 

@@ -13,12 +13,12 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark the hybrid layer against softmax attention and fla (GPU)",
                               description=__doc__.split("\n")[0])
-    _add_arguments(p)
+    add_arguments(p)
     p.set_defaults(func=run)
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    # mirrors linearize.attention.triton.benchmark.add_arguments without importing torch/triton at parser build time
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (also used by benchmarks/bench_attention.py); kept free of torch imports."""
     p.add_argument("--name", default="bench", help="results file stem: <out-dir>/<name>.json")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536,131072",

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from linearize.commands.bench import add_arguments
+
 HEAD_CONFIGS = {
     "gemma3-270m": dict(hq=4, hkv=1, d=256, m=512),
     "llama": dict(hq=32, hkv=8, d=128, m=256),
@@ -649,26 +651,6 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default="bench", help="results file stem: <out-dir>/<name>.json")
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536,131072",
-                   help="comma-separated sequence lengths of the layer benchmark")
-    p.add_argument("--configs", default=",".join(HEAD_CONFIGS), help=f"head configs: {', '.join(HEAD_CONFIGS)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"implementations: {', '.join(IMPLS)}")
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--budget", type=float, default=0.3, help="seconds of timed repetitions per measurement")
-    p.add_argument("--max-chunked-t", type=int, default=65536, help="skip the chunked PyTorch path above this length")
-    p.add_argument("--contexts", default="1024,4096,16384,32768", help="decode context lengths")
-    p.add_argument("--batches", default="1,64", help="decode batch sizes (plus the largest the base fits)")
-    p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--skip-layer", action="store_true")
-    p.add_argument("--skip-decode", action="store_true")
-    p.add_argument("--skip-peak", action="store_true")
-    p.add_argument("--fla-configs", type=int, default=1, help="autotune configs kept per fla kernel (0: all)")
-    p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
-
-
 def run(args: argparse.Namespace, argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("linearize bench needs a CUDA GPU")
@@ -723,7 +705,7 @@ def run(args: argparse.Namespace, argv=None) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench_attention", description=__doc__.split("\n")[0])
-    add_arguments(p)
+    add_arguments(p)  # the CLI verb's own parser: one definition of the options
     args = p.parse_args(argv)
     run(args, argv)
     return 0

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("info", "convert", "eval", "diagnose", "generate", "bench", "report", "demo")
+VERBS = ("info", "convert", "eval", "diagnose", "generate", "bench", "report", "study", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,123 @@
+"""The study of issue 7 as data: each table is a list of conversion runs (recipe + overrides) and the component
+modes to evaluate them in. `linearize study TABLE` runs what is missing (a finished run is skipped, an interrupted one
+resumed), diagnoses each run, and writes `results/study/<table>/` (one directory per run, plus `table.md`).
+
+Run sizes come from the recipe preset (`gpu-small` by default); `--seeds` repeats the headline runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL_MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    name: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ALL_MODES
+    headline: bool = False  # repeated for every seed
+
+
+@dataclass(frozen=True)
+class StudyTable:
+    title: str
+    runs: tuple[StudyRun, ...]
+    probes: bool = False  # long-context probes (per-position loss, passkey) for each run
+    notes: str = ""
+
+
+def _stage1_only(*extra: str) -> tuple[str, ...]:
+    return ("stage2.enabled=false", *extra)
+
+
+SCHEDULES = {"0.9-0.75-0.5": "[[0.0,0.9],[0.3333333333333333,0.75],[0.6666666666666666,0.5]]",
+             "0.75-0.5": "[[0.0,0.75],[0.5,0.5]]", "fixed-0.5": "[[0.0,0.5]]"}
+
+TABLES: dict[str, StudyTable] = {
+    "diagnosis": StudyTable(
+        "Table 1: the LoLCATs recipe in the five component modes",
+        (StudyRun("lolcats", "lolcats", headline=True),)),
+    "objectives": StudyTable(
+        "Tables 2-4: transfer objective, feature-map size and activation, evaluated LA-only after stage 1",
+        tuple(StudyRun(f"objective-{o}", "la-only", _stage1_only(f"stage1.objective={o}"), ("la_only", "none"))
+              for o in ("weights", "output", "hybrid_output"))
+        + (StudyRun("size-half", "la-only", _stage1_only("hybrid.feature_size=half"), ("la_only", "none")),)
+        + tuple(StudyRun(f"activation-{a}", "la-only", _stage1_only(f"hybrid.feature_map={a}"), ("la_only", "none"))
+                for a in ("exp", "relu", "elu1", "none"))),
+    "inference-hybrid": StudyTable(
+        "Inference-time hybridisation: an LA-only conversion with SWA added at inference (no training)",
+        (StudyRun("la-only", "la-only", headline=True),)),
+    "remedies": StudyTable(
+        "HedgeCATs and SSD in the five modes; SSD schedules and early-stopping epochs",
+        (StudyRun("hedgecats", "hedgecats", headline=True), StudyRun("ssd", "ssd", headline=True))
+        + tuple(StudyRun(f"ssd-{name}-ep{ep}", "ssd", (f"stage2.ssd.schedule={sched}", f"stage2.epochs={ep}"),
+                         ("hybrid", "swa_only", "la_only"))
+                for name, sched in SCHEDULES.items() for ep in (1, 2, 5))),
+    "beyond": StudyTable(
+        "Beyond the paper: learned and input-dependent mixing vs fixed g = 0.5, and long-context probes",
+        tuple(StudyRun(f"ssd-mix-{gate}", "ssd", ("hybrid.combine=mix", f"hybrid.mix_gate={gate}",
+                                                  *(("stage2.train_mixing=true",) if gate != "fixed" else ())))
+              for gate in ("fixed", "learned", "dynamic"))
+        + (StudyRun("lolcats", "lolcats"), StudyRun("ssd", "ssd")),
+        probes=True),
+}
+
+
+@dataclass
+class StudyPlan:
+    table: str
+    jobs: list[tuple[StudyRun, int]] = field(default_factory=list)  # (run, seed)
+
+
+def plan(table: str, seeds: tuple[int, ...] = (0,)) -> StudyPlan:
+    if table not in TABLES:
+        raise KeyError(f"unknown study table {table!r}; known: {sorted(TABLES)}")
+    result = StudyPlan(table)
+    for run in TABLES[table].runs:
+        for seed in (seeds if run.headline else seeds[:1]):
+            result.jobs.append((run, seed))
+    return result
+
+
+def run_dir(out: Path, run: StudyRun, seed: int) -> Path:
+    return out / f"{run.name}-seed{seed}"
+
+
+def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "results/study", preset: str | None = "gpu-small",
+            seeds: tuple[int, ...] = (0,), limit=None, tasks=None, data_dir=None, say=print) -> Path:
+    """Train (or resume) every run of `table`, diagnose it, and write `<out>/<table>/table.md`."""
+    from linearize.evaluate.diagnose import diagnose, diagnose_markdown
+    from linearize.evaluate.harness import TASKS
+    from linearize.evaluate.report import run_metadata, side_by_side, write_record
+    from linearize.train import run_recipe
+
+    root = Path(out) / table
+    spec = TABLES[table]
+    records = []
+    for run, seed in plan(table, seeds).jobs:
+        path = run_dir(root, run, seed)
+        record = path / "diagnose" / "diagnose.json"
+        if not (path / "summary.json").is_file():
+            say(f"[study] {table}: training {path.name} ({run.recipe} {' '.join(run.overrides)})")
+            run_recipe(model, run.recipe, path, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
+                       resume=path.is_dir() and any(path.iterdir()), data_dir=data_dir)
+        if not record.is_file():
+            say(f"[study] {table}: diagnosing {path.name} in {', '.join(run.modes)}")
+            result = diagnose(str(path), tasks=list(tasks or TASKS), limit=limit, modes=run.modes, base=model,
+                              data_dir=data_dir, progress=say)
+            meta = run_metadata(model_info=result["info"], data_dir=data_dir, device=result["device"], seed=seed,
+                                study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
+            full = {"meta": meta, **result}
+            write_record(path / "diagnose", "diagnose", full, diagnose_markdown(full))
+        records.append(record)
+        if spec.probes and not (path / "probes").is_dir():
+            from linearize.cli import main as cli
+
+            cli(["diagnose", "--model", str(path), "--no-base", "--what", "probes", "--out", str(path / "probes")])
+    table_md = root / "table.md"
+    table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r.parent for r in records]) + "\n")
+    return table_md

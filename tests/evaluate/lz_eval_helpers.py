@@ -17,7 +17,7 @@ except FileNotFoundError:  # pragma: no cover - data-less checkout
 
 
 def bpe_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE (BOS added like Llama/Gemma) trained on PIQA text (as tests/evaluate/test_harness.py)."""
+    """A byte-level BPE (BOS added like Llama/Gemma) trained on PIQA text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

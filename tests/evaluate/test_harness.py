@@ -29,31 +29,6 @@ MAX_POS = 256  # smaller than a 5-shot MMLU prompt: exercises HFLM's left trunca
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A byte-level BPE (512 tokens, BOS added like Llama/Gemma) trained on PIQA text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    with open(DATA / "piqa" / "validation.jsonl", encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh][:600]
-    texts = [r["goal"] + " " + r["sol1"] for r in rows]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<bos>", "<eos>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 

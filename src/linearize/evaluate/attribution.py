@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from linearize.attention.chunked import linear_sums, window_sums
 from linearize.errors import LinearizeError
+from linearize.evaluate.report import save_figure
 
 __all__ = ["attribution", "branch_shares", "heldout_batch", "sequence_loss", "plot_attribution", "attribution_markdown"]
 
@@ -259,12 +260,7 @@ def plot_attribution(result: dict[str, Any], path, title: str = "") -> Path:
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def attribution_markdown(record: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.errors import LinearizeError
+from linearize.evaluate.report import save_figure
 
 __all__ = ["position_losses", "position_loss_probe", "passkey_prompt", "passkey_trial", "passkey_probe",
            "plot_position_loss", "probes_markdown", "FILLER"]
@@ -133,12 +134,7 @@ def plot_position_loss(result: dict[str, Any], path, title: str = "") -> Path:
     ax.set_ylabel("next-token loss (nats), binned")
     ax.set_title(title or f"per-position loss, {result['num_docs']} documents", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- passkey

@@ -106,6 +106,18 @@ def write_record(out_dir, kind: str, record: dict[str, Any], markdown: str) -> t
     return path, md
 
 
+def save_figure(fig, path) -> Path:
+    """Lay out, write (creating folders) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def read_records(path) -> list[dict[str, Any]]:
     """Every record in a run directory (or one record file); each gets ``"_path"``."""
     path = Path(path)

@@ -144,3 +144,23 @@ def test_chunked_memory_is_linear_in_length():
             run(hybrid_attention_chunked, q, k, v, fq, fk, valid, weight, window=16, chunk_size=32)
         sizes[t] = biggest[0]
     assert sizes[512] <= 2.2 * sizes[256]
+
+
+@pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
+@pytest.mark.parametrize("rule,placement", [("shared_norm", "complementary"), ("mix", "overlap")])
+def test_every_feature_map_agrees_across_the_three_implementations(feature_map, rule, placement):
+    """Outputs of reference, chunked and recurrent decoding for each feature map (GQA, padding, T % chunk != 0)."""
+    t, window = 19, 5
+    q, k, v, fq, fk, valid, weight = make_inputs(t, feature_map)
+    qf, kf = fq(q), fk(k)
+    kw = dict(scale=D**-0.5, window=window, weight=weight, rule=rule, placement=placement, mode="hybrid")
+    ref = hybrid_attention_reference(q, k, v, qf, kf, valid=valid, **kw)
+    chunked = hybrid_attention_chunked(q, k, v, qf, kf, valid=valid, chunk_size=8, **kw)
+    state = prefill_state(k[:, :, :4], v[:, :, :4], kf[:, :, :4], valid[:, :4], window=window, num_sinks=8)
+    outs = []
+    for i in range(4, t):
+        s = slice(i, i + 1)
+        out, state = hybrid_attention_step(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], valid=valid[:, s], **kw)
+        outs.append(out)
+    torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outs, 2), ref[:, :, 4:], atol=1e-5, rtol=1e-5)

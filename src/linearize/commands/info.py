@@ -23,15 +23,12 @@ def parse_layers(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     import linearize
-    from linearize.models.convert import CONFIG_KEY, hybrid_modules
+    from linearize.evaluate.lm_eval_model import converted_dir_info
+    from linearize.models.convert import hybrid_modules
 
-    path = Path(args.model)
-    if (path / "config.json").is_file() and CONFIG_KEY in json.loads((path / "config.json").read_text()):
-        model = linearize.load(path)
+    if converted_dir_info(args.model) is not None:
+        model = linearize.load(args.model)
         hybrid = linearize.hybrid_config_of(model)
     else:
         model, _ = linearize.load_base(args.model, check=False)

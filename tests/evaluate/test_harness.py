@@ -93,6 +93,25 @@ def test_group_pools_its_subjects(model, tokenizer):
     assert again["average"]["metrics"] == {"mmlu_abstract_algebra": "acc", "mmlu_stem": "acc"}
 
 
+def test_limit_counts_questions_per_benchmark():
+    """An MMLU group spreads an integer limit over its subjects; a fraction applies to every task."""
+    from types import SimpleNamespace
+
+    subjects = harness.mmlu_subjects()
+    leaves = {f"lz_mmlu_{s}": SimpleNamespace(eval_docs=[0] * (3 if s == "anatomy" else 200)) for s in subjects}
+    leaves["lz_piqa"] = SimpleNamespace(eval_docs=[0] * 1838)
+    counts = harness._leaf_limits(["piqa", "mmlu"], 120, leaves)
+    assert counts["lz_piqa"] == 120
+    assert counts["lz_mmlu_anatomy"] == 3 and counts["lz_mmlu_astronomy"] == 3  # ceil(120 / 57), capped by size
+    assert len(counts) == 58
+    stem = harness._leaf_limits(["mmlu_stem"], 40, leaves)
+    assert len(stem) == 19 and set(stem.values()) == {3}  # ceil(40 / 19)
+    assert harness._leaf_limits(["mmlu_anatomy"], 2, leaves) == {"lz_mmlu_anatomy": 2}
+    frac = harness._leaf_limits(["piqa", "mmlu"], 0.1, leaves)
+    assert frac["lz_piqa"] == 184 and frac["lz_mmlu_astronomy"] == 20 and frac["lz_mmlu_anatomy"] == 1
+    assert harness._leaf_limits(["piqa"], None, leaves) is None
+
+
 def test_headline_constants():
     assert TASKS == ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu")
     assert set(HEADLINE_METRICS) == set(TASKS)

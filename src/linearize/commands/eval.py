@@ -25,7 +25,7 @@ def add_bench_args(p) -> None:
                    help="comma-separated benchmarks (piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu, "
                         "mmlu_<subject>, mmlu_<category>); default: all six")
     p.add_argument("--limit", type=float, default=None,
-                   help="questions per benchmark (a fraction if < 1); for mmlu this is per subject in `eval`")
+                   help="questions per benchmark (a fraction if < 1); mmlu spreads them over its 57 subjects")
     p.add_argument("--batch-size", default="8", help="lm-eval batch size (an int or 'auto')")
     p.add_argument("--data-dir", default=None, help="benchmark data directory (default: the project's shared data)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95%% intervals")

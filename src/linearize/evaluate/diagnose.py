@@ -14,9 +14,8 @@ It also reports, per benchmark, the distribution of prompt lengths in tokens aga
 the share of questions whose whole prompt fits in the sliding window, i.e. that ``swa_only`` sees
 completely (for such questions a complementary LA branch has no keys at all in ``hybrid`` mode).
 
-``limit`` is the number of questions per benchmark. For MMLU (57 subjects, 5-shot) it is spread over
-the subjects: ``ceil(limit / 57)`` questions from each (lm-eval's own ``limit`` is per subject).
-The average's 95% interval is then a normal approximation from the benchmarks' bootstrap intervals.
+``limit`` is the number of questions per benchmark (for MMLU spread over its 57 subjects, see
+:func:`linearize.evaluate.harness.evaluate`).
 
 A base model (short name or HF directory) is converted with an *untrained* feature map first
 (``window`` default 64): the table then shows what the bare hybrid layer does before any training.
@@ -25,7 +24,6 @@ A base model (short name or HF directory) is converted with an *untrained* featu
 from __future__ import annotations
 
 import gc
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +34,7 @@ from linearize.config import COMPONENT_MODES
 from linearize.evaluate.harness import TASKS, context_lengths, default_data_dir, evaluate, headline_metric
 from linearize.evaluate.report import fmt_pct, markdown_table
 
-__all__ = ["diagnose", "recovery", "diagnose_markdown", "PAPER_LABELS", "MMLU_SUBJECTS"]
+__all__ = ["diagnose", "recovery", "diagnose_markdown", "PAPER_LABELS"]
 
 #: Row names of the paper's Table 1.
 PAPER_LABELS = {
@@ -47,51 +45,6 @@ PAPER_LABELS = {
     "sinks_only": "Attn sinks only",
     "none": "No attention",
 }
-MMLU_SUBJECTS = 57
-
-
-def _is_mmlu(task: str) -> bool:
-    return task == "mmlu" or task.startswith("mmlu_")
-
-
-def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One harness report from several (disjoint benchmarks); the average is recomputed."""
-    if len(reports) == 1:
-        return reports[0]
-    merged: dict[str, Any] = {}
-    for rep in reports:
-        merged.update({k: v for k, v in rep.items() if k != "average"})
-    names = list(merged)
-    metrics = {n: merged[n]["headline_metric"] for n in names}
-    values = [merged[n][m] for n, m in metrics.items()]
-    avg: dict[str, Any] = {"value": float(np.mean(values)), "metrics": metrics}
-    halves = []
-    for n, m in metrics.items():
-        ci = merged[n].get(f"{m}_ci95")
-        if ci is None:
-            break
-        halves.append((ci[1] - ci[0]) / 2)
-    else:
-        half = math.sqrt(sum(h * h for h in halves)) / len(halves)
-        avg["ci95"] = [avg["value"] - half, avg["value"] + half]
-        avg["ci95_method"] = "normal approximation from per-benchmark bootstrap intervals"
-    merged["average"] = avg
-    return merged
-
-
-def run_benchmarks(model, tokenizer, tasks, *, limit=None, **kwargs) -> dict[str, Any]:
-    """:func:`evaluate`, with ``limit`` spread over MMLU's subjects (see the module doc)."""
-    mmlu = [t for t in tasks if _is_mmlu(t)]
-    other = [t for t in tasks if not _is_mmlu(t)]
-    if limit is None or not mmlu or isinstance(limit, float) and limit < 1:
-        return evaluate(model, tokenizer, tasks, limit=limit, **kwargs)
-    reports = []
-    if other:
-        reports.append(evaluate(model, tokenizer, other, limit=limit, **kwargs))
-    per_subject = max(1, math.ceil(limit / MMLU_SUBJECTS)) if "mmlu" in mmlu else limit
-    reports.append(evaluate(model, tokenizer, mmlu, limit=per_subject, **kwargs))
-    rep = _merge(reports)
-    return {t: rep[t] for t in tasks} | {"average": rep["average"]}
 
 
 def recovery(score: float | None, base: float | None, none: float | None) -> dict[str, float | None]:
@@ -104,10 +57,7 @@ def recovery(score: float | None, base: float | None, none: float | None) -> dic
 
 
 def _length_stats(tokenizer, task, data_dir, limit, windows: dict[str, int]) -> dict[str, Any]:
-    lim = limit
-    if limit is not None and task == "mmlu" and limit >= 1:
-        lim = max(1, math.ceil(limit / MMLU_SUBJECTS))
-    stats = context_lengths(tokenizer, task, data_dir, lim)
+    stats = context_lengths(tokenizer, task, data_dir, limit)
     arr = np.asarray(stats["lengths"])
     stats["fits"] = {name: float((arr <= w).mean()) for name, w in windows.items() if w}
     stats["windows"] = windows
@@ -178,7 +128,7 @@ def diagnose(
     seconds["load"] = time.perf_counter() - t0
     if not linearize.is_converted(model):
         if base is not False:
-            timed("base", lambda: run_benchmarks(model, tokenizer, tasks, **kwargs))
+            timed("base", lambda: evaluate(model, tokenizer, tasks, **kwargs))
         import torch
 
         torch.manual_seed(seed)
@@ -194,12 +144,12 @@ def diagnose(
         else:
             bmodel, btok, _ = load_model(spec, device=str(model.device), check=check)
             info["base"] = str(spec)
-        timed("base", lambda: run_benchmarks(bmodel, btok, tasks, **kwargs))
+        timed("base", lambda: evaluate(bmodel, btok, tasks, **kwargs))
         del bmodel
         gc.collect()
     for mode in modes:
         with linearize.components(model, mode):
-            timed(mode, lambda: run_benchmarks(model, tokenizer, tasks, **kwargs))
+            timed(mode, lambda: evaluate(model, tokenizer, tasks, **kwargs))
 
     hybrid = linearize.hybrid_config_of(model)
     windows = {"window": hybrid.window}

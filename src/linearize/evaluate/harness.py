@@ -139,6 +139,27 @@ def _ci95(means: np.ndarray) -> list[float]:
 # ----------------------------------------------------------------------------- evaluate
 
 
+def _leaf_limits(names: list[str], limit: int | float | None, leaf_tasks: dict[str, Any]) -> dict[str, int] | None:
+    """Questions to take from each leaf task for a per-*benchmark* ``limit``.
+
+    An integer ``limit`` counts questions per benchmark: an MMLU group spreads it evenly over its
+    subjects (at least one each, the first questions of each subject), so ``limit=50`` means about 50
+    MMLU questions, not 50 per subject (2,850). A fraction applies to every leaf task alike.
+    ``None`` when there is no limit. ``leaf_tasks``: lm-eval's loaded leaf tasks by name.
+    """
+    if limit is None:
+        return None
+    counts: dict[str, int] = {}
+    for name in names:
+        leaves = [f"lz_{m}" for m in sorted(_members(name)) if f"lz_{m}" in leaf_tasks]
+        for leaf in leaves:
+            size = len(leaf_tasks[leaf].eval_docs)
+            share = math.ceil(size * limit) if limit < 1 else math.ceil(limit / len(leaves))
+            counts[leaf] = min(size, share)
+    return counts
+
+
+
 def _leaf_tasks(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
     if name not in group_subtasks:
         return [name]
@@ -179,8 +200,8 @@ def evaluate(
         tokenizer: its tokenizer (a ``PreTrainedTokenizerBase``).
         tasks: benchmark names, see :data:`TASKS` (also ``mmlu_<subject>``, ``mmlu_<category>``;
             one may be part of another, e.g. ``["mmlu", "mmlu_anatomy"]``: it is run once).
-        limit: lm-eval's ``limit``: the first ``limit`` questions per task (per subject for
-            MMLU), or a fraction when < 1. ``None``: all.
+        limit: the first ``limit`` questions per benchmark (MMLU: spread over its subjects, see
+            :func:`_leaf_limits`), or a fraction of each when < 1. ``None``: all.
         batch_size: HFLM batch size (an int, or ``"auto"``).
         data_dir: benchmark data directory; default :func:`default_data_dir`.
         device: if given, the model is moved there first (HFLM uses ``model.device``).
@@ -200,7 +221,8 @@ def evaluate(
         its interval resamples every benchmark independently.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+
+    from linearize.evaluate.lm_eval_model import continuation_scorer
 
     names = list(dict.fromkeys(_short_name(t) for t in tasks))
     if not names:
@@ -211,15 +233,16 @@ def evaluate(
 
     if device is not None:
         model = model.to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = continuation_scorer()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     # lm-eval refuses a task requested both alone and inside a requested group: run the
     # outermost ones only; the contained ones are reported from the group's results.
     outermost = [n for n in names if not any(m != n and n in _members(m) for m in names)]
+    counts = _leaf_limits(outermost, limit, manager.load([task_name(n) for n in outermost])["tasks"])
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=[task_name(n) for n in outermost],
         task_manager=manager,
-        limit=limit,
+        samples=None if counts is None else {leaf: list(range(k)) for leaf, k in counts.items()},
         log_samples=True,
         bootstrap_iters=bootstrap,
         random_seed=seed,
@@ -299,14 +322,13 @@ def context_lengths(
 
     Returns ``{"task", "n", "num_fewshot", "min", "median", "p90", "max", "mean",
     "lengths"}`` (``lengths``: one per question, in task order; for MMLU groups the
-    subjects are concatenated, ``limit`` applying per subject as in :func:`evaluate`).
+    subjects are concatenated, ``limit`` counted per benchmark as in :func:`evaluate`).
     """
-    from lm_eval.evaluator_utils import get_sample_size
-
     name = _short_name(task)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     check_data([name], data_dir)
     loaded = task_manager(data_dir, cache_dir).load([task_name(name)])
+    counts = _leaf_limits([name], limit, loaded["tasks"])
     lengths: list[int] = []
     num_fewshot = 0
     for leaf_name, leaf in loaded["tasks"].items():
@@ -314,7 +336,7 @@ def context_lengths(
             leaf.set_config(key="num_fewshot", value=0)
         num_fewshot = int(leaf.get_config("num_fewshot"))
         leaf.set_fewshot_seed(seed=1234)
-        leaf.build_all_requests(limit=get_sample_size(leaf, limit))
+        leaf.build_all_requests(limit=None if counts is None else counts[leaf_name])
         by_doc: dict[int, list[str]] = {}
         for inst in leaf.instances:
             context, continuation = inst.args[0], inst.args[1]

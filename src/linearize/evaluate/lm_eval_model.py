@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 from linearize.config import COMPONENT_MODES, HybridConfig
 from linearize.errors import LinearizeError, ModelFileError
 
-__all__ = ["load_model", "converted_dir_info", "set_components", "LinearizeLM", "register"]
+__all__ = ["load_model", "converted_dir_info", "set_components", "continuation_scorer", "LinearizeLM", "register"]
 
 
 def converted_dir_info(path: str | Path) -> dict[str, Any] | None:
@@ -165,12 +166,81 @@ def set_components(model, modes) -> None:
         modules[i].head_mode_list()
 
 
+@functools.cache
+def continuation_scorer():
+    """lm-eval's ``HFLM`` that computes the LM head only where a continuation is scored.
+
+    HFLM takes a full-vocabulary log-softmax at every position of every request; with Gemma's 262k
+    vocabulary that is most of the work (and memory) of a multiple-choice benchmark, although only
+    the continuation positions are read. Here a pre-hook on the output embedding keeps exactly those
+    positions before the head runs, so whatever the model does after the head (e.g. final logit
+    soft-capping) still applies. Requests whose model inputs are identical (the same context and
+    continuation up to its last token: MMLU's four one-token answers) share one forward pass, as in
+    HFLM. Scores equal HFLM's (a test checks it); ``batch_size="auto"`` uses HFLM's own path.
+    """
+    import torch.nn.functional as F
+    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    class ContinuationHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            if head is None or self.batch_size == "auto" or self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            inputs: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of its requests
+            for i, (_, context, continuation) in enumerate(requests):
+                if not context or not continuation or len(continuation) > self.max_length:
+                    raise LinearizeError(f"bad loglikelihood request {requests[i][0]!r}")
+                inputs.setdefault(tuple((context + continuation)[-(self.max_length + 1):][:-1]), []).append(i)
+            order = sorted(inputs, key=lambda toks: (-len(toks), toks))  # longest first: OOM shows at once
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            keep: dict[str, torch.Tensor] = {}
+            hook = head.register_forward_pre_hook(lambda _m, args: (args[0][keep["rows"], keep["cols"]][None],))
+            pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                        desc="Running loglikelihood requests")
+            try:
+                for start in range(0, len(order), int(override_bs or self.batch_size)):
+                    batch = order[start:start + int(override_bs or self.batch_size)]
+                    width = len(batch[0])
+                    ids = torch.zeros(len(batch), width, dtype=torch.long)  # right padding never reaches a real token
+                    rows, cols, spans = [], [], []
+                    for r, toks in enumerate(batch):
+                        ids[r, :len(toks)] = torch.tensor(toks)
+                        n = max(len(requests[i][2]) for i in inputs[toks])
+                        spans.append((len(rows), n))
+                        rows += [r] * n
+                        cols += range(len(toks) - n, len(toks))
+                    keep["rows"], keep["cols"] = torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
+                    with torch.no_grad():
+                        logits = self.model(ids.to(self.device)).logits[0]
+                    if logits.shape[0] != len(rows):
+                        raise LinearizeError(f"{type(self.model).__name__} changes the shape after its output "
+                                             "embedding; run with batch_size='auto' to use lm-eval's own scoring")
+                    logp = F.log_softmax(logits.float(), dim=-1)
+                    for toks, (first, n) in zip(batch, spans):
+                        for i in inputs[toks]:
+                            (string, _, continuation) = requests[i]
+                            target = torch.tensor(continuation, device=logp.device)
+                            picked = logp[first + n - len(continuation):first + n]
+                            answer = (float(picked.gather(1, target[:, None]).sum()),
+                                      bool((picked.argmax(-1) == target).all()))
+                            results[i] = answer
+                            if string is not None:
+                                self.cache_hook.add_partial("loglikelihood", string, answer)
+                            pbar.update(1)
+            finally:
+                hook.remove()
+                pbar.close()
+            return results
+
+    return ContinuationHFLM
+
+
 def _make_class():
     from lm_eval.api.registry import register_model
-    from lm_eval.models.huggingface import HFLM
 
     @register_model("linearize")
-    class LinearizeLM(HFLM):
+    class LinearizeLM(continuation_scorer()):
         """lm-eval's HFLM over a model loaded by :func:`load_model`.
 
         ``model_args``: ``pretrained`` (short name, HF dir or converted dir, or a model object),

@@ -1,5 +1,7 @@
 """The study tables: every run resolves to a valid recipe, and the plan repeats only the headline runs per seed."""
 
+import json
+
 import pytest
 
 from linearize.cli import main
@@ -36,3 +38,39 @@ def test_dry_run_lists_the_runs(capsys):
     assert main(["study", "objectives", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "objective-weights-seed0: recipe la-only" in out and "hybrid.feature_map=elu1" in out
+
+
+def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
+    """A one-run table on a tiny saved model: trained and diagnosed once; a second call redoes nothing and
+    the base model's report is computed once for every run and table under `out`."""
+    from tiny_models import DATA, bpe_tokenizer, tiny_model
+
+    from linearize import study
+    from linearize.evaluate import diagnose as diagnose_mod
+
+    if DATA is None:
+        pytest.skip("benchmark data directory not found")
+    tok = bpe_tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    tiny = ("hybrid.window=8", "hybrid.chunk_size=8", "data.sources=[alpaca_demo]", "data.seq_len=32",
+            "data.train_tokens=256", "data.val_tokens=64", "stage1.batch_size=2", "stage1.grad_accum=1", "stage1.max_steps=2",
+            "stage2.batch_size=2", "stage2.grad_accum=1", "stage2.max_steps=2", "runtime.cpu=true", "runtime.show_progress=false")
+    for name in ("t1", "t2"):
+        monkeypatch.setitem(study.TABLES, name, study.StudyTable(name, (study.StudyRun("ssd", "ssd", tiny, ("hybrid", "la_only")),)))
+    calls = []
+    real = diagnose_mod.evaluate
+    monkeypatch.setattr(diagnose_mod, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwargs = dict(model=str(model_dir), out=tmp_path / "study", preset=None, limit=2, tasks=["piqa"], data_dir=str(DATA),
+                  say=lambda _msg: None)
+    table_md = study.execute("t1", **kwargs)
+    assert len(calls) == 3  # base + two modes
+    record = json.loads((tmp_path / "study" / "t1" / "ssd-seed0" / "diagnose" / "diagnose.json").read_text())
+    assert list(record["runs"]) == ["base", "hybrid", "la_only"]
+    assert "ssd-seed0" in table_md.read_text()
+    study.execute("t1", **kwargs)
+    assert len(calls) == 3  # finished: nothing trained or evaluated again
+    study.execute("t2", **kwargs)
+    assert len(calls) == 5  # a new table reuses the stored base report

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from transformers import (
     Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
     Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
+
+from linearize.evaluate.harness import default_data_dir
+
+try:
+    DATA = default_data_dir()
+except FileNotFoundError:  # pragma: no cover - data-less checkout
+    DATA = None
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0)
@@ -33,3 +42,22 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model
+
+
+def bpe_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE (BOS added like Llama/Gemma) trained on PIQA text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    with open(DATA / "piqa" / "validation.jsonl", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh][:600]
+    texts = [r["goal"] + " " + r["sol1"] for r in rows]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")

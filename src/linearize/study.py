@@ -7,6 +7,8 @@ Run sizes come from the recipe preset (`gpu-small` by default); `--seeds` repeat
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +89,33 @@ def run_dir(out: Path, run: StudyRun, seed: int) -> Path:
     return out / f"{run.name}-seed{seed}"
 
 
+def _base_reports(out: Path) -> Path:
+    return out / "base_reports.json"
+
+
+def load_base_report(out: Path, key: str) -> dict | None:
+    """The base model's benchmark report for ``key`` (model, tasks, limit, seed), if a run computed it."""
+    path = _base_reports(out)
+    return json.loads(path.read_text()).get(key) if path.is_file() else None
+
+
+def store_base_report(out: Path, key: str, report: dict) -> None:
+    path = _base_reports(out)
+    reports = json.loads(path.read_text()) if path.is_file() else {}
+    reports[key] = report
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several tables may run at once
+    tmp.write_text(json.dumps(reports))
+    os.replace(tmp, path)
+
+
 def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "results/study", preset: str | None = "gpu-small",
-            seeds: tuple[int, ...] = (0,), limit=None, tasks=None, data_dir=None, say=print) -> Path:
-    """Train (or resume) every run of `table`, diagnose it, and write `<out>/<table>/table.md`."""
+            seeds: tuple[int, ...] = (0,), limit=None, tasks=None, data_dir=None, batch_size: int = 8, dtype=None,
+            say=print) -> Path:
+    """Train (or resume) every run of `table`, diagnose it, and write `<out>/<table>/table.md`.
+
+    The base model is benchmarked once per (model, tasks, limit) and its report reused by every run and
+    table under `out`.
+    """
     from linearize.evaluate.diagnose import diagnose, diagnose_markdown
     from linearize.evaluate.harness import TASKS
     from linearize.evaluate.report import run_metadata, side_by_side, write_record
@@ -97,6 +123,8 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
 
     root = Path(out) / table
     spec = TABLES[table]
+    tasks = list(tasks or TASKS)
+    base_key = json.dumps({"model": str(model), "tasks": tasks, "limit": limit})
     records = []
     for run, seed in plan(table, seeds).jobs:
         path = run_dir(root, run, seed)
@@ -107,8 +135,10 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
                        resume=path.is_dir() and any(path.iterdir()), data_dir=data_dir)
         if not record.is_file():
             say(f"[study] {table}: diagnosing {path.name} in {', '.join(run.modes)}")
-            result = diagnose(str(path), tasks=list(tasks or TASKS), limit=limit, modes=run.modes, base=model,
-                              data_dir=data_dir, progress=say)
+            result = diagnose(str(path), tasks=tasks, limit=limit, modes=run.modes,
+                              base=load_base_report(Path(out), base_key) or model, data_dir=data_dir,
+                              batch_size=batch_size, dtype=dtype, progress=say)
+            store_base_report(Path(out), base_key, result["runs"]["base"])
             meta = run_metadata(model_info=result["info"], data_dir=data_dir, device=result["device"], seed=seed,
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             full = {"meta": meta, **result}

@@ -3,37 +3,10 @@ hand-set "bag of tokens" model whose attention pattern decides its predictions e
 
 from __future__ import annotations
 
-import json
 
-import pytest
 import torch
 
-from linearize.evaluate.harness import default_data_dir
-
-try:
-    DATA = default_data_dir()
-except FileNotFoundError:  # pragma: no cover - data-less checkout
-    DATA = None
-
-
-def bpe_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE (BOS added like Llama/Gemma) trained on PIQA text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    with open(DATA / "piqa" / "validation.jsonl", encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh][:600]
-    texts = [r["goal"] + " " + r["sol1"] for r in rows]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-
+from tiny_models import DATA, bpe_tokenizer  # noqa: F401  (re-exported for the evaluation tests)
 
 
 def tiny_llama(tokenizer, seed: int = 0, max_pos: int = 1024, layers: int = 2):

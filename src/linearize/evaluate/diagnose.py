@@ -91,6 +91,7 @@ def diagnose(
     bootstrap: int = 1000,
     max_length: int | None = None,
     check: bool = True,
+    dtype=None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Benchmarks per component mode, recoveries and context lengths: ``{"info", "runs", "table", "lengths", "seconds"}``.
@@ -99,9 +100,11 @@ def diagnose(
         model: a converted model directory, a base model name/directory (converted here with an
             untrained feature map of window ``window``), or a loaded model (then pass ``tokenizer``;
             a loaded base model is converted in place after its base run).
-        base: the base model to compare with (name/dir or a ``(model, tokenizer)`` pair); default:
-            the one recorded in the converted directory's ``summary.json``, or ``model`` itself
-            when it is a base model. ``False``: no base run.
+        base: the base model to compare with (name/dir or a ``(model, tokenizer)`` pair, or its
+            harness report from an earlier run with the same tasks and limit); default: the one
+            recorded in the converted directory's ``summary.json``, or ``model`` itself when it is a
+            base model. ``False``: no base run.
+        dtype: the torch dtype models given by name are loaded in (default float32).
         Others as in :func:`linearize.evaluate.harness.evaluate`.
     """
     import linearize
@@ -124,13 +127,14 @@ def diagnose(
         avg = runs[label]["average"]["value"]
         say(f"[diagnose] {label}: average {100 * avg:.2f} ({seconds[label]:.0f} s)")
 
-    model, tokenizer, info = load_model(model, tokenizer=tokenizer, device=device, check=check, seed=seed)
+    import torch
+
+    dtype = dtype or torch.float32
+    model, tokenizer, info = load_model(model, tokenizer=tokenizer, device=device, check=check, seed=seed, dtype=dtype)
     seconds["load"] = time.perf_counter() - t0
     if not linearize.is_converted(model):
         if base is not False:
             timed("base", lambda: evaluate(model, tokenizer, tasks, **kwargs))
-        import torch
-
         torch.manual_seed(seed)
         linearize.convert(model, linearize.HybridConfig() if window is None else linearize.HybridConfig(window=window))
         model.eval()
@@ -138,15 +142,18 @@ def diagnose(
                     base=info.get("base") or info.get("model"))
     elif base is not False and (base is not None or info.get("base")):
         spec = base if base is not None else info["base"]
-        if isinstance(spec, tuple):
-            bmodel, btok = spec
-            info["base"] = getattr(bmodel.config, "_name_or_path", "given")
+        if isinstance(spec, dict):  # a report computed before
+            runs["base"], seconds["base"] = spec, 0.0
         else:
-            bmodel, btok, _ = load_model(spec, device=str(model.device), check=check)
-            info["base"] = str(spec)
-        timed("base", lambda: evaluate(bmodel, btok, tasks, **kwargs))
-        del bmodel
-        gc.collect()
+            if isinstance(spec, tuple):
+                bmodel, btok = spec
+                info["base"] = getattr(bmodel.config, "_name_or_path", "given")
+            else:
+                bmodel, btok, _ = load_model(spec, device=str(model.device), check=check, dtype=dtype)
+                info["base"] = str(spec)
+            timed("base", lambda: evaluate(bmodel, btok, tasks, **kwargs))
+            del bmodel
+            gc.collect()
     for mode in modes:
         with linearize.components(model, mode):
             timed(mode, lambda: evaluate(model, tokenizer, tasks, **kwargs))

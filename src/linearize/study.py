@@ -79,9 +79,9 @@ def plan(table: str, seeds: tuple[int, ...] = (0,)) -> StudyPlan:
     if table not in TABLES:
         raise KeyError(f"unknown study table {table!r}; known: {sorted(TABLES)}")
     result = StudyPlan(table)
-    for run in TABLES[table].runs:
-        for seed in (seeds if run.headline else seeds[:1]):
-            result.jobs.append((run, seed))
+    # every run once first, then the headline runs' extra seeds: a budget cut short still covers the table
+    result.jobs = [(run, seeds[0]) for run in TABLES[table].runs]
+    result.jobs += [(run, seed) for seed in seeds[1:] for run in TABLES[table].runs if run.headline]
     return result
 
 

@@ -41,8 +41,8 @@ def test_dry_run_lists_the_runs(capsys):
 
 
 def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
-    """A one-run table on a tiny saved model: trained and diagnosed once; a second call redoes nothing and
-    the base model's report is computed once for every run and table under `out`."""
+    """A one-run table on a tiny saved model: an interrupted diagnosis resumes with the modes it lacks; a
+    finished table is not redone; the base model's report is computed once for every run and table."""
     from tiny_models import DATA, bpe_tokenizer, tiny_model
 
     from linearize import study
@@ -62,15 +62,27 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
         monkeypatch.setitem(study.TABLES, name, study.StudyTable(name, (study.StudyRun("ssd", "ssd", tiny, ("hybrid", "la_only")),)))
     calls = []
     real = diagnose_mod.evaluate
-    monkeypatch.setattr(diagnose_mod, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3 and interrupt:
+            raise KeyboardInterrupt  # killed while evaluating the second mode
+        return real(*args, **kw)
+
+    monkeypatch.setattr(diagnose_mod, "evaluate", counted)
     kwargs = dict(model=str(model_dir), out=tmp_path / "study", preset=None, limit=2, tasks=["piqa"], data_dir=str(DATA),
                   say=lambda _msg: None)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        study.execute("t1", **kwargs)
+    interrupt = False
+    calls.clear()
     table_md = study.execute("t1", **kwargs)
-    assert len(calls) == 3  # base + two modes
+    assert len(calls) == 1  # base and hybrid came from the partial record: only la_only ran again
     record = json.loads((tmp_path / "study" / "t1" / "ssd-seed0" / "diagnose" / "diagnose.json").read_text())
     assert list(record["runs"]) == ["base", "hybrid", "la_only"]
     assert "ssd-seed0" in table_md.read_text()
     study.execute("t1", **kwargs)
-    assert len(calls) == 3  # finished: nothing trained or evaluated again
+    assert len(calls) == 1  # finished: nothing trained or evaluated again
     study.execute("t2", **kwargs)
-    assert len(calls) == 5  # a new table reuses the stored base report
+    assert len(calls) == 3  # a new table reuses the stored base report

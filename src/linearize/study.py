@@ -137,7 +137,8 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             say(f"[study] {table}: diagnosing {path.name} in {', '.join(run.modes)}")
             result = diagnose(str(path), tasks=tasks, limit=limit, modes=run.modes,
                               base=load_base_report(Path(out), base_key) or model, data_dir=data_dir,
-                              batch_size=batch_size, dtype=dtype, progress=say)
+                              batch_size=batch_size, dtype=dtype, partial=path / "diagnose" / "partial.json",
+                              progress=say)
             store_base_report(Path(out), base_key, result["runs"]["base"])
             meta = run_metadata(model_info=result["info"], data_dir=data_dir, device=result["device"], seed=seed,
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))

@@ -24,6 +24,8 @@ A base model (short name or HF directory) is converted with an *untrained* featu
 from __future__ import annotations
 
 import gc
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +47,21 @@ PAPER_LABELS = {
     "sinks_only": "Attn sinks only",
     "none": "No attention",
 }
+
+
+def _load_partial(path, settings: str) -> dict[str, Any]:
+    if path is None or not Path(path).is_file():
+        return {}
+    data = json.loads(Path(path).read_text())
+    return data["runs"] if data.get("settings") == settings else {}
+
+
+def _save_partial(path, settings: str, runs: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "runs": runs}))
+    os.replace(tmp, path)
 
 
 def recovery(score: float | None, base: float | None, none: float | None) -> dict[str, float | None]:
@@ -92,6 +109,7 @@ def diagnose(
     max_length: int | None = None,
     check: bool = True,
     dtype=None,
+    partial: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Benchmarks per component mode, recoveries and context lengths: ``{"info", "runs", "table", "lengths", "seconds"}``.
@@ -105,6 +123,8 @@ def diagnose(
             recorded in the converted directory's ``summary.json``, or ``model`` itself when it is a
             base model. ``False``: no base run.
         dtype: the torch dtype models given by name are loaded in (default float32).
+        partial: a JSON file that keeps each finished run (base, modes) as soon as it ends; a call with
+            the same benchmark settings skips what it holds, so an interrupted diagnosis resumes.
         Others as in :func:`linearize.evaluate.harness.evaluate`.
     """
     import linearize
@@ -119,13 +139,23 @@ def diagnose(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    settings = json.dumps({"tasks": tasks, "limit": limit, "seed": seed, "bootstrap": bootstrap, "max_length": max_length})
+    done = _load_partial(partial, settings)
+
     def timed(label, fn):
+        if label in done:
+            runs[label], seconds[label] = done[label]["report"], done[label]["seconds"]
+            say(f"[diagnose] {label}: average {100 * runs[label]['average']['value']:.2f} (from {partial})")
+            return
         t = time.perf_counter()
         say(f"[diagnose] {label} ...")
         runs[label] = fn()
         seconds[label] = time.perf_counter() - t
         avg = runs[label]["average"]["value"]
         say(f"[diagnose] {label}: average {100 * avg:.2f} ({seconds[label]:.0f} s)")
+        if partial is not None:
+            done[label] = {"report": runs[label], "seconds": seconds[label]}
+            _save_partial(partial, settings, done)
 
     import torch
 
@@ -144,6 +174,8 @@ def diagnose(
         spec = base if base is not None else info["base"]
         if isinstance(spec, dict):  # a report computed before
             runs["base"], seconds["base"] = spec, 0.0
+        elif "base" in done:
+            timed("base", None)
         else:
             if isinstance(spec, tuple):
                 bmodel, btok = spec

@@ -217,17 +217,25 @@ def continuation_scorer():
                         raise LinearizeError(f"{type(self.model).__name__} changes the shape after its output "
                                              "embedding; run with batch_size='auto' to use lm-eval's own scoring")
                     logp = F.log_softmax(logits.float(), dim=-1)
+                    positions, targets, owners = [], [], []  # every request's rows of `logp`, gathered at once
                     for toks, (first, n) in zip(batch, spans):
                         for i in inputs[toks]:
-                            (string, _, continuation) = requests[i]
-                            target = torch.tensor(continuation, device=logp.device)
-                            picked = logp[first + n - len(continuation):first + n]
-                            answer = (float(picked.gather(1, target[:, None]).sum()),
-                                      bool((picked.argmax(-1) == target).all()))
-                            results[i] = answer
-                            if string is not None:
-                                self.cache_hook.add_partial("loglikelihood", string, answer)
-                            pbar.update(1)
+                            continuation = requests[i][2]
+                            positions += range(first + n - len(continuation), first + n)
+                            targets += continuation
+                            owners.append((i, len(continuation)))
+                    positions = torch.tensor(positions, device=logp.device)
+                    targets = torch.tensor(targets, device=logp.device)
+                    picked = logp[positions, targets].cpu()
+                    greedy = (logp.argmax(-1)[positions] == targets).cpu()
+                    at = 0
+                    for i, length in owners:
+                        answer = (float(picked[at:at + length].sum()), bool(greedy[at:at + length].all()))
+                        at += length
+                        results[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                        pbar.update(1)
             finally:
                 hook.remove()
                 pbar.close()

@@ -146,7 +146,8 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
     if not resume and acc.is_main_process and log.path.exists():
         log.path.unlink()
     summary: dict[str, Any] = {"recipe": resolved["name"], "preset": resolved.get("preset"), "seed": seed,
-                               "device": str(acc.device), "processes": acc.num_processes}
+                               "device": str(acc.device), "processes": acc.num_processes,
+                               "distributed": rt["distributed"]}
 
     # -- model and data ----------------------------------------------------------------------------
     loop.seed_everything(seed)
@@ -204,7 +205,7 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
         loop.seed_everything(seed + 2)
         params = transfer.trainable_transfer_params(model, s1["train_feature_maps"], s1["train_mixing"])
         xfer = transfer.AttentionTransfer(model, s1["objective"], s1["loss_scale"], int(s1["query_block"]))
-        spec = loop.LoopSpec.from_recipe("stage1", s1, seed)
+        spec = loop.LoopSpec.from_recipe("stage1", s1, seed, distributed=rt["distributed"])
         with xfer:
             trainer = loop.Trainer(model=model, params=params, data=train_rows, loss_fn=transfer.transfer_loss_fn(xfer),
                                    spec=spec, ckpt_dir=out / "checkpoints" / "stage1", accelerator=acc, log=log,
@@ -226,7 +227,8 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
                                                train_mixing=s2["train_mixing"])
         ssd = ssd_mod.SSDSchedule.from_recipe(s2["ssd"], seed) if s2["ssd"]["enabled"] else None
         es = s2["early_stopping"]
-        spec = loop.LoopSpec.from_recipe("stage2", s2, seed, eval_every=int(es["eval_every"]), early_stopping=es)
+        spec = loop.LoopSpec.from_recipe("stage2", s2, seed, eval_every=int(es["eval_every"]), early_stopping=es,
+                                         distributed=rt["distributed"])
         trainer = loop.Trainer(model=model, params=params, data=train_rows,
                                loss_fn=finetune.finetune_loss_fn(model, chunk=int(s2["loss_chunk"]), ssd=ssd),
                                spec=spec, ckpt_dir=out / "checkpoints" / "stage2", accelerator=acc, log=log,

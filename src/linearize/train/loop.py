@@ -2,9 +2,19 @@
 
 - `accelerate` picks the device and the processes: the same code runs on CPU, one GPU, or several
   processes (``accelerate launch`` / torchrun; gloo on CPU, NCCL on GPU). Each optimizer step consumes
-  ``batch_size * grad_accum`` packed rows of the *global* batch; a process takes every ``world``-th row of
-  each micro-batch, and the gradients of the trainable parameters are averaged over processes with one
-  all-reduce (plain data parallelism; no DDP wrapper, so hooks and peft wrappers stay untouched).
+  ``batch_size * grad_accum`` packed rows of the *global* batch; each process takes an equal share.
+  How the processes share the work (``runtime.distributed`` in a recipe; one process trains the model as it is):
+
+  - ``allreduce``: every process holds the whole model; after the step's backward passes the trainable
+    parameters' gradients are averaged with one all-reduce.
+  - ``ddp``: torch DistributedDataParallel; the gradients are averaged in buckets while the backward pass
+    runs (overlapping communication with compute), once per optimizer step.
+  - ``fsdp``: FSDP2 (``fully_shard``) per decoder layer, then the rest of the model: parameters, gradients
+    and optimizer states are sharded over the processes and a layer is whole only while it computes. After
+    the stage the model is whole again on every process (evaluation, LoRA, saving work as before).
+
+  All three give the same steps (to float rounding); checkpoints hold whole tensors whatever the strategy
+  and the number of processes.
 - AdamW, gradient clipping (1.0), optional warmup + cosine/linear decay.
 - The row order is a function of ``(seed, epoch)`` and the step number, so a run is reproducible and
   ``resume`` continues exactly: a checkpoint holds the trainable parameters, the optimizer and scheduler
@@ -22,14 +32,22 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from linearize.errors import LinearizeError, TrainingDivergedError
+from linearize.models.convert import decoder_layers
+from linearize.train.recipes import DISTRIBUTED
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -58,16 +76,18 @@ class LoopSpec:
     eval_every: int = 0
     early_stopping: dict | None = None  # {enabled, patience, min_delta, metric}
     seed: int = 0
+    distributed: str = "allreduce"  # allreduce | ddp | fsdp: how several processes share the work
 
     @classmethod
-    def from_recipe(cls, name: str, stage: dict, seed: int, eval_every: int = 0, early_stopping: dict | None = None) -> "LoopSpec":
+    def from_recipe(cls, name: str, stage: dict, seed: int, eval_every: int = 0, early_stopping: dict | None = None,
+                    distributed: str = "allreduce") -> "LoopSpec":
         keys = ("lr", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip", "batch_size", "grad_accum", "epochs",
                 "max_steps", "checkpoint_every", "log_every")
         kwargs = {k: stage[k] for k in keys}
         kwargs["lr"] = float(kwargs["lr"])
         kwargs["weight_decay"] = float(kwargs["weight_decay"])
         return cls(name=name, betas=tuple(float(b) for b in stage["betas"]), seed=seed, eval_every=eval_every,
-                   early_stopping=early_stopping, **kwargs)
+                   early_stopping=early_stopping, distributed=distributed, **kwargs)
 
     @property
     def rows_per_step(self) -> int:
@@ -188,6 +208,57 @@ def _lr_lambda(spec: LoopSpec, total: int) -> Callable[[int], float]:
     return f
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard (DTensor) gathered into the whole tensor -- a collective, every process calls it."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _as_held(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`value`, a whole tensor from a checkpoint, as `p` holds it: this process's shard where FSDP2 shards `p`."""
+    if isinstance(p, DTensor) and value.shape == p.shape:
+        return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return value
+
+
+def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers FSDP2 shards one by one (none for a model that is not a transformers decoder)."""
+    return decoder_layers(model) if hasattr(model, "get_decoder") else []
+
+
+class _Forward(torch.nn.Module):
+    """What DDP / FSDP2 wrap: holds the model; its forward runs `fn()` (a micro-batch's loss, or a validation).
+
+    The loss functions call the decoder and the LM head (and stage 1's hooks) directly, so a wrapper around
+    the model's own forward would never run: DDP prepares its gradient reduction in the wrapper's forward and
+    FSDP2's root all-gathers the parameters outside the decoder layers there.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable):
+        return fn()
+
+
+class _Layer(torch.nn.Module):
+    """A decoder layer in a shell that FSDP2 marks (class, hooks, state) instead of the model's own layer, so
+    putting the layer back after the stage leaves the model as it was."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # the decoder (and get_parameter) reach through to the layer's attributes
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.layer, name)
+
+
 @dataclass
 class StageResult:
     name: str
@@ -214,6 +285,8 @@ class Trainer:
     rows_per_step rows) and returns (loss, info): `loss` is the mean
     over the local rows (a scalar tensor), `info` a dict of floats to log. `eval_fn(step)` returns
     {name: float} validation losses. `before_step(ctx)` runs before each micro-batch (SSD draws).
+    `params` are the trainable parameters by their `model.named_parameters()` names; after `run()` they hold
+    the trained values and the model is as it was given, whatever `spec.distributed`.
     """
 
     def __init__(self, *, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], data: torch.Tensor,
@@ -221,7 +294,7 @@ class Trainer:
                  eval_fn: Callable | None = None, show_progress: bool = True, counter: StepCounter | None = None):
         if not params:
             raise LinearizeError(f"{spec.name}: no trainable parameters")
-        self.model, self.params, self.data, self.loss_fn, self.spec = model, params, data, loss_fn, spec
+        self.model, self.data, self.loss_fn, self.spec = model, data, loss_fn, spec
         self.ckpt_dir = Path(ckpt_dir)
         self.acc = accelerator
         self.log = log
@@ -233,7 +306,13 @@ class Trainer:
         if spec.rows_per_step % self.world:
             raise LinearizeError(f"{spec.name}: batch_size x grad_accum = {spec.rows_per_step} rows per step must be a "
                                  f"multiple of the number of processes ({self.world}); each takes an equal share")
-        plist = list(params.values())
+        if spec.distributed not in DISTRIBUTED:
+            raise LinearizeError(f"{spec.name}: distributed={spec.distributed!r}; expected one of {DISTRIBUTED}")
+        self.given = params
+        self.runner = self._parallel(model)
+        # what the optimizer updates: the given parameters, or under FSDP2 the shards (DTensors) now in their place
+        self.params = {n: model.get_parameter(n) for n in params}
+        plist = list(self.params.values())
         self.optimizer = torch.optim.AdamW(plist, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
         self.total = spec.total_steps(len(data))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(spec, self.total))
@@ -242,9 +321,61 @@ class Trainer:
         self.early = bool(es.get("enabled"))
         self.evals_since_best = 0
 
+    # -- processes -------------------------------------------------------------------------------
+    def _parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module each micro-batch and validation runs through (see the module docstring)."""
+        runner = _Forward(model)
+        if self.world == 1 or self.spec.distributed == "allreduce":
+            return runner
+        if self.spec.distributed == "ddp":
+            # find_unused_parameters: which trainable parameters a step uses depends on the recipe (the `weights` and
+            # `output` objectives never use gamma / the gate) and on the SSD draw (a la_only layer skips them).
+            # init_sync=False: every process built the same model from the same seeds (as `allreduce` assumes), so
+            # the whole, mostly frozen, model is not broadcast
+            return DistributedDataParallel(runner, find_unused_parameters=True, init_sync=False)
+        mesh = init_device_mesh(self.acc.device.type, (self.world,))
+        layers = _layers(model)
+        for i, layer in enumerate(layers):
+            layers[i] = fully_shard(_Layer(layer), mesh=mesh)
+        fully_shard(runner, mesh=mesh)
+        # a process can leave a trainable parameter unused where another uses it (SSD per row): every process
+        # must reduce-scatter the same parameters, with zeros for its unused ones
+        runner.set_reduce_scatter_unused_params(True)
+        return runner
+
+    def _release(self) -> None:
+        """The model as the caller gave it, whole on every process: FSDP2's shells out, the shards gathered (the
+        trained parameters into the given parameter objects, tied weights kept tied)."""
+        runner, self.runner = self.runner, None
+        if not isinstance(runner, FSDPModule):
+            return
+        layers = _layers(self.model)
+        for module in (runner, *layers):
+            module.reshard()  # a root left whole by a validation registers its shards again
+        whole = {}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                whole[id(p)] = self.given[name].copy_(p.full_tensor())
+        for module in self.model.modules():
+            for attr, p in list(module.named_parameters(recurse=False)):
+                if isinstance(p, DTensor):
+                    if id(p) not in whole:
+                        whole[id(p)] = torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                    setattr(module, attr, whole[id(p)])
+        for i, shell in enumerate(layers):
+            layers[i] = shell.layer
+        self.params = self.given
+
     # -- state -----------------------------------------------------------------------------------
     def param_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.params.items()}
+        """Whole copies of the trained parameters (on CPU); a collective under FSDP2."""
+        return {n: _whole(p.detach()).cpu().clone() for n, p in self.params.items()}
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict with whole tensors; a collective under FSDP2."""
+        state = self.optimizer.state_dict()
+        state["state"] = {i: {k: _whole(v) for k, v in s.items()} for i, s in state["state"].items()}
+        return state
 
     def load_param_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.params) - set(state)
@@ -252,14 +383,15 @@ class Trainer:
             raise LinearizeError(f"{self.spec.name}: checkpoint lacks parameters {sorted(missing)[:3]} ...")
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+                p.copy_(_as_held(state[n], p))
 
     def save_checkpoint(self, step: int) -> None:
+        params, optimizer = self.param_state(), self.optimizer_state()
         if self.acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_save({
-                "stage": self.spec.name, "step": step, "params": self.param_state(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "stage": self.spec.name, "step": step, "params": params,
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "result": self.result.to_dict(), "evals_since_best": self.evals_since_best, "world": self.world,
                 # the data position follows from the step: epoch = step // steps_per_epoch, rows from epoch_order()
                 "data_position": {"epoch": step // self.spec.steps_per_epoch(len(self.data)),
@@ -273,7 +405,10 @@ class Trainer:
             return 0
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.load_param_state(state["params"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        plist, optimizer = list(self.params.values()), state["optimizer"]
+        optimizer["state"] = {i: {k: _as_held(v, plist[i]) for k, v in s.items()}
+                              for i, s in optimizer["state"].items()}
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         for k, v in state["result"].items():
@@ -284,16 +419,11 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------------
     def _all_reduce_grads(self) -> None:
-        if self.world == 1:
+        if self.world == 1 or self.spec.distributed != "allreduce":
             return
         import torch.distributed as dist
 
-        grads = []
-        for p in self.params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad.reshape(-1))
-        flat = torch.cat(grads)
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params.values()])
         dist.all_reduce(flat)
         flat /= self.world
         offset = 0
@@ -343,25 +473,34 @@ class Trainer:
             ctx = {"step": step, "micro": micro, "epoch": epoch, "total_steps": self.total, "rows": rows,
                    "positions": positions, "rows_per_step": spec.rows_per_step}
             batch = self.data[rows].to(self.acc.device)
-            with self.acc.autocast():
-                loss, info = self.loss_fn(batch, ctx)
-            # each micro loss is a mean over its rows: weight by its share of this process's rows, so the
-            # gradient (averaged over processes) is that of the mean over the step's rows
-            (loss * (len(rows) / share)).backward()
+            # DDP reduces the gradients once per step, after the last micro-batch; FSDP2 reduce-scatters every
+            # micro-batch's, so that only the shards accumulate
+            ddp_accumulate = isinstance(self.runner, DistributedDataParallel) and micro < len(micro_batches) - 1
+            with self.runner.no_sync() if ddp_accumulate else nullcontext():
+                with self.acc.autocast():
+                    loss, info = self.runner(partial(self.loss_fn, batch, ctx))
+                # each micro loss is a mean over its rows: weight by its share of this process's rows, so the
+                # gradient (averaged over processes) is that of the mean over the step's rows
+                (loss * (len(rows) / share)).backward()
             losses.append(float(loss.detach()) * len(rows) / share)
             for k, v in (info or {}).items():
                 infos.setdefault(k, []).append(float(v))
+        plist = list(self.params.values())
+        for p in plist:
+            # a parameter no row of the step used gets a zero gradient, so the optimizer treats it the same
+            # whatever the number of processes and the strategy
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         self._all_reduce_grads()
         loss = self._mean_across(sum(losses))
         if not math.isfinite(loss):
             raise self._diverged(step, "the loss", loss)
-        plist = list(self.params.values())
-        if spec.grad_clip:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(plist, spec.grad_clip))
-        else:
-            gnorm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in plist if p.grad is not None)))
+        norm = _whole(torch.nn.utils.get_total_norm([p.grad for p in plist]))
+        gnorm = float(norm)
         if not math.isfinite(gnorm):
             raise self._diverged(step, "the gradient norm", gnorm)
+        if spec.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(plist, spec.grad_clip, norm)
         self.optimizer.step()
         self.scheduler.step()
         info = {k: sum(v) / len(v) for k, v in infos.items()}
@@ -373,7 +512,8 @@ class Trainer:
         if self.eval_fn is None:
             return False
         self.model.eval()
-        values = self.eval_fn(step)
+        with torch.no_grad():
+            values = self.runner(partial(self.eval_fn, step))
         self.result.evals.append({"step": step, **values})
         record = {"stage": self.spec.name, "step": step, "event": "eval", "val": values}
         es = self.spec.early_stopping or {}
@@ -383,9 +523,10 @@ class Trainer:
             if best is None or metric < best - float(es.get("min_delta", 0.0)):
                 self.result.best_metric, self.result.best_step = metric, step
                 self.evals_since_best = 0
+                params = self.param_state()
                 if self.acc.is_main_process:
                     self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-                    atomic_save({"step": step, "metric": metric, "params": self.param_state()}, self.ckpt_dir / BEST)
+                    atomic_save({"step": step, "metric": metric, "params": params}, self.ckpt_dir / BEST)
                 self.acc.wait_for_everyone()
                 record["best"] = True
             else:
@@ -401,6 +542,13 @@ class Trainer:
             self.load_param_state(torch.load(path, map_location="cpu", weights_only=False)["params"])
 
     def run(self, resume: bool = False) -> StageResult:
+        """Train the stage (or, resuming, take its final parameters); then the model is whole again (on a
+        divergence or interruption the process stops with the model as it is)."""
+        result = self._train(resume)
+        self._release()
+        return result
+
+    def _train(self, resume: bool) -> StageResult:
         spec = self.spec
         final = self.ckpt_dir / FINAL
         if resume and final.is_file():  # this stage finished in an earlier invocation
@@ -452,7 +600,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        params = self.param_state()
         if self.acc.is_main_process:
-            atomic_save({"params": self.param_state(), "result": self.result.to_dict()}, final)
+            atomic_save({"params": params, "result": self.result.to_dict()}, final)
         self.acc.wait_for_everyone()
         return self.result

@@ -33,6 +33,7 @@ RECIPE_DIR = Path(__file__).with_name("recipes")
 OBJECTIVES = ("weights", "output", "hybrid_output")
 GRANULARITIES = ("step", "layer", "sample")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+DISTRIBUTED = ("allreduce", "ddp", "fsdp")
 
 _LOOP = {
     "lr": 1e-2,
@@ -111,6 +112,11 @@ DEFAULTS: dict[str, Any] = {
         "cpu": False,  # force CPU even when a GPU is present
         "show_progress": True,
         "dtype": "float32",  # dtype the base model is loaded in
+        # how several processes (accelerate launch / torchrun) share each step; one process ignores it.
+        # allreduce: whole model per process, gradients averaged after the backward passes;
+        # ddp: torch DistributedDataParallel, gradient buckets averaged while the backward pass runs;
+        # fsdp: FSDP2, parameters / gradients / optimizer states sharded per decoder layer during training
+        "distributed": "allreduce",
     },
 }
 
@@ -249,6 +255,8 @@ def validate(recipe: dict) -> None:
             raise RecipeError(f"{name}.max_steps must be null or an integer >= 0")
         if float(stage["lr"]) <= 0:
             raise RecipeError(f"{name}.lr must be > 0")
+    if recipe["runtime"]["distributed"] not in DISTRIBUTED:
+        raise RecipeError(f"runtime.distributed={recipe['runtime']['distributed']!r}; expected one of {DISTRIBUTED}")
     ssd = s2["ssd"]
     if ssd["granularity"] not in GRANULARITIES:
         raise RecipeError(f"stage2.ssd.granularity={ssd['granularity']!r}; expected one of {GRANULARITIES}")

@@ -104,7 +104,9 @@ def test_missing_data_dir(tmp_path, monkeypatch, tok):
     with pytest.raises(LinearizeError, match="LINEARIZE_DATA"):
         D.default_data_dir()
     monkeypatch.delenv("LINEARIZE_DATA")
-    monkeypatch.setattr(D, "_data_dir_candidates", lambda: [("a", tmp_path / "x"), ("b", tmp_path / "y")])
+    import linearize.data_dir
+
+    monkeypatch.setattr(linearize.data_dir, "candidates", lambda: [("a", tmp_path / "x"), ("b", tmp_path / "y")])
     with pytest.raises(LinearizeError) as e:
         D.default_data_dir()
     assert str(tmp_path / "x") in str(e.value) and str(tmp_path / "y") in str(e.value)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from linearize.data_dir import DATA_ENV, default_data_dir
 from linearize.errors import LinearizeError
 from linearize.evaluate.tasks import (
     MMLU_CATEGORIES,
@@ -58,37 +58,6 @@ HEADLINE_METRICS: dict[str, str] = {
     "winogrande": "acc",
     "mmlu": "acc",
 }
-
-#: Environment variable that names the benchmark data directory.
-DATA_ENV = "LINEARIZE_DATA"
-
-_FALLBACK_DATA_DIR = Path("/work/shared/data")
-
-
-def default_data_dir() -> Path:
-    """The benchmark data directory.
-
-    Tried in order: ``$LINEARIZE_DATA`` (must exist when set), ``<repo>/../shared/data``
-    where ``<repo>`` is the checkout holding this source file (``src/linearize/...``),
-    ``../shared/data`` relative to the current directory, then ``/work/shared/data``.
-    Raises :class:`DataNotFoundError` naming every place tried.
-    """
-    env = os.environ.get(DATA_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise DataNotFoundError(f"${DATA_ENV}={env!r} is not a directory")
-        return path.resolve()
-    repo = Path(__file__).resolve().parents[3]  # <repo>/src/linearize/evaluate/harness.py
-    candidates = [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", _FALLBACK_DATA_DIR]
-    for path in candidates:
-        if path.is_dir():
-            return path.resolve()
-    raise DataNotFoundError(
-        f"no benchmark data directory: set ${DATA_ENV} or pass data_dir=...; tried "
-        + ", ".join(str(p) for p in candidates)
-    )
-
 
 def headline_metric(name: str) -> str:
     """The conventional metric of benchmark ``name`` (``mmlu_<anything>`` -> ``acc``)."""

@@ -112,6 +112,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from linearize.data_dir import default_data_dir
 from linearize.errors import LinearizeError
 
 __all__ = [
@@ -148,41 +149,6 @@ _PROBE_TEXT = "The quick brown fox — 12,345 jumps!\n\tdéjà vu 日本語 ### 
 # --------------------------------------------------------------------------------------------
 # Data directory
 # --------------------------------------------------------------------------------------------
-
-
-def _data_dir_candidates() -> list[tuple[str, Path]]:
-    repo_root = Path(__file__).resolve().parents[3]
-    return [
-        ("<repo root>/../shared/data", repo_root.parent / "shared" / "data"),
-        ("<cwd>/../shared/data", Path.cwd().parent / "shared" / "data"),
-    ]
-
-
-def default_data_dir() -> Path:
-    """The local data directory: ``$LINEARIZE_DATA``, else ``<repo root>/../shared/data``
-    (located from this file), else ``../shared/data`` relative to the working directory.
-
-    Raises :class:`LinearizeError` naming every place tried.
-    """
-    env = os.environ.get("LINEARIZE_DATA")
-    if env:
-        p = Path(env).expanduser()
-        if p.is_dir():
-            return p.resolve()
-        raise LinearizeError(
-            f"LINEARIZE_DATA={env!r} is not a directory. Point it at the shared data directory "
-            "(the one holding sharegpt/, c4_demo/, ...) or unset it."
-        )
-    tried = []
-    for label, p in _data_dir_candidates():
-        if p.is_dir():
-            return p.resolve()
-        tried.append(f"{label} = {p}")
-    raise LinearizeError(
-        "No data directory found. Tried: $LINEARIZE_DATA (unset); "
-        + "; ".join(tried)
-        + ". Set LINEARIZE_DATA or pass data_dir=."
-    )
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:

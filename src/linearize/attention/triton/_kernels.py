@@ -658,7 +658,6 @@ def hybrid_decode_kernel(
     offs_l = tl.arange(0, BL)
     lbuf = offs_l < L
     lcur = offs_l == L
-    lm = lbuf | lcur
     vb = tl.load(BUFVALID + b * L + offs_l, mask=lbuf, other=0)
     vn = tl.load(VALIDN + b + offs_l * 0, mask=lcur, other=0)
     wvalid = (lbuf & (vb != 0)) | (lcur & (vn != 0))

@@ -31,6 +31,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from linearize.data_dir import DataNotFoundError
 from linearize.errors import LinearizeError
 
 __all__ = [
@@ -73,10 +74,6 @@ DATA_FILES: dict[str, tuple[str, ...]] = {
     "winogrande": ("winogrande/validation.jsonl",),
     "mmlu": tuple(f"mmlu/{s}.jsonl" for s in _MMLU_SPLITS),
 }
-
-
-class DataNotFoundError(LinearizeError, FileNotFoundError):
-    """A benchmark data directory or file that does not exist."""
 
 
 def lm_eval_tasks_dir() -> Path:

@@ -59,7 +59,9 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
             "data.train_tokens=256", "data.val_tokens=64", "stage1.batch_size=2", "stage1.grad_accum=1", "stage1.max_steps=2",
             "stage2.batch_size=2", "stage2.grad_accum=1", "stage2.max_steps=2", "runtime.cpu=true", "runtime.show_progress=false")
     for name in ("t1", "t2"):
-        monkeypatch.setitem(study.TABLES, name, study.StudyTable(name, (study.StudyRun("ssd", "ssd", tiny, ("hybrid", "la_only")),)))
+        runs = (study.StudyRun("ssd", "ssd", tiny, ("hybrid", "la_only")),
+                study.StudyRun("ssd-again", "ssd", (*tiny, "stage2.ssd.enabled=true")))  # the same resolved recipe
+        monkeypatch.setitem(study.TABLES, name, study.StudyTable(name, runs))
     calls = []
     real = diagnose_mod.evaluate
 
@@ -82,6 +84,7 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "study" / "t1" / "ssd-seed0" / "diagnose" / "diagnose.json").read_text())
     assert list(record["runs"]) == ["base", "hybrid", "la_only"]
     assert "ssd-seed0" in table_md.read_text()
+    assert not (tmp_path / "study" / "t1" / "ssd-again-seed0").exists()  # same recipe: neither trained nor diagnosed
     study.execute("t1", **kwargs)
     assert len(calls) == 1  # finished: nothing trained or evaluated again
     study.execute("t2", **kwargs)

@@ -120,14 +120,22 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
     from linearize.evaluate.harness import TASKS
     from linearize.evaluate.report import run_metadata, side_by_side, write_record
     from linearize.train import run_recipe
+    from linearize.train.recipes import load_recipe
 
     root = Path(out) / table
     spec = TABLES[table]
     tasks = list(tasks or TASKS)
     base_key = json.dumps({"model": str(model), "tasks": tasks, "limit": limit})
     records = []
+    trained: dict[str, Path] = {}  # resolved recipe -> its run directory
     for run, seed in plan(table, seeds).jobs:
         path = run_dir(root, run, seed)
+        resolved = json.dumps(load_recipe(run.recipe, [*run.overrides, f"seed={seed}"], preset), sort_keys=True,
+                              default=str)
+        if resolved in trained:  # e.g. the SSD grid's default schedule at the preset's epochs is the headline run
+            say(f"[study] {table}: {path.name} is the same run as {trained[resolved].name}; not repeated")
+            continue
+        trained[resolved] = path
         record = path / "diagnose" / "diagnose.json"
         if not (path / "summary.json").is_file():
             say(f"[study] {table}: training {path.name} ({run.recipe} {' '.join(run.overrides)})")

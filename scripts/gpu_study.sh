@@ -3,6 +3,7 @@
 # in a single process), each for at most SECONDS. `linearize study` is resumable: call this again with the
 # same OUT to continue where a cut-off left off.
 #   usage: scripts/gpu_study.sh MODEL OUT SECONDS TABLE... [-- extra `linearize study` options]
+# Run from an exported copy of the sources (no git checkout)? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
 model=$1 out=$2 seconds=$3; shift 3
 tables=()

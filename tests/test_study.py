@@ -84,6 +84,9 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "study" / "t1" / "ssd-seed0" / "diagnose" / "diagnose.json").read_text())
     assert list(record["runs"]) == ["base", "hybrid", "la_only"]
     assert "ssd-seed0" in table_md.read_text()
+    for path in ("base_reports.json", "t1/ssd-seed0/diagnose/partial.json", "t1/ssd-seed0/summary.json"):
+        record = json.loads((tmp_path / "study" / path).read_text())
+        assert record["commit"] and record["device"] == "cpu", path
     assert not (tmp_path / "study" / "t1" / "ssd-again-seed0").exists()  # same recipe: neither trained nor diagnosed
     study.execute("t1", **kwargs)
     assert len(calls) == 1  # finished: nothing trained or evaluated again

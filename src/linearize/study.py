@@ -94,17 +94,21 @@ def _base_reports(out: Path) -> Path:
 
 
 def load_base_report(out: Path, key: str) -> dict | None:
-    """The base model's benchmark report for ``key`` (model, tasks, limit, seed), if a run computed it."""
+    """The base model's benchmark report for ``key`` (model, tasks, limit), if a run computed it."""
     path = _base_reports(out)
-    return json.loads(path.read_text()).get(key) if path.is_file() else None
+    entry = json.loads(path.read_text())["reports"].get(key) if path.is_file() else None
+    return entry["report"] if entry else None
 
 
-def store_base_report(out: Path, key: str, report: dict) -> None:
+def store_base_report(out: Path, key: str, report: dict, device: str) -> None:
+    from linearize.evaluate.report import git_commit
+
     path = _base_reports(out)
-    reports = json.loads(path.read_text()) if path.is_file() else {}
-    reports[key] = report
+    reports = json.loads(path.read_text())["reports"] if path.is_file() else {}
+    provenance = {**git_commit(), "device": device}
+    reports[key] = {**provenance, "report": report}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several tables may run at once
-    tmp.write_text(json.dumps(reports))
+    tmp.write_text(json.dumps({**provenance, "reports": reports}))  # top level: the latest writer
     os.replace(tmp, path)
 
 
@@ -147,7 +151,7 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
                               base=load_base_report(Path(out), base_key) or model, data_dir=data_dir,
                               batch_size=batch_size, dtype=dtype, partial=path / "diagnose" / "partial.json",
                               progress=say)
-            store_base_report(Path(out), base_key, result["runs"]["base"])
+            store_base_report(Path(out), base_key, result["runs"]["base"], result["device"])
             meta = run_metadata(model_info=result["info"], data_dir=data_dir, device=result["device"], seed=seed,
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             full = {"meta": meta, **result}

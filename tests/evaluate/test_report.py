@@ -23,6 +23,25 @@ def test_metadata_has_provenance():
     assert meta["recipe"] == "ssd" and "torch" in meta["versions"]
 
 
+def test_commit_of_a_source_copy_inside_another_checkout(tmp_path):
+    """An exported copy of the sources inside an unrelated repository reports $LINEARIZE_COMMIT, not that HEAD."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import linearize
+
+    outer = tmp_path / "outer"
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    shutil.copytree(Path(linearize.__file__).parent, outer / "copy" / "src" / "linearize")
+    code = "from linearize.evaluate.report import git_commit; print(git_commit())"
+    env = {**os.environ, "PYTHONPATH": str(outer / "copy" / "src"), "LINEARIZE_COMMIT": "abc123"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{'commit': 'abc123', 'dirty': None}"
+
+
 def test_write_read_and_side_by_side(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     rec_a = {"meta": run_metadata(model_info={"model": "runs/alpha"}, seed=1), "runs": {"hybrid": _bench(0.6),

@@ -63,6 +63,8 @@ def test_outputs_of_a_run(reference_run):
     saved = json.loads((out / "summary.json").read_text())
     assert set(saved["val"]) == {"hybrid", "swa_only", "la_only"}
     assert saved["tokens_per_s"]["stage1"] > 0 and saved["tokens_per_s"]["stage2"] > 0
+    for record in (saved, manifest):  # provenance of every results file
+        assert record["commit"] and record["device"] == "cpu"
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     s2 = [r for r in records if r.get("stage") == "stage2" and "loss" in r]
     assert all("ssd_p" in r and "swa_dropped" in r for r in s2)

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-peak", action="store_true")
     p.add_argument("--fla-configs", type=int, default=1, help="autotune configs kept per fla kernel (0: all)")
-    p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    p.add_argument("--commit", default=None, help="git commit to record (default: the checkout's HEAD, else $LINEARIZE_COMMIT)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,11 +56,13 @@ def _load_partial(path, settings: str) -> dict[str, Any]:
     return data["runs"] if data.get("settings") == settings else {}
 
 
-def _save_partial(path, settings: str, runs: dict[str, Any]) -> None:
+def _save_partial(path, settings: str, runs: dict[str, Any], device: str) -> None:
+    from linearize.evaluate.report import git_commit
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "runs": runs}))
+    tmp.write_text(json.dumps({**git_commit(), "device": device, "settings": settings, "runs": runs}))
     os.replace(tmp, path)
 
 
@@ -155,7 +157,7 @@ def diagnose(
         say(f"[diagnose] {label}: average {100 * avg:.2f} ({seconds[label]:.0f} s)")
         if partial is not None:
             done[label] = {"report": runs[label], "seconds": seconds[label]}
-            _save_partial(partial, settings, done)
+            _save_partial(partial, settings, done, str(model.device))
 
     import torch
 

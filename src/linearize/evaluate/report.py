@@ -28,17 +28,29 @@ KINDS = ("eval", "diagnose", "attribution", "probes")
 
 
 def git_commit() -> dict[str, Any]:
-    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding this source file."""
-    repo = Path(__file__).resolve().parents[3]
+    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding this source file.
+
+    Only a repository that tracks this file counts: a copy of the sources placed inside some other checkout
+    (e.g. an exported tree on a remote machine) would otherwise report that checkout's HEAD. Without one,
+    ``$LINEARIZE_COMMIT`` names the commit the copy was made from.
+    """
+    here = Path(__file__).resolve()
+    repo = here.parents[3]
+    fallback = {"commit": os.environ.get("LINEARIZE_COMMIT"), "dirty": None}
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if git("ls-files", "--error-unmatch", str(here)).returncode != 0:
+            return fallback
+        sha = git("rev-parse", "HEAD")
         if sha.returncode != 0:
-            return {"commit": os.environ.get("LINEARIZE_COMMIT"), "dirty": None}
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                capture_output=True, text=True, timeout=10)
+            return fallback
+        status = git("status", "--porcelain", "--untracked-files=no")
         return {"commit": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": os.environ.get("LINEARIZE_COMMIT"), "dirty": None}
+        return fallback
 
 
 def device_info(device: str | None = None) -> dict[str, Any]:

@@ -118,6 +118,7 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
 
     from linearize.config import HybridConfig
     from linearize.errors import LinearizeError
+    from linearize.evaluate.report import git_commit
     from linearize.models.convert import convert, hybrid_modules
     from linearize.train import finetune, loop, ssd as ssd_mod, transfer
     from linearize.train.recipes import dump_recipe, load_recipe as _load_recipe
@@ -145,9 +146,9 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
     log = loop.JsonlLog(out / "train_log.jsonl", enabled=acc.is_main_process)
     if not resume and acc.is_main_process and log.path.exists():
         log.path.unlink()
-    summary: dict[str, Any] = {"recipe": resolved["name"], "preset": resolved.get("preset"), "seed": seed,
-                               "device": str(acc.device), "processes": acc.num_processes,
-                               "distributed": rt["distributed"]}
+    provenance = {**git_commit(), "device": str(acc.device)}
+    summary: dict[str, Any] = {"recipe": resolved["name"], "preset": resolved.get("preset"), "seed": seed, **provenance,
+                               "processes": acc.num_processes, "distributed": rt["distributed"]}
 
     # -- model and data ----------------------------------------------------------------------------
     loop.seed_everything(seed)
@@ -178,7 +179,7 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
                     train_tokens=int(train_rows.numel()), val_tokens=int(val_rows.numel()))
     if acc.is_main_process:
         dump_recipe(resolved, out / "recipe.yaml")
-        (out / "data_manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        (out / "data_manifest.json").write_text(json.dumps({**manifest, **provenance}, indent=2, default=str))
     ecfg = resolved["eval"]
     s1, s2 = resolved["stage1"], resolved["stage2"]
 

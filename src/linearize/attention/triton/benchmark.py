@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -574,10 +571,9 @@ def environment(commit: str | None, argv) -> dict:
     except ImportError:
         pass
     if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except Exception:
-            commit = None
+        from linearize.evaluate.report import git_commit
+
+        commit = git_commit()["commit"]
     env["git_commit"] = commit or "unknown"
     return env
 

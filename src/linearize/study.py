@@ -8,7 +8,6 @@ Run sizes come from the recipe preset (`gpu-small` by default); `--seeds` repeat
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,15 +100,12 @@ def load_base_report(out: Path, key: str) -> dict | None:
 
 
 def store_base_report(out: Path, key: str, report: dict, device: str) -> None:
-    from linearize.evaluate.report import git_commit
+    from linearize.evaluate.report import git_commit, write_json_with_provenance
 
     path = _base_reports(out)
     reports = json.loads(path.read_text())["reports"] if path.is_file() else {}
-    provenance = {**git_commit(), "device": device}
-    reports[key] = {**provenance, "report": report}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several tables may run at once
-    tmp.write_text(json.dumps({**provenance, "reports": reports}))  # top level: the latest writer
-    os.replace(tmp, path)
+    reports[key] = {**git_commit(), "device": device, "report": report}
+    write_json_with_provenance(path, {"reports": reports}, device)  # top level: the latest writer
 
 
 def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "results/study", preset: str | None = "gpu-small",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +33,7 @@ import numpy as np
 
 from linearize.config import COMPONENT_MODES
 from linearize.evaluate.harness import TASKS, context_lengths, default_data_dir, evaluate, headline_metric
-from linearize.evaluate.report import fmt_pct, markdown_table
+from linearize.evaluate.report import fmt_pct, markdown_table, write_json_with_provenance
 
 __all__ = ["diagnose", "recovery", "diagnose_markdown", "PAPER_LABELS"]
 
@@ -54,16 +53,6 @@ def _load_partial(path, settings: str) -> dict[str, Any]:
         return {}
     data = json.loads(Path(path).read_text())
     return data["runs"] if data.get("settings") == settings else {}
-
-
-def _save_partial(path, settings: str, runs: dict[str, Any], device: str) -> None:
-    from linearize.evaluate.report import git_commit
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**git_commit(), "device": device, "settings": settings, "runs": runs}))
-    os.replace(tmp, path)
 
 
 def recovery(score: float | None, base: float | None, none: float | None) -> dict[str, float | None]:
@@ -157,7 +146,7 @@ def diagnose(
         say(f"[diagnose] {label}: average {100 * avg:.2f} ({seconds[label]:.0f} s)")
         if partial is not None:
             done[label] = {"report": runs[label], "seconds": seconds[label]}
-            _save_partial(partial, settings, done, str(model.device))
+            write_json_with_provenance(partial, {"settings": settings, "runs": done}, str(model.device))
 
     import torch
 

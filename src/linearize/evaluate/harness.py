@@ -206,7 +206,7 @@ def evaluate(
     # lm-eval refuses a task requested both alone and inside a requested group: run the
     # outermost ones only; the contained ones are reported from the group's results.
     outermost = [n for n in names if not any(m != n and n in _members(m) for m in names)]
-    counts = _leaf_limits(outermost, limit, manager.load([task_name(n) for n in outermost])["tasks"])
+    counts = None if limit is None else _leaf_limits(outermost, limit, manager.load([task_name(n) for n in outermost])["tasks"])
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=[task_name(n) for n in outermost],

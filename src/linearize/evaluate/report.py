@@ -118,6 +118,17 @@ def write_record(out_dir, kind: str, record: dict[str, Any], markdown: str) -> t
     return path, md
 
 
+def write_json_with_provenance(path, record: dict[str, Any], device: str) -> Path:
+    """Write ``record`` as JSON with this checkout's commit and ``device`` on top; atomically, so that a
+    reader (another process of a study) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_jsonable({**git_commit(), "device": device, **record})))
+    os.replace(tmp, path)
+    return path
+
+
 def save_figure(fig, path) -> Path:
     """Lay out, write (creating folders) and close a matplotlib figure; returns the path."""
     import matplotlib.pyplot as plt

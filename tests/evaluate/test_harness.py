@@ -93,6 +93,22 @@ def test_group_pools_its_subjects(model, tokenizer):
     assert again["average"]["metrics"] == {"mmlu_abstract_algebra": "acc", "mmlu_stem": "acc"}
 
 
+def test_repeated_evaluations_reuse_the_built_tasks(model, tokenizer, report, monkeypatch):
+    """A second evaluate() with the same tasks reads no data file again and gives the same report."""
+    from lm_eval.tasks import TaskManager
+
+    builds = []
+    real = TaskManager._load_spec
+    monkeypatch.setattr(TaskManager, "_load_spec", lambda self, spec: builds.append(spec) or real(self, spec))
+    args = (model, tokenizer, ["piqa", "arc_easy", "mmlu_abstract_algebra"])
+    kwargs = dict(limit=4, batch_size=4, data_dir=DATA, device="cpu")
+    first = evaluate(*args, **kwargs)
+    built = len(builds)
+    again = evaluate(*args, **kwargs)
+    assert len(builds) == built, "tasks rebuilt"
+    assert first == again == report
+
+
 def test_limit_counts_questions_per_benchmark():
     """An MMLU group spreads an integer limit over its subjects; a fraction applies to every task."""
     from types import SimpleNamespace

@@ -107,3 +107,36 @@ def test_ssd_hook_replaces_hybrid_by_la_only():
     torch.testing.assert_close(dropped, la)
     torch.testing.assert_close(per_sample[0], la[0])
     torch.testing.assert_close(per_sample[1], hybrid[1])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_auto_backend_takes_the_dense_path_for_short_rows_and_the_chunked_path_for_long_ones(family, monkeypatch):
+    import linearize.attention.module as module
+
+    chunked_lengths = []
+    real_chunked = module.hybrid_attention_chunked
+
+    def spy(q, *args, **kwargs):
+        chunked_lengths.append(q.shape[2])
+        return real_chunked(q, *args, **kwargs)
+
+    monkeypatch.setattr(module, "hybrid_attention_chunked", spy)
+    chunk = 8
+    threshold = module.DENSE_UP_TO_CHUNKS * chunk
+    ids = torch.randint(1, 128, (2, threshold + 9))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in one row
+    for mode in ("hybrid", "swa_only", "la_only", "sinks_only"):
+        logits = {}
+        for backend in ("auto", "reference"):
+            model = tiny_model(family)
+            linearize.convert(model, linearize.HybridConfig(window=6, chunk_size=chunk, backend=backend))
+            with torch.no_grad(), linearize.components(model, mode):
+                logits[backend] = model(ids, attention_mask=mask).logits
+                short = model(ids[:, :threshold]).logits
+            if backend == "auto":
+                assert set(chunked_lengths) == {ids.shape[1]}, "long rows chunked, short rows dense"
+                chunked_lengths.clear()
+                assert torch.isfinite(short).all()
+        assert chunked_lengths == []
+        assert (logits["auto"] - logits["reference"]).abs().max().item() < 1e-4, mode

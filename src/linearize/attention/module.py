@@ -23,6 +23,13 @@ from linearize.feature_maps import FeatureMap
 from linearize.models.adapters import FamilyAdapter, head_dim, layer_types
 
 
+#: With backend 'auto' off CUDA, rows of at most this many chunks take the quadratic path: on a 2-core CPU it is
+#: 3-6x faster than the chunked one up to T = 256 (chunk 64) and slower beyond (fp32, Gemma 3 270M head shapes).
+DENSE_UP_TO_CHUNKS = 4
+#: Component modes that read the feature maps.
+LINEAR_MODES = ("hybrid", "la_only")
+
+
 class PaddingContext:
     """The 2-D attention mask of the current forward, shared by all converted layers of a model.
 
@@ -120,12 +127,17 @@ class HybridAttention(nn.Module):
     def attend(self, q, k, v, weight, valid, mode: str) -> torch.Tensor:
         """The hybrid layer's per-head output (B, Hq, T, d) for one component mode, full sequence."""
         h = self.hybrid
-        qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         kwargs = dict(scale=self.scale, window=h.window, weight=weight, rule=h.combine, placement=h.placement,
                       mode=mode, num_sinks=h.num_sinks, valid=valid)
         backend = h.backend
         if backend == "auto":
             backend = "triton" if _triton_available(q) else "torch"
+            if backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * h.chunk_size:
+                backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
+        if mode in LINEAR_MODES or backend == "triton":
+            qf, kf = self.feature_map_q(q), self.feature_map_k(k)
+        else:  # these modes never read the features: skip the feature maps
+            qf, kf = q, k
         if backend == "triton" and q.dtype == torch.float32:
             # the kernels tile for 16-bit inputs (fp32 tiles of head_dim 256 overflow shared memory); under
             # autocast run them in its dtype, else fp32 takes the chunked PyTorch path
@@ -134,8 +146,6 @@ class HybridAttention(nn.Module):
                 q, k, v, qf, kf = (x.to(half) for x in (q, k, v, qf, kf))
             elif h.backend == "auto":
                 backend = "torch"
-        if backend == "reference":
-            return hybrid_attention_reference(q, k, v, qf, kf, **kwargs)
         if backend == "triton":
             from linearize.attention.triton import hybrid_attention_triton
 
@@ -143,7 +153,9 @@ class HybridAttention(nn.Module):
         dtype = q.dtype
         f32 = [x.float() for x in (q, k, v, qf, kf)]
         if torch.is_tensor(weight):
-            weight = weight.float()
+            kwargs["weight"] = weight.float()
+        if backend == "reference":
+            return hybrid_attention_reference(*f32, **kwargs).to(dtype)
         return hybrid_attention_chunked(*f32, chunk_size=h.chunk_size, **kwargs).to(dtype)
 
     def head_mode_list(self) -> list[str]:

@@ -34,6 +34,19 @@ def test_plan_repeats_headline_runs_per_seed():
         plan("nope")
 
 
+def test_runs_select_jobs_by_name_and_seed(tmp_path):
+    from linearize.study import is_trained
+
+    jobs = plan("remedies", (0, 1), runs=("ssd-0.75*", "hedgecats-seed1")).jobs
+    assert [f"{r.name}-seed{s}" for r, s in jobs] == [f"ssd-0.75-0.5-ep{e}-seed0" for e in (1, 2, 5)] + ["hedgecats-seed1"]
+    with pytest.raises(KeyError, match="no run"):
+        plan("remedies", runs=("nothing*",))
+    (tmp_path / "summary.json").write_text("{}")
+    assert not is_trained(tmp_path)  # a record copied without its weights: train again
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert is_trained(tmp_path)
+
+
 def test_dry_run_lists_the_runs(capsys):
     assert main(["study", "objectives", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -59,7 +72,7 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
             "data.train_tokens=256", "data.val_tokens=64", "stage1.batch_size=2", "stage1.grad_accum=1", "stage1.max_steps=2",
             "stage2.batch_size=2", "stage2.grad_accum=1", "stage2.max_steps=2", "runtime.cpu=true", "runtime.show_progress=false")
     for name in ("t1", "t2"):
-        runs = (study.StudyRun("ssd", "ssd", tiny, ("hybrid", "la_only")),
+        runs = (study.StudyRun("ssd", "ssd", tiny, ("hybrid", "la_only"), probes=name == "t1"),
                 study.StudyRun("ssd-again", "ssd", (*tiny, "stage2.ssd.enabled=true")))  # the same resolved recipe
         monkeypatch.setitem(study.TABLES, name, study.StudyTable(name, runs))
     calls = []
@@ -72,6 +85,8 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(diagnose_mod, "evaluate", counted)
+    monkeypatch.setattr(study, "PROBE_ARGS", ("--docs", "1", "--doc-len", "48", "--contexts", "128", "--trials", "1",
+                                              "--probe-modes", "hybrid", "--device", "cpu"))
     kwargs = dict(model=str(model_dir), out=tmp_path / "study", preset=None, limit=2, tasks=["piqa"], data_dir=str(DATA),
                   say=lambda _msg: None)
     interrupt = True
@@ -84,6 +99,8 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "study" / "t1" / "ssd-seed0" / "diagnose" / "diagnose.json").read_text())
     assert list(record["runs"]) == ["base", "hybrid", "la_only"]
     assert "ssd-seed0" in table_md.read_text()
+    probes = json.loads((tmp_path / "study" / "t1" / "ssd-seed0" / "probes" / "probes.json").read_text())
+    assert set(probes["position_loss"]["curves"]) == {"base", "hybrid"}  # the base model is probed too
     for path in ("base_reports.json", "t1/ssd-seed0/diagnose/partial.json", "t1/ssd-seed0/summary.json"):
         record = json.loads((tmp_path / "study" / path).read_text())
         assert record["commit"] and record["device"] == "cpu", path

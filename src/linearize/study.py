@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 ALL_MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
@@ -21,13 +22,13 @@ class StudyRun:
     overrides: tuple[str, ...] = ()
     modes: tuple[str, ...] = ALL_MODES
     headline: bool = False  # repeated for every seed
+    probes: bool = False  # long-context probes (per-position loss, passkey; base model included) after diagnosis
 
 
 @dataclass(frozen=True)
 class StudyTable:
     title: str
     runs: tuple[StudyRun, ...]
-    probes: bool = False  # long-context probes (per-position loss, passkey) for each run
     notes: str = ""
 
 
@@ -41,7 +42,7 @@ SCHEDULES = {"0.9-0.75-0.5": "[[0.0,0.9],[0.3333333333333333,0.75],[0.6666666666
 TABLES: dict[str, StudyTable] = {
     "diagnosis": StudyTable(
         "Table 1: the LoLCATs recipe in the five component modes",
-        (StudyRun("lolcats", "lolcats", headline=True),)),
+        (StudyRun("lolcats", "lolcats", headline=True, probes=True),)),
     "objectives": StudyTable(
         "Tables 2-4: transfer objective, feature-map size and activation, evaluated LA-only after stage 1",
         tuple(StudyRun(f"objective-{o}", "la-only", _stage1_only(f"stage1.objective={o}"), ("la_only", "none"))
@@ -51,21 +52,27 @@ TABLES: dict[str, StudyTable] = {
                 for a in ("exp", "relu", "elu1", "none"))),
     "inference-hybrid": StudyTable(
         "Inference-time hybridisation: an LA-only conversion with SWA added at inference (no training)",
-        (StudyRun("la-only", "la-only", headline=True),)),
+        (StudyRun("la-only", "la-only", headline=True, probes=True),)),
     "remedies": StudyTable(
         "HedgeCATs and SSD in the five modes; SSD schedules and early-stopping epochs",
-        (StudyRun("hedgecats", "hedgecats", headline=True), StudyRun("ssd", "ssd", headline=True))
+        (StudyRun("hedgecats", "hedgecats", headline=True, probes=True),
+         StudyRun("ssd", "ssd", headline=True, probes=True))
         + tuple(StudyRun(f"ssd-{name}-ep{ep}", "ssd", (f"stage2.ssd.schedule={sched}", f"stage2.epochs={ep}"),
                          ("hybrid", "swa_only", "la_only"))
                 for name, sched in SCHEDULES.items() for ep in (1, 2, 5))),
     "beyond": StudyTable(
-        "Beyond the paper: learned and input-dependent mixing vs fixed g = 0.5, and long-context probes",
+        "Beyond the paper: learned and input-dependent mixing vs fixed g = 0.5 (the headline runs of the other "
+        "tables carry the long-context probes)",
         tuple(StudyRun(f"ssd-mix-{gate}", "ssd", ("hybrid.combine=mix", f"hybrid.mix_gate={gate}",
-                                                  *(("stage2.train_mixing=true",) if gate != "fixed" else ())))
-              for gate in ("fixed", "learned", "dynamic"))
-        + (StudyRun("lolcats", "lolcats"), StudyRun("ssd", "ssd")),
-        probes=True),
+                                                  *(("stage2.train_mixing=true",) if gate != "fixed" else ())),
+                       probes=True)
+              for gate in ("fixed", "learned", "dynamic"))),
 }
+
+
+#: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on).
+PROBE_ARGS = ("--docs", "8", "--doc-len", "4096", "--contexts", "512,1024,2048,4096,8192", "--trials", "10",
+              "--probe-modes", "hybrid,swa_only,la_only")
 
 
 @dataclass
@@ -74,14 +81,26 @@ class StudyPlan:
     jobs: list[tuple[StudyRun, int]] = field(default_factory=list)  # (run, seed)
 
 
-def plan(table: str, seeds: tuple[int, ...] = (0,)) -> StudyPlan:
+def plan(table: str, seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None = None) -> StudyPlan:
+    """The (run, seed) jobs of `table`; `runs`: shell patterns on ``<run>-seed<seed>`` selecting some of them
+    (processes running disjoint parts of one table side by side)."""
     if table not in TABLES:
         raise KeyError(f"unknown study table {table!r}; known: {sorted(TABLES)}")
     result = StudyPlan(table)
     # every run once first, then the headline runs' extra seeds: a budget cut short still covers the table
     result.jobs = [(run, seeds[0]) for run in TABLES[table].runs]
     result.jobs += [(run, seed) for seed in seeds[1:] for run in TABLES[table].runs if run.headline]
+    if runs:
+        result.jobs = [(run, seed) for run, seed in result.jobs
+                       if any(fnmatch(f"{run.name}-seed{seed}", pattern) for pattern in runs)]
+        if not result.jobs:
+            raise KeyError(f"no run of table {table!r} matches {list(runs)}")
     return result
+
+
+def is_trained(path: Path) -> bool:
+    """A finished conversion: its summary and its weights (records copied without weights are not)."""
+    return (path / "summary.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def run_dir(out: Path, run: StudyRun, seed: int) -> Path:
@@ -109,12 +128,13 @@ def store_base_report(out: Path, key: str, report: dict, device: str) -> None:
 
 
 def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "results/study", preset: str | None = "gpu-small",
-            seeds: tuple[int, ...] = (0,), limit=None, tasks=None, data_dir=None, batch_size: int = 8, dtype=None,
-            say=print) -> Path:
+            seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None = None, limit=None, tasks=None, data_dir=None,
+            batch_size: int = 8, dtype=None, say=print) -> Path:
     """Train (or resume) every run of `table`, diagnose it, and write `<out>/<table>/table.md`.
 
     The base model is benchmarked once per (model, tasks, limit) and its report reused by every run and
-    table under `out`.
+    table under `out`. `runs` selects jobs by name (see :func:`plan`); `table.md` lists every diagnosed run of
+    the table, whichever process ran it.
     """
     from linearize.evaluate.diagnose import diagnose, diagnose_markdown
     from linearize.evaluate.harness import TASKS
@@ -126,9 +146,9 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
     spec = TABLES[table]
     tasks = list(tasks or TASKS)
     base_key = json.dumps({"model": str(model), "tasks": tasks, "limit": limit})
-    records = []
     trained: dict[str, Path] = {}  # resolved recipe -> its run directory
-    for run, seed in plan(table, seeds).jobs:
+    selected = plan(table, seeds, runs).jobs
+    for run, seed in plan(table, seeds).jobs:  # all of them: a duplicate is one of the whole table
         path = run_dir(root, run, seed)
         resolved = json.dumps(load_recipe(run.recipe, [*run.overrides, f"seed={seed}"], preset), sort_keys=True,
                               default=str)
@@ -136,8 +156,10 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             say(f"[study] {table}: {path.name} is the same run as {trained[resolved].name}; not repeated")
             continue
         trained[resolved] = path
+        if (run, seed) not in selected:
+            continue
         record = path / "diagnose" / "diagnose.json"
-        if not (path / "summary.json").is_file():
+        if not record.is_file() and not is_trained(path):
             say(f"[study] {table}: training {path.name} ({run.recipe} {' '.join(run.overrides)})")
             run_recipe(model, run.recipe, path, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
                        resume=path.is_dir() and any(path.iterdir()), data_dir=data_dir)
@@ -152,11 +174,14 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             full = {"meta": meta, **result}
             write_record(path / "diagnose", "diagnose", full, diagnose_markdown(full))
-        records.append(record)
-        if spec.probes and not (path / "probes").is_dir():
+        if run.probes and not (path / "probes" / "probes.json").is_file():
             from linearize.cli import main as cli
 
-            cli(["diagnose", "--model", str(path), "--no-base", "--what", "probes", "--out", str(path / "probes")])
+            say(f"[study] {table}: long-context probes of {path.name}")
+            if cli(["diagnose", "--model", str(path), "--base", str(model), "--what", "probes",
+                    "--out", str(path / "probes"), *PROBE_ARGS]) != 0:
+                raise RuntimeError(f"the long-context probes of {path} failed (see the messages above)")
+    records = [run_dir(root, run, seed) / "diagnose" for run, seed in plan(table, seeds).jobs]
     table_md = root / "table.md"
-    table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r.parent for r in records]) + "\n")
+    table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r for r in records if (r / "diagnose.json").is_file()]) + "\n")
     return table_md

@@ -13,6 +13,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="results/study")
     p.add_argument("--preset", default="gpu-small", help="recipe size preset ('none' for the recipes' full sizes)")
     p.add_argument("--seeds", default="0,1", help="seeds of the headline runs (others use the first)")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated shell patterns on <run>-seed<seed> (e.g. 'ssd-0.75*,hedgecats-seed1'): run only "
+                        "these jobs of the table, so that several processes can share one table")
     p.add_argument("--limit", type=float, default=None, help="questions per benchmark (default: all)")
     p.add_argument("--tasks", default=None, help="benchmarks (default: all six)")
     p.add_argument("--data-dir", default=None)
@@ -27,8 +30,9 @@ def run(args) -> int:
     from linearize.study import TABLES, execute, plan
 
     seeds = tuple(int(s) for s in args.seeds.split(",") if s)
+    runs = tuple(r for r in args.runs.split(",") if r) if args.runs else None
     if args.dry_run:
-        for study_run, seed in plan(args.table, seeds).jobs:
+        for study_run, seed in plan(args.table, seeds, runs).jobs:
             print(f"{study_run.name}-seed{seed}: recipe {study_run.recipe} {' '.join(study_run.overrides)} "
                   f"-> modes {','.join(study_run.modes)}")
         return 0
@@ -37,7 +41,7 @@ def run(args) -> int:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     path = execute(args.table, model=args.model, out=args.out, preset=None if args.preset == "none" else args.preset,
-                   seeds=seeds, limit=limit, tasks=args.tasks.split(",") if args.tasks else None, data_dir=args.data_dir,
+                   seeds=seeds, runs=runs, limit=limit, tasks=args.tasks.split(",") if args.tasks else None, data_dir=args.data_dir,
                    batch_size=args.batch_size, dtype=getattr(torch, dtype))
     print(path.read_text())
     print(f"[study] {TABLES[args.table].title}: {path}")

@@ -109,3 +109,11 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
     assert len(calls) == 1  # finished: nothing trained or evaluated again
     study.execute("t2", **kwargs)
     assert len(calls) == 3  # a new table reuses the stored base report
+    # records copied without the weights or the finished diagnosis (a fresh GPU machine): trained and diagnosed anew
+    run = tmp_path / "study" / "t2" / "ssd-seed0"
+    for stale in [*run.glob("*.safetensors"), run / "diagnose" / "diagnose.json"]:
+        stale.unlink()
+    (run / "diagnose" / "partial.json").write_text("{}")
+    study.execute("t2", **kwargs)
+    assert len(calls) == 5 and any(run.glob("*.safetensors"))
+    assert json.loads((run / "diagnose" / "partial.json").read_text())["runs"].keys() == {"hybrid", "la_only"}

@@ -160,9 +160,12 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             continue
         record = path / "diagnose" / "diagnose.json"
         if not record.is_file() and not is_trained(path):
-            say(f"[study] {table}: training {path.name} ({run.recipe} {' '.join(run.overrides)})")
+            interrupted = (path / "checkpoints").is_dir()
+            say(f"[study] {table}: {'resuming' if interrupted else 'training'} {path.name} ({run.recipe} "
+                f"{' '.join(run.overrides)})")
+            # not interrupted but not empty: records of a run whose weights are gone; they would not match new ones
             run_recipe(model, run.recipe, path, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
-                       resume=path.is_dir() and any(path.iterdir()), data_dir=data_dir)
+                       resume=interrupted, overwrite=path.is_dir() and not interrupted, data_dir=data_dir)
         if not record.is_file():
             say(f"[study] {table}: diagnosing {path.name} in {', '.join(run.modes)}")
             result = diagnose(str(path), tasks=tasks, limit=limit, modes=run.modes,

@@ -177,7 +177,9 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             full = {"meta": meta, **result}
             write_record(path / "diagnose", "diagnose", full, diagnose_markdown(full))
-        if run.probes and not (path / "probes" / "probes.json").is_file():
+        if run.probes and not (path / "probes" / "probes.json").is_file() and not is_trained(path):
+            say(f"[study] {table}: no long-context probes for {path.name}: its weights are not here")
+        elif run.probes and not (path / "probes" / "probes.json").is_file():
             from linearize.cli import main as cli
 
             say(f"[study] {table}: long-context probes of {path.name}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from linearize.attention.chunked import hybrid_attention_chunked
-from linearize.attention.recurrent import hybrid_attention_step, prefill_state
+from linearize.attention.recurrent import advance_state, decode_output, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.feature_maps import FEATURE_MAPS, FeatureMap
 
@@ -30,6 +30,16 @@ def make_inputs(t, feature_map="hedgehog", size="full", dtype=torch.float32, pad
 
 def run(fn, q, k, v, fq, fk, valid, weight, **kw):
     return fn(q, k, v, fq(q), fk(k), valid=valid, weight=weight, scale=D**-0.5, **kw)
+
+
+def decode(state, q, k, v, qf, kf, valid, start, *, window=None, **kw):
+    """Outputs of tokens start.. stepped one by one, as HybridAttention decodes (`window` sits in the state)."""
+    outs = []
+    for i in range(start, q.shape[2]):
+        s = slice(i, i + 1)
+        outs.append(decode_output(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], valid=valid[:, s], **kw))
+        advance_state(state, k[:, :, s], v[:, :, s], kf[:, :, s], valid[:, s])
+    return torch.cat(outs, 2)
 
 
 CASES = list(itertools.product(["shared_norm", "mix"], ["complementary", "overlap"], [1, 5, 16]))
@@ -71,38 +81,29 @@ def test_chunked_matches_reference_gradients(feature_map, rule, placement, size)
 @pytest.mark.parametrize("rule,placement,window", CASES)
 @pytest.mark.parametrize("prompt", [0, 3, 11])
 def test_recurrent_matches_reference(mode, rule, placement, window, prompt):
-    t = 19
+    """Padding rows, GQA, and 3 * window steps after the prompt: the ring wraps around several times."""
+    t = prompt + 3 * window + 2
     q, k, v, fq, fk, valid, weight = make_inputs(t)
     qf, kf = fq(q), fk(k)
     kw = dict(scale=D**-0.5, window=window, weight=weight, rule=rule, placement=placement, mode=mode)
     ref = hybrid_attention_reference(q, k, v, qf, kf, valid=valid, **kw)
     state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=window, num_sinks=8)
-    outs = []
-    for i in range(prompt, t):
-        s = slice(i, i + 1)
-        out, state = hybrid_attention_step(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], valid=valid[:, s], **kw)
-        outs.append(out)
-    torch.testing.assert_close(torch.cat(outs, 2), ref[:, :, prompt:], atol=1e-5, rtol=1e-5)
+    out = decode(state, q, k, v, qf, kf, valid, prompt, **kw)
+    torch.testing.assert_close(out, ref[:, :, prompt:], atol=1e-5, rtol=1e-5)
+    assert state.seen == t
 
 
-def test_recurrent_gradients_match_reference():
-    t, window = 12, 4
+def test_state_keeps_its_shapes_and_storage_while_decoding():
+    """What a captured CUDA graph relies on: every step writes into the same tensors, whose shapes never change."""
+    t, window = 40, 6
     q, k, v, fq, fk, valid, weight = make_inputs(t)
-    for x in (q, k, v):
-        x.requires_grad_(True)
-    kw = dict(scale=D**-0.5, window=window, weight=weight, rule="shared_norm", placement="complementary", mode="hybrid")
-    ref = hybrid_attention_reference(q, k, v, fq(q), fk(k), valid=valid, **kw)
-    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     qf, kf = fq(q), fk(k)
-    state = prefill_state(k[:, :, :0], v[:, :, :0], kf[:, :, :0], valid[:, :0], window=window, num_sinks=8)
-    outs = []
-    for i in range(t):
-        s = slice(i, i + 1)
-        out, state = hybrid_attention_step(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], valid=valid[:, s], **kw)
-        outs.append(out)
-    g_rec = torch.autograd.grad(torch.cat(outs, 2).square().sum(), (q, k, v))
-    for a, b in zip(g_ref, g_rec):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    state = prefill_state(k[:, :, :2], v[:, :, :2], kf[:, :, :2], valid[:, :2], window=window, num_sinks=8)
+    layout = [(x.data_ptr(), x.shape) for x in state.tensors() + [state.slot]]
+    assert state.buf_k.shape[2] == window - 1 and state.buf_valid.sum(1).tolist() == [2, 0]  # row 1 starts with padding
+    decode(state, q, k, v, qf, kf, valid, 2, scale=D**-0.5, weight=weight)
+    assert [(x.data_ptr(), x.shape) for x in state.tensors() + [state.slot]] == layout
+    assert int(state.slot) == t % (window - 1)
 
 
 def test_padding_never_enters_the_sums():
@@ -157,10 +158,5 @@ def test_every_feature_map_agrees_across_the_three_implementations(feature_map, 
     ref = hybrid_attention_reference(q, k, v, qf, kf, valid=valid, **kw)
     chunked = hybrid_attention_chunked(q, k, v, qf, kf, valid=valid, chunk_size=8, **kw)
     state = prefill_state(k[:, :, :4], v[:, :, :4], kf[:, :, :4], valid[:, :4], window=window, num_sinks=8)
-    outs = []
-    for i in range(4, t):
-        s = slice(i, i + 1)
-        out, state = hybrid_attention_step(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], valid=valid[:, s], **kw)
-        outs.append(out)
     torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat(outs, 2), ref[:, :, 4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode(state, q, k, v, qf, kf, valid, 4, **kw), ref[:, :, 4:], atol=1e-5, rtol=1e-5)

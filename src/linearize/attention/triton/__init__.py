@@ -2,8 +2,8 @@
 
     hybrid_attention_triton       chunked forward + backward, same semantics and keywords as
                                   linearize.attention.chunked.hybrid_attention_chunked
-    hybrid_attention_step_triton  one decoding step against the constant-size HybridState, same contract as
-                                  linearize.attention.recurrent.hybrid_attention_step
+    decode_output_triton          one decoding step's output against the fixed-shape HybridState, same contract as
+                                  linearize.attention.recurrent.decode_output
 
 Importing this package raises ImportError when triton is not installed (HybridAttention then keeps the
 PyTorch path).
@@ -13,6 +13,6 @@ from __future__ import annotations
 
 import triton  # noqa: F401  -- ImportError here means: no Triton, use the PyTorch paths
 
-from linearize.attention.triton.hybrid import TUNING, hybrid_attention_step_triton, hybrid_attention_triton
+from linearize.attention.triton.hybrid import TUNING, decode_output_triton, hybrid_attention_triton
 
-__all__ = ["TUNING", "hybrid_attention_step_triton", "hybrid_attention_triton"]
+__all__ = ["TUNING", "decode_output_triton", "hybrid_attention_triton"]

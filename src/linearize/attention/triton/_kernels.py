@@ -630,21 +630,19 @@ def hybrid_bwd_kv_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def hybrid_decode_kernel(
-    Q, QF, KN, VN, KFN, VALIDN, BUFK, BUFV, BUFKF, BUFVALID, S, Z, WROW,
-    OUT, S_NEW, Z_NEW,
+    Q, QF, KN, VN, KFN, VALIDN, BUFK, BUFV, BUFKF, BUFVALID, S, Z, WROW, OUT,
     scale, softcap, L, HQ, HKV, G, M, D,
-    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
-    FOLD: tl.constexpr, SOFTCAP: tl.constexpr,
+    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     GP: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr,
 ):
     """One decoding step for the G query heads of one (b, hk), output columns [pid_d*BD, +BD).
 
-    Naive reference (recurrent.hybrid_attention_step; window = buffer (L keys) + the new key):
+    Naive reference (recurrent.decode_output; window = the ring (L slots, empty ones invalid) + the new key):
         swa:   l = softcap(scale q . k_win); c = max; p = exp(l - c) * valid;  num_s = p @ v_win; den_s = p.sum()
         la:    num_l = qf @ S, den_l = qf . z                                  ('complementary': S, z before the step)
                + (qf . kf_win * valid) @ v_win, + its sum                      ('overlap', 'la_only': all keys so far)
         out  = combine(rule, ...)
-        state: S_new = S + valid_0 kf_buf[0] v_buf[0]^T, z_new = z + valid_0 kf_buf[0]   when the buffer is full (FOLD)
+    The state is only read (recurrent.advance_state appends the token in place).
     All arithmetic in fp32 (broadcast-and-sum; G is small).  Grid: (B*HKV, d-tiles).
     """
     pid_bkv = tl.program_id(0)
@@ -704,39 +702,10 @@ def hybrid_decode_kernel(
                 kfw = tl.load(BUFKF + (kv64 * L + offs_l[:, None]) * M + om[None, :], mask=lbuf[:, None] & mm[None, :], other=0.0).to(tl.float32)
                 kfw += tl.load(KFN + kv64 * M + offs_l[:, None] * 0 + om[None, :], mask=lcur[:, None] & mm[None, :], other=0.0).to(tl.float32)
                 aw += tl.sum(qf[:, None, :] * kfw[None, :, :], 2)
-            if FOLD:
-                v0 = tl.load(BUFV + kv64 * L * D + offs_d, mask=md, other=0.0).to(tl.float32)
-                kf0 = tl.load(BUFKF + kv64 * L * M + om, mask=mm, other=0.0).to(tl.float32)
-                val0 = (tl.load(BUFVALID + b * L + om * 0) != 0).to(tl.float32)
-                kf0 = kf0 * val0
-                tl.store(S_NEW + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf0[:, None] * v0[None, :], mask=mm[:, None] & md[None, :])
-                if pid_d == 0:
-                    tl.store(Z_NEW + kv64 * M + om, z + kf0, mask=mm)
-            else:
-                tl.store(S_NEW + (kv64 * M + om[:, None]) * D + offs_d[None, :], st, mask=mm[:, None] & md[None, :])
-                if pid_d == 0:
-                    tl.store(Z_NEW + kv64 * M + om, z, mask=mm)
         if LA_WINDOW:
             aw = tl.where(wvalid[None, :], aw, 0.0)
             num_l += tl.sum(aw[:, :, None] * vwin[None, :, :], 1)
             den_l += tl.sum(aw, 1)
-    else:
-        # state still has to advance
-        for m0 in range(0, M, BM):
-            om = m0 + tl.arange(0, BM)
-            mm = om < M
-            st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-            z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
-            if FOLD:
-                v0 = tl.load(BUFV + kv64 * L * D + offs_d, mask=md, other=0.0).to(tl.float32)
-                kf0 = tl.load(BUFKF + kv64 * L * M + om, mask=mm, other=0.0).to(tl.float32)
-                val0 = (tl.load(BUFVALID + b * L + om * 0) != 0).to(tl.float32)
-                kf0 = kf0 * val0
-                st = st + kf0[:, None] * v0[None, :]
-                z = z + kf0
-            tl.store(S_NEW + (kv64 * M + om[:, None]) * D + offs_d[None, :], st, mask=mm[:, None] & md[None, :])
-            if pid_d == 0:
-                tl.store(Z_NEW + kv64 * M + om, z, mask=mm)
 
     inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
     inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))

@@ -10,7 +10,8 @@ Measured in one process on one GPU:
               fla_swa   fla's chunk_linear_attn (normalised) + the FlexAttention window, combined with the 'mix' rule
             inputs are given (q, k, v and, for the linear paths, the feature maps qf, kf); feature maps excluded
   decode    tokens/s and cache bytes vs context length and batch for a Gemma-3-270M-shaped model (random weights):
-            base (HF, DynamicCache) vs converted (constant-size state; PyTorch step and Triton step)
+            base (HF, DynamicCache) vs converted (constant-size state; eager PyTorch step, eager Triton step, and
+            the Triton step captured once in a CUDA graph and replayed, `linearize.attention.graph_decode`)
 Ratios are computed inside the run.  Results go to JSON; `render_markdown` makes the README table.
 """
 
@@ -432,50 +433,66 @@ def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
     cache = DynamicCache(config=cfg)
     mods = {m.layer_idx: m for m in model.modules() if isinstance(m, HybridAttention)}
     for i, mod in mods.items():
-        w = mod.hybrid.window
-        hkv, d, m = cfg.num_key_value_heads, cfg.head_dim, mod.feature_map_k.num_features
-        keep = min(ctx, w - 1)
+        ring = mod.hybrid.window - 1
+        hkv, d, m, n = cfg.num_key_value_heads, cfg.head_dim, mod.feature_map_k.num_features, mod.hybrid.num_sinks
+        keep = min(ctx, ring)
         dev = device
         st = HybridState(
             S=torch.randn(batch, hkv, m, d, device=dev) * 0.01, z=torch.rand(batch, hkv, m, device=dev) + 1,
-            buf_k=torch.randn(batch, hkv, keep, d, device=dev, dtype=dtype), buf_v=torch.randn(batch, hkv, keep, d, device=dev, dtype=dtype),
-            buf_kf=torch.rand(batch, hkv, keep, m, device=dev, dtype=dtype), buf_valid=torch.ones(batch, keep, dtype=torch.bool, device=dev),
-            sink_k=torch.randn(batch, hkv, mod.hybrid.num_sinks, d, device=dev, dtype=dtype),
-            sink_v=torch.randn(batch, hkv, mod.hybrid.num_sinks, d, device=dev, dtype=dtype),
-            sink_valid=torch.ones(batch, mod.hybrid.num_sinks, dtype=torch.bool, device=dev), seen=ctx,
+            buf_k=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype), buf_v=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype),
+            buf_kf=torch.rand(batch, hkv, ring, m, device=dev, dtype=dtype),
+            buf_valid=(torch.arange(ring, device=dev) < keep).expand(batch, ring).contiguous(),
+            sink_k=torch.randn(batch, hkv, n, d, device=dev, dtype=dtype), sink_v=torch.randn(batch, hkv, n, d, device=dev, dtype=dtype),
+            sink_valid=torch.ones(batch, n, dtype=torch.bool, device=dev),
+            slot=torch.tensor([keep % ring if ring else 0], device=dev), seen=ctx,
         )
         hybrid_cache_layer(cache, i).state = st
     return cache
 
 
-def _decode_rate(model, cache, batch, ctx, steps, device="cuda"):
+def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, device="cuda"):
+    """tokens/s, ms/step and cache bytes of `steps` decoding steps: eager forwards, or a captured graph's replays."""
     from linearize.attention.cache import cache_nbytes
+    from linearize.attention.graph_decode import GraphDecoder
 
     ids = torch.randint(1, 1000, (batch, 1), device=device)
     nbytes = cache_nbytes(cache)
+    if graph:
+        decoder = GraphDecoder(model, cache, positions=ctx)
+        warm = decoder.warmup_left + 2  # eager warm-up steps, the capture (+ its first replay), one more replay
 
-    def step(i):
-        pos = torch.full((batch, 1), ctx + i, device=device, dtype=torch.long)
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos).logits
+        def step(i):
+            return decoder.step(ids)
+    else:
+        warm = 2
+
+        def step(i):
+            pos = torch.full((batch, 1), ctx + i, device=device, dtype=torch.long)
+            return model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos).logits
 
     with torch.inference_mode():
-        step(0)
-        step(1)
+        for i in range(warm):
+            step(i)
         _sync()
         t0 = time.perf_counter()
         for i in range(steps):
-            step(2 + i)
+            step(warm + i)
         _sync()
         dt = time.perf_counter() - t0
     return batch * steps / dt, dt / steps * 1e3, nbytes
 
 
+#: converted kinds: (decode backend of the hybrid layers, replayed as a CUDA graph)
+CONVERTED_KINDS = {"converted_torch": ("torch", False), "converted_triton": ("triton", False), "converted_graph": ("triton", True)}
+
+
 def run_decode_bench(contexts, batches, *, steps=8, search_batches=(512, 384, 256, 192, 128, 64), log=print):
+    from dataclasses import replace
+
     from transformers import Gemma3ForCausalLM
 
     import linearize
-    import linearize.attention.module as module_mod
-    from linearize.attention.triton import hybrid_attention_step_triton
+    from linearize.attention.module import HybridAttention
 
     dtype = torch.bfloat16
     cfg = gemma3_270m_config()
@@ -483,14 +500,14 @@ def run_decode_bench(contexts, batches, *, steps=8, search_batches=(512, 384, 25
         model = Gemma3ForCausalLM(cfg).to(dtype).eval()
     rows = []
 
-    def measure(kind, batch, ctx):
+    def measure(kind, batch, ctx, graph=False):
         row = dict(kind=kind, batch=batch, context=ctx)
         cache = None
         try:
             _free()
             torch.cuda.reset_peak_memory_stats()
             cache = (_fill_base_cache if kind == "base" else _fill_hybrid_cache)(model, batch, ctx, dtype)
-            tps, ms, nbytes = _decode_rate(model, cache, batch, ctx, steps)
+            tps, ms, nbytes = _decode_rate(model, cache, batch, ctx, steps, graph=graph)
             row.update(tokens_per_s=tps, ms_per_step=ms, cache_bytes=nbytes, cache_bytes_per_seq=nbytes / batch,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30)
             log(f"decode {kind:16s} B={batch:4d} ctx={ctx:6d}: {tps:10.1f} tok/s  {ms:8.2f} ms/step  cache {nbytes / 2**20:9.1f} MiB")
@@ -517,19 +534,17 @@ def run_decode_bench(contexts, batches, *, steps=8, search_batches=(512, 384, 25
         if "error" not in r:
             largest = batch
             break
-    # converted (in place): PyTorch step, then the Triton step
+    # converted (in place): eager PyTorch step, eager Triton step, the Triton step replayed as a CUDA graph
     linearize.convert(model, linearize.HybridConfig())
-    original_step = module_mod.hybrid_attention_step
-    for kind, stepfn in (("converted_torch", original_step), ("converted_triton", hybrid_attention_step_triton)):
-        module_mod.hybrid_attention_step = stepfn
-        try:
-            for ctx in contexts:
-                for batch in batches:
-                    measure(kind, batch, ctx)
-            if largest:
-                measure(kind, largest, max(contexts))
-        finally:
-            module_mod.hybrid_attention_step = original_step
+    layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    for kind, (backend, graph) in CONVERTED_KINDS.items():
+        for layer in layers:
+            layer.hybrid = replace(layer.hybrid, backend=backend)
+        for ctx in contexts:
+            for batch in batches:
+                measure(kind, batch, ctx, graph)
+        if largest:
+            measure(kind, largest, max(contexts), graph)
     del model
     _free()
     return rows, largest

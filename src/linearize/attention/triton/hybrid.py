@@ -1,8 +1,8 @@
 """The hybrid layer on Triton kernels: `hybrid_attention_triton` (training/prefill, with autograd) and
-`hybrid_attention_step_triton` (one decoding step against the constant-size state).
+`decode_output_triton` (one decoding step's output against the fixed-shape state).
 
 Both compute exactly what `linearize.attention.chunked.hybrid_attention_chunked` and
-`linearize.attention.recurrent.hybrid_attention_step` compute (the quadratic spec is
+`linearize.attention.recurrent.decode_output` compute (the quadratic spec is
 `linearize.attention.reference`); the diagnostic modes 'sinks_only' and 'none', float64 inputs, and CPU tensors
 outside `TRITON_INTERPRET=1` go to those PyTorch paths.
 """
@@ -17,7 +17,7 @@ import triton
 
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import check_mode, expand_weight, sink_positions  # noqa: F401
-from linearize.attention.recurrent import HybridState, hybrid_attention_step
+from linearize.attention.recurrent import HybridState, decode_output
 from linearize.attention.triton import _kernels as K
 
 RULES = {"shared_norm": 0, "mix": 1}
@@ -304,20 +304,17 @@ def hybrid_attention_triton(
 # ----------------------------------------------------------------------------------------------------------------
 # decode
 # ----------------------------------------------------------------------------------------------------------------
-def hybrid_attention_step_triton(
-    state: HybridState, q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
+def decode_output_triton(
+    state: HybridState, q, k, v, qf, kf, *, scale: float, weight=0.1, rule: str = "shared_norm",
     placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None,
-) -> tuple[torch.Tensor, HybridState]:
-    """One decoding step, same contract as `recurrent.hybrid_attention_step`: (output (B, Hq, 1, d), new state).
-
-    The old state is left untouched (S and z of the new state are fresh tensors), so one state can feed
-    several component modes, as `HybridAttention` does with per-head modes.
-    """
+) -> torch.Tensor:
+    """One token's output (B, Hq, 1, d), same contract as `recurrent.decode_output`: the state is only read
+    (`recurrent.advance_state` appends the token)."""
     check_mode(mode)
-    kwargs = dict(scale=scale, window=window, weight=weight, rule=rule, placement=placement, mode=mode,
-                  valid=valid, softcap=softcap)
-    if mode in ("sinks_only", "none") or not _kernel_ok(q) or state.S.dtype != torch.float32 or int(window) < 2:
-        return hybrid_attention_step(state, q, k, v, qf, kf, **kwargs)
+    kwargs = dict(scale=scale, weight=weight, rule=rule, placement=placement, mode=mode, valid=valid, softcap=softcap)
+    L = state.buf_k.shape[2]  # the ring: w - 1 slots, empty ones invalid
+    if mode in ("sinks_only", "none") or not _kernel_ok(q) or state.S.dtype != torch.float32 or L == 0:
+        return decode_output(state, q, k, v, qf, kf, **kwargs)
     code = _mode_code(mode, rule) if mode == "hybrid" else _mode_code(mode, "shared_norm")
     b, hq, _, d = q.shape
     hkv = k.shape[1]
@@ -325,47 +322,19 @@ def hybrid_attention_step_triton(
     dev = q.device
     if valid is None:
         valid = torch.ones(b, 1, dtype=torch.bool, device=dev)
-    L = state.buf_k.shape[2]
-    fold = L + 1 > window - 1
     if torch.is_tensor(weight):
         w = weight.to(device=dev, dtype=torch.float32)
         w = (w.view(1, -1) if w.dim() == 1 else w.reshape(b, hq, -1)[..., 0]).expand(b, hq).contiguous()
     else:
         w = torch.full((b, hq), float(weight), device=dev, dtype=torch.float32)
     la_window = code == 3 or (code in (0, 1) and placement != "complementary")
-    qc, qfc = q.contiguous(), qf.contiguous()
-    kn, vn, kfn = k.contiguous(), v.contiguous(), kf.contiguous()
-    valid_n = valid.to(torch.int8).contiguous()
-    if L > 0:
-        bk, bv, bkf = state.buf_k.contiguous(), state.buf_v.contiguous(), state.buf_kf.contiguous()
-        bval = state.buf_valid.to(torch.int8).contiguous()
-    else:
-        bk = bv = bkf = torch.zeros(1, device=dev, dtype=q.dtype)
-        bval = torch.zeros(1, device=dev, dtype=torch.int8)
-    S, z = state.S.contiguous(), state.z.contiguous()
-    S_new, z_new = torch.empty_like(S), torch.empty_like(z)
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     bd = min(64, _pow2(d))
     K.hybrid_decode_kernel[(b * hkv, triton.cdiv(d, bd))](
-        qc, qfc, kn, vn, kfn, valid_n, bk, bv, bkf, bval, S, z, w,
-        out, S_new, z_new,
+        q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(), valid.to(torch.int8).contiguous(),
+        state.buf_k, state.buf_v, state.buf_kf, state.buf_valid.to(torch.int8), state.S, state.z, w, out,
         float(scale), float(softcap) if softcap is not None else 1.0, L, hq, hkv, hq // hkv, m, d,
-        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=la_window, FOLD=fold, SOFTCAP=softcap is not None,
+        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=la_window, SOFTCAP=softcap is not None,
         GP=_pow2(hq // hkv, 1), BL=_pow2(L + 1, 2), BM=32, BD=bd, BDK=min(32, _pow2(d)), num_warps=4,
     )
-    # buffer and sinks: small tensors, same bookkeeping as the PyTorch step
-    win_k = torch.cat([state.buf_k, k], 2)
-    win_v = torch.cat([state.buf_v, v], 2)
-    win_kf = torch.cat([state.buf_kf, kf], 2)
-    win_valid = torch.cat([state.buf_valid, valid], 1)
-    keep = slice(1, None) if fold else slice(0, None)
-    count = state.sink_valid.sum(1, keepdim=True)
-    slot = torch.arange(state.sink_valid.shape[1], device=dev)[None, :]
-    becomes = (slot == count) & valid
-    sel = becomes[:, None, :, None]
-    new_state = HybridState(
-        S=S_new, z=z_new, buf_k=win_k[:, :, keep], buf_v=win_v[:, :, keep], buf_kf=win_kf[:, :, keep],
-        buf_valid=win_valid[:, keep], sink_k=torch.where(sel, k, state.sink_k), sink_v=torch.where(sel, v, state.sink_v),
-        sink_valid=state.sink_valid | becomes, seen=state.seen + 1,
-    )
-    return out, new_state
+    return out

@@ -1,0 +1,108 @@
+"""Decoding a converted model by replaying one captured CUDA graph per token.
+
+Eager decoding of a Hugging Face model is bound by the host (hundreds of small kernel launches per token). Every
+converted layer keeps a fixed-shape `HybridState` that each step updates in place, and nothing in the step reads a
+Python value that changes per token (positions come from a device tensor; the masks Hugging Face builds from the
+cache length are ignored by converted layers), so one forward can be captured once and replayed:
+
+    cache = DynamicCache(config=model.config)
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits     # prefill, eager
+    decoder = GraphDecoder(model, cache, positions=prompt.shape[1])
+    for _ in range(n):
+        ids = logits[:, -1:].argmax(-1)
+        logits = decoder.step(ids)                                            # (B, 1, vocab)
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from linearize.attention.cache import HybridCacheLayer
+from linearize.attention.module import HybridAttention
+
+
+class GraphDecoder:
+    """One token per `step` for every row of a prefilled cache, by CUDA-graph replay.
+
+    `positions`: the position of each row's next token, an int or a (B, 1) tensor (left-padded rows differ).
+    The first `warmup_steps` steps run eagerly on a side stream (they are real steps: Triton compiles, cuBLAS sets up
+    its workspace); the next one captures the forward and replays it. Logits of replayed steps live in one static
+    buffer that the next step overwrites: clone them to keep them.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: torch.nn.Module, cache: Cache, positions: int | torch.Tensor, *, warmup_steps: int = 2):
+        if model.training:
+            raise ValueError("call model.eval() first: a captured step replays the same dropout masks")
+        layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
+        if not layers:
+            raise ValueError("the model has no converted layers")
+        if all(layer.get_seq_length() == 0 for layer in cache.layers):
+            raise ValueError("the cache is empty: prefill it with an eager forward before capturing the decode step")
+        growing = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, HybridCacheLayer)]
+        if growing or len(cache.layers) < len(layers) or any(layer.state is None for layer in cache.layers):
+            raise ValueError(f"cache layers {growing or 'missing'} are not hybrid states: unconverted layers keep a "
+                             "growing KV cache, which a captured step cannot hold; convert every layer and prefill first")
+        self.states = [layer.state for layer in cache.layers]
+        batch = {st.S.shape[0] for st in self.states}
+        if len(batch) != 1:
+            raise ValueError(f"the layers' states hold different batch sizes {sorted(batch)}")
+        (b,) = batch
+        device = self.states[0].S.device
+        positions = torch.as_tensor(positions, device=device, dtype=torch.long)
+        self.positions = positions.expand(b, 1).clone() if positions.numel() == 1 else positions.clone()
+        if self.positions.shape != (b, 1):
+            raise ValueError(f"positions must be an int or a ({b}, 1) tensor, got shape {tuple(positions.shape)}")
+        if not all(t.is_cuda for st in self.states for t in st.tensors()) or not next(model.parameters()).is_cuda:
+            raise ValueError("CUDA graphs need the model and its cache on a CUDA device")
+        self.model, self.cache, self.attention_layers = model, cache, layers
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.warmup_left = warmup_steps
+        self.side_stream = torch.cuda.Stream(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.captured_with = self._signature()
+
+    def _signature(self):
+        """What the captured step baked in: the state objects and each layer's component modes."""
+        return [id(st) for st in (layer.state for layer in self.cache.layers)] + [
+            (m.mode, tuple(sorted((m.head_modes or {}).items()))) for m in self.attention_layers]
+
+    def _forward(self) -> torch.Tensor:
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache, use_cache=True).logits
+        self.positions.add_(1)
+        return logits
+
+    def _capture(self) -> None:
+        seen = [st.seen for st in self.states]
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        # capturing records the kernels without running them: undo the step's Python-side bookkeeping
+        for st, n in zip(self.states, seen):
+            st.seen = n
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, vocab) of the next token given this token's ids (B, 1)."""
+        if self._signature() != self.captured_with:
+            raise ValueError("the cache states or the component modes changed since this decoder was built; build a new one")
+        self.ids.copy_(ids.reshape(self.ids.shape))
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return logits
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        for st in self.states:
+            st.seen += 1
+        return self.logits

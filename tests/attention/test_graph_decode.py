@@ -61,7 +61,7 @@ def test_graph_replay_equals_eager_stepping(family, combine, placement):
                 expected = model(tokens[:, i:i + 1], past_key_values=eager, use_cache=True,
                                  position_ids=positions[:, -1:] + 1 + i).logits
             got = decoder.step(tokens[:, i:i + 1])
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         assert decoder.captured
         assert graphed.get_seq_length() == eager.get_seq_length() == 9 + 20
 
@@ -70,8 +70,9 @@ def test_graph_replay_equals_eager_stepping(family, combine, placement):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_changed_modes_after_capture_are_refused():
     model = linearize.convert(tiny_model("gemma3"), linearize.HybridConfig(window=4)).cuda()
-    decoder = GraphDecoder(model, prefilled(model, torch.randint(1, 128, (1, 5), device="cuda")), positions=5, warmup_steps=0)
+    decoder = GraphDecoder(model, prefilled(model, torch.randint(1, 128, (1, 5), device="cuda")), positions=5)
     ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
-    decoder.step(ids)
+    while not decoder.captured:
+        decoder.step(ids)
     with linearize.components(model, "la_only"), pytest.raises(ValueError, match="changed"):
         decoder.step(ids)

@@ -21,8 +21,9 @@ def test_greedy_256_tokens_equal_full_forward_argmax(family, combine, placement)
     assert torch.equal(logits[0, 12:-1].argmax(-1), out[0, 13:])
 
 
-@pytest.mark.parametrize("mode", ["la_only", "sinks_only", "swa_only"])
+@pytest.mark.parametrize("mode", ["hybrid", "la_only", "sinks_only", "swa_only", {0: {1: "la_only", 3: "sinks_only"}}])
 def test_cached_decoding_matches_full_forward_in_every_mode(mode):
+    """20 steps after a 10-token prompt with window 6: the state's ring wraps around; per-head modes share one state."""
     model = linearize.convert(tiny_model("qwen3"), linearize.HybridConfig(window=6))
     ids = torch.randint(1, 128, (2, 30))
     with torch.no_grad(), linearize.components(model, mode):

@@ -38,6 +38,10 @@ class GraphDecoder:
         layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
         if not layers:
             raise ValueError("the model has no converted layers")
+        for module in model.modules():
+            rope = getattr(module, "rope_type", None)
+            if any(kind in ("dynamic", "longrope") for kind in (rope.values() if isinstance(rope, dict) else [rope])):
+                raise ValueError("dynamic/longrope RoPE rescales on the host from the positions' values; it cannot be captured")
         if all(layer.get_seq_length() == 0 for layer in cache.layers):
             raise ValueError("the cache is empty: prefill it with an eager forward before capturing the decode step")
         growing = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, HybridCacheLayer)]

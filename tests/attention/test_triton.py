@@ -184,8 +184,10 @@ def test_half_precision(rule):
     ("hybrid", "shared_norm", "complementary"), ("hybrid", "mix", "overlap"), ("hybrid", "shared_norm", "overlap"),
     ("swa_only", "shared_norm", "complementary"), ("la_only", "mix", "complementary"), ("sinks_only", "mix", "overlap"),
 ])
-def test_decode_step_matches_recurrent_and_reference(mode, rule, placement):
-    b, hq, hkv, d, m, w = 2, 4, 2, 16, 32, 6
+@pytest.mark.parametrize("full_d", [False, True])
+def test_decode_step_matches_recurrent_and_reference(mode, rule, placement, full_d, monkeypatch):
+    monkeypatch.setitem(_hybrid.TUNING, "decode_full_d_rows_per_sm", 0 if full_d else 10**6)
+    b, hq, hkv, d, m, w = 2, 4, 2, 80, 32, 4  # d = 80: two d-tiles, or one masked full-d tile
     for prompt in (0, 3, 9):
         t = prompt + 3 * w  # the ring wraps around
         tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=True)

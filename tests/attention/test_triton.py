@@ -50,11 +50,12 @@ if not CUDA and type(_kernels.hybrid_fwd_kernel).__name__ != "InterpretedFunctio
     _hybrid._patch_interpreter()
 
 from linearize.attention.chunked import hybrid_attention_chunked  # noqa: E402
-from linearize.attention.recurrent import advance_state, decode_output, prefill_state  # noqa: E402
+from linearize.attention.recurrent import decode_step, prefill_state  # noqa: E402
 from linearize.attention.reference import hybrid_attention_reference  # noqa: E402
 
 hybrid_attention_triton = _hybrid.hybrid_attention_triton
 decode_output_triton = _hybrid.decode_output_triton
+decode_step_triton = _hybrid.decode_step_triton
 DEVICE = "cuda" if CUDA else "cpu"
 
 
@@ -180,32 +181,37 @@ def test_half_precision(rule):
 # ---------------------------------------------------------------------------------------------------------------
 # decode step
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode,rule,placement", [
-    ("hybrid", "shared_norm", "complementary"), ("hybrid", "mix", "overlap"), ("hybrid", "shared_norm", "overlap"),
-    ("swa_only", "shared_norm", "complementary"), ("la_only", "mix", "complementary"), ("sinks_only", "mix", "overlap"),
+@pytest.mark.parametrize("modes,rule,placement", [
+    (["hybrid"], "shared_norm", "complementary"), (["hybrid"], "mix", "overlap"), (["hybrid"], "shared_norm", "overlap"),
+    (["swa_only"], "shared_norm", "complementary"), (["la_only"], "mix", "complementary"), (["sinks_only"], "mix", "overlap"),
+    (["hybrid", "swa_only", "sinks_only"], "shared_norm", "complementary"),  # per-head modes: the fold comes last
 ])
 @pytest.mark.parametrize("full_d", [False, True])
-def test_decode_step_matches_recurrent_and_reference(mode, rule, placement, full_d, monkeypatch):
+def test_decode_step_matches_recurrent_and_reference(modes, rule, placement, full_d, monkeypatch):
+    """full_d: one program per (b, kv head), which also folds the leaving key into S, z (else advance_state does)."""
     monkeypatch.setitem(_hybrid.TUNING, "decode_full_d_rows_per_sm", 0 if full_d else 10**6)
     b, hq, hkv, d, m, w = 2, 4, 2, 80, 32, 4  # d = 80: two d-tiles, or one masked full-d tile
-    for prompt in (0, 3, 9):
+    for prompt in (0, 9):
         t = prompt + 3 * w  # the ring wraps around
         tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=True)
         q, k, v, qf, kf = tensors
         weight = torch.rand(hq, device=DEVICE)
-        kw = dict(scale=0.3, weight=weight, rule=rule, placement=placement, mode=mode)
+        kw = dict(scale=0.3, weight=weight, rule=rule, placement=placement)
         st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=w, num_sinks=3)
+        st_ref = st.index_select(torch.arange(b))  # a copy
         outs = []
         for i in range(prompt, t):
             sl = slice(i, i + 1)
             args = (q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl])
-            o = decode_output_triton(st, *args, valid=valid[:, sl], **kw)
-            o_ref = decode_output(st, *args, valid=valid[:, sl], **kw)
-            assert torch.allclose(o, o_ref, atol=2e-5, rtol=1e-4)
-            advance_state(st, k[:, :, sl], v[:, :, sl], kf[:, :, sl], valid[:, sl])
-            outs.append(o)
-        if mode != "sinks_only":
-            ref = hybrid_attention_reference(*tensors, valid=valid, window=w, **kw)[:, :, prompt:]
+            o = decode_step_triton(st, *args, modes=modes, valid=valid[:, sl], **kw)
+            o_ref = decode_step(st_ref, *args, modes=modes, valid=valid[:, sl], **kw)
+            for mode in modes:
+                assert torch.allclose(o[mode], o_ref[mode], atol=2e-5, rtol=1e-4)
+            for a, r in zip(st.tensors() + [st.slot], st_ref.tensors() + [st_ref.slot]):
+                assert torch.allclose(a.float(), r.float(), atol=1e-5, rtol=1e-5)
+            outs.append(o[modes[0]])
+        if modes[0] != "sinks_only":
+            ref = hybrid_attention_reference(*tensors, valid=valid, window=w, mode=modes[0], **kw)[:, :, prompt:]
             assert torch.allclose(torch.cat(outs, 2), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -280,19 +286,22 @@ def test_gpu_default_segments_and_long_sequence():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("placement", ["complementary", "overlap"])
-def test_gpu_decode_full_size(placement):
+@pytest.mark.parametrize("full_d", [False, True])
+def test_gpu_decode_full_size(placement, full_d, monkeypatch):
+    monkeypatch.setitem(_hybrid.TUNING, "decode_full_d_rows_per_sm", 0 if full_d else 10**6)
     b, hq, hkv, d, m, w, prompt = 8, 4, 1, 256, 512, 64, 200
     tensors, valid = _inputs(b, hq, hkv, prompt + 70, d, m, dtype=torch.bfloat16, pad=True)
     q, k, v, qf, kf = tensors
     kw = dict(scale=d**-0.5, weight=torch.rand(hq, device="cuda"), placement=placement)
     st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=w, num_sinks=8)
+    st_ref = st.index_select(torch.arange(b))  # a copy
     for i in range(prompt, prompt + 70):
         sl = slice(i, i + 1)
         args = (q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl])
-        o = decode_output_triton(st, *args, valid=valid[:, sl], **kw)
-        o_ref = decode_output(st, *args, valid=valid[:, sl], **kw)
+        o = decode_step_triton(st, *args, modes=["hybrid"], valid=valid[:, sl], **kw)["hybrid"]
+        o_ref = decode_step(st_ref, *args, modes=["hybrid"], valid=valid[:, sl], **kw)["hybrid"]
         assert _rel(o, o_ref) < 1e-2
-        advance_state(st, k[:, :, sl], v[:, :, sl], kf[:, :, sl], valid[:, sl])
+    assert _rel(st.S, st_ref.S) < 1e-5 and _rel(st.z, st_ref.z) < 1e-5
 
 
 def test_bench_cli_arguments_match_the_library():

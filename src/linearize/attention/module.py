@@ -16,7 +16,7 @@ from torch import nn
 from linearize.attention.cache import hybrid_cache_layer
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import check_mode
-from linearize.attention.recurrent import advance_state, decode_output, prefill_state
+from linearize.attention.recurrent import decode_step, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.config import HybridConfig
 from linearize.feature_maps import FeatureMap
@@ -215,20 +215,16 @@ class HybridAttention(nn.Module):
             return out
         modes = self.head_mode_list()
         qf, kf = self.feature_map_q(q), self.feature_map_k(k)
-        output = decode_output
+        step = decode_step
         if h.backend == "triton" or (h.backend == "auto" and _triton_available(q)):
-            from linearize.attention.triton import decode_output_triton as output
+            from linearize.attention.triton import decode_step_triton as step
         outs = []
         for i in range(q.shape[2]):
             sl = slice(i, i + 1)
             w = weight[..., sl] if torch.is_tensor(weight) and weight.dim() == 3 else weight
             step_valid = None if valid is None else valid[:, sl]
             # every mode reads the state before this token; then the token is appended once, in place
-            per_mode = {
-                mode: output(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], scale=self.scale,
-                             weight=w, rule=h.combine, placement=h.placement, mode=mode, valid=step_valid)
-                for mode in sorted(set(modes))
-            }
-            advance_state(layer.state, k[:, :, sl], v[:, :, sl], kf[:, :, sl], step_valid)
+            per_mode = step(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], modes=sorted(set(modes)),
+                            valid=step_valid, scale=self.scale, weight=w, rule=h.combine, placement=h.placement)
             outs.append(per_mode[modes[0]] if len(per_mode) == 1 else torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1))
         return torch.cat(outs, dim=2)

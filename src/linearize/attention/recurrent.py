@@ -9,7 +9,8 @@ Neither its size nor its tensors' addresses depend on n, and no step reads a Pyt
 so one decoding step can be captured in a CUDA graph and replayed (`linearize.attention.graph_decode`).
 Every component mode can be computed from it, so switching modes between generate calls needs no re-prefill.
 
-A step is `decode_output` (for each component mode needed; reads the state) then `advance_state` (once; in place).
+A step (`decode_step`) is `decode_output` for each component mode needed (reads the state), then `advance_state`
+(once; in place).
 """
 
 from __future__ import annotations
@@ -158,11 +159,12 @@ def _fold(state: HybridState, kf, v, valid) -> None:
     state.z.add_(kf[:, :, 0])
 
 
-def advance_state(state: HybridState, k, v, kf, valid=None) -> None:
+def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True) -> None:
     """Append one token (k/v (B, Hkv, 1, d), kf (B, Hkv, 1, m), valid (B, 1)) to the state, in place.
 
-    The key in the write slot leaves the window: it is folded into S, z (an empty slot adds zero), then the new key
-    takes its place. Only shapes decide the Python control flow, so this can run inside a captured CUDA graph.
+    The key in the write slot leaves the window: it is folded into S, z (an empty slot adds zero; `fold=False` when a
+    fused kernel already did), then the new key takes its place. Only shapes decide the Python control flow, so this
+    can run inside a captured CUDA graph.
     """
     if valid is None:
         valid = _ones_valid(k)
@@ -172,13 +174,23 @@ def advance_state(state: HybridState, k, v, kf, valid=None) -> None:
     state.sink_valid.copy_(sink_valid)
     ring = state.buf_k.shape[2]
     if ring == 0:  # window 1: the new key leaves the window at once
-        _fold(state, kf, v, valid)
+        if fold:
+            _fold(state, kf, v, valid)
     else:
         slot = state.slot
-        _fold(state, state.buf_kf.index_select(2, slot), state.buf_v.index_select(2, slot), state.buf_valid.index_select(1, slot))
+        if fold:
+            _fold(state, state.buf_kf.index_select(2, slot), state.buf_v.index_select(2, slot), state.buf_valid.index_select(1, slot))
         state.buf_k.index_copy_(2, slot, k.to(state.buf_k.dtype))
         state.buf_v.index_copy_(2, slot, v.to(state.buf_v.dtype))
         state.buf_kf.index_copy_(2, slot, kf.to(state.buf_kf.dtype))
         state.buf_valid.index_copy_(1, slot, valid)
         state.slot.copy_((slot + 1) % ring)
     state.seen += 1
+
+
+def decode_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, **kwargs) -> dict[str, torch.Tensor]:
+    """One token: the output of each component mode in `modes` (all against the state before the token), then the
+    token appended in place. `kwargs` are `decode_output`'s (scale, weight, rule, placement, softcap)."""
+    outs = {mode: decode_output(state, q, k, v, qf, kf, mode=mode, valid=valid, **kwargs) for mode in modes}
+    advance_state(state, k, v, kf, valid)
+    return outs

@@ -4,6 +4,8 @@
                                   linearize.attention.chunked.hybrid_attention_chunked
     decode_output_triton          one decoding step's output against the fixed-shape HybridState, same contract as
                                   linearize.attention.recurrent.decode_output
+    decode_step_triton            outputs for several component modes, then the token appended in place, same
+                                  contract as linearize.attention.recurrent.decode_step
 
 Importing this package raises ImportError when triton is not installed (HybridAttention then keeps the
 PyTorch path).
@@ -13,6 +15,6 @@ from __future__ import annotations
 
 import triton  # noqa: F401  -- ImportError here means: no Triton, use the PyTorch paths
 
-from linearize.attention.triton.hybrid import TUNING, decode_output_triton, hybrid_attention_triton
+from linearize.attention.triton.hybrid import TUNING, decode_output_triton, decode_step_triton, hybrid_attention_triton
 
-__all__ = ["TUNING", "decode_output_triton", "hybrid_attention_triton"]
+__all__ = ["TUNING", "decode_output_triton", "decode_step_triton", "hybrid_attention_triton"]

@@ -629,10 +629,19 @@ def hybrid_bwd_kv_kernel(
 # decode: one new token against the constant-size state
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _fold_tile(S, Z, BUFKF, kv64, slot, L, M, D, om, mm, offs_d, md, st, z, v_out, valid_out):
+    """S[om, offs_d] = st + kf_out v_out^T and Z[om] = z + kf_out, kf_out = the leaving key's features (0 if invalid)."""
+    kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * valid_out
+    tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :], mask=mm[:, None] & md[None, :])
+    tl.store(Z + kv64 * M + om, z + kf_out, mask=mm)
+
+
+@triton.jit
 def hybrid_decode_kernel(
-    Q, QF, KN, VN, KFN, VALIDN, BUFK, BUFV, BUFKF, BUFVALID, S, Z, WROW, OUT,
+    Q, QF, KN, VN, KFN, VALIDN, BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z, WROW, OUT,
     scale, softcap, L, HQ, HKV, G, M, D,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    FOLD: tl.constexpr,
     GP: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr,
 ):
     """One decoding step for the G query heads of one (b, hk), output columns [pid_d*BD, +BD).
@@ -642,7 +651,10 @@ def hybrid_decode_kernel(
         la:    num_l = qf @ S, den_l = qf . z                                  ('complementary': S, z before the step)
                + (qf . kf_win * valid) @ v_win, + its sum                      ('overlap', 'la_only': all keys so far)
         out  = combine(rule, ...)
-    The state is only read (recurrent.advance_state appends the token in place).
+    The state is only read (recurrent.advance_state appends the token in place), except with FOLD, where the key in
+    the ring's write slot SLOT (leaving the window) is folded into S and z in place, each tile right after it was read:
+        S += valid_slot kf_slot v_slot^T, z += valid_slot kf_slot
+    FOLD needs one d-tile (BD >= D): that program alone reads and writes its (b, hk)'s S and z.
     All arithmetic in fp32 (broadcast-and-sum; G is small).  Grid: (B*HKV, d-tiles).
     """
     pid_bkv = tl.program_id(0)
@@ -665,6 +677,10 @@ def hybrid_decode_kernel(
     vwin = tl.load(BUFV + (kv64 * L + offs_l[:, None]) * D + offs_d[None, :], mask=lbuf[:, None] & md[None, :], other=0.0).to(tl.float32)
     vwin += tl.load(VN + kv64 * D + offs_l[:, None] * 0 + offs_d[None, :], mask=lcur[:, None] & md[None, :], other=0.0).to(tl.float32)
     wrow = tl.load(WROW + bh, mask=gm, other=0.0)
+    if FOLD:
+        slot = tl.load(SLOT).to(tl.int64)
+        v_out = tl.load(BUFV + (kv64 * L + slot) * D + offs_d, mask=md, other=0.0).to(tl.float32)
+        valid_out = (tl.load(BUFVALID + b * L + slot) != 0).to(tl.float32)
 
     num_s = tl.zeros([GP, BD], dtype=tl.float32)
     den_s = tl.zeros([GP], dtype=tl.float32)
@@ -698,6 +714,8 @@ def hybrid_decode_kernel(
             z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
             num_l += tl.sum(qf[:, :, None] * st[None, :, :], 1)
             den_l += tl.sum(qf * z[None, :], 1)
+            if FOLD:
+                _fold_tile(S, Z, BUFKF, kv64, slot, L, M, D, om, mm, offs_d, md, st, z, v_out, valid_out)
             if LA_WINDOW:
                 kfw = tl.load(BUFKF + (kv64 * L + offs_l[:, None]) * M + om[None, :], mask=lbuf[:, None] & mm[None, :], other=0.0).to(tl.float32)
                 kfw += tl.load(KFN + kv64 * M + offs_l[:, None] * 0 + om[None, :], mask=lcur[:, None] & mm[None, :], other=0.0).to(tl.float32)
@@ -706,6 +724,13 @@ def hybrid_decode_kernel(
             aw = tl.where(wvalid[None, :], aw, 0.0)
             num_l += tl.sum(aw[:, :, None] * vwin[None, :, :], 1)
             den_l += tl.sum(aw, 1)
+    elif FOLD:  # the output never reads the state, but the state still advances
+        for m0 in range(0, M, BM):
+            om = m0 + tl.arange(0, BM)
+            mm = om < M
+            st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+            z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+            _fold_tile(S, Z, BUFKF, kv64, slot, L, M, D, om, mm, offs_d, md, st, z, v_out, valid_out)
 
     inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
     inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))

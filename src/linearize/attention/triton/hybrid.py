@@ -1,5 +1,5 @@
 """The hybrid layer on Triton kernels: `hybrid_attention_triton` (training/prefill, with autograd) and
-`decode_output_triton` (one decoding step's output against the fixed-shape state).
+`decode_output_triton` / `decode_step_triton` (one decoding step against the fixed-shape state).
 
 Both compute exactly what `linearize.attention.chunked.hybrid_attention_chunked` and
 `linearize.attention.recurrent.decode_output` compute (the quadratic spec is
@@ -17,7 +17,7 @@ import triton
 
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import check_mode, expand_weight, sink_positions  # noqa: F401
-from linearize.attention.recurrent import HybridState, decode_output
+from linearize.attention.recurrent import HybridState, advance_state, decode_output
 from linearize.attention.triton import _kernels as K
 
 RULES = {"shared_norm": 0, "mix": 1}
@@ -306,21 +306,34 @@ def hybrid_attention_triton(
 # ----------------------------------------------------------------------------------------------------------------
 # decode
 # ----------------------------------------------------------------------------------------------------------------
+def _uses_decode_kernel(state: HybridState, q, mode: str) -> bool:
+    return mode not in ("sinks_only", "none") and _kernel_ok(q) and state.S.dtype == torch.float32 and state.buf_k.shape[2] > 0
+
+
+def _full_d(b: int, hkv: int, d: int, device) -> bool:
+    """One program per (b, kv head) over all of head_dim: it streams its S slab once and computes the window logits
+    once (~1.9x faster at B=512, d=256 on an H100); at small batches d-tiles keep more programs running."""
+    return d <= 256 and b * hkv >= TUNING["decode_full_d_rows_per_sm"] * _num_sms(device)
+
+
 def decode_output_triton(
     state: HybridState, q, k, v, qf, kf, *, scale: float, weight=0.1, rule: str = "shared_norm",
-    placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None,
+    placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None, fold: bool = False,
 ) -> torch.Tensor:
     """One token's output (B, Hq, 1, d), same contract as `recurrent.decode_output`: the state is only read
-    (`recurrent.advance_state` appends the token)."""
+    (`recurrent.advance_state` appends the token), unless `fold`, where the kernel also folds the key leaving the
+    window into S and z in place (`decode_step_triton` uses it; then call `advance_state(..., fold=False)`)."""
     check_mode(mode)
-    kwargs = dict(scale=scale, weight=weight, rule=rule, placement=placement, mode=mode, valid=valid, softcap=softcap)
-    L = state.buf_k.shape[2]  # the ring: w - 1 slots, empty ones invalid
-    if mode in ("sinks_only", "none") or not _kernel_ok(q) or state.S.dtype != torch.float32 or L == 0:
-        return decode_output(state, q, k, v, qf, kf, **kwargs)
+    if not _uses_decode_kernel(state, q, mode):
+        if fold:
+            raise ValueError("fold needs the decode kernel")
+        return decode_output(state, q, k, v, qf, kf, scale=scale, weight=weight, rule=rule, placement=placement,
+                             mode=mode, valid=valid, softcap=softcap)
     code = _mode_code(mode, rule) if mode == "hybrid" else _mode_code(mode, "shared_norm")
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     m = qf.shape[-1]
+    L = state.buf_k.shape[2]  # the ring: w - 1 slots, empty ones invalid
     dev = q.device
     if valid is None:
         valid = torch.ones(b, 1, dtype=torch.bool, device=dev)
@@ -331,15 +344,28 @@ def decode_output_triton(
         w = torch.full((b, hq), float(weight), device=dev, dtype=torch.float32)
     la_window = code == 3 or (code in (0, 1) and placement != "complementary")
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
-    # a program per (b, kv head) streaming its whole S slab once (and computing the window logits once) is ~1.9x
-    # faster at B=512 on an H100 (d=256); at small batches d-tiles keep more programs running
-    full_d = d <= 256 and b * hkv >= TUNING["decode_full_d_rows_per_sm"] * _num_sms(dev)
+    full_d = _full_d(b, hkv, d, dev)
+    if fold and not full_d:
+        raise ValueError("fold needs one program per (b, kv head): see _full_d")
     bd = _pow2(d) if full_d else min(64, _pow2(d))
     K.hybrid_decode_kernel[(b * hkv, triton.cdiv(d, bd))](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(), valid.to(torch.int8).contiguous(),
-        state.buf_k, state.buf_v, state.buf_kf, state.buf_valid.to(torch.int8), state.S, state.z, w, out,
+        state.buf_k, state.buf_v, state.buf_kf, state.buf_valid.to(torch.int8), state.slot, state.S, state.z, w, out,
         float(scale), float(softcap) if softcap is not None else 1.0, L, hq, hkv, hq // hkv, m, d,
-        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=la_window, SOFTCAP=softcap is not None,
+        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=la_window, SOFTCAP=softcap is not None, FOLD=fold,
         GP=_pow2(hq // hkv, 1), BL=_pow2(L + 1, 2), BM=32, BD=bd, BDK=min(32, _pow2(d)), num_warps=4,
     )
     return out
+
+
+def decode_step_triton(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, **kwargs) -> dict[str, torch.Tensor]:
+    """`recurrent.decode_step` on the decode kernel: where one program covers a whole (b, kv head), the last kernel
+    call also folds the leaving key into S and z (saving a pass over S), after every other mode has read them."""
+    kernel_modes = [mode for mode in modes if _uses_decode_kernel(state, q, mode)]
+    folding = kernel_modes[-1] if kernel_modes and _full_d(q.shape[0], k.shape[1], q.shape[-1], q.device) else None
+    outs = {mode: decode_output_triton(state, q, k, v, qf, kf, mode=mode, valid=valid, **kwargs)
+            for mode in modes if mode != folding}
+    if folding is not None:
+        outs[folding] = decode_output_triton(state, q, k, v, qf, kf, mode=folding, valid=valid, fold=True, **kwargs)
+    advance_state(state, k, v, kf, valid, fold=folding is None)
+    return outs

@@ -70,9 +70,10 @@ TABLES: dict[str, StudyTable] = {
 }
 
 
-#: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on).
+#: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on), in bf16 like
+#: the study's benchmarks.
 PROBE_ARGS = ("--docs", "8", "--doc-len", "4096", "--contexts", "512,1024,2048,4096,8192", "--trials", "10",
-              "--probe-modes", "hybrid,swa_only,la_only")
+              "--probe-modes", "hybrid,swa_only,la_only", "--dtype", "bfloat16")
 
 
 @dataclass

@@ -97,3 +97,17 @@ def test_registered_model(dirs):
         set_components(lm.model, "hybrid")
     (ll2, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("The sky is", " blue"), 0)])
     assert ll != ll2
+
+
+def test_dtype_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    import torch
+
+    from linearize.commands import eval as eval_cmd
+
+    assert eval_cmd.torch_dtype("float16", "cpu") is torch.float16
+    monkeypatch.setattr(eval_cmd, "_cpu_has_native_bf16", lambda: True)
+    assert eval_cmd.torch_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(eval_cmd, "_cpu_has_native_bf16", lambda: False)
+    assert eval_cmd.torch_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert eval_cmd.torch_dtype("auto", "cuda:0") is torch.float32

@@ -65,7 +65,7 @@ def run(args) -> int:
     window = args.window
     records = {}
 
-    model, tokenizer, info = load_model(spec, device=args.device, dtype=torch_dtype(args.dtype),
+    model, tokenizer, info = load_model(spec, device=args.device, dtype=torch_dtype(args.dtype, args.device),
                                         check=not args.no_check, seed=args.seed)
     common = dict(model_info=info, data_dir=data_dir, device=str(model.device), seed=args.seed)
 
@@ -109,7 +109,8 @@ def run(args) -> int:
             linearize.convert(model, linearize.HybridConfig(window=hw))
             info = {**info, "kind": "converted_untrained", "hybrid": linearize.hybrid_config_of(model).to_dict()}
         elif not args.no_base and (args.base or info.get("base")):
-            bmodel, btok, _ = load_model(args.base or info["base"], device=str(model.device), check=not args.no_check)
+            bmodel, btok, _ = load_model(args.base or info["base"], device=str(model.device), dtype=model.dtype,
+                                         check=not args.no_check)
             parts.append(probe_variants(bmodel, btok, {"base": None}, ids=ids, passkey=pk, window=hw, progress=say))
             del bmodel
             gc.collect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 
 def add_model_args(p, *, convert_default: bool = False) -> None:
@@ -14,7 +15,9 @@ def add_model_args(p, *, convert_default: bool = False) -> None:
                    help="convert a base model on the fly with an untrained feature map (diagnostics of the bare layer)")
     p.add_argument("--window", type=int, default=None, help="sliding window of --convert (default 64)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto: bfloat16 where the device computes it natively (CUDA with bf16, CPUs with "
+                        "AVX512-BF16 or AMX: about 1.7x faster on a 2-core CPU), else float32")
     p.add_argument("--seed", type=int, default=1234, help="seed (lm-eval, bootstrap, feature-map init)")
     p.add_argument("--out", default=None, help="output directory for <verb>.json / .md / .png (default: print only)")
     p.add_argument("--no-check", action="store_true", help="skip the degenerate-output check at load")
@@ -51,10 +54,24 @@ def parse_batch(bs: str):
     return bs if bs == "auto" else int(bs)
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str, device: str | None = None):
+    """The torch dtype of a --dtype choice; 'auto' resolves for `device` (default: cuda when available)."""
     import torch
 
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device == "cpu" and _cpu_has_native_bf16() else torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: keep float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def register(subparsers) -> None:
@@ -84,7 +101,7 @@ def run(args) -> int:
     modes = [m.strip() for m in args.components.split(",")] if args.components else [None]
     t0 = time.perf_counter()
     model, tokenizer, info = load_model(spec, convert=args.convert, window=args.window, device=args.device,
-                                        dtype=torch_dtype(args.dtype), check=not args.no_check, seed=args.seed)
+                                        dtype=torch_dtype(args.dtype, args.device), check=not args.no_check, seed=args.seed)
     if modes != [None] and not is_converted(model):
         raise LinearizeError("--components needs a converted model (a converted directory, or --convert)")
     load_s = time.perf_counter() - t0

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="evaluation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                   help="evaluation dtype (auto: as `linearize eval --dtype auto`)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.set_defaults(func=run)
 
@@ -36,13 +36,13 @@ def run(args) -> int:
             print(f"{study_run.name}-seed{seed}: recipe {study_run.recipe} {' '.join(study_run.overrides)} "
                   f"-> modes {','.join(study_run.modes)}")
         return 0
-    import torch
+    from linearize.commands.eval import torch_dtype
 
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    dtype = torch_dtype(args.dtype)
     path = execute(args.table, model=args.model, out=args.out, preset=None if args.preset == "none" else args.preset,
                    seeds=seeds, runs=runs, limit=limit, tasks=args.tasks.split(",") if args.tasks else None, data_dir=args.data_dir,
-                   batch_size=args.batch_size, dtype=getattr(torch, dtype))
+                   batch_size=args.batch_size, dtype=dtype)
     print(path.read_text())
     print(f"[study] {TABLES[args.table].title}: {path}")
     return 0

@@ -148,8 +148,8 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
     tasks = list(tasks or TASKS)
     base_key = json.dumps({"model": str(model), "tasks": tasks, "limit": limit})
     trained: dict[str, Path] = {}  # resolved recipe -> its run directory
-    selected = plan(table, seeds, runs).jobs
-    for run, seed in plan(table, seeds).jobs:  # all of them: a duplicate is one of the whole table
+    jobs, selected = plan(table, seeds).jobs, plan(table, seeds, runs).jobs
+    for run, seed in jobs:  # all of them: a duplicate is one of the whole table
         path = run_dir(root, run, seed)
         resolved = json.dumps(load_recipe(run.recipe, [*run.overrides, f"seed={seed}"], preset), sort_keys=True,
                               default=str)
@@ -178,16 +178,18 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             full = {"meta": meta, **result}
             write_record(path / "diagnose", "diagnose", full, diagnose_markdown(full))
-        if run.probes and not (path / "probes" / "probes.json").is_file() and not is_trained(path):
+        if not run.probes or (path / "probes" / "probes.json").is_file():
+            continue
+        if not is_trained(path):
             say(f"[study] {table}: no long-context probes for {path.name}: its weights are not here")
-        elif run.probes and not (path / "probes" / "probes.json").is_file():
+        else:
             from linearize.cli import main as cli
 
             say(f"[study] {table}: long-context probes of {path.name}")
             if cli(["diagnose", "--model", str(path), "--base", str(model), "--what", "probes",
                     "--out", str(path / "probes"), *PROBE_ARGS]) != 0:
                 raise RuntimeError(f"the long-context probes of {path} failed (see the messages above)")
-    records = [run_dir(root, run, seed) / "diagnose" for run, seed in plan(table, seeds).jobs]
+    records = [run_dir(root, run, seed) / "diagnose" for run, seed in jobs]
     table_md = root / "table.md"
     table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r for r in records if (r / "diagnose.json").is_file()]) + "\n")
     return table_md

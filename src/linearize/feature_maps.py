@@ -25,9 +25,16 @@ def _hedgehog(u: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
 
 
+def _exp_max_shifted(u: torch.Tensor) -> torch.Tensor:
+    # exp(xW) reaches 1e18 at initialisation on Gemma 3 270M and overflows bf16 sums; shifting each token by its
+    # largest feature keeps every feature in (0, 1]. For queries the shift cancels exactly in the normalised LA
+    # output; for keys it rescales each key by a factor of its own (like softmax's log-sum-exp, but without the sum).
+    return torch.exp(u - u.amax(dim=-1, keepdim=True))
+
+
 FEATURE_MAPS: dict[str, FeatureMapSpec] = {
     "hedgehog": FeatureMapSpec(_hedgehog, 2, False, "[softmax(xW) ; softmax(-xW)] over the feature axis (Hedgehog / LoLCATs)"),
-    "exp": FeatureMapSpec(torch.exp, 1, False, "exp(xW), element-wise"),
+    "exp": FeatureMapSpec(_exp_max_shifted, 1, False, "exp(xW - max(xW)), element-wise, shifted per token to stay finite"),
     "relu": FeatureMapSpec(F.relu, 1, False, "ReLU(xW)"),
     "elu1": FeatureMapSpec(lambda u: 1.0 + F.elu(u), 1, False, "1 + ELU(xW)"),
     "t2r": FeatureMapSpec(F.relu, 1, True, "ReLU(xW + b) (T2R)"),

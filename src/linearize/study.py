@@ -62,10 +62,10 @@ TABLES: dict[str, StudyTable] = {
                 for name, sched in SCHEDULES.items() for ep in (1, 2, 5))),
     "beyond": StudyTable(
         "Beyond the paper: learned and input-dependent mixing vs fixed g = 0.5 (the headline runs of the other "
-        "tables carry the long-context probes)",
+        "tables carry the long-context probes; 'none' is the same for every run, as only untrained parts act, and 'sinks_only' says nothing about mixing: both left out)",
         tuple(StudyRun(f"ssd-mix-{gate}", "ssd", ("hybrid.combine=mix", f"hybrid.mix_gate={gate}",
                                                   *(("stage2.train_mixing=true",) if gate != "fixed" else ())),
-                       probes=True)
+                       ("hybrid", "swa_only", "la_only"), probes=True)
               for gate in ("fixed", "learned", "dynamic"))),
 }
 

@@ -95,7 +95,8 @@ def _rel(a, b):
 
 
 def _check(tensors, valid, weight, *, tol_out, tol_grad, chunk_size=16, **kw):
-    """Triton output and gradients vs the reference in float64 on the same (rounded) inputs."""
+    """Triton output and gradients vs the reference in float64 on the same (rounded) inputs; returns the Triton
+    inputs, holding their gradients."""
     ins = [x.detach().clone().requires_grad_() for x in tensors]
     w_in = weight.detach().clone().requires_grad_() if torch.is_tensor(weight) else weight
     torch.manual_seed(1)
@@ -120,7 +121,7 @@ def _check(tensors, valid, weight, *, tol_out, tol_grad, chunk_size=16, **kw):
         assert _rel(a.grad, r.grad) < tol_grad, f"d{name} rel err {_rel(a.grad, r.grad):.2e}"
     if torch.is_tensor(weight) and w_ref.grad is not None and w_ref.grad.abs().max() > 0:
         assert _rel(w_in.grad, w_ref.grad) < tol_grad, f"dweight rel err {_rel(w_in.grad, w_ref.grad):.2e}"
-    return out
+    return ins
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,6 +151,42 @@ def test_forward_backward_matches_reference(mode, rule, placement, b, hq, hkv, t
     tol = 1e-4 if CUDA else 1e-5  # fp32 (IEEE dots on CUDA)
     _check(tensors, valid, weight, tol_out=tol, tol_grad=tol, scale=d**-0.5, window=window, rule=rule,
            placement=placement, mode=mode, softcap=softcap)
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,window,rule,placement,softcap", [
+    (2, 4, 2, 45, 20, "shared_norm", "complementary", None),  # G = 2, padding, T % 16 != 0
+    (1, 4, 1, 37, 9, "mix", "overlap", 4.0),  # G = 4, window < block, softcap
+])
+def test_key_side_split_matches_reference_and_no_split(b, hq, hkv, t, window, rule, placement, softcap, monkeypatch):
+    """The key-side backward with its work split over 1, 2 or 3 programs per key chunk (fp32 partials summed): the
+    same gradients as the reference, and as each other up to fp32 summation order.  Two feature tiles (block_m 16)
+    so that the feature-tile loop is split too."""
+    d, m = 16, 32
+    monkeypatch.setitem(_hybrid.TUNING, "block_m", 16)
+    tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=True, seed=3)
+    weight = torch.rand(hq, device=DEVICE) * 0.8 + 0.1
+    tol = 1e-4 if CUDA else 1e-5
+    grads = {}
+    for split in (1, 2, 3):
+        monkeypatch.setitem(_hybrid.TUNING, "kv_split", split)
+        ins = _check(tensors, valid, weight, tol_out=tol, tol_grad=tol, scale=d**-0.5, window=window, rule=rule,
+                     placement=placement, softcap=softcap)
+        grads[split] = [x.grad for x in ins]
+    for split in (2, 3):
+        for name, a, r in zip(["q", "k", "v", "qf", "kf"], grads[split], grads[1]):
+            assert _rel(a, r) < 1e-6, f"split {split}: d{name} differs from no split by {_rel(a, r):.2e}"
+
+
+def test_key_side_split_heuristic():
+    """Split only while B*Hkv*key chunks is below twice the SM count (4 off CUDA), never past the work items."""
+    def cfg(b, hq, hkv, t, window=20):
+        q, k, qf = (torch.empty(b, h, t, f, device="meta") for h, f in ((hq, 16), (hkv, 16), (hq, 32)))
+        return _hybrid._config(q, k, qf, 0.25, window, 0, window, None, 16, False, 1)
+
+    assert cfg(1, 4, 1, 40).ksplit == 2  # 4 key chunks: 2 programs each fill 2 x 4 SMs
+    assert cfg(1, 4, 1, 16, window=1).ksplit == 4  # 2 key chunks, 4 (head, query block) items: capped at kv_split_max
+    assert cfg(1, 1, 1, 16, window=1).ksplit == 1  # one item per loop: nothing to split
+    assert cfg(2, 4, 2, 40).ksplit == 1  # 16 programs
 
 
 def test_matches_chunked_exactly_enough_and_diagnostic_modes_fall_back():
@@ -309,8 +346,11 @@ def test_bench_cli_arguments_match_the_library():
 
     from linearize.attention.triton.benchmark import add_arguments
     from linearize.cli import build_parser
+    from linearize.commands.bench import add_conversion_arguments
 
     cli = vars(build_parser().parse_args(["bench", "--name", "x"]))
-    lib = argparse.ArgumentParser()
+    lib, conversion = argparse.ArgumentParser(), argparse.ArgumentParser()
     add_arguments(lib)
-    assert {k: v for k, v in cli.items() if k not in ("func", "verb")} == vars(lib.parse_args(["--name", "x"]))
+    add_conversion_arguments(conversion)  # the CLI's own addition: `linearize bench --conversion`
+    expected = {**vars(lib.parse_args(["--name", "x"])), **vars(conversion.parse_args([]))}
+    assert {k: v for k, v in cli.items() if k not in ("func", "verb")} == expected

@@ -14,7 +14,7 @@ Chunking: the time axis is cut into chunks of BT queries.  The linear branch run
 SHIFT (key s sits at position s + SHIFT), so query chunk i meets the *shifted* key chunk i on its diagonal
 (causal mask inside) and the state S_i = sum over shifted key chunks < i of kf^T v (m x d) for the rest.
 States are built per segment of CPS chunks by `la_state_fwd_kernel` (in-segment exclusive prefix, stored in the
-input dtype) plus an exclusive prefix over segment totals (fp32, done in torch): S_i = S_loc[i] + S_seg[i // CPS].
+input dtype) plus an exclusive prefix over segment totals (fp32, `seg_prefix_kernel`): S_i = S_loc[i] + S_seg[i // CPS].
 
 RULE codes: 0 shared_norm, 1 mix, 2 swa_only, 3 la_only.
 All accumulation is fp32; tensor-core operands are in the input dtype (bf16/fp16), or fp32 with IEEE precision.
@@ -87,9 +87,12 @@ def la_state_fwd_kernel(
 
 
 @triton.jit
-def seg_prefix_kernel(X1, E1, NB1, X2, E2, NSEG, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+def seg_prefix_kernel(X1, E1, NB1, X2, E2, NSEG, REVERSE: tl.constexpr, NSP: tl.constexpr, BLOCK: tl.constexpr):
     """In place, over the segment axis of X1 (B*H, NSEG, E1) and X2 (B*H, NSEG, E2), one launch for both:
-    X[:, s] <- sum_{s' < s} X[:, s'] (REVERSE: s' > s).  Programs pid < NB1 take X1, the others X2."""
+    X[:, s] <- sum_{s' < s} X[:, s'] (REVERSE: s' > s).  Programs pid < NB1 take X1, the others X2.
+    All NSEG (<= NSP) segments of a column block are loaded at once and scanned: one memory round trip instead of NSEG
+    dependent ones.  Exclusive = inclusive - own value, so that every element is read and written by the same thread
+    (no cross-thread hazard in place)."""
     pid_bh = tl.program_id(0)
     pid_e = tl.program_id(1)
     if pid_e < NB1:
@@ -101,15 +104,11 @@ def seg_prefix_kernel(X1, E1, NB1, X2, E2, NSEG, REVERSE: tl.constexpr, BLOCK: t
         E = E2
         offs = (pid_e - NB1) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < E
-    run = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, NSEG):
-        if REVERSE:
-            s = NSEG - 1 - i
-        else:
-            s = i
-        x = tl.load(base + s * E + offs, mask=msk, other=0.0)
-        tl.store(base + s * E + offs, run, mask=msk)
-        run += x
+    segs = tl.arange(0, NSP)
+    ptr = base + segs[:, None] * E + offs[None, :]
+    m2 = (segs < NSEG)[:, None] & msk[None, :]
+    x = tl.load(ptr, mask=m2, other=0.0)
+    tl.store(ptr, tl.cumsum(x, 0, reverse=REVERSE) - x, mask=m2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +117,8 @@ def seg_prefix_kernel(X1, E1, NB1, X2, E2, NSEG, REVERSE: tl.constexpr, BLOCK: t
 @triton.jit
 def hybrid_fwd_kernel(
     Q, K, V, QF, KF, VALID, WROW, S_LOC, S_SEG, Z_LOC, Z_SEG,
-    OUT, XS, XL, CMAX, ARG, DEN_S, DEN_L, AMAT,
-    scale, softcap, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT,
+    OUT, XS, XL, ROWS, AMAT,
+    scale, softcap, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, WMODE: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -132,7 +131,7 @@ def hybrid_fwd_kernel(
         num_s, den_s, c, argmax  by an online softmax over the window key blocks
         shared_norm: out = (g num_s + num_l) / (g den_s + den_l)
         mix:         out = g' num_s/den_s + (1 - g') num_l/den_l,  g' = 1 where den_l == 0
-    Also stores, per row, c, argmax, den_s, den_l; and for backward XS = o_s - out (shared_norm) or o_s (mix),
+    Also stores, per row, ROWS = (c, den_s, den_l, argmax as int32 bits), each (B*HQ*T,); and for backward XS = o_s - out (shared_norm) or o_s (mix),
     XL = o_l - o_s (mix), with o_s = num_s/den_s, o_l = num_l/den_l: differences are formed in fp32 before rounding,
     so the weight gradient (a difference of nearly equal dot products) keeps its precision in bf16.
     Grid: (B*HQ, N).
@@ -270,10 +269,10 @@ def hybrid_fwd_kernel(
         acc = gp[:, None] * o_s + (1.0 - gp)[:, None] * acc
 
     tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=om)
-    tl.store(CMAX + row, c, mask=tm)
-    tl.store(ARG + row, arg, mask=tm)
-    tl.store(DEN_S + row, den_s, mask=tm)
-    tl.store(DEN_L + row, den_l, mask=tm)
+    tl.store(ROWS + row, c, mask=tm)
+    tl.store(ROWS + NROW + row, den_s, mask=tm)
+    tl.store(ROWS + 2 * NROW + row, den_l, mask=tm)
+    tl.store(ROWS + 3 * NROW + row, arg.to(tl.float32, bitcast=True), mask=tm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,8 +281,8 @@ def hybrid_fwd_kernel(
 @triton.jit
 def hybrid_bwd_q_kernel(
     Q, K, V, QF, KF, VALID, WROW, S_LOC, S_SEG, Z_LOC, Z_SEG,
-    OUT, XS, XL, DO, CMAX, ARG, DEN_S, DEN_L,
-    DQ, DQF, DAMAT, COEF, DW,
+    OUT, XS, XL, DO, ROWS,
+    DQ, DQF, DAMAT, COEF,
     scale, softcap, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, WMODE: tl.constexpr,
@@ -304,7 +303,7 @@ def hybrid_bwd_q_kernel(
         dq_t  = sum_s dl_ts * dsoftcap * scale * k_s
         dA    = (delta do_i @ v'_i^T + eps) * causal * valid'                (saved for the key side)
         dqf_i = dA @ kf'_i + (delta do_i) @ S_i^T + eps z_i^T
-    COEF rows: (alpha, beta, delta, eps, dc), each (B*HQ*T,).  Grid: (B*HQ, N).
+    COEF rows: (alpha, beta, delta, eps, dc, dw), each (B*HQ*T,).  Grid: (B*HQ, N).
     """
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -324,8 +323,8 @@ def hybrid_bwd_q_kernel(
     seg = pid_t // CPS
 
     do = tl.load(DO + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0)  # input dtype
-    den_s = tl.load(DEN_S + row, mask=tm, other=0.0)
-    den_l = tl.load(DEN_L + row, mask=tm, other=0.0)
+    den_s = tl.load(ROWS + NROW + row, mask=tm, other=0.0)
+    den_l = tl.load(ROWS + 2 * NROW + row, mask=tm, other=0.0)
     if WMODE == 0:
         wrow = tl.zeros([BT], dtype=tl.float32) + wscalar
     elif WMODE == 1:
@@ -384,13 +383,13 @@ def hybrid_bwd_q_kernel(
     tl.store(COEF + 2 * NROW + row, delta, mask=tm)
     tl.store(COEF + 3 * NROW + row, eps, mask=tm)
     tl.store(COEF + 4 * NROW + row, dc, mask=tm)
-    tl.store(DW + row, dw, mask=tm)
+    tl.store(COEF + 5 * NROW + row, dw, mask=tm)
 
     dq = tl.zeros([BT, BD], dtype=tl.float32)
     if HAS_SWA:
         q = tl.load(Q + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], mask=om, other=0.0)
-        c = tl.load(CMAX + row, mask=tm, other=0.0)
-        arg = tl.load(ARG + row, mask=tm, other=-1)
+        c = tl.load(ROWS + row, mask=tm, other=0.0)
+        arg = tl.where(tm, tl.load(ROWS + 3 * NROW + row, mask=tm, other=0.0).to(tl.int32, bitcast=True), -1)
         doa = (do.to(tl.float32) * alpha[:, None]).to(dtype)
         lo = tl.maximum(t0 - W + 1, 0)
         hi = tl.minimum(t0 + BT, T)
@@ -509,11 +508,11 @@ def la_state_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def hybrid_bwd_kv_kernel(
-    Q, K, V, QF, KF, VALID, DO, CMAX, ARG, COEF, AMAT, DAMAT, DS_LOC, DS_SEG, DZ_LOC, DZ_SEG,
+    Q, K, V, QF, KF, VALID, DO, ROWS, COEF, AMAT, DAMAT, DS_LOC, DS_SEG, DZ_LOC, DZ_SEG,
     DK, DV, DKF,
-    scale, softcap, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
+    scale, softcap, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW, SPLIT_STRIDE,
     HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, NSPLIT: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Key-side backward for the BT keys s = j*BT - SHIFT + [0, BT) (the shifted linear chunk j).
@@ -525,10 +524,15 @@ def hybrid_bwd_kv_kernel(
         linear part (j < N; A, dA the diagonal blocks of query chunk j; dS_j, dz_j the suffix state gradients):
             dv'  += (A * delta)^T do_j + kf'_j @ dS_j
             dkf' += dA^T qf_j + v'_j @ dS_j^T + dz_j          (valid keys only)
-    Every key position belongs to exactly one program, so dk, dv, dkf are written once.  Grid: (B*HKV, N').
+    NSPLIT programs share a key chunk (to fill the GPU when B*HKV*N' is small): program sp takes every NSPLIT-th
+    item of each loop -- the (query head, query block) pairs of the window part, the heads of the diagonal linear
+    block, the feature tiles (each dkf tile whole, over all heads) -- and writes its partial dk, dv at
+    DK/DV + sp * SPLIT_STRIDE (fp32 buffers summed by split_sum_kernel when NSPLIT > 1).  Every key position belongs
+    to exactly one chunk, so each (split's) dk, dv and each dkf element is written once.  Grid: (B*HKV, N', NSPLIT).
     """
     pid_bkv = tl.program_id(0)
     j = tl.program_id(1)
+    sp = tl.program_id(2)
     b = pid_bkv // HKV
     hk = pid_bkv % HKV
     dtype = Q.dtype.element_ty
@@ -550,48 +554,49 @@ def hybrid_bwd_kv_kernel(
     if HAS_SWA:
         qlo = tl.maximum(ks0, 0)
         qhi = tl.minimum(ks0 + BT - 1 + W, T)
-        for g in range(0, G):
+        nqb = tl.cdiv(tl.maximum(qhi - qlo, 0), BT)
+        for it in range(sp, G * nqb, NSPLIT):  # (head, query block) pairs
+            g = it // nqb
             bh64 = (b * HQ + hk * G + g).to(tl.int64)
-            for q0 in range(qlo, qhi, BT):
-                offs_q = q0 + tl.arange(0, BT)
-                qm = offs_q < qhi
-                qmask = qm[:, None] & md[None, :]
-                q = tl.load(Q + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
-                do = tl.load(DO + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
-                r = bh64 * T + offs_q
-                c = tl.load(CMAX + r, mask=qm, other=0.0)
-                arg = tl.load(ARG + r, mask=qm, other=-1)
-                alpha = tl.load(COEF + r, mask=qm, other=0.0)
-                beta = tl.load(COEF + NROW + r, mask=qm, other=0.0)
-                dc = tl.load(COEF + 4 * NROW + r, mask=qm, other=0.0)
-                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-                if SOFTCAP:
-                    th = _tanh(s / softcap)
-                    s = softcap * th
-                diff = offs_q[:, None] - ks[None, :]
-                msk = (diff >= 0) & (diff < W) & km[None, :] & qm[:, None]
-                p = tl.where(msk, tl.exp(s - c[:, None]), 0.0)
-                doa = (do.to(tl.float32) * alpha[:, None]).to(dtype)
-                dv += tl.dot(tl.trans(p.to(dtype)), doa, input_precision=DOT_PREC)
-                dp = tl.dot(doa, tl.trans(vv), input_precision=DOT_PREC) + beta[:, None]
-                dl = p * dp + tl.where(msk & (ks[None, :] == arg[:, None]), dc[:, None], 0.0)
-                if SOFTCAP:
-                    dl = dl * (1.0 - th * th)
-                dk += tl.dot(tl.trans((dl * scale).to(dtype)), q, input_precision=DOT_PREC)
+            offs_q = qlo + (it - g * nqb) * BT + tl.arange(0, BT)
+            qm = offs_q < qhi
+            qmask = qm[:, None] & md[None, :]
+            q = tl.load(Q + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
+            do = tl.load(DO + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
+            r = bh64 * T + offs_q
+            c = tl.load(ROWS + r, mask=qm, other=0.0)
+            arg = tl.load(ROWS + 3 * NROW + r, mask=qm, other=0.0).to(tl.int32, bitcast=True)
+            alpha = tl.load(COEF + r, mask=qm, other=0.0)
+            beta = tl.load(COEF + NROW + r, mask=qm, other=0.0)
+            dc = tl.load(COEF + 4 * NROW + r, mask=qm, other=0.0)
+            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
+            if SOFTCAP:
+                th = _tanh(s / softcap)
+                s = softcap * th
+            diff = offs_q[:, None] - ks[None, :]
+            msk = (diff >= 0) & (diff < W) & km[None, :] & qm[:, None]
+            p = tl.where(msk, tl.exp(s - c[:, None]), 0.0)
+            doa = (do.to(tl.float32) * alpha[:, None]).to(dtype)
+            dv += tl.dot(tl.trans(p.to(dtype)), doa, input_precision=DOT_PREC)
+            dp = tl.dot(doa, tl.trans(vv), input_precision=DOT_PREC) + beta[:, None]
+            dl = p * dp + tl.where(msk & (ks[None, :] == arg[:, None]), dc[:, None], 0.0)
+            if SOFTCAP:
+                dl = dl * (1.0 - th * th)
+            dk += tl.dot(tl.trans((dl * scale).to(dtype)), q, input_precision=DOT_PREC)
 
     if HAS_LA:
         if j < N:
             rows = j * BT + tl.arange(0, BT)
             rm = rows < T
             blk = tl.arange(0, BT)[:, None] * BT + tl.arange(0, BT)[None, :]
-            for g in range(0, G):
+            for g in range(sp, G, NSPLIT):
                 bh64 = (b * HQ + hk * G + g).to(tl.int64)
                 A = tl.load(AMAT + (bh64 * N + j) * BT * BT + blk)
                 delta = tl.load(COEF + 2 * NROW + bh64 * T + rows, mask=rm, other=0.0)
                 do = tl.load(DO + (bh64 * T + rows[:, None]) * D + offs_d[None, :], mask=rm[:, None] & md[None, :], other=0.0)
                 dv += tl.dot(tl.trans((A * delta[:, None]).to(dtype)), do, input_precision=DOT_PREC)
             seg = j // CPS
-            for m0 in range(0, M, BM):
+            for m0 in range(sp * BM, M, NSPLIT * BM):
                 offs_m = m0 + tl.arange(0, BM)
                 mm = offs_m < M
                 dkf = tl.zeros([BT, BM], dtype=tl.float32)
@@ -615,14 +620,29 @@ def hybrid_bwd_kv_kernel(
                 dv += tl.dot(kf, dS, input_precision=DOT_PREC)
                 tl.store(DKF + (kv64 * T + ks[:, None]) * M + offs_m[None, :], dkf.to(DKF.dtype.element_ty), mask=kin[:, None] & mm[None, :])
         else:
-            for m0 in range(0, M, BM):
+            for m0 in range(sp * BM, M, NSPLIT * BM):
                 offs_m = m0 + tl.arange(0, BM)
                 mm = offs_m < M
                 tl.store(DKF + (kv64 * T + ks[:, None]) * M + offs_m[None, :], tl.zeros([BT, BM], dtype=DKF.dtype.element_ty), mask=kin[:, None] & mm[None, :])
 
     omask = kin[:, None] & md[None, :]
-    tl.store(DK + (kv64 * T + ks[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=omask)
-    tl.store(DV + (kv64 * T + ks[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=omask)
+    out = sp.to(tl.int64) * SPLIT_STRIDE + (kv64 * T + ks[:, None]) * D + offs_d[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=omask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def split_sum_kernel(PART, OUT, E, NSPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[e] = sum_s PART[s, e] over the NSPLIT partials (fp32, in split order: deterministic), in OUT's dtype.
+    Grid: (cdiv(E, BLOCK),)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < E
+    ptr = PART + offs
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in tl.static_range(NSPLIT):
+        acc += tl.load(ptr, mask=msk, other=0.0)
+        ptr += E
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=msk)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ outside `TRITON_INTERPRET=1` go to those PyTorch paths.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,6 +30,9 @@ TUNING = {
     "chunks_per_segment": None,  # None: chosen from the machine's multiprocessor count
     "num_warps": None,  # None: 4 for head_dim <= 64, else 8
     "num_stages": 2,
+    # key-side backward: programs per key chunk (None: up to kv_split_max while B*Hkv*chunks < 2x the SM count)
+    "kv_split": None,
+    "kv_split_max": 4,
     # decode: one program covers all of head_dim once the batch has this many (b, kv head) rows per SM
     "decode_full_d_rows_per_sm": 2,
 }
@@ -70,6 +74,7 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device) -> int:
     if isinstance(device, torch.device) and device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -87,18 +92,18 @@ def _mode_code(mode: str, rule: str) -> int:
 
 
 class _Config:
-    """Launch parameters shared by the forward and backward kernels of one call."""
+    """Launch parameters shared by the forward and backward kernels of one call signature (built once: `_config`)."""
 
-    def __init__(self, q, k, qf, *, scale, window, code, shift, softcap, chunk_size, has_valid, wmode, wscalar):
+    def __init__(self, q, k, qf, *, scale, window, code, shift, softcap, chunk_size, has_valid, wmode):
         b, hq, t, d = q.shape
         self.b, self.hq, self.t, self.d = b, hq, t, d
         self.hkv = k.shape[1]
         self.g = hq // self.hkv
         self.m = qf.shape[-1]
+        self.nrow = b * hq * t
         self.scale = float(scale)
         self.has_valid = bool(has_valid)
-        self.wmode = wmode  # 0: a float (wscalar), 1: per head (Hq,), 2: per row (B, Hq, T)
-        self.wscalar = float(wscalar)
+        self.wmode = wmode  # 0: a float (passed per call), 1: per head (Hq,), 2: per row (B, Hq, T)
         self.window = int(window)
         self.code = code
         self.has_swa = code != 3
@@ -114,27 +119,54 @@ class _Config:
         self.bd = _pow2(d)
         self.bm = min(TUNING["block_m"], _pow2(self.m))
         self.sbd = min(TUNING["state_block_d"], self.bd)
+        bkv = b * self.hkv
+        sms = _num_sms(q.device)
         tiles = triton.cdiv(self.m, self.bm) * triton.cdiv(d, self.sbd)
         cps = TUNING["chunks_per_segment"]
         if cps is None:
-            target = max(1, math.ceil(2 * _num_sms(q.device) / max(1, b * self.hkv * tiles)))
+            target = max(1, math.ceil(2 * sms / max(1, bkv * tiles)))
             cps = max(1, math.ceil(self.n / target))
         self.cps = int(cps)
         self.nseg = triton.cdiv(self.n, self.cps)
         self.tiles = tiles
+        # segment prefix: all segments of a column block in one program, ~4k elements per program
+        self.nsp = _pow2(self.nseg, 1)
+        self.seg_block = max(8, 4096 // self.nsp)
+        self.seg_nb1 = triton.cdiv(self.m * d, self.seg_block)
+        self.seg_grid = (bkv, self.seg_nb1 + triton.cdiv(self.m, self.seg_block))
+        # key side: NSPLIT programs per key chunk while the grid alone would leave SMs idle
+        self.nk = triton.cdiv(t + self.shift, bt)
+        split = TUNING["kv_split"]
+        if split is None:
+            progs, full = bkv * self.nk, 2 * sms
+            items = max(self.g * triton.cdiv(bt - 1 + self.window, bt) if self.has_swa else 1,
+                        triton.cdiv(self.m, self.bm) if self.has_la else 1)  # the busiest loop's items
+            split = 1 if progs >= full else min(TUNING["kv_split_max"], triton.cdiv(full, progs), items)
+        self.ksplit = max(1, int(split))
         self.num_warps = TUNING["num_warps"] or (4 if self.bd <= 64 else 8)
         self.num_stages = TUNING["num_stages"]
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _segment_prefix(s_tot: torch.Tensor, z_tot: torch.Tensor, reverse: bool = False) -> None:
-    """In place: segment totals (B*H, NSEG, ...) -> exclusive (reverse) prefix sums over the segments."""
-    bh, nseg = s_tot.shape[:2]
-    e1, e2 = s_tot[0, 0].numel(), z_tot[0, 0].numel()
-    block = 256
-    nb1 = triton.cdiv(e1, block)
-    K.seg_prefix_kernel[(bh, nb1 + triton.cdiv(e2, block))](
-        s_tot, e1, nb1, z_tot, e2, nseg, REVERSE=reverse, BLOCK=block, num_warps=4)
+_CONFIGS: dict = {}
+
+
+def _config(q, k, qf, scale, window, code, shift, softcap, chunk_size, has_valid, wmode) -> _Config:
+    key = (q.shape, k.shape[1], qf.shape[-1], q.dtype, q.device, scale, window, code, shift, softcap, chunk_size,
+           has_valid, wmode, *TUNING.values())  # TUNING: tests change it
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        if len(_CONFIGS) >= 256:
+            _CONFIGS.clear()
+        cfg = _CONFIGS[key] = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, softcap=softcap,
+                                      chunk_size=chunk_size, has_valid=has_valid, wmode=wmode)
+    return cfg
+
+
+def _segment_prefix(s_tot: torch.Tensor, z_tot: torch.Tensor, cfg: _Config, reverse: bool = False) -> None:
+    """In place: segment totals (B*HKV, NSEG, ...) -> exclusive (reverse) prefix sums over the segments."""
+    K.seg_prefix_kernel[cfg.seg_grid](s_tot, cfg.m * cfg.d, cfg.seg_nb1, z_tot, cfg.m, cfg.nseg,
+                                      REVERSE=reverse, NSP=cfg.nsp, BLOCK=cfg.seg_block, num_warps=4)
 
 
 def _states_fwd(kf, v, valid, cfg: _Config):
@@ -150,57 +182,48 @@ def _states_fwd(kf, v, valid, cfg: _Config):
         HAS_VALID=cfg.has_valid, BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.nseg > 1:
-        _segment_prefix(s_tot, z_tot)
+        _segment_prefix(s_tot, z_tot, cfg)
     return s_loc, s_tot, z_loc, z_tot
 
 
-def _forward(q, k, v, qf, kf, wrow, valid, cfg: _Config):
-    dev, dt = q.device, q.dtype
+def _forward(q, k, v, qf, kf, wrow, valid, wscalar, cfg: _Config):
+    """Returns (out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg): the output and what backward reads.
+    Pointers a mode never reads get an existing tensor (no allocation)."""
     b, hq, t, d = q.shape
     out = torch.empty_like(q)
     xs = torch.empty_like(q) if cfg.code in (0, 1) else out
     xl = torch.empty_like(q) if cfg.code == 1 else out
-    rows = (b, hq, t)
-    cmax = torch.empty(rows, device=dev, dtype=torch.float32)
-    arg = torch.empty(rows, device=dev, dtype=torch.int32)
-    den_s = torch.empty(rows, device=dev, dtype=torch.float32)
-    den_l = torch.empty(rows, device=dev, dtype=torch.float32)
+    rows = torch.empty(4, b, hq, t, device=q.device, dtype=torch.float32)  # c, den_s, den_l, argmax (int32 bits)
     if cfg.has_la:
         s_loc, s_seg, z_loc, z_seg = _states_fwd(kf, v, valid, cfg)
-        amat = torch.empty(b * hq, cfg.n, cfg.bt, cfg.bt, device=dev, dtype=torch.float32)
+        amat = torch.empty(b * hq, cfg.n, cfg.bt, cfg.bt, device=q.device, dtype=torch.float32)
     else:
-        s_loc = s_seg = z_loc = z_seg = amat = torch.empty(1, device=dev, dtype=torch.float32)
-        s_loc = torch.empty(1, device=dev, dtype=dt)
+        s_loc = s_seg = z_loc = z_seg = amat = rows
     K.hybrid_fwd_kernel[(b * hq, cfg.n)](
         q, k, v, qf, kf, valid, wrow, s_loc, s_seg, z_loc, z_seg,
-        out, xs, xl, cmax, arg, den_s, den_l, amat,
-        cfg.scale, cfg.softcap, cfg.wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift,
+        out, xs, xl, rows, amat,
+        cfg.scale, cfg.softcap, wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow,
         RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
         HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, WMODE=cfg.wmode,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    saved = dict(out=out, xs=xs, xl=xl, cmax=cmax, arg=arg, den_s=den_s, den_l=den_l, amat=amat,
-                 s_loc=s_loc, s_seg=s_seg, z_loc=z_loc, z_seg=z_seg)
-    return out, saved
+    return out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg
 
 
-def _backward(do, q, k, v, qf, kf, wrow, valid, sv, cfg: _Config):
+def _backward(do, q, k, v, qf, kf, wrow, valid, out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg, wscalar, cfg: _Config):
     dev, dt = q.device, q.dtype
     b, hq, t, d = q.shape
     bkv = b * cfg.hkv
-    nrow = b * hq * t
-    do = do.contiguous().to(dt)
+    if do.dtype != dt or not do.is_contiguous():
+        do = do.contiguous().to(dt)
     dq = torch.empty_like(q)
-    dqf = torch.empty_like(qf) if cfg.has_la else torch.empty(1, device=dev, dtype=dt)
-    damat = torch.empty_like(sv["amat"]) if cfg.has_la else sv["amat"]
-    coef = torch.empty(5, b, hq, t, device=dev, dtype=torch.float32)
-    dw = torch.empty(b, hq, t, device=dev, dtype=torch.float32)
-    f32 = torch.empty(1, device=dev, dtype=torch.float32)
+    coef = torch.empty(6, b, hq, t, device=dev, dtype=torch.float32)  # alpha, beta, delta, eps, dc, dw
+    dqf, damat = (torch.empty_like(qf), torch.empty_like(amat)) if cfg.has_la else (coef, coef)
     K.hybrid_bwd_q_kernel[(b * hq, cfg.n)](
-        q, k, v, qf, kf, valid, wrow, sv["s_loc"], sv["s_seg"], sv["z_loc"], sv["z_seg"],
-        sv["out"], sv["xs"], sv["xl"], do, sv["cmax"], sv["arg"], sv["den_s"], sv["den_l"],
-        dq, dqf, damat, coef, dw,
-        cfg.scale, cfg.softcap, cfg.wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, nrow,
+        q, k, v, qf, kf, valid, wrow, s_loc, s_seg, z_loc, z_seg,
+        out, xs, xl, do, rows,
+        dq, dqf, damat, coef,
+        cfg.scale, cfg.softcap, wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow,
         RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
         HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, WMODE=cfg.wmode,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -208,58 +231,65 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, sv, cfg: _Config):
     if cfg.has_la:
         ds_loc = torch.empty(bkv, cfg.n, cfg.m, cfg.d, device=dev, dtype=dt)
         dz_loc = torch.empty(bkv, cfg.n, cfg.m, device=dev, dtype=torch.float32)
-        ds_tot = torch.empty(bkv, cfg.nseg, cfg.m, cfg.d, device=dev, dtype=torch.float32)
-        dz_tot = torch.empty(bkv, cfg.nseg, cfg.m, device=dev, dtype=torch.float32)
+        ds_seg = torch.empty(bkv, cfg.nseg, cfg.m, cfg.d, device=dev, dtype=torch.float32)
+        dz_seg = torch.empty(bkv, cfg.nseg, cfg.m, device=dev, dtype=torch.float32)
         K.la_state_bwd_kernel[(cfg.nseg, bkv, cfg.tiles)](
-            qf, do, coef, ds_loc, dz_loc, ds_tot, dz_tot,
-            t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, nrow,
+            qf, do, coef, ds_loc, dz_loc, ds_seg, dz_seg,
+            t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.nrow,
             BT=cfg.bt, BM=cfg.bm, BD=cfg.sbd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if cfg.nseg > 1:
-            _segment_prefix(ds_tot, dz_tot, reverse=True)
-        ds_seg, dz_seg = ds_tot, dz_tot
+            _segment_prefix(ds_seg, dz_seg, cfg, reverse=True)
         dkf = torch.empty_like(kf)
     else:
-        ds_loc = torch.empty(1, device=dev, dtype=dt)
-        dz_loc = ds_seg = dz_seg = f32
-        dkf = torch.empty(1, device=dev, dtype=dt)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    nk = triton.cdiv(t + cfg.shift, cfg.bt)
-    K.hybrid_bwd_kv_kernel[(bkv, nk)](
-        q, k, v, qf, kf, valid, do, sv["cmax"], sv["arg"], coef, sv["amat"], damat, ds_loc, ds_seg, dz_loc, dz_seg,
-        dk, dv, dkf,
-        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, nrow,
+        ds_loc = ds_seg = dz_loc = dz_seg = dkf = coef
+    dkv = torch.empty((2, *k.shape), device=dev, dtype=dt)
+    if cfg.ksplit > 1:  # fp32 partials per split, summed below
+        part = torch.empty((cfg.ksplit, 2, *k.shape), device=dev, dtype=torch.float32)
+        dk_out, dv_out, stride = part, part[0, 1], dkv.numel()
+    else:
+        dk_out, dv_out, stride = dkv[0], dkv[1], 0
+    K.hybrid_bwd_kv_kernel[(bkv, cfg.nk, cfg.ksplit)](
+        q, k, v, qf, kf, valid, do, rows, coef, amat, damat, ds_loc, ds_seg, dz_loc, dz_seg,
+        dk_out, dv_out, dkf,
+        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow, stride,
         HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
-        HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1,
+        HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, NSPLIT=cfg.ksplit,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if cfg.ksplit > 1:
+        K.split_sum_kernel[(triton.cdiv(stride, 1024),)](part, dkv, stride, NSPLIT=cfg.ksplit, BLOCK=1024, num_warps=4)
+    dk, dv = dkv
     if not cfg.has_swa:  # la_only reads neither q nor k
         dq = dk = None
-    if cfg.code in (2, 3) or cfg.wmode == 0:  # the weight enters only the 'hybrid' combination
-        dw = None
+    dw = None if cfg.code in (2, 3) or cfg.wmode == 0 else coef[5]  # the weight enters only the 'hybrid' combination
     return dq, dk, dv, (dqf if cfg.has_la else None), (dkf if cfg.has_la else None), dw
 
 
 class _HybridFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, qf, kf, wrow, valid, cfg):
-        out, saved = _forward(q, k, v, qf, kf, wrow, valid, cfg)
-        ctx.cfg = cfg
-        ctx.keys = list(saved)
-        ctx.save_for_backward(q, k, v, qf, kf, wrow, valid, *saved.values())
-        return out
+    def forward(ctx, q, k, v, qf, kf, wrow, valid, wscalar, cfg):
+        saved = _forward(q, k, v, qf, kf, wrow if wrow is not None else q, valid if valid is not None else q,
+                         wscalar, cfg)
+        ctx.cfg, ctx.wscalar = cfg, wscalar
+        ctx.save_for_backward(q, k, v, qf, kf, wrow, valid, *saved)
+        return saved[0]
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, qf, kf, wrow, valid, *rest = ctx.saved_tensors
-        sv = dict(zip(ctx.keys, rest))
-        dq, dk, dv, dqf, dkf, dw = _backward(do, q, k, v, qf, kf, wrow, valid, sv, ctx.cfg)
+        q, k, v, qf, kf, wrow, valid, *saved = ctx.saved_tensors
+        cfg = ctx.cfg
+        dq, dk, dv, dqf, dkf, dw = _backward(do, q, k, v, qf, kf, wrow if wrow is not None else q,
+                                             valid if valid is not None else q, *saved, ctx.wscalar, cfg)
         if dw is not None and ctx.needs_input_grad[5]:
-            dw = dw.sum((0, 2)) if ctx.cfg.wmode == 1 else dw
+            dw = dw.sum((0, 2)) if cfg.wmode == 1 else dw
         else:
             dw = None
-        return dq, dk, dv, dqf, dkf, dw, None, None
+        return dq, dk, dv, dqf, dkf, dw, None, None, None
+
+
+def _prep(x: torch.Tensor, dt) -> torch.Tensor:
+    return x if x.dtype == dt and x.is_contiguous() else x.to(dt).contiguous()
 
 
 def hybrid_attention_triton(
@@ -273,34 +303,35 @@ def hybrid_attention_triton(
     two in [16, 64] (64 otherwise); it changes no result.
     """
     check_mode(mode)
-    kwargs = dict(scale=scale, window=window, weight=weight, rule=rule, placement=placement, mode=mode,
-                  num_sinks=num_sinks, valid=valid, softcap=softcap, chunk_size=chunk_size)
     if mode in ("sinks_only", "none") or not _kernel_ok(q) or q.shape[2] == 0:
-        return hybrid_attention_chunked(q, k, v, qf, kf, **kwargs)
+        return hybrid_attention_chunked(q, k, v, qf, kf, scale=scale, window=window, weight=weight, rule=rule,
+                                        placement=placement, mode=mode, num_sinks=num_sinks, valid=valid,
+                                        softcap=softcap, chunk_size=chunk_size)
     b, hq, t, d = q.shape
     if int(window) < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     code = _mode_code(mode, rule) if mode == "hybrid" else _mode_code(mode, "shared_norm")
     shift = int(window) if (mode == "hybrid" and placement == "complementary") else 0
     dt = q.dtype
-    q, k, v, qf, kf = (x.to(dt).contiguous() for x in (q, k, v, qf, kf))
-    has_valid = valid is not None  # no valid.all() check: it would synchronise with the device on every call
-    valid_i8 = valid.to(device=q.device, dtype=torch.int8).contiguous() if has_valid else q.new_empty(1, dtype=torch.int8)
-    wscalar = 0.0
+    q, k, v, qf, kf = (_prep(x, dt) for x in (q, k, v, qf, kf))
+    if valid is not None:  # no valid.all() check: it would synchronise with the device on every call
+        valid = valid.to(q.device)
+        # a bool mask is read in place as bytes; other dtypes are converted
+        valid = valid.view(torch.int8) if valid.dtype == torch.bool and valid.is_contiguous() else valid.to(torch.int8).contiguous()
+    wscalar, w = 0.0, None
     if not torch.is_tensor(weight):
-        wmode, w = 0, q.new_empty(1, dtype=torch.float32)
-        wscalar = float(weight)
+        wmode, wscalar = 0, float(weight)
     else:
         w = weight.to(device=q.device, dtype=torch.float32)
         if w.dim() == 0:
             w = w.reshape(1).expand(hq)
         if w.dim() == 1:
-            wmode, w = 1, w.expand(hq).contiguous()
+            wmode = 1
+            w = w if w.shape[0] == hq and w.is_contiguous() else w.expand(hq).contiguous()
         else:
             wmode, w = 2, w.expand(b, hq, t).contiguous()
-    cfg = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, softcap=softcap, chunk_size=chunk_size,
-                  has_valid=has_valid, wmode=wmode, wscalar=wscalar)
-    return _HybridFn.apply(q, k, v, qf, kf, w, valid_i8, cfg)
+    cfg = _config(q, k, qf, scale, window, code, shift, softcap, chunk_size, valid is not None, wmode)
+    return _HybridFn.apply(q, k, v, qf, kf, w, valid, wscalar, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------

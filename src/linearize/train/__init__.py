@@ -97,6 +97,27 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def stage1_parts(model: Any, s1: dict) -> tuple[dict, Any, Any]:
+    """Stage 1 of a resolved recipe on a converted model: its trainable parameters (everything else frozen), the
+    AttentionTransfer whose hooks the steps need (``with transfer:``) and the training loop's loss function."""
+    from linearize.train import transfer
+
+    params = transfer.trainable_transfer_params(model, s1["train_feature_maps"], s1["train_mixing"])
+    xfer = transfer.AttentionTransfer(model, s1["objective"], s1["loss_scale"], int(s1["query_block"]))
+    return params, xfer, transfer.transfer_loss_fn(xfer)
+
+
+def stage2_parts(model: Any, s2: dict, seed: int) -> tuple[Any, dict, Any, Any]:
+    """Stage 2 of a resolved recipe: LoRA added to `model` in place; the peft model, the trainable parameters, the
+    SSD schedule (None when the recipe disables it) and the training loop's loss function."""
+    from linearize.train import finetune, ssd as ssd_mod
+
+    peft_model, params = finetune.add_lora(model, s2["lora"], train_feature_maps=s2["train_feature_maps"],
+                                           train_mixing=s2["train_mixing"])
+    ssd = ssd_mod.SSDSchedule.from_recipe(s2["ssd"], seed) if s2["ssd"]["enabled"] else None
+    return peft_model, params, ssd, finetune.finetune_loss_fn(model, chunk=int(s2["loss_chunk"]), ssd=ssd)
+
+
 def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "runs/convert", *,
                overrides: list[str] | None = None, preset: str | None = None, resume: bool = False,
                overwrite: bool = False, data_dir: str | None = None, cache_dir: str | None = None, tokenizer=None,
@@ -120,7 +141,7 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
     from linearize.errors import LinearizeError
     from linearize.evaluate.report import git_commit
     from linearize.models.convert import convert, hybrid_modules
-    from linearize.train import finetune, loop, ssd as ssd_mod, transfer
+    from linearize.train import finetune, loop, ssd as ssd_mod
     from linearize.train.recipes import dump_recipe, load_recipe as _load_recipe
 
     t_start = time.perf_counter()
@@ -204,11 +225,10 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
     stages = {}
     if s1["enabled"]:
         loop.seed_everything(seed + 2)
-        params = transfer.trainable_transfer_params(model, s1["train_feature_maps"], s1["train_mixing"])
-        xfer = transfer.AttentionTransfer(model, s1["objective"], s1["loss_scale"], int(s1["query_block"]))
+        params, xfer, loss_fn = stage1_parts(model, s1)
         spec = loop.LoopSpec.from_recipe("stage1", s1, seed, distributed=rt["distributed"])
         with xfer:
-            trainer = loop.Trainer(model=model, params=params, data=train_rows, loss_fn=transfer.transfer_loss_fn(xfer),
+            trainer = loop.Trainer(model=model, params=params, data=train_rows, loss_fn=loss_fn,
                                    spec=spec, ckpt_dir=out / "checkpoints" / "stage1", accelerator=acc, log=log,
                                    show_progress=show, counter=counter)
             result = trainer.run(resume=resume)
@@ -224,15 +244,12 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
     peft_model = None
     if s2["enabled"]:
         loop.seed_everything(seed + 3)
-        peft_model, params = finetune.add_lora(model, s2["lora"], train_feature_maps=s2["train_feature_maps"],
-                                               train_mixing=s2["train_mixing"])
-        ssd = ssd_mod.SSDSchedule.from_recipe(s2["ssd"], seed) if s2["ssd"]["enabled"] else None
+        peft_model, params, ssd, loss_fn = stage2_parts(model, s2, seed)
         es = s2["early_stopping"]
         spec = loop.LoopSpec.from_recipe("stage2", s2, seed, eval_every=int(es["eval_every"]), early_stopping=es,
                                          distributed=rt["distributed"])
-        trainer = loop.Trainer(model=model, params=params, data=train_rows,
-                               loss_fn=finetune.finetune_loss_fn(model, chunk=int(s2["loss_chunk"]), ssd=ssd),
-                               spec=spec, ckpt_dir=out / "checkpoints" / "stage2", accelerator=acc, log=log,
+        trainer = loop.Trainer(model=model, params=params, data=train_rows, loss_fn=loss_fn, spec=spec,
+                               ckpt_dir=out / "checkpoints" / "stage2", accelerator=acc, log=log,
                                eval_fn=lambda step: evaluate(), show_progress=show, counter=counter)
         result = trainer.run(resume=resume)
         for p in params.values():

@@ -1,0 +1,72 @@
+"""Conversion throughput (`linearize bench --conversion`) on tiny random models on the CPU."""
+
+import json
+import math
+
+import pytest
+
+from linearize.cli import main
+from linearize.train.throughput import measure
+from lz_train_helpers import tiny_gemma3, tiny_llama
+
+TINY = dict(steps=2, warmup=1, seq_len=32, batch_size=2, preset="cpu", show_progress=False)
+WINDOW = ["hybrid.window=8", "hybrid.chunk_size=8"]  # below the 32-token rows, so the linear branch has keys
+
+
+def check_timing(row: dict, steps: int = 2) -> None:
+    assert "error" not in row, row
+    assert row["steps"] == steps == len(row["step_seconds"])
+    assert row["tokens"] == steps * row["tokens_per_step"] == steps * row["batch_size"] * row["grad_accum"] * row["seq_len"]
+    assert math.isclose(row["seconds"], sum(row["step_seconds"]))
+    assert row["tokens_per_s"] > 0 and math.isclose(row["tokens_per_s"], row["tokens"] / row["seconds"])
+    assert row["median_step_s"] > 0 and row["peak_mib"] > 0
+
+
+@pytest.mark.parametrize("tiny", [tiny_llama, tiny_gemma3])
+def test_every_stage_of_every_recipe_is_measured_once(tiny):
+    res = measure(tiny(), ("lolcats", "ssd", "hedgecats", "la-only"), overrides=WINDOW, **TINY)
+    rows = {(r["stage"], r["what"], tuple(r["recipes"])) for r in res["rows"]}
+    assert rows == {
+        ("eval", "base", ("lolcats", "ssd", "hedgecats", "la-only")),
+        ("eval", "hybrid", ("lolcats",)), ("eval", "la_only", ("lolcats",)),
+        ("stage1", "transfer: hybrid_output", ("lolcats",)), ("stage2", "LoRA", ("lolcats",)),
+        # ssd, hedgecats and la-only share the hybrid config and the weights transfer (la-only trains 1 epoch, not 2)
+        ("eval", "hybrid", ("ssd", "hedgecats", "la-only")), ("eval", "la_only", ("ssd", "hedgecats", "la-only")),
+        ("stage1", "transfer: weights", ("ssd", "hedgecats", "la-only")),
+        ("stage2", "LoRA + SSD", ("ssd",)), ("stage2", "LoRA", ("hedgecats",)),
+    }
+    assert set(res["convert_seconds"]) == {"lolcats", "ssd", "hedgecats"}  # nothing left to measure for la-only
+    for row in res["rows"]:
+        check_timing(row)
+        if row["stage"] != "eval":
+            assert row["trainable_params"] > 0 and row["max_param_change"] > 0, row  # the timed steps really trained
+    assert next(r for r in res["rows"] if r["what"] == "LoRA + SSD")["swa_dropped"] in (0.0, 0.5, 1.0)
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="<unk>")), unk_token="<unk>",
+                            bos_token="<s>", eos_token="</s>").save_pretrained(model_dir)
+    out = tmp_path / "results"
+    args = ["bench", "--conversion", "--model", str(model_dir), "--recipes", "ssd", "--set", "stage1.objective=output",
+            "--steps", "2", "--warmup", "1", "--seq-len", "32", "--batch-size", "2", "--preset", "cpu",
+            "--out-dir", str(out), "--no-progress", *[a for kv in WINDOW for a in ("--set", kv)]]
+    assert main(args) == 0
+    res = json.loads((out / "conversion.json").read_text())
+    env = res["environment"]
+    assert env["torch"] and env["transformers"] and env["device"] and env["git_commit"]
+    assert env["command"].startswith("linearize bench")
+    assert res["model"] == str(model_dir) and res["load_seconds"] > 0 and res["convert_seconds"]["ssd"] > 0
+    assert res["recipes"]["ssd"]["data"]["seq_len"] == 32 and res["recipes"]["ssd"]["stage1"]["objective"] == "output"
+    assert [(r["stage"], r["what"]) for r in res["rows"]] == [
+        ("eval", "base"), ("eval", "hybrid"), ("eval", "la_only"), ("stage1", "transfer: output"), ("stage2", "LoRA + SSD")]
+    for row in res["rows"]:
+        check_timing(row)
+    md = (out / "conversion.md").read_text()
+    assert "| stage1 | transfer: output | ssd | 2 × 32 |" in md and "peak RSS MiB" in md

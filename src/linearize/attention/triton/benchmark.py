@@ -2,7 +2,9 @@
 
 Measured in one process on one GPU:
   peak      bf16 matmul TFLOP/s (8192^3, median) -- the ceiling the kernels' useful TFLOP/s are read against
-  layer     per-layer forward and forward+backward time (median, CUDA events) and peak extra memory for T = 1k...:
+  layer     per-layer forward and forward+backward time (median, CUDA events) and peak extra memory for T = 1k...,
+            timed twice: eager calls, and the same call captured once in a CUDA graph and replayed (no launch
+            overhead for any path, as inside a graphed or compiled training step):
               sdpa      full causal softmax, F.scaled_dot_product_attention on the flash backend
               swa       sliding-window softmax alone, FlexAttention (compiled) with a sliding-window block mask
               chunked   our chunked PyTorch path, as HybridAttention runs it (fp32 upcast)
@@ -261,8 +263,40 @@ def useful_flops(name, cfg, t, window, b=1):
 # ----------------------------------------------------------------------------------------------------------------
 # layer benchmark
 # ----------------------------------------------------------------------------------------------------------------
-def bench_layer(impl: Impl, inputs, *, budget_s: float):
-    """Forward and forward+backward median ms, and peak extra memory (MiB) of one forward+backward."""
+def graph_times(fwd, fwd_bwd, args, *, budget_s: float):
+    """(forward ms, forward+backward ms, error) of one call of each captured in a CUDA graph and replayed (median,
+    CUDA events).  Warmed up on a side stream first (compiles, autotunes); a step that cannot be captured gives None
+    and the reason."""
+    times, errors = [], []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fwd_bwd()
+    torch.cuda.current_stream().wait_stream(side)
+    for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        for a in args:  # captured backward allocates the gradients in the graph's pool
+            a.grad = None
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+            times.append(time_cuda(graph.replay, budget_s=budget_s))
+        except Exception as exc:
+            times.append(None)
+            errors.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            del graph
+            for a in args:
+                a.grad = None
+            _sync()
+            _free()
+    return times[0], times[1], "; ".join(errors) or None
+
+
+def bench_layer(impl: Impl, inputs, *, budget_s: float, graph: bool = True):
+    """Forward and forward+backward median ms, peak extra memory (MiB) of one forward+backward, and (graph) the
+    CUDA-graph replay times: dict(fwd_ms, fwd_bwd_ms, peak_mib[, graph_fwd_ms, graph_fwd_bwd_ms, graph_error])."""
     base_in = [x.detach().requires_grad_(i in impl.grads) for i, x in enumerate(inputs)]
     prep = getattr(impl, "prep", None)
     if prep is not None:
@@ -282,8 +316,7 @@ def bench_layer(impl: Impl, inputs, *, budget_s: float):
             a.grad = None
         impl.fn(*args).backward(go)
 
-    fwd_ms = time_cuda(fwd, budget_s=budget_s)
-    fb_ms = time_cuda(fwd_bwd, budget_s=budget_s)
+    res = dict(fwd_ms=time_cuda(fwd, budget_s=budget_s), fwd_bwd_ms=time_cuda(fwd_bwd, budget_s=budget_s))
     for a in args:
         a.grad = None
     _sync()
@@ -292,16 +325,19 @@ def bench_layer(impl: Impl, inputs, *, budget_s: float):
     torch.cuda.reset_peak_memory_stats()
     fwd_bwd()
     _sync()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     for a in args:
         a.grad = None
+    _free()
+    if graph:
+        res["graph_fwd_ms"], res["graph_fwd_bwd_ms"], res["graph_error"] = graph_times(fwd, fwd_bwd, args, budget_s=budget_s)
     del args, base_in, go
     _free()
-    return fwd_ms, fb_ms, peak
+    return res
 
 
 def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=print, max_chunked_t=65536, rows=None,
-                    on_row=None):
+                    on_row=None, graph=True):
     rows = [] if rows is None else rows
     weight = None
     for cname in configs:
@@ -336,22 +372,26 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                         raise ValueError(name)
                     t0 = time.perf_counter()
                     try:
-                        fwd_ms, fb_ms, peak = bench_layer(impl, inputs, budget_s=budget_s)
+                        times = bench_layer(impl, inputs, budget_s=budget_s, graph=graph)
                     except Exception as exc:
                         if name not in ("swa", "fla_swa") or _FLEX.get("broken") or isinstance(exc, torch.cuda.OutOfMemoryError):
                             raise
                         _FLEX["broken"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                         log(f"FlexAttention failed ({_FLEX['broken'][:120]}); window baselines use Triton swa_only")
                         impl = impl_swa(cfg, t, window, scale) if name == "swa" else impl_fla_swa(cfg, t, window, scale, 0.5)
-                        fwd_ms, fb_ms, peak = bench_layer(impl, inputs, budget_s=budget_s)
+                        times = bench_layer(impl, inputs, budget_s=budget_s, graph=graph)
                     if hasattr(impl, "window_impl"):
                         row["window_impl"] = impl.window_impl
                     flops = useful_flops(name, cfg, t, window)
-                    row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, peak_mib=peak,
-                               fwd_tflops=flops / (fwd_ms * 1e-3) / 1e12, fwd_bwd_tflops=3 * flops / (fb_ms * 1e-3) / 1e12,
-                               wall_s=time.perf_counter() - t0)
-                    log(f"{cname:12s} T={t:6d} {name:8s} fwd {fwd_ms:9.3f} ms  fwd+bwd {fb_ms:9.3f} ms  peak {peak:9.1f} MiB"
-                        f"  ({row['wall_s']:.1f}s)")
+                    fwd_ms, fb_ms = times["fwd_ms"], times["fwd_bwd_ms"]
+                    row.update(times, fwd_tflops=flops / (fwd_ms * 1e-3) / 1e12,
+                               fwd_bwd_tflops=3 * flops / (fb_ms * 1e-3) / 1e12, wall_s=time.perf_counter() - t0)
+                    if row.get("graph_error") is None:
+                        row.pop("graph_error", None)
+                    graphed = (f"  graph fwd {_fmt(row.get('graph_fwd_ms'), '9.3f')} ms  fwd+bwd "
+                               f"{_fmt(row.get('graph_fwd_bwd_ms'), '9.3f')} ms" if graph else "")
+                    log(f"{cname:12s} T={t:6d} {name:8s} fwd {fwd_ms:9.3f} ms  fwd+bwd {fb_ms:9.3f} ms  peak {row['peak_mib']:9.1f} MiB"
+                        f"{graphed}  ({row['wall_s']:.1f}s)" + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                     log(f"{cname:12s} T={t:6d} {name:8s} OOM")
@@ -386,6 +426,9 @@ def layer_ratios(rows):
                 entry[f"{other}_over_triton_fwd"] = o["fwd_ms"] / r["fwd_ms"]
                 entry[f"{other}_over_triton_fwd_bwd"] = o["fwd_bwd_ms"] / r["fwd_bwd_ms"]
                 entry[f"{other}_over_triton_peak_mem"] = o["peak_mib"] / max(r["peak_mib"], 1e-9)
+                for key in ("graph_fwd", "graph_fwd_bwd"):  # CUDA-graph replays, where both were captured
+                    if o.get(f"{key}_ms") and r.get(f"{key}_ms"):
+                        entry[f"{other}_over_triton_{key}"] = o[f"{key}_ms"] / r[f"{key}_ms"]
         out.append(entry)
     return out
 
@@ -624,18 +667,35 @@ def render_markdown(res: dict) -> str:
                         cells += [_fmt(r["fwd_ms"], ".3f"), _fmt(r["fwd_bwd_ms"], ".3f"), _fmt(r["peak_mib"], ".0f")]
                 lines.append(f"| {t} | " + " | ".join(cells) + " |")
             lines.append("")
+            graphed = [i for i in impls if any(r["impl"] == i and r["config"] == cname and "graph_fwd_ms" in r for r in rows)]
+            if graphed:
+                lines += [f"CUDA-graph replay (ms, median; launch overhead removed from every path), {cname}:", "",
+                          "| T | " + " | ".join(f"{i} fwd | {i} fwd+bwd" for i in graphed) + " |",
+                          "|" + "---|" * (1 + 2 * len(graphed))]
+                for t in sorted({r["T"] for r in rows if r["config"] == cname}):
+                    cells = []
+                    for i in graphed:
+                        r = next((r for r in rows if r["config"] == cname and r["T"] == t and r["impl"] == i), None) or {}
+                        cells += [_fmt(r.get("graph_fwd_ms"), ".3f"), _fmt(r.get("graph_fwd_bwd_ms"), ".3f")]
+                    lines.append(f"| {t} | " + " | ".join(cells) + " |")
+                lines.append("")
         ratios = res.get("layer_ratios", [])
         if ratios:
             lines += ["### Ratios in the same run (other / triton; > 1 means triton is faster or smaller)", "",
-                      "| config | T | sdpa/triton fwd+bwd | sdpa/triton mem | fla_swa/triton fwd+bwd | fla_swa/triton fwd | "
-                      "chunked/triton fwd+bwd | swa/triton fwd+bwd | triton useful TFLOP/s (fwd, fwd+bwd) |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| config | T | sdpa/triton fwd+bwd | sdpa/triton graph fwd+bwd | sdpa/triton graph fwd | sdpa/triton mem | "
+                      "fla_swa/triton fwd+bwd | fla_swa/triton graph fwd+bwd | fla_swa/triton fwd | "
+                      "chunked/triton fwd+bwd | swa/triton fwd+bwd | swa/triton graph fwd+bwd | triton useful TFLOP/s (fwd, fwd+bwd) |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for e in ratios:
                 tr = next(r for r in rows if r["config"] == e["config"] and r["T"] == e["T"] and r["impl"] == "triton")
                 lines.append(
-                    f"| {e['config']} | {e['T']} | {_fmt(e.get('sdpa_over_triton_fwd_bwd'))} | {_fmt(e.get('sdpa_over_triton_peak_mem'))} | "
-                    f"{_fmt(e.get('fla_swa_over_triton_fwd_bwd'))} | {_fmt(e.get('fla_swa_over_triton_fwd'))} | "
+                    f"| {e['config']} | {e['T']} | {_fmt(e.get('sdpa_over_triton_fwd_bwd'))} | "
+                    f"{_fmt(e.get('sdpa_over_triton_graph_fwd_bwd'))} | {_fmt(e.get('sdpa_over_triton_graph_fwd'))} | "
+                    f"{_fmt(e.get('sdpa_over_triton_peak_mem'))} | "
+                    f"{_fmt(e.get('fla_swa_over_triton_fwd_bwd'))} | {_fmt(e.get('fla_swa_over_triton_graph_fwd_bwd'))} | "
+                    f"{_fmt(e.get('fla_swa_over_triton_fwd'))} | "
                     f"{_fmt(e.get('chunked_over_triton_fwd_bwd'))} | {_fmt(e.get('swa_over_triton_fwd_bwd'))} | "
+                    f"{_fmt(e.get('swa_over_triton_graph_fwd_bwd'))} | "
                     f"{tr['fwd_tflops']:.1f}, {tr['fwd_bwd_tflops']:.1f} |")
             lines.append("")
     dec = res.get("decode", [])

@@ -184,7 +184,7 @@ def test_key_side_split_heuristic():
         return _hybrid._config(q, k, qf, 0.25, window, 0, window, None, 16, False, 1)
 
     assert cfg(1, 4, 1, 40).ksplit == 2  # 4 key chunks: 2 programs each fill 2 x 4 SMs
-    assert cfg(1, 4, 1, 16, window=1).ksplit == 4  # 2 key chunks, 4 (head, query block) items: capped at kv_split_max
+    assert cfg(1, 4, 1, 16, window=1).ksplit == 4  # 2 key chunks, 4 query heads: capped at kv_split_max
     assert cfg(1, 1, 1, 16, window=1).ksplit == 1  # one item per loop: nothing to split
     assert cfg(2, 4, 2, 40).ksplit == 1  # 16 programs
 

@@ -525,9 +525,8 @@ def hybrid_bwd_kv_kernel(
             dv'  += (A * delta)^T do_j + kf'_j @ dS_j
             dkf' += dA^T qf_j + v'_j @ dS_j^T + dz_j          (valid keys only)
     NSPLIT programs share a key chunk (to fill the GPU when B*HKV*N' is small): program sp takes every NSPLIT-th
-    item of each loop -- the (query head, query block) pairs of the window part, the heads of the diagonal linear
-    block, the feature tiles (each dkf tile whole, over all heads) -- and writes its partial dk, dv at
-    DK/DV + sp * SPLIT_STRIDE (fp32 buffers summed by split_sum_kernel when NSPLIT > 1).  Every key position belongs
+    item of each loop -- the query heads of the window part and of the diagonal linear block, the feature tiles
+    (each dkf tile whole, over all heads) -- and writes its partial dk, dv at DK/DV + sp * SPLIT_STRIDE (fp32 buffers summed by split_sum_kernel when NSPLIT > 1).  Every key position belongs
     to exactly one chunk, so each (split's) dk, dv and each dkf element is written once.  Grid: (B*HKV, N', NSPLIT).
     """
     pid_bkv = tl.program_id(0)
@@ -554,35 +553,34 @@ def hybrid_bwd_kv_kernel(
     if HAS_SWA:
         qlo = tl.maximum(ks0, 0)
         qhi = tl.minimum(ks0 + BT - 1 + W, T)
-        nqb = tl.cdiv(tl.maximum(qhi - qlo, 0), BT)
-        for it in range(sp, G * nqb, NSPLIT):  # (head, query block) pairs
-            g = it // nqb
+        for g in range(sp, G, NSPLIT):  # heads split over programs; nested loops keep d=256 registers in check
             bh64 = (b * HQ + hk * G + g).to(tl.int64)
-            offs_q = qlo + (it - g * nqb) * BT + tl.arange(0, BT)
-            qm = offs_q < qhi
-            qmask = qm[:, None] & md[None, :]
-            q = tl.load(Q + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
-            do = tl.load(DO + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
-            r = bh64 * T + offs_q
-            c = tl.load(ROWS + r, mask=qm, other=0.0)
-            arg = tl.load(ROWS + 3 * NROW + r, mask=qm, other=0.0).to(tl.int32, bitcast=True)
-            alpha = tl.load(COEF + r, mask=qm, other=0.0)
-            beta = tl.load(COEF + NROW + r, mask=qm, other=0.0)
-            dc = tl.load(COEF + 4 * NROW + r, mask=qm, other=0.0)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-            if SOFTCAP:
-                th = _tanh(s / softcap)
-                s = softcap * th
-            diff = offs_q[:, None] - ks[None, :]
-            msk = (diff >= 0) & (diff < W) & km[None, :] & qm[:, None]
-            p = tl.where(msk, tl.exp(s - c[:, None]), 0.0)
-            doa = (do.to(tl.float32) * alpha[:, None]).to(dtype)
-            dv += tl.dot(tl.trans(p.to(dtype)), doa, input_precision=DOT_PREC)
-            dp = tl.dot(doa, tl.trans(vv), input_precision=DOT_PREC) + beta[:, None]
-            dl = p * dp + tl.where(msk & (ks[None, :] == arg[:, None]), dc[:, None], 0.0)
-            if SOFTCAP:
-                dl = dl * (1.0 - th * th)
-            dk += tl.dot(tl.trans((dl * scale).to(dtype)), q, input_precision=DOT_PREC)
+            for q0 in range(qlo, qhi, BT):
+                offs_q = q0 + tl.arange(0, BT)
+                qm = offs_q < qhi
+                qmask = qm[:, None] & md[None, :]
+                q = tl.load(Q + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
+                do = tl.load(DO + (bh64 * T + offs_q[:, None]) * D + offs_d[None, :], mask=qmask, other=0.0)
+                r = bh64 * T + offs_q
+                c = tl.load(ROWS + r, mask=qm, other=0.0)
+                arg = tl.load(ROWS + 3 * NROW + r, mask=qm, other=0.0).to(tl.int32, bitcast=True)
+                alpha = tl.load(COEF + r, mask=qm, other=0.0)
+                beta = tl.load(COEF + NROW + r, mask=qm, other=0.0)
+                dc = tl.load(COEF + 4 * NROW + r, mask=qm, other=0.0)
+                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
+                if SOFTCAP:
+                    th = _tanh(s / softcap)
+                    s = softcap * th
+                diff = offs_q[:, None] - ks[None, :]
+                msk = (diff >= 0) & (diff < W) & km[None, :] & qm[:, None]
+                p = tl.where(msk, tl.exp(s - c[:, None]), 0.0)
+                doa = (do.to(tl.float32) * alpha[:, None]).to(dtype)
+                dv += tl.dot(tl.trans(p.to(dtype)), doa, input_precision=DOT_PREC)
+                dp = tl.dot(doa, tl.trans(vv), input_precision=DOT_PREC) + beta[:, None]
+                dl = p * dp + tl.where(msk & (ks[None, :] == arg[:, None]), dc[:, None], 0.0)
+                if SOFTCAP:
+                    dl = dl * (1.0 - th * th)
+                dk += tl.dot(tl.trans((dl * scale).to(dtype)), q, input_precision=DOT_PREC)
 
     if HAS_LA:
         if j < N:

@@ -139,7 +139,7 @@ class _Config:
         split = TUNING["kv_split"]
         if split is None:
             progs, full = bkv * self.nk, 2 * sms
-            items = max(self.g * triton.cdiv(bt - 1 + self.window, bt) if self.has_swa else 1,
+            items = max(self.g if self.has_swa else 1,
                         triton.cdiv(self.m, self.bm) if self.has_la else 1)  # the busiest loop's items
             split = 1 if progs >= full else min(TUNING["kv_split_max"], triton.cdiv(full, progs), items)
         self.ksplit = max(1, int(split))

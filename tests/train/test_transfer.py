@@ -52,6 +52,23 @@ def test_weights_loss_blocks_match_one_block_and_guard_log0():
     assert torch.isfinite(qf.grad).all()
 
 
+@pytest.mark.parametrize("features", ["underflow", "negative"])
+def test_weights_loss_never_below_zero(features):
+    """LA weights that all underflow (a spiky exp map) or are negative (the 'none' map) read as uniform over the past
+    keys: the KL is KL(p || uniform) >= 0, never the -H(p) that clamping b and its sum separately gave."""
+    q, k, v = qkv()
+    qf, kf = torch.rand(2, 4, 24, 6), torch.rand(2, 2, 24, 6)
+    qf, kf = (1e-9 * qf, 1e-9 * kf) if features == "underflow" else (-qf, kf)
+    kl = transfer.attention_weights_kl(q, k, qf, kf, scale=0.3, block=7)
+    kx = k.repeat_interleave(2, dim=1)
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    logp = torch.log_softmax((torch.einsum("bhtd,bhsd->bhts", q, kx) * 0.3).masked_fill(~causal, float("-inf")), -1)
+    uniform = -torch.log(causal.sum(-1).float())
+    expected = (logp.exp() * (logp - uniform[:, None])).nan_to_num().sum(-1).mean()
+    assert float(kl) > 0
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_output_loss_zero_when_la_equals_softmax():
     q, k, v = qkv()
     qf, kf = exact_features(q, k, 0.35)

@@ -15,7 +15,8 @@ Objectives (per layer, averaged over heads, batch and positions; then averaged o
   ``b_ts / sum_{s<=t} b_ts`` over ALL past keys. This is the Hedgehog cross-entropy minus the teacher's
   entropy (a constant for the feature maps): same gradients, and 0 when the student equals the teacher.
   Computed in blocks of `query_block` queries, each block recomputed in the backward pass
-  (activation checkpointing), so no T x T tensor is held. log(0) is guarded (b clamped at 1e-12).
+  (activation checkpointing), so no T x T tensor is held. Every b gets +1e-12 (negative b, from the 'none'
+  map, count as 0), so the LA weights always form a distribution and the KL is never negative.
   Where the teacher is the base's sliding window, its weights are 0 outside the window; the KL then
   pushes the student's mass into the window through its normaliser.
 - ``output``: MSE between the teacher output and the ``la_only`` output (per head, before o_proj).
@@ -71,9 +72,12 @@ def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps):
         logits = torch.einsum("bhgcd,bhsd->bhgcs", qg.float(), k[:, :, :t1].float()) * scale
         logp = torch.log_softmax(logits.masked_fill_(~mask, _NEG), dim=-1)
         p = logp.exp()  # exactly 0 outside the teacher's keys
-    bts = torch.einsum("bhgcm,bhsm->bhgcs", qfg.float(), kf[:, :, :t1].float()).masked_fill(~la_mask, 0.0)
-    logq = torch.log(bts.clamp_min(eps)) - torch.log(bts.sum(-1, keepdim=True).clamp_min(eps))
-    return (p * (logp - logq)).sum(-1)  # (B, Hkv, G, C); p = 0 where masked, logq finite (clamped)
+    bts = torch.einsum("bhgcm,bhsm->bhgcs", qfg.float(), kf[:, :, :t1].float())
+    # eps on every student key keeps q a distribution (KL >= 0) even where all b underflow or are negative (the
+    # 'none' map); clamping b and its sum separately instead let a map that drives every b below eps score -H(p) < 0
+    bts = (bts.clamp_min(0.0) + eps).masked_fill(~la_mask, 0.0)
+    logq = torch.log(bts) - torch.log(bts.sum(-1, keepdim=True))
+    return (p * (logp - logq.masked_fill(~la_mask, 0.0))).sum(-1)  # (B, Hkv, G, C); p = 0 where masked
 
 
 def attention_weights_kl(q, k, qf, kf, *, scale: float, window: int | None = None, valid: torch.Tensor | None = None,

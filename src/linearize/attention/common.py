@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
+KERNEL_MODES = ("hybrid", "swa_only", "la_only")  # the fused kernels' modes; the diagnostic others run in PyTorch
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

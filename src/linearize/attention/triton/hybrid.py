@@ -17,7 +17,7 @@ import torch
 import triton
 
 from linearize.attention.chunked import hybrid_attention_chunked
-from linearize.attention.common import check_mode, expand_weight, sink_positions  # noqa: F401
+from linearize.attention.common import KERNEL_MODES, check_mode, expand_weight, sink_positions  # noqa: F401
 from linearize.attention.recurrent import HybridState, advance_state, decode_output
 from linearize.attention.triton import _kernels as K
 
@@ -303,7 +303,7 @@ def hybrid_attention_triton(
     two in [16, 64] (64 otherwise); it changes no result.
     """
     check_mode(mode)
-    if mode in ("sinks_only", "none") or not _kernel_ok(q) or q.shape[2] == 0:
+    if mode not in KERNEL_MODES or not _kernel_ok(q) or q.shape[2] == 0:
         return hybrid_attention_chunked(q, k, v, qf, kf, scale=scale, window=window, weight=weight, rule=rule,
                                         placement=placement, mode=mode, num_sinks=num_sinks, valid=valid,
                                         softcap=softcap, chunk_size=chunk_size)
@@ -338,7 +338,7 @@ def hybrid_attention_triton(
 # decode
 # ----------------------------------------------------------------------------------------------------------------
 def _uses_decode_kernel(state: HybridState, q, mode: str) -> bool:
-    return mode not in ("sinks_only", "none") and _kernel_ok(q) and state.S.dtype == torch.float32 and state.buf_k.shape[2] > 0
+    return mode in KERNEL_MODES and _kernel_ok(q) and state.S.dtype == torch.float32 and state.buf_k.shape[2] > 0
 
 
 def _full_d(b: int, hkv: int, d: int, device) -> bool:

@@ -140,3 +140,23 @@ def test_auto_backend_takes_the_dense_path_for_short_rows_and_the_chunked_path_f
                 assert torch.isfinite(short).all()
         assert chunked_lengths == []
         assert (logits["auto"] - logits["reference"]).abs().max().item() < 1e-4, mode
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_none_mode_ignores_everything_attention_trains(family):
+    """With no attention only embeddings, norms, MLPs and o_proj's bias act: the `none` score is the same for every
+    recipe (their feature maps, mixing weights and q/k/v/o LoRA all sit inside attention)."""
+    model = tiny_model(family)
+    linearize.convert(model, linearize.HybridConfig(window=8))
+    ids = torch.randint(1, 128, (2, 32))
+    with torch.no_grad(), linearize.components(model, "none"):
+        before = model(ids).logits
+        for layer in linearize.models.convert.hybrid_modules(model):
+            for name, p in layer.named_parameters():
+                if name != "o_proj.bias":
+                    p.add_(torch.randn_like(p))
+        after = model(ids).logits
+        with linearize.components(model, "hybrid"):
+            changed = model(ids).logits
+    assert torch.equal(before, after)
+    assert not torch.allclose(before, changed)

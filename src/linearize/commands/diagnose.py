@@ -42,8 +42,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import gc
-
     import torch
 
     import linearize
@@ -85,38 +83,16 @@ def run(args) -> int:
         if args.out:
             write_record(args.out, "diagnose", record, md)
 
-    base_model = None
-    if ("attribution" in what or "probes" in what) and not linearize.is_converted(model):
-        if "probes" in what:
-            base_model = (model, tokenizer)  # probed before conversion below
-        else:
-            torch.manual_seed(args.seed)
-            linearize.convert(model, linearize.HybridConfig() if window is None else linearize.HybridConfig(window=window))
-            info = {**info, "kind": "converted_untrained", "hybrid": linearize.hybrid_config_of(model).to_dict()}
-
     if "probes" in what:
-        from linearize.evaluate.probes import (long_document_batch, merge_probe_results, plot_position_loss,
-                                               probe_variants, probes_markdown)
+        from linearize.evaluate.probes import plot_position_loss, probes_markdown, run_probes
 
-        hw = window or (linearize.hybrid_config_of(model).window if linearize.is_converted(model) else 64)
-        ids = long_document_batch(tokenizer, num_docs=args.docs, seq_len=args.doc_len, data_dir=None)
-        pk = dict(contexts=[int(c) for c in args.contexts.split(",")], trials=args.trials, seed=args.seed)
-        probe_modes = [m.strip() for m in args.probe_modes.split(",") if m.strip()]
-        parts = []
-        if base_model is not None:  # a base model: probe it, then convert it untrained
-            parts.append(probe_variants(model, tokenizer, {"base": None}, ids=ids, passkey=pk, window=hw, progress=say))
-            torch.manual_seed(args.seed)
-            linearize.convert(model, linearize.HybridConfig(window=hw))
+        was_converted = linearize.is_converted(model)
+        base = None if args.no_base else (args.base or info.get("base"))
+        body = run_probes(model, tokenizer, base=base, modes=[m.strip() for m in args.probe_modes.split(",") if m.strip()],
+                          window=window, docs=args.docs, doc_len=args.doc_len, contexts=args.contexts.split(","),
+                          trials=args.trials, seed=args.seed, check=not args.no_check, progress=say)
+        if not was_converted:  # run_probes probed the base, then converted it untrained
             info = {**info, "kind": "converted_untrained", "hybrid": linearize.hybrid_config_of(model).to_dict()}
-        elif not args.no_base and (args.base or info.get("base")):
-            bmodel, btok, _ = load_model(args.base or info["base"], device=str(model.device), dtype=model.dtype,
-                                         check=not args.no_check)
-            parts.append(probe_variants(bmodel, btok, {"base": None}, ids=ids, passkey=pk, window=hw, progress=say))
-            del bmodel
-            gc.collect()
-        parts.append(probe_variants(model, tokenizer, {m: m for m in probe_modes}, ids=ids, passkey=pk, window=hw,
-                                    progress=say))
-        body = merge_probe_results(parts)
         meta = run_metadata(**{**common, "model_info": info}, docs=args.docs, doc_len=args.doc_len)
         record = {"meta": meta, **body}
         md = probes_markdown(record)
@@ -124,6 +100,11 @@ def run(args) -> int:
         if args.out:
             write_record(args.out, "probes", record, md)
             plot_position_loss(body["position_loss"], f"{args.out}/position_loss.png", title=f"{spec}: per-position loss")
+
+    if "attribution" in what and not linearize.is_converted(model):
+        torch.manual_seed(args.seed)
+        linearize.convert(model, linearize.HybridConfig() if window is None else linearize.HybridConfig(window=window))
+        info = {**info, "kind": "converted_untrained", "hybrid": linearize.hybrid_config_of(model).to_dict()}
 
     if "attribution" in what:
         from linearize.evaluate.attribution import attribution, attribution_markdown, plot_attribution

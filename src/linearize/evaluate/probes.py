@@ -38,7 +38,7 @@ from linearize.errors import LinearizeError
 from linearize.evaluate.report import save_figure
 
 __all__ = ["position_losses", "position_loss_probe", "passkey_prompt", "passkey_trial", "passkey_probe",
-           "plot_position_loss", "probes_markdown", "FILLER"]
+           "plot_position_loss", "probes_markdown", "probe_variants", "merge_probe_results", "run_probes", "FILLER"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -309,3 +309,36 @@ def merge_probe_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         record["passkey"]["accuracy"] = {label: r["accuracy"] for label, r in pk.items()}
         record["passkey"]["per_variant"] = pk
     return record
+
+
+def run_probes(model, tokenizer, *, base=None, modes=("hybrid", "swa_only"), window: int | None = None,
+               docs: int = 2, doc_len: int = 2048, contexts=(512, 1024, 2048, 4096), trials: int = 4, seed: int = 0,
+               check: bool = True, progress=print) -> dict[str, Any]:
+    """Both probes for one model and its base: the record body of `linearize diagnose --what probes`.
+
+    A converted `model` is probed in `modes`, next to `base` (a model spec loaded in the model's dtype, or None to
+    skip it). An unconverted `model` is the base itself: it is probed as 'base', then converted untrained (window
+    `window`, default 64; seeded with `seed`) and probed in `modes` -- so on return it is converted either way.
+    The passkey sits more than the conversion's window back (`window`, else the model's own).
+    """
+    import gc
+
+    import linearize
+    from linearize.evaluate.lm_eval_model import load_model
+
+    hw = window or (linearize.hybrid_config_of(model).window if linearize.is_converted(model) else 64)
+    ids = long_document_batch(tokenizer, num_docs=docs, seq_len=doc_len, data_dir=None)
+    pk = dict(contexts=[int(c) for c in contexts], trials=trials, seed=seed)
+    parts = []
+    if not linearize.is_converted(model):
+        parts.append(probe_variants(model, tokenizer, {"base": None}, ids=ids, passkey=pk, window=hw, progress=progress))
+        torch.manual_seed(seed)
+        linearize.convert(model, linearize.HybridConfig(window=hw))
+    elif base is not None:
+        bmodel, btok, _ = load_model(base, device=str(model.device), dtype=model.dtype, check=check)
+        parts.append(probe_variants(bmodel, btok, {"base": None}, ids=ids, passkey=pk, window=hw, progress=progress))
+        del bmodel
+        gc.collect()
+    parts.append(probe_variants(model, tokenizer, {m: m for m in modes}, ids=ids, passkey=pk, window=hw,
+                                progress=progress))
+    return merge_probe_results(parts)

@@ -62,6 +62,7 @@ def test_cli_writes_json_and_markdown(tmp_path):
     env = res["environment"]
     assert env["torch"] and env["transformers"] and env["device"] and env["git_commit"]
     assert env["command"].startswith("linearize bench")
+    assert (res["commit"], res["device"], res["command"]) == (env["git_commit"], env["device"], env["command"])
     assert res["model"] == str(model_dir) and res["load_seconds"] > 0 and res["convert_seconds"]["ssd"] > 0
     assert res["recipes"]["ssd"]["data"]["seq_len"] == 32 and res["recipes"]["ssd"]["stage1"]["objective"] == "output"
     assert [(r["stage"], r["what"]) for r in res["rows"]] == [

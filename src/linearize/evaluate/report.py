@@ -129,6 +129,12 @@ def write_json_with_provenance(path, record: dict[str, Any], device: str) -> Pat
     return path
 
 
+def benchmark_header(env: dict[str, Any]) -> dict[str, Any]:
+    """The top of a `linearize bench` results file: commit, device and command from its environment record
+    (``git_commit``, ``device``, ``command``), then that record whole."""
+    return {"commit": env["git_commit"], "device": env["device"], "command": env["command"], "environment": env}
+
+
 def save_figure(fig, path) -> Path:
     """Lay out, write (creating folders) and close a matplotlib figure; returns the path."""
     import matplotlib.pyplot as plt

@@ -197,7 +197,7 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
         raise LinearizeError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     rows = plan(resolved)
     res = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "preset": preset,
-           "device": str(acc.device), "mixed_precision": rt["mixed_precision"], "dtype": rt["dtype"], "data": DATA,
+           "torch_device": str(acc.device), "mixed_precision": rt["mixed_precision"], "dtype": rt["dtype"], "data": DATA,
            "steps": steps, "warmup": warmup, "recipes": resolved, "convert_seconds": {}, "rows": rows}
     bar = tqdm(total=len(rows), unit="stage", disable=not show_progress, dynamic_ncols=True)
 
@@ -292,7 +292,7 @@ def environment(commit: str | None, argv, device: torch.device) -> dict:
 
 def render_markdown(res: dict) -> str:
     env = res["environment"]
-    memory = "peak GPU MiB" if res["device"].startswith("cuda") else "peak RSS MiB"
+    memory = "peak GPU MiB" if res["torch_device"].startswith("cuda") else "peak RSS MiB"
     convert = ", ".join(f"{k} {v:.2f} s" for k, v in res["convert_seconds"].items())
     lines = [(f"Conversion throughput of `{res['model']}` on **{env['device']}**, torch {env['torch']}, transformers "
               f"{env.get('transformers')}, commit `{env['git_commit'][:12]}`; command `{env['command']}`."), "",
@@ -317,7 +317,9 @@ def run(args: argparse.Namespace, argv) -> dict:
     res = measure(args.model, [r for r in args.recipes.split(",") if r], preset=args.preset, overrides=args.overrides,
                   steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, batch_size=args.batch_size,
                   show_progress=not args.no_progress)
-    res = {"environment": environment(args.commit, argv, torch.device(res["device"])), **res}
+    from linearize.evaluate.report import benchmark_header
+
+    res = {**benchmark_header(environment(args.commit, argv, torch.device(res["torch_device"]))), **res}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name}.json"

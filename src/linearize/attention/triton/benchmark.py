@@ -729,7 +729,9 @@ def run(args: argparse.Namespace, argv=None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name}.json"
-    res = dict(environment=environment(args.commit, argv), settings=vars(args).copy())
+    from linearize.evaluate.report import benchmark_header
+
+    res = {**benchmark_header(environment(args.commit, argv)), "settings": vars(args).copy()}
     res["settings"].pop("func", None)
 
     def save():

@@ -294,9 +294,9 @@ def graph_times(fwd, fwd_bwd, args, *, budget_s: float):
     return times[0], times[1], "; ".join(errors) or None
 
 
-def bench_layer(impl: Impl, inputs, *, budget_s: float, graph: bool = True):
-    """Forward and forward+backward median ms, peak extra memory (MiB) of one forward+backward, and (graph) the
-    CUDA-graph replay times: dict(fwd_ms, fwd_bwd_ms, peak_mib[, graph_fwd_ms, graph_fwd_bwd_ms, graph_error])."""
+def bench_layer(impl: Impl, inputs, *, budget_s: float):
+    """Forward and forward+backward median ms, peak extra memory (MiB) of one forward+backward, and the CUDA-graph
+    replay times: dict(fwd_ms, fwd_bwd_ms, peak_mib, graph_fwd_ms, graph_fwd_bwd_ms, graph_error)."""
     base_in = [x.detach().requires_grad_(i in impl.grads) for i, x in enumerate(inputs)]
     prep = getattr(impl, "prep", None)
     if prep is not None:
@@ -329,15 +329,14 @@ def bench_layer(impl: Impl, inputs, *, budget_s: float, graph: bool = True):
     for a in args:
         a.grad = None
     _free()
-    if graph:
-        res["graph_fwd_ms"], res["graph_fwd_bwd_ms"], res["graph_error"] = graph_times(fwd, fwd_bwd, args, budget_s=budget_s)
+    res["graph_fwd_ms"], res["graph_fwd_bwd_ms"], res["graph_error"] = graph_times(fwd, fwd_bwd, args, budget_s=budget_s)
     del args, base_in, go
     _free()
     return res
 
 
 def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=print, max_chunked_t=65536, rows=None,
-                    on_row=None, graph=True):
+                    on_row=None):
     rows = [] if rows is None else rows
     weight = None
     for cname in configs:
@@ -372,14 +371,14 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                         raise ValueError(name)
                     t0 = time.perf_counter()
                     try:
-                        times = bench_layer(impl, inputs, budget_s=budget_s, graph=graph)
+                        times = bench_layer(impl, inputs, budget_s=budget_s)
                     except Exception as exc:
                         if name not in ("swa", "fla_swa") or _FLEX.get("broken") or isinstance(exc, torch.cuda.OutOfMemoryError):
                             raise
                         _FLEX["broken"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                         log(f"FlexAttention failed ({_FLEX['broken'][:120]}); window baselines use Triton swa_only")
                         impl = impl_swa(cfg, t, window, scale) if name == "swa" else impl_fla_swa(cfg, t, window, scale, 0.5)
-                        times = bench_layer(impl, inputs, budget_s=budget_s, graph=graph)
+                        times = bench_layer(impl, inputs, budget_s=budget_s)
                     if hasattr(impl, "window_impl"):
                         row["window_impl"] = impl.window_impl
                     flops = useful_flops(name, cfg, t, window)
@@ -389,7 +388,7 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                     if row.get("graph_error") is None:
                         row.pop("graph_error", None)
                     graphed = (f"  graph fwd {_fmt(row.get('graph_fwd_ms'), '9.3f')} ms  fwd+bwd "
-                               f"{_fmt(row.get('graph_fwd_bwd_ms'), '9.3f')} ms" if graph else "")
+                               f"{_fmt(row.get('graph_fwd_bwd_ms'), '9.3f')} ms")
                     log(f"{cname:12s} T={t:6d} {name:8s} fwd {fwd_ms:9.3f} ms  fwd+bwd {fb_ms:9.3f} ms  peak {row['peak_mib']:9.1f} MiB"
                         f"{graphed}  ({row['wall_s']:.1f}s)" + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""))
                 except torch.cuda.OutOfMemoryError:

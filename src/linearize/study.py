@@ -13,6 +13,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 ALL_MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
+# Gemma's global layers only (its sliding layers stay softmax): 'none' here drops only those layers' attention
+GLOBAL_ONLY = (("hybrid.layers=global",), ("hybrid", "swa_only", "la_only", "none"))
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ SCHEDULES = {"0.9-0.75-0.5": "[[0.0,0.9],[0.3333333333333333,0.75],[0.6666666666
 TABLES: dict[str, StudyTable] = {
     "diagnosis": StudyTable(
         "Table 1: the LoLCATs recipe in the five component modes",
-        (StudyRun("lolcats", "lolcats", headline=True, probes=True),)),
+        (StudyRun("lolcats", "lolcats", headline=True, probes=True), StudyRun("lolcats-global", "lolcats", *GLOBAL_ONLY)),
+        "lolcats-global: only the base's full-attention layers converted (Gemma 3: 3 of 18); on a model without "
+        "sliding layers it converts every layer, like lolcats"),
     "objectives": StudyTable(
         "Tables 2-4: transfer objective, feature-map size and activation, evaluated LA-only after stage 1",
         tuple(StudyRun(f"objective-{o}", "la-only", _stage1_only(f"stage1.objective={o}"), ("la_only", "none"))
@@ -56,7 +60,7 @@ TABLES: dict[str, StudyTable] = {
     "remedies": StudyTable(
         "HedgeCATs and SSD in the five modes; SSD schedules and early-stopping epochs",
         (StudyRun("hedgecats", "hedgecats", headline=True, probes=True),
-         StudyRun("ssd", "ssd", headline=True, probes=True))
+         StudyRun("ssd", "ssd", headline=True, probes=True), StudyRun("ssd-global", "ssd", *GLOBAL_ONLY))
         + tuple(StudyRun(f"ssd-{name}-ep{ep}", "ssd", (f"stage2.ssd.schedule={sched}", f"stage2.epochs={ep}"),
                          ("hybrid", "swa_only", "la_only"))
                 for name, sched in SCHEDULES.items() for ep in (1, 2, 5))),

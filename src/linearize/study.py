@@ -132,6 +132,18 @@ def store_base_report(out: Path, key: str, report: dict, device: str) -> None:
     write_json_with_provenance(path, {"reports": reports}, device)  # top level: the latest writer
 
 
+def _release_gpu_memory() -> None:
+    """Hand this process's cached CUDA blocks back between phases: study processes share one GPU, and a training
+    peak (Gemma's 262k-word logits) held through evaluation is what ran side-by-side runs out of memory."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "results/study", preset: str | None = "gpu-small",
             seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None = None, limit=None, tasks=None, data_dir=None,
             batch_size: int = 8, dtype=None, say=print) -> Path:
@@ -171,6 +183,7 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             # not interrupted but not empty: records of a run whose weights are gone; they would not match new ones
             run_recipe(model, run.recipe, path, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
                        resume=interrupted, overwrite=path.is_dir() and not interrupted, data_dir=data_dir)
+            _release_gpu_memory()
         if not record.is_file():
             say(f"[study] {table}: diagnosing {path.name} in {', '.join(run.modes)}")
             result = diagnose(str(path), tasks=tasks, limit=limit, modes=run.modes,
@@ -182,6 +195,7 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             full = {"meta": meta, **result}
             write_record(path / "diagnose", "diagnose", full, diagnose_markdown(full))
+            _release_gpu_memory()
         if not run.probes or (path / "probes" / "probes.json").is_file():
             continue
         if not is_trained(path):

@@ -1,7 +1,9 @@
-"""Summarise the study runs under results/study into results/study/summary.md and summary.png.
+"""Summarise the study runs under results/study into results/study/summary.md and its figures.
 
 Reads every run's diagnose record (``diagnose/diagnose.json``, or ``diagnose/partial.json`` of a diagnosis
-cut short) and training summary. Usage: ``python scripts/study_summary.py [results/study]`` (or ``results/study-smollm2``).
+cut short), training summary, resolved recipe and long-context probes. Writes ``summary.md`` (all tables),
+``summary.png`` (the component modes), ``ssd_grid.png`` (SSD schedule x epochs) and ``long_context.png``
+(per-position loss of every probed run). Usage: ``python scripts/study_summary.py [results/study]`` (or ``results/study-smollm2``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 from linearize.evaluate.report import fmt_pct, markdown_table, save_figure
 
@@ -26,10 +30,12 @@ def load_runs(root: Path) -> dict[str, dict]:
             reports = {k: v["report"] for k, v in json.loads(partial.read_text())["runs"].items()}
         else:
             reports = {}
-        summary = run_dir / "summary.json"
+        summary, recipe, probes = run_dir / "summary.json", run_dir / "recipe.yaml", run_dir / "probes" / "probes.json"
         runs[f"{run_dir.parent.name}/{run_dir.name}"] = {
             "reports": reports,
             "summary": json.loads(summary.read_text()) if summary.is_file() else {},
+            "recipe": yaml.safe_load(recipe.read_text()) if recipe.is_file() else {},
+            "probes": json.loads(probes.read_text()) if probes.is_file() else None,
             "complete": diag.is_file(),
         }
     return runs
@@ -43,6 +49,10 @@ def cell(rep) -> str:
     return fmt_pct(avg["value"]) + (f" [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]" if ci else "")
 
 
+def gap(reps, a, b) -> str:
+    return f"{100 * (reps[a]['average']['value'] - reps[b]['average']['value']):+.2f}" if a in reps and b in reps else "–"
+
+
 def main(root: Path) -> None:
     import matplotlib
 
@@ -54,9 +64,6 @@ def main(root: Path) -> None:
     base_rep = (next(iter(json.loads(stored.read_text())["reports"].values()))["report"] if stored.is_file()
                 else next(r["reports"]["base"] for r in runs.values() if "base" in r["reports"]))
     model = next((Path(str(r["summary"]["model"])).name for r in runs.values() if r["summary"].get("model")), "")
-
-    def gap(reps, a, b):
-        return f"{100 * (reps[a]['average']['value'] - reps[b]['average']['value']):+.2f}" if a in reps and b in reps else "–"
 
     rows = []
     for name, run in runs.items():
@@ -84,6 +91,8 @@ def main(root: Path) -> None:
                   [name, f"{run['summary'].get('tokens_per_s', {}).get('stage1', 0):,.0f}",
                    f"{run['summary']['tokens_per_s']['stage2']:,.0f}" if "stage2" in run["summary"].get("tokens_per_s", {})
                    else "–", f"{run['summary'].get('wall_seconds', 0):.0f}"] for name, run in runs.items()])]
+    lines += ssd_grid_section(runs, base_rep, root)
+    lines += long_context_section(runs, root)
     (root / "summary.md").write_text("\n".join(lines) + "\n")
 
     shown = {n: r for n, r in runs.items() if len(r["reports"]) >= 5}
@@ -107,6 +116,120 @@ def main(root: Path) -> None:
     ax.set_title(f"{model}: which branch earns the score (95% CIs)")
     ax.legend(ncol=6, fontsize=8, loc="upper center")
     save_figure(fig, root / "summary.png")
+
+
+def ssd_grid(runs: dict[str, dict]) -> dict[tuple[str, int], tuple[str, dict]]:
+    """(schedule, stage-2 epochs) -> (run name, run) for the seed-0 SSD runs that differ only in those two:
+    read from each run's resolved recipe, so the headline `ssd` run fills its own cell of the grid."""
+    grid = {}
+    for name, run in runs.items():
+        recipe = run["recipe"]
+        stage2, hybrid = recipe.get("stage2") or {}, recipe.get("hybrid") or {}
+        if not (stage2.get("enabled") and (stage2.get("ssd") or {}).get("enabled") and recipe.get("seed") == 0
+                and hybrid.get("combine") == "shared_norm" and hybrid.get("layers") == "all"):
+            continue
+        schedule = "→".join(f"{rate:g}" for _, rate in stage2["ssd"]["schedule"])
+        grid.setdefault((schedule if len(stage2["ssd"]["schedule"]) > 1 else f"fixed {schedule}", stage2["epochs"]),
+                        (name, run))
+    return grid
+
+
+def ssd_grid_section(runs: dict[str, dict], base_rep: dict, root: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    grid = ssd_grid(runs)
+    if not grid:
+        return []
+    rows = []
+    for (schedule, epochs), (name, run) in sorted(grid.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        reps, val = run["reports"], run["summary"].get("val", {})
+        rows.append([schedule, str(epochs), name, *(cell(reps.get(m)) for m in ("hybrid", "swa_only", "la_only")),
+                     gap(reps, "hybrid", "swa_only"),
+                     " / ".join(f"{val[k]:.3f}" for k in ("hybrid", "swa_only", "la_only") if k in val) or "–"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for schedule in sorted({s for s, _ in grid}):
+        cells = sorted((e, run["reports"]) for (s, e), (_, run) in grid.items() if s == schedule
+                       and {"hybrid", "swa_only", "la_only"} <= set(run["reports"]))
+        if not cells:
+            continue
+        epochs = [e for e, _ in cells]
+        axes[0].plot(epochs, [100 * (r["hybrid"]["average"]["value"] - r["swa_only"]["average"]["value"])
+                              for _, r in cells], marker="o", label=schedule)
+        la = [r["la_only"]["average"] for _, r in cells]
+        axes[1].errorbar(epochs, [100 * a["value"] for a in la], capsize=3, marker="o", label=schedule,
+                         yerr=[[100 * (a["value"] - a["ci95"][0]) for a in la], [100 * (a["ci95"][1] - a["value"]) for a in la]])
+    axes[0].axhline(0, color="grey", lw=0.8)
+    axes[0].set_title("(SWA+LA) − SWA-only (points; each score ±1.2)")
+    axes[1].set_title("LA-only 6-task avg (%, 95% CI)")
+    for ax in axes:
+        ax.set_xlabel("stage-2 epochs")
+        ax.set_xticks(sorted({e for _, e in grid}))
+        ax.legend(fontsize=8)
+    save_figure(fig, root / "ssd_grid.png")
+    return ["", "## SSD: dropout schedule × fine-tuning epochs (seed 0)", "",
+            "6-task average in % (95% interval); the gap is (SWA+LA) − SWA-only; validation LM loss after training. "
+            "Figure: `ssd_grid.png`.", "",
+            markdown_table(["schedule", "epochs", "run", "hybrid", "swa_only", "la_only", "hybrid − swa_only",
+                            "val loss hybrid / swa_only / la_only"], rows)]
+
+
+def position_bands(window: int, seq_len: int) -> list[tuple[int, int]]:
+    """Token-position bands: inside the window, up to 4x, 16x the window, then doubling to the document end."""
+    edges, step = [0], window
+    while step < seq_len:
+        edges.append(step)
+        step = 4 * step if step < 16 * window else 2 * step
+    edges.append(seq_len)
+    return list(zip(edges, edges[1:]))
+
+
+def band_means(curve: dict, bands: list[tuple[int, int]]) -> list[float]:
+    binned, size = curve["binned"], int(curve["bin"])
+    return [sum(binned[a // size:b // size]) / len(binned[a // size:b // size]) for a, b in bands]
+
+
+def long_context_section(runs: dict[str, dict], root: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    probed = {name: run["probes"] for name, run in runs.items() if run["probes"]}
+    if not probed:
+        return []
+    first = next(iter(probed.values()))["position_loss"]
+    bands = position_bands(first["window"], first["seq_len"])
+    rows, base_done = [], False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, probes in probed.items():
+        curves, passkey = probes["position_loss"]["curves"], probes["passkey"]["accuracy"]
+        for mode, curve in curves.items():
+            if mode == "base" and base_done:
+                continue  # every probe record measures the same base model
+            label = "base" if mode == "base" else f"{name} {mode}"
+            acc = passkey.get(mode, {})
+            rows.append([label, *(f"{v:.2f}" for v in band_means(curve, bands)),
+                         f"{100 * sum(acc.values()) / len(acc):.0f}%" if acc else "–"])
+            xs = [(i + 0.5) * int(curve["bin"]) for i in range(len(curve["binned"]))]
+            if mode == "base":
+                for ax in axes:
+                    ax.plot(xs, curve["binned"], color="black", lw=2, label="base")
+            elif mode in ("hybrid", "la_only"):
+                axes[int(mode == "la_only")].plot(xs, curve["binned"], lw=1, label=name.split("/")[-1])
+        base_done = True
+    swa = next((p["position_loss"]["curves"]["swa_only"] for p in probed.values()
+                if "swa_only" in p["position_loss"]["curves"]), None)
+    for ax, title in zip(axes, ("SWA + LA", "LA only")):
+        if swa:
+            ax.plot([(i + 0.5) * int(swa["bin"]) for i in range(len(swa["binned"]))], swa["binned"], color="grey",
+                    ls="--", lw=1, label="SWA only (first probed run)")
+        ax.set_xscale("log")
+        ax.set_xlabel("token position")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("next-token loss (nats)")
+    save_figure(fig, root / "long_context.png")
+    return ["", "## Long context: mean next-token loss by position (nats) and passkey accuracy", "",
+            f"{first['num_docs']} documents × {first['seq_len']} tokens, window {first['window']}; passkey: mean "
+            "accuracy over the probed context lengths (chance 10%). Figure: `long_context.png`.", "",
+            markdown_table(["model / mode", *(f"{a}–{b}" for a, b in bands), "passkey"], rows)]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The study tables: every run resolves to a valid recipe, and the plan repeats only the headline runs per seed."""
 
 import json
+import shutil
 
 import pytest
 
@@ -117,3 +118,15 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
     study.execute("t2", **kwargs)
     assert len(calls) == 5 and any(run.glob("*.safetensors"))
     assert json.loads((run / "diagnose" / "partial.json").read_text())["runs"].keys() == {"hybrid", "la_only"}
+    # a diagnosed run without its weights or probes: trained again beside its records for the probes, not re-diagnosed
+    run = tmp_path / "study" / "t1" / "ssd-seed0"
+    diagnosed = (run / "diagnose" / "diagnose.json").read_text()
+    for weights in run.glob("*.safetensors"):
+        weights.unlink()
+    shutil.rmtree(run / "probes")
+    study.execute("t1", **kwargs)
+    assert len(calls) == 5 and (run / "diagnose" / "diagnose.json").read_text() == diagnosed
+    assert study.is_trained(run / study.RETRAINED) and (run / "probes" / "probes.json").is_file()
+    retrained = json.loads((run / study.RETRAINED / "summary.json").read_text())
+    original = json.loads((run / "summary.json").read_text())
+    assert retrained["val"] == pytest.approx(original["val"], abs=1e-4)  # same recipe and seed: the same model

@@ -1,6 +1,8 @@
 """The study of issue 7 as data: each table is a list of conversion runs (recipe + overrides) and the component
 modes to evaluate them in. `linearize study TABLE` runs what is missing (a finished run is skipped, an interrupted one
-resumed), diagnoses each run, and writes `results/study/<table>/` (one directory per run, plus `table.md`).
+resumed), diagnoses each run, and writes `results/study/<table>/` (one directory per run, plus `table.md`). A run
+whose long-context probes are missing and whose weights did not come back with its records is trained again (same
+recipe and seed) into `<run>/retrained/` for them.
 
 Run sizes come from the recipe preset (`gpu-small` by default); `--seeds` repeats the headline runs.
 """
@@ -103,6 +105,10 @@ def plan(table: str, seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None
     return result
 
 
+#: Where a run is trained again when its probes are missing and its weights did not come back with its records.
+RETRAINED = "retrained"
+
+
 def is_trained(path: Path) -> bool:
     """A finished conversion: its summary and its weights (records copied without weights are not)."""
     return (path / "summary.json").is_file() and any(path.glob("*.safetensors"))
@@ -198,15 +204,22 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             _release_gpu_memory()
         if not run.probes or (path / "probes" / "probes.json").is_file():
             continue
-        if not is_trained(path):
-            say(f"[study] {table}: no long-context probes for {path.name}: its weights are not here")
-        else:
-            from linearize.cli import main as cli
+        weights = path if is_trained(path) else path / RETRAINED
+        if not is_trained(weights):
+            # records brought back without weights (a fresh GPU machine): the same recipe and seed again, beside the
+            # diagnosed run's records; its summary.json shows how close the retrained model is (validation losses)
+            interrupted = (weights / "checkpoints").is_dir()
+            say(f"[study] {table}: retraining {path.name} into {RETRAINED}/ for its long-context probes "
+                "(the diagnosed weights are not here)")
+            run_recipe(model, run.recipe, weights, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
+                       resume=interrupted, overwrite=weights.is_dir() and not interrupted, data_dir=data_dir)
+            _release_gpu_memory()
+        from linearize.cli import main as cli
 
-            say(f"[study] {table}: long-context probes of {path.name}")
-            if cli(["diagnose", "--model", str(path), "--base", str(model), "--what", "probes",
-                    "--out", str(path / "probes"), *PROBE_ARGS]) != 0:
-                raise RuntimeError(f"the long-context probes of {path} failed (see the messages above)")
+        say(f"[study] {table}: long-context probes of {path.name}")
+        if cli(["diagnose", "--model", str(weights), "--base", str(model), "--what", "probes",
+                "--out", str(path / "probes"), *PROBE_ARGS]) != 0:
+            raise RuntimeError(f"the long-context probes of {path} failed (see the messages above)")
     records = [run_dir(root, run, seed) / "diagnose" for run, seed in jobs]
     table_md = root / "table.md"
     table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r for r in records if (r / "diagnose.json").is_file()]) + "\n")

@@ -72,7 +72,11 @@ TABLES: dict[str, StudyTable] = {
         tuple(StudyRun(f"ssd-mix-{gate}", "ssd", ("hybrid.combine=mix", f"hybrid.mix_gate={gate}",
                                                   *(("stage2.train_mixing=true",) if gate != "fixed" else ())),
                        ("hybrid", "swa_only", "la_only"), probes=True)
-              for gate in ("fixed", "learned", "dynamic"))),
+              for gate in ("fixed", "learned", "dynamic"))
+        # at the LoRA rate (1e-4) a per-head gate logit cannot move more than ~0.012 in a gpu-small stage 2
+        + (StudyRun("ssd-mix-learned-lr1e-2", "ssd", ("hybrid.combine=mix", "hybrid.mix_gate=learned",
+                                                     "stage2.train_mixing=true", "stage2.mixing_lr=0.01"),
+                    ("hybrid", "swa_only", "la_only"), probes=True),)),
 }
 
 

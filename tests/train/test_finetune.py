@@ -90,3 +90,28 @@ def test_hedgecats_run_logs_components_and_saves_merged_model(tmp_path):
                 merged[mode] = finetune.lm_loss(model, ids)
     for mode in merged:  # the saved merged model reproduces the final validation losses
         assert abs(float(merged[mode]) - s2["val"][mode]) < 1e-4, (mode, float(merged[mode]), s2["val"][mode])
+
+
+def test_mixing_parameters_train_at_their_own_learning_rate(tmp_path):
+    """`mixing_lr` puts the gates in their own optimizer group: Adam's first step moves each parameter by about its
+    group's learning rate, so a per-head gate can move at a rate LoRA would not survive."""
+    from accelerate import Accelerator
+
+    model = tiny_llama()
+    convert(model, HybridConfig(window=4, chunk_size=8, combine="mix", mix_gate="learned"))
+    _, params = finetune.add_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                                  train_mixing=True)
+    gates = {n: p for n, p in params.items() if n.endswith("gate_logit")}
+    lora_b = {n: p for n, p in params.items() if "lora_B" in n}
+    assert gates and lora_b
+    before = {n: p.detach().clone() for n, p in params.items()}
+    spec = loop.LoopSpec(name="stage2", lr=1e-4, mixing_lr=1e-2, batch_size=4, grad_accum=1, max_steps=1,
+                         checkpoint_every=100)
+    trainer = loop.Trainer(model=model, params=params, data=random_data(rows=8, seq_len=32).train,
+                           loss_fn=finetune.finetune_loss_fn(model, chunk=16), spec=spec, ckpt_dir=tmp_path,
+                           accelerator=Accelerator(cpu=True), log=loop.JsonlLog(None), show_progress=False)
+    assert sorted(g["lr"] for g in trainer.optimizer.param_groups) == [1e-4, 1e-2]
+    trainer.run()
+    gate_step = max((p.detach() - before[n]).abs().max().item() for n, p in gates.items())
+    lora_step = max((p.detach() - before[n]).abs().max().item() for n, p in lora_b.items())
+    assert 0.9e-2 < gate_step < 1.1e-2 and 0.9e-4 < lora_step < 1.1e-4, (gate_step, lora_step)

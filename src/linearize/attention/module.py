@@ -50,6 +50,16 @@ class PaddingContext:
         return self.mask[:, -length:].to(device=device, dtype=torch.bool)
 
 
+def hybrid_param_kind(name: str) -> str | None:
+    """What a parameter that a conversion adds is, from its name in the model: 'feature_map', 'mixing' (gamma, the
+    learned or input-dependent gate) or None for the base model's own parameters (LoRA included)."""
+    if ".feature_map_q." in name or ".feature_map_k." in name:
+        return "feature_map"
+    if name.endswith(("gamma_logit", "gate_logit")) or ".gate." in name:
+        return "mixing"
+    return None
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 

@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from linearize.attention.module import HybridAttention, PaddingContext
+from linearize.attention.module import (
+    HybridAttention,
+    PaddingContext,
+    hybrid_param_kind,
+)
 from linearize.config import HybridConfig
 from linearize.errors import ModelFileError
 from linearize.models.adapters import adapter_for, layer_types
@@ -147,4 +151,4 @@ def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
 
 
 def _is_hybrid_param(name: str) -> bool:
-    return any(part in name for part in ("feature_map_q", "feature_map_k", "gamma_logit", "gate_logit", ".gate."))
+    return hybrid_param_kind(name) is not None

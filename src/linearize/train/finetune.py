@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from linearize.attention.module import hybrid_param_kind
 from linearize.models.convert import components, hybrid_modules, is_converted
 from linearize.train.ssd import SSDSchedule, clear_drops, dropped_fraction, set_drops
 
@@ -64,11 +65,10 @@ def add_lora(model, lora: dict, *, train_feature_maps: bool = False, train_mixin
     peft_model = get_peft_model(model, config)
     params = {}
     for name, p in model.named_parameters():
-        is_fm = ".feature_map_q." in name or ".feature_map_k." in name
-        is_mix = name.endswith("gamma_logit") or name.endswith("gate_logit") or ".gate." in name
+        kind = hybrid_param_kind(name)
         if "lora_" in name:
             p.requires_grad_(True)
-        elif (is_fm and train_feature_maps) or (is_mix and train_mixing):
+        elif (kind == "feature_map" and train_feature_maps) or (kind == "mixing" and train_mixing):
             p.requires_grad_(True)
         else:
             p.requires_grad_(False)

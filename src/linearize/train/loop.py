@@ -62,6 +62,7 @@ class RunInterrupted(LinearizeError):
 class LoopSpec:
     name: str = "stage"
     lr: float = 1e-3
+    mixing_lr: float | None = None  # the mixing parameters' learning rate (None: lr); see hybrid_param_kind
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     lr_schedule: str = "constant"
@@ -81,10 +82,11 @@ class LoopSpec:
     @classmethod
     def from_recipe(cls, name: str, stage: dict, seed: int, eval_every: int = 0, early_stopping: dict | None = None,
                     distributed: str = "allreduce") -> "LoopSpec":
-        keys = ("lr", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip", "batch_size", "grad_accum", "epochs",
+        keys = ("lr", "mixing_lr", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip", "batch_size", "grad_accum", "epochs",
                 "max_steps", "checkpoint_every", "log_every")
         kwargs = {k: stage[k] for k in keys}
         kwargs["lr"] = float(kwargs["lr"])
+        kwargs["mixing_lr"] = None if kwargs["mixing_lr"] is None else float(kwargs["mixing_lr"])
         kwargs["weight_decay"] = float(kwargs["weight_decay"])
         return cls(name=name, betas=tuple(float(b) for b in stage["betas"]), seed=seed, eval_every=eval_every,
                    early_stopping=early_stopping, distributed=distributed, **kwargs)
@@ -312,14 +314,23 @@ class Trainer:
         self.runner = self._parallel(model)
         # what the optimizer updates: the given parameters, or under FSDP2 the shards (DTensors) now in their place
         self.params = {n: model.get_parameter(n) for n in params}
-        plist = list(self.params.values())
-        self.optimizer = torch.optim.AdamW(plist, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=spec.lr, betas=spec.betas,
+                                           weight_decay=spec.weight_decay)
         self.total = spec.total_steps(len(data))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(spec, self.total))
         self.result = StageResult(spec.name, total_steps=self.total)
         es = spec.early_stopping or {}
         self.early = bool(es.get("enabled"))
         self.evals_since_best = 0
+
+    def _param_groups(self) -> list[dict]:
+        """One optimizer group at `lr`, and the mixing parameters in their own at `mixing_lr` when it is set."""
+        from linearize.attention.module import hybrid_param_kind
+
+        own_rate = self.spec.mixing_lr is not None
+        mixing = [p for n, p in self.params.items() if own_rate and hybrid_param_kind(n) == "mixing"]
+        rest = [p for n, p in self.params.items() if not (own_rate and hybrid_param_kind(n) == "mixing")]
+        return [g for g in ({"params": rest}, {"params": mixing, "lr": self.spec.mixing_lr}) if g["params"]]
 
     # -- processes -------------------------------------------------------------------------------
     def _parallel(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from linearize.attention.common import group_queries, ungroup
+from linearize.attention.module import hybrid_param_kind
 from linearize.models.convert import hybrid_modules
 
 OBJECTIVES = ("weights", "output", "hybrid_output")
@@ -166,9 +167,8 @@ def trainable_transfer_params(model, train_feature_maps: bool = True, train_mixi
         p.requires_grad_(False)
     params = {}
     for name, p in model.named_parameters():
-        is_fm = ".feature_map_q." in name or ".feature_map_k." in name
-        is_mix = name.endswith("gamma_logit") or name.endswith("gate_logit") or ".gate." in name
-        if (is_fm and train_feature_maps) or (is_mix and train_mixing):
+        kind = hybrid_param_kind(name)
+        if (kind == "feature_map" and train_feature_maps) or (kind == "mixing" and train_mixing):
             p.requires_grad_(True)
             params[name] = p
     return params

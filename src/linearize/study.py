@@ -186,14 +186,16 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
         if (run, seed) not in selected:
             continue
         record = path / "diagnose" / "diagnose.json"
-        if not record.is_file() and not is_trained(path):
-            interrupted = (path / "checkpoints").is_dir()
-            say(f"[study] {table}: {'resuming' if interrupted else 'training'} {path.name} ({run.recipe} "
-                f"{' '.join(run.overrides)})")
+        def train(dest: Path, what: str) -> None:
+            interrupted = (dest / "checkpoints").is_dir()
+            say(f"[study] {table}: {'resuming' if interrupted else 'training'} {what}")
             # not interrupted but not empty: records of a run whose weights are gone; they would not match new ones
-            run_recipe(model, run.recipe, path, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
-                       resume=interrupted, overwrite=path.is_dir() and not interrupted, data_dir=data_dir)
+            run_recipe(model, run.recipe, dest, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
+                       resume=interrupted, overwrite=dest.is_dir() and not interrupted, data_dir=data_dir)
             _release_gpu_memory()
+
+        if not record.is_file() and not is_trained(path):
+            train(path, f"{path.name} ({run.recipe} {' '.join(run.overrides)})")
         if not record.is_file():
             say(f"[study] {table}: diagnosing {path.name} in {', '.join(run.modes)}")
             result = diagnose(str(path), tasks=tasks, limit=limit, modes=run.modes,
@@ -212,12 +214,8 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
         if not is_trained(weights):
             # records brought back without weights (a fresh GPU machine): the same recipe and seed again, beside the
             # diagnosed run's records; its summary.json shows how close the retrained model is (validation losses)
-            interrupted = (weights / "checkpoints").is_dir()
-            say(f"[study] {table}: retraining {path.name} into {RETRAINED}/ for its long-context probes "
-                "(the diagnosed weights are not here)")
-            run_recipe(model, run.recipe, weights, overrides=[*run.overrides, f"seed={seed}"], preset=preset,
-                       resume=interrupted, overwrite=weights.is_dir() and not interrupted, data_dir=data_dir)
-            _release_gpu_memory()
+            train(weights, f"{path.name} again into {RETRAINED}/ for its long-context probes (the diagnosed weights "
+                           "are not here)")
         from linearize.cli import main as cli
 
         say(f"[study] {table}: long-context probes of {path.name}")

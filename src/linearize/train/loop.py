@@ -45,6 +45,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from linearize.attention.module import hybrid_param_kind
 from linearize.errors import LinearizeError, TrainingDivergedError
 from linearize.models.convert import decoder_layers
 from linearize.train.recipes import DISTRIBUTED
@@ -325,11 +326,10 @@ class Trainer:
 
     def _param_groups(self) -> list[dict]:
         """One optimizer group at `lr`, and the mixing parameters in their own at `mixing_lr` when it is set."""
-        from linearize.attention.module import hybrid_param_kind
-
-        own_rate = self.spec.mixing_lr is not None
-        mixing = [p for n, p in self.params.items() if own_rate and hybrid_param_kind(n) == "mixing"]
-        rest = [p for n, p in self.params.items() if not (own_rate and hybrid_param_kind(n) == "mixing")]
+        rest, mixing = [], []
+        for name, p in self.params.items():
+            own_rate = self.spec.mixing_lr is not None and hybrid_param_kind(name) == "mixing"
+            (mixing if own_rate else rest).append(p)
         return [g for g in ({"params": rest}, {"params": mixing, "lr": self.spec.mixing_lr}) if g["params"]]
 
     # -- processes -------------------------------------------------------------------------------

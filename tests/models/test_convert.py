@@ -160,3 +160,33 @@ def test_none_mode_ignores_everything_attention_trains(family):
             changed = model(ids).logits
     assert torch.equal(before, after)
     assert not torch.allclose(before, changed)
+
+
+def test_mixing_report_reads_the_gates_where_they_ended():
+    from linearize.models.convert import hybrid_modules, mixing_report
+
+    ids = torch.randint(1, 128, (2, 24))
+    fixed = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, combine="mix"))
+    assert mixing_report(fixed, ids) is None  # nothing to learn
+
+    learned = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, combine="mix", mix_gate="learned"))
+    with torch.no_grad():
+        hybrid_modules(learned)[1].gate_logit[0] = 2.0
+    report = mixing_report(learned)
+    assert report["layers"]["1"][0] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), abs=1e-4)
+    assert report["layers"]["0"] == [0.5] * learned.config.num_attention_heads and report["max"] > 0.88
+
+    dynamic = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, combine="mix", mix_gate="dynamic"))
+    with pytest.raises(ValueError, match="input_ids"):
+        mixing_report(dynamic)
+    gate = hybrid_modules(dynamic)[0].gate
+    with torch.no_grad():
+        gate.weight.normal_()
+    seen = []
+    gate.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    report = mixing_report(dynamic, ids)
+    with torch.no_grad():  # the gate's own inputs, through the gate again, by hand
+        g = torch.sigmoid(seen[0] @ gate.weight.T + gate.bias).flatten(0, 1)
+    assert report["layers"]["0"] == pytest.approx([round(x, 4) for x in g.mean(0).tolist()], abs=2e-4)
+    assert report["token_std"]["0"] == pytest.approx([round(x, 4) for x in g.std(0).tolist()], abs=2e-4)
+    assert report["layers"]["1"] == [0.5] * dynamic.config.num_attention_heads  # untouched: w = 0

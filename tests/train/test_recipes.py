@@ -1,5 +1,7 @@
 """Recipe files, overrides, presets, validation, and the resolved recipe in the run directory."""
 
+import json
+
 import pytest
 import yaml
 
@@ -72,6 +74,9 @@ def test_run_writes_resolved_recipe_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "run"
     summary = run_recipe(tiny_llama(), "la-only", out, overrides=tiny_recipe(), data=random_data())
     assert set(summary["val"]) == {"hybrid", "swa_only", "la_only"}
+    gamma = summary["mixing"]  # shared_norm's gamma, one per query head, in every converted layer
+    assert gamma["weight"] == "gamma" and len(gamma["layers"]) == tiny_llama().config.num_hidden_layers
+    assert json.loads((out / "summary.json").read_text())["mixing"] == gamma
     resolved = load_recipe(str(out / "recipe.yaml"))
     assert resolved["name"] == "la-only" and resolved["hybrid"]["window"] == 8
     for name in ("config.json", "model.safetensors", "train_log.jsonl", "loss.png", "data_manifest.json", "summary.json"):

@@ -152,3 +152,46 @@ def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
 
 def _is_hybrid_param(name: str) -> bool:
     return hybrid_param_kind(name) is not None
+
+
+@torch.no_grad()
+def mixing_report(model: nn.Module, input_ids: torch.Tensor | None = None) -> dict | None:
+    """Where the mixing weights ended, per layer and head: gamma (shared_norm) or g, the window's share (mix).
+
+    An input-dependent gate is averaged over the tokens of `input_ids` (a hybrid forward, rows without padding);
+    its spread over tokens is `token_std`. None when the rule has nothing to learn (mix with a fixed g).
+    """
+    modules = hybrid_modules(model)
+    if not modules:
+        raise ValueError("model has no converted attention layers; call linearize.convert first")
+    h = modules[0].hybrid
+    if h.combine == "mix" and h.mix_gate == "fixed":
+        return None
+    values, spread = {}, {}
+    if h.combine == "mix" and h.mix_gate == "dynamic":
+        if input_ids is None:
+            raise ValueError("an input-dependent gate needs input_ids to be measured on")
+        gates: dict[int, list[torch.Tensor]] = {m.layer_idx: [] for m in modules}
+        hooks = [m.gate.register_forward_hook(lambda mod, args, out, i=m.layer_idx: gates[i].append(torch.sigmoid(out.float())))
+                 for m in modules]
+        try:
+            with components(model, "hybrid"):
+                # the decoder alone: the gates are all we need, not the vocabulary logits
+                model.get_decoder()(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for i, g in gates.items():
+            g = torch.cat([x.flatten(0, -2) for x in g])  # (tokens, heads)
+            values[i], spread[i] = g.mean(0), g.std(0)
+    else:
+        values = {m.layer_idx: m.mixing_weight(None).detach().float() for m in modules}
+    every = torch.cat(list(values.values()))
+    report = {"weight": "gamma" if h.combine == "shared_norm" else "g (SWA share)",
+              "gate": None if h.combine == "shared_norm" else h.mix_gate,
+              "mean": round(every.mean().item(), 4), "min": round(every.min().item(), 4),
+              "max": round(every.max().item(), 4),
+              "layers": {str(i): [round(x, 4) for x in v.tolist()] for i, v in sorted(values.items())}}
+    if spread:
+        report["token_std"] = {str(i): [round(x, 4) for x in v.tolist()] for i, v in sorted(spread.items())}
+    return report

@@ -11,7 +11,8 @@ Output directory of a run::
     data_manifest.json                                which data, how many tokens
     train_log.jsonl                                   one record per step and per validation
     loss.png                                          training / validation loss curves
-    summary.json                                      validation losses per mode and stage, tokens/s, wall time
+    summary.json                                      validation losses per mode and stage, tokens/s, wall time,
+                                                      where the mixing weights ended (gamma or g per layer and head)
     checkpoints/stage1/, checkpoints/stage2/          resumable checkpoints (see linearize.train.loop)
 """
 
@@ -140,7 +141,7 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
     from linearize.config import HybridConfig
     from linearize.errors import LinearizeError
     from linearize.evaluate.report import git_commit
-    from linearize.models.convert import convert, hybrid_modules
+    from linearize.models.convert import convert, hybrid_modules, mixing_report
     from linearize.train import finetune, loop, ssd as ssd_mod
     from linearize.train.recipes import dump_recipe, load_recipe as _load_recipe
 
@@ -260,6 +261,7 @@ def run_recipe(model: Any, recipe: str | dict = "ssd", out_dir: str | Path = "ru
         if acc.is_main_process:
             log.write({"stage": "stage2", "step": result.steps, "event": "eval", "val": stages["stage2"]["val"], "final": True})
     ssd_mod.clear_drops(hybrid_modules(model))
+    summary["mixing"] = mixing_report(model, val_rows[: int(ecfg["batch_size"])])
 
     # -- save --------------------------------------------------------------------------------------
     ocfg = resolved["output"]

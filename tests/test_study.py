@@ -108,8 +108,15 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
     assert not (tmp_path / "study" / "t1" / "ssd-again-seed0").exists()  # same recipe: neither trained nor diagnosed
     study.execute("t1", **kwargs)
     assert len(calls) == 1  # finished: nothing trained or evaluated again
+    stored = tmp_path / "study" / "base_reports.json"
+    measured = json.loads(stored.read_text())  # as if measured at an earlier commit
+    for entry in measured["reports"].values():
+        entry["commit"] = "0ld0ne"
+    stored.write_text(json.dumps(measured))
+    base_reports = stored.read_text()
     study.execute("t2", **kwargs)
     assert len(calls) == 3  # a new table reuses the stored base report
+    assert (tmp_path / "study" / "base_reports.json").read_text() == base_reports  # and keeps its provenance
     # records copied without the weights or the finished diagnosis (a fresh GPU machine): trained and diagnosed anew
     run = tmp_path / "study" / "t2" / "ssd-seed0"
     for stale in [*run.glob("*.safetensors"), run / "diagnose" / "diagnose.json"]:

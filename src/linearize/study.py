@@ -71,8 +71,8 @@ TABLES: dict[str, StudyTable] = {
         "tables carry the long-context probes; 'none' is the same for every run, as only untrained parts act, and 'sinks_only' says nothing about mixing: both left out)",
         tuple(StudyRun(f"ssd-mix-{gate}", "ssd", ("hybrid.combine=mix", f"hybrid.mix_gate={gate}",
                                                   *(("stage2.train_mixing=true",) if gate != "fixed" else ())),
-                       ("hybrid", "swa_only", "la_only"), probes=True)
-              for gate in ("fixed", "learned", "dynamic"))
+                       ("hybrid", "swa_only", "la_only"), probes=True, headline=gate != "learned")
+              for gate in ("fixed", "learned", "dynamic"))  # a second seed for the input-dependent gate and its baseline
         # at the LoRA rate (1e-4) a per-head gate logit cannot move more than ~0.012 in a gpu-small stage 2
         + (StudyRun("ssd-mix-learned-lr1e-2", "ssd", ("hybrid.combine=mix", "hybrid.mix_gate=learned",
                                                      "stage2.train_mixing=true", "stage2.mixing_lr=0.01"),
@@ -198,11 +198,12 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             train(path, f"{path.name} ({run.recipe} {' '.join(run.overrides)})")
         if not record.is_file():
             say(f"[study] {table}: diagnosing {path.name} in {', '.join(run.modes)}")
-            result = diagnose(str(path), tasks=tasks, limit=limit, modes=run.modes,
-                              base=load_base_report(Path(out), base_key) or model, data_dir=data_dir,
-                              batch_size=batch_size, dtype=dtype, partial=path / "diagnose" / "partial.json",
-                              progress=say)
-            store_base_report(Path(out), base_key, result["runs"]["base"], result["device"])
+            stored = load_base_report(Path(out), base_key)
+            result = diagnose(str(path), tasks=tasks, limit=limit, modes=run.modes, base=stored or model,
+                              data_dir=data_dir, batch_size=batch_size, dtype=dtype,
+                              partial=path / "diagnose" / "partial.json", progress=say)
+            if stored is None:  # a reused report keeps the commit and device that measured it
+                store_base_report(Path(out), base_key, result["runs"]["base"], result["device"])
             meta = run_metadata(model_info=result["info"], data_dir=data_dir, device=result["device"], seed=seed,
                                 study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             full = {"meta": meta, **result}

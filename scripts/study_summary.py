@@ -93,6 +93,7 @@ def main(root: Path) -> None:
                    else "–", f"{run['summary'].get('wall_seconds', 0):.0f}"] for name, run in runs.items()])]
     lines += ssd_grid_section(runs, base_rep, root)
     lines += long_context_section(runs, root)
+    lines += mixing_section(runs)
     (root / "summary.md").write_text("\n".join(lines) + "\n")
 
     shown = {n: r for n, r in runs.items() if len(r["reports"]) >= 5}
@@ -230,6 +231,25 @@ def long_context_section(runs: dict[str, dict], root: Path) -> list[str]:
             f"{first['num_docs']} documents × {first['seq_len']} tokens, window {first['window']}; passkey: mean "
             "accuracy over the probed context lengths (chance 10%). Figure: `long_context.png`.", "",
             markdown_table(["model / mode", *(f"{a}–{b}" for a, b in bands), "passkey"], rows)]
+
+
+def mixing_section(runs: dict[str, dict]) -> list[str]:
+    """Where each run's mixing weights ended (summary.json's `mixing`, recorded since b9a77bc): gamma or g per layer,
+    averaged over heads (and over validation tokens for an input-dependent gate)."""
+    rows = []
+    for name, run in runs.items():
+        mixing = run["summary"].get("mixing")
+        if mixing and (mixing.get("gate") or mixing["max"] > mixing["min"]):  # a frozen gamma says nothing
+            per_layer = " ".join(f"{sum(v) / len(v):.2f}" for v in mixing["layers"].values())
+            rows.append([name, mixing["weight"] + (f", {mixing['gate']}" if mixing.get("gate") else ""),
+                         f"{mixing['mean']:.3f}", f"{mixing['min']:.3f} – {mixing['max']:.3f}", per_layer])
+    if not rows:
+        return []
+    return ["", "## Mixing weights after training", "",
+            "gamma (shared_norm: the weight of the window's terms under the shared normaliser) or g (mix: the "
+            "window's share); over every layer and head, then per converted layer (mean over heads). Runs trained "
+            "before the record existed, and runs whose gamma stayed frozen, are not listed.", "",
+            markdown_table(["run", "weight", "mean", "min – max", "per layer"], rows)]
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ def recipe(schedule, epochs, seed=0, combine="shared_norm", layers="all") -> dic
             "stage2": {"enabled": True, "epochs": epochs, "ssd": {"enabled": True, "schedule": schedule}}}
 
 
-def write_run(root: Path, name: str, recipe_: dict, reports: dict, probes: dict | None = None) -> None:
+def write_run(root: Path, name: str, recipe_: dict, reports: dict, probes: dict | None = None,
+              mixing: dict | None = None) -> None:
     run = root / name
     (run / "diagnose").mkdir(parents=True)
     (run / "diagnose" / "diagnose.json").write_text(json.dumps({"runs": {"base": report(0.5), **reports}}))
-    (run / "summary.json").write_text(json.dumps({"model": "/m/tiny.gguf", "val": {"hybrid": 2.0, "la_only": 3.0}}))
+    (run / "summary.json").write_text(json.dumps({"model": "/m/tiny.gguf", "val": {"hybrid": 2.0, "la_only": 3.0},
+                                                  "mixing": mixing}))
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe_))
     if probes:
         (run / "probes").mkdir()
@@ -46,10 +48,14 @@ def test_summary_fills_the_ssd_grid_from_recipes_and_bands_the_probes(tmp_path):
     probes = {"position_loss": {"window": 8, "num_docs": 2, "seq_len": 64,
                                 "curves": {"base": curve, "hybrid": {**curve, "binned": [4.0] * 8}}},
               "passkey": {"accuracy": {"base": {"128": 1.0, "256": 1.0}, "hybrid": {"128": 0.0, "256": 0.5}}}}
-    write_run(tmp_path, "remedies/ssd-seed0", recipe(three, 1), modes, probes)  # the headline run: a grid cell
+    frozen = {"weight": "gamma", "gate": None, "mean": 0.1, "min": 0.1, "max": 0.1, "layers": {"0": [0.1, 0.1]}}
+    learned = {"weight": "g (SWA share)", "gate": "learned", "mean": 0.5, "min": 0.4, "max": 0.6,
+               "layers": {"0": [0.4, 0.5], "1": [0.5, 0.6]}}
+    write_run(tmp_path, "remedies/ssd-seed0", recipe(three, 1), modes, probes, frozen)  # the headline run: a grid cell
     write_run(tmp_path, "remedies/ssd-fixed-0.5-ep2-seed0", recipe([[0.0, 0.5]], 2), modes)
     write_run(tmp_path, "remedies/ssd-seed1", recipe(three, 1, seed=1), modes)  # other seed: not in the grid
     write_run(tmp_path, "beyond/ssd-mix-fixed-seed0", recipe(three, 1, combine="mix"), modes, probes)
+    write_run(tmp_path, "beyond/ssd-mix-learned-seed0", recipe(three, 1, combine="mix"), modes, mixing=learned)
     runs = study_summary.load_runs(tmp_path)
     grid = study_summary.ssd_grid(runs)
     assert {key: name for key, (name, _) in grid.items()} == {
@@ -60,5 +66,8 @@ def test_summary_fills_the_ssd_grid_from_recipes_and_bands_the_probes(tmp_path):
     assert "| base | 3.00 | 3.00 | 5.00 | 100% |" in text  # bands 0-8, 8-32, 32-64; the base row once
     assert text.count("| base | 3.00") == 1
     assert "| remedies/ssd-seed0 hybrid | 4.00 | 4.00 | 4.00 | 25% |" in text
+    # where the gates ended, per layer averaged over heads; a frozen gamma is left out
+    assert "| beyond/ssd-mix-learned-seed0 | g (SWA share), learned | 0.500 | 0.400 – 0.600 | 0.45 0.55 |" in text
+    assert text.split("## Mixing weights")[1].count("remedies/ssd-seed0") == 0
     for figure in ("summary.png", "ssd_grid.png", "long_context.png"):
         assert (tmp_path / figure).stat().st_size > 0

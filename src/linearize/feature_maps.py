@@ -32,11 +32,17 @@ def _exp_max_shifted(u: torch.Tensor) -> torch.Tensor:
     return torch.exp(u - u.amax(dim=-1, keepdim=True))
 
 
+def _elu_plus_one(u: torch.Tensor) -> torch.Tensor:
+    # 1 + ELU(u) is exp(u) below 0. Written as 1 + (exp(u) - 1) it cancels in bf16: exactly 0 from u = -8 on, while
+    # its gradient exp(u) is not, so a key-query product b = 0 sends 1/eps through the transfer KL (grad norm 1e7).
+    return torch.where(u > 0, u + 1.0, torch.exp(u.clamp_max(0.0)))
+
+
 FEATURE_MAPS: dict[str, FeatureMapSpec] = {
     "hedgehog": FeatureMapSpec(_hedgehog, 2, False, "[softmax(xW) ; softmax(-xW)] over the feature axis (Hedgehog / LoLCATs)"),
     "exp": FeatureMapSpec(_exp_max_shifted, 1, False, "exp(xW - max(xW)), element-wise, shifted per token to stay finite"),
     "relu": FeatureMapSpec(F.relu, 1, False, "ReLU(xW)"),
-    "elu1": FeatureMapSpec(lambda u: 1.0 + F.elu(u), 1, False, "1 + ELU(xW)"),
+    "elu1": FeatureMapSpec(_elu_plus_one, 1, False, "1 + ELU(xW)"),
     "t2r": FeatureMapSpec(F.relu, 1, True, "ReLU(xW + b) (T2R)"),
     "none": FeatureMapSpec(lambda u: u, 1, False, "xW, no activation (its normaliser can be near zero or negative)"),
 }

@@ -9,11 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from linearize.attention.module import (
-    HybridAttention,
-    PaddingContext,
-    hybrid_param_kind,
-)
+from linearize.attention.module import HybridAttention, PaddingContext, hybrid_param_kind
 from linearize.config import HybridConfig
 from linearize.errors import ModelFileError
 from linearize.models.adapters import adapter_for, layer_types
@@ -139,7 +135,7 @@ def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
     finally:
         hf_logging.set_verbosity(verbosity)
     convert(model, HybridConfig.from_dict(settings))
-    own = {name for name, _ in model.named_parameters() if _is_hybrid_param(name)}
+    own = {name for name, _ in model.named_parameters() if hybrid_param_kind(name) is not None}
     found = {}
     for shard in sorted(path.glob("*.safetensors")):
         found.update({k: v for k, v in load_file(shard).items() if k in own})
@@ -148,10 +144,6 @@ def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
         raise ModelFileError(f"{path} lacks hybrid parameters: {sorted(missing)[:5]} ...")
     model.load_state_dict(found, strict=False)
     return model.to(device).eval()
-
-
-def _is_hybrid_param(name: str) -> bool:
-    return hybrid_param_kind(name) is not None
 
 
 @torch.no_grad()
@@ -185,7 +177,7 @@ def mixing_report(model: nn.Module, input_ids: torch.Tensor | None = None) -> di
             g = torch.cat([x.flatten(0, -2) for x in g])  # (tokens, heads)
             values[i], spread[i] = g.mean(0), g.std(0)
     else:
-        values = {m.layer_idx: m.mixing_weight(None).detach().float() for m in modules}
+        values = {m.layer_idx: m.mixing_weight(None).float() for m in modules}
     every = torch.cat(list(values.values()))
     report = {"weight": "gamma" if h.combine == "shared_norm" else "g (SWA share)",
               "gate": None if h.combine == "shared_norm" else h.mix_gate,

@@ -526,8 +526,9 @@ def hybrid_bwd_kv_kernel(
             dkf' += dA^T qf_j + v'_j @ dS_j^T + dz_j          (valid keys only)
     NSPLIT programs share a key chunk (to fill the GPU when B*HKV*N' is small): program sp takes every NSPLIT-th
     item of each loop -- the query heads of the window part and of the diagonal linear block, the feature tiles
-    (each dkf tile whole, over all heads) -- and writes its partial dk, dv at DK/DV + sp * SPLIT_STRIDE (fp32 buffers summed by split_sum_kernel when NSPLIT > 1).  Every key position belongs
-    to exactly one chunk, so each (split's) dk, dv and each dkf element is written once.  Grid: (B*HKV, N', NSPLIT).
+    (each dkf tile whole, over all heads) -- and writes its partial dk, dv at DK/DV + sp * SPLIT_STRIDE (fp32
+    buffers summed by split_sum_kernel when NSPLIT > 1).  Every key position belongs to exactly one chunk, so each
+    (split's) dk, dv and each dkf element is written once.  Grid: (B*HKV, N', NSPLIT).
     """
     pid_bkv = tl.program_id(0)
     j = tl.program_id(1)

@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 import linearize
 from linearize.attention.graph_decode import GraphDecoder
+from linearize.compat import cache_kwargs
 from tiny_models import tiny_model
 
 CUDA = torch.cuda.is_available()
@@ -15,7 +16,7 @@ CUDA = torch.cuda.is_available()
 def prefilled(model, prompt, **kw):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prompt, past_key_values=cache, use_cache=True, **kw)
+        model(prompt, **cache_kwargs(cache), use_cache=True, **kw)
     return cache
 
 
@@ -58,7 +59,7 @@ def test_graph_replay_equals_eager_stepping(family, combine, placement):
         decoder = GraphDecoder(model, graphed, positions=positions[:, -1:] + 1)
         for i in range(tokens.shape[1]):  # > 3 windows: the ring wraps around inside the replays
             with torch.no_grad():
-                expected = model(tokens[:, i:i + 1], past_key_values=eager, use_cache=True,
+                expected = model(tokens[:, i:i + 1], **cache_kwargs(eager), use_cache=True,
                                  position_ids=positions[:, -1:] + 1 + i).logits
             got = decoder.step(tokens[:, i:i + 1])
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -6,7 +6,8 @@ from transformers import DynamicCache
 
 import linearize
 from linearize.attention.cache import HybridCacheLayer, cache_nbytes
-from tiny_models import tiny_model
+from linearize.compat import CACHE_KWARG, CACHE_KWARGS, cache_kwargs
+from tiny_models import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -21,16 +22,18 @@ def test_greedy_256_tokens_equal_full_forward_argmax(family, combine, placement)
     assert torch.equal(logits[0, 12:-1].argmax(-1), out[0, 13:])
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "la_only", "sinks_only", "swa_only", {0: {1: "la_only", 3: "sinks_only"}}])
-def test_cached_decoding_matches_full_forward_in_every_mode(mode):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("combine", ["shared_norm", "mix"])
+@pytest.mark.parametrize("mode", ["hybrid", "la_only", "sinks_only", "swa_only", "none", {0: {1: "la_only", 3: "sinks_only"}}])
+def test_cached_decoding_matches_full_forward_in_every_mode(family, combine, mode):
     """20 steps after a 10-token prompt with window 6: the state's ring wraps around; per-head modes share one state."""
-    model = linearize.convert(tiny_model("qwen3"), linearize.HybridConfig(window=6))
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=6, combine=combine))
     ids = torch.randint(1, 128, (2, 30))
     with torch.no_grad(), linearize.components(model, mode):
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        first = model(ids[:, :10], past_key_values=cache, use_cache=True).logits
-        steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(10, 30)]
+        first = model(ids[:, :10], **cache_kwargs(cache), use_cache=True).logits
+        steps = [model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(10, 30)]
     torch.testing.assert_close(torch.cat([first] + steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -62,9 +65,9 @@ def test_cache_size_is_constant_from_100_to_2000_tokens():
     cache = DynamicCache(config=model.config)
     sizes = {}
     with torch.no_grad():
-        token = model(torch.randint(1, 128, (1, 8)), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(torch.randint(1, 128, (1, 8)), **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
         for n in range(8, 2000):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
             if n + 1 in (100, 500, 2000):
                 sizes[n + 1] = cache_nbytes(cache)
     assert all(isinstance(layer, HybridCacheLayer) for layer in cache.layers)
@@ -76,7 +79,48 @@ def test_base_model_cache_grows_for_comparison():
     model = tiny_model("llama")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.randint(1, 128, (1, 100)), past_key_values=cache, use_cache=True)
+        model(torch.randint(1, 128, (1, 100)), **cache_kwargs(cache), use_cache=True)
         small = cache_nbytes(cache)
-        model(torch.randint(1, 128, (1, 100)), past_key_values=cache, use_cache=True)
+        model(torch.randint(1, 128, (1, 100)), **cache_kwargs(cache), use_cache=True)
     assert cache_nbytes(cache) == 2 * small
+
+
+@pytest.mark.parametrize("keyword", sorted(set(CACHE_KWARGS) - {"past_key_value"}))
+def test_a_cache_passed_under_either_name_is_used(keyword):
+    """Decoding the last token with the cache of the others must equal the full forward; a layer that ignored the
+    cache would attend to that token alone (what transformers 5.24's new keyword did to the old layer)."""
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    ids = torch.randint(1, 128, (1, 12))
+    layer = model.model.layers[0].self_attn
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-1], **cache_kwargs(cache), use_cache=True)
+        assert cache.get_seq_length() == 11
+        # the layer itself, called as either transformers release calls it
+        h = torch.randn(1, 1, 64)
+        pos = model.model.rotary_emb(h, torch.tensor([[11]]))
+        before = cache.layers[0].state.seen
+        layer(h, position_embeddings=pos, attention_mask=None, **{keyword: cache})
+        assert cache.layers[0].state.seen == before + 1
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :-1], **cache_kwargs(cache), use_cache=True)
+        step = model(ids[:, -1:], **cache_kwargs(cache), use_cache=True).logits[:, -1]
+        alone = model(ids[:, -1:]).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone, full, atol=1e-3)
+
+
+def test_caches_the_layer_cannot_use_are_refused():
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    layer = model.model.layers[0].self_attn
+    h = torch.randn(1, 3, 64)
+    pos = model.model.rotary_emb(h, torch.arange(3)[None])
+    with pytest.raises(TypeError, match="legacy tuple"):
+        layer(h, position_embeddings=pos, **{CACHE_KWARG: ((torch.zeros(1), torch.zeros(1)),)})
+    with pytest.raises(TypeError, match="does not read"):
+        layer(h, position_embeddings=pos, layer_cache=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="two different caches"):
+        layer(h, position_embeddings=pos, cache=DynamicCache(config=model.config),
+              past_key_values=DynamicCache(config=model.config))

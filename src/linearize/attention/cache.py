@@ -7,7 +7,10 @@ A converted attention layer swaps its slot of any `transformers.Cache` (the Dyna
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from linearize.compat import CACHE_KWARG, CACHE_KWARGS
 
 from linearize.attention.recurrent import HybridState
 
@@ -86,3 +89,24 @@ def cache_nbytes(cache: Cache) -> int:
         elif getattr(layer, "keys", None) is not None and torch.is_tensor(layer.keys):
             total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
     return total
+
+
+def take_cache(kwargs: dict) -> Cache | None:
+    """Pop the cache from an attention layer's keyword arguments, under whichever name the caller used.
+
+    transformers passes it as ``cache`` from 5.24 and as ``past_key_values`` before; a layer that read only one
+    name would see no cache under the other and silently decode every token alone. Anything that is not a
+    ``transformers.Cache`` (a legacy tuple, or a cache under a name this layer does not know) is refused.
+    """
+    found = {name: kwargs.pop(name) for name in CACHE_KWARGS if kwargs.get(name) is not None}
+    if len({id(c) for c in found.values()}) > 1:
+        raise ValueError(f"two different caches passed to one attention layer (as {' and '.join(found)})")
+    stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
+    if stray:
+        raise TypeError(f"a cache arrived as {stray[0]!r}, which linearize's attention does not read; pass it as "
+                        f"{CACHE_KWARG!r} (transformers {transformers.__version__})")
+    cache = next(iter(found.values()), None)
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"linearize's attention needs a transformers Cache object (DynamicCache, say), "
+                        f"got {type(cache).__name__}: legacy tuple caches cannot hold the hybrid state")
+    return cache

@@ -6,7 +6,7 @@ Python value that changes per token (positions come from a device tensor; the ma
 cache length are ignored by converted layers), so one forward can be captured once and replayed:
 
     cache = DynamicCache(config=model.config)
-    logits = model(prompt, past_key_values=cache, use_cache=True).logits     # prefill, eager
+    logits = model(prompt, **cache_kwargs(cache), use_cache=True).logits      # prefill, eager
     decoder = GraphDecoder(model, cache, positions=prompt.shape[1])
     for _ in range(n):
         ids = logits[:, -1:].argmax(-1)
@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from linearize.attention.cache import HybridCacheLayer
+from linearize.compat import cache_kwargs
 from linearize.attention.module import HybridAttention
 
 
@@ -74,7 +75,7 @@ class GraphDecoder:
             (m.mode, tuple(sorted((m.head_modes or {}).items()))) for m in self.attention_layers]
 
     def _forward(self) -> torch.Tensor:
-        logits = self.model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True).logits
         self.positions.add_(1)
         return logits
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from linearize.attention.cache import hybrid_cache_layer
+from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import check_mode
 from linearize.attention.recurrent import decode_step, prefill_state
@@ -177,15 +177,16 @@ class HybridAttention(nn.Module):
         return modes
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = take_cache(kwargs)
         b, t, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
         valid = self.padding.valid(b, t, q.device)
         weight = self.mixing_weight(hidden_states)
-        hook = self.transfer_hook if past_key_values is None else None
+        hook = self.transfer_hook if cache is None else None
         out = hook(self, q, k, v, valid, weight, hidden_states) if hook is not None else None
-        if out is None and past_key_values is not None:
-            out = self._forward_cached(past_key_values, q, k, v, weight, valid)
+        if out is None and cache is not None:
+            out = self._forward_cached(cache, q, k, v, weight, valid)
         elif out is None:
             out = self._forward_full(q, k, v, weight, valid)
         out = out.transpose(1, 2).reshape(b, t, -1)

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     import linearize
     from linearize.attention.cache import cache_nbytes
+    from linearize.compat import cache_kwargs
     from linearize.evaluate.lm_eval_model import load_model
     from transformers import DynamicCache
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = dict(do_sample=True, temperature=0.8, top_p=0.95) if args.sample else dict(do_sample=False)
     start = time.perf_counter()
     with ctx, torch.no_grad():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, **sampling)
+        out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, **sampling)
     seconds = time.perf_counter() - start
     new = out[0, inputs.input_ids.shape[1]:]
     print(tokenizer.decode(out[0], skip_special_tokens=True))

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from linearize.compat import cache_kwargs, output_cache
 from linearize.errors import LinearizeError
 from linearize.evaluate.report import save_figure
 
@@ -186,8 +187,8 @@ def passkey_trial(model, tokenizer, ids: list[int], key: str, distractors: list[
         cids = tokenizer(" " + cand, add_special_tokens=False)["input_ids"]
         score = float(last[0, cids[0]])
         if len(cids) > 1:
-            cache = copy.deepcopy(out.past_key_values)
-            step = model(torch.tensor([cids[:-1]], device=model.device), past_key_values=cache, use_cache=True)
+            cache = copy.deepcopy(output_cache(out))
+            step = model(torch.tensor([cids[:-1]], device=model.device), **cache_kwargs(cache), use_cache=True)
             lp = step.logits[0].float().log_softmax(-1)
             score += float(lp[torch.arange(len(cids) - 1), torch.tensor(cids[1:])].sum())
         scores[cand] = score

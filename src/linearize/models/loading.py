@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from linearize.compat import cache_kwargs, output_cache
 from linearize.errors import DegenerateModelError, LinearizeError, ModelFileError, UnknownModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -135,8 +136,8 @@ def check_not_degenerate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     new_ids, past = [], None
     with torch.no_grad():
         for _ in range(CHECK_NEW_TOKENS):
-            out = model(ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(ids, **cache_kwargs(past), use_cache=True)
+            past = output_cache(out)
             logits = out.logits[0, -1].float()
             logits[banned] = float("-inf")
             ids = logits.argmax().view(1, 1)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.commands.bench import add_arguments
+from linearize.compat import cache_kwargs
 
 HEAD_CONFIGS = {
     "gemma3-270m": dict(hq=4, hkv=1, d=256, m=512),
@@ -510,7 +511,7 @@ def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, device="cuda")
 
         def step(i):
             pos = torch.full((batch, 1), ctx + i, device=device, dtype=torch.long)
-            return model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos).logits
+            return model(input_ids=ids, **cache_kwargs(cache), use_cache=True, position_ids=pos).logits
 
     with torch.inference_mode():
         for i in range(warm):

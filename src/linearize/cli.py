@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("info", "convert", "eval", "diagnose", "generate", "bench", "report", "study", "demo")
+VERBS = ("info", "convert", "eval", "diagnose", "generate", "bench", "report", "study", "demo", "lmeval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from linearize.errors import LinearizeError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's own, even its --help
+        from linearize.commands.lmeval import run
+
+        return run(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -111,3 +111,25 @@ def test_dtype_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypat
     assert eval_cmd.torch_dtype("auto", "cpu") is torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert eval_cmd.torch_dtype("auto", "cuda:0") is torch.float32
+
+
+def _cli_loglikelihoods(out_dir) -> list[float]:
+    (samples,) = out_dir.rglob("samples_lz_piqa_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return [float(r[0][0]) for row in sorted(rows, key=lambda r: r["doc_id"]) for r in row["resps"]]
+
+
+def test_lm_eval_cli_runs_converted_models(dirs, tmp_path):
+    """`linearize lm-eval` is lm-eval's own CLI: the `linearize` model with components, and `hf` on a converted
+    directory (the Auto classes give the hybrid, not the base)."""
+    base, conv = dirs
+    common = ["--tasks", "lz_piqa", "--limit", "3", "--device", "cpu", "--log_samples"]
+    runs = {"linearize": ("linearize", f"pretrained={conv},components=hybrid"),
+            "la_only": ("linearize", f"pretrained={conv},components=la_only"),
+            "hf": ("hf", f"pretrained={conv}"), "base": ("hf", f"pretrained={base}")}
+    got = {}
+    for name, (model, args) in runs.items():
+        assert main(["lm-eval", "--model", model, "--model_args", args, "--output_path", str(tmp_path / name), *common]) == 0
+        got[name] = _cli_loglikelihoods(tmp_path / name)
+    torch.testing.assert_close(torch.tensor(got["hf"]), torch.tensor(got["linearize"]), rtol=1e-5, atol=1e-5)
+    assert got["la_only"] != got["linearize"] and got["base"] != got["linearize"]

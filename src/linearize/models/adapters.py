@@ -45,8 +45,13 @@ register("qwen2", FamilyAdapter("qwen2", "transformers.models.qwen2.modeling_qwe
 register("qwen3", FamilyAdapter("qwen3", "transformers.models.qwen3.modeling_qwen3", True, _inverse_sqrt_head_dim))
 
 
+def base_model_type(config) -> str | None:
+    """The base family's model_type; a converted model's config names it apart from its own (``linearized_llama``)."""
+    return getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+
+
 def adapter_for(config) -> FamilyAdapter:
-    model_type = getattr(config, "model_type", None)
+    model_type = base_model_type(config)
     if model_type not in ADAPTERS:
         raise UnsupportedArchitectureError(
             f"no attention adapter for model_type {model_type!r}; supported: {sorted(ADAPTERS)}"

@@ -13,6 +13,7 @@ from linearize.attention.module import HybridAttention, PaddingContext, hybrid_p
 from linearize.config import HybridConfig
 from linearize.errors import ModelFileError
 from linearize.models.adapters import adapter_for, layer_types
+from linearize.models.hf_native import PREFIX, adopt
 
 CONFIG_KEY = "linearize"
 
@@ -64,7 +65,16 @@ def convert(model: nn.Module, hybrid: HybridConfig | None = None, layers=None) -
         blocks[i].self_attn = HybridAttention(base, config, hybrid, adapter, i, padding).to(device=ref.device, dtype=ref.dtype)
     model.get_decoder().register_forward_pre_hook(padding.hook, with_kwargs=True)
     model.config.__dict__[CONFIG_KEY] = {**hybrid.to_dict(), "layers": indices}
+    adopt(model)  # its own model_type from now on: a saved checkpoint cannot load as the base
     return model
+
+
+def convert_from_config(model: nn.Module) -> nn.Module:
+    """Convert a model built from a converted checkpoint's config (the settings in ``config.linearize``)."""
+    settings = getattr(model.config, CONFIG_KEY, None)
+    if not settings:
+        raise ModelFileError(f"{type(model).__name__}: the config has no '{CONFIG_KEY}' settings to convert with")
+    return convert(model, HybridConfig.from_dict(dict(settings)))
 
 
 def hybrid_modules(model: nn.Module) -> list[HybridAttention]:
@@ -115,23 +125,40 @@ def hybrid_config_of(model_or_config) -> HybridConfig:
     return HybridConfig.from_dict(data)
 
 
-def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
-    """Load a converted model written by `save_pretrained`: base weights, then the hybrid parameters."""
-    from safetensors.torch import load_file
+def load(path: str | Path, *, dtype=torch.float32, device="cpu", **from_pretrained) -> nn.Module:
+    """Load a converted model written by ``save_pretrained`` (in eval mode).
+
+    Takes what ``from_pretrained`` takes (``dtype``, ``device_map``, ...); ``device`` is where the model goes when
+    no ``device_map`` is given. A checkpoint written before converted models had their own ``model_type`` (its
+    config keeps the base's) is loaded as the base, then converted and given its hybrid parameters.
+    """
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelFileError(f"{path} has no config.json; expected a directory written by save_pretrained")
-    settings = json.loads(config_file.read_text()).get(CONFIG_KEY)
-    if not settings:
+    config = json.loads(config_file.read_text())
+    if not config.get(CONFIG_KEY):
         raise ModelFileError(f"{config_file} has no '{CONFIG_KEY}' entry; it is not a converted model")
+    if str(config.get("model_type", "")).startswith(PREFIX):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained)
+    else:
+        model = _load_legacy(path, config[CONFIG_KEY], dtype=dtype, **from_pretrained)
+    if "device_map" not in from_pretrained:
+        model.to(device)
+    return model.eval()
+
+
+def _load_legacy(path: Path, settings: dict, **from_pretrained) -> nn.Module:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the hybrid parameters are 'unexpected' to the base class; loaded below
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained)
     finally:
         hf_logging.set_verbosity(verbosity)
     convert(model, HybridConfig.from_dict(settings))
@@ -143,7 +170,7 @@ def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
     if missing:
         raise ModelFileError(f"{path} lacks hybrid parameters: {sorted(missing)[:5]} ...")
     model.load_state_dict(found, strict=False)
-    return model.to(device).eval()
+    return model
 
 
 @torch.no_grad()

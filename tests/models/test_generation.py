@@ -124,3 +124,31 @@ def test_caches_the_layer_cannot_use_are_refused():
     with pytest.raises(ValueError, match="two different caches"):
         layer(h, position_embeddings=pos, cache=DynamicCache(config=model.config),
               past_key_values=DynamicCache(config=model.config))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_beam_search_scores_equal_the_full_forward(family):
+    """Beams reorder the hybrid states (reorder_cache): each returned beam's score is its full-forward log-prob."""
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=4))
+    prompt = torch.randint(1, 128, (1, 9))
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=3,
+                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences).logits.float(), -1)[:, 8:-1]
+    full = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, full, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_static_cache_request_decodes_like_the_dynamic_cache(family):
+    """A StaticCache's layers are swapped for constant-size hybrid states, as DynamicCache's are."""
+    from transformers import StaticCache
+
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=4))
+    prompt = torch.randint(1, 128, (1, 9))
+    dynamic = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    static = model.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    given = model.generate(prompt, max_new_tokens=12, do_sample=False, **cache_kwargs(cache))
+    assert torch.equal(static, dynamic) and torch.equal(given, dynamic)
+    assert all(isinstance(layer, HybridCacheLayer) for layer in cache.layers)

@@ -27,8 +27,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,17 @@ def set_components(model, modes) -> None:
         modules[i].head_mode_list()
 
 
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger, fragments: tuple[str, ...]):
+    """Drop `logger`'s records that contain one of `fragments` while the block runs."""
+    drop = lambda record: not any(f in record.getMessage() for f in fragments)  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 @functools.cache
 def continuation_scorer():
     """lm-eval's ``HFLM`` that computes the LM head only where a continuation is scored.
@@ -183,6 +196,16 @@ def continuation_scorer():
     from tqdm.auto import tqdm
 
     class ContinuationHFLM(HFLM):
+        def __init__(self, pretrained=None, *args, **kwargs):
+            if not isinstance(pretrained, str):
+                # HFLM warns on every model object that other model arguments "may be ignored": we load the model
+                # ourselves on purpose, and pass only the arguments HFLM still reads (batch size, max length)
+                with _silenced(logging.getLogger("lm_eval.models.huggingface"),
+                               ("model kwarg is not of type", "Passed an already-initialized model")):
+                    super().__init__(pretrained, *args, **kwargs)
+            else:
+                super().__init__(pretrained, *args, **kwargs)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
             if head is None or self.batch_size == "auto" or self.backend != "causal":

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     g = p.add_argument_group("long (long-context tasks; --limit: questions per task and per length x depth cell)")
     g.add_argument("--long-tasks", default="all", help="comma-separated, or 'all': squad, coqa, drop, passkey, "
                    "niah_single, niah_multikey, niah_multivalue, qa_squad, qa_drop")
+    g.add_argument("--cell-limit", type=int, default=None,
+                   help="prompts per length x depth cell of the retrieval and long-QA tasks (default: --limit)")
     g.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="prompt tokens of the retrieval tasks")
     g.add_argument("--qa-lengths", default="4096,8192,16384,32768", help="prompt tokens of the long-QA tasks")
     g.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle / gold-passage depths (0 = start, 1 = end)")
@@ -132,7 +134,7 @@ def run(args) -> int:
         train_len = training_seq_len(spec) if converted else None
         layers = args.layers if args.layers in ("all", "global") else ints(args.layers)
         body = run_long(model, tokenizer, base=base, modes=[m.strip() for m in args.long_modes.split(",") if m.strip()],
-                        tasks=tasks_long, limit=int(args.limit) if args.limit else 20, lengths=ints(args.lengths),
+                        tasks=tasks_long, limit=int(args.limit) if args.limit else 20, cell_limit=args.cell_limit, lengths=ints(args.lengths),
                         qa_lengths=ints(args.qa_lengths), depths=[float(d) for d in args.depths.split(",") if d.strip()],
                         sinks=args.sinks, baseline_windows=windows, layers=layers, window=window,
                         generate=args.generate, max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens,

@@ -113,7 +113,7 @@ def summarize(items, scores: dict[str, list[dict[str, Any]]], *, reps: int = 100
 
 
 def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_only"), tasks=DEFAULT_TASKS,
-             limit: int = 20, lengths=DEFAULT_LENGTHS, qa_lengths=DEFAULT_QA_LENGTHS, depths=DEFAULT_DEPTHS,
+             limit: int = 20, cell_limit: int | None = None, lengths=DEFAULT_LENGTHS, qa_lengths=DEFAULT_QA_LENGTHS, depths=DEFAULT_DEPTHS,
              sinks: int = 8, baseline_windows=("auto",), layers=None, window: int | None = None,
              generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
              position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
@@ -138,7 +138,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     dbytes = _dtype_bytes(model)
     t0 = time.perf_counter()
     items = build_items(tokenizer, list(tasks), limit=limit, lengths=list(lengths), qa_lengths=list(qa_lengths),
-                        depths=list(depths), seed=seed, data_dir=data_dir, progress=say)
+                        depths=list(depths), seed=seed, data_dir=data_dir, cell_limit=cell_limit, progress=say)
     if not items:
         raise LinearizeError("no long-context items: check --long-tasks and --limit")
     say(f"[long] {len(items)} prompts, longest {max(len(i.context) for i in items)} tokens ({time.perf_counter() - t0:.0f} s)")
@@ -196,7 +196,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
         pairs = [(b, "base") for b in baselines]
     body = summarize(items, scores, reps=reps, seed=seed, pairs=pairs)
     return {"variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
-            "settings": {"tasks": list(tasks), "limit": limit, "lengths": list(lengths), "qa_lengths": list(qa_lengths),
+            "settings": {"tasks": list(tasks), "limit": limit, "cell_limit": cell_limit, "lengths": list(lengths), "qa_lengths": list(qa_lengths),
                          "depths": list(depths), "sinks": sinks, "baseline_windows": windows, "cut_layers": cut,
                          "hybrid": hybrid.to_dict(), "train_len": train_len, "generate": generate,
                          "memory_context": MEMORY_CONTEXT, "dtype_bytes": dbytes, "position_len": pos_len,

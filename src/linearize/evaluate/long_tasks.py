@@ -313,8 +313,10 @@ def long_qa_item(tokenizer, source: str, rows: list[dict[str, str]], index: int,
 
 
 def build_items(tokenizer, tasks, *, limit: int, lengths, qa_lengths, depths, seed: int, data_dir,
-                haystack: Haystack | None = None, progress=None) -> list[Item]:
-    """The items of ``tasks``: ``limit`` questions per reading task, and per (length, depth) cell of the others."""
+                cell_limit: int | None = None, haystack: Haystack | None = None, progress=None) -> list[Item]:
+    """The items of ``tasks``: ``limit`` questions per reading task, ``cell_limit`` (default ``limit``) per
+    (length, depth) cell of the others."""
+    cell = limit if cell_limit is None else cell_limit
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise LinearizeError(f"unknown long-context tasks {sorted(unknown)}; choose from {TASKS}")
@@ -326,7 +328,7 @@ def build_items(tokenizer, tasks, *, limit: int, lengths, qa_lengths, depths, se
             items += reading_items(tokenizer, task, data_dir, limit)
         elif task in RETRIEVAL:
             items += [retrieval_item(tokenizer, task, n, d, i, seed=seed, haystack=filler if task == "passkey" else hay)
-                      for n in lengths for d in depths for i in range(limit)]
+                      for n in lengths for d in depths for i in range(cell)]
         else:
             source = task.removeprefix("qa_")
             rows = _qa_rows(data_dir, source)
@@ -334,7 +336,7 @@ def build_items(tokenizer, tasks, *, limit: int, lengths, qa_lengths, depths, se
                 raise LinearizeError(f"{task}: too few questions in {source}")
             # the same questions at every length and depth: cells differ only in where the passage sits
             items += [long_qa_item(tokenizer, source, rows, i, n, d, seed=seed)
-                      for n in qa_lengths for d in depths for i in range(min(limit, len(rows)))]
+                      for n in qa_lengths for d in depths for i in range(min(cell, len(rows)))]
         if progress:
             progress(f"[long] built {task}: {sum(it.task == task for it in items)} prompts")
     return items

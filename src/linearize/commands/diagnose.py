@@ -7,7 +7,7 @@ import time
 
 from linearize.commands.eval import add_bench_args, add_model_args, model_spec, parse_batch, parse_limit, torch_dtype
 
-WHAT = ("benchmarks", "attribution", "probes")
+WHAT = ("benchmarks", "attribution", "probes", "long")
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-base", action="store_true", help="skip the base-model run")
     p.add_argument("--modes", default="hybrid,swa_only,la_only,sinks_only,none", help="component modes to run")
     p.add_argument("--what", default="benchmarks",
-                   help="comma-separated: benchmarks, attribution, probes (default: benchmarks)")
+                   help="comma-separated: benchmarks, attribution, probes, long (default: benchmarks)")
     g = p.add_argument_group("attribution")
     g.add_argument("--attr-source", default="wikitext2_test", help="held-out text source (linearize.train.data)")
     g.add_argument("--attr-seqs", type=int, default=4, help="sequences of held-out text")
@@ -38,6 +38,25 @@ def register(subparsers) -> None:
     g.add_argument("--contexts", default="512,1024,2048,4096", help="passkey context lengths")
     g.add_argument("--trials", type=int, default=4, help="passkey trials per context length")
     g.add_argument("--probe-modes", default="hybrid,swa_only", help="component modes for the probes")
+    g = p.add_argument_group("long (long-context tasks; --limit: questions per task and per length x depth cell)")
+    g.add_argument("--long-tasks", default="all", help="comma-separated, or 'all': squad, coqa, drop, passkey, "
+                   "niah_single, niah_multikey, niah_multivalue, qa_squad, qa_drop")
+    g.add_argument("--cell-limit", type=int, default=None,
+                   help="prompts per length x depth cell of the retrieval and long-QA tasks (default: --limit)")
+    g.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="prompt tokens of the retrieval tasks")
+    g.add_argument("--qa-lengths", default="4096,8192,16384,32768", help="prompt tokens of the long-QA tasks")
+    g.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle / gold-passage depths (0 = start, 1 = end)")
+    g.add_argument("--sinks", type=int, default=8, help="sink tokens of the window+sinks baseline")
+    g.add_argument("--baseline-windows", default="auto",
+                   help="windows of the baseline: 'auto' (decode state matched to the conversion) and/or integers")
+    g.add_argument("--layers", default="global", help="base model only: the layers a conversion would convert "
+                                                      "('all', 'global' or indices); the baseline cuts those")
+    g.add_argument("--long-modes", default="hybrid,swa_only,la_only", help="component modes of a converted model")
+    g.add_argument("--generate", action="store_true", help="also generate answers (reading/QA): exact match and F1")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="generated answer length limit")
+    g.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per teacher-forced batch")
+    g.add_argument("--position-docs", type=int, default=2, help="long documents for the per-position loss (0: skip)")
+    g.add_argument("--position-len", type=int, default=None, help="their length (default: the longest prompt length)")
     p.set_defaults(func=run)
 
 
@@ -100,6 +119,35 @@ def run(args) -> int:
         if args.out:
             write_record(args.out, "probes", record, md)
             plot_position_loss(body["position_loss"], f"{args.out}/position_loss.png", title=f"{spec}: per-position loss")
+
+    if "long" in what:
+        from linearize.evaluate.long_context import (DEFAULT_TASKS, long_markdown, plot_bpb, plot_retrieval, run_long,
+                                                     training_seq_len)
+
+        ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+        tasks_long = list(DEFAULT_TASKS) if args.long_tasks == "all" else [t.strip() for t in args.long_tasks.split(",") if t.strip()]
+        windows = [w.strip() if w.strip() == "auto" else int(w) for w in args.baseline_windows.split(",") if w.strip()]
+        converted = linearize.is_converted(model)
+        base = None if args.no_base or not converted else (args.base or info.get("base"))
+        if converted and base is None and not args.no_base:
+            raise LinearizeError("--what long: the converted model records no base model; pass --base or --no-base")
+        train_len = training_seq_len(spec) if converted else None
+        layers = args.layers if args.layers in ("all", "global") else ints(args.layers)
+        body = run_long(model, tokenizer, base=base, modes=[m.strip() for m in args.long_modes.split(",") if m.strip()],
+                        tasks=tasks_long, limit=int(args.limit) if args.limit else 20, cell_limit=args.cell_limit, lengths=ints(args.lengths),
+                        qa_lengths=ints(args.qa_lengths), depths=[float(d) for d in args.depths.split(",") if d.strip()],
+                        sinks=args.sinks, baseline_windows=windows, layers=layers, window=window,
+                        generate=args.generate, max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens,
+                        position_docs=args.position_docs, position_len=args.position_len, train_len=train_len,
+                        reps=args.bootstrap, seed=args.seed, check=not args.no_check, data_dir=data_dir, progress=say)
+        meta = run_metadata(**{**common, "model_info": {**info, "base": base or info.get("base")}})
+        record = {"meta": meta, **body}
+        md = long_markdown(record)
+        print(md)
+        if args.out:
+            write_record(args.out, "long", record, md)
+            plot_bpb(record, f"{args.out}/long_bpb.png")
+            plot_retrieval(record, f"{args.out}/long_retrieval.png")
 
     if "attribution" in what and not linearize.is_converted(model):
         torch.manual_seed(args.seed)

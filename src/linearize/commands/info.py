@@ -42,6 +42,7 @@ def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
     from linearize.feature_maps import num_features
     from linearize.models.adapters import adapter_for, head_dim, layer_types
     from linearize.models.convert import resolve_layers, text_config
+    from linearize.models.memory import decode_state_bytes
 
     c = text_config(model)
     d = head_dim(c)
@@ -52,12 +53,10 @@ def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
     params = sum(p.numel() for p in model.parameters())
     proj = d if hybrid.feature_size == "full" else d // 2
     new_params = len(layers) * (c.num_attention_heads + c.num_key_value_heads) * d * proj
-    bytes_per = 4
-    base_kv = sum(2 * c.num_key_value_heads * d * (min(context, c.sliding_window) if k == "sliding_attention" else context)
-                  for k in kinds) * bytes_per
-    hybrid_state = len(layers) * c.num_key_value_heads * (m * d + m + 2 * (hybrid.window - 1 + hybrid.num_sinks) * d + (hybrid.window - 1) * m) * bytes_per
-    kept = sum(2 * c.num_key_value_heads * d * (min(context, c.sliding_window) if kinds[i] == "sliding_attention" else context)
-               for i in range(c.num_hidden_layers) if i not in layers) * bytes_per
+    # fp32, as the model loads by default
+    base_kv = decode_state_bytes(c, context, dtype_bytes=4)
+    converted_bytes = decode_state_bytes(c, context, dtype_bytes=4, hybrid=hybrid, layers=layers)
+    kept = len(layers) < c.num_hidden_layers
     lines = [
         f"model           {type(model).__name__} (model_type {c.model_type}, adapter '{adapter.family}'), {params / 1e6:.1f}M parameters",
         f"layers          {c.num_hidden_layers}: " + ", ".join(f"{n}x {k}" for k, n in sorted({k: kinds.count(k) for k in kinds}.items())),
@@ -71,7 +70,7 @@ def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
         f"  attention     softmax over the last {hybrid.window} keys + linear attention ({hybrid.placement}), combined by {hybrid.combine}",
         f"  feature map   {hybrid.feature_map}, W {d}x{proj} per head -> {m} features",
         f"  new params    ~{new_params / 1e6:.2f}M feature-map weights (+ mixing parameters)",
-        f"  decode cache  at {context} tokens, fp32, batch 1: base {base_kv / 2**20:.1f} MiB -> converted {(hybrid_state + kept) / 2**20:.1f} MiB"
-        + (" (constant in context)" if kept == 0 else " (unconverted layers still grow)"),
+        f"  decode cache  at {context} tokens, fp32, batch 1: base {base_kv / 2**20:.1f} MiB -> converted {converted_bytes / 2**20:.1f} MiB"
+        + (" (constant in context)" if not kept else " (unconverted layers still grow)"),
     ]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from typing import Any
 
 __all__ = ["run_metadata", "write_record", "read_records", "side_by_side", "eval_markdown", "fmt_pct", "markdown_table", "git_commit"]
 
-KINDS = ("eval", "diagnose", "attribution", "probes")
+KINDS = ("eval", "diagnose", "attribution", "probes", "long")
 
 
 def git_commit() -> dict[str, Any]:

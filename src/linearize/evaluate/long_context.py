@@ -1,0 +1,332 @@
+"""Long-context evaluation (`linearize diagnose --what long`): does a conversion beat cutting attention to a window?
+
+Rows (variants), all scored on the same items (:mod:`linearize.evaluate.long_tasks`, scores
+:mod:`linearize.evaluate.long_score`):
+
+* ``base``: the base model;
+* ``window+sinks w=W s=S``: the base model with the layers a conversion would convert cut to the last W keys plus
+  the first S (:mod:`linearize.models.window_sinks`); by default W is matched to the converted model's decode state
+  per layer (:func:`linearize.models.memory.matching_window`), more windows with ``baseline_windows``;
+* the converted model in each component mode (``hybrid``, ``swa_only``, ``la_only``).
+
+Each row carries its decode memory per sequence at 32k tokens. Scores: bits per byte of the gold continuation and
+greedy exact answers per task and length, per-position loss bands, bootstrap 95% intervals over items, and paired
+differences (same items) for hybrid - swa_only and each converted mode - each baseline.
+
+Why a scorer of our own rather than lm-eval: the comparison needs per-item scores shared between variants (for the
+paired bootstrap), component modes and a baseline switched on one loaded model, vocabulary logits only at the gold
+continuation after prompts of up to 32k tokens (lm-eval's log-softmax over every position of a 262k vocabulary
+would not fit), and bits per byte of a continuation, which lm-eval's loglikelihood requests do not report per item.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from linearize.config import HybridConfig
+from linearize.errors import LinearizeError
+from linearize.evaluate.long_score import bootstrap, paired, score_items
+from linearize.evaluate.long_tasks import LONG_QA, READING, RETRIEVAL, TASKS, build_items
+from linearize.evaluate.report import fmt_pct, markdown_table, save_figure
+
+__all__ = ["run_long", "long_markdown", "plot_retrieval", "plot_bpb", "summarize", "training_seq_len",
+           "DEFAULT_TASKS", "MEMORY_CONTEXT"]
+
+DEFAULT_TASKS = READING + RETRIEVAL + LONG_QA
+MEMORY_CONTEXT = 32768
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+DEFAULT_QA_LENGTHS = (4096, 8192, 16384, 32768)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def training_seq_len(model_dir) -> int | None:
+    """The length of the training rows of a converted model directory (its resolved ``recipe.yaml``), if recorded."""
+    path = Path(str(model_dir)) / "recipe.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        return int(yaml.safe_load(path.read_text())["data"]["seq_len"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _dtype_bytes(model) -> int:
+    return next(model.parameters()).element_size()
+
+
+def _position_bands(model, ids: torch.Tensor, window: int, train_len: int | None) -> dict[str, Any]:
+    """Mean next-token loss per band of positions: inside the window, window..training length, beyond, in doublings."""
+    from linearize.evaluate.probes import position_losses
+
+    loss = position_losses(model, ids).mean(0)
+    n = loss.shape[0]
+    edges = sorted({0, window, *([train_len] if train_len else []), *[2 ** k for k in range(10, 17)], n})
+    edges = [e for e in edges if e <= n]
+    return {f"{a}-{b}": float(loss[a:b].mean()) for a, b in zip(edges, edges[1:]) if b > a}
+
+
+def summarize(items, scores: dict[str, list[dict[str, Any]]], *, reps: int = 1000, seed: int = 0,
+              pairs: list[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Per (task, length) cell and variant: bits per byte, greedy exact, EM/F1 (when generated), intervals;
+    retrieval accuracy by length x depth; paired differences."""
+    cells: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        cells.setdefault((it.task, it.length), []).append(i)
+    table = []
+    for (task, length), idx in cells.items():
+        row: dict[str, Any] = {"task": task, "length": length, "n": len(idx), "variants": {}}
+        for name, sc in scores.items():
+            s = [sc[i] for i in idx]
+            entry = {"bpb": bootstrap([x["bits"] for x in s], weights=[x["bytes"] for x in s], reps=reps, seed=seed),
+                     "greedy_exact": bootstrap([x["greedy_exact"] for x in s], reps=reps, seed=seed)}
+            for metric in ("exact_match", "f1"):
+                if all(metric in x for x in s):
+                    entry[metric] = bootstrap([x[metric] for x in s], reps=reps, seed=seed)
+            row["variants"][name] = entry
+        row["paired"] = {}
+        for a, b in pairs:
+            if a in scores and b in scores:
+                sa, sb = [scores[a][i] for i in idx], [scores[b][i] for i in idx]
+                row["paired"][f"{a} - {b}"] = {
+                    "bpb": paired([x["bits"] for x in sa], [x["bits"] for x in sb], weights=[x["bytes"] for x in sa],
+                                  reps=reps, seed=seed),
+                    "greedy_exact": paired([x["greedy_exact"] for x in sa], [x["greedy_exact"] for x in sb],
+                                           reps=reps, seed=seed)}
+        table.append(row)
+    heat: dict[str, dict[str, dict[str, float]]] = {}
+    for name, sc in scores.items():
+        grid: dict[tuple, list[float]] = {}
+        for i, it in enumerate(items):
+            if it.task in RETRIEVAL:
+                grid.setdefault((it.length, it.depth), []).append(sc[i]["greedy_exact"])
+        heat[name] = {f"{n}@{d}": sum(v) / len(v) for (n, d), v in sorted(grid.items())}
+    return {"cells": table, "retrieval_grid": heat}
+
+
+def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_only"), tasks=DEFAULT_TASKS,
+             limit: int = 20, cell_limit: int | None = None, lengths=DEFAULT_LENGTHS, qa_lengths=DEFAULT_QA_LENGTHS, depths=DEFAULT_DEPTHS,
+             sinks: int = 8, baseline_windows=("auto",), layers=None, window: int | None = None,
+             generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
+             position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
+             check: bool = True, data_dir=None, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """The record body of `linearize diagnose --what long` (see the module doc).
+
+    ``model``: a converted model (its base is loaded from ``base``, a spec, or skipped when None) or a base model
+    (then only the base and the baselines, for a conversion of ``layers`` with window ``window``). ``baseline_windows``:
+    'auto' (matched to the decode state) and/or ints. ``train_len``: training row length, marked in the output.
+    """
+    import linearize
+    from linearize.evaluate.lm_eval_model import load_model
+    from linearize.evaluate.probes import long_document_batch
+    from linearize.models.convert import components, text_config
+    from linearize.models.memory import decode_state_bytes, matching_window
+    from linearize.models.window_sinks import target_layers, window_sinks
+
+    say = progress or (lambda _m: None)
+    converted = linearize.is_converted(model)
+    hybrid = linearize.hybrid_config_of(model) if converted else HybridConfig(window=window or 64, layers=layers or "global")
+    config = text_config(model)
+    dbytes = _dtype_bytes(model)
+    t0 = time.perf_counter()
+    items = build_items(tokenizer, list(tasks), limit=limit, lengths=list(lengths), qa_lengths=list(qa_lengths),
+                        depths=list(depths), seed=seed, data_dir=data_dir, cell_limit=cell_limit, progress=say)
+    if not items:
+        raise LinearizeError("no long-context items: check --long-tasks and --limit")
+    say(f"[long] {len(items)} prompts, longest {max(len(i.context) for i in items)} tokens ({time.perf_counter() - t0:.0f} s)")
+    pos_len = (position_len or max([*lengths, *qa_lengths])) if position_docs else 0
+    pos_ids = long_document_batch(tokenizer, num_docs=position_docs, seq_len=pos_len, data_dir=data_dir) if position_docs else None
+
+    windows = []
+    for w in baseline_windows:
+        w = matching_window(config, hybrid, sinks=sinks, dtype_bytes=dbytes) if w == "auto" else int(w)
+        if w not in windows:
+            windows.append(w)
+    cut = target_layers(model, hybrid.layers) if not converted else None
+
+    variants: dict[str, dict[str, Any]] = {}
+    scores: dict[str, list[dict[str, Any]]] = {}
+
+    def run_variant(name, m, ctx, memory, note):
+        t1 = time.perf_counter()
+        say(f"[long] {name}: scoring {len(items)} prompts")
+        with ctx:
+            scores[name] = score_items(m, tokenizer, items, generate=generate, max_new_tokens=max_new_tokens,
+                                       batch_tokens=batch_tokens, progress=say)
+            bands = _position_bands(m, pos_ids, hybrid.window, train_len) if pos_ids is not None else None
+        variants[name] = {"decode_bytes_32k": memory, "note": note, "position_loss": bands,
+                          "seconds": time.perf_counter() - t1}
+        say(f"[long] {name}: {variants[name]['seconds']:.0f} s")
+
+    def base_rows(bmodel):
+        bconf = text_config(bmodel)
+        run_variant("base", bmodel, nullcontext(), decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes), "")
+        for w in windows:
+            mem = decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes, window_sinks=(w, sinks), layers=hybrid.layers)
+            run_variant(f"window+sinks w={w} s={sinks}", bmodel, window_sinks(bmodel, w, sinks, layers=hybrid.layers),
+                        mem, f"softmax over the last {w} + first {sinks} keys on layers {target_layers(bmodel, hybrid.layers)}")
+
+    if not converted:
+        base_rows(model)
+    else:
+        if base is not None:
+            say(f"[long] loading the base model {base}")
+            bmodel, _, _ = load_model(base, device=str(model.device), dtype=model.dtype, check=check)
+            base_rows(bmodel)
+            del bmodel
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        mem = decode_state_bytes(config, MEMORY_CONTEXT, dtype_bytes=dbytes, hybrid=hybrid)
+        for mode in modes:
+            run_variant(mode, model, components(model, mode), mem, f"converted, {mode}")
+
+    names = list(variants)
+    baselines = [n for n in names if n.startswith("window+sinks")]
+    pairs = [("hybrid", "swa_only")] + [(m, b) for m in modes for b in baselines]
+    if not converted:
+        pairs = [(b, "base") for b in baselines]
+    body = summarize(items, scores, reps=reps, seed=seed, pairs=pairs)
+    return {"variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
+            "settings": {"tasks": list(tasks), "limit": limit, "cell_limit": cell_limit, "lengths": list(lengths), "qa_lengths": list(qa_lengths),
+                         "depths": list(depths), "sinks": sinks, "baseline_windows": windows, "cut_layers": cut,
+                         "hybrid": hybrid.to_dict(), "train_len": train_len, "generate": generate,
+                         "memory_context": MEMORY_CONTEXT, "dtype_bytes": dbytes, "position_len": pos_len,
+                         "position_docs": position_docs},
+            "items": [{"qid": it.qid, "task": it.task, "length": it.length, "depth": it.depth,
+                       "prompt_tokens": len(it.context), **{n: scores[n][i] for n in names}}
+                      for i, it in enumerate(items)]}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cell(stat: dict[str, Any] | None, pct: bool = False, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    f = (lambda x: fmt_pct(x, 0)) if pct else (lambda x: f"{x:.{digits}f}")
+    ci = stat.get("ci95")
+    return f(stat["mean"]) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
+
+
+def _diff(stat: dict[str, Any] | None, pct: bool = False) -> str:
+    if not stat or stat.get("diff") is None:
+        return "–"
+    f = (lambda x: f"{100 * x:+.0f}") if pct else (lambda x: f"{x:+.3f}")
+    ci = stat.get("ci95")
+    return f(stat["diff"]) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
+
+
+def _cell_name(row: dict[str, Any], train_len: int | None) -> str:
+    if row["length"] is None:
+        return row["task"]
+    mark = " †" if train_len and row["length"] > train_len else ""
+    return f"{row['task']} @{row['length']}{mark}"
+
+
+def long_markdown(record: dict[str, Any]) -> str:
+    meta, st = record.get("meta", {}), record["settings"]
+    names = list(record["variants"])
+    train_len = st.get("train_len")
+    lines = [f"# long context: {meta.get('model')}", "",
+             f"commit {str(meta.get('commit'))[:10]}{' (dirty)' if meta.get('dirty') else ''} · device "
+             f"{meta.get('gpu') or meta.get('device')} · seed {meta.get('seed')} · {st['limit']} questions per task/cell",
+             f"`{meta.get('command')}`", ""]
+    rows = [[n, f"{v['decode_bytes_32k'] / 2**20:.2f}", v.get("note", ""), f"{v['seconds']:.0f}"]
+            for n, v in record["variants"].items()]
+    lines += ["## Rows", "", markdown_table(["variant", f"decode MiB/seq @{st['memory_context']}", "what", "s"], rows), ""]
+    if train_len:
+        lines += [f"† prompt longer than the training rows ({train_len} tokens).", ""]
+    for metric, title, pct in (("bpb", "Bits per byte of the gold continuation (lower is better), 95% CI", False),
+                               ("greedy_exact", "Greedy decoding writes the gold answer (%), 95% CI", True),
+                               ("exact_match", "Generated answer: exact match (%)", True),
+                               ("f1", "Generated answer: token F1 (%)", True)):
+        table = [[_cell_name(r, train_len)] + [_cell(r["variants"][n].get(metric), pct) for n in names]
+                 for r in record["cells"] if any(metric in r["variants"][n] for n in names)]
+        if table:
+            lines += [f"## {title}", "", markdown_table(["task"] + names, table), ""]
+    pairs = record.get("pairs", [])
+    if pairs:
+        table = [[_cell_name(r, train_len)] + [f"{_diff(r['paired'].get(p, {}).get('bpb'))} / "
+                                               f"{_diff(r['paired'].get(p, {}).get('greedy_exact'), True)}" for p in pairs]
+                 for r in record["cells"]]
+        lines += ["## Paired differences on the same items: bpb / greedy exact (points), mean [95% CI]", "",
+                  "Negative bpb = the first variant reads the prompt better.", "",
+                  markdown_table(["task"] + pairs, table), ""]
+    grid = record.get("retrieval_grid", {})
+    if any(grid.values()):
+        cols = sorted({k for g in grid.values() for k in g}, key=lambda k: (int(k.split("@")[0]), float(k.split("@")[1])))
+        lengths = sorted({int(k.split("@")[0]) for k in cols})
+        table = []
+        for n, g in grid.items():
+            by_len = [[v for k, v in g.items() if int(k.split("@")[0]) == L] for L in lengths]
+            table.append([n] + [fmt_pct(sum(v) / len(v), 0) if v else "–" for v in by_len])
+        lines += ["## Retrieval accuracy by length (%, mean over depths and retrieval tasks)", "",
+                  markdown_table(["variant"] + [f"{L}{' †' if train_len and L > train_len else ''}" for L in lengths], table),
+                  "", "Heatmap: long_retrieval.png; bpb bars: long_bpb.png", ""]
+    bands = {n: v["position_loss"] for n, v in record["variants"].items() if v.get("position_loss")}
+    if bands:
+        keys = list(next(iter(bands.values())))
+        lines += [f"## Per-position loss (nats), bands of positions (window {st['hybrid']['window']}"
+                  + (f", training rows {train_len}" if train_len else "") + ")", "",
+                  markdown_table(["variant"] + keys, [[n] + [f"{b.get(k, math.nan):.3f}" for k in keys] for n, b in bands.items()]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_retrieval(record: dict[str, Any], path) -> Path | None:
+    """Accuracy by length x depth, one panel per variant (retrieval tasks pooled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = {n: g for n, g in record.get("retrieval_grid", {}).items() if g}
+    if not grid:
+        return None
+    keys = next(iter(grid.values())).keys()
+    lengths = sorted({int(k.split("@")[0]) for k in keys})
+    depths = sorted({float(k.split("@")[1]) for k in keys})
+    fig, axes = plt.subplots(1, len(grid), figsize=(2.2 * len(grid) + 1, 2.6), squeeze=False)
+    for ax, (name, g) in zip(axes[0], grid.items()):
+        arr = np.array([[g.get(f"{L}@{d}", np.nan) for L in lengths] for d in depths])
+        im = ax.imshow(arr, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{L // 1024}k" if L >= 1024 else str(L) for L in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("prompt tokens", fontsize=7)
+    axes[0][0].set_ylabel("needle depth", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    return save_figure(fig, path)
+
+
+def plot_bpb(record: dict[str, Any], path) -> Path:
+    """Bits per byte per task cell, one bar per variant, 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = record["cells"]
+    names = list(record["variants"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cells) * max(1, len(names)) / 2), 3.6))
+    width = 0.8 / max(1, len(names))
+    for j, n in enumerate(names):
+        means = [c["variants"][n]["bpb"]["mean"] or np.nan for c in cells]
+        lo = [m - (c["variants"][n]["bpb"]["ci95"] or [m, m])[0] for m, c in zip(means, cells)]
+        hi = [(c["variants"][n]["bpb"]["ci95"] or [m, m])[1] - m for m, c in zip(means, cells)]
+        ax.bar(np.arange(len(cells)) + j * width, means, width, yerr=[lo, hi], label=n, capsize=2)
+    ax.set_xticks(np.arange(len(cells)) + 0.4 - width / 2,
+                  [_cell_name(c, record["settings"].get("train_len")) for c in cells], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("bits per byte of the gold answer")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

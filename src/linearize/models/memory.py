@@ -1,0 +1,78 @@
+"""Decode memory per sequence: what a model must keep to generate the next token after `context` tokens.
+
+One definition for the three kinds of model that the long-context evaluation puts side by side:
+
+* the base model: keys and values of every layer, a layer with its own window (Gemma's local layers) keeping at
+  most that many;
+* the window + sinks baseline: on the layers it cuts, the last ``window`` keys/values plus the first ``sinks``;
+* a converted model: on each converted layer the recurrent state of :mod:`linearize.attention.recurrent`
+  (S and z in float32, the ring of the last w - 1 keys, values and key features, the sink keys and values); other
+  layers as in the base model.
+"""
+
+from __future__ import annotations
+
+from linearize.config import HybridConfig
+from linearize.errors import LinearizeError
+
+__all__ = ["decode_state_bytes", "matching_window"]
+
+F32 = 4
+
+
+def _kv_layer_bytes(hkv: int, d: int, keys: int, dtype_bytes: int) -> int:
+    return 2 * hkv * d * keys * dtype_bytes
+
+
+def _hybrid_layer_bytes(hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int) -> int:
+    from linearize.feature_maps import num_features
+
+    m = num_features(hybrid.feature_map, d, hybrid.feature_size)
+    ring = hybrid.window - 1
+    state = hkv * (m * d + m) * F32  # S, z: accumulated in float32 whatever the model dtype
+    ring_bytes = hkv * ring * (2 * d + m) * dtype_bytes + ring  # keys, values, key features; validity flags
+    sinks = hkv * hybrid.num_sinks * 2 * d * dtype_bytes + hybrid.num_sinks
+    return state + ring_bytes + sinks
+
+
+def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: HybridConfig | None = None,
+                       window_sinks: tuple[int, int] | None = None, layers=None) -> int:
+    """Bytes of decode state for one sequence after ``context`` tokens.
+
+    ``config``: the base model's (text) config. ``hybrid``: a conversion of ``layers`` (default ``hybrid.layers``);
+    ``window_sinks=(w, s)``: the baseline on ``layers``; neither: the base model. ``dtype_bytes``: the model dtype
+    (2 for bf16); keys and values are stored in it.
+    """
+    from linearize.models.adapters import head_dim, layer_types
+    from linearize.models.convert import resolve_layers
+
+    if hybrid is not None and window_sinks is not None:
+        raise LinearizeError("decode_state_bytes: give hybrid= or window_sinks=, not both")
+    d, hkv = head_dim(config), config.num_key_value_heads
+    kinds = layer_types(config)
+    spec = layers if layers is not None else (hybrid.layers if hybrid is not None else "global")
+    changed = set(resolve_layers(spec, config)) if (hybrid is not None or window_sinks is not None) else set()
+    total = 0
+    for i, kind in enumerate(kinds):
+        own = config.sliding_window if kind == "sliding_attention" else None
+        if i in changed and hybrid is not None:
+            total += _hybrid_layer_bytes(hkv, d, hybrid, dtype_bytes)
+        elif i in changed and own is None:  # the baseline leaves a layer with its own window as it is
+            w, s = window_sinks
+            total += _kv_layer_bytes(hkv, d, min(context, w + s), dtype_bytes)
+        else:
+            total += _kv_layer_bytes(hkv, d, min(context, own) if own else context, dtype_bytes)
+    return total
+
+
+def matching_window(config, hybrid: HybridConfig, *, sinks: int, dtype_bytes: int = 2, layers=None) -> int:
+    """The baseline window ``w`` whose ``w + sinks`` keys and values per layer take no more bytes than one converted
+    layer's state (layers with their own window count the same on both sides: the baseline leaves them alone)."""
+    from linearize.models.adapters import head_dim
+
+    d, hkv = head_dim(config), config.num_key_value_heads
+    per_key = 2 * hkv * d * dtype_bytes
+    w = _hybrid_layer_bytes(hkv, d, hybrid, dtype_bytes) // per_key - sinks
+    if w < 1:
+        raise LinearizeError(f"a converted layer's state holds fewer than {sinks} + 1 keys; lower the sinks")
+    return int(w)

@@ -1,0 +1,245 @@
+"""Long-context evaluation: the window+sinks baseline, prompt construction and placement, scoring, statistics,
+and `linearize diagnose --what long` end to end on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import linearize
+from linearize.evaluate.long_score import bootstrap, exact_match, normalize_answer, paired, score_items, token_f1
+from linearize.evaluate.long_tasks import (Haystack, Item, build_items, long_qa_item, place_needles, reading_items,
+                                           retrieval_item)
+from linearize.models.memory import decode_state_bytes, matching_window
+from linearize.models.window_sinks import target_layers, window_sinks, window_sinks_mask
+from tiny_models import tiny_model
+
+TEXTS = ["Alpha beta gamma. Delta epsilon zeta eta. Theta iota kappa lambda mu. Nu xi omicron pi rho sigma. " * 40,
+         "The quick brown fox jumps. Over the lazy dog it goes. A river runs through the valley. " * 40]
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_baseline_unbounded_window_is_the_base_exactly_small_window_differs(impl):
+    """A prompt of 64 tokens, longer than the local layers' own window of 16: the local layers keep their window,
+    so w >= T reproduces the base bit for bit; w = 8 changes the logits."""
+    model = tiny_model("gemma3", sliding_window=16, attn_implementation=impl)
+    ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with window_sinks(model, 64, 8, layers="all") as cut:
+            same = model(ids).logits
+        with window_sinks(model, 8, 2, layers="all", chunk=16):
+            cut_logits = model(ids).logits
+        again = model(ids).logits  # restored on exit
+    assert cut == [2]  # 'all' still leaves the two local layers alone
+    assert torch.equal(same, ref) and torch.equal(again, ref)
+    assert (cut_logits - ref).abs().max() > 1e-3
+
+
+def test_baseline_without_sinks_is_the_converted_swa_only_and_decodes_with_a_cache():
+    model = tiny_model("gemma3", sliding_window=16)
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    conv = linearize.convert(copy.deepcopy(model), linearize.HybridConfig(window=8, layers="global"))
+    with torch.no_grad():
+        with linearize.components(conv, "swa_only"):
+            swa = conv(ids).logits
+        with window_sinks(model, 8, 0, chunk=16):
+            base_cut = model(ids).logits
+        with window_sinks(model, 8, 2, chunk=16):
+            full = model(ids).logits
+            out = model(ids[:, :50], use_cache=True)
+            step = model(ids[:, 50:], past_key_values=out.past_key_values, use_cache=True).logits
+    assert torch.allclose(swa, base_cut, atol=1e-5)
+    assert torch.allclose(step, full[:, 50:], atol=1e-5)
+
+
+def test_window_sinks_mask_by_hand():
+    m = window_sinks_mask(torch.arange(6), torch.arange(6), window=2, sinks=1)
+    assert m.int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                                [1, 0, 1, 1, 0, 0], [1, 0, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]]
+
+
+def test_baseline_refuses_converted_models_and_llama_cuts_every_layer():
+    llama = tiny_model("llama")
+    assert target_layers(llama, "global") == [0, 1]
+    with pytest.raises(linearize.LinearizeError if hasattr(linearize, "LinearizeError") else Exception):
+        with window_sinks(linearize.convert(copy.deepcopy(llama)), 8, 2):
+            pass
+
+
+def test_decode_memory_by_hand():
+    """Gemma tiny: head_dim 16, 1 KV head, layers [local, local, global], local window 512."""
+    c = tiny_model("gemma3").config
+    kv = 2 * 16 * 2  # bytes per key+value, bf16
+    assert decode_state_bytes(c, 1000) == kv * (512 + 512 + 1000)
+    assert decode_state_bytes(c, 1000, window_sinks=(64, 8)) == kv * (512 + 512 + 72)
+    h = linearize.HybridConfig(window=64, layers="global")  # hedgehog full: m = 32 features
+    layer = (32 * 16 + 32) * 4 + 63 * (2 * 16 + 32) * 2 + 63 + 8 * 2 * 16 * 2 + 8
+    assert decode_state_bytes(c, 1000, hybrid=h) == kv * 1024 + layer
+    w = matching_window(c, h, sinks=8)
+    assert (w + 8) * kv <= layer < (w + 9) * kv
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_needle_placed_at_depth_on_token_ids_and_deterministic(tokenizer):
+    hay = Haystack(tokenizer, texts=TEXTS)
+    for depth in (0.0, 0.3, 1.0):
+        a = retrieval_item(tokenizer, "niah_single", 400, depth, 0, seed=3, haystack=hay)
+        b = retrieval_item(tokenizer, "niah_single", 400, depth, 0, seed=3, haystack=Haystack(tokenizer, texts=TEXTS))
+        assert a.context == b.context and a.target == b.target  # deterministic by seed
+        assert len(a.context) == 400
+        start, n = a.meta["needle_starts"][0], a.meta["needle_lengths"][0]
+        value = a.answers[0]
+        needle = tokenizer(f" One of the special magic numbers for", add_special_tokens=False)["input_ids"]
+        assert a.context[start:start + len(needle)] == needle
+        assert value in tokenizer.decode(a.context[start:start + n])
+        offset = start - a.meta["prefix_tokens"]
+        assert abs(offset - depth * a.meta["haystack_tokens"]) <= 20  # nearest sentence boundary (sentences < 20 tokens)
+    other = retrieval_item(tokenizer, "niah_single", 400, 0.3, 0, seed=4, haystack=hay)
+    assert other.context != a.context
+
+
+def test_place_needles_by_hand():
+    ids, starts = place_needles([1, 2, 3, 4, 5, 6], [0, 2, 4, 6], [[9], [8, 8]], [0.6, 1.0])
+    assert ids == [1, 2, 3, 4, 9, 5, 6, 8, 8] and starts == [4, 7]
+    ids, starts = place_needles([1, 2, 3, 4], [0, 2, 4], [[9]], [0.0])
+    assert ids == [9, 1, 2, 3, 4] and starts == [0]
+
+
+def test_multikey_and_multivalue_prompts(tokenizer):
+    hay = Haystack(tokenizer, texts=TEXTS)
+    mk = retrieval_item(tokenizer, "niah_multikey", 500, 0.5, 1, seed=0, haystack=hay)
+    text = tokenizer.decode(mk.context)
+    assert text.count("special magic numbers for") == 4 and len(mk.answers[0]) == 7
+    mv = retrieval_item(tokenizer, "niah_multivalue", 500, 0.5, 1, seed=0, haystack=hay)
+    values = mv.answers[0].split(", ")
+    assert len(values) == 4 and mv.target_text == " " + mv.answers[0]
+    text = tokenizer.decode(mv.context)
+    assert sorted(values, key=text.index) == values  # listed in the order they appear
+    pk = retrieval_item(tokenizer, "passkey", 300, 1.0, 0, seed=0, haystack=hay)
+    assert tokenizer.decode(pk.context).rstrip().endswith("The pass key is") and len(pk.answers[0]) == 5
+
+
+def test_reading_and_long_qa_prompts(tokenizer):
+    from linearize.evaluate.long_tasks import _qa_rows
+
+    sq = reading_items(tokenizer, "squad", None, 2)
+    assert sq[0].target_text == " 23 years" and sq[0].answers[0] == "23 years"
+    assert tokenizer.decode(sq[0].context).endswith("Answer:")
+    rows = _qa_rows(None, "squad")[:20]
+    assert rows[0]["question"].startswith("Harvard - Yale Regatta") and rows[0]["passage"].startswith("Older than The Game")
+    item = long_qa_item(tokenizer, "squad", rows, 0, 3000, 0.5, seed=0)
+    assert len(item.context) == 3000
+    start, n = item.meta["needle_starts"][0], item.meta["needle_lengths"][0]
+    assert tokenizer.decode(item.context[start:start + n]).startswith("Passage: Older than The Game")
+    assert tokenizer.decode(item.context).endswith(f"Question: {rows[0]['question']}\nAnswer:")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_answer_matching_by_hand():
+    assert normalize_answer("The  Bahamas!") == "bahamas"
+    assert exact_match("the Bahamas.", ["Bahamas", "Bahamian"]) == 1.0
+    assert exact_match("in the Bahamas", ["Bahamas"]) == 0.0
+    assert token_f1("in the Bahamas", ["Bahamas"]) == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert token_f1("23", ["23 years", "twenty"]) == pytest.approx(2 / 3)
+
+
+def test_bits_per_byte_and_greedy_exact_against_a_direct_forward(tokenizer):
+    from lz_eval_helpers import tiny_llama
+
+    model = tiny_llama(tokenizer, layers=1)
+    items = [Item("t", str(i), tokenizer("Question: what is it?\nAnswer:")["input_ids"] + [5] * i,
+                  tokenizer(" a green sky", add_special_tokens=False)["input_ids"], " a green sky", ["a green sky"])
+             for i in range(3)]
+    scores = score_items(model, tokenizer, items, batch_tokens=40)  # several padded batches
+    for it, s in zip(items, scores):
+        ids = torch.tensor([it.context + it.target])
+        with torch.no_grad():
+            lp = model(ids).logits[0].float().log_softmax(-1)
+        pos = range(len(it.context) - 1, len(it.context) + len(it.target) - 1)
+        bits = -sum(float(lp[p, t]) for p, t in zip(pos, it.target)) / math.log(2)
+        assert s["bits"] == pytest.approx(bits, rel=1e-4) and s["bytes"] == 12
+        assert s["greedy_exact"] == float(all(int(lp[p].argmax()) == t for p, t in zip(pos, it.target)))
+
+
+def test_greedy_answer_stops_at_a_blank_line_and_is_scored(tokenizer):
+    from lz_eval_helpers import tiny_llama
+
+    from linearize.evaluate.long_score import greedy_answer
+
+    model = tiny_llama(tokenizer, layers=1)
+    context = tokenizer("Question: what is it?\nAnswer:")["input_ids"]
+    with torch.no_grad():
+        ids, expect = list(context), []
+        for _ in range(4):  # greedy by hand, without a cache
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            expect.append(token)
+    text = tokenizer.decode(expect, skip_special_tokens=True).lstrip("\n").split("\n\n")[0].strip()
+    assert greedy_answer(model, tokenizer, context, max_new_tokens=4) == text
+    item = Item("squad", "q", context, [5], " x", [text or "-"])
+    (s,) = score_items(model, tokenizer, [item], generate=True, max_new_tokens=4)
+    assert s["prediction"] == text and s["exact_match"] == float(bool(text)) and "f1" in s
+
+
+def test_bootstrap_and_paired_by_hand():
+    b = bootstrap([1.0, 2.0, 3.0], weights=[1.0, 1.0, 2.0], reps=200)
+    assert b["mean"] == pytest.approx(1.5) and b["ci95"][0] <= 1.5 <= b["ci95"][1]
+    p = paired([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], reps=200)
+    assert p["diff"] == pytest.approx(1.0) and 0.0 <= p["ci95"][0] <= p["ci95"][1] <= 2.0
+    same = paired([0.3, 0.7], [0.3, 0.7], reps=50)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
+    """A converted tiny Gemma (window 8 on its global layer, local window 16) against its base and the baseline."""
+    import yaml
+
+    from linearize.cli import main
+
+    base = tiny_model("gemma3", vocab_size=len(tokenizer), sliding_window=16, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    base_dir, conv_dir = tmp_path / "base", tmp_path / "conv"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    conv = linearize.convert(copy.deepcopy(base), linearize.HybridConfig(window=8, layers="global"))
+    conv.save_pretrained(conv_dir)
+    tokenizer.save_pretrained(conv_dir)
+    (conv_dir / "recipe.yaml").write_text(yaml.safe_dump({"data": {"seq_len": 400}}))
+    out = tmp_path / "out"
+    rc = main(["diagnose", str(conv_dir), "--what", "long", "--limit", "2", "--base", str(base_dir), "--no-check",
+               "--device", "cpu", "--dtype", "float32", "--long-tasks", "squad,niah_single,qa_drop",
+               "--lengths", "384,512", "--qa-lengths", "768", "--depths", "0,1", "--baseline-windows", "auto,8",
+               "--position-len", "256", "--position-docs", "1", "--bootstrap", "50", "--out", str(out)])
+    assert rc == 0
+    record = json.loads((out / "long.json").read_text())
+    names = list(record["variants"])
+    w = record["settings"]["baseline_windows"][0]
+    assert names == ["base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", "hybrid", "swa_only", "la_only"]
+    mem = {n: v["decode_bytes_32k"] for n, v in record["variants"].items()}
+    assert mem["base"] > mem["hybrid"] >= mem[f"window+sinks w={w} s=8"] > mem["window+sinks w=8 s=8"]
+    assert record["meta"]["commit"] and record["meta"]["command"].startswith("linearize")
+    cells = {(c["task"], c["length"]): c for c in record["cells"]}
+    assert set(cells) == {("squad", None), ("niah_single", 384), ("niah_single", 512), ("qa_drop", 768)}
+    assert cells[("squad", None)]["n"] == 2 and cells[("niah_single", 384)]["n"] == 4
+    assert "hybrid - swa_only" in cells[("squad", None)]["paired"]
+    md = (out / "long.md").read_text()
+    assert "niah_single @512 †" in md and "niah_single @384 |" in md  # longer than the 400-token training rows
+    assert (out / "long_bpb.png").stat().st_size > 0 and (out / "long_retrieval.png").stat().st_size > 0
+    # the same items for every variant: paired by construction
+    assert len(record["items"]) == len({i["qid"] for i in record["items"]}) == 14

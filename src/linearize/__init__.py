@@ -1,7 +1,7 @@
 """linearize: convert pretrained Transformers into linear + sliding-window attention hybrids."""
 
 from linearize.config import HybridConfig
-from linearize.models.convert import components, convert, hybrid_config_of, is_converted, load
+from linearize.models.convert import components, convert, hybrid_config_of, is_converted, load, set_hybrid
 
 __version__ = "0.1.0"
 
@@ -13,4 +13,4 @@ def load_base(name_or_path: str, **kwargs):
     return _load_base(name_or_path, **kwargs)
 
 
-__all__ = ["HybridConfig", "components", "convert", "hybrid_config_of", "is_converted", "load", "load_base"]
+__all__ = ["HybridConfig", "components", "convert", "hybrid_config_of", "is_converted", "load", "load_base", "set_hybrid"]

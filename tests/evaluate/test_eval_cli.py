@@ -133,3 +133,17 @@ def test_lm_eval_cli_runs_converted_models(dirs, tmp_path):
         got[name] = _cli_loglikelihoods(tmp_path / name)
     torch.testing.assert_close(torch.tensor(got["hf"]), torch.tensor(got["linearize"]), rtol=1e-5, atol=1e-5)
     assert got["la_only"] != got["linearize"] and got["base"] != got["linearize"]
+
+
+def test_hybrid_overrides_are_typed_and_checked(dirs, capsys):
+    from linearize.commands.eval import hybrid_overrides
+    from linearize.errors import LinearizeError
+
+    assert hybrid_overrides(["window=512", "placement=overlap", "gamma_trainable=false"]) == {
+        "window": 512, "placement": "overlap", "gamma_trainable": False}
+    for bad in (["window=abc"], ["windw=5"], ["window"]):
+        with pytest.raises(LinearizeError):
+            hybrid_overrides(bad)
+    base, conv = dirs
+    assert main(["eval", str(base), "--tasks", "piqa", "--limit", "2", "--hybrid", "window=8"]) == 2
+    assert "need a converted model" in capsys.readouterr().err

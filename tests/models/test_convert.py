@@ -190,3 +190,24 @@ def test_mixing_report_reads_the_gates_where_they_ended():
     assert report["layers"]["0"] == pytest.approx([round(x, 4) for x in g.mean(0).tolist()], abs=2e-4)
     assert report["token_std"]["0"] == pytest.approx([round(x, 4) for x in g.std(0).tolist()], abs=2e-4)
     assert report["layers"]["1"] == [0.5] * dynamic.config.num_attention_heads  # untouched: w = 0
+
+
+def test_set_hybrid_changes_computation_settings_and_refuses_structural_ones(tmp_path):
+    """A trained conversion can be evaluated with another window (or any computation-only option) without retraining;
+    the setting is saved with the model; a field that decides the parameters cannot change."""
+    ids = torch.randint(1, 128, (1, 24))
+    with torch.no_grad():
+        base = tiny_model("llama")(ids).logits
+        model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+        with linearize.components(model, "swa_only"):
+            narrow = model(ids).logits
+            linearize.set_hybrid(model, window=64)  # now covers the 24 tokens: softmax attention again
+            wide = model(ids).logits
+    assert not torch.allclose(narrow, base, atol=1e-3)
+    torch.testing.assert_close(wide, base, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert linearize.hybrid_config_of(linearize.load(tmp_path)).window == 64
+    with pytest.raises(ValueError, match="parameters"):
+        linearize.set_hybrid(model, combine="mix")
+    with pytest.raises(ValueError, match="window"):
+        linearize.set_hybrid(model, window=0)

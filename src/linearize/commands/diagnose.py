@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from linearize.commands.eval import add_bench_args, add_model_args, model_spec, parse_batch, parse_limit, torch_dtype
+from linearize.commands.eval import (add_bench_args, add_model_args, hybrid_overrides, model_spec, parse_batch, parse_limit,
+                                     torch_dtype)
 
 WHAT = ("benchmarks", "attribution", "probes", "long")
 
@@ -83,7 +84,8 @@ def run(args) -> int:
     records = {}
 
     model, tokenizer, info = load_model(spec, device=args.device, dtype=torch_dtype(args.dtype, args.device),
-                                        check=not args.no_check, seed=args.seed)
+                                        check=not args.no_check, seed=args.seed,
+                                        hybrid=hybrid_overrides(args.hybrid))
     common = dict(model_info=info, data_dir=data_dir, device=str(model.device), seed=args.seed)
 
     if "benchmarks" in what:

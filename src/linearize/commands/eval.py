@@ -21,6 +21,10 @@ def add_model_args(p, *, convert_default: bool = False) -> None:
     p.add_argument("--seed", type=int, default=1234, help="seed (lm-eval, bootstrap, feature-map init)")
     p.add_argument("--out", default=None, help="output directory for <verb>.json / .md / .png (default: print only)")
     p.add_argument("--no-check", action="store_true", help="skip the degenerate-output check at load")
+    p.add_argument("--hybrid", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change a computation-only HybridConfig setting of a converted model at load, e.g. "
+                        "--hybrid window=512 (repeatable; fields: python -c 'import linearize; "
+                        "print(*linearize.HybridConfig.describe(), sep=chr(10))')")
 
 
 def add_bench_args(p) -> None:
@@ -33,6 +37,33 @@ def add_bench_args(p) -> None:
     p.add_argument("--data-dir", default=None, help="benchmark data directory (default: the project's shared data)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95%% intervals")
     p.add_argument("--max-length", type=int, default=None, help="context length lm-eval truncates to")
+
+
+def hybrid_overrides(pairs: list[str]) -> dict:
+    """``["window=512", "placement=overlap"]`` -> typed HybridConfig changes (a one-line error on a bad one)."""
+    import dataclasses
+
+    from linearize.config import HybridConfig
+    from linearize.errors import LinearizeError
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(HybridConfig)}
+    out = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or name not in types:
+            raise LinearizeError(f"--hybrid {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
+        kind = types[name]
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                out[name] = text.lower() in ("true", "1")
+            else:
+                out[name] = kind(text) if kind in (int, float) else text
+        except ValueError:
+            raise LinearizeError(f"--hybrid {pair!r}: {name} takes a {kind.__name__}") from None
+    return out
 
 
 def model_spec(args) -> str:
@@ -101,7 +132,8 @@ def run(args) -> int:
     modes = [m.strip() for m in args.components.split(",")] if args.components else [None]
     t0 = time.perf_counter()
     model, tokenizer, info = load_model(spec, convert=args.convert, window=args.window, device=args.device,
-                                        dtype=torch_dtype(args.dtype, args.device), check=not args.no_check, seed=args.seed)
+                                        dtype=torch_dtype(args.dtype, args.device), check=not args.no_check, seed=args.seed,
+                                        hybrid=hybrid_overrides(args.hybrid))
     if modes != [None] and not is_converted(model):
         raise LinearizeError("--components needs a converted model (a converted directory, or --convert)")
     load_s = time.perf_counter() - t0

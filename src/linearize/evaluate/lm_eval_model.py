@@ -80,6 +80,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     check: bool = True,
     seed: int = 0,
+    hybrid: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``spec`` for evaluation: ``(model, tokenizer, info)``.
 
@@ -93,6 +94,8 @@ def load_model(
         device: where the model goes (default: CUDA when available, else CPU).
         check: the degenerate-output check of :func:`linearize.load_base`.
         seed: torch seed for the untrained feature maps.
+        hybrid: computation-only HybridConfig changes (:func:`linearize.set_hybrid`), e.g. ``{"window": 512}``;
+            with ``convert`` they are part of the on-the-fly conversion.
 
     ``info``: ``{"model": spec as text, "kind": "base"|"converted"|"converted_untrained",
     "base": base model name or None, "recipe": recipe or None, "hybrid": settings or None}``.
@@ -120,11 +123,18 @@ def load_model(
     if convert:
         if linearize.is_converted(model):
             raise LinearizeError(f"{spec} is already converted; drop --convert")
-        hybrid = HybridConfig() if window is None else HybridConfig(window=window)
+        settings = {**({} if window is None else {"window": window}), **(hybrid or {})}
         torch.manual_seed(seed)
-        linearize.convert(model, hybrid)
+        linearize.convert(model, HybridConfig(**settings))
         model.to(device).eval()
         info["kind"] = "converted_untrained"
+    elif hybrid:
+        if not linearize.is_converted(model):
+            raise LinearizeError(f"hybrid settings {sorted(hybrid)} need a converted model; {spec} is a base model")
+        try:
+            linearize.set_hybrid(model, **hybrid)
+        except ValueError as exc:
+            raise LinearizeError(str(exc)) from None
     if linearize.is_converted(model):
         info["hybrid"] = linearize.hybrid_config_of(model).to_dict()
     if tokenizer is not None and tokenizer.pad_token is None:

@@ -117,6 +117,29 @@ def components(model: nn.Module, modes):
             modules[i].mode, modules[i].head_modes = mode, heads
 
 
+#: HybridConfig fields that decide which parameters a converted layer has; the others only steer its computation.
+STRUCTURAL_FIELDS = ("feature_map", "feature_size", "init_noise", "combine", "gamma_init", "gamma_trainable", "mix_gate",
+                     "mix_value", "layers")
+
+
+def set_hybrid(model: nn.Module, **changes) -> HybridConfig:
+    """Change a converted model's computation-only settings in place (window, placement, backend, ...), e.g. to try
+    a training-free option on a trained conversion; the change is recorded in the config, so it is saved with it.
+    Structural fields (feature maps, the combine rule and its parameters, which layers) are refused."""
+    structural = sorted(set(changes) & set(STRUCTURAL_FIELDS))
+    if structural:
+        raise ValueError(f"{structural} decide the converted layers' parameters; they cannot change after conversion")
+    modules = hybrid_modules(model)
+    if not modules:
+        raise ValueError("model has no converted attention layers; call linearize.convert first")
+    current = model.config.__dict__[CONFIG_KEY]
+    hybrid = HybridConfig.from_dict({**current, **changes})  # validates names and values
+    for m in modules:
+        m.hybrid = hybrid
+    model.config.__dict__[CONFIG_KEY] = {**hybrid.to_dict(), "layers": current["layers"]}
+    return hybrid
+
+
 def hybrid_config_of(model_or_config) -> HybridConfig:
     config = getattr(model_or_config, "config", model_or_config)
     data = dict(getattr(config, CONFIG_KEY, None) or config.__dict__.get(CONFIG_KEY) or {})

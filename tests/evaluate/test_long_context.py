@@ -243,3 +243,24 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
     assert (out / "long_bpb.png").stat().st_size > 0 and (out / "long_retrieval.png").stat().st_size > 0
     # the same items for every variant: paired by construction
     assert len(record["items"]) == len({i["qid"] for i in record["items"]}) == 14
+
+    # the same conversion scored alone (no base) and merged with the base-only record of the same items
+    rc = main(["diagnose", str(base_dir), "--what", "long", "--limit", "2", "--no-check", "--device", "cpu",
+               "--dtype", "float32", "--long-tasks", "squad,niah_single,qa_drop", "--lengths", "384,512",
+               "--qa-lengths", "768", "--depths", "0,1", "--baseline-windows", "8", "--window", "8",
+               "--position-docs", "0", "--bootstrap", "50", "--out", str(tmp_path / "base_only")])
+    assert rc == 0
+    rc = main(["diagnose", str(conv_dir), "--what", "long", "--limit", "2", "--no-base", "--no-check", "--device", "cpu",
+               "--dtype", "float32", "--long-tasks", "squad,niah_single,qa_drop", "--lengths", "384,512",
+               "--qa-lengths", "768", "--depths", "0,1", "--position-docs", "0", "--bootstrap", "50",
+               "--out", str(tmp_path / "conv_only")])
+    assert rc == 0
+    assert main(["report", str(tmp_path / "base_only"), str(tmp_path / "conv_only"), "--long-out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "long.json").read_text())
+    assert list(merged["variants"]) == ["base", "window+sinks w=8 s=8", "conv_only hybrid", "conv_only swa_only", "conv_only la_only"]
+    for got, want in zip(merged["items"], record["items"]):  # one run or two: the same per-item scores
+        assert got["conv_only hybrid"] == want["hybrid"] and got["window+sinks w=8 s=8"] == want["window+sinks w=8 s=8"]
+    one = {c["task"] + str(c["length"]): c["paired"]["hybrid - window+sinks w=8 s=8"]["bpb"]["diff"] for c in record["cells"]}
+    two = {c["task"] + str(c["length"]): c["paired"]["conv_only hybrid - window+sinks w=8 s=8"]["bpb"]["diff"] for c in merged["cells"]}
+    assert two == pytest.approx(one)
+    assert "| conv_only hybrid |" in (tmp_path / "merged" / "long.md").read_text()

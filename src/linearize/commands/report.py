@@ -11,6 +11,9 @@ def register(subparsers) -> None:
                     "per-position loss, attribution shares.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or record files")
     p.add_argument("--out", default=None, help="also write the Markdown to this file")
+    p.add_argument("--long-out", default=None, metavar="DIR",
+                   help="long-context records (long.json) of the DIRs merged into one comparison, paired over their "
+                        "shared items: DIR/long.json, long.md (with an overview table) and the figures")
     p.set_defaults(func=run)
 
 
@@ -20,6 +23,9 @@ def run(args) -> int:
     from linearize.errors import LinearizeError
     from linearize.evaluate.report import side_by_side
 
+    if args.long_out:
+        _merge_long(args.dirs, Path(args.long_out))
+        return 0
     try:
         md = side_by_side(args.dirs)
     except FileNotFoundError as exc:
@@ -29,3 +35,28 @@ def run(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(md)
     return 0
+
+
+def _merge_long(dirs, out) -> None:
+    import json
+    from pathlib import Path
+
+    from linearize.errors import LinearizeError
+    from linearize.evaluate.long_context import long_markdown, merge_long_records, overview_markdown, plot_bpb, plot_retrieval
+    from linearize.evaluate.report import write_record
+
+    records = {}
+    for d in dirs:
+        path = Path(d) if Path(d).is_file() else Path(d) / "long.json"
+        if not path.is_file():
+            raise LinearizeError(f"{d}: no long.json (written by `linearize diagnose --what long --out DIR`)")
+        label = path.parent.name
+        if label in records:
+            raise LinearizeError(f"two records are named {label!r}: give their directories distinct names")
+        records[label] = json.loads(path.read_text())
+    merged = merge_long_records(records)
+    md = "## Overview\n\n" + overview_markdown(merged) + "\n" + long_markdown(merged)
+    write_record(out, "long", merged, md)
+    plot_bpb(merged, out / "long_bpb.png")
+    plot_retrieval(merged, out / "long_retrieval.png")
+    print(md)

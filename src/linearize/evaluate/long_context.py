@@ -37,7 +37,7 @@ from linearize.evaluate.long_tasks import LONG_QA, READING, RETRIEVAL, TASKS, bu
 from linearize.evaluate.report import fmt_pct, markdown_table, save_figure
 
 __all__ = ["run_long", "long_markdown", "plot_retrieval", "plot_bpb", "summarize", "training_seq_len",
-           "DEFAULT_TASKS", "MEMORY_CONTEXT"]
+           "merge_long_records", "overview_markdown", "DEFAULT_TASKS", "MEMORY_CONTEXT"]
 
 DEFAULT_TASKS = READING + RETRIEVAL + LONG_QA
 MEMORY_CONTEXT = 32768
@@ -204,6 +204,87 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
             "items": [{"qid": it.qid, "task": it.task, "length": it.length, "depth": it.depth,
                        "prompt_tokens": len(it.context), **{n: scores[n][i] for n in names}}
                       for i, it in enumerate(items)]}
+
+
+def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """One record from several ``--what long`` records of the same items (same tokenizer, seed and settings): the
+    base and its window+sinks rows once (from the records that have them), each converted model's modes as
+    ``<label> <mode>``. Intervals and paired differences are computed again over the joined items, so several
+    conversions evaluated in separate runs (or on separate machines) are compared exactly as in one run."""
+    if not records:
+        raise LinearizeError("no long-context records to merge")
+    first = next(iter(records.values()))
+    qids = [it["qid"] for it in first["items"]]
+    variants: dict[str, dict[str, Any]] = {}
+    columns: dict[str, list[dict[str, Any]]] = {}
+    converted_labels = []
+    for label, rec in records.items():
+        if [it["qid"] for it in rec["items"]] != qids:
+            raise LinearizeError(f"{label}: its items differ from {next(iter(records))}'s (other tasks, limits or seed)")
+        hybrid_modes = [n for n in rec["variants"] if n in ("hybrid", "swa_only", "la_only", "sinks_only", "none")]
+        for name, info in rec["variants"].items():
+            new = f"{label} {name}" if name in hybrid_modes else name
+            if new in variants:
+                continue  # the base and its baselines: the same model and items in every record
+            variants[new] = {**info, "source": label}
+            columns[new] = [it[name] for it in rec["items"]]
+        if "hybrid" in hybrid_modes:
+            converted_labels.append(label)
+    baselines = [n for n in variants if n.startswith("window+sinks")]
+    pairs = []
+    for label in converted_labels:
+        pairs.append((f"{label} hybrid", f"{label} swa_only"))
+        pairs += [(f"{label} hybrid", b) for b in baselines]
+        if "base" in variants:
+            pairs.append((f"{label} hybrid", "base"))
+    if not converted_labels:
+        pairs = [(b, "base") for b in baselines if "base" in variants]
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(task=it["task"], length=it["length"], depth=it["depth"]) for it in first["items"]]
+    body = summarize(items, {n: [c for c in col] for n, col in columns.items()}, reps=reps, seed=seed, pairs=pairs)
+    return {"meta": {**first.get("meta", {}), "model": " + ".join(records), "merged_from": {
+                label: {k: rec.get("meta", {}).get(k) for k in ("model", "commit", "dirty", "command", "gpu", "device")}
+                for label, rec in records.items()}},
+            "variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
+            "settings": {**first["settings"], "train_len": max((r["settings"].get("train_len") or 0) for r in records.values()) or None},
+            "items": [{**{k: it[k] for k in ("qid", "task", "length", "depth", "prompt_tokens")},
+                       **{n: columns[n][i] for n in columns}} for i, it in enumerate(first["items"])]}
+
+
+def overview_markdown(record: dict[str, Any]) -> str:
+    """The study-level table: one row per variant; reading comprehension bpb relative to the base, retrieval
+    accuracy by prompt length, long-QA bpb by length, decode memory per sequence at 32k."""
+    cells = record["cells"]
+    names = list(record["variants"])
+
+    def mean_over(rows, name, metric):
+        vals = [r["variants"][name][metric]["mean"] for r in rows if r["variants"][name].get(metric, {}).get("mean") is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    reading = [c for c in cells if c["task"] in READING]
+    retrieval_lengths = sorted({c["length"] for c in cells if c["task"] in RETRIEVAL})
+    qa_lengths = sorted({c["length"] for c in cells if c["task"] in LONG_QA})
+    base_reading = mean_over(reading, "base", "bpb") if "base" in names and reading else None
+    header = ["variant", "decode MiB/seq @32k"]
+    if reading:
+        header += ["reading bpb (squad/coqa/drop)", "vs base"]
+    header += [f"retrieval @{L // 1024}k %" for L in retrieval_lengths] + [f"long QA bpb @{L // 1024}k" for L in qa_lengths]
+    rows = []
+    for n in names:
+        row = [n, f"{record['variants'][n]['decode_bytes_32k'] / 2**20:.1f}"]
+        if reading:
+            r = mean_over(reading, n, "bpb")
+            row += [f"{r:.3f}" if r is not None else "–",
+                    f"{100 * (r / base_reading - 1):+.1f}%" if r is not None and base_reading else "–"]
+        for L in retrieval_lengths:
+            acc = mean_over([c for c in cells if c["task"] in RETRIEVAL and c["length"] == L], n, "greedy_exact")
+            row.append(fmt_pct(acc, 0) if acc is not None else "–")
+        for L in qa_lengths:
+            b = mean_over([c for c in cells if c["task"] in LONG_QA and c["length"] == L], n, "bpb")
+            row.append(f"{b:.3f}" if b is not None else "–")
+        rows.append(row)
+    return markdown_table(header, rows) + "\n"
 
 
 # ----------------------------------------------------------------------------- report

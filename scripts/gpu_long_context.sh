@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The long-context comparison on one GPU, in one resumable script (a 270M model leaves the GPU mostly idle in one
+# process, so conversions train side by side):
+#   1. each conversion of RUNS trained with `linearize convert --preset $PRESET` (in the background, in parallel);
+#   2. `linearize diagnose MODEL --what long`: the base and its training-free window+sinks baselines, once;
+#   3. `linearize diagnose RUN --what long --no-base` for every finished conversion, and for the training-free
+#      VARIANTS of a trained one (`--hybrid FIELD=VALUE`), a few at a time;
+#   4. `linearize report --long-out`: every record merged into one comparison, paired over the same items.
+# Every step is skipped when its output exists and a cut-off conversion resumes, so calling the script again with
+# the same OUT continues where a time limit stopped it. Nothing runs past SECONDS.
+#   usage: scripts/gpu_long_context.sh MODEL OUT SECONDS
+# Settings (environment): PRESET (gpu-small), PARALLEL_EVALS (3), LONG_ARGS (extra `diagnose` options), and
+# RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
+set -uo pipefail
+model=$1 out=$2 seconds=$3
+deadline=$((SECONDS + seconds))
+left() { echo $((deadline - SECONDS)); }
+say() { printf '[long-study %4ss] %s\n' "$SECONDS" "$*"; }
+mkdir -p "$out/runs" "$out/long" "$out/logs"
+
+# name | recipe | convert options
+RUNS=(
+  "lolcats|lolcats|"
+  "la-only|la-only|"
+  "hedgecats|hedgecats|"
+  "ssd|ssd|"
+  "ssd-mix|ssd|--set hybrid.combine=mix"
+  "ssd-global-mix|ssd|--set hybrid.combine=mix --set hybrid.layers=global"
+)
+[ -n "${RUNS_OVERRIDE:-}" ] && IFS=';' read -ra RUNS <<< "$RUNS_OVERRIDE"
+# name | trained run | training-free changes at load
+VARIANTS=(
+  "ssd-global-mix-w512|ssd-global-mix|--hybrid window=512"
+)
+[ -n "${VARIANTS_OVERRIDE+set}" ] && IFS=';' read -ra VARIANTS <<< "$VARIANTS_OVERRIDE"
+LONG=(--what long --dtype bfloat16 --bootstrap 1000 ${LONG_ARGS:-})
+
+python -m linearize info "$model" > "$out/logs/info.log" 2>&1  # dequantize and cache the model once
+for spec in "${RUNS[@]}"; do
+  IFS='|' read -r name recipe opts <<< "$spec"
+  dir="$out/runs/$name"
+  [ -f "$dir/summary.json" ] && continue
+  resume=(); [ -d "$dir" ] && resume=(--resume)
+  say "training $name ($recipe $opts)"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 20 "$(left)" python -m linearize convert --model "$model" --recipe "$recipe" \
+    --preset "${PRESET:-gpu-small}" --out "$dir" "${resume[@]}" $opts >> "$out/logs/convert-$name.log" 2>&1 &
+done
+
+evaluate() {  # name, model dir or spec, options...
+  local name=$1 spec=$2; shift 2
+  [ -f "$out/long/$name/long.json" ] && return 0
+  say "evaluating $name"
+  timeout -s INT -k 20 "$(left)" python -m linearize diagnose "$spec" "${LONG[@]}" "$@" --out "$out/long/$name" \
+    > "$out/logs/long-$name.log" 2>&1 && say "evaluated $name" || say "evaluation of $name stopped (see logs/long-$name.log)"
+}
+
+evaluate base "$model" --layers global --window 64 --baseline-windows auto,512,64 &
+pending=("${RUNS[@]%%|*}") variants=("${VARIANTS[@]}")
+while [ "$(left)" -gt 20 ]; do
+  for i in "${!pending[@]}"; do
+    name=${pending[$i]}
+    if [ -f "$out/runs/$name/summary.json" ]; then
+      while [ "$(jobs -rp | wc -l)" -ge $(( ${#RUNS[@]} + ${PARALLEL_EVALS:-3} )) ]; do sleep 5; done
+      evaluate "$name" "$out/runs/$name" --no-base & unset "pending[$i]"
+    fi
+  done
+  for i in "${!variants[@]}"; do
+    IFS='|' read -r name run opts <<< "${variants[$i]}"
+    if [ -f "$out/runs/$run/summary.json" ]; then
+      # shellcheck disable=SC2086
+      evaluate "$name" "$out/runs/$run" --no-base $opts & unset "variants[$i]"
+    fi
+  done
+  [ "$(jobs -rp | wc -l)" -eq 0 ] && break
+  sleep 10
+done
+wait
+say "merging the records"
+python -m linearize report "$out"/long/*/ --long-out "$out/long_merged" > "$out/logs/report.log" 2>&1 \
+  || say "merge failed (see logs/report.log)"
+say "done: $(ls "$out/long" | tr '\n' ' ')"

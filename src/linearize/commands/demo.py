@@ -39,7 +39,7 @@ def run(args) -> int:
     result = diagnose(str(out), tasks=tasks, limit=args.limit, base=args.model, data_dir=args.data_dir, progress=say)
     meta = run_metadata(model_info=result["info"], data_dir=args.data_dir, device=result["device"], seed=1234,
                         tasks=tasks, limit=args.limit, recipe=args.recipe, preset=args.preset)
-    record = {"meta": meta, **result, "conversion": summary}
+    record = {"meta": meta, **result, "conversion": summary, "demo_seconds": time.perf_counter() - t0}
     markdown = diagnose_markdown(record)
     write_record(out / "diagnose", "diagnose", record, markdown)
     print(markdown)

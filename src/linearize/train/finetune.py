@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,10 @@ def add_lora(model, lora: dict, *, train_feature_maps: bool = False, train_mixin
 
     config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
                         target_modules=list(lora["target_modules"]), bias="none")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning from transformers 5.24 on)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     params = {}
     for name, p in model.named_parameters():
         kind = hybrid_param_kind(name)

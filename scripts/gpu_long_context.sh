@@ -35,7 +35,7 @@ VARIANTS=(
 [ -n "${VARIANTS_OVERRIDE+set}" ] && IFS=';' read -ra VARIANTS <<< "$VARIANTS_OVERRIDE"
 LONG=(--what long --dtype bfloat16 --bootstrap 1000 ${LONG_ARGS:-})
 
-python -m linearize info "$model" > "$out/logs/info.log" 2>&1  # dequantize and cache the model once
+"${PYTHON:-python3}" -m linearize info "$model" > "$out/logs/info.log" 2>&1  # dequantize and cache the model once
 for spec in "${RUNS[@]}"; do
   IFS='|' read -r name recipe opts <<< "$spec"
   dir="$out/runs/$name"
@@ -43,7 +43,7 @@ for spec in "${RUNS[@]}"; do
   resume=(); [ -d "$dir" ] && resume=(--resume)
   say "training $name ($recipe $opts)"
   # shellcheck disable=SC2086
-  timeout -s INT -k 20 "$(left)" python -m linearize convert --model "$model" --recipe "$recipe" \
+  timeout -s INT -k 20 "$(left)" "${PYTHON:-python3}" -m linearize convert --model "$model" --recipe "$recipe" \
     --preset "${PRESET:-gpu-small}" --out "$dir" "${resume[@]}" $opts >> "$out/logs/convert-$name.log" 2>&1 &
 done
 
@@ -51,7 +51,7 @@ evaluate() {  # name, model dir or spec, options...
   local name=$1 spec=$2; shift 2
   [ -f "$out/long/$name/long.json" ] && return 0
   say "evaluating $name"
-  timeout -s INT -k 20 "$(left)" python -m linearize diagnose "$spec" "${LONG[@]}" "$@" --out "$out/long/$name" \
+  timeout -s INT -k 20 "$(left)" "${PYTHON:-python3}" -m linearize diagnose "$spec" "${LONG[@]}" "$@" --out "$out/long/$name" \
     > "$out/logs/long-$name.log" 2>&1 && say "evaluated $name" || say "evaluation of $name stopped (see logs/long-$name.log)"
 }
 
@@ -77,6 +77,6 @@ while [ "$(left)" -gt 20 ]; do
 done
 wait
 say "merging the records"
-python -m linearize report "$out"/long/*/ --long-out "$out/long_merged" > "$out/logs/report.log" 2>&1 \
+"${PYTHON:-python3}" -m linearize report "$out"/long/*/ --long-out "$out/long_merged" > "$out/logs/report.log" 2>&1 \
   || say "merge failed (see logs/report.log)"
 say "done: $(ls "$out/long" | tr '\n' ' ')"

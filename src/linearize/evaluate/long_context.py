@@ -252,6 +252,10 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
                        **{n: columns[n][i] for n in columns}} for i, it in enumerate(first["items"])]}
 
 
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def overview_markdown(record: dict[str, Any]) -> str:
     """The study-level table: one row per variant; reading comprehension bpb relative to the base, retrieval
     accuracy by prompt length, long-QA bpb by length, decode memory per sequence at 32k."""
@@ -269,7 +273,7 @@ def overview_markdown(record: dict[str, Any]) -> str:
     header = ["variant", "decode MiB/seq @32k"]
     if reading:
         header += ["reading bpb (squad/coqa/drop)", "vs base"]
-    header += [f"retrieval @{L // 1024}k %" for L in retrieval_lengths] + [f"long QA bpb @{L // 1024}k" for L in qa_lengths]
+    header += [f"retrieval @{_tokens(L)} %" for L in retrieval_lengths] + [f"long QA bpb @{_tokens(L)}" for L in qa_lengths]
     rows = []
     for n in names:
         row = [n, f"{record['variants'][n]['decode_bytes_32k'] / 2**20:.1f}"]
@@ -376,7 +380,7 @@ def plot_retrieval(record: dict[str, Any], path) -> Path | None:
     keys = next(iter(grid.values())).keys()
     lengths = sorted({int(k.split("@")[0]) for k in keys})
     depths = sorted({float(k.split("@")[1]) for k in keys})
-    fig, axes = plt.subplots(1, len(grid), figsize=(2.2 * len(grid) + 1, 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(grid), figsize=(2.2 * len(grid) + 1, 2.6), squeeze=False, layout="constrained")
     for ax, (name, g) in zip(axes[0], grid.items()):
         arr = np.array([[g.get(f"{L}@{d}", np.nan) for L in lengths] for d in depths])
         im = ax.imshow(arr, vmin=0, vmax=1, cmap="viridis", aspect="auto")

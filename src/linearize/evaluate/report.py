@@ -139,7 +139,8 @@ def save_figure(fig, path) -> Path:
     """Lay out, write (creating folders) and close a matplotlib figure; returns the path."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained: colorbars) keeps it
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

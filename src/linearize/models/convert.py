@@ -13,6 +13,7 @@ from linearize.attention.module import HybridAttention, PaddingContext, hybrid_p
 from linearize.config import HybridConfig
 from linearize.errors import ModelFileError
 from linearize.models.adapters import adapter_for, layer_types
+from linearize.models.rundir import check_complete
 
 CONFIG_KEY = "linearize"
 
@@ -122,6 +123,7 @@ def load(path: str | Path, *, dtype=torch.float32, device="cpu") -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
+    check_complete(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelFileError(f"{path} has no config.json; expected a directory written by save_pretrained")

@@ -152,6 +152,11 @@ class CountingConverter:
         return tiny_model(), tokenizer
 
 
+def entries(cache):
+    """The cache's entries and temporary directories; not the record of file hashes."""
+    return [p for p in cache.iterdir() if p.name != loading._HASHES]
+
+
 def test_gguf_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch, capsys):
     convert = CountingConverter()
     monkeypatch.setattr(loading, "_load_gguf", convert)
@@ -159,7 +164,7 @@ def test_gguf_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch, cap
 
     first, _ = load_base(str(gguf), cache_dir=cache, check=False)
     assert convert.calls == 1 and "dequantizing model.gguf once" in capsys.readouterr().err
-    [entry] = cache.iterdir()  # no leftover temporary directory
+    [entry] = entries(cache)  # no leftover temporary directory
     assert entry.name.startswith("model-") and (entry / "model.safetensors").is_file()
 
     second, _ = load_base(str(gguf), cache_dir=cache, check=False)
@@ -177,7 +182,7 @@ def test_gguf_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_load_gguf", CountingConverter())
     monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "env-cache"))
     load_base(str(fake_gguf(tmp_path / "model.gguf")), check=False)
-    assert len(list((tmp_path / "env-cache").iterdir())) == 1
+    assert len(entries(tmp_path / "env-cache")) == 1
 
 
 def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
@@ -185,14 +190,14 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     gguf, cache = fake_gguf(tmp_path / "model.gguf"), tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         load_base(str(gguf), cache_dir=cache, check=False)
-    assert list(cache.iterdir()) == []
+    assert entries(cache) == []
 
 
 def test_stale_temporary_directories_are_removed(tmp_path, monkeypatch):
     """A killed conversion leaves its temporary directory; the next conversion removes it once it is old."""
     monkeypatch.setattr(loading, "_load_gguf", CountingConverter())
     gguf, cache = fake_gguf(tmp_path / "model.gguf"), tmp_path / "cache"
-    key = loading._cache_key(gguf)
+    key = loading._cache_key(gguf, cache)
     old, recent = cache / f".{key}.old", cache / f".{key}.recent"
     old.mkdir(parents=True)
     recent.mkdir()

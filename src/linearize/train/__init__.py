@@ -150,10 +150,11 @@ def _divergence_warnings(val: dict, vocab_size: int) -> list[str]:
     that diverged without ever producing a NaN (e.g. a learning rate far too high)."""
     import math
 
-    limit = math.log(vocab_size) + 1.0
+    from linearize.models.loading import worse_than_uniform
+
     return [f"validation loss of {mode} is {v:.2f} nats, worse than a uniform guess over {vocab_size} tokens "
             f"({math.log(vocab_size):.2f}): the run diverged; lower the learning rate and run again"
-            for mode, v in val.items() if not v <= limit]
+            for mode, v in val.items() if worse_than_uniform(v, vocab_size)]
 
 
 def plot_log(log_path: Path, png_path: Path) -> None:

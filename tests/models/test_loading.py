@@ -239,3 +239,39 @@ def test_smollm2_135m_loads(tmp_path):
     print(f"\nsmollm2-135m: first load {time.perf_counter() - start:.1f} s; "
           f"greedy: {greedy_text(model, tokenizer)!r}")
     assert tokenizer.pad_token is not None
+
+
+def test_gguf_cache_key_is_the_full_content_hash_computed_once(tmp_path, monkeypatch):
+    """Issue 17: a corrupted copy with the same name, size and mtime (zeroed past the first 4 MiB) never gets the
+    cached weights of the original; the hash is recorded, not recomputed on every load."""
+    convert = CountingConverter()
+    monkeypatch.setattr(loading, "_load_gguf", convert)
+    gguf, cache = tmp_path / "model.gguf", tmp_path / "cache"
+    gguf.write_bytes(b"GGUF" + os.urandom((5 << 20) - 4))
+    load_base(str(gguf), cache_dir=cache, check=False)
+    key = loading._cache_key(gguf, cache)
+    [record] = (cache / loading._HASHES).iterdir()
+    saved = record.read_text()
+    record.write_text(saved.replace(key.split("-")[-1], "f" * 32))  # a stored hash is used as it is
+    assert loading._cache_key(gguf, cache).endswith("f" * 32)
+    record.write_text(saved)
+
+    stat = gguf.stat()
+    with open(gguf, "r+b") as f:  # same name, same size, same mtime
+        f.seek(4 << 20)
+        f.write(bytes(1 << 20))
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert loading._cache_key(gguf, cache) != key
+    load_base(str(gguf), cache_dir=cache, check=False)
+    assert convert.calls == 2
+
+
+def test_degenerate_check_looks_at_the_loss_on_known_text():
+    """Issue 17: weights that still decode a plausible greedy continuation but predict text far worse than a
+    uniform guess (a scaled head keeps every argmax) are refused."""
+    model = tiny_model()
+    check_not_degenerate(model, tiny_tokenizer(), "tiny")  # greedy and loss both fine
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+    with pytest.raises(DegenerateModelError, match="loss on a known English text"):
+        check_not_degenerate(model, tiny_tokenizer(), "tiny")

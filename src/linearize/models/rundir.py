@@ -36,9 +36,16 @@ def read_run_marker(path: str | Path) -> dict | None:
         return None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path` holds either its old content or `text`, never a part of it (a killed run leaves no torn file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_run_marker(path: Path, model: str, recipe: str) -> None:
-    (path / RUN_MARKER).write_text(json.dumps({"tool": "linearize", "model": model, "recipe": recipe,
-                                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    write_text_atomic(path / RUN_MARKER, json.dumps({"tool": "linearize", "model": model, "recipe": recipe,
+                                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -76,7 +83,7 @@ def publish(out: Path, staging: Path) -> None:
             shutil.rmtree(target)
         os.replace(item, target)
     shutil.rmtree(staging)
-    (out / COMPLETE_MARKER).write_text(json.dumps({"completed": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    write_text_atomic(out / COMPLETE_MARKER, json.dumps({"completed": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
 
 def check_complete(path: str | Path) -> None:

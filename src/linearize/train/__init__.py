@@ -319,7 +319,7 @@ def run_recipe(model: Any, recipe: str | dict | None = None, out_dir: str | Path
                                  f"sha256 was {before[:12]}, is now {manifest['rows_sha256'][:12]}); resume with the "
                                  f"same data directory, or start a new run")
     if acc.is_main_process:
-        manifest_path.write_text(json.dumps({**manifest, **provenance}, indent=2, default=str))
+        rundir.write_text_atomic(manifest_path, json.dumps({**manifest, **provenance}, indent=2, default=str))
     ecfg = resolved["eval"]
     s1, s2 = resolved["stage1"], resolved["stage2"]
 

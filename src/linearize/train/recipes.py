@@ -340,4 +340,6 @@ def validate(recipe: dict) -> None:
 def dump_recipe(recipe: dict, path: str | Path) -> None:
     recipe = {**recipe, "resolved": True}
     header = f"# resolved linearize recipe '{recipe.get('name')}'" + (f" (preset {recipe['preset']})" if recipe.get("preset") else "")
-    Path(path).write_text(header + "\n" + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
+    from linearize.models.rundir import write_text_atomic
+
+    write_text_atomic(Path(path), header + "\n" + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))

@@ -895,6 +895,7 @@ def build_packed_data(
         raise LinearizeError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
 
     resolved, ddir = check_sources(sources, data_dir)
+    names = [s.name for s, _ in resolved]
 
     content_len = seq_len - (1 if bos is not None else 0)
     train_rows_target = None if max_train_tokens is None else max_train_tokens // seq_len

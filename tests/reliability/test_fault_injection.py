@@ -44,9 +44,10 @@ def _loads(path) -> bool:
 
 
 def _kill_points(total: int, saving: int) -> list[int]:
-    """Two points anywhere in the run and two while it saves (seeded, so a failure reproduces)."""
-    points = [random.Random(seed).randint(1, total) for seed in range(2)]
-    return points + [random.Random(seed).randint(saving, total) for seed in (10, 11)]
+    """Two points anywhere in the run and one while it saves (seeded, so a failure reproduces; with today's call
+    counts seed 2 lands before the recipe is written, seed 0 inside stage 1)."""
+    points = [random.Random(seed).randint(1, total) for seed in (0, 2)]
+    return points + [random.Random(10).randint(saving, total)]
 
 
 def test_killed_runs_resume_bit_exactly_or_are_refused(reference, tmp_path):
@@ -76,4 +77,4 @@ def test_killed_runs_resume_bit_exactly_or_are_refused(reference, tmp_path):
         assert _loads(out) and (out / rundir.COMPLETE_MARKER).is_file()
         outcomes.append(("resumed", kill_at))
     print(f"\n{total} calls, saving from call {saving}: {outcomes}")
-    assert any(kind == "resumed" for kind, _ in outcomes)
+    assert any(kind == "resumed" for kind, _ in outcomes)  # the test must exercise a resume, not only refusals

@@ -152,6 +152,11 @@ class CountingConverter:
         return tiny_model(), tokenizer
 
 
+def entries(cache):
+    """The cache's entries and temporary directories; not the record of file hashes."""
+    return [p for p in cache.iterdir() if p.name != loading._HASHES]
+
+
 def test_gguf_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch, capsys):
     convert = CountingConverter()
     monkeypatch.setattr(loading, "_load_gguf", convert)
@@ -159,7 +164,7 @@ def test_gguf_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch, cap
 
     first, _ = load_base(str(gguf), cache_dir=cache, check=False)
     assert convert.calls == 1 and "dequantizing model.gguf once" in capsys.readouterr().err
-    [entry] = cache.iterdir()  # no leftover temporary directory
+    [entry] = entries(cache)  # no leftover temporary directory
     assert entry.name.startswith("model-") and (entry / "model.safetensors").is_file()
 
     second, _ = load_base(str(gguf), cache_dir=cache, check=False)
@@ -177,7 +182,7 @@ def test_gguf_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_load_gguf", CountingConverter())
     monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "env-cache"))
     load_base(str(fake_gguf(tmp_path / "model.gguf")), check=False)
-    assert len(list((tmp_path / "env-cache").iterdir())) == 1
+    assert len(entries(tmp_path / "env-cache")) == 1
 
 
 def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
@@ -185,14 +190,14 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     gguf, cache = fake_gguf(tmp_path / "model.gguf"), tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         load_base(str(gguf), cache_dir=cache, check=False)
-    assert list(cache.iterdir()) == []
+    assert entries(cache) == []
 
 
 def test_stale_temporary_directories_are_removed(tmp_path, monkeypatch):
     """A killed conversion leaves its temporary directory; the next conversion removes it once it is old."""
     monkeypatch.setattr(loading, "_load_gguf", CountingConverter())
     gguf, cache = fake_gguf(tmp_path / "model.gguf"), tmp_path / "cache"
-    key = loading._cache_key(gguf)
+    key = loading._cache_key(gguf, cache)
     old, recent = cache / f".{key}.old", cache / f".{key}.recent"
     old.mkdir(parents=True)
     recent.mkdir()
@@ -234,3 +239,39 @@ def test_smollm2_135m_loads(tmp_path):
     print(f"\nsmollm2-135m: first load {time.perf_counter() - start:.1f} s; "
           f"greedy: {greedy_text(model, tokenizer)!r}")
     assert tokenizer.pad_token is not None
+
+
+def test_gguf_cache_key_is_the_full_content_hash_computed_once(tmp_path, monkeypatch):
+    """Issue 17: a corrupted copy with the same name, size and mtime (zeroed past the first 4 MiB) never gets the
+    cached weights of the original; the hash is recorded, not recomputed on every load."""
+    convert = CountingConverter()
+    monkeypatch.setattr(loading, "_load_gguf", convert)
+    gguf, cache = tmp_path / "model.gguf", tmp_path / "cache"
+    gguf.write_bytes(b"GGUF" + os.urandom((5 << 20) - 4))
+    load_base(str(gguf), cache_dir=cache, check=False)
+    key = loading._cache_key(gguf, cache)
+    [record] = (cache / loading._HASHES).iterdir()
+    saved = record.read_text()
+    record.write_text(saved.replace(key.split("-")[-1], "f" * 32))  # a stored hash is used as it is
+    assert loading._cache_key(gguf, cache).endswith("f" * 32)
+    record.write_text(saved)
+
+    stat = gguf.stat()
+    with open(gguf, "r+b") as f:  # same name, same size, same mtime
+        f.seek(4 << 20)
+        f.write(bytes(1 << 20))
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert loading._cache_key(gguf, cache) != key
+    load_base(str(gguf), cache_dir=cache, check=False)
+    assert convert.calls == 2
+
+
+def test_degenerate_check_looks_at_the_loss_on_known_text():
+    """Issue 17: weights that still decode a plausible greedy continuation but predict text far worse than a
+    uniform guess (a scaled head keeps every argmax) are refused."""
+    model = tiny_model()
+    check_not_degenerate(model, tiny_tokenizer(), "tiny")  # greedy and loss both fine
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+    with pytest.raises(DegenerateModelError, match="loss on a known English text"):
+        check_not_degenerate(model, tiny_tokenizer(), "tiny")

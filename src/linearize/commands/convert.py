@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a model with a training recipe (attention transfer + LoRA / SSD)",
         description="Convert a pretrained model into a linear + sliding-window hybrid with a recipe: lolcats, la-only, "
                     "hedgecats, ssd (or a YAML file). Writes the converted model (LoRA merged), the adapter, the "
-                    "resolved recipe, the training log, a loss plot and summary.json to --out.")
+                    "resolved recipe, the training log, a loss plot and summary.json to --out. Exit status: 0 done, "
+                    "2 bad input, 3 done but the validation loss shows a diverged run (see summary.json 'warnings').")
     p.add_argument("--model", help="short name (gemma3-270m, smollm2-135m), HF directory or .gguf file")
-    p.add_argument("--recipe", default="ssd", help="recipe name or YAML path (default: ssd)")
+    p.add_argument("--recipe", default=None, help="recipe name or YAML path (default: ssd; with --resume: the run's)")
     p.add_argument("--out", help="output directory (must be empty unless --overwrite / --resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set stage2.lora.r=4 (value parsed as YAML); repeatable")
     p.add_argument("--preset", default=None, help="size preset, e.g. 'cpu' (a few minutes on a 2-core CPU)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoints")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out from its checkpoints, with its model, recipe and data; "
+                        "--set may change learning rates, schedules and step counts (logged)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run a non-empty --out holds (never other files)")
     p.add_argument("--data-dir", default=None, help="data directory (default: the project's shared data)")
     p.add_argument("--cache-dir", default=None, help="tokenised-data cache directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -40,7 +45,9 @@ def run(args) -> int:
                          resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir, cache_dir=args.cache_dir,
                          show_progress=False if args.no_progress else None)
     print(format_summary(summary))
-    return 0
+    for warning in summary.get("warnings", []):
+        print(f"linearize convert: WARNING: {warning}", file=sys.stderr)
+    return 3 if summary.get("warnings") else 0
 
 
 def format_summary(summary: dict) -> str:

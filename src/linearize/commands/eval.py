@@ -120,6 +120,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from linearize.config import COMPONENT_MODES
     from linearize.errors import LinearizeError
     from linearize.evaluate.harness import default_data_dir, evaluate
     from linearize.evaluate.lm_eval_model import load_model
@@ -130,6 +131,9 @@ def run(args) -> int:
     data_dir = args.data_dir or default_data_dir()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     modes = [m.strip() for m in args.components.split(",")] if args.components else [None]
+    bad = [m for m in modes if m is not None and m not in COMPONENT_MODES]
+    if bad:  # before minutes of loading and evaluating the good ones
+        raise LinearizeError(f"--components: unknown mode(s) {', '.join(map(repr, bad))}; expected {', '.join(COMPONENT_MODES)}")
     t0 = time.perf_counter()
     model, tokenizer, info = load_model(spec, convert=args.convert, window=args.window, device=args.device,
                                         dtype=torch_dtype(args.dtype, args.device), check=not args.no_check, seed=args.seed,
@@ -138,18 +142,26 @@ def run(args) -> int:
         raise LinearizeError("--components needs a converted model (a converted directory, or --convert)")
     load_s = time.perf_counter() - t0
     runs, seconds = {}, {}
+    failure = None
     for mode in modes:
         label = mode or ("hybrid" if is_converted(model) else "base")
         t1 = time.perf_counter()
         kwargs = dict(limit=parse_limit(args.limit), batch_size=parse_batch(args.batch_size), data_dir=data_dir,
                       seed=args.seed, bootstrap=args.bootstrap, max_length=args.max_length)
-        if mode is None:
-            runs[label] = evaluate(model, tokenizer, tasks, **kwargs)
-        else:
-            with components(model, mode):
+        try:
+            if mode is None:
                 runs[label] = evaluate(model, tokenizer, tasks, **kwargs)
+            else:
+                with components(model, mode):
+                    runs[label] = evaluate(model, tokenizer, tasks, **kwargs)
+        except Exception as exc:  # keep (print and write) the modes that finished, then fail
+            failure = exc
+            print(f"[eval] {label} failed: {exc}", file=sys.stderr)
+            break
         seconds[label] = time.perf_counter() - t1
         print(f"[eval] {label}: {seconds[label]:.1f} s", file=sys.stderr)
+    if failure is not None and not runs:
+        raise failure
     meta = run_metadata(model_info=info, data_dir=data_dir, device=str(model.device), seed=args.seed,
                         tasks=tasks, limit=args.limit, batch_size=args.batch_size, load_seconds=load_s,
                         eval_seconds=seconds, wall_seconds=time.perf_counter() - t0)
@@ -159,4 +171,6 @@ def run(args) -> int:
     if args.out:
         path, _ = write_record(args.out, "eval", record, md)
         print(f"wrote {path}", file=sys.stderr)
+    if failure is not None:
+        raise failure
     return 0

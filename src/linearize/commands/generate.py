@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     p.add_argument("model", help="converted directory, HF directory, .gguf file or short name")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--components", default="hybrid", choices=COMPONENT_MODES, help="attention branches to use (converted models)")
+    p.add_argument("--components", default=None, choices=COMPONENT_MODES,
+                   help="attention branches to use (converted models only; default hybrid)")
     p.add_argument("--convert", action="store_true", help="convert a base model on the fly (untrained feature maps)")
     p.add_argument("--window", type=int, default=64, help="window when --convert is given")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.95) instead of greedy")
@@ -35,12 +36,18 @@ def run(args: argparse.Namespace) -> int:
     import linearize
     from linearize.attention.cache import cache_nbytes
     from linearize.compat import cache_kwargs
-    from linearize.evaluate.lm_eval_model import load_model
+    from linearize.evaluate.lm_eval_model import converted_dir_info, load_model
     from transformers import DynamicCache
 
+    if args.components and not args.convert and converted_dir_info(args.model) is None:  # checked before loading
+        from linearize.errors import LinearizeError
+
+        raise LinearizeError(f"--components needs a converted model; {args.model} is a base model (add --convert "
+                             f"to convert it on the fly with untrained feature maps)")
     model, tokenizer, _ = load_model(args.model, convert=args.convert, window=args.window, device=args.device, check=False)
     converted = linearize.is_converted(model)
-    ctx = linearize.components(model, args.components) if converted else contextlib.nullcontext()
+    mode = args.components or "hybrid"
+    ctx = linearize.components(model, mode) if converted else contextlib.nullcontext()
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     cache = DynamicCache(config=model.config)
     sampling = dict(do_sample=True, temperature=0.8, top_p=0.95) if args.sample else dict(do_sample=False)
@@ -51,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     new = out[0, inputs.input_ids.shape[1]:]
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     print(f"\n[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tok/s; cache {cache_nbytes(cache) / 2**20:.2f} MiB;"
-          f" {'converted, ' + args.components if converted else 'base model'}]")
+          f" {'converted, ' + mode if converted else 'base model'}]")
     return 0

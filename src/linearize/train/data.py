@@ -123,6 +123,7 @@ __all__ = [
     "PackedData",
     "Source",
     "build_packed_data",
+    "check_sources",
     "default_cache_dir",
     "default_data_dir",
     "format_alpaca",
@@ -829,6 +830,21 @@ def _save_cache(path: Path, data: PackedData) -> None:
         raise
 
 
+def check_sources(sources: list[str], data_dir: str | os.PathLike | None = None
+                  ) -> tuple[list[tuple[Source, float]], Path | None]:
+    """Resolve `sources` and check that their files exist, without reading them: (source, weight) pairs and the
+    data directory (None when every source is a user file). Raises LinearizeError naming the bad source."""
+    resolved = [resolve_source(s) for s in sources]
+    names = [s.name for s, _ in resolved]
+    if len(set(names)) != len(names):
+        raise LinearizeError(f"A source is listed twice: {names}")
+    need_dir = any(not s.user_file for s, _ in resolved)
+    ddir = _resolve_data_dir(data_dir) if need_dir else None
+    for s, _ in resolved:
+        s.check(ddir)
+    return resolved, ddir
+
+
 def build_packed_data(
     tokenizer,
     sources: list[str] | str,
@@ -878,14 +894,8 @@ def build_packed_data(
     if val_tokens > 0 and not (0.0 < val_fraction < 1.0):
         raise LinearizeError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
 
-    resolved = [resolve_source(s) for s in sources]
+    resolved, ddir = check_sources(sources, data_dir)
     names = [s.name for s, _ in resolved]
-    if len(set(names)) != len(names):
-        raise LinearizeError(f"A source is listed twice: {names}")
-    need_dir = any(not s.user_file for s, _ in resolved)
-    ddir = _resolve_data_dir(data_dir) if need_dir else None
-    for s, _ in resolved:
-        s.check(ddir)
 
     content_len = seq_len - (1 if bos is not None else 0)
     train_rows_target = None if max_train_tokens is None else max_train_tokens // seq_len

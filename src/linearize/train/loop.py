@@ -20,8 +20,12 @@
   ``resume`` continues exactly: a checkpoint holds the trainable parameters, the optimizer and scheduler
   states, the RNG states and the step (which fixes the data position). An interrupted run resumed from
   its last checkpoint ends with the same weights as an uninterrupted one.
-- A NaN/inf loss or gradient norm stops the run with :class:`linearize.errors.TrainingDivergedError`; the
-  last good checkpoint is left untouched.
+- A NaN/inf loss or gradient norm, or an update that leaves a parameter NaN/inf, stops the run with
+  :class:`linearize.errors.TrainingDivergedError` at that step. Before a checkpoint is written the loss of the
+  updated parameters is computed on the step's first micro-batch, so a step whose update poisons the model
+  (finite but huge parameters) is never kept: the previous checkpoint stays the last good one.
+- Resuming with a changed learning rate, schedule or step count (see linearize.train.RESUMABLE) continues
+  from the checkpoint with the new values.
 - Every step is logged to a JSONL file; validations too (``event: eval``).
 """
 
@@ -330,7 +334,8 @@ class Trainer:
         for name, p in self.params.items():
             own_rate = self.spec.mixing_lr is not None and hybrid_param_kind(name) == "mixing"
             (mixing if own_rate else rest).append(p)
-        return [g for g in ({"params": rest}, {"params": mixing, "lr": self.spec.mixing_lr}) if g["params"]]
+        return [g for g in ({"params": rest, "lr": self.spec.lr}, {"params": mixing, "lr": self.spec.mixing_lr})
+                if g["params"]]
 
     # -- processes -------------------------------------------------------------------------------
     def _parallel(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -421,6 +426,11 @@ class Trainer:
                               for i, s in optimizer["state"].items()}
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        rates = [g["lr"] for g in self._param_groups()]
+        if rates != self.scheduler.base_lrs:  # resumed with another learning rate: it applies from here on
+            self.scheduler.base_lrs = rates
+            for group, rate, f in zip(self.optimizer.param_groups, rates, self.scheduler.lr_lambdas):
+                group["initial_lr"], group["lr"] = rate, rate * f(self.scheduler.last_epoch)
         set_rng_state(state["rng"])
         for k, v in state["result"].items():
             setattr(self.result, k, v)
@@ -449,12 +459,40 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
         return float(self.acc.reduce(t, reduction="mean")[0])
 
-    def _diverged(self, step: int, what: str, value: float) -> TrainingDivergedError:
+    def _diverged(self, step: int, what: str, value: Any) -> TrainingDivergedError:
         last = self.ckpt_dir / CHECKPOINT
-        where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        if last.is_file():
+            where = f"the last good checkpoint is {last}; continue from it with --resume --set {self.spec.name}.lr=<lower>"
+        else:
+            where = f"no checkpoint was written yet; start again with --overwrite --set {self.spec.name}.lr=<lower>"
         return TrainingDivergedError(
-            f"{self.spec.name} step {step + 1}: {what} is {value}; training stopped ({where}; "
-            f"resume with --resume after lowering {self.spec.name}.lr, currently {self.spec.lr:g})")
+            f"{self.spec.name} step {step + 1}: {what} is {value}; training stopped ({where}, "
+            f"currently {self.spec.lr:g})")
+
+    def _check_params(self, step: int) -> None:
+        """Stop at the step whose update left a parameter NaN/inf (the checkpoint of an earlier step stays)."""
+        bad = [n for n, p in self.params.items()
+               if not bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())]
+        if self._mean_across(float(bool(bad))) > 0:
+            raise self._diverged(step, "the update", f"non-finite in {bad[:3] or 'another process'}")
+
+    def _probe(self, step: int) -> None:
+        """The loss of the updated parameters on the step's first micro-batch, before they are checkpointed: a
+        finite step can still leave the model unusable (parameters near the float limit). The RNG is restored,
+        so the run continues exactly as without the probe."""
+        micro_batches, epoch = self.local_micro_batches(step)
+        rows, positions = micro_batches[0]
+        ctx = {"step": step, "micro": 0, "epoch": epoch, "total_steps": self.total, "rows": rows,
+               "positions": positions, "rows_per_step": self.spec.rows_per_step}
+        saved = rng_state()
+        try:
+            with torch.no_grad(), self.acc.autocast():
+                loss, _ = self.runner(partial(self.loss_fn, self.data[rows].to(self.acc.device), ctx))
+        finally:
+            set_rng_state(saved)
+        value = self._mean_across(float(loss))
+        if not math.isfinite(value):
+            raise self._diverged(step, "the loss after the update", value)
 
     def local_micro_batches(self, step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """This process's micro-batches of optimizer step `step`: (global row ids, positions in the step).
@@ -513,6 +551,7 @@ class Trainer:
         if spec.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(plist, spec.grad_clip, norm)
         self.optimizer.step()
+        self._check_params(step)
         self.scheduler.step()
         info = {k: sum(v) / len(v) for k, v in infos.items()}
         info.update(grad_norm=gnorm, epoch=epoch)
@@ -601,6 +640,7 @@ class Trainer:
                 if spec.eval_every and step % spec.eval_every == 0 and step < self.total:
                     stop = self.evaluate(step)
                 if step % spec.checkpoint_every == 0 or step == self.total or stop:
+                    self._probe(step - 1)
                     self.save_checkpoint(step)
                 self.counter.tick()
             if self.early and (not self.result.evals or self.result.evals[-1]["step"] != step):

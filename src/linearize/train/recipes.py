@@ -17,6 +17,7 @@ reproduced with ``--recipe <out>/recipe.yaml``.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import dataclasses
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from linearize.config import HybridConfig
+from linearize.config import COMPONENT_MODES, HybridConfig
 from linearize.errors import LinearizeError
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -172,7 +173,12 @@ def _merge(base: dict, update: dict, where: str, schema: dict | None) -> dict:
         if schema is not None and key not in schema:
             raise RecipeError(f"unknown recipe key {path!r}; known keys here: {sorted(schema)}")
         sub = schema.get(key) if schema is not None else None
-        if isinstance(sub, dict) and isinstance(value, dict) and key != "hybrid":
+        if isinstance(sub, dict) and not isinstance(value, dict):
+            raise RecipeError(f"{path} is a section, not a value (got {value!r}); set one of its keys, e.g. "
+                              f"--set {path}.{next(iter(sub))}=...; keys: {sorted(sub)}")
+        if schema is not None and not isinstance(sub, dict) and isinstance(value, dict):
+            raise RecipeError(f"{path} is a value, not a section (got keys {sorted(value)})")
+        if isinstance(sub, dict) and key != "hybrid":
             out[key] = _merge(out.get(key) or {}, value, path, sub)
         elif key == "hybrid" and isinstance(value, dict):
             known = set(DEFAULTS["hybrid"])
@@ -240,11 +246,60 @@ def load_recipe(name_or_path: str | Path | dict = "ssd", overrides: list[str] | 
     return recipe
 
 
+# Keys whose default is None (or takes several types): the type a value must have when it is set.
+_NULLABLE = {"preset": str, "data.train_tokens": int, "stage1.max_steps": int, "stage2.max_steps": int,
+             "stage1.mixing_lr": float, "stage2.mixing_lr": float, "stage2.ssd.per_epoch": list,
+             "eval.max_val_rows": int, "output.dtype": str}
+_ANY = {"hybrid.layers"}  # 'all', 'global' or a list of layer indices: HybridConfig checks it
+
+
+def _expect(path: str, value: Any, kind: type) -> Any:
+    """`value` as a `kind` (an integral float is accepted as an int), or a RecipeError naming the key."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+                list: "a list, e.g. [a, b]"}[kind]
+        raise RecipeError(f"{path} must be {what}, got {value!r}")
+    return value
+
+
+def _check_types(recipe: dict, defaults: dict, where: str = "") -> None:
+    """Every leaf of `recipe` has the type of its default (values are coerced in place where that is exact)."""
+    for key, default in defaults.items():
+        path = f"{where}.{key}" if where else key
+        value = recipe.get(key)
+        if isinstance(default, dict):
+            _check_types(value, default, path)
+        elif path in _ANY:
+            continue
+        elif default is None or path in _NULLABLE:
+            if value is not None:
+                recipe[key] = _expect(path, value, _NULLABLE[path])
+        else:
+            recipe[key] = _expect(path, value, float if type(default) is float else type(default))
+
+
 def validate(recipe: dict) -> None:
+    _check_types(recipe, DEFAULTS)
     try:
         HybridConfig.from_dict(recipe["hybrid"])
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"hybrid: {exc}") from exc
+    modes = recipe["eval"]["modes"]
+    if not modes or any(m not in COMPONENT_MODES for m in modes):
+        raise RecipeError(f"eval.modes={modes!r}: expected a non-empty list of {COMPONENT_MODES}")
+    sources = recipe["data"]["sources"]
+    if not sources or not all(isinstance(s, str) and s.strip() for s in sources):
+        raise RecipeError(f"data.sources={sources!r}: expected a non-empty list of source names or files")
     s1, s2 = recipe["stage1"], recipe["stage2"]
     if s1["objective"] not in OBJECTIVES:
         raise RecipeError(f"stage1.objective={s1['objective']!r}; expected one of {OBJECTIVES}")
@@ -256,8 +311,12 @@ def validate(recipe: dict) -> None:
                 raise RecipeError(f"{name}.{key} must be an integer >= 1, got {stage[key]!r}")
         if stage["max_steps"] is not None and (not isinstance(stage["max_steps"], int) or stage["max_steps"] < 0):
             raise RecipeError(f"{name}.max_steps must be null or an integer >= 0")
-        if float(stage["lr"]) <= 0:
-            raise RecipeError(f"{name}.lr must be > 0")
+        for key in ("lr", "mixing_lr"):
+            if stage[key] is not None and stage[key] <= 0:
+                raise RecipeError(f"{name}.{key} must be > 0, got {stage[key]!r}")
+        betas = stage["betas"]
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise RecipeError(f"{name}.betas must be two numbers in [0, 1), got {betas!r}")
     if recipe["runtime"]["distributed"] not in DISTRIBUTED:
         raise RecipeError(f"runtime.distributed={recipe['runtime']['distributed']!r}; expected one of {DISTRIBUTED}")
     ssd = s2["ssd"]
@@ -267,7 +326,7 @@ def validate(recipe: dict) -> None:
 
     try:
         check_schedule(ssd["schedule"], ssd["per_epoch"])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise RecipeError(f"stage2.ssd: {exc}") from exc
     if recipe["data"]["seq_len"] < 2:
         raise RecipeError("data.seq_len must be >= 2")
@@ -281,4 +340,6 @@ def validate(recipe: dict) -> None:
 def dump_recipe(recipe: dict, path: str | Path) -> None:
     recipe = {**recipe, "resolved": True}
     header = f"# resolved linearize recipe '{recipe.get('name')}'" + (f" (preset {recipe['preset']})" if recipe.get("preset") else "")
-    Path(path).write_text(header + "\n" + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
+    from linearize.models.rundir import write_text_atomic
+
+    write_text_atomic(Path(path), header + "\n" + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))

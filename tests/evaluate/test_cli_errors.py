@@ -65,11 +65,18 @@ def test_generate_refuses_components_on_a_base_model(dirs, capsys):
     assert "needs a converted model" in _one_line(capsys)
 
 
-def test_a_placeholder_tokenizer_is_refused(tmp_path, capsys):
-    """A converted Gemma 3 directory without tokenizer files: transformers builds a 5-token tokenizer from the
-    config instead of failing; it must not be used."""
+@pytest.mark.parametrize("layout", ["linearized", "old"])
+def test_a_directory_without_a_usable_tokenizer_is_refused(tmp_path, capsys, layout):
+    """A converted Gemma 3 directory without tokenizer files. Its own model_type has no tokenizer class, so
+    transformers refuses; under the old layout (the base's model_type) it builds a 5-token placeholder from the
+    config instead of failing, which must not be used either."""
     linearize.convert(tiny_model("gemma3")).save_pretrained(tmp_path)
-    with pytest.raises(ModelFileError, match=r"tokenizer has \d+ tokens for a model of 128"):
+    if layout == "old":
+        config = json.loads((tmp_path / "config.json").read_text())
+        config.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    problem = r"tokenizer has \d+ tokens for a model of 128" if layout == "old" else "no usable tokenizer files"
+    with pytest.raises(ModelFileError, match=problem):
         load_model(tmp_path, device="cpu")
     assert main(["generate", str(tmp_path), "hello", "--device", "cpu"]) == 2
     assert "copy the base model's tokenizer files" in _one_line(capsys)

@@ -116,7 +116,7 @@ def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots, soft
     qg = group_queries(_pad_time(q, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, d)
     qfg = group_queries(_pad_time(qf, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, qf.shape[-1])
     soft, lin = [], []
-    for j, (S, z, (mk, mv, _, _, mvalid)) in enumerate(
+    for j, (S, z, (mk, mv, _, mvalid)) in enumerate(
             memory_walk(k, v, kf, candidate, window=window, block=block, slots=slots, blocks=n, dtype=q.dtype)):
         logits = softcapped(torch.einsum("bhgcd,bhsd->bhgcs", qg[:, :, :, j], mk) * scale, softcap)
         soft.append(masked_softmax_sums(logits, mvalid[:, :, None, None, :], mv, "bhgcs,bhsd->bhgcd"))

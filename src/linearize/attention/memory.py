@@ -26,7 +26,6 @@ class SparseMemory:
     k: torch.Tensor  # (B, Hkv, m, d)
     v: torch.Tensor
     kf: torch.Tensor  # (B, Hkv, m, f)
-    score: torch.Tensor  # (B, Hkv, m) fp32: each key's recall error when it was a candidate
     valid: torch.Tensor  # (B, Hkv, m)
     pend_k: torch.Tensor  # (B, Hkv, C, d)
     pend_v: torch.Tensor
@@ -41,41 +40,36 @@ class SparseMemory:
 
     @property
     def slots(self):
-        return self.k, self.v, self.kf, self.score, self.valid
+        return self.k, self.v, self.kf, self.valid
 
 
 def empty_slots(k: torch.Tensor, v: torch.Tensor, kf: torch.Tensor, slots: int):
-    """Memory with no key: (k, v, kf, score, valid) of `slots` empty slots, shaped after k/v/kf (B, Hkv, ., .)."""
+    """Memory with no key: (k, v, kf, valid) of `slots` empty slots, shaped after k/v/kf (B, Hkv, ., .)."""
     b, hkv = k.shape[:2]
-    score = torch.full((b, hkv, slots), float("-inf"), device=k.device)
     return (k.new_zeros(b, hkv, slots, k.shape[-1]), v.new_zeros(b, hkv, slots, v.shape[-1]),
-            kf.new_zeros(b, hkv, slots, kf.shape[-1]), score, torch.zeros(b, hkv, slots, dtype=torch.bool, device=k.device))
+            kf.new_zeros(b, hkv, slots, kf.shape[-1]), torch.zeros(b, hkv, slots, dtype=torch.bool, device=k.device))
 
 
 def memory_boundary(S, z, slots, pending):
-    """One boundary: score the pending keys against (S, z), keep the top m of memory + pending, fold the rest.
+    """One boundary: score memory + pending keys against (S, z), keep the top m, fold the rest into S, z.
 
-    slots = (k, v, kf, score, valid) of the memory; pending = (k, v, kf, valid (B, C)) of the candidates in time
-    order. Returns the new (S, z, slots). Ties rank the older key first (stable sort over time-ordered keys); the kept
-    keys stay in time order.
+    slots = (k, v, kf, valid) of the memory; pending = (k, v, kf, valid (B, C)) of the new candidates in time order.
+    Returns the new (S, z, slots). Ties rank the older key first (stable sort over time-ordered keys); the kept keys
+    stay in time order.
     """
-    mk, mv, mkf, mscore, mvalid = slots
-    pk, pv, pkf, pvalid = pending
+    mvalid = slots[3]
     b, hkv, m = mvalid.shape
-    pvalid = pvalid[:, None, :].expand(b, hkv, pvalid.shape[-1])
+    pool = [torch.cat(pair, 2) for pair in zip(slots[:3], pending[:3])]  # k, v, kf: memory then pending
+    pool_valid = torch.cat([mvalid, pending[3][:, None, :].expand(b, hkv, pending[3].shape[-1])], 2)
     with torch.no_grad():
-        new = recall_error(pkf, pv, S, z)
-        scores = torch.cat([mscore, torch.where(pvalid, new, torch.full_like(new, float("-inf")))], 2)
+        scores = recall_error(pool[2], pool[1], S, z).masked_fill(~pool_valid, float("-inf"))
         keep = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :m].sort(-1).values
-    pool_valid = torch.cat([mvalid, pvalid], 2)
-    pool = [torch.cat(pair, 2) for pair in ((mk, pk), (mv, pv), (mkf, pkf))]
     kept = torch.zeros_like(pool_valid).scatter(-1, keep, True)
-    fold = (pool_valid & ~kept).to(S.dtype).unsqueeze(-1)
-    kf_fold, v_fold = pool[2].to(S.dtype) * fold, pool[1].to(S.dtype)
-    S = S + torch.einsum("bhlm,bhld->bhmd", kf_fold, v_fold)
+    kf_fold = pool[2].to(S.dtype) * (pool_valid & ~kept).to(S.dtype).unsqueeze(-1)
+    S = S + torch.einsum("bhlm,bhld->bhmd", kf_fold, pool[1].to(S.dtype))
     z = z + kf_fold.sum(2)
     gather = [x.gather(2, keep.unsqueeze(-1).expand(*keep.shape, x.shape[-1])) for x in pool]
-    return S, z, (*gather, scores.gather(2, keep), pool_valid.gather(2, keep))
+    return S, z, (*gather, pool_valid.gather(2, keep))
 
 
 def memory_walk(k, v, kf, candidate, *, window: int, block: int, slots: int, blocks: int, dtype=torch.float32):

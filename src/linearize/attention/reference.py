@@ -12,11 +12,13 @@ Softmax sinks (softmax_sinks = n > 0; 'hybrid' and 'swa_only' modes). Z = the fi
 
 Sparse exact memory (sparse_memory = m > 0, memory_block = C; 'hybrid' mode only: 'swa_only', 'la_only' and
 'sinks_only' ignore it). Boundaries b = 0, C, 2C, ...; B(t) = C * floor(t / C) is the last boundary <= t.
-  At boundary b the keys that left the window of query b since the previous boundary are the candidates
+  At boundary b the keys that left the window of query b since the previous boundary,
       N_b = {s valid, s not in Z : b - C - w < s <= b - w},
-  each scored against the linear state of L_{b-C} (S = sum phi(k_s) v_s^T, z = sum phi(k_s) over s in L_{b-C}):
-      score_s = || v_s - phi(k_s)^T S / phi(k_s)^T z ||^2      (+inf where phi(k_s)^T z = 0),
-  computed once, when s is a candidate; a key in memory keeps that score.
+  join the memory's keys as candidates, each scored against the linear state of L_{b-C}
+  (S = sum phi(k_s) v_s^T, z = sum phi(k_s) over s in L_{b-C}) by how badly it would recall the key's value:
+      score_s = || v_s - phi(k_s)^T S / phi(k_s)^T z ||^2      (+inf where phi(k_s)^T z = 0: nothing to recall from).
+  Keys already in memory are scored again at every boundary (as LoLA does): a score kept from an earlier state would
+  freeze the memory on the first keys, which all score +inf against the empty state.
       M_b = the m keys of M_{b-C} + N_b with the highest scores (equal scores: the older key first),
       L_b = L_{b-C} + (M_{b-C} + N_b minus M_b),                     M_0 = L_0 = {}.
   Every valid key s <= b - w outside Z is in exactly one of M_b and L_b. For query t, with B = B(t):
@@ -42,14 +44,13 @@ def memory_sets(kf, v, candidate, *, window: int, block: int, slots: int):
     b, hkv, t, _ = kf.shape
     pos = torch.arange(t, device=kf.device)
     mem = torch.zeros(b, hkv, t, dtype=torch.bool, device=kf.device)
-    la, score = mem.clone(), torch.full((b, hkv, t), float("-inf"), device=kf.device)
+    la = mem.clone()
     mems, las = [mem], [la]
     for bound in range(block, (t - 1) // block * block + 1, block):
         new = (candidate & (pos > bound - block - window) & (pos <= bound - window))[:, None].expand(b, hkv, t)
         with torch.no_grad():
             weights = kf * la.unsqueeze(-1)
-            err = recall_error(kf, v, torch.einsum("bhsm,bhsd->bhmd", weights, v), weights.sum(2))
-            score = torch.where(new, err, score)
+            score = recall_error(kf, v, torch.einsum("bhsm,bhsd->bhmd", weights, v), weights.sum(2))
             pool = mem | new
             ranked = torch.where(pool, score, torch.full_like(score, float("-inf")))
             top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :slots]

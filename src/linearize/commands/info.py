@@ -55,7 +55,10 @@ def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
     bytes_per = 4
     base_kv = sum(2 * c.num_key_value_heads * d * (min(context, c.sliding_window) if k == "sliding_attention" else context)
                   for k in kinds) * bytes_per
-    hybrid_state = len(layers) * c.num_key_value_heads * (m * d + m + 2 * (hybrid.window - 1 + hybrid.num_sinks) * d + (hybrid.window - 1) * m) * bytes_per
+    sink_slots = max(hybrid.num_sinks, hybrid.softmax_sinks)
+    exact = hybrid.window - 1 + (hybrid.sparse_memory + hybrid.memory_block if hybrid.sparse_memory else 0)  # keys kept with features
+    hybrid_state = len(layers) * c.num_key_value_heads * (
+        m * d + m + 2 * (exact + sink_slots) * d + (exact + (sink_slots if hybrid.softmax_sinks else 0)) * m) * bytes_per
     kept = sum(2 * c.num_key_value_heads * d * (min(context, c.sliding_window) if kinds[i] == "sliding_attention" else context)
                for i in range(c.num_hidden_layers) if i not in layers) * bytes_per
     lines = [

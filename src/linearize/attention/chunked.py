@@ -45,18 +45,10 @@ def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_
     band = (j <= i + window - 1) if to_block_start else (j >= i) & (j <= i + window - 1)  # key j in query i's window
     mask = band & vmask[:, None, None, :, None, :]  # (B, 1, 1, N, C, span)
     logits = softcapped(torch.einsum("bhgncd,bhnds->bhgncs", qg, kb) * scale, softcap)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    c = logits.amax(-1, keepdim=True)
-    cmax = c
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    a = torch.exp(logits - c)
-    num = torch.einsum("bhgncs,bhnds->bhgncd", a, vb)
-    den = a.sum(-1)
+    num, den, c = masked_softmax_sums(logits, mask, vb, "bhgncs,bhnds->bhgncd")
     num = ungroup(num.reshape(b, hkv, hq // hkv, tp, d))[:, :, :t]
-    den = ungroup(den.reshape(b, hkv, hq // hkv, tp))[:, :, :t]
-    if with_max:
-        return num, den, ungroup(cmax.reshape(b, hkv, hq // hkv, tp))[:, :, :t]
-    return num, den
+    den, c = (ungroup(x.reshape(b, hkv, hq // hkv, tp))[:, :, :t] for x in (den, c))
+    return (num, den, c) if with_max else (num, den)
 
 
 def linear_sums(qf, kf, v, valid, *, shift, chunk, state=None):

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode, combine, expand_weight, first_valid, group_queries, safe_div, sink_positions, softcapped, ungroup,
+    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, safe_div, sink_positions,
+    softcapped, ungroup,
 )
 from linearize.attention.memory import SparseMemory, memory_boundary, memory_walk
 
@@ -143,10 +144,8 @@ def _softmax_sums(q, keys, values, mask, scale, softcap):
     """q (B, Hq, 1, d) against keys (B, Hkv, L, d) with mask (B, L) or (B, Hkv, L)."""
     hkv = keys.shape[1]
     logits = softcapped(torch.einsum("bhgtd,bhsd->bhgts", group_queries(q, hkv), keys) * scale, softcap)
-    logits = logits.masked_fill(~_keymask(mask), float("-inf"))
-    c = logits.amax(-1, keepdim=True)
-    a = torch.exp(logits - torch.where(torch.isfinite(c), c, torch.zeros_like(c)))
-    return ungroup(torch.einsum("bhgts,bhsd->bhgtd", a, values)), ungroup(a.sum(-1))
+    num, den, _ = masked_softmax_sums(logits, _keymask(mask), values, "bhgts,bhsd->bhgtd")
+    return ungroup(num), ungroup(den)
 
 
 def _linear_sums(qf, S, z, window=None):

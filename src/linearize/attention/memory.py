@@ -63,13 +63,17 @@ def memory_boundary(S, z, slots, pending):
     pool_valid = torch.cat([mvalid, pending[3][:, None, :].expand(b, hkv, pending[3].shape[-1])], 2)
     with torch.no_grad():
         scores = recall_error(pool[2], pool[1], S, z).masked_fill(~pool_valid, float("-inf"))
-        keep = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :m].sort(-1).values
-    kept = torch.zeros_like(pool_valid).scatter(-1, keep, True)
-    kf_fold = pool[2].to(S.dtype) * (pool_valid & ~kept).to(S.dtype).unsqueeze(-1)
-    S = S + torch.einsum("bhlm,bhld->bhmd", kf_fold, pool[1].to(S.dtype))
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        keep, drop = order[..., :m].sort(-1).values, order[..., m:]
+
+    def take(x, idx):
+        return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+    # fold only the C dropped keys (invalid ones weigh 0): the update costs C, not m + C, rank-1 terms
+    kf_fold = take(pool[2], drop).to(S.dtype) * pool_valid.gather(2, drop).to(S.dtype).unsqueeze(-1)
+    S = S + torch.einsum("bhlm,bhld->bhmd", kf_fold, take(pool[1], drop).to(S.dtype))
     z = z + kf_fold.sum(2)
-    gather = [x.gather(2, keep.unsqueeze(-1).expand(*keep.shape, x.shape[-1])) for x in pool]
-    return S, z, (*gather, pool_valid.gather(2, keep))
+    return S, z, (*(take(x, keep) for x in pool), pool_valid.gather(2, keep))
 
 
 def memory_walk(k, v, kf, candidate, *, window: int, block: int, slots: int, blocks: int, dtype=torch.float32):

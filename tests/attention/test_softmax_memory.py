@@ -136,6 +136,9 @@ def test_state_size_is_constant_and_counts_memory():
     extra = B * HKV * ((5 + 8) * per_key + 5) + B * 8 + B * HKV * 8 * 2 * D * 4 + B * 8  # memory, pending, sink_kf, count
     assert sizes[100] == sizes[400] == sizes[1000] == plain + extra
     assert state.memory.valid.all()
+    swapped = state.index_select(torch.tensor([1, 0]))  # beam search reorders rows of every part of the state
+    assert swapped.nbytes() == state.nbytes() and torch.equal(swapped.memory.k[0], state.memory.k[1])
+    assert torch.equal(swapped.sink_kf[0], state.sink_kf[1]) and swapped.softmax_sinks == 2
 
 
 SETTINGS_MODEL = dict(window=4, sparse_memory=3, memory_block=4, softmax_sinks=2)

@@ -27,6 +27,9 @@ class HybridConfig:
     mix_value: float = field(default=0.5, metadata={"help": "mix: g (fixed) or its initial value (learned, dynamic)."})
     placement: str = field(default="complementary", metadata={"help": "Keys the linear branch covers in 'hybrid' mode: 'complementary' = only keys older than the window (LoLCATs), 'overlap' = all past keys."})
     num_sinks: int = field(default=8, metadata={"help": "Number of leading tokens attended in the 'sinks_only' diagnostic mode."})
+    softmax_sinks: int = field(default=0, metadata={"help": "Attention sinks kept in the softmax branch (StreamingLLM): in 'hybrid' and 'swa_only' modes softmax covers the window plus the first n valid tokens of the row; with placement 'complementary' the linear branch leaves them out. 0 = off. Not the same as num_sinks (the 'sinks_only' diagnostic)."})
+    sparse_memory: int = field(default=0, metadata={"help": "Sparse exact memory (LoLA-style), 'hybrid' mode only: every memory_block tokens, the keys in memory and those that left the window since are scored by how badly the linear state recalls their values, ||v - phi(k)^T S / phi(k)^T z||^2; the sparse_memory highest-scoring keys (per row and KV head) stay exact in the softmax branch, the rest join the linear state. Training-free; the decode state grows by a fixed m + memory_block keys. 0 = off. Exact definition: linearize.attention.reference."})
+    memory_block: int = field(default=64, metadata={"help": "sparse_memory: tokens between memory updates (block boundaries at multiples of it, padding counted); between updates the keys that left the window stay in the softmax branch, so softmax covers up to window + memory_block - 1 recent keys."})
     chunk_size: int = field(default=64, metadata={"help": "Query/key block size of the chunked implementations."})
     backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA when available, else chunked PyTorch), 'torch', 'triton' or 'reference' (quadratic spec, for tests)."})
     layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers) or a list of layer indices."})
@@ -50,8 +53,18 @@ class HybridConfig:
             raise ValueError(f"HybridConfig.window must be >= 1, got {self.window}")
         if not 0.0 < self.gamma_init < 1.0 or not 0.0 <= self.mix_value <= 1.0:
             raise ValueError("gamma_init must be in (0, 1) and mix_value in [0, 1]")
+        if self.softmax_sinks < 0 or self.sparse_memory < 0 or self.memory_block < 1:
+            raise ValueError("softmax_sinks and sparse_memory must be >= 0 and memory_block >= 1")
+        if self.backend == "triton" and self.softmax_extras:
+            raise ValueError("softmax_sinks and sparse_memory run on the PyTorch paths only; the Triton kernels do not "
+                             "implement them: use backend 'auto' or 'torch'")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+
+    @property
+    def softmax_extras(self) -> bool:
+        """Whether the softmax branch holds keys besides the window (softmax sinks, sparse memory)."""
+        return self.softmax_sinks > 0 or self.sparse_memory > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -88,6 +88,21 @@ def test_decode_memory_by_hand():
     assert (w + 8) * kv <= layer < (w + 9) * kv
 
 
+@pytest.mark.parametrize("extra", [{}, {"softmax_sinks": 4}, {"sparse_memory": 6, "memory_block": 8, "softmax_sinks": 2}])
+def test_decode_memory_is_what_the_cache_holds(extra):
+    """The formula against the bytes a real cache holds after a prompt, for every layer converted (fp32 model)."""
+    from linearize.attention.cache import cache_nbytes
+    from linearize.compat import cache_kwargs
+    from transformers import DynamicCache
+
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=8, **extra))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 50)), **cache_kwargs(cache), use_cache=True)
+    hybrid = linearize.hybrid_config_of(model)
+    assert decode_state_bytes(model.config, 50, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+
+
 # ----------------------------------------------------------------------------- prompts
 
 

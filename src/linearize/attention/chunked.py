@@ -4,6 +4,8 @@ Sliding window: queries in blocks of C attend to a key block of C + w - 1 (a ban
 Linear branch: causal linear attention over keys shifted right by `shift` positions (w for
 'complementary', 0 otherwise) -- sum_{s <= t - shift} phi(k_s) v_s -- done as intra-chunk products
 plus an exclusive prefix sum of per-chunk states.
+Softmax sinks and sparse memory (see `reference`) add key sets to the softmax branch; each set's max-shifted sums
+carry their max, and `merge_softmax` joins them into one softmax.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode, combine, expand_weight, group_queries, safe_div, sink_positions, softcapped, ungroup,
+    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, safe_div,
+    sink_positions, softcapped, ungroup,
 )
+from linearize.attention.memory import memory_walk
 
 
 def _pad_time(x: torch.Tensor, front: int, back: int, dim: int = 2) -> torch.Tensor:
@@ -21,8 +25,12 @@ def _pad_time(x: torch.Tensor, front: int, back: int, dim: int = 2) -> torch.Ten
     return F.pad(x, pad)
 
 
-def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None):
-    """Numerator (B, Hq, T, d) and denominator (B, Hq, T) of softmax over the window, max-shifted."""
+def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_start=False, with_max=False):
+    """Numerator (B, Hq, T, d) and denominator (B, Hq, T) of softmax over the window, max-shifted.
+
+    `to_block_start`: the window of query t reaches back to c - w + 1, c = chunk * floor(t / chunk) (the sparse
+    memory's softmax span, chunk = memory_block). `with_max`: also the max (B, Hq, T), -inf where no key.
+    """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     n = -(-t // chunk)
@@ -34,18 +42,13 @@ def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None):
     vmask = F.pad(valid, (window - 1, tp - t)).unfold(1, span, chunk)  # (B, N, span)
     i = torch.arange(chunk, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
-    band = (j >= i) & (j <= i + window - 1)  # key j of the block is in query i's window
+    band = (j <= i + window - 1) if to_block_start else (j >= i) & (j <= i + window - 1)  # key j in query i's window
     mask = band & vmask[:, None, None, :, None, :]  # (B, 1, 1, N, C, span)
     logits = softcapped(torch.einsum("bhgncd,bhnds->bhgncs", qg, kb) * scale, softcap)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    c = logits.amax(-1, keepdim=True)
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    a = torch.exp(logits - c)
-    num = torch.einsum("bhgncs,bhnds->bhgncd", a, vb)
-    den = a.sum(-1)
+    num, den, c = masked_softmax_sums(logits, mask, vb, "bhgncs,bhnds->bhgncd")
     num = ungroup(num.reshape(b, hkv, hq // hkv, tp, d))[:, :, :t]
-    den = ungroup(den.reshape(b, hkv, hq // hkv, tp))[:, :, :t]
-    return num, den
+    den, c = (ungroup(x.reshape(b, hkv, hq // hkv, tp))[:, :, :t] for x in (den, c))
+    return (num, den, c) if with_max else (num, den)
 
 
 def linear_sums(qf, kf, v, valid, *, shift, chunk, state=None):
@@ -81,25 +84,51 @@ def linear_sums(qf, kf, v, valid, *, shift, chunk, state=None):
     return num, den
 
 
-def sink_sums(q, k, v, valid, *, scale, num_sinks, softcap=None):
+def sink_sums(q, k, v, valid, *, scale, num_sinks, softcap=None, offset=0, with_max=False):
+    """Softmax sums over the first `num_sinks` valid tokens; query t reads sink s when s <= t - offset
+    (`offset` an int or a (T,) tensor)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     idx, sink_valid = sink_positions(valid, num_sinks)  # (B, n)
     ks = k.gather(2, idx[:, None, :, None].expand(b, hkv, idx.shape[1], d))
     vs = v.gather(2, idx[:, None, :, None].expand(b, hkv, idx.shape[1], d))
-    pos = torch.arange(t, device=q.device)
-    mask = sink_valid[:, None, None, None, :] & (idx[:, None, None, None, :] <= pos[None, None, None, :, None])
+    last = torch.arange(t, device=q.device) - torch.as_tensor(offset, device=q.device)
+    mask = sink_valid[:, None, None, None, :] & (idx[:, None, None, None, :] <= last[None, None, None, :, None])
     logits = softcapped(torch.einsum("bhgtd,bhsd->bhgts", group_queries(q, hkv), ks) * scale, softcap)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    c = logits.amax(-1, keepdim=True)
-    a = torch.exp(logits - torch.where(torch.isfinite(c), c, torch.zeros_like(c)))
-    return ungroup(torch.einsum("bhgts,bhsd->bhgtd", a, vs)), ungroup(a.sum(-1))
+    num, den, c = masked_softmax_sums(logits, mask, vs, "bhgts,bhsd->bhgtd")
+    return (ungroup(num), ungroup(den)) + ((ungroup(c),) if with_max else ())
+
+
+def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots, softcap=None):
+    """Per memory block of queries: softmax sums over the memory in force (num, den, max) and the linear sums over
+    the linear state in force (complementary LA). One pass over the T / block boundaries."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    n = -(-t // block)
+    qg = group_queries(_pad_time(q, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, d)
+    qfg = group_queries(_pad_time(qf, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, qf.shape[-1])
+    soft, lin = [], []
+    for j, (S, z, (mk, mv, _, mvalid)) in enumerate(
+            memory_walk(k, v, kf, candidate, window=window, block=block, slots=slots, blocks=n, dtype=q.dtype)):
+        logits = softcapped(torch.einsum("bhgcd,bhsd->bhgcs", qg[:, :, :, j], mk) * scale, softcap)
+        soft.append(masked_softmax_sums(logits, mvalid[:, :, None, None, :], mv, "bhgcs,bhsd->bhgcd"))
+        lin.append((torch.einsum("bhgcm,bhmd->bhgcd", qfg[:, :, :, j], S), torch.einsum("bhgcm,bhm->bhgc", qfg[:, :, :, j], z)))
+
+    def flat(parts):  # per-block pieces (B, Hkv, G, C, ...) -> (B, Hq, T, ...)
+        out = []
+        for x in zip(*parts):
+            x = torch.stack(x, 3)
+            out.append(ungroup(x.reshape(b, hkv, hq // hkv, n * block, *x.shape[5:]))[:, :, :t])
+        return out
+
+    return flat(soft), flat(lin)
 
 
 def hybrid_attention_chunked(
     q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
     placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid=None,
-    softcap: float | None = None, chunk_size: int = 64,
+    softcap: float | None = None, chunk_size: int = 64, softmax_sinks: int = 0, sparse_memory: int = 0,
+    memory_block: int = 64,
 ) -> torch.Tensor:
     check_mode(mode)
     b, hq, t, _ = q.shape
@@ -111,9 +140,36 @@ def hybrid_attention_chunked(
         return safe_div(*sink_sums(q, k, v, valid, scale=scale, num_sinks=num_sinks, softcap=softcap))
     if mode == "la_only":
         return safe_div(*linear_sums(qf, kf, v, valid, shift=0, chunk=chunk_size))
-    swa = window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk_size, softcap=softcap)
+    memory = sparse_memory > 0 and mode == "hybrid"
+    if not (softmax_sinks or memory):
+        swa = window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk_size, softcap=softcap)
+        if mode == "swa_only":
+            return safe_div(*swa)
+        shift = window if placement == "complementary" else 0
+        la = linear_sums(qf, kf, v, valid, shift=shift, chunk=chunk_size)
+        return combine(rule, expand_weight(weight, b, hq, t, q), swa, la)
+    # softmax over window (stretched to the block start with memory) + sinks (+ memory): disjoint sets, merged
+    sinks = first_valid(valid, softmax_sinks)
+    if memory:
+        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=memory_block, softcap=softcap,
+                             to_block_start=True, with_max=True)]
+        offset = torch.arange(t, device=q.device) % memory_block + window  # sinks older than B(t) - w + 1
+        mem, la_mem = memory_sums(q, qf, k, v, kf, valid & ~sinks, scale=scale, window=window, block=memory_block,
+                                  slots=sparse_memory, softcap=softcap)
+        parts.append(mem)
+    else:
+        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk_size, softcap=softcap, with_max=True)]
+        offset = window
+    if softmax_sinks:
+        parts.append(sink_sums(q, k, v, valid, scale=scale, num_sinks=softmax_sinks, softcap=softcap, offset=offset,
+                               with_max=True))
+    swa = merge_softmax(*parts)
     if mode == "swa_only":
         return safe_div(*swa)
-    shift = window if placement == "complementary" else 0
-    la = linear_sums(qf, kf, v, valid, shift=shift, chunk=chunk_size)
+    if placement == "overlap":
+        la = linear_sums(qf, kf, v, valid, shift=0, chunk=chunk_size)
+    elif memory:
+        la = la_mem
+    else:
+        la = linear_sums(qf, kf, v, valid & ~sinks, shift=window, chunk=chunk_size)
     return combine(rule, expand_weight(weight, b, hq, t, q), swa, la)

@@ -68,3 +68,40 @@ def sink_positions(valid: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor, t
     """Positions of the first `num_sinks` valid tokens of each row: (B, n) indices and (B, n) validity."""
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :num_sinks]
     return order, valid.gather(1, order)
+
+
+def first_valid(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T) mask of the first `n` valid tokens of each row (the sinks)."""
+    idx, ok = sink_positions(valid, n)
+    return torch.zeros_like(valid).scatter(1, idx, ok)
+
+
+def masked_softmax_sums(logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, eq: str):
+    """Max-shifted softmax sums over the keys in `mask`: numerator, denominator and the max (-inf where no key), so
+    that sums over disjoint key sets merge exactly (`merge_softmax`). `eq` contracts weights with `values`."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    c = logits.amax(-1, keepdim=True)
+    a = torch.exp(logits - torch.where(torch.isfinite(c), c, torch.zeros_like(c)))
+    return torch.einsum(eq, a, values), a.sum(-1), c[..., 0]
+
+
+def merge_softmax(*parts):
+    """One softmax's (numerator, denominator) from (num, den, max) sums over disjoint key sets."""
+    c = torch.stack([p[2] for p in parts]).amax(0)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    scales = [torch.exp(p[2] - c) for p in parts]  # 0 for an empty set (max -inf)
+    num = sum(p[0] * s.unsqueeze(-1) for p, s in zip(parts, scales))
+    den = sum(p[1] * s for p, s in zip(parts, scales))
+    return num, den
+
+
+def recall_error(kf: torch.Tensor, v: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Sparse memory's score ||v - phi(k)^T S / phi(k)^T z||^2 of keys kf (B, Hkv, L, m), v (B, Hkv, L, d) against
+    the linear state S (B, Hkv, m, d), z (B, Hkv, m): how badly the state recalls each value; +inf where the
+    normaliser is 0 (the state cannot represent the key at all)."""
+    kf, v = kf.to(S.dtype), v.to(S.dtype)
+    num = torch.einsum("bhlm,bhmd->bhld", kf, S)
+    den = torch.einsum("bhlm,bhm->bhl", kf, z)
+    empty = den == 0
+    err = (v - num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)).square().sum(-1)
+    return torch.where(empty, torch.full_like(err, float("inf")), err)

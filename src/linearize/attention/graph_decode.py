@@ -50,6 +50,9 @@ class GraphDecoder:
             raise ValueError(f"cache layers {growing or 'missing'} are not hybrid states: unconverted layers keep a "
                              "growing KV cache, which a captured step cannot hold; convert every layer and prefill first")
         self.states = [layer.state for layer in cache.layers]
+        if any(st.memory is not None for st in self.states):
+            raise ValueError("sparse memory updates its state every memory_block tokens, which a captured step cannot "
+                             "replay; decode it eagerly")
         batch = {st.S.shape[0] for st in self.states}
         if len(batch) != 1:
             raise ValueError(f"the layers' states hold different batch sizes {sorted(batch)}")

@@ -139,10 +139,14 @@ class HybridAttention(nn.Module):
         h = self.hybrid
         kwargs = dict(scale=self.scale, window=h.window, weight=weight, rule=h.combine, placement=h.placement,
                       mode=mode, num_sinks=h.num_sinks, valid=valid)
+        # softmax sinks and sparse memory change 'hybrid' and 'swa_only' only; the Triton kernels do not have them
+        extras = h.softmax_extras and mode in ("hybrid", "swa_only")
+        if extras:
+            kwargs.update(softmax_sinks=h.softmax_sinks, sparse_memory=h.sparse_memory, memory_block=h.memory_block)
         backend = h.backend
         if backend == "auto":
-            backend = "triton" if _triton_available(q) else "torch"
-            if backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * h.chunk_size:
+            backend = "triton" if _triton_available(q) and not extras else "torch"
+            if backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * h.chunk_size and not h.sparse_memory:
                 backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
         if mode in LINEAR_MODES or backend == "triton":
             qf, kf = self.feature_map_q(q), self.feature_map_k(k)
@@ -222,12 +226,13 @@ class HybridAttention(nn.Module):
             kf = self.feature_map_k(k)
             if valid is None:
                 valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-            layer.state = prefill_state(k, v, kf, valid, window=h.window, num_sinks=h.num_sinks)
+            layer.state = prefill_state(k, v, kf, valid, window=h.window, num_sinks=h.num_sinks, softmax_sinks=h.softmax_sinks,
+                                        sparse_memory=h.sparse_memory, memory_block=h.memory_block)
             return out
         modes = self.head_mode_list()
         qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         step = decode_step
-        if h.backend == "triton" or (h.backend == "auto" and _triton_available(q)):
+        if not h.softmax_extras and (h.backend == "triton" or (h.backend == "auto" and _triton_available(q))):
             from linearize.attention.triton import decode_step_triton as step
         outs = []
         for i in range(q.shape[2]):

@@ -4,21 +4,67 @@ Slow and memory-hungry on purpose; every fast path is tested against it.
 For query t (positions counted over the whole row, padding included):
   window   W_t = {s : t - w < s <= t}
   LA       P_t = {s <= t - w} ('complementary') or {s <= t} ('overlap'); {s <= t} in 'la_only' mode
-  sinks        = the first `num_sinks` valid tokens, s <= t
+  sinks        = the first `num_sinks` valid tokens, s <= t ('sinks_only' diagnostic)
 Padding keys (valid == False) enter no sum.
+
+Softmax sinks (softmax_sinks = n > 0; 'hybrid' and 'swa_only' modes). Z = the first n valid tokens of the row.
+  softmax covers W_t + {s in Z : s <= t}; 'complementary' LA covers P_t minus Z ('overlap' and 'la_only' unchanged).
+
+Sparse exact memory (sparse_memory = m > 0, memory_block = C; 'hybrid' mode only: 'swa_only', 'la_only' and
+'sinks_only' ignore it). Boundaries b = 0, C, 2C, ...; B(t) = C * floor(t / C) is the last boundary <= t.
+  At boundary b the keys that left the window of query b since the previous boundary,
+      N_b = {s valid, s not in Z : b - C - w < s <= b - w},
+  join the memory's keys as candidates, each scored against the linear state of L_{b-C}
+  (S = sum phi(k_s) v_s^T, z = sum phi(k_s) over s in L_{b-C}) by how badly it would recall the key's value:
+      score_s = || v_s - phi(k_s)^T S / phi(k_s)^T z ||^2      (+inf where phi(k_s)^T z = 0: nothing to recall from).
+  Keys already in memory are scored again at every boundary (as LoLA does): a score kept from an earlier state would
+  freeze the memory on the first keys, which all score +inf against the empty state.
+      M_b = the m keys of M_{b-C} + N_b with the highest scores (equal scores: the older key first),
+      L_b = L_{b-C} + (M_{b-C} + N_b minus M_b),                     M_0 = L_0 = {}.
+  Every valid key s <= b - w outside Z is in exactly one of M_b and L_b. For query t, with B = B(t):
+      softmax   {s : B - w < s <= t} + {s in Z : s <= t} + M_B    (the window reaches back to the last boundary:
+                                                                    keys that left it since are not scored yet)
+      LA        L_B ('complementary') or {s <= t} ('overlap')
+  so under 'complementary' every valid key s <= t is in exactly one branch. Selection is per (row, KV head) and not
+  differentiated (scores and ranking under no_grad).
 """
 
 from __future__ import annotations
 
 import torch
 
-from linearize.attention.common import check_mode, combine, expand_weight, group_queries, safe_div, sink_positions, softcapped, ungroup
+from linearize.attention.common import (
+    check_mode, combine, expand_weight, first_valid, group_queries, recall_error, safe_div, softcapped, ungroup,
+)
+
+
+def memory_sets(kf, v, candidate, *, window: int, block: int, slots: int):
+    """M_b and L_b of the module docstring for the boundaries b = 0, C, ... below T: two (B, Hkv, T // C + 1, T)
+    masks, recomputed from scratch at every boundary. `candidate` (B, T): valid keys outside the sinks."""
+    b, hkv, t, _ = kf.shape
+    pos = torch.arange(t, device=kf.device)
+    mem = torch.zeros(b, hkv, t, dtype=torch.bool, device=kf.device)
+    la = mem.clone()
+    mems, las = [mem], [la]
+    for bound in range(block, (t - 1) // block * block + 1, block):
+        new = (candidate & (pos > bound - block - window) & (pos <= bound - window))[:, None].expand(b, hkv, t)
+        with torch.no_grad():
+            weights = kf * la.unsqueeze(-1)
+            score = recall_error(kf, v, torch.einsum("bhsm,bhsd->bhmd", weights, v), weights.sum(2))
+            pool = mem | new
+            ranked = torch.where(pool, score, torch.full_like(score, float("-inf")))
+            top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :slots]
+            mem = torch.zeros_like(mem).scatter(-1, top, True) & pool
+        la = la | (pool & ~mem)
+        mems.append(mem)
+        las.append(la)
+    return torch.stack(mems, 2), torch.stack(las, 2)
 
 
 def hybrid_attention_reference(
     q, k, v, qf, kf, *, scale: float, window: int, weight: torch.Tensor | float = 0.1, rule: str = "shared_norm",
     placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid: torch.Tensor | None = None,
-    softcap: float | None = None,
+    softcap: float | None = None, softmax_sinks: int = 0, sparse_memory: int = 0, memory_block: int = 64,
 ) -> torch.Tensor:
     check_mode(mode)
     b, hq, t, d = q.shape
@@ -48,13 +94,25 @@ def hybrid_attention_reference(
         return ungroup(torch.einsum("bhgts,bhsd->bhgtd", bterm, v)), ungroup(bterm.sum(-1))
 
     if mode == "sinks_only":
-        idx, sink_valid = sink_positions(valid, num_sinks)
-        is_sink = torch.zeros(b, t, dtype=torch.bool, device=q.device).scatter(1, idx, sink_valid)
-        return safe_div(*softmax_sums(causal & is_sink[:, None, None, None, :]))
-    swa = softmax_sums(causal & (diff < window))
-    if mode == "swa_only":
-        return safe_div(*swa)
+        return safe_div(*softmax_sums(causal & first_valid(valid, num_sinks)[:, None, None, None, :]))
     if mode == "la_only":
         return safe_div(*linear_sums(causal))
+    window_mask = causal & (diff < window)
     la_mask = diff >= (window if placement == "complementary" else 0)
-    return combine(rule, expand_weight(weight, b, hq, t, q), swa, linear_sums(la_mask))
+    if softmax_sinks:
+        sinks = first_valid(valid, softmax_sinks)[:, None, None, None, :]
+        window_mask = window_mask | (causal & sinks)
+        if placement == "complementary":
+            la_mask = la_mask & ~sinks
+    if mode == "swa_only":
+        return safe_div(*softmax_sums(window_mask))
+    if sparse_memory:
+        candidate = valid & ~first_valid(valid, softmax_sinks)
+        mem, la_set = memory_sets(kf, v, candidate, window=window, block=memory_block, slots=sparse_memory)
+        blk = pos // memory_block  # the sets in force for query t are those of boundary B(t)
+        mem, la_set = mem[:, :, blk, :].unsqueeze(2), la_set[:, :, blk, :].unsqueeze(2)  # (B, Hkv, 1, T, S)
+        stretched = causal & (pos[None, :] > (blk * memory_block - window)[:, None])  # back to B(t) - w
+        window_mask = window_mask | stretched | mem
+        if placement == "complementary":
+            la_mask = la_set
+    return combine(rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask), linear_sums(la_mask))

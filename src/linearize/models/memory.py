@@ -6,8 +6,8 @@ One definition for the three kinds of model that the long-context evaluation put
   most that many;
 * the window + sinks baseline: on the layers it cuts, the last ``window`` keys/values plus the first ``sinks``;
 * a converted model: on each converted layer the recurrent state of :mod:`linearize.attention.recurrent`
-  (S and z in float32, the ring of the last w - 1 keys, values and key features, the sink keys and values); other
-  layers as in the base model.
+  (S and z in float32, the ring of the last w - 1 keys, values and key features, the sink keys and values, and with
+  sparse memory its slots and pending block); other layers as in the base model.
 """
 
 from __future__ import annotations
@@ -28,11 +28,16 @@ def _hybrid_layer_bytes(hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int
     from linearize.feature_maps import num_features
 
     m = num_features(hybrid.feature_map, d, hybrid.feature_size)
-    ring = hybrid.window - 1
+    sink_slots = max(hybrid.num_sinks, hybrid.softmax_sinks)
+    # exact keys kept with their features: the ring of w - 1, and with sparse memory its m slots plus a pending block
+    exact = hybrid.window - 1 + (hybrid.sparse_memory + hybrid.memory_block if hybrid.sparse_memory else 0)
+    featured = exact + (sink_slots if hybrid.softmax_sinks else 0)  # softmax sinks leave the LA sums: features kept
     state = hkv * (m * d + m) * F32  # S, z: accumulated in float32 whatever the model dtype
-    ring_bytes = hkv * ring * (2 * d + m) * dtype_bytes + ring  # keys, values, key features; validity flags
-    sinks = hkv * hybrid.num_sinks * 2 * d * dtype_bytes + hybrid.num_sinks
-    return state + ring_bytes + sinks
+    kept = hkv * (2 * (exact + sink_slots) * d + featured * m) * dtype_bytes
+    # validity flags (memory slots per KV head, the rest per row) and the count of keys that left the window (int64)
+    flags = exact + sink_slots + ((hkv - 1) * hybrid.sparse_memory if hybrid.sparse_memory else 0)
+    count = 8 if hybrid.sparse_memory or hybrid.softmax_sinks else 0
+    return state + kept + flags + count
 
 
 def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: HybridConfig | None = None,

@@ -28,12 +28,12 @@ def table(record: dict) -> str:
             for label, row in record["table"].items()]
     n = {first[t].get("n") for t in tasks}
     meta = record["meta"]
-    conversion = record.get("conversion", {}).get("seconds")
-    seconds = record.get("demo_seconds") or record["seconds"]["total"]
-    timing = (f"`linearize demo` took {seconds / 60:.0f} min on {meta.get('gpu') or str(meta.get('cpu_count')) + '-core ' + meta.get('device', '').upper()}"
-              + (f" (conversion {conversion:.0f} s)" if conversion else "")
-              + f", commit {str(meta.get('commit'))[:10]}, {'/'.join(str(x) for x in sorted(n))} questions per benchmark"
-              " (so ±15-20 points); the record is `results/demo/diagnose.json`.")
+    conversion = record.get("conversion", {}).get("wall_seconds")
+    diagnose = record["seconds"]["total"]
+    where = meta.get("gpu") or f"{meta.get('cpu_count')}-core {str(meta.get('device', '')).upper()}"
+    timing = (f"Run at commit {str(meta.get('commit'))[:10]} on a {where} machine: conversion {conversion / 60:.0f} min, "
+              f"component diagnostics {diagnose / 60:.0f} min ({'/'.join(str(x) for x in sorted(n))} questions per "
+              "benchmark, so ±15-20 points); the record is `results/demo/diagnose.json`.")
     return timing + "\n\n" + markdown_table(["Active attention"] + tasks + ["AVG", "Rec. above floor %"], rows)
 
 

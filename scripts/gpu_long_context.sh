@@ -9,7 +9,7 @@
 # Every step is skipped when its output exists and a cut-off conversion resumes, so calling the script again with
 # the same OUT continues where a time limit stopped it. Nothing runs past SECONDS.
 #   usage: scripts/gpu_long_context.sh MODEL OUT SECONDS
-# Settings (environment): PRESET (gpu-small), PARALLEL_EVALS (3), LONG_ARGS (extra `diagnose` options), and
+# Settings (environment): PRESET (gpu-small), MAX_TRAIN (4 conversions at a time), PARALLEL_EVALS (3), LONG_ARGS (extra `diagnose` options), and
 # RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
 model=$1 out=$2 seconds=$3
@@ -36,16 +36,21 @@ VARIANTS=(
 LONG=(--what long --dtype bfloat16 --bootstrap 1000 ${LONG_ARGS:-})
 
 "${PYTHON:-python3}" -m linearize info "$model" > "$out/logs/info.log" 2>&1  # dequantize and cache the model once
-for spec in "${RUNS[@]}"; do
-  IFS='|' read -r name recipe opts <<< "$spec"
-  dir="$out/runs/$name"
-  [ -f "$dir/summary.json" ] && continue
-  resume=(); [ -d "$dir" ] && resume=(--resume)
-  say "training $name ($recipe $opts)"
-  # shellcheck disable=SC2086
-  timeout -s INT -k 20 "$(left)" "${PYTHON:-python3}" -m linearize convert --model "$model" --recipe "$recipe" \
-    --preset "${PRESET:-gpu-small}" --out "$dir" "${resume[@]}" $opts >> "$out/logs/convert-$name.log" 2>&1 &
-done
+train_all() {  # MAX_TRAIN conversions at a time (each holds a few GB of activations and 262k-vocabulary logits)
+  for spec in "${RUNS[@]}"; do
+    IFS='|' read -r name recipe opts <<< "$spec"
+    dir="$out/runs/$name"
+    [ -f "$dir/summary.json" ] && continue
+    while [ "$(jobs -rp | wc -l)" -ge "${MAX_TRAIN:-4}" ]; do sleep 5; done
+    resume=(); [ -d "$dir" ] && resume=(--resume)
+    say "training $name ($recipe $opts)"
+    # shellcheck disable=SC2086
+    timeout -s INT -k 20 "$(left)" "${PYTHON:-python3}" -m linearize convert --model "$model" --recipe "$recipe" \
+      --preset "${PRESET:-gpu-small}" --out "$dir" "${resume[@]}" $opts >> "$out/logs/convert-$name.log" 2>&1 &
+  done
+  wait
+}
+train_all &
 
 evaluate() {  # name, model dir or spec, options...
   local name=$1 spec=$2; shift 2
@@ -61,7 +66,7 @@ while [ "$(left)" -gt 20 ]; do
   for i in "${!pending[@]}"; do
     name=${pending[$i]}
     if [ -f "$out/runs/$name/summary.json" ]; then
-      while [ "$(jobs -rp | wc -l)" -ge $(( ${#RUNS[@]} + ${PARALLEL_EVALS:-3} )) ]; do sleep 5; done
+      while [ "$(jobs -rp | wc -l)" -ge $(( 1 + ${PARALLEL_EVALS:-3} )) ]; do sleep 5; done  # + the trainer
       evaluate "$name" "$out/runs/$name" --no-base & unset "pending[$i]"
     fi
   done

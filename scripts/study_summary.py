@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from linearize.evaluate.report import fmt_pct, markdown_table, save_figure
+from linearize.records import fmt_pct, markdown_table, save_figure
 
 MODES = ("base", "hybrid", "swa_only", "la_only", "sinks_only", "none")
 

@@ -134,7 +134,7 @@ def load_base_report(out: Path, key: str) -> dict | None:
 
 
 def store_base_report(out: Path, key: str, report: dict, device: str) -> None:
-    from linearize.evaluate.report import git_commit, write_json_with_provenance
+    from linearize.records import git_commit, write_json_with_provenance
 
     path = _base_reports(out)
     reports = json.loads(path.read_text())["reports"] if path.is_file() else {}
@@ -165,7 +165,8 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
     """
     from linearize.evaluate.diagnose import diagnose, diagnose_markdown
     from linearize.evaluate.harness import TASKS
-    from linearize.evaluate.report import run_metadata, side_by_side, write_record
+    from linearize.records import run_metadata, write_record
+    from linearize.evaluate.report import side_by_side
     from linearize.train import run_recipe
     from linearize.train.recipes import load_recipe
 

@@ -24,7 +24,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from linearize.evaluate.diagnose import diagnose, diagnose_markdown
-    from linearize.evaluate.report import run_metadata, write_record
+    from linearize.records import run_metadata, write_record
     from linearize.train import run_recipe
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

@@ -68,7 +68,7 @@ def run(args) -> int:
     from linearize.errors import LinearizeError
     from linearize.evaluate.harness import default_data_dir
     from linearize.evaluate.lm_eval_model import load_model
-    from linearize.evaluate.report import run_metadata, write_record
+    from linearize.records import run_metadata, write_record
 
     spec = model_spec(args)
     what = [w.strip() for w in args.what.split(",") if w.strip()]

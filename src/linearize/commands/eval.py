@@ -124,7 +124,8 @@ def run(args) -> int:
     from linearize.errors import LinearizeError
     from linearize.evaluate.harness import default_data_dir, evaluate
     from linearize.evaluate.lm_eval_model import load_model
-    from linearize.evaluate.report import eval_markdown, run_metadata, write_record
+    from linearize.records import run_metadata, write_record
+    from linearize.evaluate.report import eval_markdown
     from linearize.models.convert import components, is_converted
 
     spec = model_spec(args)

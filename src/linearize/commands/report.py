@@ -43,7 +43,7 @@ def _merge_long(dirs, out) -> None:
 
     from linearize.errors import LinearizeError
     from linearize.evaluate.long_context import long_markdown, merge_long_records, overview_markdown, plot_bpb, plot_retrieval
-    from linearize.evaluate.report import write_record
+    from linearize.records import write_record
 
     records = {}
     for d in dirs:

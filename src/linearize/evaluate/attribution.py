@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from linearize.attention.chunked import linear_sums, window_sums
 from linearize.errors import LinearizeError
-from linearize.evaluate.report import save_figure
+from linearize.records import fmt_pct, markdown_table, save_figure
 
 __all__ = ["attribution", "branch_shares", "heldout_batch", "sequence_loss", "plot_attribution", "attribution_markdown"]
 
@@ -264,8 +264,6 @@ def plot_attribution(result: dict[str, Any], path, title: str = "") -> Path:
 
 
 def attribution_markdown(record: dict[str, Any]) -> str:
-    from linearize.evaluate.report import fmt_pct, markdown_table
-
     meta = record.get("meta", {})
     r = record
     header = ["layer", "LA mass % (per head)", "LA output % (per head)"]

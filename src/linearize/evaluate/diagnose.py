@@ -33,7 +33,7 @@ import numpy as np
 
 from linearize.config import COMPONENT_MODES
 from linearize.evaluate.harness import TASKS, context_lengths, default_data_dir, evaluate, headline_metric
-from linearize.evaluate.report import fmt_pct, markdown_table, write_json_with_provenance
+from linearize.records import fmt_pct, markdown_table, write_json_with_provenance
 
 __all__ = ["diagnose", "recovery", "diagnose_markdown", "PAPER_LABELS"]
 

@@ -34,7 +34,7 @@ from linearize.config import HybridConfig
 from linearize.errors import LinearizeError
 from linearize.evaluate.long_score import bootstrap, paired, score_items
 from linearize.evaluate.long_tasks import LONG_QA, READING, RETRIEVAL, TASKS, build_items
-from linearize.evaluate.report import fmt_pct, markdown_table, save_figure
+from linearize.records import fmt_pct, markdown_table, save_figure
 
 __all__ = ["run_long", "long_markdown", "plot_retrieval", "plot_bpb", "summarize", "training_seq_len",
            "merge_long_records", "overview_markdown", "DEFAULT_TASKS", "MEMORY_CONTEXT"]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from linearize.compat import cache_kwargs, output_cache
 from linearize.errors import LinearizeError
-from linearize.evaluate.report import save_figure
+from linearize.records import fmt_pct, markdown_table, save_figure
 
 __all__ = ["position_losses", "position_loss_probe", "passkey_prompt", "passkey_trial", "passkey_probe",
            "plot_position_loss", "probes_markdown", "probe_variants", "merge_probe_results", "run_probes", "FILLER"]
@@ -232,8 +232,6 @@ def passkey_probe(model, tokenizer, *, contexts=(512, 1024, 2048, 4096), trials:
 
 
 def probes_markdown(record: dict[str, Any]) -> str:
-    from linearize.evaluate.report import fmt_pct, markdown_table
-
     meta = record.get("meta", {})
     lines = [f"# probes: {meta.get('model')}", "",
              f"commit {str(meta.get('commit'))[:10]} · device {meta.get('gpu') or meta.get('device')} · seed {meta.get('seed')}",

@@ -239,7 +239,7 @@ def run_recipe(model: Any, recipe: str | dict | None = None, out_dir: str | Path
 
     from linearize.config import HybridConfig
     from linearize.errors import LinearizeError
-    from linearize.evaluate.report import git_commit
+    from linearize.records import git_commit
     from linearize.models import rundir
     from linearize.models.convert import convert, hybrid_modules, mixing_report
     from linearize.train import finetune, loop, ssd as ssd_mod

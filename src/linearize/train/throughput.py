@@ -278,7 +278,7 @@ def environment(commit: str | None, argv, device: torch.device) -> dict:
         return gpu_environment(commit, argv)
     import transformers
 
-    from linearize.evaluate.report import git_commit
+    from linearize.records import git_commit
 
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace, argv) -> dict:
     res = measure(args.model, [r for r in args.recipes.split(",") if r], preset=args.preset, overrides=args.overrides,
                   steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, batch_size=args.batch_size,
                   show_progress=not args.no_progress)
-    from linearize.evaluate.report import benchmark_header
+    from linearize.records import benchmark_header
 
     res = {**benchmark_header(environment(args.commit, argv, torch.device(res["torch_device"]))), **res}
     out_dir = Path(args.out_dir)

@@ -629,7 +629,7 @@ def environment(commit: str | None, argv) -> dict:
     except ImportError:
         pass
     if not commit:
-        from linearize.evaluate.report import git_commit
+        from linearize.records import git_commit
 
         commit = git_commit()["commit"]
     env["git_commit"] = commit or "unknown"
@@ -729,7 +729,7 @@ def run(args: argparse.Namespace, argv=None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name}.json"
-    from linearize.evaluate.report import benchmark_header
+    from linearize.records import benchmark_header
 
     res = {**benchmark_header(environment(args.commit, argv)), "settings": vars(args).copy()}
     res["settings"].pop("func", None)

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from linearize.attention.triton import _kernels as K  # noqa: E402
 from linearize.attention.triton import hybrid_attention_triton  # noqa: E402
-from linearize.attention.triton.benchmark import HEAD_CONFIGS, make_inputs  # noqa: E402
+from linearize.bench.kernels import HEAD_CONFIGS, make_inputs  # noqa: E402
 
 
 def compiled_report():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from linearize.attention.triton.benchmark import HEAD_CONFIGS, decode_ratios, layer_ratios, useful_flops  # noqa: E402
+from linearize.bench.kernels import HEAD_CONFIGS, decode_ratios, layer_ratios, useful_flops  # noqa: E402
 
 LAYER = re.compile(r"^(\S+)\s+T=\s*(\d+)\s+(\w+)\s+fwd\s+([\d.]+) ms\s+fwd\+bwd\s+([\d.]+) ms\s+peak\s+([\d.]+) MiB")
 LAYER_ERR = re.compile(r"^(\S+)\s+T=\s*(\d+)\s+(\w+)\s+(OOM|ERROR.*)$")

@@ -344,9 +344,8 @@ def test_gpu_decode_full_size(placement, full_d, monkeypatch):
 def test_bench_cli_arguments_match_the_library():
     import argparse
 
-    from linearize.attention.triton.benchmark import add_arguments
+    from linearize.bench import add_arguments, add_conversion_arguments
     from linearize.cli import build_parser
-    from linearize.commands.bench import add_conversion_arguments
 
     cli = vars(build_parser().parse_args(["bench", "--name", "x"]))
     lib, conversion = argparse.ArgumentParser(), argparse.ArgumentParser()

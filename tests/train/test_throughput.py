@@ -6,7 +6,7 @@ import math
 import pytest
 
 from linearize.cli import main
-from linearize.train.throughput import measure
+from linearize.bench.throughput import measure
 from lz_train_helpers import tiny_gemma3, tiny_llama
 
 TINY = dict(steps=2, warmup=1, seq_len=32, batch_size=2, preset="cpu", show_progress=False)

@@ -1,16 +1,18 @@
-"""`linearize bench`: side-by-side GPU benchmarks of the hybrid layer (see linearize.attention.triton.benchmark).
+"""`linearize bench`: side-by-side GPU benchmarks of the hybrid layer (see linearize.bench.kernels).
 
 Per-layer forward / forward+backward time and peak memory vs sequence length for full causal SDPA, window-only
 softmax (FlexAttention), the chunked PyTorch path, the Triton kernels and fla + a window; decode tokens/s and cache
 memory for a Gemma-3-270M-shaped model, base vs converted.  Writes <out-dir>/<name>.json and <name>.md.
 
-`linearize bench --conversion --model M`: conversion throughput instead (see linearize.train.throughput) -- tokens/s,
+`linearize bench --conversion --model M`: conversion throughput instead (see linearize.bench.throughput) -- tokens/s,
 seconds per step and peak memory of each training stage of the recipes and of an evaluation forward (GPU or CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+
+from linearize.bench import add_arguments, add_conversion_arguments
 
 
 def register(subparsers) -> None:
@@ -22,66 +24,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=run, name=None)  # the default stem depends on --conversion (see run)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The benchmark's options (also used by benchmarks/bench_attention.py); kept free of torch imports."""
-    p.add_argument("--name", default="bench",
-                   help="results file stem: <out-dir>/<name>.json (default: bench; conversion with --conversion)")
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536,131072",
-                   help="comma-separated sequence lengths of the layer benchmark")
-    p.add_argument("--configs", default="gemma3-270m,llama", help="head configs: gemma3-270m, llama")
-    p.add_argument("--impls", default="sdpa,swa,chunked,triton,fla_swa", help="implementations: sdpa, swa, chunked, triton, fla_swa")
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--budget", type=float, default=0.3, help="seconds of timed repetitions per measurement")
-    p.add_argument("--max-chunked-t", type=int, default=65536, help="skip the chunked PyTorch path above this length")
-    p.add_argument("--contexts", default="1024,4096,16384,32768", help="decode context lengths")
-    p.add_argument("--batches", default="1,64", help="decode batch sizes (plus the largest the base fits)")
-    p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--skip-layer", action="store_true")
-    p.add_argument("--skip-decode", action="store_true")
-    p.add_argument("--skip-peak", action="store_true")
-    p.add_argument("--fla-configs", type=int, default=1, help="autotune configs kept per fla kernel (0: all)")
-    p.add_argument("--commit", default=None, help="git commit to record (default: the checkout's HEAD, else $LINEARIZE_COMMIT)")
-
-
-def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "conversion throughput (--conversion)",
-        "for each stage of each recipe (stage 1 per distinct transfer objective, stage 2 LoRA with or without SSD): "
-        "tokens/s and seconds per optimizer step over --steps steps after --warmup, and peak memory; plus the load and "
-        "conversion time and a no-grad evaluation forward of the base and converted models (hybrid, la_only). "
-        "Stages that compute the same thing in several recipes are measured once. Random token rows.")
-    g.add_argument("--conversion", action="store_true", help="measure conversion throughput instead of the layer "
-                   "and decode benchmarks (GPU or CPU)")
-    g.add_argument("--model", default="gemma3-270m", help="short name (gemma3-270m, smollm2-135m), HF directory or "
-                   ".gguf file (default: gemma3-270m)")
-    g.add_argument("--recipes", default="lolcats,ssd,hedgecats",
-                   help="comma-separated recipe names or YAML paths (default: lolcats,ssd,hedgecats)")
-    g.add_argument("--preset", default=None, help="size preset of the recipes (default: gpu-small on a GPU, cpu otherwise)")
-    g.add_argument("--steps", type=int, default=None, help="timed optimizer steps (or forwards) per stage "
-                   "(default: 10 on a GPU, 3 on a CPU)")
-    g.add_argument("--warmup", type=int, default=None, help="untimed steps before them: allocation, kernel autotuning "
-                   "(default: 2 on a GPU, 1 on a CPU)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's data.seq_len)")
-    g.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch of both stages and of the "
-                   "evaluation forward (default: the preset's)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of every recipe as in linearize convert, e.g. --set stage1.objective=output; "
-                        "repeatable")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def run(args: argparse.Namespace) -> int:
     import sys
 
     argv = sys.argv[2:] if len(sys.argv) > 2 else []
     if args.conversion:
-        from linearize.train.throughput import run as run_conversion
+        from linearize.bench.throughput import run as run_conversion
 
         args.name = args.name or "conversion"
         run_conversion(args, argv)
         return 0
-    from linearize.attention.triton.benchmark import run as run_bench
+    from linearize.bench.kernels import run as run_bench
 
     args.name = args.name or "bench"
     run_bench(args, argv)

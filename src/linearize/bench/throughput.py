@@ -35,6 +35,16 @@ from pathlib import Path
 
 import torch
 
+from linearize.bench.kernels import environment as gpu_environment
+from linearize.config import HybridConfig
+from linearize.errors import LinearizeError, TrainingDivergedError
+from linearize.models.convert import components, convert
+from linearize.models.loading import load_base
+from linearize.records import benchmark_header, git_commit
+from linearize.train import loop, stage1_parts, stage2_parts
+from linearize.train.finetune import lm_loss_sum
+from linearize.train.recipes import load_recipe
+
 DATA = "random token ids, uniform over the vocabulary (throughput does not depend on the content)"
 # stage settings that do not change what an optimizer step computes: stages differing only in these are measured once
 _NO_COST = ("enabled", "epochs", "max_steps", "checkpoint_every", "log_every", "early_stopping", "lr", "betas",
@@ -122,9 +132,6 @@ def plan(recipes: dict[str, dict]) -> list[dict]:
 
 
 def _eval_row(model, mode: str, batch: torch.Tensor, chunk: int, acc, steps: int, warmup: int) -> dict:
-    from linearize.models.convert import components
-    from linearize.train.finetune import lm_loss_sum
-
     model.eval()
 
     def forward(_):
@@ -139,8 +146,6 @@ def _eval_row(model, mode: str, batch: torch.Tensor, chunk: int, acc, steps: int
 
 def _train_row(model, name: str, stage: dict, params: dict, loss_fn, *, seq_len: int, seed: int, acc, steps: int,
                warmup: int) -> dict:
-    from linearize.train import loop
-
     spec = loop.LoopSpec.from_recipe(name, {**stage, "epochs": 1, "max_steps": None}, seed)
     vocab = model.get_input_embeddings().num_embeddings
     data = _random_rows(vocab, (warmup + steps) * spec.rows_per_step, seq_len, seed)
@@ -175,11 +180,6 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from linearize.config import HybridConfig
-    from linearize.errors import LinearizeError, TrainingDivergedError
-    from linearize.models.convert import convert
-    from linearize.train import loop, stage1_parts, stage2_parts
-    from linearize.train.recipes import load_recipe
 
     preset = preset or ("gpu-small" if torch.cuda.is_available() else "cpu")
     sizes = [f"data.seq_len={seq_len}"] * bool(seq_len)
@@ -213,8 +213,6 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
 
     t0 = time.perf_counter()
     if isinstance(model, (str, Path)):
-        from linearize.models.loading import load_base
-
         base, _ = load_base(str(model), dtype=getattr(torch, rt["dtype"]), device=acc.device, check=False)
     else:
         base = model.to(acc.device)
@@ -273,12 +271,8 @@ def environment(commit: str | None, argv, device: torch.device) -> dict:
     """Device, versions, commit and command: the layer benchmark's record on a GPU (it reads the GPU's properties),
     the same keys on a CPU."""
     if device.type == "cuda":
-        from linearize.attention.triton.benchmark import environment as gpu_environment
-
         return gpu_environment(commit, argv)
     import transformers
-
-    from linearize.records import git_commit
 
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -317,8 +311,6 @@ def run(args: argparse.Namespace, argv) -> dict:
     res = measure(args.model, [r for r in args.recipes.split(",") if r], preset=args.preset, overrides=args.overrides,
                   steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, batch_size=args.batch_size,
                   show_progress=not args.no_progress)
-    from linearize.records import benchmark_header
-
     res = {**benchmark_header(environment(args.commit, argv, torch.device(res["torch_device"]))), **res}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linearize.commands.bench import add_arguments
+from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
+from linearize.attention.chunked import hybrid_attention_chunked
+from linearize.attention.graph_decode import GraphDecoder
+from linearize.attention.module import HybridAttention
+from linearize.attention.recurrent import HybridState
+from linearize.bench import add_arguments
 from linearize.compat import cache_kwargs
+from linearize.config import HybridConfig
+from linearize.models.convert import convert
+from linearize.records import benchmark_header, git_commit
 
 HEAD_CONFIGS = {
     "gemma3-270m": dict(hq=4, hkv=1, d=256, m=512),
@@ -186,7 +194,6 @@ def impl_swa(cfg, t, window, scale):
 
 
 def impl_chunked(cfg, t, window, scale, weight):
-    from linearize.attention.chunked import hybrid_attention_chunked
 
     def fn(q, k, v, qf, kf):  # exactly HybridAttention.attend's torch backend: fp32 upcast
         f32 = [x.float() for x in (q, k, v, qf, kf)]
@@ -468,9 +475,6 @@ def _fill_base_cache(model, batch, ctx, dtype, device="cuda"):
 def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
     from transformers import DynamicCache
 
-    from linearize.attention.cache import hybrid_cache_layer
-    from linearize.attention.module import HybridAttention
-    from linearize.attention.recurrent import HybridState
 
     cfg = model.config
     cache = DynamicCache(config=cfg)
@@ -495,8 +499,6 @@ def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
 
 def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, device="cuda"):
     """tokens/s, ms/step and cache bytes of `steps` decoding steps: eager forwards, or a captured graph's replays."""
-    from linearize.attention.cache import cache_nbytes
-    from linearize.attention.graph_decode import GraphDecoder
 
     ids = torch.randint(1, 1000, (batch, 1), device=device)
     nbytes = cache_nbytes(cache)
@@ -534,8 +536,6 @@ def run_decode_bench(contexts, batches, *, steps=8, search_batches=(512, 384, 25
 
     from transformers import Gemma3ForCausalLM
 
-    import linearize
-    from linearize.attention.module import HybridAttention
 
     dtype = torch.bfloat16
     cfg = gemma3_270m_config()
@@ -578,7 +578,7 @@ def run_decode_bench(contexts, batches, *, steps=8, search_batches=(512, 384, 25
             largest = batch
             break
     # converted (in place): eager PyTorch step, eager Triton step, the Triton step replayed as a CUDA graph
-    linearize.convert(model, linearize.HybridConfig())
+    convert(model, HybridConfig())
     layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
     for kind, (backend, graph) in CONVERTED_KINDS.items():
         for layer in layers:
@@ -629,8 +629,6 @@ def environment(commit: str | None, argv) -> dict:
     except ImportError:
         pass
     if not commit:
-        from linearize.records import git_commit
-
         commit = git_commit()["commit"]
     env["git_commit"] = commit or "unknown"
     return env
@@ -729,8 +727,6 @@ def run(args: argparse.Namespace, argv=None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name}.json"
-    from linearize.records import benchmark_header
-
     res = {**benchmark_header(environment(args.commit, argv)), "settings": vars(args).copy()}
     res["settings"].pop("func", None)
 

@@ -61,7 +61,7 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, in
         for target in targets:
             while target and target not in known:  # `import a.b.c` of a name inside a module: its module
                 target = target.rpartition(".")[0]
-            if target.split(".")[0] == "linearize":
+            if target.split(".")[0] == "linearize" and (target, node.lineno) not in found:
                 found.append((target, node.lineno))
     return found
 

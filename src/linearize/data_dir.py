@@ -7,7 +7,7 @@ from pathlib import Path
 
 from linearize.errors import LinearizeError
 
-__all__ = ["DATA_ENV", "DataNotFoundError", "candidates", "default_data_dir"]
+__all__ = ["DATA_ENV", "DataNotFoundError", "candidates", "default_data_dir", "resolve_data_dir"]
 
 #: Environment variable that names the data directory.
 DATA_ENV = "LINEARIZE_DATA"
@@ -46,3 +46,13 @@ def default_data_dir() -> Path:
         tried.append(f"{label} = {path}")
     raise DataNotFoundError(f"No data directory found. Tried: ${DATA_ENV} (unset); " + "; ".join(tried)
                             + f". Set {DATA_ENV} or pass data_dir=.")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir`` as given (it must be a directory), or :func:`default_data_dir` when None."""
+    if data_dir is None:
+        return default_data_dir()
+    p = Path(data_dir).expanduser()
+    if not p.is_dir():
+        raise LinearizeError(f"Data directory {str(p)!r} does not exist or is not a directory.")
+    return p.resolve()

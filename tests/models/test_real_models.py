@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import linearize
-from linearize.train.data import default_data_dir
+from linearize.data_dir import default_data_dir
 
 
 def wikitext_passage(tokenizer, n_tokens=200):

@@ -1,4 +1,4 @@
-"""Tests for linearize.train.data (CPU, offline, a few seconds).
+"""Tests for linearize.documents and linearize.train.data (CPU, offline, a few seconds).
 
 The tokenizer is a tiny byte-level BPE trained here on local WikiText, not a hub download.
 """
@@ -12,13 +12,15 @@ import time
 import pytest
 import torch
 
+from linearize import documents as Docs
+from linearize.data_dir import default_data_dir
 from linearize.errors import LinearizeError
 from linearize.train import data as D
 
 
 def _data_dir_or_skip():
     try:
-        return D.default_data_dir()
+        return default_data_dir()
     except LinearizeError as e:  # pragma: no cover - only where shared data is absent
         pytest.skip(str(e))
 
@@ -59,37 +61,37 @@ def build(tok, sources, tmp_path, **kw):
 
 
 def test_templates():
-    assert D.format_alpaca("Do X.", "", "Done.") == "### Instruction:\nDo X.\n\n### Response:\nDone."
-    assert D.format_alpaca("Do X.", "with Y", "Done.") == (
+    assert Docs.format_alpaca("Do X.", "", "Done.") == "### Instruction:\nDo X.\n\n### Response:\nDone."
+    assert Docs.format_alpaca("Do X.", "with Y", "Done.") == (
         "### Instruction:\nDo X.\n\n### Input:\nwith Y\n\n### Response:\nDone."
     )
     one = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
-    assert D.format_conversation(one) == "### Instruction:\nHi?\n\n### Response:\nHello."
+    assert Docs.format_conversation(one) == "### Instruction:\nHi?\n\n### Response:\nHello."
     multi = one + [{"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure"}]
-    assert D.format_conversation(multi) == (
+    assert Docs.format_conversation(multi) == (
         "### User:\nHi?\n\n### Assistant:\nHello.\n\n### User:\nMore\n\n### Assistant:\nSure"
     )
 
 
-@pytest.mark.parametrize("name", sorted(D.SOURCES))
+@pytest.mark.parametrize("name", sorted(Docs.SOURCES))
 def test_named_sources_yield_documents(name, data_dir):
-    docs = list(D.iter_documents(name, data_dir, limit=3))
+    docs = list(Docs.iter_documents(name, data_dir, limit=3))
     assert len(docs) == 3
     for d in docs:
         assert isinstance(d, str) and d.strip() and d.id and d.group
-    if D.SOURCES[name].kind == "instruction":
+    if Docs.SOURCES[name].kind == "instruction":
         assert all("### Response:" in d or "### Assistant:" in d for d in docs)
 
 
 def test_aliases_and_weights():
-    src, w = D.resolve_source("alpaca_en_demo:2.5")
+    src, w = Docs.resolve_source("alpaca_en_demo:2.5")
     assert src.name == "alpaca_demo" and w == 2.5
-    assert D.resolve_source("TinyShakespeare")[0].name == "shakespeare"
+    assert Docs.resolve_source("TinyShakespeare")[0].name == "shakespeare"
 
 
 def test_unknown_source_lists_known():
     with pytest.raises(LinearizeError) as e:
-        D.resolve_source("no_such_corpus")
+        Docs.resolve_source("no_such_corpus")
     for name in ("sharegpt", "alpaca_demo", "dolly", "c4", "wiki", "wikitext2", "shakespeare"):
         assert name in str(e.value)
 
@@ -99,16 +101,16 @@ def test_missing_data_dir(tmp_path, monkeypatch, tok):
     with pytest.raises(LinearizeError, match="nope"):
         D.build_packed_data(tok, ["c4"], data_dir=missing, cache_dir=tmp_path, show_progress=False)
     with pytest.raises(LinearizeError, match="nope"):
-        list(D.iter_documents("wiki", missing))
+        list(Docs.iter_documents("wiki", missing))
     monkeypatch.setenv("LINEARIZE_DATA", str(missing))
     with pytest.raises(LinearizeError, match="LINEARIZE_DATA"):
-        D.default_data_dir()
+        default_data_dir()
     monkeypatch.delenv("LINEARIZE_DATA")
     import linearize.data_dir
 
     monkeypatch.setattr(linearize.data_dir, "candidates", lambda: [("a", tmp_path / "x"), ("b", tmp_path / "y")])
     with pytest.raises(LinearizeError) as e:
-        D.default_data_dir()
+        default_data_dir()
     assert str(tmp_path / "x") in str(e.value) and str(tmp_path / "y") in str(e.value)
     # a data dir without the source's file
     (tmp_path / "empty").mkdir()
@@ -118,7 +120,7 @@ def test_missing_data_dir(tmp_path, monkeypatch, tok):
 
 def test_default_data_dir_env(monkeypatch, data_dir):
     monkeypatch.setenv("LINEARIZE_DATA", str(data_dir))
-    assert D.default_data_dir() == data_dir.resolve()
+    assert default_data_dir() == data_dir.resolve()
 
 
 def test_packing_shapes_budget_and_eos(tok, tmp_path):
@@ -148,7 +150,7 @@ def test_exact_packing_of_text_source(tok, tmp_path, data_dir):
     seq_len = 64
     out = build(tok, ["c4"], tmp_path, seq_len=seq_len, max_train_tokens=6_400, val_tokens=640)
     train_ids = {doc_id for _, doc_id in out.documents["train"]}
-    docs = [d for d in D.iter_documents("c4", data_dir) if d.id in train_ids]
+    docs = [d for d in Docs.iter_documents("c4", data_dir) if d.id in train_ids]
     stream = []
     for d in docs:
         stream += tok(str(d), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -163,7 +165,7 @@ def test_exact_packing_of_text_source(tok, tmp_path, data_dir):
 def test_sharegpt_split_by_prefix_and_deterministic(tok, tmp_path):
     kw = dict(seq_len=256, max_train_tokens=20_000, val_tokens=20_000, use_cache=False)
     a = build(tok, ["sharegpt"], tmp_path, **kw)
-    prefix = lambda i: D._sharegpt_group(i)  # noqa: E731
+    prefix = lambda i: Docs._sharegpt_group(i)  # noqa: E731
     train_p = {prefix(i) for _, i in a.documents["train"]}
     val_p = {prefix(i) for _, i in a.documents["val"]}
     assert val_p and train_p and not (train_p & val_p)
@@ -231,11 +233,11 @@ def test_user_jsonl_and_txt(tok, tmp_path):
     jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     txt = tmp_path / "notes.txt"
     txt.write_text("\n\n".join(f"Paragraph {i}: " + "lorem ipsum dolor " * 15 for i in range(30)) + "\n")
-    docs = list(D.iter_documents(str(jl)))
+    docs = list(Docs.iter_documents(str(jl)))
     assert len(docs) == 40
     assert docs[1] == "### Instruction:\nAdd two and two.\n\n### Response:\nFour."
     assert docs[2].group == "abc" and docs[3].group == "abc"
-    tdocs = list(D.iter_documents(str(txt)))
+    tdocs = list(Docs.iter_documents(str(txt)))
     assert len(tdocs) == 30 and tdocs[0].startswith("Paragraph 0:")
     out = build(tok, [str(jl), str(txt)], tmp_path, seq_len=64, val_tokens=64)
     assert out.train.shape[1] == 64 and out.train.shape[0] > 0 and out.val.shape[0] >= 1
@@ -244,21 +246,21 @@ def test_user_jsonl_and_txt(tok, tmp_path):
     # a txt without blank lines is one document per line
     lines = tmp_path / "lines.txt"
     lines.write_text("first doc\nsecond doc\nthird doc\n")
-    assert list(D.iter_documents(str(lines))) == ["first doc", "second doc", "third doc"]
+    assert list(Docs.iter_documents(str(lines))) == ["first doc", "second doc", "third doc"]
     with pytest.raises(LinearizeError, match="not found"):
-        D.resolve_source(str(tmp_path / "absent.jsonl"))
+        Docs.resolve_source(str(tmp_path / "absent.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"foo": 1}\n')
     with pytest.raises(LinearizeError, match="text"):
-        list(D.iter_documents(str(bad)))
+        list(Docs.iter_documents(str(bad)))
 
 
 def test_json_array_streaming_across_chunks():
     items = [{"instruction": f"i{k}" * (k % 7 + 1), "output": "o" * k} for k in range(50)] + [1.25, 7]
     f = io.StringIO(json.dumps(items, indent=2))
-    assert list(D._iter_json_array(f, "mem", chunk_chars=17)) == items
+    assert list(Docs._iter_json_array(f, "mem", chunk_chars=17)) == items
     with pytest.raises(LinearizeError, match="truncated|valid"):
-        list(D._iter_json_array(io.StringIO(json.dumps(items)[:-30]), "mem", chunk_chars=17))
+        list(Docs._iter_json_array(io.StringIO(json.dumps(items)[:-30]), "mem", chunk_chars=17))
 
 
 def test_val_fallback_for_tiny_source(tok, tmp_path):
@@ -289,7 +291,7 @@ def test_small_budget_is_fast(tok, tmp_path):
 
 
 def test_iter_long_documents(data_dir):
-    it = D.iter_long_documents(data_dir)
+    it = Docs.iter_long_documents(data_dir)
     doc_id, text = next(it)
     it.close()
     assert doc_id.startswith("pg-") and len(text) > 60_000

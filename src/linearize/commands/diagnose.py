@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--what", default="benchmarks",
                    help="comma-separated: benchmarks, attribution, probes, long (default: benchmarks)")
     g = p.add_argument_group("attribution")
-    g.add_argument("--attr-source", default="wikitext2_test", help="held-out text source (linearize.train.data)")
+    g.add_argument("--attr-source", default="wikitext2_test", help="held-out text source (linearize.documents)")
     g.add_argument("--attr-seqs", type=int, default=4, help="sequences of held-out text")
     g.add_argument("--attr-len", type=int, default=512, help="tokens per sequence")
     g.add_argument("--per-head-loss", action="store_true", help="also switch branches per head (slow)")

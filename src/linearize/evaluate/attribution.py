@@ -20,7 +20,7 @@ For every converted layer and query head, over all (sequence, position) pairs of
   only computes), minus the loss of the model as it is (all layers ``hybrid``). Optionally per head.
 
 Held-out text: ``wikitext2_test`` by default (``wikitext2`` *valid* is a training source in
-:mod:`linearize.train.data`), cut into ``num_seqs`` sequences of ``seq_len`` tokens (BOS first).
+:mod:`linearize.documents`), cut into ``num_seqs`` sequences of ``seq_len`` tokens (BOS first).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.chunked import linear_sums, window_sums
+from linearize.documents import iter_documents
 from linearize.errors import LinearizeError
 from linearize.records import fmt_pct, markdown_table, save_figure
 
@@ -44,8 +45,6 @@ def heldout_batch(tokenizer, *, source: str = "wikitext2_test", num_seqs: int = 
                   data_dir=None, texts: list[str] | None = None) -> torch.Tensor:
     """``(num_seqs, seq_len)`` token ids from consecutive documents of ``source`` (or ``texts``), each row BOS-first."""
     if texts is None:
-        from linearize.train.data import iter_documents
-
         texts = []
         need = num_seqs * seq_len * 6  # characters: generous for any tokenizer
         for doc in iter_documents(source, data_dir):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from linearize.documents import iter_long_documents
 from linearize.errors import LinearizeError
 
 __all__ = ["Item", "READING", "RETRIEVAL", "LONG_QA", "TASKS", "reading_items", "retrieval_item", "long_qa_item",
@@ -180,8 +181,6 @@ class Filler(Haystack):
 
 @functools.lru_cache(maxsize=2)
 def _long_documents(data_dir: str | None) -> tuple[str, ...]:
-    from linearize.train.data import iter_long_documents
-
     return tuple(text for _, text in iter_long_documents(data_dir))
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.compat import cache_kwargs, output_cache
+from linearize.documents import iter_long_documents
 from linearize.errors import LinearizeError
 from linearize.records import fmt_pct, markdown_table, save_figure
 
@@ -80,8 +81,6 @@ def long_document_batch(tokenizer, *, num_docs: int = 2, seq_len: int = 2048, da
                         texts: list[str] | None = None) -> torch.Tensor:
     """``(num_docs, seq_len)`` ids: the start of each long document (BOS first when the tokenizer has one)."""
     if texts is None:
-        from linearize.train.data import iter_long_documents
-
         texts = []
         for _, text in iter_long_documents(data_dir):
             texts.append(text[: seq_len * 8])

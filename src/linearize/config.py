@@ -6,8 +6,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The component modes: which branches of a hybrid layer run. The one definition; every backend, command, table and
+#: label reads it (see ARCHITECTURE.md, "Add a component mode").
 COMPONENT_MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
+#: Modes that read the feature maps (the linear branch runs).
+LINEAR_MODES = ("hybrid", "la_only")
+#: Modes the fused Triton kernels compute; the diagnostic others always run in PyTorch.
+KERNEL_MODES = ("hybrid", "swa_only", "la_only")
+#: How the two branches combine in 'hybrid' mode (linearize.attention.common.combine).
 COMBINE_RULES = ("shared_norm", "mix")
+#: Feature maps of the linear branch (their definitions: linearize.feature_maps.FEATURE_MAPS).
+FEATURE_MAP_NAMES = ("hedgehog", "exp", "relu", "elu1", "t2r", "none")
 PLACEMENTS = ("complementary", "overlap")
 MIX_GATES = ("fixed", "learned", "dynamic")
 FEATURE_SIZES = ("full", "half")
@@ -45,10 +54,8 @@ class HybridConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"HybridConfig.{name}={value!r}; expected one of {allowed}")
-        from linearize.feature_maps import FEATURE_MAPS  # local import: feature_maps imports nothing from here
-
-        if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"HybridConfig.feature_map={self.feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
+        if self.feature_map not in FEATURE_MAP_NAMES:
+            raise ValueError(f"HybridConfig.feature_map={self.feature_map!r}; expected one of {sorted(FEATURE_MAP_NAMES)}")
         if self.window < 1:
             raise ValueError(f"HybridConfig.window must be >= 1, got {self.window}")
         if not 0.0 < self.gamma_init < 1.0 or not 0.0 <= self.mix_value <= 1.0:

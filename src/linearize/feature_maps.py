@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linearize.config import FEATURE_MAP_NAMES
+
 
 @dataclass(frozen=True)
 class FeatureMapSpec:
@@ -46,6 +48,9 @@ FEATURE_MAPS: dict[str, FeatureMapSpec] = {
     "t2r": FeatureMapSpec(F.relu, 1, True, "ReLU(xW + b) (T2R)"),
     "none": FeatureMapSpec(lambda u: u, 1, False, "xW, no activation (its normaliser can be near zero or negative)"),
 }
+
+if tuple(FEATURE_MAPS) != FEATURE_MAP_NAMES:  # config checks names without importing torch: keep both in step
+    raise ImportError("linearize.config.FEATURE_MAP_NAMES must name exactly the feature maps defined here")
 
 
 def num_features(kind: str, head_dim: int, size: str) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-ALL_MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
+from linearize.config import COMPONENT_MODES
 # Gemma's global layers only (its sliding layers stay softmax): 'none' here drops only those layers' attention
 GLOBAL_ONLY = (("hybrid.layers=global",), ("hybrid", "swa_only", "la_only", "none"))
 
@@ -24,7 +24,7 @@ class StudyRun:
     name: str
     recipe: str
     overrides: tuple[str, ...] = ()
-    modes: tuple[str, ...] = ALL_MODES
+    modes: tuple[str, ...] = COMPONENT_MODES
     headline: bool = False  # repeated for every seed
     probes: bool = False  # long-context probes (per-position loss, passkey; base model included) after diagnosis
 

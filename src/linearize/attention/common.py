@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
-KERNEL_MODES = ("hybrid", "swa_only", "la_only")  # the fused kernels' modes; the diagnostic others run in PyTorch
+from linearize.config import COMPONENT_MODES
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -46,8 +45,8 @@ def expand_weight(weight, b: int, hq: int, t: int, like: torch.Tensor) -> torch.
 
 
 def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown component mode {mode!r}; expected one of {MODES}")
+    if mode not in COMPONENT_MODES:
+        raise ValueError(f"unknown component mode {mode!r}; expected one of {COMPONENT_MODES}")
 
 
 def group_queries(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -13,21 +13,19 @@ import math
 import torch
 from torch import nn
 
+from linearize.attention.adapters import FamilyAdapter, head_dim, layer_types
 from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import check_mode
 from linearize.attention.recurrent import decode_step, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
-from linearize.config import HybridConfig
+from linearize.config import LINEAR_MODES, HybridConfig
 from linearize.feature_maps import FeatureMap
-from linearize.models.adapters import FamilyAdapter, head_dim, layer_types
 
 
 #: With backend 'auto' off CUDA, rows of at most this many chunks take the quadratic path: on a 2-core CPU it is
 #: 3-6x faster than the chunked one up to T = 256 (chunk 64) and slower beyond (fp32, Gemma 3 270M head shapes).
 DENSE_UP_TO_CHUNKS = 4
-#: Component modes that read the feature maps.
-LINEAR_MODES = ("hybrid", "la_only")
 
 
 class PaddingContext:

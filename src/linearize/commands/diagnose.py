@@ -7,6 +7,7 @@ import time
 
 from linearize.commands.eval import (add_bench_args, add_model_args, hybrid_overrides, model_spec, parse_batch, parse_limit,
                                      torch_dtype)
+from linearize.config import COMPONENT_MODES
 
 WHAT = ("benchmarks", "attribution", "probes", "long")
 
@@ -14,8 +15,8 @@ WHAT = ("benchmarks", "attribution", "probes", "long")
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "diagnose", help="benchmarks under the five component modes (Table 1), attribution, long-context probes",
-        description="Run the benchmarks with each component mode of a converted model alone (hybrid, swa_only, "
-                    "la_only, sinks_only, none) and on its base model, and write a Table-1-style table with the "
+        description="Run the benchmarks with each component mode of a converted model alone "
+                    f"({', '.join(COMPONENT_MODES)}) and on its base model, and write a Table-1-style table with the "
                     "recovery of the base score and the recovery above the no-attention floor, plus the prompt "
                     "lengths against the window. A base model is converted first with an untrained feature map. "
                     "--what adds the per-layer/head attribution and the long-context probes.")
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--base", default=None, help="base model to compare with (default: recorded in the converted "
                                                  "directory's summary.json, or the model itself when it is a base model)")
     p.add_argument("--no-base", action="store_true", help="skip the base-model run")
-    p.add_argument("--modes", default="hybrid,swa_only,la_only,sinks_only,none", help="component modes to run")
+    p.add_argument("--modes", default=",".join(COMPONENT_MODES), help="component modes to run")
     p.add_argument("--what", default="benchmarks",
                    help="comma-separated: benchmarks, attribution, probes, long (default: benchmarks)")
     g = p.add_argument_group("attribution")
@@ -64,10 +65,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    import linearize
+    from linearize.config import HybridConfig
     from linearize.errors import LinearizeError
     from linearize.evaluate.harness import default_data_dir
     from linearize.evaluate.lm_eval_model import load_model
+    from linearize.models.convert import convert, hybrid_config_of, is_converted
     from linearize.records import run_metadata, write_record
 
     spec = model_spec(args)
@@ -107,13 +109,13 @@ def run(args) -> int:
     if "probes" in what:
         from linearize.evaluate.probes import plot_position_loss, probes_markdown, run_probes
 
-        was_converted = linearize.is_converted(model)
+        was_converted = is_converted(model)
         base = None if args.no_base else (args.base or info.get("base"))
         body = run_probes(model, tokenizer, base=base, modes=[m.strip() for m in args.probe_modes.split(",") if m.strip()],
                           window=window, docs=args.docs, doc_len=args.doc_len, contexts=args.contexts.split(","),
                           trials=args.trials, seed=args.seed, check=not args.no_check, progress=say)
         if not was_converted:  # run_probes probed the base, then converted it untrained
-            info = {**info, "kind": "converted_untrained", "hybrid": linearize.hybrid_config_of(model).to_dict()}
+            info = {**info, "kind": "converted_untrained", "hybrid": hybrid_config_of(model).to_dict()}
         meta = run_metadata(**{**common, "model_info": info}, docs=args.docs, doc_len=args.doc_len)
         record = {"meta": meta, **body}
         md = probes_markdown(record)
@@ -129,7 +131,7 @@ def run(args) -> int:
         ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
         tasks_long = list(DEFAULT_TASKS) if args.long_tasks == "all" else [t.strip() for t in args.long_tasks.split(",") if t.strip()]
         windows = [w.strip() if w.strip() == "auto" else int(w) for w in args.baseline_windows.split(",") if w.strip()]
-        converted = linearize.is_converted(model)
+        converted = is_converted(model)
         base = None if args.no_base or not converted else (args.base or info.get("base"))
         if converted and base is None and not args.no_base:
             raise LinearizeError("--what long: the converted model records no base model; pass --base or --no-base")
@@ -151,10 +153,10 @@ def run(args) -> int:
             plot_bpb(record, f"{args.out}/long_bpb.png")
             plot_retrieval(record, f"{args.out}/long_retrieval.png")
 
-    if "attribution" in what and not linearize.is_converted(model):
+    if "attribution" in what and not is_converted(model):
         torch.manual_seed(args.seed)
-        linearize.convert(model, linearize.HybridConfig() if window is None else linearize.HybridConfig(window=window))
-        info = {**info, "kind": "converted_untrained", "hybrid": linearize.hybrid_config_of(model).to_dict()}
+        convert(model, HybridConfig() if window is None else HybridConfig(window=window))
+        info = {**info, "kind": "converted_untrained", "hybrid": hybrid_config_of(model).to_dict()}
 
     if "attribution" in what:
         from linearize.evaluate.attribution import attribution, attribution_markdown, plot_attribution

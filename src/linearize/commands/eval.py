@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from linearize.config import COMPONENT_MODES
+
 
 def add_model_args(p, *, convert_default: bool = False) -> None:
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
@@ -114,13 +116,12 @@ def register(subparsers) -> None:
     add_model_args(p)
     add_bench_args(p)
     p.add_argument("--components", default=None,
-                   help="comma-separated component modes to run (hybrid, swa_only, la_only, sinks_only, none); "
+                   help=f"comma-separated component modes to run ({', '.join(COMPONENT_MODES)}); "
                         "converted models only; default: the model as loaded")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from linearize.config import COMPONENT_MODES
     from linearize.errors import LinearizeError
     from linearize.evaluate.harness import default_data_dir, evaluate
     from linearize.evaluate.lm_eval_model import load_model

@@ -33,11 +33,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    import linearize
+    from transformers import DynamicCache
+
     from linearize.attention.cache import cache_nbytes
     from linearize.compat import cache_kwargs
     from linearize.evaluate.lm_eval_model import converted_dir_info, load_model
-    from transformers import DynamicCache
+    from linearize.models.convert import components, is_converted
 
     if args.components and not args.convert and converted_dir_info(args.model) is None:  # checked before loading
         from linearize.errors import LinearizeError
@@ -45,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
         raise LinearizeError(f"--components needs a converted model; {args.model} is a base model (add --convert "
                              f"to convert it on the fly with untrained feature maps)")
     model, tokenizer, _ = load_model(args.model, convert=args.convert, window=args.window, device=args.device, check=False)
-    converted = linearize.is_converted(model)
+    converted = is_converted(model)
     mode = args.components or "hybrid"
-    ctx = linearize.components(model, mode) if converted else contextlib.nullcontext()
+    ctx = components(model, mode) if converted else contextlib.nullcontext()
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     cache = DynamicCache(config=model.config)
     sampling = dict(do_sample=True, temperature=0.8, top_p=0.95) if args.sample else dict(do_sample=False)

@@ -23,15 +23,15 @@ def parse_layers(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import linearize
     from linearize.evaluate.lm_eval_model import converted_dir_info
-    from linearize.models.convert import hybrid_modules
+    from linearize.models.convert import hybrid_config_of, hybrid_modules, load
+    from linearize.models.loading import load_base
 
     if converted_dir_info(args.model) is not None:
-        model = linearize.load(args.model)
-        hybrid = linearize.hybrid_config_of(model)
+        model = load(args.model)
+        hybrid = hybrid_config_of(model)
     else:
-        model, _ = linearize.load_base(args.model, check=False)
+        model, _ = load_base(args.model, check=False)
         hybrid = HybridConfig(window=args.window, feature_map=args.feature_map, feature_size=args.feature_size,
                               layers=parse_layers(args.layers))
     print(describe(model, hybrid, args.context, converted=bool(hybrid_modules(model))))
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
+    from linearize.attention.adapters import adapter_for, head_dim, layer_types
     from linearize.feature_maps import num_features
-    from linearize.models.adapters import adapter_for, head_dim, layer_types
     from linearize.models.convert import resolve_layers, text_config
     from linearize.models.memory import decode_state_bytes
 

@@ -31,8 +31,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from linearize.config import COMPONENT_MODES
+from linearize.config import COMPONENT_MODES, HybridConfig
 from linearize.evaluate.harness import TASKS, context_lengths, default_data_dir, evaluate, headline_metric
+from linearize.evaluate.lm_eval_model import load_model
+from linearize.models.convert import components, convert, hybrid_config_of, is_converted, text_config
 from linearize.records import fmt_pct, markdown_table, write_json_with_provenance
 
 __all__ = ["diagnose", "recovery", "diagnose_markdown", "PAPER_LABELS"]
@@ -46,6 +48,8 @@ PAPER_LABELS = {
     "sinks_only": "Attn sinks only",
     "none": "No attention",
 }
+if set(PAPER_LABELS) != {"base", *COMPONENT_MODES}:
+    raise ImportError("PAPER_LABELS must label the base model and every mode of linearize.config.COMPONENT_MODES")
 
 
 def _load_partial(path, settings: str) -> dict[str, Any]:
@@ -118,9 +122,6 @@ def diagnose(
             the same benchmark settings skips what it holds, so an interrupted diagnosis resumes.
         Others as in :func:`linearize.evaluate.harness.evaluate`.
     """
-    import linearize
-    from linearize.evaluate.lm_eval_model import load_model
-
     say = progress or (lambda _msg: None)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     tasks = [t[3:] if t.startswith("lz_") else t for t in tasks]
@@ -153,13 +154,13 @@ def diagnose(
     dtype = dtype or torch.float32
     model, tokenizer, info = load_model(model, tokenizer=tokenizer, device=device, check=check, seed=seed, dtype=dtype)
     seconds["load"] = time.perf_counter() - t0
-    if not linearize.is_converted(model):
+    if not is_converted(model):
         if base is not False:
             timed("base", lambda: evaluate(model, tokenizer, tasks, **kwargs))
         torch.manual_seed(seed)
-        linearize.convert(model, linearize.HybridConfig() if window is None else linearize.HybridConfig(window=window))
+        convert(model, HybridConfig() if window is None else HybridConfig(window=window))
         model.eval()
-        info.update(kind="converted_untrained", hybrid=linearize.hybrid_config_of(model).to_dict(),
+        info.update(kind="converted_untrained", hybrid=hybrid_config_of(model).to_dict(),
                     base=info.get("base") or info.get("model"))
     elif base is not False and (base is not None or info.get("base")):
         spec = base if base is not None else info["base"]
@@ -178,12 +179,12 @@ def diagnose(
             del bmodel
             gc.collect()
     for mode in modes:
-        with linearize.components(model, mode):
+        with components(model, mode):
             timed(mode, lambda: evaluate(model, tokenizer, tasks, **kwargs))
 
-    hybrid = linearize.hybrid_config_of(model)
+    hybrid = hybrid_config_of(model)
     windows = {"window": hybrid.window}
-    base_window = getattr(linearize.models.convert.text_config(model), "sliding_window", None)
+    base_window = getattr(text_config(model), "sliding_window", None)
     if base_window:
         windows["base_sliding_window"] = int(base_window)
     t = time.perf_counter()

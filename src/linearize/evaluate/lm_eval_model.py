@@ -38,6 +38,8 @@ import torch
 
 from linearize.config import COMPONENT_MODES, HybridConfig
 from linearize.errors import LinearizeError, ModelFileError
+from linearize.models.convert import convert as convert_model, hybrid_config_of, hybrid_modules, is_converted, load, set_hybrid
+from linearize.models.loading import load_base
 
 __all__ = ["load_model", "converted_dir_info", "set_components", "continuation_scorer", "LinearizeLM", "register"]
 
@@ -100,8 +102,6 @@ def load_model(
     ``info``: ``{"model": spec as text, "kind": "base"|"converted"|"converted_untrained",
     "base": base model name or None, "recipe": recipe or None, "hybrid": settings or None}``.
     """
-    import linearize
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info: dict[str, Any] = {"model": str(spec), "kind": "base", "base": None, "recipe": None, "hybrid": None}
     if not isinstance(spec, (str, Path)):
@@ -112,31 +112,31 @@ def load_model(
     else:
         conv = converted_dir_info(spec)
         if conv is not None:
-            model = linearize.load(spec, dtype=dtype, device=device)
+            model = load(spec, dtype=dtype, device=device)
             if tokenizer is None:
                 tokenizer = _tokenizer_for(Path(spec), conv.get("base"), model)
             info.update(kind="converted", base=conv["base"], recipe=conv["recipe"])
         else:
-            model, tok = linearize.load_base(str(spec), dtype=dtype, device=device, check=check)
+            model, tok = load_base(str(spec), dtype=dtype, device=device, check=check)
             tokenizer = tokenizer or tok
             info["base"] = str(spec)
     if convert:
-        if linearize.is_converted(model):
+        if is_converted(model):
             raise LinearizeError(f"{spec} is already converted; drop --convert")
         settings = {**({} if window is None else {"window": window}), **(hybrid or {})}
         torch.manual_seed(seed)
-        linearize.convert(model, HybridConfig(**settings))
+        convert_model(model, HybridConfig(**settings))
         model.to(device).eval()
         info["kind"] = "converted_untrained"
     elif hybrid:
-        if not linearize.is_converted(model):
+        if not is_converted(model):
             raise LinearizeError(f"hybrid settings {sorted(hybrid)} need a converted model; {spec} is a base model")
         try:
-            linearize.set_hybrid(model, **hybrid)
+            set_hybrid(model, **hybrid)
         except ValueError as exc:
             raise LinearizeError(str(exc)) from None
-    if linearize.is_converted(model):
-        info["hybrid"] = linearize.hybrid_config_of(model).to_dict()
+    if is_converted(model):
+        info["hybrid"] = hybrid_config_of(model).to_dict()
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, info
@@ -159,9 +159,7 @@ def _tokenizer_for(path: Path, base: str | None, model):
     except (OSError, ValueError, TypeError) as exc:
         problem = f"it has no usable tokenizer files ({str(exc).splitlines()[0]})"
     if base:
-        import linearize
-
-        tokenizer = linearize.load_base(base, check=False)[1]
+        tokenizer = load_base(base, check=False)[1]
         if 2 * len(tokenizer) >= vocab:
             return tokenizer
         problem += f", nor has the base model {base} ({len(tokenizer)} tokens)"
@@ -174,8 +172,6 @@ def set_components(model, modes) -> None:
 
     ``modes``: a mode name for every converted layer, ``{layer: mode}`` or ``{layer: {head: mode}}``.
     """
-    from linearize.models.convert import hybrid_modules
-
     modules = {m.layer_idx: m for m in hybrid_modules(model)}
     if not modules:
         raise LinearizeError("components= needs a converted model (no hybrid attention layers found)")

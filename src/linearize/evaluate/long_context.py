@@ -32,8 +32,13 @@ import torch
 
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError
+from linearize.evaluate.lm_eval_model import load_model
 from linearize.evaluate.long_score import bootstrap, paired, score_items
 from linearize.evaluate.long_tasks import LONG_QA, READING, RETRIEVAL, TASKS, build_items
+from linearize.evaluate.probes import long_document_batch, position_losses
+from linearize.models.convert import components, hybrid_config_of, is_converted, text_config
+from linearize.models.memory import decode_state_bytes, matching_window
+from linearize.models.window_sinks import target_layers, window_sinks
 from linearize.records import fmt_pct, markdown_table, save_figure
 
 __all__ = ["run_long", "long_markdown", "plot_retrieval", "plot_bpb", "summarize", "training_seq_len",
@@ -65,8 +70,6 @@ def _dtype_bytes(model) -> int:
 
 def _position_bands(model, ids: torch.Tensor, window: int, train_len: int | None) -> dict[str, Any]:
     """Mean next-token loss per band of positions: inside the window, window..training length, beyond, in doublings."""
-    from linearize.evaluate.probes import position_losses
-
     loss = position_losses(model, ids).mean(0)
     n = loss.shape[0]
     edges = sorted({0, window, *([train_len] if train_len else []), *[2 ** k for k in range(10, 17)], n})
@@ -124,16 +127,9 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     (then only the base and the baselines, for a conversion of ``layers`` with window ``window``). ``baseline_windows``:
     'auto' (matched to the decode state) and/or ints. ``train_len``: training row length, marked in the output.
     """
-    import linearize
-    from linearize.evaluate.lm_eval_model import load_model
-    from linearize.evaluate.probes import long_document_batch
-    from linearize.models.convert import components, text_config
-    from linearize.models.memory import decode_state_bytes, matching_window
-    from linearize.models.window_sinks import target_layers, window_sinks
-
     say = progress or (lambda _m: None)
-    converted = linearize.is_converted(model)
-    hybrid = linearize.hybrid_config_of(model) if converted else HybridConfig(window=window or 64, layers=layers or "global")
+    converted = is_converted(model)
+    hybrid = hybrid_config_of(model) if converted else HybridConfig(window=window or 64, layers=layers or "global")
     config = text_config(model)
     dbytes = _dtype_bytes(model)
     t0 = time.perf_counter()

@@ -35,8 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from linearize.compat import cache_kwargs, output_cache
+from linearize.config import HybridConfig
 from linearize.documents import iter_long_documents
 from linearize.errors import LinearizeError
+from linearize.evaluate.lm_eval_model import load_model
+from linearize.models.convert import components, convert, hybrid_config_of, is_converted
 from linearize.records import fmt_pct, markdown_table, save_figure
 
 __all__ = ["position_losses", "position_loss_probe", "passkey_prompt", "passkey_trial", "passkey_probe",
@@ -264,8 +267,6 @@ def probe_variants(model, tokenizer, variants: dict[str, str | None], *, ids: to
     """
     from contextlib import nullcontext
 
-    from linearize.models.convert import components
-
     say = progress or (lambda _m: None)
     out: dict[str, Any] = {}
     fns = {}
@@ -321,17 +322,14 @@ def run_probes(model, tokenizer, *, base=None, modes=("hybrid", "swa_only"), win
     """
     import gc
 
-    import linearize
-    from linearize.evaluate.lm_eval_model import load_model
-
-    hw = window or (linearize.hybrid_config_of(model).window if linearize.is_converted(model) else 64)
+    hw = window or (hybrid_config_of(model).window if is_converted(model) else 64)
     ids = long_document_batch(tokenizer, num_docs=docs, seq_len=doc_len, data_dir=None)
     pk = dict(contexts=[int(c) for c in contexts], trials=trials, seed=seed)
     parts = []
-    if not linearize.is_converted(model):
+    if not is_converted(model):
         parts.append(probe_variants(model, tokenizer, {"base": None}, ids=ids, passkey=pk, window=hw, progress=progress))
         torch.manual_seed(seed)
-        linearize.convert(model, linearize.HybridConfig(window=hw))
+        convert(model, HybridConfig(window=hw))
     elif base is not None:
         bmodel, btok, _ = load_model(base, device=str(model.device), dtype=model.dtype, check=check)
         parts.append(probe_variants(bmodel, btok, {"base": None}, ids=ids, passkey=pk, window=hw, progress=progress))

@@ -12,8 +12,11 @@ One definition for the three kinds of model that the long-context evaluation put
 
 from __future__ import annotations
 
+from linearize.attention.adapters import head_dim, layer_types
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError
+from linearize.feature_maps import num_features
+from linearize.models.convert import resolve_layers
 
 __all__ = ["decode_state_bytes", "matching_window"]
 
@@ -25,8 +28,6 @@ def _kv_layer_bytes(hkv: int, d: int, keys: int, dtype_bytes: int) -> int:
 
 
 def _hybrid_layer_bytes(hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int) -> int:
-    from linearize.feature_maps import num_features
-
     m = num_features(hybrid.feature_map, d, hybrid.feature_size)
     sink_slots = max(hybrid.num_sinks, hybrid.softmax_sinks)
     # exact keys kept with their features: the ring of w - 1, and with sparse memory its m slots plus a pending block
@@ -48,9 +49,6 @@ def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: Hy
     ``window_sinks=(w, s)``: the baseline on ``layers``; neither: the base model. ``dtype_bytes``: the model dtype
     (2 for bf16); keys and values are stored in it.
     """
-    from linearize.models.adapters import head_dim, layer_types
-    from linearize.models.convert import resolve_layers
-
     if hybrid is not None and window_sinks is not None:
         raise LinearizeError("decode_state_bytes: give hybrid= or window_sinks=, not both")
     d, hkv = head_dim(config), config.num_key_value_heads
@@ -73,8 +71,6 @@ def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: Hy
 def matching_window(config, hybrid: HybridConfig, *, sinks: int, dtype_bytes: int = 2, layers=None) -> int:
     """The baseline window ``w`` whose ``w + sinks`` keys and values per layer take no more bytes than one converted
     layer's state (layers with their own window count the same on both sides: the baseline leaves them alone)."""
-    from linearize.models.adapters import head_dim
-
     d, hkv = head_dim(config), config.num_key_value_heads
     per_key = 2 * hkv * d * dtype_bytes
     w = _hybrid_layer_bytes(hkv, d, hybrid, dtype_bytes) // per_key - sinks

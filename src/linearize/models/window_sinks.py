@@ -25,7 +25,9 @@ import importlib
 import torch
 from torch import nn
 
+from linearize.attention.adapters import layer_types
 from linearize.errors import LinearizeError
+from linearize.models.convert import decoder_layers, is_converted, resolve_layers, text_config
 
 __all__ = ["window_sinks", "target_layers", "window_sinks_mask"]
 
@@ -36,9 +38,6 @@ SUPPORTED = ("sdpa", "eager")
 
 def target_layers(model: nn.Module, layers="global") -> list[int]:
     """The layers the baseline cuts: those a conversion of ``layers`` would convert, less any with its own window."""
-    from linearize.models.adapters import layer_types
-    from linearize.models.convert import resolve_layers, text_config
-
     config = text_config(model)
     kinds = layer_types(config)
     return [i for i in resolve_layers(layers, config) if kinds[i] != "sliding_attention"]
@@ -105,8 +104,6 @@ def _register(impl: str) -> str:
 def window_sinks(model: nn.Module, window: int, sinks: int, *, layers="global", chunk: int = 2048):
     """While active, the cut layers of ``model`` (see :func:`target_layers`) attend to the last ``window`` keys and
     the first ``sinks``. ``layers``: what a conversion would convert ('all', 'global' or indices)."""
-    from linearize.models.convert import decoder_layers, is_converted, text_config
-
     if window < 1 or sinks < 0 or chunk < 1:
         raise LinearizeError(f"window+sinks baseline: need window >= 1, sinks >= 0, chunk >= 1 (got {window}, {sinks}, {chunk})")
     if is_converted(model):

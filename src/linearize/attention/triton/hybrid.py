@@ -17,11 +17,17 @@ import torch
 import triton
 
 from linearize.attention.chunked import hybrid_attention_chunked
-from linearize.attention.common import KERNEL_MODES, check_mode, expand_weight, sink_positions  # noqa: F401
+from linearize.attention.common import check_mode, expand_weight, sink_positions  # noqa: F401
 from linearize.attention.recurrent import HybridState, advance_state, decode_output
 from linearize.attention.triton import _kernels as K
+from linearize.config import COMBINE_RULES, KERNEL_MODES
 
+# The kernels' RULE code of a (mode, rule): the hybrid mode's combine rules, then the single-branch kernel modes
+# (the `if RULE == ...` branches of _kernels.py).
 RULES = {"shared_norm": 0, "mix": 1}
+SINGLE_BRANCH_CODES = {"swa_only": 2, "la_only": 3}
+if set(RULES) != set(COMBINE_RULES) or set(SINGLE_BRANCH_CODES) | {"hybrid"} != set(KERNEL_MODES):
+    raise ImportError("every combine rule and kernel mode of linearize.config needs its kernel code here")
 
 # Tuning knobs (tests shrink them to exercise several segments at small T).
 TUNING = {
@@ -82,10 +88,8 @@ def _num_sms(device) -> int:
 
 
 def _mode_code(mode: str, rule: str) -> int:
-    if mode == "swa_only":
-        return 2
-    if mode == "la_only":
-        return 3
+    if mode in SINGLE_BRANCH_CODES:
+        return SINGLE_BRANCH_CODES[mode]
     if rule not in RULES:
         raise ValueError(f"unknown combination rule {rule!r}")
     return RULES[rule]

@@ -86,8 +86,8 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(diagnose_mod, "evaluate", counted)
-    monkeypatch.setattr(study, "PROBE_ARGS", ("--docs", "1", "--doc-len", "48", "--contexts", "128", "--trials", "1",
-                                              "--probe-modes", "hybrid", "--device", "cpu"))
+    monkeypatch.setattr(study, "PROBE_SETTINGS", dict(docs=1, doc_len=48, contexts=(128,), trials=1, modes=("hybrid",),
+                                                      dtype="float32", device="cpu"))
     kwargs = dict(model=str(model_dir), out=tmp_path / "study", preset=None, limit=2, tasks=["piqa"], data_dir=str(DATA),
                   say=lambda _msg: None)
     interrupt = True

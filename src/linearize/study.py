@@ -81,9 +81,11 @@ TABLES: dict[str, StudyTable] = {
 
 
 #: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on), in bf16 like
-#: the study's benchmarks.
-PROBE_ARGS = ("--docs", "8", "--doc-len", "4096", "--contexts", "512,1024,2048,4096,8192", "--trials", "10",
-              "--probe-modes", "hybrid,swa_only,la_only", "--dtype", "bfloat16")
+#: the study's benchmarks; `device` None: CUDA when available. The rest as `linearize diagnose --what probes`.
+PROBE_SETTINGS = dict(docs=8, doc_len=4096, contexts=(512, 1024, 2048, 4096, 8192), trials=10,
+                      modes=("hybrid", "swa_only", "la_only"), dtype="bfloat16", device=None)
+#: The seed of the probes (`linearize diagnose`'s default, which ran them before).
+PROBE_SEED = 1234
 
 
 @dataclass
@@ -142,6 +144,25 @@ def store_base_report(out: Path, key: str, report: dict, device: str) -> None:
     write_json_with_provenance(path, {"reports": reports}, device)  # top level: the latest writer
 
 
+def _probe(weights: Path, base: str, out: Path, say) -> tuple[dict, str]:
+    """The long-context probes of a trained run against its base model, written to ``out``."""
+    import torch
+
+    from linearize.data_dir import default_data_dir
+    from linearize.evaluate.lm_eval_model import load_model
+    from linearize.evaluate.probes import probes_record
+
+    settings = dict(PROBE_SETTINGS)
+    device, dtype = settings.pop("device"), getattr(torch, settings.pop("dtype"))
+    probe_model, tokenizer, info = load_model(str(weights), device=device, dtype=dtype, seed=PROBE_SEED)
+    try:
+        return probes_record(probe_model, tokenizer, info, out=out, title=f"{weights}: per-position loss",
+                             data_dir=default_data_dir(), seed=PROBE_SEED, base=str(base), progress=say, **settings)
+    finally:
+        del probe_model
+        _release_gpu_memory()
+
+
 def _release_gpu_memory() -> None:
     """Hand this process's cached CUDA blocks back between phases: study processes share one GPU, and a training
     peak (Gemma's 262k-word logits) held through evaluation is what ran side-by-side runs out of memory."""
@@ -165,8 +186,8 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
     """
     from linearize.evaluate.diagnose import diagnose, diagnose_markdown
     from linearize.evaluate.harness import TASKS
-    from linearize.records import run_metadata, write_record
     from linearize.evaluate.report import side_by_side
+    from linearize.records import run_metadata, write_record
     from linearize.train import run_recipe
     from linearize.train.recipes import load_recipe
 
@@ -218,12 +239,9 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             # diagnosed run's records; its summary.json shows how close the retrained model is (validation losses)
             train(weights, f"{path.name} again into {RETRAINED}/ for its long-context probes (the diagnosed weights "
                            "are not here)")
-        from linearize.cli import main as cli
-
         say(f"[study] {table}: long-context probes of {path.name}")
-        if cli(["diagnose", "--model", str(weights), "--base", str(model), "--what", "probes",
-                "--out", str(path / "probes"), *PROBE_ARGS]) != 0:
-            raise RuntimeError(f"the long-context probes of {path} failed (see the messages above)")
+        _, md = _probe(weights, model, path / "probes", say)
+        say(md)
     records = [run_dir(root, run, seed) / "diagnose" for run, seed in jobs]
     table_md = root / "table.md"
     table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r for r in records if (r / "diagnose.json").is_file()]) + "\n")

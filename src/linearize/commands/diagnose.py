@@ -107,22 +107,18 @@ def run(args) -> int:
             write_record(args.out, "diagnose", record, md)
 
     if "probes" in what:
-        from linearize.evaluate.probes import plot_position_loss, probes_markdown, run_probes
+        from linearize.evaluate.probes import probes_record
 
         was_converted = is_converted(model)
         base = None if args.no_base else (args.base or info.get("base"))
-        body = run_probes(model, tokenizer, base=base, modes=[m.strip() for m in args.probe_modes.split(",") if m.strip()],
-                          window=window, docs=args.docs, doc_len=args.doc_len, contexts=args.contexts.split(","),
-                          trials=args.trials, seed=args.seed, check=not args.no_check, progress=say)
-        if not was_converted:  # run_probes probed the base, then converted it untrained
+        record, md = probes_record(model, tokenizer, info, out=args.out, title=f"{spec}: per-position loss",
+                                   data_dir=data_dir, seed=args.seed, docs=args.docs, doc_len=args.doc_len, base=base,
+                                   modes=[m.strip() for m in args.probe_modes.split(",") if m.strip()], window=window,
+                                   contexts=args.contexts.split(","), trials=args.trials, check=not args.no_check,
+                                   progress=say)
+        if not was_converted:  # converted untrained by the probes: so the later records say
             info = {**info, "kind": "converted_untrained", "hybrid": hybrid_config_of(model).to_dict()}
-        meta = run_metadata(**{**common, "model_info": info}, docs=args.docs, doc_len=args.doc_len)
-        record = {"meta": meta, **body}
-        md = probes_markdown(record)
         print(md)
-        if args.out:
-            write_record(args.out, "probes", record, md)
-            plot_position_loss(body["position_loss"], f"{args.out}/position_loss.png", title=f"{spec}: per-position loss")
 
     if "long" in what:
         from linearize.evaluate.long_context import (DEFAULT_TASKS, long_markdown, plot_bpb, plot_retrieval, run_long,

@@ -40,7 +40,7 @@ from linearize.documents import iter_long_documents
 from linearize.errors import LinearizeError
 from linearize.evaluate.lm_eval_model import load_model
 from linearize.models.convert import components, convert, hybrid_config_of, is_converted
-from linearize.records import fmt_pct, markdown_table, save_figure
+from linearize.records import fmt_pct, markdown_table, run_metadata, save_figure, write_record
 
 __all__ = ["position_losses", "position_loss_probe", "passkey_prompt", "passkey_trial", "passkey_probe",
            "plot_position_loss", "probes_markdown", "probe_variants", "merge_probe_results", "run_probes", "FILLER"]
@@ -338,3 +338,21 @@ def run_probes(model, tokenizer, *, base=None, modes=("hybrid", "swa_only"), win
     parts.append(probe_variants(model, tokenizer, {m: m for m in modes}, ids=ids, passkey=pk, window=hw,
                                 progress=progress))
     return merge_probe_results(parts)
+
+
+def probes_record(model, tokenizer, info: dict[str, Any], *, out=None, title: str = "", data_dir=None, seed: int = 0,
+                  docs: int = 2, doc_len: int = 2048, progress=print, **probe_args) -> tuple[dict[str, Any], str]:
+    """:func:`run_probes` as a record: ``(record, markdown)``, written to ``out`` (``probes.json``, ``.md`` and the
+    per-position loss plot) when given. ``info``: the model's, from ``load_model``; an unconverted model is recorded
+    as converted untrained, as run_probes leaves it. `linearize diagnose --what probes` and the study both run this."""
+    was_converted = is_converted(model)
+    body = run_probes(model, tokenizer, docs=docs, doc_len=doc_len, seed=seed, progress=progress, **probe_args)
+    if not was_converted:  # run_probes probed the base, then converted it untrained
+        info = {**info, "kind": "converted_untrained", "hybrid": hybrid_config_of(model).to_dict()}
+    meta = run_metadata(model_info=info, data_dir=data_dir, device=str(model.device), seed=seed, docs=docs, doc_len=doc_len)
+    record = {"meta": meta, **body}
+    md = probes_markdown(record)
+    if out:
+        write_record(out, "probes", record, md)
+        plot_position_loss(body["position_loss"], f"{out}/position_loss.png", title=title)
+    return record, md

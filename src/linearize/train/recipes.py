@@ -27,11 +27,11 @@ import yaml
 
 from linearize.config import COMPONENT_MODES, HybridConfig
 from linearize.errors import LinearizeError
+from linearize.train.transfer import OBJECTIVES
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
-OBJECTIVES = ("weights", "output", "hybrid_output")
 GRANULARITIES = ("step", "layer", "sample")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DISTRIBUTED = ("allreduce", "ddp", "fsdp")

@@ -34,6 +34,7 @@ from linearize.attention.common import group_queries, ungroup
 from linearize.attention.module import hybrid_param_kind
 from linearize.models.convert import hybrid_modules
 
+#: The transfer objectives of stage 1 (recipes check stage1.objective against them).
 OBJECTIVES = ("weights", "output", "hybrid_output")
 _NEG = -1e30
 

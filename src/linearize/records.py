@@ -24,13 +24,16 @@ __all__ = ["git_commit", "device_info", "run_metadata", "write_record", "write_j
 def git_commit() -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding this source file.
 
-    Only a repository that tracks this file counts: a copy of the sources placed inside some other checkout
-    (e.g. an exported tree on a remote machine) would otherwise report that checkout's HEAD. Without one,
-    ``$LINEARIZE_COMMIT`` names the commit the copy was made from.
+    ``$LINEARIZE_COMMIT``, when set, names the commit a copy of the sources was made from and wins: a remote
+    machine's copy may carry git metadata of another commit (the device machines' copies do: their records said
+    the session's first commit, dirty). Otherwise only a repository that tracks this file counts: a copy of the
+    sources placed inside some other checkout would report that checkout's HEAD.
     """
     here = Path(__file__).resolve()
     repo = here.parents[2]  # <repo>/src/linearize/records.py
     fallback = {"commit": os.environ.get("LINEARIZE_COMMIT"), "dirty": None}
+    if fallback["commit"]:
+        return fallback
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)

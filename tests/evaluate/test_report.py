@@ -40,6 +40,18 @@ def test_commit_of_a_source_copy_inside_another_checkout(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(outer / "copy" / "src"), "LINEARIZE_COMMIT": "abc123"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "{'commit': 'abc123', 'dirty': None}"
+    # a copy that carries git metadata of another commit (what the device machines' copies do): the variable wins
+    tracked = tmp_path / "tracked"
+    shutil.copytree(Path(linearize.__file__).parents[1], tracked / "src")
+    subprocess.run(["git", "init", "-q", str(tracked)], check=True)
+    subprocess.run(["git", "-C", str(tracked), "add", "src"], check=True)
+    subprocess.run(["git", "-C", str(tracked), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
+    env["PYTHONPATH"] = str(tracked / "src")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{'commit': 'abc123', 'dirty': None}"
+    env.pop("LINEARIZE_COMMIT")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "abc123" not in out and "'dirty': False" in out
 
 
 def test_write_read_and_side_by_side(tmp_path, capsys):

@@ -152,3 +152,23 @@ def test_a_static_cache_request_decodes_like_the_dynamic_cache(family):
     given = model.generate(prompt, max_new_tokens=12, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(static, dynamic) and torch.equal(given, dynamic)
     assert all(isinstance(layer, HybridCacheLayer) for layer in cache.layers)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("mode", ["hybrid", "la_only", "swa_only", "sinks_only"])
+def test_left_padding_without_position_ids_equals_the_row_alone(family, mode):
+    """Positions come from the attention mask when none are given: the linear branch's feature maps see the same
+    rotations as for the row alone (before, la_only logits of a left-padded row differed)."""
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=4))
+    with torch.no_grad():  # trained-looking feature maps, far from the identity
+        for m in linearize.models.convert.hybrid_modules(model):
+            m.feature_map_q.weight.normal_(0, 0.5)
+            m.feature_map_k.weight.normal_(0, 0.5)
+    row = torch.randint(1, 128, (1, 12))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), row], 1), torch.randint(1, 128, (1, 17))])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    with torch.no_grad(), linearize.components(model, mode):
+        padded = model(batch, attention_mask=mask).logits[0, 5:]
+        alone = model(row).logits[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)

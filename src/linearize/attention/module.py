@@ -41,6 +41,16 @@ class PaddingContext:
     def hook(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self.mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        if self.mask is None or kwargs.get("position_ids") is not None or bool(self.mask.all()):
+            return None
+        tokens = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None), args[0] if args else None)
+        if tokens is None or self.mask.shape[1] < tokens.shape[1]:
+            return None
+        # Padded rows without position_ids: count positions over the valid tokens, as generate does. Softmax is blind
+        # to a shift of every position (RoPE is relative), the feature maps of the linear branch are not: a left-padded
+        # row would otherwise see other rotations than the same row unpadded.
+        positions = (self.mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1]:]
+        return args, {**kwargs, "position_ids": positions.to(tokens.device)}
 
     def valid(self, batch: int, length: int, device) -> torch.Tensor | None:
         if self.mask is None or self.mask.shape[0] != batch or self.mask.shape[1] < length:

@@ -31,7 +31,10 @@ def table(record: dict) -> str:
     conversion = record.get("conversion", {}).get("wall_seconds")
     diagnose = record["seconds"]["total"]
     where = meta.get("gpu") or f"{meta.get('cpu_count')}-core {str(meta.get('device', '')).upper()}"
-    timing = (f"Run at commit {str(meta.get('commit'))[:10]} on a {where} machine: conversion {conversion / 60:.0f} min, "
+    conv_commit = str(record.get("conversion", {}).get("commit") or meta.get("commit"))[:10]
+    commits = (f"commit {conv_commit}" if conv_commit == str(meta.get("commit"))[:10]
+               else f"commits {conv_commit} (conversion) and {str(meta.get('commit'))[:10]} (diagnostics)")
+    timing = (f"Run at {commits} on a {where} machine: conversion {conversion / 60:.0f} min, "
               f"component diagnostics {diagnose / 60:.0f} min ({'/'.join(str(x) for x in sorted(n))} questions per "
               "benchmark, so ±15-20 points); the record is `results/demo/diagnose.json`.")
     return timing + "\n\n" + markdown_table(["Active attention"] + tasks + ["AVG", "Rec. above floor %"], rows)

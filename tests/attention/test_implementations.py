@@ -32,6 +32,22 @@ def run(fn, q, k, v, fq, fk, valid, weight, **kw):
     return fn(q, k, v, fq(q), fk(k), valid=valid, weight=weight, scale=D**-0.5, **kw)
 
 
+def reference_and_chunked_grads(q, k, v, fq, fk, valid, weight, **kw):
+    """[reference grads, chunked grads (chunk 8)] of q, k, v, weight and both feature maps' weights under one fixed
+    readout of the output; a gradient the path does not produce stays None."""
+    tensors = [q, k, v, weight]
+    grads = []
+    for fn, extra in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 8})):
+        for x in tensors:
+            x.requires_grad_(True)
+            x.grad = None
+        fq.zero_grad(), fk.zero_grad()
+        out = run(fn, q, k, v, fq, fk, valid, weight, **kw, **extra)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([x.grad for x in tensors + [fq.weight, fk.weight]])  # fresh tensors each pass: no copies needed
+    return grads
+
+
 def decode(state, q, k, v, qf, kf, valid, start, *, window=None, **kw):
     """Outputs of tokens start.. stepped one by one, as HybridAttention decodes (`window` sits in the state)."""
     outs = []
@@ -63,16 +79,8 @@ def test_chunked_matches_reference_outputs(mode, rule, placement, window):
 def test_chunked_matches_reference_gradients(feature_map, rule, placement, size):
     t = 21
     q, k, v, fq, fk, valid, weight = make_inputs(t, feature_map, size)
-    tensors = [q, k, v, weight]
-    grads = []
-    for fn, kw in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 8})):
-        for x in tensors:
-            x.requires_grad_(True)
-            x.grad = None
-        fq.zero_grad(), fk.zero_grad()
-        out = run(fn, q, k, v, fq, fk, valid, weight, window=6, rule=rule, placement=placement, mode="hybrid", **kw)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads.append([x.grad.clone() for x in tensors] + [fq.weight.grad.clone(), fk.weight.grad.clone()])
+    grads = reference_and_chunked_grads(q, k, v, fq, fk, valid, weight, window=6, rule=rule, placement=placement,
+                                        mode="hybrid")
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 

@@ -11,7 +11,7 @@ from linearize.attention.graph_decode import GraphDecoder
 from linearize.attention.recurrent import advance_state, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.compat import cache_kwargs
-from test_implementations import B, D, HKV, decode, make_inputs, run
+from test_implementations import B, D, HKV, decode, make_inputs, reference_and_chunked_grads, run
 from tiny_models import tiny_model
 
 # (settings, prompt length): sinks alone, memory alone (block == chunk), both (block not a multiple of the chunk)
@@ -58,16 +58,8 @@ def test_the_options_change_the_output_only_where_documented():
                                                  ("mix", "overlap", "hybrid"), ("shared_norm", "complementary", "swa_only")])
 def test_softmax_sinks_gradients_match_reference(rule, placement, mode):
     q, k, v, fq, fk, valid, weight = make_inputs(21)
-    tensors = [q, k, v, weight]
-    grads = []
-    for fn, kw in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 8})):
-        for x in tensors:
-            x.requires_grad_(True)
-            x.grad = None
-        fq.zero_grad(), fk.zero_grad()
-        out = run(fn, q, k, v, fq, fk, valid, weight, window=6, rule=rule, placement=placement, mode=mode, softmax_sinks=3, **kw)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads.append([x.grad for x in tensors + [fq.weight, fk.weight]])  # swa_only: no weight or feature gradients
+    grads = reference_and_chunked_grads(q, k, v, fq, fk, valid, weight, window=6, rule=rule, placement=placement,
+                                        mode=mode, softmax_sinks=3)  # swa_only: no weight or feature gradients
     for a, b in zip(*grads):
         assert (a is None) == (b is None)
         if a is not None:

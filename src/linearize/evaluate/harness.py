@@ -24,6 +24,7 @@ import numpy as np
 from linearize.data_dir import DATA_ENV, default_data_dir
 from linearize.errors import LinearizeError
 from linearize.evaluate.tasks import (
+    BENCHMARKS,
     MMLU_CATEGORIES,
     DataNotFoundError,
     check_data,
@@ -45,19 +46,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The standard benchmarks, in reporting order.
-TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu")
+#: The standard benchmarks, in reporting order (the entries of `tasks.BENCHMARKS`).
+TASKS = tuple(BENCHMARKS)
 
-#: The metric conventionally reported per benchmark (LoLCATs / Mamba / GLA tables):
-#: length-normalised accuracy where the answers differ a lot in length.
-HEADLINE_METRICS: dict[str, str] = {
-    "piqa": "acc",
-    "arc_easy": "acc",
-    "arc_challenge": "acc_norm",
-    "hellaswag": "acc_norm",
-    "winogrande": "acc",
-    "mmlu": "acc",
-}
+#: The metric conventionally reported per benchmark (`Benchmark.headline_metric`).
+HEADLINE_METRICS: dict[str, str] = {n: b.headline_metric for n, b in BENCHMARKS.items()}
+
 
 def headline_metric(name: str) -> str:
     """The conventional metric of benchmark ``name`` (``mmlu_<anything>`` -> ``acc``)."""

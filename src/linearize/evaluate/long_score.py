@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from linearize.evaluate.long_tasks import Item
+from linearize.models.lm_head import final_logits_fn
 
 __all__ = ["normalize_answer", "exact_match", "token_f1", "score_items", "greedy_answer", "bootstrap", "paired"]
 
@@ -81,8 +82,6 @@ def _batches(items: list[Item], batch_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def _teacher_forced(model, items: list[Item], idx: list[int], pad_id: int) -> list[dict[str, Any]]:
-    from linearize.evaluate.probes import _final_logits_fn
-
     rows = [items[i].context + items[i].target[:-1] for i in idx]  # the last gold token is predicted, not read
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -92,7 +91,7 @@ def _teacher_forced(model, items: list[Item], idx: list[int], pad_id: int) -> li
         mask[r, :len(row)] = 1
     device = model.device
     hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-    logits_of = _final_logits_fn(model)
+    logits_of = final_logits_fn(model)
     out = []
     for r, i in enumerate(idx):
         it = items[i]

@@ -40,6 +40,7 @@ from linearize.documents import iter_long_documents
 from linearize.errors import LinearizeError
 from linearize.evaluate.lm_eval_model import load_model
 from linearize.models.convert import components, convert, hybrid_config_of, is_converted
+from linearize.models.lm_head import final_logits_fn
 from linearize.records import fmt_pct, markdown_table, run_metadata, save_figure, write_record
 
 __all__ = ["position_losses", "position_loss_probe", "passkey_prompt", "passkey_trial", "passkey_probe",
@@ -53,25 +54,12 @@ QUESTION = "What is the pass key? The pass key is"
 # ----------------------------------------------------------------------------- per-position loss
 
 
-def _final_logits_fn(model):
-    head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-
-    def logits(h):
-        out = head(h).float()
-        if cap:
-            out = cap * torch.tanh(out / cap)
-        return out
-
-    return logits
-
-
 @torch.no_grad()
 def position_losses(model, ids: torch.Tensor, *, logit_chunk: int = 512) -> torch.Tensor:
     """Next-token loss (nats) per position: ``(B, T-1)``; entry t is the loss of predicting token t+1."""
     ids = ids.to(model.device)
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-    logits_of = _final_logits_fn(model)
+    logits_of = final_logits_fn(model)
     out = []
     for s in range(0, ids.shape[1] - 1, logit_chunk):
         e = min(s + logit_chunk, ids.shape[1] - 1)

@@ -15,24 +15,12 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from linearize.attention.module import hybrid_param_kind
 from linearize.models.convert import components, hybrid_modules, is_converted
+from linearize.models.lm_head import chunk_loss_sum, final_softcap
 from linearize.train.ssd import SSDSchedule, clear_drops, dropped_fraction, set_drops
-
-
-def _softcap(model) -> float | None:
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "final_logit_softcapping", None)
-
-
-def _chunk_loss(head, softcap, h, y):
-    logits = head(h).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, y, reduction="sum")
 
 
 def lm_loss_sum(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> tuple[torch.Tensor, int]:
@@ -41,13 +29,13 @@ def lm_loss_sum(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> tuple[t
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = input_ids[:, 1:].reshape(-1)
     head = model.get_output_embeddings()
-    softcap = _softcap(model)
+    softcap = final_softcap(model)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, softcap, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+            total = total + checkpoint(chunk_loss_sum, head, softcap, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, softcap, h[i:i + chunk], y[i:i + chunk])
+            total = total + chunk_loss_sum(head, softcap, h[i:i + chunk], y[i:i + chunk])
     return total, int(y.numel())
 
 

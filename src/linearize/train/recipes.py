@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "stage1": {
         "enabled": True,
-        "objective": "weights",  # weights | output | hybrid_output
+        "objective": "weights",  # a name in transfer.OBJECTIVES: weights | output | hybrid_output
         "loss_scale": 1.0,  # LoLCATs multiplies its output MSE by 1000
         "train_feature_maps": True,
         "train_mixing": False,  # gamma (shared_norm) or the learned/dynamic gate (mix)
@@ -302,7 +302,7 @@ def validate(recipe: dict) -> None:
         raise RecipeError(f"data.sources={sources!r}: expected a non-empty list of source names or files")
     s1, s2 = recipe["stage1"], recipe["stage2"]
     if s1["objective"] not in OBJECTIVES:
-        raise RecipeError(f"stage1.objective={s1['objective']!r}; expected one of {OBJECTIVES}")
+        raise RecipeError(f"stage1.objective={s1['objective']!r}; expected one of {tuple(OBJECTIVES)}")
     for name, stage in (("stage1", s1), ("stage2", s2)):
         if stage["lr_schedule"] not in LR_SCHEDULES:
             raise RecipeError(f"{name}.lr_schedule={stage['lr_schedule']!r}; expected one of {LR_SCHEDULES}")

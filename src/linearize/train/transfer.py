@@ -26,6 +26,8 @@ Objectives (per layer, averaged over heads, batch and positions; then averaged o
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -34,9 +36,24 @@ from linearize.attention.common import group_queries, ungroup
 from linearize.attention.module import hybrid_param_kind
 from linearize.models.convert import hybrid_modules
 
-#: The transfer objectives of stage 1 (recipes check stage1.objective against them).
-OBJECTIVES = ("weights", "output", "hybrid_output")
+#: The transfer objectives of stage 1, name -> the loss of one layer (recipes check stage1.objective against it).
+#: Each objective adds itself with `register_objective`, so a new one is one function in one place.
+#: The loss is called as ``fn(module, q, k, v, valid, weight, teacher, window=..., query_block=...)``: the layer, its
+#: projected q/k/v (B, H, T, d), the valid-key mask, the mixing weight, the teacher's output and its window.
+OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {}
 _NEG = -1e30
+
+
+def register_objective(name: str):
+    """Decorator: add a layer loss to `OBJECTIVES` under `name` (a name is registered once)."""
+
+    def add(fn):
+        if name in OBJECTIVES:
+            raise ValueError(f"transfer objective {name!r} is registered twice")
+        OBJECTIVES[name] = fn
+        return fn
+
+    return add
 
 
 def _key_mask(t0: int, t1: int, s: int, window: int | None, valid: torch.Tensor | None, device) -> torch.Tensor:
@@ -113,14 +130,34 @@ def masked_mse(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor
     return (err * w).sum() / (w.sum() * err.shape[1] * err.shape[-1]).clamp_min(1)
 
 
+@register_objective("weights")
+def weights_objective(module, q, k, v, valid, weight, teacher, *, window, query_block):
+    """KL(teacher softmax weights || LA-only weights); the teacher's output is not needed."""
+    qf, kf = module.feature_map_q(q), module.feature_map_k(k)
+    return attention_weights_kl(q, k, qf, kf, scale=module.scale, window=window, valid=valid, block=query_block)
+
+
+@register_objective("output")
+def output_objective(module, q, k, v, valid, weight, teacher, *, window, query_block):
+    """MSE between the teacher output and the la_only output."""
+    return masked_mse(teacher, module.attend(q, k, v, weight, valid, "la_only"), valid)
+
+
+@register_objective("hybrid_output")
+def hybrid_output_objective(module, q, k, v, valid, weight, teacher, *, window, query_block):
+    """MSE between the teacher output and the hybrid output (LoLCATs)."""
+    return masked_mse(teacher, module.attend(q, k, v, weight, valid, "hybrid"), valid)
+
+
 class AttentionTransfer:
     """Installs the transfer hooks on every converted layer and collects the per-layer losses."""
 
     def __init__(self, model, objective: str = "weights", loss_scale: float = 1.0, query_block: int = 256):
         if objective not in OBJECTIVES:
-            raise ValueError(f"unknown transfer objective {objective!r}; expected one of {OBJECTIVES}")
+            raise ValueError(f"unknown transfer objective {objective!r}; expected one of {tuple(OBJECTIVES)}")
         self.model = model
         self.objective = objective
+        self._layer_loss = OBJECTIVES[objective]
         self.loss_scale = float(loss_scale)
         self.query_block = query_block
         self.modules = hybrid_modules(model)
@@ -132,13 +169,8 @@ class AttentionTransfer:
         window = module.base_sliding_window
         with torch.no_grad():
             teacher = teacher_attention(q, k, v, scale=module.scale, window=window, valid=valid)
-        if self.objective == "weights":
-            qf, kf = module.feature_map_q(q), module.feature_map_k(k)
-            loss = attention_weights_kl(q, k, qf, kf, scale=module.scale, window=window, valid=valid, block=self.query_block)
-        else:
-            mode = "la_only" if self.objective == "output" else "hybrid"
-            loss = masked_mse(teacher, module.attend(q, k, v, weight, valid, mode), valid)
-        self.losses.append(loss)
+        self.losses.append(self._layer_loss(module, q, k, v, valid, weight, teacher, window=window,
+                                            query_block=self.query_block))
         return teacher
 
     def __enter__(self):

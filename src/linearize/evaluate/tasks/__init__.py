@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from linearize.errors import LinearizeError
 
 __all__ = [
     "PREFIX",
+    "Benchmark",
+    "BENCHMARKS",
     "SIMPLE_TASKS",
     "MMLU_CATEGORIES",
     "DATA_FILES",
@@ -54,26 +57,39 @@ TEMPLATE_DIR = Path(__file__).resolve().parent
 # Bump when the generated layout changes, so stale cache folders are not reused.
 _GENERATOR_VERSION = "3"
 
-#: The single-task benchmarks and their template file.
-SIMPLE_TASKS: dict[str, str] = {
-    "piqa": "lz_piqa.yaml",
-    "arc_easy": "lz_arc_easy.yaml",
-    "arc_challenge": "lz_arc_challenge.yaml",
-    "hellaswag": "lz_hellaswag.yaml",
-    "winogrande": "lz_winogrande.yaml",
-}
 MMLU_CATEGORIES = ("stem", "other", "social_sciences", "humanities")
 _MMLU_SPLITS = ("test", "dev")
 
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One standard benchmark: everything linearize needs to know about it, in one entry of `BENCHMARKS`."""
+
+    name: str  #: the benchmark name (``tasks=``); its lm-eval task is ``lz_<name>``
+    data_files: tuple[str, ...]  #: the local files it reads, relative to the data directory
+    template: str  #: its YAML template in this folder
+    headline_metric: str  #: the metric conventionally reported (LoLCATs / Mamba / GLA tables)
+    shots: int = 0  #: few-shot examples; 0 leaves lm-eval's default (none)
+    #: a group of per-subject tasks (MMLU), which `build_task_dir` writes from its own templates
+    grouped: bool = False
+
+
+#: The standard benchmarks, in reporting order; the other tables here and in `harness` are read from it.
+#: Headline metrics: length-normalised accuracy where the answers differ a lot in length.
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("piqa", ("piqa/validation.jsonl",), "lz_piqa.yaml", "acc"),
+    Benchmark("arc_easy", ("arc_easy/test.jsonl",), "lz_arc_easy.yaml", "acc"),
+    Benchmark("arc_challenge", ("arc_challenge/test.jsonl",), "lz_arc_challenge.yaml", "acc_norm"),
+    Benchmark("hellaswag", ("hellaswag/validation.jsonl",), "lz_hellaswag.yaml", "acc_norm"),
+    Benchmark("winogrande", ("winogrande/validation.jsonl",), "lz_winogrande.yaml", "acc"),
+    Benchmark("mmlu", tuple(f"mmlu/{s}.jsonl" for s in _MMLU_SPLITS), "lz_mmlu.yaml", "acc", shots=5, grouped=True),
+)}
+
+#: The single-task benchmarks and their template file.
+SIMPLE_TASKS: dict[str, str] = {n: b.template for n, b in BENCHMARKS.items() if not b.grouped}
+
 #: Local files (relative to the data directory) each benchmark reads.
-DATA_FILES: dict[str, tuple[str, ...]] = {
-    "piqa": ("piqa/validation.jsonl",),
-    "arc_easy": ("arc_easy/test.jsonl",),
-    "arc_challenge": ("arc_challenge/test.jsonl",),
-    "hellaswag": ("hellaswag/validation.jsonl",),
-    "winogrande": ("winogrande/validation.jsonl",),
-    "mmlu": tuple(f"mmlu/{s}.jsonl" for s in _MMLU_SPLITS),
-}
+DATA_FILES: dict[str, tuple[str, ...]] = {n: b.data_files for n, b in BENCHMARKS.items()}
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -220,15 +236,19 @@ def build_task_dir(data_dir: str | Path, cache_dir: str | Path | None = None) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         common = {"LM_EVAL_TASKS": _yaml_str(lm_eval_tasks_dir()), "DATA_DIR": _yaml_str(data_dir)}
-        for template in SIMPLE_TASKS.values():
-            (tmp / template).write_text(_fill(template, **common))
+        for bench in BENCHMARKS.values():
+            if not bench.grouped:
+                # a few-shot count other than lm-eval's default is set here, so the table is the one place for it
+                shots = f"num_fewshot: {bench.shots}\n" if bench.shots else ""
+                (tmp / bench.template).write_text(_fill(bench.template, **common) + shots)
 
         subjects = mmlu_subjects()
         # Paths inside the YAMLs point at the final folder (the rename below keeps them valid).
         split_dir = final / "mmlu_data"
         mmlu_dir = tmp / "mmlu"
         mmlu_dir.mkdir()
-        (mmlu_dir / "lz_mmlu.yaml").write_text(_fill("lz_mmlu.yaml", **common))
+        mmlu = BENCHMARKS["mmlu"]
+        (mmlu_dir / mmlu.template).write_text(_fill(mmlu.template, **common))
         for category in MMLU_CATEGORIES:
             (mmlu_dir / f"lz_mmlu_{category}.yaml").write_text(
                 _fill("lz_mmlu_category.yaml", CATEGORY=category, **common)
@@ -240,6 +260,7 @@ def build_task_dir(data_dir: str | Path, cache_dir: str | Path | None = None) ->
                     SUBJECT=subject,
                     CATEGORY=category,
                     SPLIT_DIR=_yaml_str(split_dir),
+                    SHOTS=str(mmlu.shots),
                     **common,
                 )
             )

@@ -42,29 +42,21 @@ def add_bench_args(p) -> None:
 
 
 def hybrid_overrides(pairs: list[str]) -> dict:
-    """``["window=512", "placement=overlap"]`` -> typed HybridConfig changes (a one-line error on a bad one)."""
+    """``["window=512", "placement=overlap"]`` -> typed HybridConfig changes, read and checked as a recipe's ``--set``
+    values are (a one-line error on a bad one)."""
     import dataclasses
 
     from linearize.config import HybridConfig
     from linearize.errors import LinearizeError
+    from linearize.train.recipes import expect_type, parse_override
 
     types = {f.name: type(f.default) for f in dataclasses.fields(HybridConfig)}
     out = {}
     for pair in pairs:
-        name, sep, text = pair.partition("=")
-        name = name.strip()
-        if not sep or name not in types:
+        parts, value = parse_override(pair)
+        if len(parts) != 1 or parts[0] not in types:
             raise LinearizeError(f"--hybrid {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
-        kind = types[name]
-        try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                out[name] = text.lower() in ("true", "1")
-            else:
-                out[name] = kind(text) if kind in (int, float) else text
-        except ValueError:
-            raise LinearizeError(f"--hybrid {pair!r}: {name} takes a {kind.__name__}") from None
+        out[parts[0]] = expect_type(f"--hybrid {parts[0]}", value, types[parts[0]])
     return out
 
 

@@ -253,7 +253,7 @@ _NULLABLE = {"preset": str, "data.train_tokens": int, "stage1.max_steps": int, "
 _ANY = {"hybrid.layers"}  # 'all', 'global' or a list of layer indices: HybridConfig checks it
 
 
-def _expect(path: str, value: Any, kind: type) -> Any:
+def expect_type(path: str, value: Any, kind: type) -> Any:
     """`value` as a `kind` (an integral float is accepted as an int), or a RecipeError naming the key."""
     if kind is bool:
         ok = isinstance(value, bool)
@@ -283,9 +283,9 @@ def _check_types(recipe: dict, defaults: dict, where: str = "") -> None:
             continue
         elif default is None or path in _NULLABLE:
             if value is not None:
-                recipe[key] = _expect(path, value, _NULLABLE[path])
+                recipe[key] = expect_type(path, value, _NULLABLE[path])
         else:
-            recipe[key] = _expect(path, value, float if type(default) is float else type(default))
+            recipe[key] = expect_type(path, value, float if type(default) is float else type(default))
 
 
 def validate(recipe: dict) -> None:

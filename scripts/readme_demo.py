@@ -18,7 +18,6 @@ BEGIN, END = "<!-- demo-table:begin (scripts/readme_demo.py writes this block) -
 
 
 def table(record: dict) -> str:
-    from linearize.evaluate.diagnose import PAPER_LABELS  # noqa: F401  (labels used by the full table)
     from linearize.records import fmt_pct, markdown_table
 
     tasks = list(record["lengths"])

@@ -24,18 +24,24 @@ def register(subparsers) -> None:
 
 
 def run(argv: list[str]) -> int:
+    from lm_eval.__main__ import cli_evaluate
+
     from linearize.evaluate.harness import default_data_dir
-    from linearize.evaluate.lm_eval_model import main
+    from linearize.evaluate.lm_eval_model import register
     from linearize.evaluate.tasks import build_task_dir
 
     argv = list(argv)
     asks_help = any(a in ("-h", "--help") for a in argv)
     if not asks_help and not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
         argv += ["--include_path", str(build_task_dir(default_data_dir()))]
+    register()
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]  # lm-eval's CLI parses sys.argv itself
     try:
-        main(argv)
+        cli_evaluate()
     except SystemExit as exc:  # lm-eval's CLI ends with sys.exit on errors and on --help
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
     return 0
 
 

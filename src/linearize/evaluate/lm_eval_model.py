@@ -12,17 +12,11 @@
   :func:`load_model` and accepts ``components=`` (and ``convert=``, ``window=``) in ``model_args``.
   Plain ``HFLM(pretrained=model)`` already works on a converted model (it is an ordinary HF model
   object). lm-eval has no plugin discovery for models, so its CLI sees the name only once this module
-  is imported; ``python -m linearize.evaluate.lm_eval_model <lm_eval arguments>`` does that and
-  then runs lm-eval's own CLI, e.g.::
-
-      TASKS=$(python -c 'from linearize.evaluate.tasks import build_task_dir
-      from linearize.evaluate.harness import default_data_dir; print(build_task_dir(default_data_dir()))')
-      python -m linearize.evaluate.lm_eval_model --model linearize \\
-          --model_args pretrained=runs/ssd,components=la_only --device cpu \\
-          --tasks lz_piqa --include_path "$TASKS"
-
-  (put the device in ``--device``, not in ``--model_args``: lm-eval passes both and Python refuses the
-  duplicate keyword). ``--include_path`` points lm-eval at our offline ``lz_*`` task configs.
+  is imported: ``linearize lm-eval <lm_eval arguments>`` (:mod:`linearize.commands.lmeval`) does that,
+  adds ``--include_path`` for the offline ``lz_*`` task configs and runs lm-eval's own CLI, e.g.
+  ``linearize lm-eval --model linearize --model_args pretrained=runs/ssd,components=la_only --device cpu
+  --tasks lz_piqa`` (put the device in ``--device``, not in ``--model_args``: lm-eval passes both and
+  Python refuses the duplicate keyword).
 """
 
 from __future__ import annotations
@@ -337,19 +331,3 @@ def __getattr__(name):  # LinearizeLM is built lazily: importing lm-eval takes s
     if name == "LinearizeLM":
         return register()
     raise AttributeError(name)
-
-
-def main(argv=None) -> None:
-    """lm-eval's own CLI with the ``linearize`` model registered."""
-    import sys
-
-    register()
-    from lm_eval.__main__ import cli_evaluate
-
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

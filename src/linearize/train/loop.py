@@ -471,8 +471,10 @@ class Trainer:
 
     def _check_params(self, step: int) -> None:
         """Stop at the step whose update left a parameter NaN/inf (the checkpoint of an earlier step stays)."""
-        bad = [n for n, p in self.params.items()
-               if not bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())]
+        local = {n: p.to_local() if isinstance(p, DTensor) else p for n, p in self.params.items()}
+        # one device-to-host sync per step (not one per parameter): names are only looked up once something is off
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in local.values()]).all()) if local else True
+        bad = [] if finite else [n for n, p in local.items() if not bool(torch.isfinite(p).all())]
         if self._mean_across(float(bool(bad))) > 0:
             raise self._diverged(step, "the update", f"non-finite in {bad[:3] or 'another process'}")
 

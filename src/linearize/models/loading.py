@@ -90,6 +90,14 @@ SHORT_NAMES: dict[str, Callable[[], Path]] = {
 """Short model names accepted by `load_base`, each mapped to a function returning its local model path."""
 
 
+def checked_source(name_or_path: str | os.PathLike) -> Path:
+    """The local model a name stands for (HF directory or .gguf file), checked without loading it: a typo or a
+    missing file fails here, before a command touches its output."""
+    source = _resolve(name_or_path)
+    _check_hf_dir(source) if source.is_dir() else _check_gguf_magic(source)
+    return source
+
+
 def load_base(
     name_or_path: str | os.PathLike,
     *,
@@ -105,13 +113,8 @@ def load_base(
     ~/.cache/linearize/models), in a subdirectory named after the file. `check` runs
     `check_not_degenerate`. The tokenizer gets pad = eos when it has no pad token, so batches can be padded.
     """
-    source = _resolve(name_or_path)
-    if source.is_dir():
-        _check_hf_dir(source)
-        directory = source
-    else:
-        _check_gguf_magic(source)
-        directory = _gguf_cache(source, cache_dir)
+    source = checked_source(name_or_path)
+    directory = source if source.is_dir() else _gguf_cache(source, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -77,14 +77,6 @@ def _model_id(model: Any) -> str:
     return str(model) if str(model) in SHORT_NAMES else str(Path(model).expanduser().resolve())
 
 
-def _check_model(name: str | Path) -> None:
-    """The checks of load_base that need no loading (name, files, GGUF magic), so a typo fails before --out."""
-    from linearize.models import loading
-
-    source = loading._resolve(name)
-    loading._check_hf_dir(source) if source.is_dir() else loading._check_gguf_magic(source)
-
-
 def _strip_volatile(recipe: dict) -> dict:
     r = json.loads(json.dumps(recipe))
     r.get("runtime", {}).pop("show_progress", None)
@@ -256,7 +248,9 @@ def run_recipe(model: Any, recipe: str | dict | None = None, out_dir: str | Path
     else:
         resolved = _load_recipe(recipe or "ssd", overrides, preset)
     if isinstance(model, (str, Path)):
-        _check_model(model)
+        from linearize.models.loading import checked_source
+
+        checked_source(model)  # a typo or a missing file fails before --out is touched
     dcfg = resolved["data"]
     if data is None:
         from linearize.train.data import check_sources

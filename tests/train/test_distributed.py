@@ -46,7 +46,8 @@ def _diverging_run(out: str, acc, strategy: str) -> None:
         loss = (net(batch.float() / 64) - 1).pow(2).mean()
         return (loss * float("nan") if ctx["step"] == 5 else loss), {}
 
-    spec = loop.LoopSpec(name="stage1", lr=1e-2, batch_size=2, epochs=10, checkpoint_every=2, distributed=strategy)
+    spec = loop.LoopSpec(name="stage1", lr=1e-2, batch_size=2, grad_accum=1, epochs=10, checkpoint_every=2,
+                         distributed=strategy)
     trainer = loop.Trainer(model=net, params=dict(net.named_parameters()), data=torch.arange(64).view(16, 4),
                            loss_fn=loss_fn, spec=spec, ckpt_dir=out, accelerator=acc, log=loop.JsonlLog(None),
                            show_progress=False)

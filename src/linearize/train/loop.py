@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from linearize.attention.module import hybrid_param_kind
 from linearize.errors import LinearizeError, TrainingDivergedError
 from linearize.models.convert import decoder_layers
-from linearize.train.recipes import DISTRIBUTED
+from linearize.train.recipes import DISTRIBUTED, EarlyStoppingConfig, LoopConfig
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -64,53 +65,39 @@ class RunInterrupted(LinearizeError):
 
 
 @dataclass
-class LoopSpec:
-    name: str = "stage"
-    lr: float = 1e-3
-    mixing_lr: float | None = None  # the mixing parameters' learning rate (None: lr); see hybrid_param_kind
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    batch_size: int = 1
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    checkpoint_every: int = 100
-    log_every: int = 1
-    eval_every: int = 0
-    early_stopping: dict | None = None  # {enabled, patience, min_delta, metric}
-    seed: int = 0
-    distributed: str = "allreduce"  # allreduce | ddp | fsdp: how several processes share the work
+class LoopSpec(LoopConfig):
+    """One stage's loop: the recipe's loop settings (:class:`LoopConfig`, its fields and defaults) and what the run
+    adds: the stage's name, the seed, validation, early stopping and how several processes share the work."""
+
+    name: str = field(default="stage", metadata={"help": "The stage's name (checkpoints, logs, messages)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the row order (with the epoch)."})
+    eval_every: int = field(default=0, metadata={"help": "Optimizer steps between validations (0: none)."})
+    early_stopping: EarlyStoppingConfig | None = field(default=None, metadata={"help": "Early stopping (None: off)."})
+    distributed: str = field(default="allreduce", metadata={"help": "allreduce, ddp or fsdp (RuntimeConfig)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.early_stopping, dict):
+            self.early_stopping = EarlyStoppingConfig.from_dict(self.early_stopping)
+        super().__post_init__()
+
+    def check(self) -> None:
+        super().check()
+        if self.distributed not in DISTRIBUTED:
+            raise LinearizeError(f"{self.name}: distributed={self.distributed!r}; expected one of {DISTRIBUTED}")
 
     @classmethod
-    def from_recipe(cls, name: str, stage: dict, seed: int, eval_every: int = 0, early_stopping: dict | None = None,
+    def from_recipe(cls, name: str, stage: LoopConfig | dict, seed: int, eval_every: int = 0,
+                    early_stopping: EarlyStoppingConfig | dict | None = None,
                     distributed: str = "allreduce") -> "LoopSpec":
-        keys = ("lr", "mixing_lr", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip", "batch_size", "grad_accum", "epochs",
-                "max_steps", "checkpoint_every", "log_every")
-        kwargs = {k: stage[k] for k in keys}
-        kwargs["lr"] = float(kwargs["lr"])
-        kwargs["mixing_lr"] = None if kwargs["mixing_lr"] is None else float(kwargs["mixing_lr"])
-        kwargs["weight_decay"] = float(kwargs["weight_decay"])
-        return cls(name=name, betas=tuple(float(b) for b in stage["betas"]), seed=seed, eval_every=eval_every,
-                   early_stopping=early_stopping, distributed=distributed, **kwargs)
+        """The loop of recipe section `stage` (typed, or its YAML form)."""
+        values = stage.to_dict() if isinstance(stage, LoopConfig) else dict(stage)
+        return cls(name=name, seed=seed, eval_every=eval_every, early_stopping=early_stopping, distributed=distributed,
+                   **{f.name: values[f.name] for f in dataclasses.fields(LoopConfig)})
 
     @property
-    def rows_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
-
-    def steps_per_epoch(self, n_rows: int) -> int:
-        return n_rows // self.rows_per_step
-
-    def total_steps(self, n_rows: int) -> int:
-        per_epoch = self.steps_per_epoch(n_rows)
-        if per_epoch == 0:
-            raise LinearizeError(
-                f"{self.name}: {n_rows} training rows are fewer than one optimizer step "
-                f"(batch_size {self.batch_size} x grad_accum {self.grad_accum}); add data or shrink the batch")
-        total = per_epoch * self.epochs
-        return min(total, self.max_steps) if self.max_steps is not None else total
+    def early(self) -> bool:
+        """Whether validations decide when to stop (and the best weights are kept)."""
+        return self.early_stopping is not None and self.early_stopping.enabled
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -313,8 +300,6 @@ class Trainer:
         if spec.rows_per_step % self.world:
             raise LinearizeError(f"{spec.name}: batch_size x grad_accum = {spec.rows_per_step} rows per step must be a "
                                  f"multiple of the number of processes ({self.world}); each takes an equal share")
-        if spec.distributed not in DISTRIBUTED:
-            raise LinearizeError(f"{spec.name}: distributed={spec.distributed!r}; expected one of {DISTRIBUTED}")
         self.given = params
         self.runner = self._parallel(model)
         # what the optimizer updates: the given parameters, or under FSDP2 the shards (DTensors) now in their place
@@ -324,8 +309,7 @@ class Trainer:
         self.total = spec.total_steps(len(data))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(spec, self.total))
         self.result = StageResult(spec.name, total_steps=self.total)
-        es = spec.early_stopping or {}
-        self.early = bool(es.get("enabled"))
+        self.early = spec.early
         self.evals_since_best = 0
 
     def _param_groups(self) -> list[dict]:
@@ -568,11 +552,11 @@ class Trainer:
             values = self.runner(partial(self.eval_fn, step))
         self.result.evals.append({"step": step, **values})
         record = {"stage": self.spec.name, "step": step, "event": "eval", "val": values}
-        es = self.spec.early_stopping or {}
+        es = self.spec.early_stopping
         if self.early:
-            metric = values[es.get("metric", "hybrid")]
+            metric = values[es.metric]
             best = self.result.best_metric
-            if best is None or metric < best - float(es.get("min_delta", 0.0)):
+            if best is None or metric < best - es.min_delta:
                 self.result.best_metric, self.result.best_step = metric, step
                 self.evals_since_best = 0
                 params = self.param_state()
@@ -586,7 +570,7 @@ class Trainer:
             record["evals_since_best"] = self.evals_since_best
         if self.acc.is_main_process:
             self.log.write(record)
-        return self.early and self.evals_since_best >= int(es.get("patience", 3))
+        return self.early and self.evals_since_best >= es.patience
 
     def restore_best(self) -> None:
         path = self.ckpt_dir / BEST

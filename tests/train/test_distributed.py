@@ -73,19 +73,19 @@ def _worker(rank: int, world: int, port: int, out: str, sets: list, stops: bool)
     from accelerate import Accelerator
     from torch.distributed.tensor import DTensor
 
-    from linearize.train import loop
+    from linearize.train import distributed, loop
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world and acc.process_index == rank
     runners = []  # what each stage's steps ran through
-    parallel = loop.Trainer._parallel
+    wrap = distributed.Processes.wrap
 
     def spy(self, model):
-        runners.append(parallel(self, model))
+        runners.append(wrap(self, model))
         return runners[-1]
 
-    loop.Trainer._parallel = spy
+    distributed.Processes.wrap = spy
     for strategy, runs_through in STRATEGIES.items():
         runners.clear()
         model = tiny_llama()

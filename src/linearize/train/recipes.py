@@ -73,22 +73,30 @@ def expect_type(path: str, value: Any, kind: type) -> Any:
         ok = isinstance(value, kind)
     if not ok:
         what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-                list: "a list, e.g. [a, b]"}[kind]
+                list: "a list, e.g. [a, b]", dict: "a mapping, e.g. {a: 1}"}.get(kind, f"a {kind.__name__}")
         raise RecipeError(f"{path} must be {what}, got {value!r}")
     return value
 
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:
-    """`value` checked against the type annotation `hint` (bool, int, float, str, list[...], X | None, Any)."""
-    if hint is Any:
-        return value
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    """`value` checked against the type annotation `hint` (bool, int, float, str, list / tuple, dict, X | None,
+    Literal); other annotations (Any, classes) are left to the owner's own checks."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(path, value, inner)
-    return expect_type(path, value, typing.get_origin(hint) or hint)
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0]) if len(inner) == 1 else value
+    if origin is typing.Literal:
+        if value not in args:
+            raise RecipeError(f"{path}={value!r}; expected one of {args}")
+        return value
+    if origin in (list, tuple) or hint in (list, tuple):
+        value = expect_type(path, value, list)
+        return tuple(value) if tuple in (origin, hint) else value
+    if hint in (bool, int, float, str, dict) or origin is dict:
+        return expect_type(path, value, origin or hint)
+    return value
 
 
 def _check_fields(obj: Any, where: str) -> None:

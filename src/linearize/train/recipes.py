@@ -134,7 +134,12 @@ class Section:
         """The section's own rules (value ranges, allowed names); types are already checked."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The YAML form: nested sections as mappings, fields in :meth:`yaml_order`."""
+        return {f.name: _plain(getattr(self, f.name)) for f in self.yaml_order()}
+
+    def yaml_order(self) -> list[dataclasses.Field]:
+        """The fields in the order the YAML form lists them."""
+        return list(dataclasses.fields(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Section":
@@ -157,6 +162,13 @@ class Section:
     def of(cls, value: "Section | dict") -> "Section":
         """`value` as this section: itself, or built from its YAML form (callers may hold either)."""
         return value if isinstance(value, cls) else cls.from_dict(value)
+
+
+def _plain(value: Any) -> Any:
+    """A field's value in the YAML form (copies: the form never shares lists with the recipe)."""
+    if isinstance(value, Section):
+        return value.to_dict()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
 
 
 def _join(where: str, key: str) -> str:
@@ -223,6 +235,13 @@ class LoopConfig(Section):
 
     def path(self) -> str:
         return self.name
+
+    def yaml_order(self) -> list[dataclasses.Field]:
+        """A stage's own fields (enabled, objective, ...) first, then the loop settings."""
+        loop = [f.name for f in dataclasses.fields(LoopConfig)]
+        fields = list(dataclasses.fields(self))
+        return [f for f in fields if f.name not in loop] + sorted((f for f in fields if f.name in loop),
+                                                                  key=lambda f: loop.index(f.name))
 
     def check(self) -> None:
         where = self.name

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import re
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
@@ -9,9 +11,21 @@ import yaml
 from linearize.errors import LinearizeError
 from linearize.train import run_recipe
 from linearize.train.recipes import (
-    PRESETS, RECIPE_DIR, Recipe, RecipeError, available_recipes, dump_recipe, load_recipe, resolve_recipe,
+    PRESETS, RECIPE_DIR, Recipe, RecipeError, Section, available_recipes, dump_recipe, load_recipe, resolve_recipe,
 )
 from lz_train_helpers import random_data, tiny_llama, tiny_recipe
+
+
+@dataclasses.dataclass
+class _Sketch(Section):
+    """A section with the annotations a HybridConfig field may come with (checked as a recipe's are)."""
+
+    where: ClassVar[str] = "sketch"
+    kind: Literal["a", "b"] = "a"
+    pair: tuple[int, int] = (1, 2)
+    extra: dict | None = None
+    count: int | None = None
+    rate: float = 1.0
 
 
 def test_shipped_recipes():
@@ -169,3 +183,15 @@ def test_print_recipe_refuses_a_bad_setting_in_one_line(capsys):
     assert main(["convert", "--print-recipe", "--set", "stage2.lora.rank=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown recipe key 'stage2.lora.rank'" in err[0] and "target_modules" in err[0]
+
+
+def test_recipe_values_are_checked_against_their_annotations():
+    s = _Sketch(pair=[3, 4], count=2.0, rate=1)
+    assert s.pair == (3, 4) and s.count == 2 and type(s.count) is int and type(s.rate) is float
+    for bad, message in [({"kind": "c"}, "sketch.kind='c'; expected one of ('a', 'b')"),
+                         ({"pair": 5}, "sketch.pair must be a list"), ({"extra": [1]}, "sketch.extra must be a mapping"),
+                         ({"count": 2.5}, "sketch.count must be an integer"), ({"rate": True}, "sketch.rate must be a finite")]:
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            _Sketch(**bad)
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'sketch.knd'; known keys here: \['count', 'extra'"):
+        _Sketch.from_dict({"knd": "a"})

@@ -22,15 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from linearize.attention.module import hybrid_param_kind
@@ -99,9 +98,8 @@ def batch_rows(spec: LoopSpec, n_rows: int, step: int, micro: int) -> tuple[torc
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    """Seed python's, numpy's and torch's generators (on every device) before a step of the run."""
+    set_seed(seed)
 
 
 class JsonlLog:

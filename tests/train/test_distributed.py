@@ -46,7 +46,8 @@ def _diverging_run(out: str, acc, strategy: str) -> None:
         loss = (net(batch.float() / 64) - 1).pow(2).mean()
         return (loss * float("nan") if ctx["step"] == 5 else loss), {}
 
-    spec = loop.LoopSpec(name="stage1", lr=1e-2, batch_size=2, epochs=10, checkpoint_every=2, distributed=strategy)
+    spec = loop.LoopSpec(name="stage1", lr=1e-2, batch_size=2, grad_accum=1, epochs=10, checkpoint_every=2,
+                         distributed=strategy)
     trainer = loop.Trainer(model=net, params=dict(net.named_parameters()), data=torch.arange(64).view(16, 4),
                            loss_fn=loss_fn, spec=spec, ckpt_dir=out, accelerator=acc, log=loop.JsonlLog(None),
                            show_progress=False)
@@ -72,19 +73,19 @@ def _worker(rank: int, world: int, port: int, out: str, sets: list, stops: bool)
     from accelerate import Accelerator
     from torch.distributed.tensor import DTensor
 
-    from linearize.train import loop
+    from linearize.train import distributed, loop
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world and acc.process_index == rank
     runners = []  # what each stage's steps ran through
-    parallel = loop.Trainer._parallel
+    wrap = distributed.Processes.wrap
 
     def spy(self, model):
-        runners.append(parallel(self, model))
+        runners.append(wrap(self, model))
         return runners[-1]
 
-    loop.Trainer._parallel = spy
+    distributed.Processes.wrap = spy
     for strategy, runs_through in STRATEGIES.items():
         runners.clear()
         model = tiny_llama()

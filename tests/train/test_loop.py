@@ -93,3 +93,41 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     for n in params:
         assert torch.equal(ckpt["params"][n], after[4][n])
     assert torch.isfinite(params["weight"]).all()  # no NaN update was applied
+
+
+# The learning-rate factor at steps 0..10 of a 10-step stage, as the hand-written schedule before
+# transformers.get_scheduler (commit 6339abe, loop._lr_lambda) gave it, without and with 3 warmup steps.
+OLD_LR_FACTORS = {
+    ("constant", 0): [1.0] * 11,
+    ("cosine", 0): [1.0, 0.9755282581475768, 0.9045084971874737, 0.7938926261462366, 0.6545084971874737, 0.5,
+                    0.34549150281252633, 0.2061073738537635, 0.09549150281252633, 0.024471741852423234, 0.0],
+    ("linear", 0): [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.30000000000000004, 0.19999999999999996, 0.09999999999999998,
+                    0.0],
+    ("constant", 3): [0.3333333333333333, 0.6666666666666666] + [1.0] * 9,
+    ("cosine", 3): [0.3333333333333333, 0.6666666666666666, 1.0, 1.0, 0.9504844339512095, 0.8117449009293668,
+                    0.6112604669781572, 0.38873953302184283, 0.18825509907063326, 0.04951556604879048, 0.0],
+    ("linear", 3): [0.3333333333333333, 0.6666666666666666, 1.0, 1.0, 0.8571428571428572, 0.7142857142857143,
+                    0.5714285714285714, 0.4285714285714286, 0.2857142857142857, 0.1428571428571429, 0.0],
+}
+
+
+@pytest.mark.parametrize("schedule, warmup", list(OLD_LR_FACTORS))
+def test_lr_schedules_match_the_hand_written_ones(schedule, warmup):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    spec = loop.LoopSpec(lr=0.5, lr_schedule=schedule, warmup_steps=warmup)
+    scheduler = loop.lr_scheduler(opt, spec, total_steps=10)
+    factors, lrs = [], []
+    for _ in range(11):  # the factor the optimizer's step `s` runs with, as the Trainer steps it
+        lrs.append(opt.param_groups[0]["lr"])
+        factors.append(scheduler.lr_lambdas[0](len(factors)))
+        opt.step()  # no gradient: nothing moves; the scheduler steps after the optimizer, as in the Trainer
+        scheduler.step()
+    old = OLD_LR_FACTORS[(schedule, warmup)]
+    assert lrs == pytest.approx([0.5 * f for f in factors], rel=1e-15)
+    # after the warmup, the same factor at every step (cosine and constant bit for bit, linear to rounding)
+    assert factors[warmup:] == pytest.approx(old[warmup:], rel=1e-15, abs=1e-16)
+    if schedule != "linear":
+        assert factors[warmup:] == old[warmup:]
+    # during the warmup transformers ramps from 0 (step s: s / warmup), the old schedule from 1 / warmup
+    assert factors[:warmup] == [s / warmup for s in range(warmup)]
+    assert old[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])

@@ -1,6 +1,9 @@
 """Recipe files, overrides, presets, validation, and the resolved recipe in the run directory."""
 
+import dataclasses
 import json
+import re
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
@@ -8,9 +11,21 @@ import yaml
 from linearize.errors import LinearizeError
 from linearize.train import run_recipe
 from linearize.train.recipes import (
-    PRESETS, RECIPE_DIR, RecipeError, available_recipes, dump_recipe, load_recipe,
+    PRESETS, RECIPE_DIR, Recipe, RecipeError, Section, available_recipes, dump_recipe, load_recipe, resolve_recipe,
 )
 from lz_train_helpers import random_data, tiny_llama, tiny_recipe
+
+
+@dataclasses.dataclass
+class _Sketch(Section):
+    """A section with the annotations a HybridConfig field may come with (checked as a recipe's are)."""
+
+    where: ClassVar[str] = "sketch"
+    kind: Literal["a", "b"] = "a"
+    pair: tuple[int, int] = (1, 2)
+    extra: dict | None = None
+    count: int | None = None
+    rate: float = 1.0
 
 
 def test_shipped_recipes():
@@ -92,3 +107,91 @@ def test_cli_registers_convert():
     args = build_parser().parse_args(["convert", "--model", "m", "--out", "o", "--set", "stage2.lora.r=4",
                                       "--set", "seed=3", "--preset", "cpu", "--resume"])
     assert args.overrides == ["stage2.lora.r=4", "seed=3"] and args.preset == "cpu" and args.resume
+
+
+# -- the typed schema ---------------------------------------------------------------------------------
+
+def test_every_recipe_field_is_documented_and_hybrid_is_hybridconfig():
+    import dataclasses
+
+    from linearize.config import HybridConfig
+    from linearize.train.recipes import Recipe
+
+    rows = Recipe.describe()
+    assert all(help_text.strip() for _, _, help_text in rows), [p for p, _, h in rows if not h.strip()]
+    hybrid = {p.split(".", 1)[1] for p, _, _ in rows if p.startswith("hybrid.")}
+    assert hybrid == {f.name for f in dataclasses.fields(HybridConfig)}  # whatever fields HybridConfig has
+    assert isinstance(resolve_recipe("ssd").hybrid, HybridConfig)
+
+
+def test_every_hybridconfig_field_can_be_set():
+    import dataclasses
+
+    from linearize.config import HybridConfig
+
+    defaults = HybridConfig()
+    for f in dataclasses.fields(HybridConfig):
+        default = getattr(defaults, f.name)
+        value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        r = resolve_recipe("ssd", [f"hybrid.{f.name}={value}"])
+        assert getattr(r.hybrid, f.name) == default, f.name
+
+
+def test_typed_recipe_round_trips_through_its_yaml_form(tmp_path):
+    r = resolve_recipe("hedgecats", ["stage2.lora.r=4", "stage1.max_steps=3"], preset="cpu")
+    assert r.stage2.lora.r == 4 and r.stage1.max_steps == 3 and r.data.seq_len == 256 and r.stage2.lr == 1e-4
+    assert Recipe.from_dict(r.to_dict()) == r
+    dump_recipe(r, tmp_path / "recipe.yaml")
+    again = resolve_recipe(tmp_path / "recipe.yaml")
+    assert again.resolved and dataclasses.replace(again, resolved=False) == r
+
+
+def test_one_set_of_loop_defaults():
+    """The training loop's spec and both recipe stages share LoopConfig's fields and defaults."""
+    from linearize.train import loop
+    from linearize.train.recipes import LoopConfig, Stage1Config
+
+    spec, stage1 = loop.LoopSpec(), Stage1Config()
+    for f in dataclasses.fields(LoopConfig):
+        assert getattr(spec, f.name) == getattr(stage1, f.name), f.name
+    assert (spec.lr, spec.grad_accum, spec.epochs) == (1e-2, 8, 2)
+    with pytest.raises(RecipeError, match="stage1.grad_accum must be an integer >= 1"):
+        loop.LoopSpec(name="stage1", grad_accum=0)
+
+
+def test_print_recipe_shows_the_resolved_recipe_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    from linearize.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "--print-recipe", "--recipe", "ssd", "--preset", "cpu", "--set", "stage1.lr=1e-3",
+                 "--set", "hybrid.window=32"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# resolved linearize recipe 'ssd' (preset cpu)")
+    printed = yaml.safe_load(text)
+    expected = load_recipe("ssd", ["stage1.lr=1e-3", "hybrid.window=32"], "cpu")
+    assert printed == {**expected, "resolved": True}
+    assert printed["stage1"]["lr"] == 1e-3 and printed["hybrid"]["window"] == 32 and printed["data"]["seq_len"] == 256
+    (tmp_path / "printed.yaml").write_text(text)  # the printed recipe is a recipe: it resolves to the same one
+    assert resolve_recipe(tmp_path / "printed.yaml") == dataclasses.replace(
+        resolve_recipe("ssd", ["stage1.lr=1e-3", "hybrid.window=32"], "cpu"), resolved=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["printed.yaml"]  # nothing else written
+
+
+def test_print_recipe_refuses_a_bad_setting_in_one_line(capsys):
+    from linearize.cli import main
+
+    assert main(["convert", "--print-recipe", "--set", "stage2.lora.rank=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown recipe key 'stage2.lora.rank'" in err[0] and "target_modules" in err[0]
+
+
+def test_recipe_values_are_checked_against_their_annotations():
+    s = _Sketch(pair=[3, 4], count=2.0, rate=1)
+    assert s.pair == (3, 4) and s.count == 2 and type(s.count) is int and type(s.rate) is float
+    for bad, message in [({"kind": "c"}, "sketch.kind='c'; expected one of ('a', 'b')"),
+                         ({"pair": 5}, "sketch.pair must be a list"), ({"extra": [1]}, "sketch.extra must be a mapping"),
+                         ({"count": 2.5}, "sketch.count must be an integer"), ({"rate": True}, "sketch.rate must be a finite")]:
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            _Sketch(**bad)
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'sketch.knd'; known keys here: \['count', 'extra'"):
+        _Sketch.from_dict({"knd": "a"})

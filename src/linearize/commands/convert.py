@@ -25,10 +25,14 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="tokenised-data cache directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
+    p.add_argument("--print-recipe", action="store_true",
+                   help="print the recipe that --recipe, --preset and --set resolve to (as the run's recipe.yaml would "
+                        "hold it) and exit; nothing is run or written")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from linearize.errors import LinearizeError
     from linearize.train import available_recipes, run_recipe
 
     if args.list_recipes:
@@ -37,9 +41,12 @@ def run(args) -> int:
         for name in available_recipes():
             print(f"{name:10s} {load_recipe(name)['description']}")
         return 0
-    if not args.model or not args.out:
-        from linearize.errors import LinearizeError
+    if args.print_recipe:
+        from linearize.train.recipes import recipe_yaml, resolve_recipe
 
+        print(recipe_yaml(resolve_recipe(args.recipe or "ssd", args.overrides, args.preset)), end="")
+        return 0
+    if not args.model or not args.out:
         raise LinearizeError("convert needs --model and --out")
     summary = run_recipe(args.model, args.recipe, args.out, overrides=args.overrides, preset=args.preset,
                          resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir, cache_dir=args.cache_dir,

@@ -1,21 +1,9 @@
-"""The training loop both stages share.
+"""The training loop both stages share: :class:`Trainer` runs one stage's optimizer steps.
 
-- `accelerate` picks the device and the processes: the same code runs on CPU, one GPU, or several
-  processes (``accelerate launch`` / torchrun; gloo on CPU, NCCL on GPU). Each optimizer step consumes
-  ``batch_size * grad_accum`` packed rows of the *global* batch; each process takes an equal share.
-  How the processes share the work (``runtime.distributed`` in a recipe; one process trains the model as it is):
-
-  - ``allreduce``: every process holds the whole model; after the step's backward passes the trainable
-    parameters' gradients are averaged with one all-reduce.
-  - ``ddp``: torch DistributedDataParallel; the gradients are averaged in buckets while the backward pass
-    runs (overlapping communication with compute), once per optimizer step.
-  - ``fsdp``: FSDP2 (``fully_shard``) per decoder layer, then the rest of the model: parameters, gradients
-    and optimizer states are sharded over the processes and a layer is whole only while it computes. After
-    the stage the model is whole again on every process (evaluation, LoRA, saving work as before).
-
-  All three give the same steps (to float rounding); checkpoints hold whole tensors whatever the strategy
-  and the number of processes.
-- AdamW, gradient clipping (1.0), optional warmup + cosine/linear decay.
+- How several processes share the steps: :mod:`linearize.train.distributed` (allreduce, ddp, fsdp); what a
+  checkpoint holds: :mod:`linearize.train.checkpoint`.
+- AdamW, gradient clipping (1.0), the learning-rate schedule from ``transformers.get_scheduler`` (constant,
+  cosine or linear decay, after an optional linear warmup from 0).
 - The row order is a function of ``(seed, epoch)`` and the step number, so a run is reproducible and
   ``resume`` continues exactly: a checkpoint holds the trainable parameters, the optimizer and scheduler
   states, the RNG states and the step (which fixes the data position). An interrupted run resumed from
@@ -31,32 +19,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
-import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.nn.parallel import DistributedDataParallel
+from accelerate.utils import set_seed
+from transformers import get_scheduler
 
 from linearize.attention.module import hybrid_param_kind
 from linearize.errors import LinearizeError, TrainingDivergedError
-from linearize.models.convert import decoder_layers
-from linearize.train.recipes import DISTRIBUTED
+from linearize.train.checkpoint import (
+    BEST, CHECKPOINT, FINAL, Checkpoints, load_optimizer, load_params, optimizer_state, param_state, rng_state,
+    set_rng_state,
+)
+from linearize.train.distributed import Processes, local, whole
+from linearize.train.recipes import DISTRIBUTED, EarlyStoppingConfig, LoopConfig
 
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-FINAL = "final.pt"
+#: The recipe's schedule names as transformers.get_scheduler calls them (each with the linear warmup).
+SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
 class RunInterrupted(LinearizeError):
@@ -64,53 +50,39 @@ class RunInterrupted(LinearizeError):
 
 
 @dataclass
-class LoopSpec:
-    name: str = "stage"
-    lr: float = 1e-3
-    mixing_lr: float | None = None  # the mixing parameters' learning rate (None: lr); see hybrid_param_kind
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    batch_size: int = 1
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    checkpoint_every: int = 100
-    log_every: int = 1
-    eval_every: int = 0
-    early_stopping: dict | None = None  # {enabled, patience, min_delta, metric}
-    seed: int = 0
-    distributed: str = "allreduce"  # allreduce | ddp | fsdp: how several processes share the work
+class LoopSpec(LoopConfig):
+    """One stage's loop: the recipe's loop settings (:class:`LoopConfig`, its fields and defaults) and what the run
+    adds: the stage's name, the seed, validation, early stopping and how several processes share the work."""
+
+    name: str = field(default="stage", metadata={"help": "The stage's name (checkpoints, logs, messages)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the row order (with the epoch)."})
+    eval_every: int = field(default=0, metadata={"help": "Optimizer steps between validations (0: none)."})
+    early_stopping: EarlyStoppingConfig | None = field(default=None, metadata={"help": "Early stopping (None: off)."})
+    distributed: str = field(default="allreduce", metadata={"help": "allreduce, ddp or fsdp (RuntimeConfig)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.early_stopping, dict):
+            self.early_stopping = EarlyStoppingConfig.from_dict(self.early_stopping)
+        super().__post_init__()
+
+    def check(self) -> None:
+        super().check()
+        if self.distributed not in DISTRIBUTED:
+            raise LinearizeError(f"{self.name}: distributed={self.distributed!r}; expected one of {DISTRIBUTED}")
 
     @classmethod
-    def from_recipe(cls, name: str, stage: dict, seed: int, eval_every: int = 0, early_stopping: dict | None = None,
+    def from_recipe(cls, name: str, stage: LoopConfig | dict, seed: int, eval_every: int = 0,
+                    early_stopping: EarlyStoppingConfig | dict | None = None,
                     distributed: str = "allreduce") -> "LoopSpec":
-        keys = ("lr", "mixing_lr", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip", "batch_size", "grad_accum", "epochs",
-                "max_steps", "checkpoint_every", "log_every")
-        kwargs = {k: stage[k] for k in keys}
-        kwargs["lr"] = float(kwargs["lr"])
-        kwargs["mixing_lr"] = None if kwargs["mixing_lr"] is None else float(kwargs["mixing_lr"])
-        kwargs["weight_decay"] = float(kwargs["weight_decay"])
-        return cls(name=name, betas=tuple(float(b) for b in stage["betas"]), seed=seed, eval_every=eval_every,
-                   early_stopping=early_stopping, distributed=distributed, **kwargs)
+        """The loop of recipe section `stage` (typed, or its YAML form)."""
+        values = stage.to_dict() if isinstance(stage, LoopConfig) else dict(stage)
+        return cls(name=name, seed=seed, eval_every=eval_every, early_stopping=early_stopping, distributed=distributed,
+                   **{f.name: values[f.name] for f in dataclasses.fields(LoopConfig)})
 
     @property
-    def rows_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
-
-    def steps_per_epoch(self, n_rows: int) -> int:
-        return n_rows // self.rows_per_step
-
-    def total_steps(self, n_rows: int) -> int:
-        per_epoch = self.steps_per_epoch(n_rows)
-        if per_epoch == 0:
-            raise LinearizeError(
-                f"{self.name}: {n_rows} training rows are fewer than one optimizer step "
-                f"(batch_size {self.batch_size} x grad_accum {self.grad_accum}); add data or shrink the batch")
-        total = per_epoch * self.epochs
-        return min(total, self.max_steps) if self.max_steps is not None else total
+    def early(self) -> bool:
+        """Whether validations decide when to stop (and the best weights are kept)."""
+        return self.early_stopping is not None and self.early_stopping.enabled
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -125,31 +97,9 @@ def batch_rows(spec: LoopSpec, n_rows: int, step: int, micro: int) -> tuple[torc
     return epoch_order(n_rows, spec.seed, epoch)[start:start + spec.batch_size], epoch
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Seed python's, numpy's and torch's generators (on every device) before a step of the run."""
+    set_seed(seed)
 
 
 class JsonlLog:
@@ -200,72 +150,6 @@ class StepCounter:
             raise RunInterrupted(f"interrupted after {self.count} optimizer steps (test hook)")
 
 
-def _lr_lambda(spec: LoopSpec, total: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if spec.warmup_steps and step < spec.warmup_steps:
-            return (step + 1) / spec.warmup_steps
-        if spec.lr_schedule == "constant":
-            return 1.0
-        span = max(total - spec.warmup_steps, 1)
-        frac = min(max(step - spec.warmup_steps, 0) / span, 1.0)
-        if spec.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * frac))
-        return 1.0 - frac
-
-    return f
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """An FSDP2 shard (DTensor) gathered into the whole tensor -- a collective, every process calls it."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _as_held(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """`value`, a whole tensor from a checkpoint, as `p` holds it: this process's shard where FSDP2 shards `p`."""
-    if isinstance(p, DTensor) and value.shape == p.shape:
-        return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-    return value
-
-
-def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers FSDP2 shards one by one (none for a model that is not a transformers decoder)."""
-    return decoder_layers(model) if hasattr(model, "get_decoder") else []
-
-
-class _Forward(torch.nn.Module):
-    """What DDP / FSDP2 wrap: holds the model; its forward runs `fn()` (a micro-batch's loss, or a validation).
-
-    The loss functions call the decoder and the LM head (and stage 1's hooks) directly, so a wrapper around
-    the model's own forward would never run: DDP prepares its gradient reduction in the wrapper's forward and
-    FSDP2's root all-gathers the parameters outside the decoder layers there.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable):
-        return fn()
-
-
-class _Layer(torch.nn.Module):
-    """A decoder layer in a shell that FSDP2 marks (class, hooks, state) instead of the model's own layer, so
-    putting the layer back after the stage leaves the model as it was."""
-
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args, **kwargs):
-        return self.layer(*args, **kwargs)
-
-    def __getattr__(self, name: str):  # the decoder (and get_parameter) reach through to the layer's attributes
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.layer, name)
-
-
 @dataclass
 class StageResult:
     name: str
@@ -284,6 +168,12 @@ class StageResult:
         return {k: v for k, v in self.__dict__.items()}
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, spec: LoopConfig, total_steps: int):
+    """The learning-rate schedule of a stage of `total_steps` optimizer steps (a LambdaLR)."""
+    return get_scheduler(SCHEDULERS[spec.lr_schedule], optimizer, num_warmup_steps=spec.warmup_steps,
+                         num_training_steps=total_steps)
+
+
 class Trainer:
     """One stage of training.
 
@@ -291,7 +181,7 @@ class Trainer:
     (step, micro, epoch, total_steps, rows: global row ids, positions: the rows' positions among the step's
     rows_per_step rows) and returns (loss, info): `loss` is the mean
     over the local rows (a scalar tensor), `info` a dict of floats to log. `eval_fn(step)` returns
-    {name: float} validation losses. `before_step(ctx)` runs before each micro-batch (SSD draws).
+    {name: float} validation losses.
     `params` are the trainable parameters by their `model.named_parameters()` names; after `run()` they hold
     the trained values and the model is as it was given, whatever `spec.distributed`.
     """
@@ -302,30 +192,27 @@ class Trainer:
         if not params:
             raise LinearizeError(f"{spec.name}: no trainable parameters")
         self.model, self.data, self.loss_fn, self.spec = model, data, loss_fn, spec
-        self.ckpt_dir = Path(ckpt_dir)
+        self.checkpoints = Checkpoints(ckpt_dir, accelerator)
         self.acc = accelerator
         self.log = log
         self.eval_fn = eval_fn
         self.show_progress = show_progress
         self.counter = counter or StepCounter()
-        self.world = accelerator.num_processes
-        self.rank = accelerator.process_index
-        if spec.rows_per_step % self.world:
+        self.processes = Processes(spec.distributed, accelerator)
+        if spec.rows_per_step % self.processes.world:
             raise LinearizeError(f"{spec.name}: batch_size x grad_accum = {spec.rows_per_step} rows per step must be a "
-                                 f"multiple of the number of processes ({self.world}); each takes an equal share")
-        if spec.distributed not in DISTRIBUTED:
-            raise LinearizeError(f"{spec.name}: distributed={spec.distributed!r}; expected one of {DISTRIBUTED}")
+                                 f"multiple of the number of processes ({self.processes.world}); each takes an equal "
+                                 f"share")
         self.given = params
-        self.runner = self._parallel(model)
+        self.runner = self.processes.wrap(model)
         # what the optimizer updates: the given parameters, or under FSDP2 the shards (DTensors) now in their place
         self.params = {n: model.get_parameter(n) for n in params}
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=spec.lr, betas=spec.betas,
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=spec.lr, betas=tuple(spec.betas),
                                            weight_decay=spec.weight_decay)
         self.total = spec.total_steps(len(data))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(spec, self.total))
+        self.scheduler = lr_scheduler(self.optimizer, spec, self.total)
         self.result = StageResult(spec.name, total_steps=self.total)
-        es = spec.early_stopping or {}
-        self.early = bool(es.get("enabled"))
+        self.early = spec.early
         self.evals_since_best = 0
 
     def _param_groups(self) -> list[dict]:
@@ -337,94 +224,25 @@ class Trainer:
         return [g for g in ({"params": rest, "lr": self.spec.lr}, {"params": mixing, "lr": self.spec.mixing_lr})
                 if g["params"]]
 
-    # -- processes -------------------------------------------------------------------------------
-    def _parallel(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module each micro-batch and validation runs through (see the module docstring)."""
-        runner = _Forward(model)
-        if self.world == 1 or self.spec.distributed == "allreduce":
-            return runner
-        if self.spec.distributed == "ddp":
-            # find_unused_parameters: which trainable parameters a step uses depends on the recipe (the `weights` and
-            # `output` objectives never use gamma / the gate) and on the SSD draw (a la_only layer skips them).
-            # init_sync=False: every process built the same model from the same seeds (as `allreduce` assumes), so
-            # the whole, mostly frozen, model is not broadcast
-            return DistributedDataParallel(runner, find_unused_parameters=True, init_sync=False)
-        mesh = init_device_mesh(self.acc.device.type, (self.world,))
-        layers = _layers(model)
-        for i, layer in enumerate(layers):
-            layers[i] = fully_shard(_Layer(layer), mesh=mesh)
-        fully_shard(runner, mesh=mesh)
-        # a process can leave a trainable parameter unused where another uses it (SSD per row): every process
-        # must reduce-scatter the same parameters, with zeros for its unused ones
-        runner.set_reduce_scatter_unused_params(True)
-        return runner
-
-    def _release(self) -> None:
-        """The model as the caller gave it, whole on every process: FSDP2's shells out, the shards gathered (the
-        trained parameters into the given parameter objects, tied weights kept tied)."""
-        runner, self.runner = self.runner, None
-        if not isinstance(runner, FSDPModule):
-            return
-        layers = _layers(self.model)
-        for module in (runner, *layers):
-            module.reshard()  # a root left whole by a validation registers its shards again
-        whole = {}
-        with torch.no_grad():
-            for name, p in self.params.items():
-                whole[id(p)] = self.given[name].copy_(p.full_tensor())
-        for module in self.model.modules():
-            for attr, p in list(module.named_parameters(recurse=False)):
-                if isinstance(p, DTensor):
-                    if id(p) not in whole:
-                        whole[id(p)] = torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-                    setattr(module, attr, whole[id(p)])
-        for i, shell in enumerate(layers):
-            layers[i] = shell.layer
-        self.params = self.given
-
-    # -- state -----------------------------------------------------------------------------------
-    def param_state(self) -> dict[str, torch.Tensor]:
-        """Whole copies of the trained parameters (on CPU); a collective under FSDP2."""
-        return {n: _whole(p.detach()).cpu().clone() for n, p in self.params.items()}
-
-    def optimizer_state(self) -> dict:
-        """The optimizer's state dict with whole tensors; a collective under FSDP2."""
-        state = self.optimizer.state_dict()
-        state["state"] = {i: {k: _whole(v) for k, v in s.items()} for i, s in state["state"].items()}
-        return state
-
-    def load_param_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.params) - set(state)
-        if missing:
-            raise LinearizeError(f"{self.spec.name}: checkpoint lacks parameters {sorted(missing)[:3]} ...")
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(_as_held(state[n], p))
-
+    # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
-        params, optimizer = self.param_state(), self.optimizer_state()
-        if self.acc.is_main_process:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save({
-                "stage": self.spec.name, "step": step, "params": params,
-                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                "result": self.result.to_dict(), "evals_since_best": self.evals_since_best, "world": self.world,
-                # the data position follows from the step: epoch = step // steps_per_epoch, rows from epoch_order()
-                "data_position": {"epoch": step // self.spec.steps_per_epoch(len(self.data)),
-                                  "row": (step % self.spec.steps_per_epoch(len(self.data))) * self.spec.rows_per_step},
-            }, self.ckpt_dir / CHECKPOINT)
-        self.acc.wait_for_everyone()
+        params, optimizer = param_state(self.params), optimizer_state(self.optimizer)
+        per_epoch = self.spec.steps_per_epoch(len(self.data))
+        self.checkpoints.write(CHECKPOINT, {
+            "stage": self.spec.name, "step": step, "params": params,
+            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+            "result": self.result.to_dict(), "evals_since_best": self.evals_since_best, "world": self.processes.world,
+            # the data position follows from the step: epoch = step // steps_per_epoch, rows from epoch_order()
+            "data_position": {"epoch": step // per_epoch, "row": (step % per_epoch) * self.spec.rows_per_step},
+        })
 
     def load_checkpoint(self) -> int:
-        path = self.ckpt_dir / CHECKPOINT
-        if not path.is_file():
+        """The state of the last checkpoint restored; returns its step (0 when there is none)."""
+        state = self.checkpoints.read(CHECKPOINT)
+        if state is None:
             return 0
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.load_param_state(state["params"])
-        plist, optimizer = list(self.params.values()), state["optimizer"]
-        optimizer["state"] = {i: {k: _as_held(v, plist[i]) for k, v in s.items()}
-                              for i, s in optimizer["state"].items()}
-        self.optimizer.load_state_dict(optimizer)
+        load_params(self.params, state["params"], self.spec.name)
+        load_optimizer(self.optimizer, state["optimizer"], list(self.params.values()))
         self.scheduler.load_state_dict(state["scheduler"])
         rates = [g["lr"] for g in self._param_groups()]
         if rates != self.scheduler.base_lrs:  # resumed with another learning rate: it applies from here on
@@ -439,28 +257,8 @@ class Trainer:
         return int(state["step"])
 
     # -- steps -----------------------------------------------------------------------------------
-    def _all_reduce_grads(self) -> None:
-        if self.world == 1 or self.spec.distributed != "allreduce":
-            return
-        import torch.distributed as dist
-
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params.values()])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in self.params.values():
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
-
-    def _mean_across(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
-        return float(self.acc.reduce(t, reduction="mean")[0])
-
     def _diverged(self, step: int, what: str, value: Any) -> TrainingDivergedError:
-        last = self.ckpt_dir / CHECKPOINT
+        last = self.checkpoints.path(CHECKPOINT)
         if last.is_file():
             where = f"the last good checkpoint is {last}; continue from it with --resume --set {self.spec.name}.lr=<lower>"
         else:
@@ -471,11 +269,11 @@ class Trainer:
 
     def _check_params(self, step: int) -> None:
         """Stop at the step whose update left a parameter NaN/inf (the checkpoint of an earlier step stays)."""
-        local = {n: p.to_local() if isinstance(p, DTensor) else p for n, p in self.params.items()}
+        local_params = {n: local(p) for n, p in self.params.items()}
         # one device-to-host sync per step (not one per parameter): names are only looked up once something is off
-        finite = bool(torch.stack([torch.isfinite(p).all() for p in local.values()]).all()) if local else True
-        bad = [] if finite else [n for n, p in local.items() if not bool(torch.isfinite(p).all())]
-        if self._mean_across(float(bool(bad))) > 0:
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in local_params.values()]).all()) if local_params else True
+        bad = [] if finite else [n for n, p in local_params.items() if not bool(torch.isfinite(p).all())]
+        if self.processes.mean(float(bool(bad))) > 0:
             raise self._diverged(step, "the update", f"non-finite in {bad[:3] or 'another process'}")
 
     def _probe(self, step: int) -> None:
@@ -492,7 +290,7 @@ class Trainer:
                 loss, _ = self.runner(partial(self.loss_fn, self.data[rows].to(self.acc.device), ctx))
         finally:
             set_rng_state(saved)
-        value = self._mean_across(float(loss))
+        value = self.processes.mean(float(loss))
         if not math.isfinite(value):
             raise self._diverged(step, "the loss after the update", value)
 
@@ -508,9 +306,10 @@ class Trainer:
             r, epoch = batch_rows(spec, len(self.data), step, micro)
             rows.append(r)
         rows = torch.cat(rows)
-        share = len(rows) // self.world
-        positions = torch.arange(self.rank * share, (self.rank + 1) * share)
-        size = max(1, spec.batch_size // self.world)
+        world, rank = self.processes.world, self.processes.rank
+        share = len(rows) // world
+        positions = torch.arange(rank * share, (rank + 1) * share)
+        size = max(1, spec.batch_size // world)
         return [(rows[positions[i:i + size]], positions[i:i + size]) for i in range(0, share, size)], epoch
 
     def train_step(self, step: int) -> tuple[float, dict]:
@@ -524,10 +323,7 @@ class Trainer:
             ctx = {"step": step, "micro": micro, "epoch": epoch, "total_steps": self.total, "rows": rows,
                    "positions": positions, "rows_per_step": spec.rows_per_step}
             batch = self.data[rows].to(self.acc.device)
-            # DDP reduces the gradients once per step, after the last micro-batch; FSDP2 reduce-scatters every
-            # micro-batch's, so that only the shards accumulate
-            ddp_accumulate = isinstance(self.runner, DistributedDataParallel) and micro < len(micro_batches) - 1
-            with self.runner.no_sync() if ddp_accumulate else nullcontext():
+            with self.processes.accumulating(self.runner, micro == len(micro_batches) - 1):
                 with self.acc.autocast():
                     loss, info = self.runner(partial(self.loss_fn, batch, ctx))
                 # each micro loss is a mean over its rows: weight by its share of this process's rows, so the
@@ -542,11 +338,11 @@ class Trainer:
             # whatever the number of processes and the strategy
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self._all_reduce_grads()
-        loss = self._mean_across(sum(losses))
+        self.processes.reduce_gradients(plist)
+        loss = self.processes.mean(sum(losses))
         if not math.isfinite(loss):
             raise self._diverged(step, "the loss", loss)
-        norm = _whole(torch.nn.utils.get_total_norm([p.grad for p in plist]))
+        norm = whole(torch.nn.utils.get_total_norm([p.grad for p in plist]))
         gnorm = float(norm)
         if not math.isfinite(gnorm):
             raise self._diverged(step, "the gradient norm", gnorm)
@@ -568,45 +364,42 @@ class Trainer:
             values = self.runner(partial(self.eval_fn, step))
         self.result.evals.append({"step": step, **values})
         record = {"stage": self.spec.name, "step": step, "event": "eval", "val": values}
-        es = self.spec.early_stopping or {}
+        es = self.spec.early_stopping
         if self.early:
-            metric = values[es.get("metric", "hybrid")]
+            metric = values[es.metric]
             best = self.result.best_metric
-            if best is None or metric < best - float(es.get("min_delta", 0.0)):
+            if best is None or metric < best - es.min_delta:
                 self.result.best_metric, self.result.best_step = metric, step
                 self.evals_since_best = 0
-                params = self.param_state()
-                if self.acc.is_main_process:
-                    self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-                    atomic_save({"step": step, "metric": metric, "params": params}, self.ckpt_dir / BEST)
-                self.acc.wait_for_everyone()
+                self.checkpoints.write(BEST, {"step": step, "metric": metric, "params": param_state(self.params)})
                 record["best"] = True
             else:
                 self.evals_since_best += 1
             record["evals_since_best"] = self.evals_since_best
         if self.acc.is_main_process:
             self.log.write(record)
-        return self.early and self.evals_since_best >= int(es.get("patience", 3))
+        return self.early and self.evals_since_best >= es.patience
 
     def restore_best(self) -> None:
-        path = self.ckpt_dir / BEST
-        if path.is_file():
-            self.load_param_state(torch.load(path, map_location="cpu", weights_only=False)["params"])
+        state = self.checkpoints.read(BEST)
+        if state is not None:
+            load_params(self.params, state["params"], self.spec.name)
 
     def run(self, resume: bool = False) -> StageResult:
         """Train the stage (or, resuming, take its final parameters); then the model is whole again (on a
         divergence or interruption the process stops with the model as it is)."""
         result = self._train(resume)
-        self._release()
+        runner, self.runner = self.runner, None
+        self.processes.release(runner, self.model, self.params, self.given)
+        self.params = self.given
         return result
 
     def _train(self, resume: bool) -> StageResult:
         spec = self.spec
-        final = self.ckpt_dir / FINAL
-        if resume and final.is_file():  # this stage finished in an earlier invocation
-            state = torch.load(final, map_location="cpu", weights_only=False)
-            self.load_param_state(state["params"])
-            for k, v in state["result"].items():
+        final = self.checkpoints.read(FINAL) if resume else None
+        if final is not None:  # this stage finished in an earlier invocation
+            load_params(self.params, final["params"], spec.name)
+            for k, v in final["result"].items():
                 setattr(self.result, k, v)
             return self.result
         start = self.load_checkpoint() if resume else 0
@@ -653,8 +446,5 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        params = self.param_state()
-        if self.acc.is_main_process:
-            atomic_save({"params": params, "result": self.result.to_dict()}, final)
-        self.acc.wait_for_everyone()
+        self.checkpoints.write(FINAL, {"params": param_state(self.params), "result": self.result.to_dict()})
         return self.result

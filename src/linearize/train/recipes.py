@@ -1,27 +1,32 @@
-"""Conversion recipes: readable YAML files in ``linearize/train/recipes/`` merged over :data:`DEFAULTS`.
+"""Conversion recipes: the typed schema (:class:`Recipe`), its YAML files in ``linearize/train/recipes/``, presets.
 
-A recipe is a nested mapping. Every key must exist in :data:`DEFAULTS` (unknown keys are an error, with
-the known ones listed), except below ``hybrid`` where the keys are :class:`linearize.HybridConfig` fields.
-Resolution order (later wins):
+A recipe is a :class:`Recipe`: one dataclass per section (``data``, ``stage1``, ``stage2``, ``eval``, ``output``,
+``runtime``; ``hybrid`` is :class:`linearize.HybridConfig` itself). Each field's help text (its ``metadata``) is
+its documentation, and each section checks its values in ``__post_init__``. A YAML recipe file sets some fields;
+unknown keys are an error that lists the known ones. Resolution order (later wins):
 
-1. :data:`DEFAULTS` (the paper / LoLCATs sizes: seq_len 1024, LR 1e-2 stage 1, 1e-4 stage 2, ...);
+1. the dataclasses' defaults (the paper / LoLCATs sizes: seq_len 1024, LR 1e-2 stage 1, 1e-4 stage 2, ...);
 2. the recipe file (a name such as ``ssd`` or a path to a ``.yaml`` file);
 3. a size preset (``preset: cpu`` in the recipe, or ``--preset cpu``): :data:`PRESETS`;
 4. ``--set a.b.c=value`` overrides; the value is parsed as YAML (``4``, ``1e-3``, ``false``,
    ``[q_proj, v_proj]``, ``null``).
 
-The resolved recipe is written to the run's output directory (``recipe.yaml``), so a run can be
-reproduced with ``--recipe <out>/recipe.yaml``.
+:func:`resolve_recipe` gives the typed recipe, :func:`load_recipe` its YAML form (a nested dict). The resolved
+recipe is written to the run's output directory (``recipe.yaml``), so a run can be reproduced with
+``--recipe <out>/recipe.yaml``; ``linearize convert --print-recipe`` shows it without running.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
-import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -35,94 +40,420 @@ RECIPE_DIR = Path(__file__).with_name("recipes")
 GRANULARITIES = ("step", "layer", "sample")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DISTRIBUTED = ("allreduce", "ddp", "fsdp")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
-_LOOP = {
-    "lr": 1e-2,
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.999],
-    "lr_schedule": "constant",  # constant | cosine | linear (decay to 0 after warmup)
-    "warmup_steps": 0,
-    "grad_clip": 1.0,
-    "batch_size": 1,  # rows per micro-batch, over all processes
-    "grad_accum": 8,  # micro-batches per optimizer step (LoLCATs: batch 1 x accumulation 8)
-    "epochs": 2,
-    "max_steps": None,  # optimizer steps; caps `epochs` when set
-    "checkpoint_every": 100,  # optimizer steps between resumable checkpoints
-    "log_every": 1,
-    # learning rate of the mixing parameters (gamma, the learned or input-dependent gate) when the stage trains them;
-    # None: `lr`. Stage 2's LoRA rate (1e-4) moves a per-head gate logit by at most ~0.012 in 122 steps
-    "mixing_lr": None,
-}
 
-DEFAULTS: dict[str, Any] = {
-    "name": "custom",
-    "description": "",
-    "reproduces": "",
-    "seed": 0,
-    "preset": None,
-    "resolved": False,  # true in a resolved recipe written to a run directory: the preset is already applied
-    "hybrid": {f.name: f.default for f in dataclasses.fields(HybridConfig)},
-    "data": {
-        "sources": ["alpaca_demo", "dolly", "sharegpt"],
-        "seq_len": 1024,
-        "train_tokens": 10_000_000,  # packed training budget (both stages read the same rows)
-        "val_tokens": 65_536,
-        "val_fraction": 0.05,
-    },
-    "stage1": {
-        "enabled": True,
-        "objective": "weights",  # a name in transfer.OBJECTIVES: weights | output | hybrid_output
-        "loss_scale": 1.0,  # LoLCATs multiplies its output MSE by 1000
-        "train_feature_maps": True,
-        "train_mixing": False,  # gamma (shared_norm) or the learned/dynamic gate (mix)
-        "query_block": 256,  # query rows per block of the `weights` objective (no T x T tensor)
-        **_LOOP,
-    },
-    "stage2": {
-        "enabled": True,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "train_feature_maps": False,
-        "train_mixing": False,
-        "loss_chunk": 1024,  # tokens per lm_head chunk (the vocabulary logits of a whole batch never exist)
-        "ssd": {
-            "enabled": False,
-            # (fraction of training, p(drop SWA)); p is piecewise constant from each point on
-            "schedule": [[0.0, 0.9], [0.3333333333333333, 0.75], [0.6666666666666666, 0.5]],
-            "per_epoch": None,  # e.g. [0.9, 0.75, 0.5]: p per epoch (last value repeats); overrides `schedule`
-            "granularity": "step",  # step | layer | sample
-        },
-        "early_stopping": {
-            "enabled": False,
-            "eval_every": 100,  # optimizer steps between validations (0: only at the end)
-            "patience": 3,  # validations without improvement before stopping
-            "min_delta": 0.0,
-            "metric": "hybrid",  # component mode whose validation loss decides
-        },
-        **_LOOP,
-        "lr": 1e-4,
-    },
-    "eval": {
-        "modes": ["hybrid", "swa_only", "la_only"],
-        "max_val_rows": None,  # cap on validation rows (None: all)
-        "batch_size": 4,
-    },
-    "output": {
-        "merge_lora": True,  # the saved model has LoRA merged; the adapter is saved separately too
-        "save_adapter": True,
-        "dtype": None,  # dtype of the saved model (None: as trained)
-    },
-    "runtime": {
-        "mixed_precision": "no",  # accelerate: no | bf16 | fp16
-        "cpu": False,  # force CPU even when a GPU is present
-        "show_progress": True,
-        "dtype": "float32",  # dtype the base model is loaded in
-        # how several processes (accelerate launch / torchrun) share each step; one process ignores it.
-        # allreduce: whole model per process, gradients averaged after the backward passes;
-        # ddp: torch DistributedDataParallel, gradient buckets averaged while the backward pass runs;
-        # fsdp: FSDP2, parameters / gradients / optimizer states sharded per decoder layer during training
-        "distributed": "allreduce",
-    },
-}
+class RecipeError(LinearizeError):
+    """A recipe file or override that does not fit the recipe schema."""
+
+
+def _field(default: Any, help: str) -> Any:
+    """A recipe field: its default and its help text (the documentation). Lists get a fresh copy per recipe."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def expect_type(path: str, value: Any, kind: type) -> Any:
+    """`value` as a `kind` (an integral float is accepted as an int, an int as a float), or a RecipeError naming
+    the key."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif kind is list:
+        value = list(value) if isinstance(value, tuple) else value
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+                list: "a list, e.g. [a, b]", dict: "a mapping, e.g. {a: 1}"}.get(kind, f"a {kind.__name__}")
+        raise RecipeError(f"{path} must be {what}, got {value!r}")
+    return value
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """`value` checked against the type annotation `hint` (bool, int, float, str, list / tuple, dict, X | None,
+    Literal); other annotations (Any, classes) are left to the owner's own checks."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0]) if len(inner) == 1 else value
+    if origin is typing.Literal:
+        if value not in args:
+            raise RecipeError(f"{path}={value!r}; expected one of {args}")
+        return value
+    if origin in (list, tuple) or hint in (list, tuple):
+        value = expect_type(path, value, list)
+        return tuple(value) if tuple in (origin, hint) else value
+    if hint in (bool, int, float, str, dict) or origin is dict:
+        return expect_type(path, value, origin or hint)
+    return value
+
+
+def _check_fields(obj: Any, where: str) -> None:
+    """Every field of the dataclass `obj` has the type its annotation says (coerced in place where that is exact)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, hints[f.name]):
+                raise RecipeError(f"{where}.{f.name} must be a {hints[f.name].__name__}, got {value!r}")
+            continue
+        setattr(obj, f.name, _coerce(f"{where}.{f.name}".lstrip("."), value, hints[f.name]))
+
+
+def _one_of(path: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{path}={value!r}; expected one of {tuple(allowed)}")
+
+
+class Section:
+    """A recipe section: a dataclass whose fields are checked (types, then the section's own rules) when it is made.
+    ``where`` is the section's key path in a recipe, used by error messages."""
+
+    where: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        _check_fields(self, self.path())
+        self.check()
+
+    def path(self) -> str:
+        """Where this section sits in a recipe (the prefix of its keys in error messages)."""
+        return self.where
+
+    def check(self) -> None:
+        """The section's own rules (value ranges, allowed names); types are already checked."""
+
+    def to_dict(self) -> dict:
+        """The YAML form: nested sections as mappings, fields in :meth:`yaml_order`."""
+        return {f.name: _plain(getattr(self, f.name)) for f in self.yaml_order()}
+
+    def yaml_order(self) -> list[dataclasses.Field]:
+        """The fields in the order the YAML form lists them."""
+        return list(dataclasses.fields(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Section":
+        """The section from its YAML form: nested sections built from their mappings, unknown keys refused."""
+        data = dict(data)
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise RecipeError(f"unknown recipe key {_join(cls.where, unknown[0])!r}; known keys here: {sorted(known)}")
+        for name in known:
+            sub = hints[name]
+            if name in data and dataclasses.is_dataclass(sub):
+                if not isinstance(data[name], dict):
+                    raise RecipeError(f"{_join(cls.where, name)} is a section, not a value (got {data[name]!r})")
+                data[name] = _hybrid_config(data[name]) if sub is HybridConfig else sub.from_dict(data[name])
+        return cls(**data)
+
+    @classmethod
+    def of(cls, value: "Section | dict") -> "Section":
+        """`value` as this section: itself, or built from its YAML form (callers may hold either)."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
+
+
+def _plain(value: Any) -> Any:
+    """A field's value in the YAML form (copies: the form never shares lists with the recipe)."""
+    if isinstance(value, Section):
+        return value.to_dict()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _hybrid_config(data: dict) -> HybridConfig:
+    """The ``hybrid`` section: HybridConfig's own fields (whatever they are), typed as annotated, then its checks."""
+    known = {f.name for f in dataclasses.fields(HybridConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise RecipeError(f"unknown HybridConfig fields {sorted(unknown)} in 'hybrid'; known: {sorted(known)}")
+    hints = typing.get_type_hints(HybridConfig)
+    typed = {k: _coerce(f"hybrid.{k}", v, hints[k]) for k, v in data.items()}
+    try:
+        return HybridConfig(**typed)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"hybrid: {exc}") from exc
+
+
+@dataclass
+class DataConfig(Section):
+    where: ClassVar[str] = "data"
+    sources: list[str] = _field(["alpaca_demo", "dolly", "sharegpt"],
+                                "Text sources: named data sets (linearize.documents) or files; both stages read them.")
+    seq_len: int = _field(1024, "Tokens per packed training row.")
+    train_tokens: int | None = _field(10_000_000, "Packed training budget in tokens (both stages read the same rows); "
+                                                  "null: all the sources hold.")
+    val_tokens: int = _field(65_536, "Validation tokens (held-out documents).")
+    val_fraction: float = _field(0.05, "Share of each source's documents set aside for validation.")
+
+    def check(self) -> None:
+        if not self.sources or not all(isinstance(s, str) and s.strip() for s in self.sources):
+            raise RecipeError(f"data.sources={self.sources!r}: expected a non-empty list of source names or files")
+        if self.seq_len < 2:
+            raise RecipeError("data.seq_len must be >= 2")
+
+
+@dataclass
+class LoopConfig(Section):
+    """The training-loop settings both stages have (the optimizer, its schedule, batches, steps, checkpoints)."""
+
+    lr: float = _field(1e-2, "AdamW learning rate.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    betas: list[float] = _field([0.9, 0.999], "AdamW betas.")
+    lr_schedule: str = _field("constant", "Learning-rate schedule (transformers.get_scheduler): constant, cosine or "
+                                          "linear (decay to 0 after the warmup).")
+    warmup_steps: int = _field(0, "Optimizer steps of linear warmup from 0 to lr.")
+    grad_clip: float | None = _field(1.0, "Clip the gradient norm to this; null or 0: no clipping.")
+    batch_size: int = _field(1, "Rows per micro-batch, over all processes.")
+    grad_accum: int = _field(8, "Micro-batches per optimizer step (LoLCATs: batch 1 x accumulation 8).")
+    epochs: int = _field(2, "Passes over the training rows.")
+    max_steps: int | None = _field(None, "Optimizer steps; caps `epochs` when set.")
+    checkpoint_every: int = _field(100, "Optimizer steps between resumable checkpoints.")
+    log_every: int = _field(1, "Optimizer steps between training-log records.")
+    # Stage 2's LoRA rate (1e-4) moves a per-head gate logit by at most ~0.012 in 122 steps
+    mixing_lr: float | None = _field(None, "Learning rate of the mixing parameters (gamma, the learned or "
+                                           "input-dependent gate) when the stage trains them; null: `lr`.")
+
+    @property
+    def name(self) -> str:
+        """The stage's name: its section's key in a recipe."""
+        return self.where
+
+    def path(self) -> str:
+        return self.name
+
+    def yaml_order(self) -> list[dataclasses.Field]:
+        """A stage's own fields (enabled, objective, ...) first, then the loop settings."""
+        loop = [f.name for f in dataclasses.fields(LoopConfig)]
+        fields = list(dataclasses.fields(self))
+        return [f for f in fields if f.name not in loop] + sorted((f for f in fields if f.name in loop),
+                                                                  key=lambda f: loop.index(f.name))
+
+    def check(self) -> None:
+        where = self.name
+        _one_of(f"{where}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise RecipeError(f"{where}.{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise RecipeError(f"{where}.max_steps must be null or an integer >= 0")
+        if self.warmup_steps < 0 or self.epochs < 0:
+            raise RecipeError(f"{where}.warmup_steps and {where}.epochs must be >= 0")
+        for key in ("lr", "mixing_lr"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise RecipeError(f"{where}.{key} must be > 0, got {getattr(self, key)!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise RecipeError(f"{where}.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = [float(b) for b in self.betas]
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def steps_per_epoch(self, n_rows: int) -> int:
+        return n_rows // self.rows_per_step
+
+    def total_steps(self, n_rows: int) -> int:
+        per_epoch = self.steps_per_epoch(n_rows)
+        if per_epoch == 0:
+            raise LinearizeError(
+                f"{self.name}: {n_rows} training rows are fewer than one optimizer step "
+                f"(batch_size {self.batch_size} x grad_accum {self.grad_accum}); add data or shrink the batch")
+        total = per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps is not None else total
+
+
+@dataclass
+class Stage1Config(LoopConfig):
+    where: ClassVar[str] = "stage1"
+    enabled: bool = _field(True, "Run stage 1 (attention transfer).")
+    objective: str = _field("weights", "Transfer loss, a name in linearize.train.transfer.OBJECTIVES: weights, "
+                                       "output or hybrid_output.")
+    loss_scale: float = _field(1.0, "Factor on the transfer loss (LoLCATs multiplies its output MSE by 1000).")
+    train_feature_maps: bool = _field(True, "Train the feature maps.")
+    train_mixing: bool = _field(False, "Train gamma (shared_norm) or the learned / dynamic gate (mix).")
+    query_block: int = _field(256, "Query rows per block of the `weights` objective (no T x T tensor).")
+
+    def check(self) -> None:
+        super().check()
+        _one_of("stage1.objective", self.objective, OBJECTIVES)
+        if self.query_block < 1:
+            raise RecipeError("stage1.query_block must be >= 1")
+
+
+@dataclass
+class LoraConfig(Section):
+    where: ClassVar[str] = "stage2.lora"
+    r: int = _field(8, "LoRA rank.")
+    alpha: float = _field(16, "LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = _field(0.0, "LoRA dropout.")
+    target_modules: list[str] = _field(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
+
+    def check(self) -> None:
+        if self.r < 1 or not self.target_modules:
+            raise RecipeError("stage2.lora.r must be >= 1 and stage2.lora.target_modules a non-empty list")
+
+
+@dataclass
+class SSDConfig(Section):
+    where: ClassVar[str] = "stage2.ssd"
+    enabled: bool = _field(False, "Scheduled Sliding-window Dropout: drop the SWA branch (run la_only) with "
+                                  "probability p during stage 2 (linearize.train.ssd).")
+    schedule: list = _field([[0.0, 0.9], [1 / 3, 0.75], [2 / 3, 0.5]],
+                            "(fraction of training, p(drop SWA)) points; p is piecewise constant from each point on.")
+    per_epoch: list | None = _field(None, "p per epoch, e.g. [0.9, 0.75, 0.5] (the last value repeats); "
+                                          "overrides `schedule`.")
+    granularity: str = _field("step", "One draw per optimizer step (step), per layer and step (layer) or per row "
+                                      "(sample).")
+
+    def check(self) -> None:
+        _one_of("stage2.ssd.granularity", self.granularity, GRANULARITIES)
+        from linearize.train.ssd import check_schedule
+
+        try:
+            check_schedule(self.schedule, self.per_epoch)
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"stage2.ssd: {exc}") from exc
+
+
+@dataclass
+class EarlyStoppingConfig(Section):
+    where: ClassVar[str] = "stage2.early_stopping"
+    enabled: bool = _field(False, "Stop when the validation loss stops improving and keep the best weights; "
+                                  "disabled, validation still runs every eval_every steps (report only).")
+    eval_every: int = _field(100, "Optimizer steps between validations (0: only at the end).")
+    patience: int = _field(3, "Validations without improvement before stopping.")
+    min_delta: float = _field(0.0, "Smallest decrease of the loss that counts as an improvement.")
+    metric: str = _field("hybrid", "Component mode whose validation loss decides (one of eval.modes).")
+
+    def check(self) -> None:
+        if self.eval_every < 0 or self.patience < 1:
+            raise RecipeError("stage2.early_stopping.eval_every must be >= 0 and patience >= 1")
+
+
+@dataclass
+class Stage2Config(LoopConfig):
+    where: ClassVar[str] = "stage2"
+    lr: float = _field(1e-4, "AdamW learning rate.")
+    enabled: bool = _field(True, "Run stage 2 (LoRA fine-tuning of the converted model).")
+    lora: LoraConfig = _field(LoraConfig(), "The LoRA adapters (peft).")
+    train_feature_maps: bool = _field(False, "Train the feature maps too.")
+    train_mixing: bool = _field(False, "Train gamma (shared_norm) or the learned / dynamic gate (mix) too.")
+    loss_chunk: int = _field(1024, "Tokens per LM-head chunk (the vocabulary logits of a whole batch never exist).")
+    ssd: SSDConfig = _field(SSDConfig(), "Scheduled Sliding-window Dropout.")
+    early_stopping: EarlyStoppingConfig = _field(EarlyStoppingConfig(), "Validation during stage 2, early stopping.")
+
+    def check(self) -> None:
+        super().check()
+        if self.loss_chunk < 1:
+            raise RecipeError("stage2.loss_chunk must be >= 1")
+
+
+@dataclass
+class EvalConfig(Section):
+    where: ClassVar[str] = "eval"
+    modes: list[str] = _field(["hybrid", "swa_only", "la_only"], "Component modes whose validation loss is reported.")
+    max_val_rows: int | None = _field(None, "Cap on validation rows (null: all).")
+    batch_size: int = _field(4, "Validation rows per forward pass.")
+
+    def check(self) -> None:
+        if not self.modes or any(m not in COMPONENT_MODES for m in self.modes):
+            raise RecipeError(f"eval.modes={self.modes!r}: expected a non-empty list of {COMPONENT_MODES}")
+        if self.batch_size < 1:
+            raise RecipeError("eval.batch_size must be >= 1")
+
+
+@dataclass
+class OutputConfig(Section):
+    where: ClassVar[str] = "output"
+    merge_lora: bool = _field(True, "The saved model has LoRA merged (the adapter is saved separately too).")
+    save_adapter: bool = _field(True, "Save the LoRA adapter alone (peft format) under adapter/.")
+    dtype: str | None = _field(None, "dtype of the saved model, e.g. bfloat16 (null: as trained).")
+
+
+@dataclass
+class RuntimeConfig(Section):
+    where: ClassVar[str] = "runtime"
+    mixed_precision: str = _field("no", "accelerate's mixed precision: no, bf16 or fp16.")
+    cpu: bool = _field(False, "Force the CPU even when a GPU is present.")
+    show_progress: bool = _field(True, "Progress bars.")
+    dtype: str = _field("float32", "dtype the base model is loaded in.")
+    distributed: str = _field("allreduce", "How several processes (accelerate launch / torchrun) share each step; one "
+                                           "process ignores it. allreduce: whole model per process, gradients averaged "
+                                           "after the backward passes; ddp: torch DistributedDataParallel, gradient "
+                                           "buckets averaged while the backward pass runs; fsdp: FSDP2, parameters, "
+                                           "gradients and optimizer states sharded per decoder layer.")
+
+    def check(self) -> None:
+        _one_of("runtime.distributed", self.distributed, DISTRIBUTED)
+        _one_of("runtime.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+
+
+@dataclass
+class Recipe(Section):
+    """A whole conversion recipe: the hybrid layer, the data, the two training stages, validation, output, runtime."""
+
+    name: str = _field("custom", "The recipe's name (its file name for a shipped recipe).")
+    description: str = _field("", "One line saying what the recipe does.")
+    reproduces: str = _field("", "The paper result it reproduces.")
+    seed: int = _field(0, "Seed of everything random: data order, initialisation, SSD draws.")
+    preset: str | None = _field(None, "Size preset applied over the recipe file (PRESETS), e.g. cpu.")
+    resolved: bool = _field(False, "True in a resolved recipe written to a run directory: its preset is already "
+                                   "applied.")
+    hybrid: HybridConfig = _field(HybridConfig(), "The hybrid attention layer (linearize.HybridConfig).")
+    data: DataConfig = _field(DataConfig(), "The training and validation text.")
+    stage1: Stage1Config = _field(Stage1Config(), "Stage 1: attention transfer.")
+    stage2: Stage2Config = _field(Stage2Config(), "Stage 2: LoRA fine-tuning, optionally with SSD.")
+    eval: EvalConfig = _field(EvalConfig(), "Validation by component mode.")
+    output: OutputConfig = _field(OutputConfig(), "What the run directory holds.")
+    runtime: RuntimeConfig = _field(RuntimeConfig(), "Device, precision, processes.")
+
+    def check(self) -> None:
+        es = self.stage2.early_stopping
+        if es.metric not in self.eval.modes:
+            raise RecipeError(f"stage2.early_stopping.metric={es.metric!r} must be one of eval.modes {self.eval.modes}")
+        s1 = self.stage1
+        if s1.enabled and not s1.train_feature_maps and not s1.train_mixing:
+            raise RecipeError("stage1 trains nothing: set stage1.train_feature_maps or stage1.train_mixing, "
+                              "or stage1.enabled=false")
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, Any, str]]:
+        """(key path, default, help) of every field, nested sections flattened; ``hybrid.*`` from HybridConfig."""
+        rows = []
+
+        def walk(section_cls, where: str) -> None:
+            hints = typing.get_type_hints(section_cls)
+            defaults = section_cls()
+            for f in dataclasses.fields(section_cls):
+                path = _join(where, f.name)
+                if dataclasses.is_dataclass(hints[f.name]):
+                    walk(hints[f.name], path)
+                else:
+                    rows.append((path, getattr(defaults, f.name), f.metadata.get("help", "")))
+
+        walk(cls, "")
+        return rows
+
+
+def _defaults() -> dict:
+    """The default of every key, in the YAML form (what the merge of a recipe file checks its keys against)."""
+    return Recipe().to_dict()
+
 
 #: Size presets: overrides applied after the recipe file, before ``--set``.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -148,10 +479,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class RecipeError(LinearizeError):
-    """A recipe file or override that does not fit the recipe schema."""
-
-
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
@@ -166,25 +493,25 @@ def recipe_path(name_or_path: str | Path) -> Path:
     raise RecipeError(f"unknown recipe {str(name_or_path)!r}: not a YAML file and not one of {available_recipes()}")
 
 
-def _merge(base: dict, update: dict, where: str, schema: dict | None) -> dict:
+def _merge(base: dict, update: dict, where: str, schema: dict) -> dict:
+    """`update` merged into `base` (copies), every key checked against `schema` (the defaults' YAML form)."""
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
-        path = f"{where}.{key}" if where else key
-        if schema is not None and key not in schema:
+        path = _join(where, key)
+        if key not in schema:
             raise RecipeError(f"unknown recipe key {path!r}; known keys here: {sorted(schema)}")
-        sub = schema.get(key) if schema is not None else None
+        sub = schema[key]
         if isinstance(sub, dict) and not isinstance(value, dict):
             raise RecipeError(f"{path} is a section, not a value (got {value!r}); set one of its keys, e.g. "
                               f"--set {path}.{next(iter(sub))}=...; keys: {sorted(sub)}")
-        if schema is not None and not isinstance(sub, dict) and isinstance(value, dict):
+        if not isinstance(sub, dict) and isinstance(value, dict):
             raise RecipeError(f"{path} is a value, not a section (got keys {sorted(value)})")
         if isinstance(sub, dict) and key != "hybrid":
             out[key] = _merge(out.get(key) or {}, value, path, sub)
-        elif key == "hybrid" and isinstance(value, dict):
-            known = set(DEFAULTS["hybrid"])
-            bad = set(value) - known
+        elif key == "hybrid":
+            bad = set(value) - set(sub)
             if bad:
-                raise RecipeError(f"unknown HybridConfig fields {sorted(bad)} in 'hybrid'; known: {sorted(known)}")
+                raise RecipeError(f"unknown HybridConfig fields {sorted(bad)} in 'hybrid'; known: {sorted(sub)}")
             out[key] = {**(out.get(key) or {}), **copy.deepcopy(value)}
         else:
             out[key] = copy.deepcopy(value)
@@ -214,10 +541,12 @@ def _nest(parts: list[str], value: Any) -> dict:
     return out
 
 
-def load_recipe(name_or_path: str | Path | dict = "ssd", overrides: list[str] | None = None,
-                preset: str | None = None) -> dict:
-    """The resolved recipe: DEFAULTS <- recipe file <- preset <- overrides; validated."""
-    if isinstance(name_or_path, dict):
+def resolve_recipe(name_or_path: str | Path | dict | Recipe = "ssd", overrides: list[str] | None = None,
+                   preset: str | None = None) -> Recipe:
+    """The resolved, checked recipe: defaults <- recipe file <- preset <- overrides."""
+    if isinstance(name_or_path, Recipe):
+        raw = name_or_path.to_dict()
+    elif isinstance(name_or_path, dict):
         raw = copy.deepcopy(name_or_path)
     else:
         path = recipe_path(name_or_path)
@@ -227,7 +556,8 @@ def load_recipe(name_or_path: str | Path | dict = "ssd", overrides: list[str] | 
             raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
-    recipe = _merge(DEFAULTS, raw, "", DEFAULTS)
+    defaults = _defaults()
+    recipe = _merge(defaults, raw, "", defaults)
     parsed = [parse_override(o) for o in overrides or []]
     for parts, value in parsed:  # a preset can also be chosen with --set preset=cpu
         if parts == ["preset"]:
@@ -238,108 +568,27 @@ def load_recipe(name_or_path: str | Path | dict = "ssd", overrides: list[str] | 
     if preset:
         if preset not in PRESETS:
             raise RecipeError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-        recipe = _merge(recipe, PRESETS[preset], "", DEFAULTS)
+        recipe = _merge(recipe, PRESETS[preset], "", defaults)
         recipe["preset"] = preset
     for parts, value in parsed:
-        recipe = _merge(recipe, _nest(parts, value), "", DEFAULTS)
-    validate(recipe)
-    return recipe
+        recipe = _merge(recipe, _nest(parts, value), "", defaults)
+    return Recipe.from_dict(recipe)
 
 
-# Keys whose default is None (or takes several types): the type a value must have when it is set.
-_NULLABLE = {"preset": str, "data.train_tokens": int, "stage1.max_steps": int, "stage2.max_steps": int,
-             "stage1.mixing_lr": float, "stage2.mixing_lr": float, "stage2.ssd.per_epoch": list,
-             "eval.max_val_rows": int, "output.dtype": str}
-_ANY = {"hybrid.layers"}  # 'all', 'global' or a list of layer indices: HybridConfig checks it
+def load_recipe(name_or_path: str | Path | dict | Recipe = "ssd", overrides: list[str] | None = None,
+                preset: str | None = None) -> dict:
+    """The resolved recipe in its YAML form (a nested dict, as ``recipe.yaml`` holds it): see :func:`resolve_recipe`."""
+    return resolve_recipe(name_or_path, overrides, preset).to_dict()
 
 
-def expect_type(path: str, value: Any, kind: type) -> Any:
-    """`value` as a `kind` (an integral float is accepted as an int), or a RecipeError naming the key."""
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-                list: "a list, e.g. [a, b]"}[kind]
-        raise RecipeError(f"{path} must be {what}, got {value!r}")
-    return value
+def recipe_yaml(recipe: Recipe | dict) -> str:
+    """The resolved recipe as ``recipe.yaml`` holds it: a header comment, then the YAML (marked resolved)."""
+    data = {**(recipe.to_dict() if isinstance(recipe, Recipe) else recipe), "resolved": True}
+    header = f"# resolved linearize recipe '{data.get('name')}'" + (f" (preset {data['preset']})" if data.get("preset") else "")
+    return header + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def _check_types(recipe: dict, defaults: dict, where: str = "") -> None:
-    """Every leaf of `recipe` has the type of its default (values are coerced in place where that is exact)."""
-    for key, default in defaults.items():
-        path = f"{where}.{key}" if where else key
-        value = recipe.get(key)
-        if isinstance(default, dict):
-            _check_types(value, default, path)
-        elif path in _ANY:
-            continue
-        elif default is None or path in _NULLABLE:
-            if value is not None:
-                recipe[key] = expect_type(path, value, _NULLABLE[path])
-        else:
-            recipe[key] = expect_type(path, value, float if type(default) is float else type(default))
-
-
-def validate(recipe: dict) -> None:
-    _check_types(recipe, DEFAULTS)
-    try:
-        HybridConfig.from_dict(recipe["hybrid"])
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(f"hybrid: {exc}") from exc
-    modes = recipe["eval"]["modes"]
-    if not modes or any(m not in COMPONENT_MODES for m in modes):
-        raise RecipeError(f"eval.modes={modes!r}: expected a non-empty list of {COMPONENT_MODES}")
-    sources = recipe["data"]["sources"]
-    if not sources or not all(isinstance(s, str) and s.strip() for s in sources):
-        raise RecipeError(f"data.sources={sources!r}: expected a non-empty list of source names or files")
-    s1, s2 = recipe["stage1"], recipe["stage2"]
-    if s1["objective"] not in OBJECTIVES:
-        raise RecipeError(f"stage1.objective={s1['objective']!r}; expected one of {tuple(OBJECTIVES)}")
-    for name, stage in (("stage1", s1), ("stage2", s2)):
-        if stage["lr_schedule"] not in LR_SCHEDULES:
-            raise RecipeError(f"{name}.lr_schedule={stage['lr_schedule']!r}; expected one of {LR_SCHEDULES}")
-        for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if not isinstance(stage[key], int) or stage[key] < 1:
-                raise RecipeError(f"{name}.{key} must be an integer >= 1, got {stage[key]!r}")
-        if stage["max_steps"] is not None and (not isinstance(stage["max_steps"], int) or stage["max_steps"] < 0):
-            raise RecipeError(f"{name}.max_steps must be null or an integer >= 0")
-        for key in ("lr", "mixing_lr"):
-            if stage[key] is not None and stage[key] <= 0:
-                raise RecipeError(f"{name}.{key} must be > 0, got {stage[key]!r}")
-        betas = stage["betas"]
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise RecipeError(f"{name}.betas must be two numbers in [0, 1), got {betas!r}")
-    if recipe["runtime"]["distributed"] not in DISTRIBUTED:
-        raise RecipeError(f"runtime.distributed={recipe['runtime']['distributed']!r}; expected one of {DISTRIBUTED}")
-    ssd = s2["ssd"]
-    if ssd["granularity"] not in GRANULARITIES:
-        raise RecipeError(f"stage2.ssd.granularity={ssd['granularity']!r}; expected one of {GRANULARITIES}")
-    from linearize.train.ssd import check_schedule
-
-    try:
-        check_schedule(ssd["schedule"], ssd["per_epoch"])
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(f"stage2.ssd: {exc}") from exc
-    if recipe["data"]["seq_len"] < 2:
-        raise RecipeError("data.seq_len must be >= 2")
-    es = s2["early_stopping"]
-    if es["metric"] not in recipe["eval"]["modes"]:
-        raise RecipeError(f"stage2.early_stopping.metric={es['metric']!r} must be one of eval.modes {recipe['eval']['modes']}")
-    if not s1["train_feature_maps"] and not s1["train_mixing"] and s1["enabled"]:
-        raise RecipeError("stage1 trains nothing: set stage1.train_feature_maps or stage1.train_mixing, or stage1.enabled=false")
-
-
-def dump_recipe(recipe: dict, path: str | Path) -> None:
-    recipe = {**recipe, "resolved": True}
-    header = f"# resolved linearize recipe '{recipe.get('name')}'" + (f" (preset {recipe['preset']})" if recipe.get("preset") else "")
+def dump_recipe(recipe: Recipe | dict, path: str | Path) -> None:
     from linearize.models.rundir import write_text_atomic
 
-    write_text_atomic(Path(path), header + "\n" + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
+    write_text_atomic(Path(path), recipe_yaml(recipe))

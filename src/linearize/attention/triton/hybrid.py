@@ -334,6 +334,9 @@ def hybrid_attention_triton(
             w = w if w.shape[0] == hq and w.is_contiguous() else w.expand(hq).contiguous()
         else:
             wmode, w = 2, w.expand(b, hq, t).contiguous()
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom ops of ops.py, no graph break
+        return torch.ops.linearize.hybrid_fwd(q, k, v, qf, kf, w, valid, float(scale), int(window), float(wscalar), code,
+                                              shift, None if softcap is None else float(softcap), int(chunk_size))[0]
     cfg = _config(q, k, qf, scale, window, code, shift, softcap, chunk_size, valid is not None, wmode)
     return _HybridFn.apply(q, k, v, qf, kf, w, valid, wscalar, cfg)
 

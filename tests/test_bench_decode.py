@@ -104,3 +104,17 @@ def test_captured_static_step_replays_the_eager_static_step(family):
         got = stepper.step(ids)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert stepper.graph is not None
+
+
+def test_compiled_layer_ratios_against_eager_and_compiled_sdpa():
+    from linearize.bench.kernels import layer_ratios, render_markdown
+
+    rows = [dict(config="gemma3-270m", T=2048, impl=impl, fwd_ms=ms / 3, fwd_bwd_ms=ms, peak_mib=10.0, fwd_tflops=1.0,
+                 fwd_bwd_tflops=1.0)
+            for impl, ms in [("sdpa", 1.0), ("triton", 1.5), ("triton_compiled", 1.1), ("sdpa_compiled", 0.5)]]
+    (entry,) = layer_ratios(rows)
+    assert entry["triton_compiled_over_sdpa_fwd_bwd"] == pytest.approx(1.1)
+    assert entry["triton_compiled_over_sdpa_compiled_fwd_bwd"] == pytest.approx(2.2)
+    md = render_markdown(dict(environment=dict(device="d", torch="t", triton="t", git_commit="c", command="x"),
+                              layer=rows, layer_ratios=[entry]))
+    assert "| gemma3-270m | 2048 | **1.10x** | 2.20 |" in md

@@ -42,7 +42,7 @@ HEAD_CONFIGS = {
     "gemma3-270m": dict(hq=4, hkv=1, d=256, m=512),
     "llama": dict(hq=32, hkv=8, d=128, m=256),
 }
-IMPLS = ("sdpa", "swa", "chunked", "triton", "fla_swa")
+IMPLS = ("sdpa", "swa", "chunked", "triton", "fla_swa", "sdpa_compiled", "triton_compiled")
 
 
 def matmul_peak_tflops(n: int = 8192) -> float:
@@ -174,6 +174,32 @@ def impl_triton(cfg, t, window, scale, weight, rule="shared_norm", placement="co
     return Impl("triton", fn, (0, 1, 2, 3, 4))
 
 
+def impl_compiled(name, fn, grads):
+    """`fn` under torch.compile as a compiled training step runs it: inductor with CUDA graphs (mode
+    "reduce-overhead"), fullgraph, static shapes. The Triton layer goes through its custom ops
+    (linearize.attention.triton.ops); nothing is captured again around it (no graph_* keys)."""
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def step(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # each call a new step: the previous outputs may be overwritten
+        return compiled(*args)
+
+    impl = Impl(name, step, grads)
+    impl.graphable = False
+    return impl
+
+
+def impl_sdpa_compiled(cfg, t, window, scale):
+    def fn(q, k, v, qf, kf):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    return impl_compiled("sdpa_compiled", fn, (0, 1, 2))
+
+
+def impl_triton_compiled(cfg, t, window, scale, weight):
+    return impl_compiled("triton_compiled", impl_triton(cfg, t, window, scale, weight).fn, (0, 1, 2, 3, 4))
+
+
 def _trim_fla_autotune(max_configs: int = 4) -> int:
     """Keep at most `max_configs` configs per fla autotuner (preferring 4-8 warps, 2-3 stages), so that tuning fits
     the device-time budget.  Returns how many autotuners were trimmed."""
@@ -219,6 +245,7 @@ def impl_fla_swa(cfg, t, window, scale, weight_g):
 
 def useful_flops(name, cfg, t, window, b=1):
     """Forward FLOPs of the minimal algorithm (matmul multiply-adds x 2); backward counted as 2x forward."""
+    name = name.removesuffix("_compiled")
     hq, hkv, d, m = cfg["hq"], cfg["hkv"], cfg["d"], cfg["m"]
     if name == "sdpa":
         return b * hq * 4 * d * t * (t + 1) / 2
@@ -299,7 +326,8 @@ def bench_layer(impl: Impl, inputs, *, budget_s: float):
     for a in args:
         a.grad = None
     _free()
-    res["graph_fwd_ms"], res["graph_fwd_bwd_ms"], res["graph_error"] = graph_times(fwd, fwd_bwd, args, budget_s=budget_s)
+    if getattr(impl, "graphable", True):
+        res["graph_fwd_ms"], res["graph_fwd_bwd_ms"], res["graph_error"] = graph_times(fwd, fwd_bwd, args, budget_s=budget_s)
     del args, base_in, go
     _free()
     return res
@@ -335,6 +363,10 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                         impl = impl_chunked(cfg, t, window, scale, weight)
                     elif name == "triton":
                         impl = impl_triton(cfg, t, window, scale, weight)
+                    elif name == "sdpa_compiled":
+                        impl = impl_sdpa_compiled(cfg, t, window, scale)
+                    elif name == "triton_compiled":
+                        impl = impl_triton_compiled(cfg, t, window, scale, weight)
                     elif name == "fla_swa":
                         impl = impl_fla_swa(cfg, t, window, scale, 0.5)
                     else:
@@ -398,6 +430,13 @@ def layer_ratios(rows):
                 for key in ("graph_fwd", "graph_fwd_bwd"):  # CUDA-graph replays, where both were captured
                     if o.get(f"{key}_ms") and r.get(f"{key}_ms"):
                         entry[f"{other}_over_triton_{key}"] = o[f"{key}_ms"] / r[f"{key}_ms"]
+        compiled = by.get((cname, t, "triton_compiled"))
+        if compiled:  # the compiled training-step path against SDPA as a user runs it (eager) and compiled
+            for other in ("sdpa", "sdpa_compiled"):
+                o = by.get((cname, t, other))
+                if o:
+                    entry[f"triton_compiled_over_{other}_fwd_bwd"] = compiled["fwd_bwd_ms"] / o["fwd_bwd_ms"]
+                    entry[f"triton_compiled_over_{other}_fwd"] = compiled["fwd_ms"] / o["fwd_ms"]
         out.append(entry)
     return out
 
@@ -494,6 +533,19 @@ def render_markdown(res: dict) -> str:
                     f"{_fmt(e.get('swa_over_triton_graph_fwd_bwd'))} | "
                     f"{tr['fwd_tflops']:.1f}, {tr['fwd_bwd_tflops']:.1f} |")
             lines.append("")
+            compiled = [e for e in ratios if "triton_compiled_over_sdpa_fwd_bwd" in e]
+            if compiled:
+                lines += ["### The compiled path (torch.compile, CUDA graphs, Triton kernels as custom ops) against SDPA",
+                          "", "Time ratios, < 1 means the compiled hybrid layer is faster (goal at 2k: fwd+bwd <= 1.2x "
+                          "eager SDPA; at 32k SDPA / compiled >= 6x).", "",
+                          "| config | T | compiled triton / eager sdpa fwd+bwd | compiled triton / compiled sdpa fwd+bwd | "
+                          "compiled triton / eager sdpa fwd | eager sdpa / compiled triton fwd+bwd |", "|---|---|---|---|---|---|"]
+                for e in compiled:
+                    r = e["triton_compiled_over_sdpa_fwd_bwd"]
+                    lines.append(f"| {e['config']} | {e['T']} | **{r:.2f}x** | "
+                                 f"{_fmt(e.get('triton_compiled_over_sdpa_compiled_fwd_bwd'))} | "
+                                 f"{_fmt(e.get('triton_compiled_over_sdpa_fwd'))} | {1 / r:.2f}x |")
+                lines.append("")
     if res.get("decode_fair"):
         lines += render_fair_markdown(res["decode_fair"])
     dec = res.get("decode", [])

@@ -84,3 +84,21 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert "| stage1 | transfer: output | ssd | 2 × 32 |" in md and "peak RSS MiB" in md and "× base LoRA" in md
     stage2 = next(r for r in res["rows"] if r["stage"] == "stage2")
     assert f"| {stage2['cost_vs_base_lora']:.2f} |" in md
+
+
+def test_a_random_weight_shape_needs_no_model_files(monkeypatch):
+    from linearize.bench import throughput
+
+    model = tiny_llama()
+    asked = []
+
+    def shape(name):
+        asked.append(name)
+        return model.config, type(model)
+
+    monkeypatch.setattr(throughput, "decode_shape", shape)
+    res = measure("shape:llama3-8b", ("lolcats",), overrides=WINDOW, **TINY)
+    assert asked == ["llama3-8b"] and res["model"] == "shape:llama3-8b"
+    stage2 = next(r for r in res["rows"] if r["stage"] == "stage2")
+    check_timing(stage2)
+    assert stage2["cost_vs_base_lora"] > 0

@@ -48,8 +48,9 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
         "Stages that compute the same thing in several recipes are measured once. Random token rows.")
     g.add_argument("--conversion", action="store_true", help="measure conversion throughput instead of the layer "
                    "and decode benchmarks (GPU or CPU)")
-    g.add_argument("--model", default="gemma3-270m", help="short name (gemma3-270m, smollm2-135m), HF directory or "
-                   ".gguf file (default: gemma3-270m)")
+    g.add_argument("--model", default="gemma3-270m", help="short name (gemma3-270m, smollm2-135m), HF directory, "
+                   ".gguf file, or shape:gemma3-270m / shape:llama3-8b for random weights of that shape, nothing "
+                   "loaded (default: gemma3-270m)")
     g.add_argument("--recipes", default="lolcats,ssd,hedgecats",
                    help="comma-separated recipe names or YAML paths (default: lolcats,ssd,hedgecats)")
     g.add_argument("--preset", default=None, help="size preset of the recipes (default: gpu-small on a GPU, cpu otherwise)")

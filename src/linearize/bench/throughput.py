@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from linearize.bench.decode import decode_shape
 from linearize.bench.kernels import environment as gpu_environment
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError, TrainingDivergedError
@@ -49,6 +50,8 @@ from linearize.train import loop, stage1_parts, stage2_parts
 from linearize.train.finetune import lm_loss_sum
 from linearize.train.recipes import load_recipe
 
+#: `--model shape:<name>`: random weights of a decode benchmark shape (bench.decode.decode_shape), nothing loaded
+RANDOM_SHAPE = "shape:"
 DATA = "random token ids, uniform over the vocabulary (throughput does not depend on the content)"
 # stage settings that do not change what an optimizer step computes: stages differing only in these are measured once
 _NO_COST = ("enabled", "epochs", "max_steps", "checkpoint_every", "log_every", "early_stopping", "lr", "betas",
@@ -237,7 +240,11 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
         bar.update(1)
 
     t0 = time.perf_counter()
-    if isinstance(model, (str, Path)):
+    if isinstance(model, str) and model.startswith(RANDOM_SHAPE):  # throughput does not depend on the weights
+        cfg, cls = decode_shape(model.removeprefix(RANDOM_SHAPE))
+        torch.manual_seed(int(next(iter(resolved.values()))["seed"]))
+        base = cls(cfg).to(device=acc.device, dtype=getattr(torch, rt["dtype"]))
+    elif isinstance(model, (str, Path)):
         base, _ = load_base(str(model), dtype=getattr(torch, rt["dtype"]), device=acc.device, check=False)
     else:
         base = model.to(acc.device)

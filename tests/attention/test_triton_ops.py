@@ -118,7 +118,7 @@ def test_opcheck_on_cuda(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["hybrid_shared_norm_complementary", "la_only"])  # an inductor compile each
 def test_compiled_triton_layer_equals_eager(case):
     """torch.compile (inductor, fullgraph) of hybrid_attention_triton runs the custom ops: same output and gradients
     as the eager autograd.Function."""

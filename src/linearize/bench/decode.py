@@ -368,16 +368,19 @@ def base_batches(cfg, ctx: int, room: int, weights: int, *, max_batch: int, dtyp
 
 def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 32768, 131072), *, steps: int = 12,
                     llama_layers: int = 8, max_batch: int = 1024, eager_extra_context: int | None = 32768,
-                    log=print) -> dict:
+                    log=print, on_row=None) -> dict:
     """Per shape, context and batch (1 and the largest the base fits): the captured static-cache base and the
     converted model's captured step at the same batch, each with its memory floor; plus the old eager base at
-    `eager_extra_context` (Gemma shape) as a labelled extra. Returns {copy_bandwidth_bytes_per_s, rows, ratios}."""
+    `eager_extra_context` (Gemma shape) as a labelled extra. Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
+    `on_row(result so far)` after every row (so that a run cut off by a time limit keeps its rows)."""
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
     warm = 4  # 2 eager warm-up steps, the capture (+ its replay), one more replay
     room = warm + steps + 4
     rows = []
+    result = dict(copy_bandwidth_bytes_per_s=bandwidth, llama_layers=llama_layers, steps=steps, kinds=FAIR_KINDS,
+                  rows=rows, ratios=[])
 
     def measure(shape, kind, batch, ctx, model, weights):
         row = dict(shape=shape, kind=kind, batch=batch, context=ctx)
@@ -414,6 +417,9 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
             del cache
             free()
         rows.append(row)
+        result["ratios"] = fair_ratios(rows)
+        if on_row is not None:
+            on_row(result)
         return row
 
     for shape in shapes:
@@ -443,8 +449,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 measure(shape, "converted_graph", batch, ctx, model, weights)
         del model
         free()
-    return dict(copy_bandwidth_bytes_per_s=bandwidth, llama_layers=llama_layers, steps=steps,
-                kinds=FAIR_KINDS, rows=rows, ratios=fair_ratios(rows))
+    return result
 
 
 def fair_ratios(rows) -> list[dict]:

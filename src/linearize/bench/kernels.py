@@ -617,7 +617,8 @@ def run(args: argparse.Namespace, argv=None) -> dict:
         res["decode_fair"] = run_fair_decode(
             [x for x in args.decode_shapes.split(",") if x], contexts, steps=args.decode_steps,
             llama_layers=args.llama_layers, max_batch=args.max_batch,
-            eager_extra_context=32768 if 32768 in contexts else max(contexts), log=lambda s: print(s, flush=True))
+            eager_extra_context=32768 if 32768 in contexts else max(contexts), log=lambda s: print(s, flush=True),
+            on_row=lambda partial: (res.__setitem__("decode_fair", partial), save()))
         save()
     if args.eager_decode:
         contexts = [int(x) for x in args.eager_contexts.split(",") if x]

@@ -66,6 +66,7 @@ def hybrid_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qf: torch.Tens
                                        valid=None if valid is None else valid.bool(), softcap=softcap,
                                        chunk_size=chunk_size)
         return [out.to(q.dtype)] + [_empty(q) for _ in range(8)]
+    q, k, v, qf, kf = (x.contiguous() for x in (q, k, v, qf, kf))  # the kernels index densely (no-ops when traced so)
     cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, softcap, chunk_size)
     saved = list(_forward(q, k, v, qf, kf, weight if weight is not None else q, valid if valid is not None else q,
                           wscalar, cfg))
@@ -107,6 +108,7 @@ def hybrid_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dq, dk, dv, dqf, dkf, dw = grads
         res = [dq, torch.stack([dk, dv]), dqf, dkf, dw]
         return [_empty(q) if s is None else r.to(dt) for r, s, dt in zip(res, shapes, _bwd_dtypes(q, kf))]
+    q, k, v, qf, kf = (x.contiguous() for x in (q, k, v, qf, kf))
     cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, softcap, chunk_size)
     placeholder = rows
     saved = [x if x.numel() else (out if i < 2 else placeholder) for i, x in enumerate((xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg))]

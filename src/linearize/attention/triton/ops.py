@@ -66,6 +66,11 @@ def hybrid_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qf: torch.Tens
                                        valid=None if valid is None else valid.bool(), softcap=softcap,
                                        chunk_size=chunk_size)
         return [out.to(q.dtype)] + [_empty(q) for _ in range(8)]
+    return kernel_fwd(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softcap, chunk_size)
+
+
+def kernel_fwd(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softcap, chunk_size):
+    """`hybrid_fwd` on the Triton kernels (CUDA; the CPU too under TRITON_INTERPRET=1, which the tests use)."""
     q, k, v, qf, kf = (x.contiguous() for x in (q, k, v, qf, kf))  # the kernels index densely (no-ops when traced so)
     cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, softcap, chunk_size)
     saved = list(_forward(q, k, v, qf, kf, weight if weight is not None else q, valid if valid is not None else q,
@@ -108,6 +113,14 @@ def hybrid_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dq, dk, dv, dqf, dkf, dw = grads
         res = [dq, torch.stack([dk, dv]), dqf, dkf, dw]
         return [_empty(q) if s is None else r.to(dt) for r, s, dt in zip(res, shapes, _bwd_dtypes(q, kf))]
+    return kernel_bwd(do, q, k, v, qf, kf, weight, valid, out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg, scale,
+                      window, wscalar, code, shift, softcap, chunk_size)
+
+
+def kernel_bwd(do, q, k, v, qf, kf, weight, valid, out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg, scale, window,
+               wscalar, code, shift, softcap, chunk_size):
+    """`hybrid_bwd` on the Triton kernels (as `kernel_fwd`)."""
+    shapes = _bwd_shapes(q, k, qf, kf, weight, code)
     q, k, v, qf, kf = (x.contiguous() for x in (q, k, v, qf, kf))
     cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, softcap, chunk_size)
     placeholder = rows
@@ -118,7 +131,8 @@ def hybrid_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dw = dw.sum((0, 2)) if cfg.wmode == 1 else dw.clone()
     # _backward's dk and dv are the two halves of one (2, *k.shape) buffer: returned as that one tensor (no two
     # outputs may alias); la_only leaves its dk half unwritten
-    dkv = dv._base if dv._base is not None and dv._base.shape == (2, *k.shape) else torch.stack([dk, dv])
+    dkv = (dv._base if dv._base is not None and dv._base.shape == (2, *k.shape)
+           else torch.stack([torch.zeros_like(dv) if dk is None else dk, dv]))
     if dk is None:
         dkv[0].zero_()
     res = [dq, dkv, dqf, dkf, dw]

@@ -27,15 +27,15 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" > "$out/logs/$name.log" 2>&1 || say "$name: exit $? (see $out/logs/$name.log)"
 }
 
-step gpu_tests 70 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fast_generate.py \
+step gpu_tests 80 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fast_generate.py \
   tests/attention/test_triton_ops.py tests/test_bench_decode.py
 step layer 55 "$py" -m linearize bench --name speed_layer --out-dir "$out" --commit "$commit" --skip-decode --skip-peak \
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \
   --budget 0.15
-step decode 110 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
+step decode 105 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
   --skip-peak --contexts "${CONTEXTS:-1024,32768,131072}" --decode-steps 8
 step generate 25 "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
-step conversion 40 "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats,ssd}" \
+step conversion 35 "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats,ssd}" \
   --name speed_conversion --out-dir "$out" --commit "$commit" --steps 4 --warmup 1 --no-progress
 "$py" benchmarks/speed_summary.py "$out" > "$out/logs/summary.log" 2>&1 || say "summary failed (see $out/logs/summary.log)"
 say "done: $out/speed.md"

@@ -106,8 +106,10 @@ def test_torch_compile_traces_the_op_without_a_graph_break():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the two residual layouts (both branches; the linear branch alone); the other modes' kernel bodies are checked by
+# tests/attention/test_triton.py (interpreted on CPU, compiled on CUDA)
+@pytest.mark.parametrize("case", ["hybrid_shared_norm_complementary", "la_only"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_opcheck_on_cuda(case, dtype):
     tensors, valid = _inputs("cuda", dtype, t=130, d=32, m=16, pad=True)
     args = list(_op_args(tensors, valid, case, torch.full((4,), 0.2), chunk_size=64))
@@ -118,7 +120,7 @@ def test_opcheck_on_cuda(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("case", ["hybrid_shared_norm_complementary", "la_only"])  # an inductor compile each
+@pytest.mark.parametrize("case", ["hybrid_shared_norm_complementary"])  # an inductor compile each
 def test_compiled_triton_layer_equals_eager(case):
     """torch.compile (inductor, fullgraph) of hybrid_attention_triton runs the custom ops: same output and gradients
     as the eager autograd.Function."""

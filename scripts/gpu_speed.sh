@@ -13,7 +13,7 @@
 #   usage: PYTHONPATH=$PWD/src scripts/gpu_speed.sh OUT [MODEL]
 # MODEL (a Gemma 3 270M .gguf, say) is used for the conversion rows; without it they use random weights of the
 # Gemma-3-270M shape (speed does not depend on the weights; loading a GGUF adds about a minute). Settings
-# (environment): LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats,ssd), PYTHON.
+# (environment): LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
 # A step that fails is logged and the next one runs; each step has its own time limit.
 set -uo pipefail
 out=$1 model=${2:-shape:gemma3-270m}
@@ -32,10 +32,10 @@ step gpu_tests 80 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/tes
 step layer 55 "$py" -m linearize bench --name speed_layer --out-dir "$out" --commit "$commit" --skip-decode --skip-peak \
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \
   --budget 0.15
-step decode 105 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
+step decode 100 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
   --skip-peak --contexts "${CONTEXTS:-1024,32768,131072}" --decode-steps 8
 step generate 25 "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
-step conversion 35 "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats,ssd}" \
+step conversion 40 "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats}" \
   --name speed_conversion --out-dir "$out" --commit "$commit" --steps 4 --warmup 1 --no-progress
 "$py" benchmarks/speed_summary.py "$out" > "$out/logs/summary.log" 2>&1 || say "summary failed (see $out/logs/summary.log)"
 say "done: $out/speed.md"

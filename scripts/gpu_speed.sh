@@ -12,11 +12,13 @@
 #   6. benchmarks/speed_summary.py: the goals table and every table -> speed.json / speed.md
 #   usage: PYTHONPATH=$PWD/src scripts/gpu_speed.sh OUT [MODEL]
 # MODEL (a Gemma 3 270M .gguf, say) is used for the conversion rows; without it they use random weights of the
-# Gemma-3-270M shape (speed does not depend on the weights; loading a GGUF adds about a minute). Settings
+# Gemma-3-270M shape (speed does not depend on the weights). Dequantizing a GGUF takes about 80 s, so with MODEL
+# the conversion step gets 120 s (CONVERSION_SECONDS) and the run ~6.5 minutes. Settings
 # (environment): LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
 # A step that fails is logged and the next one runs; each step has its own time limit.
 set -uo pipefail
 out=$1 model=${2:-shape:gemma3-270m}
+conversion_seconds=${CONVERSION_SECONDS:-$([ -n "${2:-}" ] && echo 120 || echo 40)}
 py=${PYTHON:-python3}
 mkdir -p "$out/logs"
 say() { printf '[gpu-speed %4ss] %s\n' "$SECONDS" "$*"; }
@@ -35,7 +37,7 @@ step layer 55 "$py" -m linearize bench --name speed_layer --out-dir "$out" --com
 step decode 100 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
   --skip-peak --contexts "${CONTEXTS:-1024,32768,131072}" --decode-steps 8
 step generate 25 "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
-step conversion 40 "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats}" \
+step conversion "$conversion_seconds" "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats}" \
   --name speed_conversion --out-dir "$out" --commit "$commit" --steps 4 --warmup 1 --no-progress
 "$py" benchmarks/speed_summary.py "$out" > "$out/logs/summary.log" 2>&1 || say "summary failed (see $out/logs/summary.log)"
 say "done: $out/speed.md"

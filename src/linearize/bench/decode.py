@@ -384,7 +384,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
 
     def measure(shape, kind, batch, ctx, model, weights):
         row = dict(shape=shape, kind=kind, batch=batch, context=ctx)
-        cache = None
+        cache = stepper = None
         try:
             free()
             torch.cuda.reset_peak_memory_stats()
@@ -392,7 +392,6 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 cache = fill_static_cache(model, batch, ctx, room, dtype)
                 stepper = CapturedStaticStep(model, cache, batch, ctx)
                 tps, ms = _timed_steps(stepper.step, batch, warm, steps)
-                del stepper
             elif kind == "base_eager_dynamic":
                 cache = _fill_base_cache(model, batch, ctx, dtype)
                 tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=False)
@@ -414,7 +413,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
             log(f"decode {shape} {kind} B={batch} ctx={ctx}: ERROR {row['error']}")
             traceback.print_exc(limit=6)
         finally:
-            del cache
+            cache = stepper = None  # the cache and the captured graph's memory pool go back before the next row
             free()
         rows.append(row)
         result["ratios"] = fair_ratios(rows)
@@ -438,10 +437,10 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 if "error" not in measure(shape, "base_static_graph", batch, ctx, model, weights):
                     plan[ctx].append(batch)
                     break
+        model.set_attn_implementation("sdpa")  # from here on the model as users run it
         if shape == "gemma3-270m" and eager_extra_context in plan:
             for batch in plan[eager_extra_context]:
                 measure(shape, "base_eager_dynamic", batch, eager_extra_context, model, weights)
-        model.set_attn_implementation("sdpa")  # converted: the model as users run it (HybridAttention ignores masks)
         convert(model, HybridConfig())
         weights = weight_bytes_per_step(model)
         for ctx, batches in plan.items():

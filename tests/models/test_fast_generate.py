@@ -47,6 +47,9 @@ def test_eager_reasons_name_what_a_captured_step_cannot_do():
     assert "unconverted layers" in generation.eager_reason(partial, None, {})
     memory = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, sparse_memory=4, memory_block=8))
     assert "sparse memory" in generation.eager_reason(memory, None, {})
+    spread = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    spread.lm_head.weight = torch.nn.Parameter(torch.empty(128, 64, device="meta"))
+    assert "several devices" in generation.eager_reason(spread, None, {})
     # beam search through generate itself: the eager path, and the result is HF's own
     prompt = torch.randint(1, 128, (1, 6))
     out = model.generate(prompt, max_new_tokens=5, num_beams=2, do_sample=False)

@@ -72,7 +72,10 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
         return "sparse memory updates its state every memory_block tokens"
     if len(layers) != model.config.get_text_config(decoder=True).num_hidden_layers:
         return "unconverted layers keep a growing KV cache"
-    device = next(model.parameters()).device
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        return f"the model spans several devices ({', '.join(sorted(map(str, devices)))}); a captured step needs one"
+    device = devices.pop()
     if device.type != "cuda":
         return f"the model is on {device.type}; a captured step needs CUDA"
     if model.training:

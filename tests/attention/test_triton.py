@@ -153,6 +153,54 @@ def test_forward_backward_matches_reference(mode, rule, placement, b, hq, hkv, t
            placement=placement, mode=mode, softcap=softcap)
 
 
+@pytest.mark.parametrize("code,wkind", [(0, "head"), (1, "rows"), (2, "float"), (3, "float")])
+def test_custom_op_kernel_bodies_match_the_reference_and_the_fake_shapes(code, wkind, monkeypatch):
+    """ops.kernel_fwd / kernel_bwd (what linearize::hybrid_fwd / hybrid_bwd run on CUDA): the residuals they return
+    have the shapes and dtypes the fake implementations promise; the output and every gradient equal the
+    reference's (interpreted on CPU, compiled on CUDA)."""
+    from linearize.attention.triton import ops
+
+    for name in ("_forward", "_backward", "_config", "_Config"):  # this module's (possibly interpreted) kernels
+        monkeypatch.setattr(ops, name, getattr(_hybrid, name))
+    mode, rule = ops._CODE_MODES[code]
+    b, hq, hkv, t, d, m, window = 2, 4, 2, 37, 16, 32, 5
+    shift = window if mode == "hybrid" else 0  # complementary placement
+    tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=True, seed=11)
+    weight = {"head": torch.rand(hq, device=DEVICE) * 0.8 + 0.1, "rows": torch.rand(b, hq, t, device=DEVICE) * 0.8 + 0.1,
+              "float": None}[wkind]
+    params = (d**-0.5, window, 0.3, code, shift, None, 16)
+    v8 = valid.to(torch.int8)
+    saved = ops.kernel_fwd(*tensors, weight, v8, *params)
+    q, k, v, qf, kf = tensors
+    cfg = _hybrid._Config(q, k, qf, scale=params[0], window=window, code=code, shift=shift, softcap=None, chunk_size=16,
+                          has_valid=True, wmode=ops._wmode(weight))
+    for got, shape, dtype in zip(saved[1:], ops._residual_shapes(q, k, qf, kf, cfg), ops._residual_dtypes(q, kf)):
+        assert tuple(got.shape) == (shape or (0,)) and (shape is None or got.dtype == dtype)
+    go = torch.randn_like(saved[0])
+    grads = ops.kernel_bwd(go, *tensors, weight, v8, *saved, *params)
+    for got, shape, dtype in zip(grads, ops._bwd_shapes(q, k, qf, kf, weight, code), ops._bwd_dtypes(q, kf)):
+        assert tuple(got.shape) == (shape or (0,)) and (shape is None or got.dtype == dtype)
+    ref_ins = [x.detach().double().requires_grad_() for x in tensors]
+    w_ref = 0.3 if weight is None else weight.double().requires_grad_()
+    ref = hybrid_attention_reference(*ref_ins, scale=params[0], window=window, weight=w_ref, rule=rule,
+                                     placement="complementary", mode=mode, valid=valid)
+    ref.backward(go.double())
+    tol = 1e-4 if CUDA else 1e-5
+    assert _rel(saved[0], ref) < tol
+    dq, dkv, dqf, dkf, dw = grads
+    expected = {"dv": (dkv[1], ref_ins[2].grad)}
+    if code != 3:
+        expected.update(dq=(dq, ref_ins[0].grad), dk=(dkv[0], ref_ins[1].grad))
+    else:
+        assert not dkv[0].any()  # la_only: no key gradient through the window, the half is zeroed
+    if code != 2:
+        expected.update(dqf=(dqf, ref_ins[3].grad), dkf=(dkf, ref_ins[4].grad))
+    if weight is not None and code in (0, 1):
+        expected["dweight"] = (dw, w_ref.grad)
+    for name, (got, want) in expected.items():
+        assert _rel(got, want) < tol, f"{name} rel err {_rel(got, want):.2e}"
+
+
 @pytest.mark.parametrize("b,hq,hkv,t,window,rule,placement,softcap", [
     (2, 4, 2, 45, 20, "shared_norm", "complementary", None),  # G = 2, padding, T % 16 != 0
     (1, 4, 1, 37, 9, "mix", "overlap", 4.0),  # G = 4, window < block, softcap

@@ -80,3 +80,10 @@ def test_a_directory_without_a_usable_tokenizer_is_refused(tmp_path, capsys, lay
         load_model(tmp_path, device="cpu")
     assert main(["generate", str(tmp_path), "hello", "--device", "cpu"]) == 2
     assert "copy the base model's tokenizer files" in _one_line(capsys)
+
+
+def test_generate_says_which_decode_step_ran_and_its_speed(dirs, capsys):
+    _, conv = dirs
+    assert main(["generate", str(conv), "hello", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "tok/s" in last and "converted, hybrid" in last and "eager decode step (the model is on cpu" in last

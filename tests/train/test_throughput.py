@@ -34,12 +34,22 @@ def test_every_stage_of_every_recipe_is_measured_once(tiny):
         ("eval", "hybrid", ("ssd", "hedgecats", "la-only")), ("eval", "la_only", ("ssd", "hedgecats", "la-only")),
         ("stage1", "transfer: weights", ("ssd", "hedgecats", "la-only")),
         ("stage2", "LoRA + SSD", ("ssd",)), ("stage2", "LoRA", ("hedgecats",)),
+        # the base's own LoRA step: the recipes with a stage 2 fine-tune with the same LoRA, rows and length
+        ("anchor", "base LoRA", ("lolcats", "ssd", "hedgecats")),
     }
     assert set(res["convert_seconds"]) == {"lolcats", "ssd", "hedgecats"}  # nothing left to measure for la-only
     for row in res["rows"]:
         check_timing(row)
         if row["stage"] != "eval":
             assert row["trainable_params"] > 0 and row["max_param_change"] > 0, row  # the timed steps really trained
+            anchor = next(r for r in res["rows"] if r["stage"] == "anchor")
+            assert math.isclose(row["cost_vs_base_lora"], anchor["tokens_per_s"] / row["tokens_per_s"])
+    anchor = next(r for r in res["rows"] if r["stage"] == "anchor")
+    lora = next(r for r in res["rows"] if r["what"] == "LoRA" and r["recipes"] == ["lolcats"])
+    # the base LoRA trains only LoRA weights on the same rows: fewer trainable parameters than lolcats' stage 2 has
+    # (which adds none of its own) only if the targets differ; here they are the same
+    assert anchor["trainable_params"] == lora["trainable_params"] and anchor["seq_len"] == lora["seq_len"]
+    assert anchor["batch_size"] * anchor["grad_accum"] == lora["batch_size"] * lora["grad_accum"]
     assert next(r for r in res["rows"] if r["what"] == "LoRA + SSD")["swa_dropped"] in (0.0, 0.5, 1.0)
 
 
@@ -66,8 +76,29 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert res["model"] == str(model_dir) and res["load_seconds"] > 0 and res["convert_seconds"]["ssd"] > 0
     assert res["recipes"]["ssd"]["data"]["seq_len"] == 32 and res["recipes"]["ssd"]["stage1"]["objective"] == "output"
     assert [(r["stage"], r["what"]) for r in res["rows"]] == [
-        ("eval", "base"), ("eval", "hybrid"), ("eval", "la_only"), ("stage1", "transfer: output"), ("stage2", "LoRA + SSD")]
+        ("eval", "base"), ("eval", "hybrid"), ("eval", "la_only"), ("stage1", "transfer: output"), ("stage2", "LoRA + SSD"),
+        ("anchor", "base LoRA")]
     for row in res["rows"]:
         check_timing(row)
     md = (out / "conversion.md").read_text()
-    assert "| stage1 | transfer: output | ssd | 2 × 32 |" in md and "peak RSS MiB" in md
+    assert "| stage1 | transfer: output | ssd | 2 × 32 |" in md and "peak RSS MiB" in md and "× base LoRA" in md
+    stage2 = next(r for r in res["rows"] if r["stage"] == "stage2")
+    assert f"| {stage2['cost_vs_base_lora']:.2f} |" in md
+
+
+def test_a_random_weight_shape_needs_no_model_files(monkeypatch):
+    from linearize.bench import throughput
+
+    model = tiny_llama()
+    asked = []
+
+    def shape(name):
+        asked.append(name)
+        return model.config, type(model)
+
+    monkeypatch.setattr(throughput, "decode_shape", shape)
+    res = measure("shape:llama3-8b", ("lolcats",), overrides=WINDOW, **TINY)
+    assert asked == ["llama3-8b"] and res["model"] == "shape:llama3-8b"
+    stage2 = next(r for r in res["rows"] if r["stage"] == "stage2")
+    check_timing(stage2)
+    assert stage2["cost_vs_base_lora"] > 0

@@ -96,11 +96,14 @@ class GraphDecoder:
         return self.graph is not None
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, vocab) of the next token given this token's ids (B, 1)."""
+    def step(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, 1, vocab) of the next token given this token's ids (B, 1); `positions` (B, 1) sets this token's
+        positions (default: one past the previous step's)."""
         if self._signature() != self.captured_with:
             raise ValueError("the cache states or the component modes changed since this decoder was built; build a new one")
         self.ids.copy_(ids.reshape(self.ids.shape))
+        if positions is not None:
+            self.positions.copy_(positions.reshape(self.positions.shape))
         if self.graph is None and self.warmup_left > 0:
             self.warmup_left -= 1
             self.side_stream.wait_stream(torch.cuda.current_stream())

@@ -20,9 +20,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timed repetitions per measurement")
     p.add_argument("--max-chunked-t", type=int, default=65536, help="skip the chunked PyTorch path above this length")
-    p.add_argument("--contexts", default="1024,4096,16384,32768", help="decode context lengths")
-    p.add_argument("--batches", default="1,64", help="decode batch sizes (plus the largest the base fits)")
-    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--contexts", default="1024,4096,32768,131072",
+                   help="decode context lengths: at each, batch 1 and the largest batch the captured static-cache base fits")
+    p.add_argument("--decode-shapes", default="gemma3-270m,llama3-8b", help="decode model shapes (random weights): "
+                   "gemma3-270m, llama3-8b")
+    p.add_argument("--llama-layers", type=int, default=8, help="layers of the Llama-3-8B-shaped stack (of 32; the "
+                   "decode ratios are per step)")
+    p.add_argument("--max-batch", type=int, default=1024, help="largest decode batch tried")
+    p.add_argument("--decode-steps", type=int, default=12, help="timed decode steps per row (after 4 warm-up steps)")
+    p.add_argument("--eager-decode", action="store_true", help="also the older decode grid: the base in HF's eager "
+                   "loop (DynamicCache) and the converted model's eager steps, a labelled extra")
+    p.add_argument("--eager-contexts", default="1024,32768", help="context lengths of --eager-decode")
+    p.add_argument("--batches", default="1,64", help="batch sizes of --eager-decode (plus the largest the base fits)")
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-peak", action="store_true")
@@ -39,8 +48,9 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
         "Stages that compute the same thing in several recipes are measured once. Random token rows.")
     g.add_argument("--conversion", action="store_true", help="measure conversion throughput instead of the layer "
                    "and decode benchmarks (GPU or CPU)")
-    g.add_argument("--model", default="gemma3-270m", help="short name (gemma3-270m, smollm2-135m), HF directory or "
-                   ".gguf file (default: gemma3-270m)")
+    g.add_argument("--model", default="gemma3-270m", help="short name (gemma3-270m, smollm2-135m), HF directory, "
+                   ".gguf file, or shape:gemma3-270m / shape:llama3-8b for random weights of that shape, nothing "
+                   "loaded (default: gemma3-270m)")
     g.add_argument("--recipes", default="lolcats,ssd,hedgecats",
                    help="comma-separated recipe names or YAML paths (default: lolcats,ssd,hedgecats)")
     g.add_argument("--preset", default=None, help="size preset of the recipes (default: gpu-small on a GPU, cpu otherwise)")

@@ -11,19 +11,19 @@ Measured in one process on one GPU:
               triton    our Triton kernels (bf16)
               fla_swa   fla's chunk_linear_attn (normalised) + the FlexAttention window, combined with the 'mix' rule
             inputs are given (q, k, v and, for the linear paths, the feature maps qf, kf); feature maps excluded
-  decode    tokens/s and cache bytes vs context length and batch for a Gemma-3-270M-shaped model (random weights):
-            base (HF, DynamicCache) vs converted (constant-size state; eager PyTorch step, eager Triton step, and
-            the Triton step captured once in a CUDA graph and replayed, `linearize.attention.graph_decode`)
+  decode    (`linearize.bench.decode`) tokens/s vs context and batch, Gemma-3-270M and Llama-3-8B shapes (random
+            weights): the base with HF's StaticCache and its one-token forward captured in a CUDA graph vs the
+            converted model's captured step (GraphDecoder), same batch, each against its memory floor (bytes read per
+            step / copy bandwidth measured in the run); with --eager-decode also the older grid (base in HF's eager
+            loop with a DynamicCache; converted eager PyTorch / Triton steps), a labelled extra
 Ratios are computed inside the run.  Results go to JSON; `render_markdown` makes the README table.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -32,55 +32,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
 from linearize.attention.chunked import hybrid_attention_chunked
-from linearize.attention.graph_decode import GraphDecoder
-from linearize.attention.module import HybridAttention
-from linearize.attention.recurrent import HybridState
 from linearize.bench import add_arguments
-from linearize.compat import cache_kwargs
-from linearize.config import HybridConfig
-from linearize.models.convert import convert
+from linearize.bench.decode import decode_ratios, render_fair_markdown, run_eager_decode_bench, run_fair_decode
+from linearize.bench.timing import free as _free, sync as _sync, time_cuda
 from linearize.records import benchmark_header, git_commit
 
 HEAD_CONFIGS = {
     "gemma3-270m": dict(hq=4, hkv=1, d=256, m=512),
     "llama": dict(hq=32, hkv=8, d=128, m=256),
 }
-IMPLS = ("sdpa", "swa", "chunked", "triton", "fla_swa")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# timing helpers
-# ----------------------------------------------------------------------------------------------------------------
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_cuda(fn, *, budget_s: float = 0.3, min_reps: int = 3, max_reps: int = 30) -> float:
-    """Median milliseconds of fn() over repetitions timed with CUDA events (one warm-up call first)."""
-    fn()
-    _sync()
-    t0 = time.perf_counter()
-    fn()
-    _sync()
-    one = time.perf_counter() - t0
-    reps = int(max(min_reps, min(max_reps, budget_s / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def _free():
-    gc.collect()
-    torch.cuda.empty_cache()
+IMPLS = ("sdpa", "swa", "chunked", "triton", "fla_swa", "sdpa_compiled", "triton_compiled")
 
 
 def matmul_peak_tflops(n: int = 8192) -> float:
@@ -212,6 +174,32 @@ def impl_triton(cfg, t, window, scale, weight, rule="shared_norm", placement="co
     return Impl("triton", fn, (0, 1, 2, 3, 4))
 
 
+def impl_compiled(name, fn, grads):
+    """`fn` under torch.compile as a compiled training step runs it: inductor with CUDA graphs (mode
+    "reduce-overhead"), fullgraph, static shapes. The Triton layer goes through its custom ops
+    (linearize.attention.triton.ops); nothing is captured again around it (no graph_* keys)."""
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def step(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # each call a new step: the previous outputs may be overwritten
+        return compiled(*args)
+
+    impl = Impl(name, step, grads)
+    impl.graphable = False
+    return impl
+
+
+def impl_sdpa_compiled(cfg, t, window, scale):
+    def fn(q, k, v, qf, kf):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    return impl_compiled("sdpa_compiled", fn, (0, 1, 2))
+
+
+def impl_triton_compiled(cfg, t, window, scale, weight):
+    return impl_compiled("triton_compiled", impl_triton(cfg, t, window, scale, weight).fn, (0, 1, 2, 3, 4))
+
+
 def _trim_fla_autotune(max_configs: int = 4) -> int:
     """Keep at most `max_configs` configs per fla autotuner (preferring 4-8 warps, 2-3 stages), so that tuning fits
     the device-time budget.  Returns how many autotuners were trimmed."""
@@ -257,6 +245,7 @@ def impl_fla_swa(cfg, t, window, scale, weight_g):
 
 def useful_flops(name, cfg, t, window, b=1):
     """Forward FLOPs of the minimal algorithm (matmul multiply-adds x 2); backward counted as 2x forward."""
+    name = name.removesuffix("_compiled")
     hq, hkv, d, m = cfg["hq"], cfg["hkv"], cfg["d"], cfg["m"]
     if name == "sdpa":
         return b * hq * 4 * d * t * (t + 1) / 2
@@ -337,7 +326,8 @@ def bench_layer(impl: Impl, inputs, *, budget_s: float):
     for a in args:
         a.grad = None
     _free()
-    res["graph_fwd_ms"], res["graph_fwd_bwd_ms"], res["graph_error"] = graph_times(fwd, fwd_bwd, args, budget_s=budget_s)
+    if getattr(impl, "graphable", True):
+        res["graph_fwd_ms"], res["graph_fwd_bwd_ms"], res["graph_error"] = graph_times(fwd, fwd_bwd, args, budget_s=budget_s)
     del args, base_in, go
     _free()
     return res
@@ -373,6 +363,10 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                         impl = impl_chunked(cfg, t, window, scale, weight)
                     elif name == "triton":
                         impl = impl_triton(cfg, t, window, scale, weight)
+                    elif name == "sdpa_compiled":
+                        impl = impl_sdpa_compiled(cfg, t, window, scale)
+                    elif name == "triton_compiled":
+                        impl = impl_triton_compiled(cfg, t, window, scale, weight)
                     elif name == "fla_swa":
                         impl = impl_fla_swa(cfg, t, window, scale, 0.5)
                     else:
@@ -436,171 +430,14 @@ def layer_ratios(rows):
                 for key in ("graph_fwd", "graph_fwd_bwd"):  # CUDA-graph replays, where both were captured
                     if o.get(f"{key}_ms") and r.get(f"{key}_ms"):
                         entry[f"{other}_over_triton_{key}"] = o[f"{key}_ms"] / r[f"{key}_ms"]
+        compiled = by.get((cname, t, "triton_compiled"))
+        if compiled:  # the compiled training-step path against SDPA as a user runs it (eager) and compiled
+            for other in ("sdpa", "sdpa_compiled"):
+                o = by.get((cname, t, other))
+                if o:
+                    entry[f"triton_compiled_over_{other}_fwd_bwd"] = compiled["fwd_bwd_ms"] / o["fwd_bwd_ms"]
+                    entry[f"triton_compiled_over_{other}_fwd"] = compiled["fwd_ms"] / o["fwd_ms"]
         out.append(entry)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# decode benchmark
-# ----------------------------------------------------------------------------------------------------------------
-def gemma3_270m_config():
-    from transformers import Gemma3TextConfig
-
-    types = (["sliding_attention"] * 5 + ["full_attention"]) * 3
-    return Gemma3TextConfig(
-        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=256, sliding_window=512, layer_types=types, query_pre_attn_scalar=256,
-        max_position_embeddings=131072,
-    )
-
-
-def _fill_base_cache(model, batch, ctx, dtype, device="cuda"):
-    from transformers import DynamicCache
-
-    cfg = model.config
-    cache = DynamicCache(config=cfg)
-    kinds = cfg.layer_types
-    for i in range(cfg.num_hidden_layers):
-        n = ctx if kinds[i] == "full_attention" else min(ctx, cfg.sliding_window - 1)
-        k = torch.randn(batch, cfg.num_key_value_heads, n, cfg.head_dim, device=device, dtype=dtype)
-        v = torch.randn_like(k)
-        cache.update(k, v, i)
-        layer = cache.layers[i]
-        if hasattr(layer, "cumulative_length"):
-            layer.cumulative_length = ctx
-        del k, v
-    return cache
-
-
-def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
-    from transformers import DynamicCache
-
-
-    cfg = model.config
-    cache = DynamicCache(config=cfg)
-    mods = {m.layer_idx: m for m in model.modules() if isinstance(m, HybridAttention)}
-    for i, mod in mods.items():
-        ring = mod.hybrid.window - 1
-        hkv, d, m, n = cfg.num_key_value_heads, cfg.head_dim, mod.feature_map_k.num_features, mod.hybrid.num_sinks
-        keep = min(ctx, ring)
-        dev = device
-        st = HybridState(
-            S=torch.randn(batch, hkv, m, d, device=dev) * 0.01, z=torch.rand(batch, hkv, m, device=dev) + 1,
-            buf_k=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype), buf_v=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype),
-            buf_kf=torch.rand(batch, hkv, ring, m, device=dev, dtype=dtype),
-            buf_valid=(torch.arange(ring, device=dev) < keep).expand(batch, ring).contiguous(),
-            sink_k=torch.randn(batch, hkv, n, d, device=dev, dtype=dtype), sink_v=torch.randn(batch, hkv, n, d, device=dev, dtype=dtype),
-            sink_valid=torch.ones(batch, n, dtype=torch.bool, device=dev),
-            slot=torch.tensor([keep % ring if ring else 0], device=dev), seen=ctx,
-        )
-        hybrid_cache_layer(cache, i).state = st
-    return cache
-
-
-def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, device="cuda"):
-    """tokens/s, ms/step and cache bytes of `steps` decoding steps: eager forwards, or a captured graph's replays."""
-
-    ids = torch.randint(1, 1000, (batch, 1), device=device)
-    nbytes = cache_nbytes(cache)
-    if graph:
-        decoder = GraphDecoder(model, cache, positions=ctx)
-        warm = decoder.warmup_left + 2  # eager warm-up steps, the capture (+ its first replay), one more replay
-
-        def step(i):
-            return decoder.step(ids)
-    else:
-        warm = 2
-
-        def step(i):
-            pos = torch.full((batch, 1), ctx + i, device=device, dtype=torch.long)
-            return model(input_ids=ids, **cache_kwargs(cache), use_cache=True, position_ids=pos).logits
-
-    with torch.inference_mode():
-        for i in range(warm):
-            step(i)
-        _sync()
-        t0 = time.perf_counter()
-        for i in range(steps):
-            step(warm + i)
-        _sync()
-        dt = time.perf_counter() - t0
-    return batch * steps / dt, dt / steps * 1e3, nbytes
-
-
-#: converted kinds: (decode backend of the hybrid layers, replayed as a CUDA graph)
-CONVERTED_KINDS = {"converted_torch": ("torch", False), "converted_triton": ("triton", False), "converted_graph": ("triton", True)}
-
-
-def run_decode_bench(contexts, batches, *, steps=8, search_batches=(512, 384, 256, 192, 128, 64), log=print):
-    from dataclasses import replace
-
-    from transformers import Gemma3ForCausalLM
-
-
-    dtype = torch.bfloat16
-    cfg = gemma3_270m_config()
-    with torch.device("cuda"):
-        model = Gemma3ForCausalLM(cfg).to(dtype).eval()
-    rows = []
-
-    def measure(kind, batch, ctx, graph=False):
-        row = dict(kind=kind, batch=batch, context=ctx)
-        cache = None
-        try:
-            _free()
-            torch.cuda.reset_peak_memory_stats()
-            cache = (_fill_base_cache if kind == "base" else _fill_hybrid_cache)(model, batch, ctx, dtype)
-            tps, ms, nbytes = _decode_rate(model, cache, batch, ctx, steps, graph=graph)
-            row.update(tokens_per_s=tps, ms_per_step=ms, cache_bytes=nbytes, cache_bytes_per_seq=nbytes / batch,
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-            log(f"decode {kind:16s} B={batch:4d} ctx={ctx:6d}: {tps:10.1f} tok/s  {ms:8.2f} ms/step  cache {nbytes / 2**20:9.1f} MiB")
-        except torch.cuda.OutOfMemoryError:
-            row["error"] = "out of memory"
-            log(f"decode {kind:16s} B={batch:4d} ctx={ctx:6d}: OOM")
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            log(f"decode {kind} B={batch} ctx={ctx}: ERROR {row['error']}")
-            traceback.print_exc(limit=4)
-        finally:
-            del cache
-            _free()
-        rows.append(row)
-        return row
-
-    # base: the grid, then the largest batch that fits at the longest context
-    for ctx in contexts:
-        for batch in batches:
-            measure("base", batch, ctx)
-    largest = None
-    for batch in search_batches:
-        r = measure("base", batch, max(contexts))
-        if "error" not in r:
-            largest = batch
-            break
-    # converted (in place): eager PyTorch step, eager Triton step, the Triton step replayed as a CUDA graph
-    convert(model, HybridConfig())
-    layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
-    for kind, (backend, graph) in CONVERTED_KINDS.items():
-        for layer in layers:
-            layer.hybrid = replace(layer.hybrid, backend=backend)
-        for ctx in contexts:
-            for batch in batches:
-                measure(kind, batch, ctx, graph)
-        if largest:
-            measure(kind, largest, max(contexts), graph)
-    del model
-    _free()
-    return rows, largest
-
-
-def decode_ratios(rows, largest, ctx):
-    by = {(r["kind"], r["batch"], r["context"]): r for r in rows if "tokens_per_s" in r}
-    out = []
-    for (kind, batch, c), r in sorted(by.items()):
-        base = by.get(("base", batch, c))
-        if kind != "base" and base:
-            out.append(dict(kind=kind, batch=batch, context=c, speedup_vs_base=r["tokens_per_s"] / base["tokens_per_s"],
-                            cache_ratio_base_over_ours=base["cache_bytes"] / max(r["cache_bytes"], 1)))
     return out
 
 
@@ -696,9 +533,27 @@ def render_markdown(res: dict) -> str:
                     f"{_fmt(e.get('swa_over_triton_graph_fwd_bwd'))} | "
                     f"{tr['fwd_tflops']:.1f}, {tr['fwd_bwd_tflops']:.1f} |")
             lines.append("")
+            compiled = [e for e in ratios if "triton_compiled_over_sdpa_fwd_bwd" in e]
+            if compiled:
+                lines += ["### The compiled path (torch.compile, CUDA graphs, Triton kernels as custom ops) against SDPA",
+                          "", "Time ratios, < 1 means the compiled hybrid layer is faster (goal at 2k: fwd+bwd <= 1.2x "
+                          "eager SDPA; at 32k SDPA / compiled >= 6x).", "",
+                          "| config | T | compiled triton / eager sdpa fwd+bwd | compiled triton / compiled sdpa fwd+bwd | "
+                          "compiled triton / eager sdpa fwd | eager sdpa / compiled triton fwd+bwd |", "|---|---|---|---|---|---|"]
+                for e in compiled:
+                    r = e["triton_compiled_over_sdpa_fwd_bwd"]
+                    lines.append(f"| {e['config']} | {e['T']} | **{r:.2f}x** | "
+                                 f"{_fmt(e.get('triton_compiled_over_sdpa_compiled_fwd_bwd'))} | "
+                                 f"{_fmt(e.get('triton_compiled_over_sdpa_fwd'))} | {1 / r:.2f}x |")
+                lines.append("")
+    if res.get("decode_fair"):
+        lines += render_fair_markdown(res["decode_fair"])
     dec = res.get("decode", [])
     if dec:
-        lines += ["### Decode, Gemma-3-270M shape (random weights), bf16, tokens/s and cache", "",
+        lines += ["### Extra: decode with the base in HF's eager loop (DynamicCache), Gemma-3-270M shape (random weights), "
+                  "bf16, tokens/s and cache", "",
+                  "These ratios compare captured or eager converted steps with a host-bound eager base; the fair ratios "
+                  "are the captured static-cache ones above.", "",
                   "| kind | batch | context | tokens/s | ms/step | cache MiB | cache MiB/seq |", "|---|---|---|---|---|---|---|"]
         for r in dec:
             if "tokens_per_s" in r:
@@ -759,8 +614,16 @@ def run(args: argparse.Namespace, argv=None) -> dict:
         save()
     if not args.skip_decode:
         contexts = [int(x) for x in args.contexts.split(",") if x]
+        res["decode_fair"] = run_fair_decode(
+            [x for x in args.decode_shapes.split(",") if x], contexts, steps=args.decode_steps,
+            llama_layers=args.llama_layers, max_batch=args.max_batch,
+            eager_extra_context=32768 if 32768 in contexts else max(contexts), log=lambda s: print(s, flush=True),
+            on_row=lambda partial: (res.__setitem__("decode_fair", partial), save()))
+        save()
+    if args.eager_decode:
+        contexts = [int(x) for x in args.eager_contexts.split(",") if x]
         batches = [int(x) for x in args.batches.split(",") if x]
-        res["decode"], res["decode_largest_base_batch"] = run_decode_bench(
+        res["decode"], res["decode_largest_base_batch"] = run_eager_decode_bench(
             contexts, batches, steps=args.decode_steps, log=lambda s: print(s, flush=True))
         res["decode_ratios"] = decode_ratios(res["decode"], res["decode_largest_base_batch"], max(contexts))
     res["wall_s"] = time.perf_counter() - t_start

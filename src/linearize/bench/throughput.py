@@ -10,6 +10,10 @@ in one process:
            under `hybrid` and `la_only` -- what evaluating a conversion costs
   stage1   attention transfer (`weights`, `output` or `hybrid_output`, as the recipe sets it)
   stage2   LoRA fine-tuning, with Scheduled Sliding-window Dropout where the recipe enables it
+  anchor   the base model's own LoRA fine-tuning step with the recipe's stage-2 LoRA settings, rows and length
+           (no conversion, no SSD): what fine-tuning the base would cost. Every training row gets
+           `cost_vs_base_lora` = (base LoRA tokens/s) / (its tokens/s), the cost of a token relative to that anchor
+           (stage 2 goal: <= 1.25)
 
 A training row times the library's own optimizer step (`Trainer.train_step`: forward, backward, clipping, AdamW,
 set up by `stage1_parts` / `stage2_parts` as `run_recipe` does) over `steps` steps after `warmup` untimed ones;
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from linearize.bench.decode import decode_shape
 from linearize.bench.kernels import environment as gpu_environment
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError, TrainingDivergedError
@@ -45,10 +50,14 @@ from linearize.train import loop, stage1_parts, stage2_parts
 from linearize.train.finetune import lm_loss_sum
 from linearize.train.recipes import load_recipe
 
+#: `--model shape:<name>`: random weights of a decode benchmark shape (bench.decode.decode_shape), nothing loaded
+RANDOM_SHAPE = "shape:"
 DATA = "random token ids, uniform over the vocabulary (throughput does not depend on the content)"
 # stage settings that do not change what an optimizer step computes: stages differing only in these are measured once
 _NO_COST = ("enabled", "epochs", "max_steps", "checkpoint_every", "log_every", "early_stopping", "lr", "betas",
             "weight_decay", "lr_schedule", "warmup_steps", "loss_scale")
+# stage-2 settings that exist only for a converted model: the base LoRA anchor ignores them
+_NOT_FOR_THE_BASE = ("ssd", "train_feature_maps", "train_mixing")
 
 
 def _sync(device: torch.device) -> None:
@@ -128,7 +137,26 @@ def plan(recipes: dict[str, dict]) -> list[dict]:
                     else "LoRA + SSD" if s["ssd"]["enabled"] else "LoRA")
             cost = {k: v for k, v in s.items() if k not in _NO_COST}
             add(stage, what, name, _cost_key(stage, hybrid, r["data"]["seq_len"], cost))
+        if r["stage2"]["enabled"]:
+            cost = {k: v for k, v in r["stage2"].items() if k not in _NO_COST + _NOT_FOR_THE_BASE}
+            add("anchor", "base LoRA", name, _cost_key("base_lora", r["data"]["seq_len"], cost))
     return rows
+
+
+def base_lora_stage(s2: dict) -> dict:
+    """A recipe's stage 2 as the base model runs it: the same LoRA, rows and loss, nothing of the conversion."""
+    return {**s2, "ssd": {**s2["ssd"], "enabled": False}, "train_feature_maps": False, "train_mixing": False}
+
+
+def anchor_ratios(rows: list[dict]) -> None:
+    """In place: `cost_vs_base_lora` on every measured training row, against the anchor of its first recipe."""
+    anchors = [row for row in rows if row["stage"] == "anchor" and "tokens_per_s" in row]
+    for row in rows:
+        if row["stage"] not in ("stage1", "stage2", "anchor") or "tokens_per_s" not in row:
+            continue
+        anchor = next((a for a in anchors if row["recipes"][0] in a["recipes"]), None)
+        if anchor is not None:
+            row["cost_vs_base_lora"] = anchor["tokens_per_s"] / row["tokens_per_s"]
 
 
 def _eval_row(model, mode: str, batch: torch.Tensor, chunk: int, acc, steps: int, warmup: int) -> dict:
@@ -212,7 +240,11 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
         bar.update(1)
 
     t0 = time.perf_counter()
-    if isinstance(model, (str, Path)):
+    if isinstance(model, str) and model.startswith(RANDOM_SHAPE):  # throughput does not depend on the weights
+        cfg, cls = decode_shape(model.removeprefix(RANDOM_SHAPE))
+        torch.manual_seed(int(next(iter(resolved.values()))["seed"]))
+        base = cls(cfg).to(device=acc.device, dtype=getattr(torch, rt["dtype"]))
+    elif isinstance(model, (str, Path)):
         base, _ = load_base(str(model), dtype=getattr(torch, rt["dtype"]), device=acc.device, check=False)
     else:
         base = model.to(acc.device)
@@ -228,9 +260,21 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
     for row in (row for row in rows if row["what"] == "base"):
         r = resolved[row["recipes"][0]]
         measured(row, _eval_row, base, "base", eval_batch(r), int(r["stage2"]["loss_chunk"]), acc, steps, warmup)
+    for row in (row for row in rows if row["stage"] == "anchor"):
+        r = resolved[row["recipes"][0]]
+        seed = int(r["seed"])
+        loop.seed_everything(seed + 3)
+        tuned = copy.deepcopy(base)  # LoRA goes into a copy: the base stays clean for the conversions
+        s2 = base_lora_stage(r["stage2"])
+        _, params, _, loss_fn = stage2_parts(tuned, s2, seed)
+        measured(row, _train_row, tuned, "stage2", s2, params, loss_fn, seq_len=int(r["data"]["seq_len"]), seed=seed,
+                 acc=acc, steps=steps, warmup=warmup)
+        del tuned, params, loss_fn
+        if gpu:
+            torch.cuda.empty_cache()
     base.to("cpu")  # copied to the device per recipe: one model there at a time, as in a real run
     for name, r in resolved.items():
-        mine = [row for row in rows if row["recipes"][0] == name and row["what"] != "base"]
+        mine = [row for row in rows if row["recipes"][0] == name and row["what"] != "base" and row["stage"] != "anchor"]
         if not mine:
             continue
         seed, seq = int(r["seed"]), int(r["data"]["seq_len"])
@@ -264,6 +308,7 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
     bar.close()
     for row in rows:
         del row["key"]
+    anchor_ratios(rows)
     return res
 
 
@@ -293,16 +338,19 @@ def render_markdown(res: dict) -> str:
              (f"Preset `{res['preset']}`, {res['dtype']} weights, mixed precision `{res['mixed_precision']}`; "
               f"{res['steps']} timed steps after {res['warmup']} warm-up steps per row; data: {res['data']}. "
               f"Load {res['load_seconds']:.2f} s; convert: {convert or '—'}."), "",
-             f"| stage | what | recipes | rows/step × length | tokens/s | s/step (median) | {memory} |",
-             "|---|---|---|---|---|---|---|"]
+             ("`anchor` = the base model's own LoRA step (the recipe's stage-2 LoRA, rows and length; no conversion); "
+              "× base LoRA = its tokens/s over the row's (the cost of a token; stage 2 goal <= 1.25)."), "",
+             f"| stage | what | recipes | rows/step × length | tokens/s | × base LoRA | s/step (median) | {memory} |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in res["rows"]:
         head = f"| {row['stage']} | {row['what']} | {', '.join(row['recipes'])} |"
         if "error" in row:
-            lines.append(f"{head} | {row['error'][:60]} | | |")
+            lines.append(f"{head} | {row['error'][:60]} | | | |")
             continue
         peak = "—" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+        ratio = f"{row['cost_vs_base_lora']:.2f}" if "cost_vs_base_lora" in row else "—"
         lines.append(f"{head} {row['batch_size'] * row['grad_accum']} × {row['seq_len']} | {row['tokens_per_s']:.0f} | "
-                     f"{row['median_step_s']:.4f} | {peak} |")
+                     f"{ratio} | {row['median_step_s']:.4f} | {peak} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,7 @@
-"""`linearize generate MODEL PROMPT`: greedy or sampled continuation, with a choice of attention components."""
+"""`linearize generate MODEL PROMPT`: greedy or sampled continuation, with a choice of attention components.
+
+A converted model on CUDA decodes with its captured step (`linearize.models.generation`); the last line says which
+step ran and the tokens/s (prompt and warm-up included)."""
 
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     new = out[0, inputs.input_ids.shape[1]:]
     print(tokenizer.decode(out[0], skip_special_tokens=True))
+    # converted models say which decode step ran (models/generation.py); a base model runs HF's eager loop
+    path = getattr(model, "decode_path", None)
+    step = path.describe() if path is not None else "eager decode step (HF's loop)"
     print(f"\n[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tok/s; cache {cache_nbytes(cache) / 2**20:.2f} MiB;"
-          f" {'converted, ' + mode if converted else 'base model'}]")
+          f" {'converted, ' + mode if converted else 'base model'}; {step}]")
     return 0

@@ -32,6 +32,7 @@ from linearize.attention.adapters import adapter_for, layer_types
 from linearize.attention.module import HybridAttention, PaddingContext, hybrid_param_kind
 from linearize.config import HybridConfig
 from linearize.errors import ModelFileError
+from linearize.models import generation
 from linearize.models.rundir import check_complete
 
 CONFIG_KEY = "linearize"
@@ -285,8 +286,11 @@ def _make(base_type: str, config_cls, model_cls) -> tuple[type, type]:
         model_cls.__init__(self, config, *args, **kwargs)
         convert_from_config(self)
 
+    def generate(self, *args, **kwargs):  # the captured decode step on CUDA where it applies (models/generation.py)
+        return generation.generate(self, model_cls.generate.__get__(self), *args, **kwargs)
+
     model = type(name + "ForCausalLM", (model_cls,), {
-        "config_class": config, "__init__": __init__, "__module__": __name__,
+        "config_class": config, "__init__": __init__, "generate": generate, "__module__": __name__,
         "__doc__": f"{model_cls.__name__} whose attention layers are linearize's HybridAttention."})
     AutoConfig.register(config.model_type, config, exist_ok=True)
     AutoModelForCausalLM.register(config, model, exist_ok=True)

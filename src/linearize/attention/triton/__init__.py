@@ -6,6 +6,8 @@
                                   linearize.attention.recurrent.decode_output
     decode_step_triton            outputs for several component modes, then the token appended in place, same
                                   contract as linearize.attention.recurrent.decode_step
+    hybrid_attention_op           the kernels as torch.library custom ops (linearize::hybrid_fwd / hybrid_bwd), what
+                                  hybrid_attention_triton runs under torch.compile (ops.py)
 
 Importing this package raises ImportError when triton is not installed (HybridAttention then keeps the
 PyTorch path).
@@ -16,5 +18,6 @@ from __future__ import annotations
 import triton  # noqa: F401  -- ImportError here means: no Triton, use the PyTorch paths
 
 from linearize.attention.triton.hybrid import TUNING, decode_output_triton, decode_step_triton, hybrid_attention_triton
+from linearize.attention.triton.ops import hybrid_attention_op  # registers linearize::hybrid_fwd / hybrid_bwd
 
-__all__ = ["TUNING", "decode_output_triton", "decode_step_triton", "hybrid_attention_triton"]
+__all__ = ["TUNING", "decode_output_triton", "decode_step_triton", "hybrid_attention_op", "hybrid_attention_triton"]

@@ -10,7 +10,6 @@ outside `TRITON_INTERPRET=1` go to those PyTorch paths.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -128,8 +127,9 @@ class _Config:
         tiles = triton.cdiv(self.m, self.bm) * triton.cdiv(d, self.sbd)
         cps = TUNING["chunks_per_segment"]
         if cps is None:
-            target = max(1, math.ceil(2 * sms / max(1, bkv * tiles)))
-            cps = max(1, math.ceil(self.n / target))
+            # integer ceil-divisions: the fake (meta) implementation of ops.py runs this on symbolic sizes
+            target = max(1, triton.cdiv(2 * sms, max(1, bkv * tiles)))
+            cps = max(1, triton.cdiv(self.n, target))
         self.cps = int(cps)
         self.nseg = triton.cdiv(self.n, self.cps)
         self.tiles = tiles
@@ -334,6 +334,9 @@ def hybrid_attention_triton(
             w = w if w.shape[0] == hq and w.is_contiguous() else w.expand(hq).contiguous()
         else:
             wmode, w = 2, w.expand(b, hq, t).contiguous()
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom ops of ops.py, no graph break
+        return torch.ops.linearize.hybrid_fwd(q, k, v, qf, kf, w, valid, float(scale), int(window), float(wscalar), code,
+                                              shift, None if softcap is None else float(softcap), int(chunk_size))[0]
     cfg = _config(q, k, qf, scale, window, code, shift, softcap, chunk_size, valid is not None, wmode)
     return _HybridFn.apply(q, k, v, qf, kf, w, valid, wscalar, cfg)
 

@@ -1,0 +1,72 @@
+"""Batch-1 `generate()` speed of a converted model on the GPU: the captured decode step (the default) against the
+eager step, tokens/s of the new tokens (prompt and warm-up included, as `linearize generate` reports them).
+
+    python benchmarks/generate_speed.py OUT_JSON [--model shape:gemma3-270m | MODEL] [--new-tokens 256]
+
+MODEL is anything `linearize.load_base` takes (a .gguf file, say); the default is the Gemma-3-270M shape with random
+weights (speed does not depend on them). Greedy, bf16, a 32-token random prompt, converted with HybridConfig().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationMixin
+
+import linearize
+from linearize.bench.decode import decode_shape
+from linearize.bench.kernels import environment
+
+
+def build(model: str):
+    if model.startswith("shape:"):
+        cfg, cls = decode_shape(model.removeprefix("shape:"))
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            base = cls(cfg).to(torch.bfloat16)
+    else:
+        base, _ = linearize.load_base(model, dtype=torch.bfloat16, device="cuda", check=False)
+    return linearize.convert(base.eval(), linearize.HybridConfig())
+
+
+def timed(fn, new_tokens: int) -> tuple[float, torch.Tensor]:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return new_tokens / (time.perf_counter() - t0), out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out")
+    p.add_argument("--model", default="shape:gemma3-270m")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    model = build(args.model)
+    prompt = torch.randint(1, 1000, (1, 32), device="cuda")
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=8, do_sample=False)  # Triton compiles, cuBLAS set-up: not timed
+        GenerationMixin.generate(model, prompt, max_new_tokens=8, do_sample=False)
+        captured_tps, captured = timed(lambda: model.generate(prompt, **kw), args.new_tokens)
+        path = model.decode_path
+        eager_tps, eager = timed(lambda: GenerationMixin.generate(model, prompt, **kw), args.new_tokens)
+    res = dict(environment(args.commit, ["generate_speed"] + sys.argv[1:]), model=args.model, batch=1,
+               prompt_tokens=32, new_tokens=args.new_tokens, captured_tokens_per_s=captured_tps,
+               eager_tokens_per_s=eager_tps, speedup=captured_tps / eager_tps, decode_path=path.describe(),
+               captured_equals_eager=bool(torch.equal(captured, eager)))
+    res["command"] = "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:])
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The speed results of one `scripts/gpu_speed.sh` run in one place: OUT/speed.json and OUT/speed.md.
+
+Reads what the run wrote in OUT (speed_layer.json, speed_decode.json, speed_conversion.json, generate_speed.json,
+logs/gpu_tests.log), takes each goal's measured ratio from those rows (nothing here is measured or typed in), and
+writes the goals table followed by every results table. A file the run did not write shows as 'not measured'.
+
+    python benchmarks/speed_summary.py OUT
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from linearize.bench.decode import render_fair_markdown  # noqa: E402
+from linearize.bench.kernels import render_markdown as render_layer  # noqa: E402
+from linearize.bench.throughput import render_markdown as render_conversion  # noqa: E402
+
+
+def _load(out: Path, name: str) -> dict | None:
+    path = out / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _largest(ratios, shape, ctx):
+    """The ratio row of `shape` at context `ctx` with the largest batch."""
+    rows = [e for e in ratios if e["shape"] == shape and e["context"] == ctx]
+    return max(rows, key=lambda e: e["batch"]) if rows else None
+
+
+def goals(layer, decode, conversion, generate) -> list[dict]:
+    """[{goal, measured, met}] from the rows; measured None where the run did not produce the row."""
+    out = []
+
+    def add(goal, value, fmt, ok):
+        out.append(dict(goal=goal, measured=None if value is None else fmt(value), met=None if value is None else ok(value)))
+
+    ratios = (decode or {}).get("decode_fair", {}).get("ratios", [])
+    for ctx, need in ((32768, 6.0), (131072, 10.0)):
+        e = _largest(ratios, "gemma3-270m", ctx)
+        add(f"decode, Gemma shape, {ctx // 1024}k, largest base batch: converted / captured static-cache base >= {need:g}x",
+            e and (e["speedup_vs_static_graph_base"], e["batch"]), lambda v: f"{v[0]:.2f}x (batch {v[1]})",
+            lambda v, need=need: v[0] >= need)
+    e = _largest(ratios, "gemma3-270m", 32768)
+    add("decode, Gemma shape, 32k, largest batch: converted step >= 60% of its memory floor",
+        e and e["ours_floor_fraction"], lambda v: f"{100 * v:.0f}%", lambda v: v >= 0.6)
+    for ctx in (32768, 131072):
+        e = _largest(ratios, "llama3-8b", ctx)
+        add(f"decode, Llama-3-8B shape, {ctx // 1024}k, largest base batch: converted / captured base (reported)",
+            e and (e["speedup_vs_static_graph_base"], e["batch"]), lambda v: f"{v[0]:.2f}x (batch {v[1]})", lambda v: None)
+    add("batch-1 generate() of the converted Gemma shape >= 150 tokens/s (captured step, the default)",
+        generate and generate["captured_tokens_per_s"], lambda v: f"{v:.0f} tok/s (eager {generate['eager_tokens_per_s']:.0f})",
+        lambda v: v >= 150)
+    lr = {(e["config"], e["T"]): e for e in (layer or {}).get("layer_ratios", [])}
+    for cfg in ("gemma3-270m", "llama"):
+        e = lr.get((cfg, 2048), {}).get("triton_compiled_over_sdpa_fwd_bwd")
+        add(f"{cfg}, 2k fwd+bwd, compiled layer <= 1.2x eager SDPA", e, lambda v: f"{v:.2f}x", lambda v: v <= 1.2)
+        e = lr.get((cfg, 32768), {}).get("triton_compiled_over_sdpa_fwd_bwd")
+        add(f"{cfg}, 32k fwd+bwd, eager SDPA / compiled layer >= 6x", e and 1 / e, lambda v: f"{v:.2f}x", lambda v: v >= 6)
+    stage2 = [row for row in (conversion or {}).get("rows", []) if row["stage"] == "stage2" and "cost_vs_base_lora" in row]
+    for row in stage2:
+        add(f"conversion, stage 2 ({row['what']}, {', '.join(row['recipes'])}) / base LoRA step <= 1.25x",
+            row["cost_vs_base_lora"], lambda v: f"{v:.2f}x", lambda v: v <= 1.25)
+    if not stage2:
+        add("conversion, stage 2 / base LoRA step <= 1.25x", None, str, bool)
+    return out
+
+
+def main(argv=None) -> int:
+    out = Path((argv or sys.argv[1:])[0])
+    layer, decode = _load(out, "speed_layer.json"), _load(out, "speed_decode.json")
+    conversion, generate = _load(out, "speed_conversion.json"), _load(out, "generate_speed.json")
+    first = next((r for r in (layer, decode, conversion, generate) if r), None)
+    if first is None:
+        raise SystemExit(f"{out}: no results files of scripts/gpu_speed.sh")
+    table = goals(layer, decode, conversion, generate)
+    tests = out / "logs" / "gpu_tests.log"
+    test_line = tests.read_text().strip().splitlines()[-1] if tests.is_file() and tests.read_text().strip() else "not run"
+    res = dict(commit=first.get("commit") or first["environment"]["git_commit"], device=first.get("device"),
+               commands={name: r.get("command") for name, r in (("layer", layer), ("decode", decode),
+                                                                 ("conversion", conversion), ("generate", generate)) if r},
+               goals=table, gpu_tests=test_line)
+    (out / "speed.json").write_text(json.dumps(res, indent=1))
+    lines = ["# Speed against what a user would run instead (issue 21)", "",
+             f"Device **{res['device']}**, commit `{str(res['commit'])[:12]}`. Commands:", ""]
+    lines += [f"- {name}: `{cmd}`" for name, cmd in res["commands"].items()]
+    lines += ["", f"GPU tests of this issue: `{test_line}`.", "", "| goal | measured (this run) | met? |", "|---|---|---|"]
+    for g in table:
+        met = "—" if g["met"] is None else ("**yes**" if g["met"] else "no")
+        lines.append(f"| {g['goal']} | {g['measured'] or 'not measured'} | {met} |")
+    lines.append("")
+    if generate:
+        lines += ["## generate()", "", f"Batch 1, {generate['new_tokens']} new tokens after a {generate['prompt_tokens']}-token "
+                  f"prompt, `{generate['model']}`: captured {generate['captured_tokens_per_s']:.0f} tok/s, eager "
+                  f"{generate['eager_tokens_per_s']:.0f} tok/s ({generate['speedup']:.1f}x); {generate['decode_path']}; "
+                  f"same tokens: {generate['captured_equals_eager']}.", ""]
+    if decode and decode.get("decode_fair"):
+        lines += ["## Decode", ""] + render_fair_markdown(decode["decode_fair"])
+    if layer:
+        lines += ["## Layer", "", render_layer(layer), ""]
+    if conversion:
+        lines += ["## Conversion throughput", "", render_conversion(conversion)]
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""Decode benchmarks: tokens/s of one-token steps against a prefilled cache, base model vs converted.
+
+`run_fair_decode` is the headline: the base model with Hugging Face's `StaticCache` and its one-token forward
+captured in a CUDA graph (`CapturedStaticStep`), next to the converted model's captured step (`GraphDecoder`), at the
+same batch and context, for the Gemma-3-270M shape and a Llama-3-8B-shaped layer stack (random weights); each row is
+read against its memory floor, (bytes of weights + cache/state read per step) / (copy bandwidth measured in the same
+run). `run_eager_decode_bench` is the older grid (HF's eager loop with a DynamicCache for the base; eager PyTorch,
+eager Triton and captured steps for the converted model), kept as a labelled extra.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
+
+from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
+from linearize.attention.graph_decode import GraphDecoder
+from linearize.attention.module import HybridAttention
+from linearize.attention.recurrent import HybridState
+from linearize.bench.timing import copy_bandwidth, free, sync
+from linearize.compat import cache_kwargs
+from linearize.config import HybridConfig
+from linearize.models.convert import convert
+
+def gemma3_270m_config():
+    from transformers import Gemma3TextConfig
+
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    return Gemma3TextConfig(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=512, layer_types=types, query_pre_attn_scalar=256,
+        max_position_embeddings=262144,
+    )
+
+
+def _fill_base_cache(model, batch, ctx, dtype, device="cuda"):
+    from transformers import DynamicCache
+
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    kinds = cfg.layer_types
+    for i in range(cfg.num_hidden_layers):
+        n = ctx if kinds[i] == "full_attention" else min(ctx, cfg.sliding_window - 1)
+        k = torch.randn(batch, cfg.num_key_value_heads, n, cfg.head_dim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        cache.update(k, v, i)
+        layer = cache.layers[i]
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = ctx
+        del k, v
+    return cache
+
+
+def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
+    from transformers import DynamicCache
+
+
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    mods = {m.layer_idx: m for m in model.modules() if isinstance(m, HybridAttention)}
+    for i, mod in mods.items():
+        ring = mod.hybrid.window - 1
+        hkv, d, m, n = cfg.num_key_value_heads, cfg.head_dim, mod.feature_map_k.num_features, mod.hybrid.num_sinks
+        keep = min(ctx, ring)
+        dev = device
+        st = HybridState(
+            S=torch.randn(batch, hkv, m, d, device=dev) * 0.01, z=torch.rand(batch, hkv, m, device=dev) + 1,
+            buf_k=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype), buf_v=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype),
+            buf_kf=torch.rand(batch, hkv, ring, m, device=dev, dtype=dtype),
+            buf_valid=(torch.arange(ring, device=dev) < keep).expand(batch, ring).contiguous(),
+            sink_k=torch.randn(batch, hkv, n, d, device=dev, dtype=dtype), sink_v=torch.randn(batch, hkv, n, d, device=dev, dtype=dtype),
+            sink_valid=torch.ones(batch, n, dtype=torch.bool, device=dev),
+            slot=torch.tensor([keep % ring if ring else 0], device=dev), seen=ctx,
+        )
+        hybrid_cache_layer(cache, i).state = st
+    return cache
+
+
+def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, device="cuda"):
+    """tokens/s, ms/step and cache bytes of `steps` decoding steps: eager forwards, or a captured graph's replays."""
+
+    ids = torch.randint(1, 1000, (batch, 1), device=device)
+    nbytes = cache_nbytes(cache)
+    if graph:
+        decoder = GraphDecoder(model, cache, positions=ctx)
+        warm = decoder.warmup_left + 2  # eager warm-up steps, the capture (+ its first replay), one more replay
+
+        def step(i):
+            return decoder.step(ids)
+    else:
+        warm = 2
+
+        def step(i):
+            pos = torch.full((batch, 1), ctx + i, device=device, dtype=torch.long)
+            return model(input_ids=ids, **cache_kwargs(cache), use_cache=True, position_ids=pos).logits
+
+    with torch.inference_mode():
+        for i in range(warm):
+            step(i)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(warm + i)
+        sync()
+        dt = time.perf_counter() - t0
+    return batch * steps / dt, dt / steps * 1e3, nbytes
+
+
+#: converted kinds: (decode backend of the hybrid layers, replayed as a CUDA graph)
+CONVERTED_KINDS = {"converted_torch": ("torch", False), "converted_triton": ("triton", False), "converted_graph": ("triton", True)}
+
+
+def run_eager_decode_bench(contexts, batches, *, steps=8, search_batches=(512, 384, 256, 192, 128, 64), log=print):
+    from dataclasses import replace
+
+    from transformers import Gemma3ForCausalLM
+
+
+    dtype = torch.bfloat16
+    cfg = gemma3_270m_config()
+    with torch.device("cuda"):
+        model = Gemma3ForCausalLM(cfg).to(dtype).eval()
+    rows = []
+
+    def measure(kind, batch, ctx, graph=False):
+        row = dict(kind=kind, batch=batch, context=ctx)
+        cache = None
+        try:
+            free()
+            torch.cuda.reset_peak_memory_stats()
+            cache = (_fill_base_cache if kind == "base" else _fill_hybrid_cache)(model, batch, ctx, dtype)
+            tps, ms, nbytes = _decode_rate(model, cache, batch, ctx, steps, graph=graph)
+            row.update(tokens_per_s=tps, ms_per_step=ms, cache_bytes=nbytes, cache_bytes_per_seq=nbytes / batch,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            log(f"decode {kind:16s} B={batch:4d} ctx={ctx:6d}: {tps:10.1f} tok/s  {ms:8.2f} ms/step  cache {nbytes / 2**20:9.1f} MiB")
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "out of memory"
+            log(f"decode {kind:16s} B={batch:4d} ctx={ctx:6d}: OOM")
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"decode {kind} B={batch} ctx={ctx}: ERROR {row['error']}")
+            traceback.print_exc(limit=4)
+        finally:
+            del cache
+            free()
+        rows.append(row)
+        return row
+
+    # base: the grid, then the largest batch that fits at the longest context
+    for ctx in contexts:
+        for batch in batches:
+            measure("base", batch, ctx)
+    largest = None
+    for batch in search_batches:
+        r = measure("base", batch, max(contexts))
+        if "error" not in r:
+            largest = batch
+            break
+    # converted (in place): eager PyTorch step, eager Triton step, the Triton step replayed as a CUDA graph
+    convert(model, HybridConfig())
+    layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    for kind, (backend, graph) in CONVERTED_KINDS.items():
+        for layer in layers:
+            layer.hybrid = replace(layer.hybrid, backend=backend)
+        for ctx in contexts:
+            for batch in batches:
+                measure(kind, batch, ctx, graph)
+        if largest:
+            measure(kind, largest, max(contexts), graph)
+    del model
+    free()
+    return rows, largest
+
+
+def decode_ratios(rows, largest, ctx):
+    by = {(r["kind"], r["batch"], r["context"]): r for r in rows if "tokens_per_s" in r}
+    out = []
+    for (kind, batch, c), r in sorted(by.items()):
+        base = by.get(("base", batch, c))
+        if kind != "base" and base:
+            out.append(dict(kind=kind, batch=batch, context=c, speedup_vs_base=r["tokens_per_s"] / base["tokens_per_s"],
+                            cache_ratio_base_over_ours=base["cache_bytes"] / max(r["cache_bytes"], 1)))
+    return out
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fair baseline: a static-cache base model decoded by a captured step, and each path's memory floor
+# ----------------------------------------------------------------------------------------------------------------
+#: Llama-3-8B's layer shape; the stack is cut to `layers` layers (ratios are per step, so what matters is that both
+#: paths run the same stack: weights and cache or state scale alike with the layer count, the LM head does not).
+LLAMA3_8B_LAYERS = 32
+
+
+def llama3_8b_config(layers: int = 8):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                       tie_word_embeddings=False)
+
+
+def decode_shape(name: str, llama_layers: int = 8):
+    if name == "gemma3-270m":
+        from transformers import Gemma3ForCausalLM
+
+        return gemma3_270m_config(), Gemma3ForCausalLM
+    if name == "llama3-8b":
+        from transformers import LlamaForCausalLM
+
+        return llama3_8b_config(llama_layers), LlamaForCausalLM
+    raise ValueError(f"unknown decode shape {name!r}: gemma3-270m, llama3-8b")
+
+
+class RingSlidingLayer(StaticSlidingWindowLayer):
+    """HF's static sliding-window cache layer with its one-token update written as a ring-buffer slot (a device
+    index) instead of a roll and two full copies, which a CUDA graph can capture (HF's version builds an index tensor
+    from a Python list every step). Keys are stored after RoPE, so their order in the buffer does not matter to an
+    unmasked attention over a full window; the change only makes the base faster."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] != 1:
+            raise ValueError("the benchmark's ring layer takes one token per step")
+        slot = (self.cumulative_length % self.max_cache_len).view(1)
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        self.cumulative_length.add_(1)
+        return self.keys, self.values
+
+
+def static_cache_bytes_per_seq(cfg, length: int, dtype=torch.bfloat16) -> int:
+    """Key/value bytes of one sequence in a StaticCache of `length` slots (sliding layers hold their window)."""
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None) or length
+    slots = sum(min(window, length) if kind == "sliding_attention" else length for kind in types)
+    return 2 * slots * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+#: The base's attention in the fair benchmark: HF's SDPA function under a name without a mask function, so no mask is
+#: built (see `use_unmasked_sdpa`).
+UNMASKED_SDPA = "linearize_unmasked_sdpa"
+
+
+def use_unmasked_sdpa(model) -> None:
+    """Run the base's attention as HF's SDPA without a mask. HF masks the unwritten slots of a StaticCache, and with a
+    mask its SDPA call expands the key/value heads to the query heads (`repeat_kv`: the whole cache copied g times per
+    step); `fill_static_cache` writes every slot, so no mask is needed and SDPA reads the cache once with native GQA --
+    the fastest the base can decode with HF's own modules."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(UNMASKED_SDPA, sdpa_attention_forward)  # no mask function registered: masks are None
+    model.set_attn_implementation(UNMASKED_SDPA)
+
+
+def fill_static_cache(model, batch: int, ctx: int, room: int, dtype=torch.bfloat16) -> StaticCache:
+    """A StaticCache of ctx + room slots, every slot filled with random keys/values, the next write at `ctx`.
+
+    Every slot holds a key so that the step can attend without a mask (`use_unmasked_sdpa`): each step reads
+    ctx + room keys per full layer, at most `room` (a few dozen) more than a step at context `ctx`."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    cache = StaticCache(config=cfg, max_cache_len=ctx + room)
+    proto = torch.empty(batch, cfg.num_key_value_heads, 1, cfg.head_dim, device=device, dtype=dtype)
+    for i, layer in enumerate(cache.layers):
+        if layer.is_sliding:
+            layer = cache.layers[i] = RingSlidingLayer(max_cache_len=ctx + room, sliding_window=cfg.sliding_window)
+            layer.cumulative_length_int = ctx
+        layer.lazy_initialization(proto, proto)
+        layer.keys.normal_()
+        layer.values.normal_()
+        layer.cumulative_length.fill_(ctx)
+    return cache
+
+
+class CapturedStaticStep:
+    """The base model's one-token forward against a filled StaticCache, captured once in a CUDA graph and replayed:
+    the treatment `GraphDecoder` gives a converted model (warm-up steps on a side stream, then capture, then replay).
+    Positions come from a static device tensor; call `use_unmasked_sdpa(model)` first (no mask is built)."""
+
+    def __init__(self, model, cache: StaticCache, batch: int, position: int, *, warmup_steps: int = 2):
+        device = next(model.parameters()).device
+        self.model, self.cache = model, cache
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.full((batch, 1), position, dtype=torch.long, device=device)
+        self.warmup_left = warmup_steps
+        self.side_stream = torch.cuda.Stream(device)
+        self.graph = None
+        self.logits = None
+
+    def _forward(self):
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache),
+                            use_cache=True).logits
+        self.positions.add_(1)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, ids):
+        self.ids.copy_(ids)
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return logits
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the weights one decoding step reads: every parameter once (a tied embedding once, as the LM head),
+    except an untied input embedding, of which a step gathers only its tokens' rows."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if inp.data_ptr() != out.data_ptr():
+        total -= inp.numel() * inp.element_size()
+    return total
+
+
+def _timed_steps(step, batch: int, warm: int, steps: int) -> tuple[float, float]:
+    """tokens/s and ms/step of `steps` calls of step(ids) after `warm` untimed ones (wall clock around the loop,
+    the device synchronised at both ends: what a generation loop sees)."""
+    ids = torch.randint(1, 1000, (batch, 1), device="cuda")
+    with torch.inference_mode():
+        for _ in range(warm):
+            step(ids)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(ids)
+        sync()
+        dt = time.perf_counter() - t0
+    return batch * steps / dt, dt / steps * 1e3
+
+
+#: kinds of the fair decode rows
+FAIR_KINDS = {
+    "base_static_graph": "base, HF StaticCache, one-token forward captured in a CUDA graph",
+    "converted_graph": "converted, HybridState, GraphDecoder (Triton step captured in a CUDA graph)",
+    "base_eager_dynamic": "extra: base in HF's eager loop with a DynamicCache (the old, host-bound baseline)",
+}
+
+FAIR_BATCHES = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
+
+
+def base_batches(cfg, ctx: int, room: int, weights: int, *, max_batch: int, dtype=torch.bfloat16) -> list[int]:
+    """Batches to try for the base at `ctx`, largest first: those whose static cache fits in 85% of the free memory
+    (after the weights and the logits), so that the search starts near the largest that fits."""
+    free_bytes = torch.cuda.mem_get_info()[0]
+    per_seq = static_cache_bytes_per_seq(cfg, ctx + room, dtype) + 4 * cfg.vocab_size * 2  # + logits and softcap temps
+    fit = [b for b in FAIR_BATCHES if b <= max_batch and b * per_seq <= 0.85 * free_bytes]
+    return fit or [1]
+
+
+def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 32768, 131072), *, steps: int = 12,
+                    llama_layers: int = 8, max_batch: int = 1024, eager_extra_context: int | None = 32768,
+                    log=print, on_row=None) -> dict:
+    """Per shape, context and batch (1 and the largest the base fits): the captured static-cache base and the
+    converted model's captured step at the same batch, each with its memory floor; plus the old eager base at
+    `eager_extra_context` (Gemma shape) as a labelled extra. Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
+    `on_row(result so far)` after every row (so that a run cut off by a time limit keeps its rows)."""
+    dtype = torch.bfloat16
+    bandwidth = copy_bandwidth()
+    log(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+    warm = 4  # 2 eager warm-up steps, the capture (+ its replay), one more replay
+    room = warm + steps + 4
+    rows = []
+    result = dict(copy_bandwidth_bytes_per_s=bandwidth, llama_layers=llama_layers, steps=steps, kinds=FAIR_KINDS,
+                  rows=rows, ratios=[])
+
+    def measure(shape, kind, batch, ctx, model, weights):
+        row = dict(shape=shape, kind=kind, batch=batch, context=ctx)
+        cache = stepper = None
+        try:
+            free()
+            torch.cuda.reset_peak_memory_stats()
+            if kind == "base_static_graph":
+                cache = fill_static_cache(model, batch, ctx, room, dtype)
+                stepper = CapturedStaticStep(model, cache, batch, ctx)
+                tps, ms = _timed_steps(stepper.step, batch, warm, steps)
+            elif kind == "base_eager_dynamic":
+                cache = _fill_base_cache(model, batch, ctx, dtype)
+                tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=False)
+            else:
+                cache = _fill_hybrid_cache(model, batch, ctx, dtype)
+                tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True)
+            nbytes = cache_nbytes(cache)
+            floor_ms = (weights + nbytes) / bandwidth * 1e3
+            row.update(tokens_per_s=tps, ms_per_step=ms, cache_bytes=nbytes, cache_bytes_per_seq=nbytes / batch,
+                       weight_bytes=weights, floor_ms=floor_ms, floor_fraction=floor_ms / ms,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            log(f"decode {shape:12s} {kind:18s} B={batch:5d} ctx={ctx:6d}: {tps:10.0f} tok/s {ms:8.2f} ms/step  "
+                f"state {nbytes / 2**20:9.1f} MiB  floor {floor_ms:7.2f} ms ({100 * floor_ms / ms:4.0f}%)")
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "out of memory"
+            log(f"decode {shape} {kind} B={batch} ctx={ctx}: OOM")
+        except Exception as exc:  # recorded; the other rows still run
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"decode {shape} {kind} B={batch} ctx={ctx}: ERROR {row['error']}")
+            traceback.print_exc(limit=6)
+        finally:
+            cache = stepper = None  # the cache and the captured graph's memory pool go back before the next row
+            free()
+        rows.append(row)
+        result["ratios"] = fair_ratios(rows)
+        if on_row is not None:
+            on_row(result)
+        return row
+
+    for shape in shapes:
+        cfg, cls = decode_shape(shape, llama_layers)
+        with torch.device("cuda"):
+            model = cls(cfg).to(dtype).eval()
+        use_unmasked_sdpa(model)
+        weights = weight_bytes_per_step(model)
+        plan = {}  # ctx -> batches measured for the base (1 and the largest that fits)
+        for ctx in contexts:
+            plan[ctx] = [1]
+            measure(shape, "base_static_graph", 1, ctx, model, weights)
+            for batch in base_batches(cfg, ctx, room, weights, max_batch=max_batch):
+                if batch == 1:
+                    break
+                if "error" not in measure(shape, "base_static_graph", batch, ctx, model, weights):
+                    plan[ctx].append(batch)
+                    break
+        model.set_attn_implementation("sdpa")  # from here on the model as users run it
+        if shape == "gemma3-270m" and eager_extra_context in plan:
+            for batch in plan[eager_extra_context]:
+                measure(shape, "base_eager_dynamic", batch, eager_extra_context, model, weights)
+        convert(model, HybridConfig())
+        weights = weight_bytes_per_step(model)
+        for ctx, batches in plan.items():
+            for batch in batches:
+                measure(shape, "converted_graph", batch, ctx, model, weights)
+        del model
+        free()
+    return result
+
+
+def fair_ratios(rows) -> list[dict]:
+    """Per (shape, context, batch): converted / captured static base tokens/s, the base's cache over our state, and
+    both floor fractions; the eager base's ratio where that extra row exists."""
+    by = {(r["shape"], r["kind"], r["batch"], r["context"]): r for r in rows if "tokens_per_s" in r}
+    out = []
+    for (shape, kind, batch, ctx), ours in sorted(by.items()):
+        base = by.get((shape, "base_static_graph", batch, ctx))
+        if kind != "converted_graph" or base is None:
+            continue
+        entry = dict(shape=shape, batch=batch, context=ctx,
+                     speedup_vs_static_graph_base=ours["tokens_per_s"] / base["tokens_per_s"],
+                     state_bytes_ratio_base_over_ours=base["cache_bytes"] / max(ours["cache_bytes"], 1),
+                     floor_ratio_base_over_ours=base["floor_ms"] / ours["floor_ms"],
+                     base_floor_fraction=base["floor_fraction"], ours_floor_fraction=ours["floor_fraction"])
+        eager = by.get((shape, "base_eager_dynamic", batch, ctx))
+        if eager:
+            entry["extra_speedup_vs_eager_dynamic_base"] = ours["tokens_per_s"] / eager["tokens_per_s"]
+        out.append(entry)
+    return out
+
+
+def render_fair_markdown(fair: dict) -> list[str]:
+    bw = fair["copy_bandwidth_bytes_per_s"]
+    lines = ["### Decode against a captured static-cache base (random weights, bf16)", "",
+             f"Copy bandwidth measured in this run: **{bw / 1e12:.2f} TB/s**. Floor = (weight bytes + cache/state bytes "
+             f"read per step) / that bandwidth; floor % = floor time / measured time. Llama-3-8B shape: "
+             f"{fair['llama_layers']} of {LLAMA3_8B_LAYERS} layers (ratios are per step). Kinds: "
+             + "; ".join(f"`{k}` = {v}" for k, v in fair["kinds"].items()) + ".", "",
+             "| shape | kind | batch | context | tokens/s | ms/step | state MiB/seq | floor ms | floor % |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in fair["rows"]:
+        head = f"| {r['shape']} | {r['kind']} | {r['batch']} | {r['context']} |"
+        if "tokens_per_s" not in r:
+            lines.append(f"{head} {r.get('error', '')[:80]} | | | | |")
+            continue
+        lines.append(f"{head} {r['tokens_per_s']:.0f} | {r['ms_per_step']:.2f} | {r['cache_bytes_per_seq'] / 2**20:.2f} | "
+                     f"{r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% |")
+    lines += ["", "| shape | batch | context | converted / captured base tokens/s | base state / ours | base floor / ours "
+              "| base floor % | ours floor % | extra: vs eager base |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in fair["ratios"]:
+        extra = e.get("extra_speedup_vs_eager_dynamic_base")
+        lines.append(f"| {e['shape']} | {e['batch']} | {e['context']} | **{e['speedup_vs_static_graph_base']:.2f}x** | "
+                     f"{e['state_bytes_ratio_base_over_ours']:.1f}x | {e['floor_ratio_base_over_ours']:.1f}x | "
+                     f"{100 * e['base_floor_fraction']:.0f}% | {100 * e['ours_floor_fraction']:.0f}% | "
+                     f"{'—' if extra is None else f'{extra:.1f}x'} |")
+    return lines + [""]

@@ -1,0 +1,157 @@
+"""Fast generation by default: a converted model's `generate` replays a captured decode step on CUDA.
+
+Hugging Face's `generate` drives the loop as usual (logits processors, sampling, stopping criteria, streamers);
+for the duration of the call the model's `forward` is wrapped so that every one-token decode step after the
+(eager) prefill goes through `linearize.attention.graph_decode.GraphDecoder`: its first steps run eagerly (Triton
+compiles, cuBLAS sets up), the next one is captured, and the rest replay that CUDA graph. Where a captured step
+cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory,
+unconverted layers, no cache -- the eager step runs. Which path ran is on the model after the call
+(`model.decode_path`, a `DecodePath`) and in one log line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from linearize.attention.graph_decode import GraphDecoder
+from linearize.attention.module import HybridAttention
+from linearize.compat import CACHE_KWARG, CACHE_KWARGS
+
+log = logging.getLogger(__name__)
+
+#: The class that captures and replays the step (tests on CPU put a stand-in here to exercise the plumbing).
+DECODER_CLASS = GraphDecoder
+
+
+@dataclass
+class DecodePath:
+    """Which decode step one `generate` call ran: 'captured' (GraphDecoder: a few eager warm-up steps, then CUDA-graph
+    replays) or 'eager' (the model's own forward every step, `reason` says why)."""
+
+    path: str
+    reason: str | None = None
+    steps: int = 0  # decode steps after the prefill
+    replayed: int = 0  # of them, replays of the captured graph
+
+    def describe(self) -> str:
+        if self.path == "captured":
+            return f"captured decode step (CUDA graph: {self.replayed} of {self.steps} steps replayed)"
+        return f"eager decode step ({self.reason})"
+
+
+def _hybrid_layers(model: nn.Module) -> list[HybridAttention]:
+    return [m for m in model.modules() if isinstance(m, HybridAttention)]
+
+
+def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None = None) -> str | None:
+    """Why a `generate(**kwargs)` call of `model` must run the eager step; None when the captured step applies."""
+    kwargs = kwargs or {}
+    config = generation_config if generation_config is not None else model.generation_config
+
+    def setting(name):  # a keyword of the call overrides the generation config, as in generate
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    if (setting("num_beams") or 1) > 1:
+        return "beam search: the cache is reordered every step"
+    if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens") or setting("assistant_early_exit"):
+        return "assisted decoding verifies several tokens per step"
+    if setting("use_cache") is False:
+        return "use_cache=False recomputes the whole sequence every step"
+    if setting("output_attentions") or setting("output_hidden_states"):
+        return "output_attentions / output_hidden_states ask for per-step tensors a captured step does not return"
+    layers = _hybrid_layers(model)
+    if not layers:
+        return "the model has no converted layers"
+    if any(layer.hybrid.sparse_memory for layer in layers):
+        return "sparse memory updates its state every memory_block tokens"
+    if len(layers) != model.config.get_text_config(decoder=True).num_hidden_layers:
+        return "unconverted layers keep a growing KV cache"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        return f"the model spans several devices ({', '.join(sorted(map(str, devices)))}); a captured step needs one"
+    device = devices.pop()
+    if device.type != "cuda":
+        return f"the model is on {device.type}; a captured step needs CUDA"
+    if model.training:
+        return "the model is in training mode (dropout); call model.eval()"
+    return None
+
+
+def _input_ids(args, kwargs):
+    return kwargs.get("input_ids", args[0] if args else None)
+
+
+def _cache(kwargs):
+    return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
+
+
+class CapturedStep:
+    """The stand-in for `model.forward` during one `generate` call: prefill and anything unusual go to the real
+    forward; one-token steps against a filled cache go to a decoder built on the first of them."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.forward = model, model.forward
+        self.decoder = None
+        self.failure: str | None = None  # why the decoder could not be built: the remaining steps run eagerly
+        self.busy = False  # the decoder's own (warm-up, capture) forwards call the model again
+        self.steps = self.replayed = 0
+
+    def _decode_step(self, args, kwargs) -> bool:
+        ids = _input_ids(args, kwargs)
+        cache = _cache(kwargs)
+        return (torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[1] == 1 and kwargs.get("inputs_embeds") is None
+                and cache is not None and kwargs.get("use_cache", True) is not False and cache.get_seq_length() > 0
+                and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
+                and kwargs.get("labels") is None)
+
+    def __call__(self, *args, **kwargs):
+        if self.busy or self.failure is not None or not self._decode_step(args, kwargs):
+            return self.forward(*args, **kwargs)
+        ids, cache, positions = _input_ids(args, kwargs), _cache(kwargs), kwargs.get("position_ids")
+        if positions is None:  # generate gives them; without, every row continues from the cache's length
+            positions = torch.full((ids.shape[0], 1), cache.get_seq_length(), device=ids.device, dtype=torch.long)
+        if self.decoder is None:
+            try:
+                self.decoder = DECODER_CLASS(self.model, cache, positions=positions)
+            except ValueError as exc:
+                self.failure = str(exc)
+                log.info("linearize generate: eager decode step: %s", exc)
+                return self.forward(*args, **kwargs)
+        self.busy = True
+        try:
+            replay = self.decoder.captured or self.decoder.warmup_left == 0  # that step captures, then replays
+            logits = self.decoder.step(ids, positions=positions)
+        finally:
+            self.busy = False
+        self.steps += 1
+        self.replayed += int(replay)
+        # the replayed logits live in the graph's static buffer, which the next step overwrites
+        return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_KWARG: cache})
+
+
+def generate(model: nn.Module, base_generate, *args, generation_config=None, **kwargs):
+    """`base_generate(*args, **kwargs)` (the family's own `generate`, bound to `model`) with the captured decode step
+    where it applies; sets `model.decode_path`."""
+    reason = eager_reason(model, generation_config, kwargs)
+    step = None
+    if reason is None:
+        step = CapturedStep(model)
+        model.forward = functools.wraps(step.forward)(step)  # wraps: generate inspects forward's signature
+    try:
+        out = base_generate(*args, generation_config=generation_config, **kwargs)
+    finally:
+        if step is not None:
+            del model.forward  # the instance attribute; the class's forward shows again
+    if step is not None and step.decoder is not None:
+        path = DecodePath("captured", steps=step.steps, replayed=step.replayed)
+    else:
+        path = DecodePath("eager", reason or step.failure or "no decode step after the prefill")
+    model.decode_path = path
+    log.info("linearize generate: %s", path.describe())
+    return out

@@ -1,0 +1,141 @@
+"""generate() of a converted model: the captured decode step where it applies, the eager step (and why) elsewhere."""
+
+import logging
+
+import pytest
+import torch
+from transformers import GenerationMixin
+
+import linearize
+from linearize.compat import cache_kwargs
+from linearize.models import generation
+from tiny_models import tiny_model
+
+CUDA = torch.cuda.is_available()
+
+
+def eager_generate(model, *args, **kwargs):
+    """HF's own generate loop on the model's eager forward (the converted class's override bypassed)."""
+    return GenerationMixin.generate(model, *args, **kwargs)
+
+
+def left_padded_batch(device="cpu"):
+    ids = torch.randint(1, 128, (2, 11), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    return ids, mask
+
+
+def test_cpu_generate_runs_the_eager_step_says_why_and_equals_hf_generate(caplog):
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    prompt = torch.randint(1, 128, (1, 9))
+    with caplog.at_level(logging.INFO, logger=generation.__name__):
+        out = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert model.decode_path.path == "eager" and "needs CUDA" in model.decode_path.reason
+    assert any("eager decode step" in r.getMessage() for r in caplog.records)
+    assert torch.equal(out, eager_generate(model, prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False))
+
+
+def test_eager_reasons_name_what_a_captured_step_cannot_do():
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    assert "beam search" in generation.eager_reason(model, None, {"num_beams": 3})
+    assert "use_cache" in generation.eager_reason(model, None, {"use_cache": False})
+    assert "assisted" in generation.eager_reason(model, None, {"prompt_lookup_num_tokens": 3})
+    assert "needs CUDA" in generation.eager_reason(model, None, {})
+    partial = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4), layers=[0])
+    assert "unconverted layers" in generation.eager_reason(partial, None, {})
+    memory = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, sparse_memory=4, memory_block=8))
+    assert "sparse memory" in generation.eager_reason(memory, None, {})
+    spread = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    spread.lm_head.weight = torch.nn.Parameter(torch.empty(128, 64, device="meta"))
+    assert "several devices" in generation.eager_reason(spread, None, {})
+    # beam search through generate itself: the eager path, and the result is HF's own
+    prompt = torch.randint(1, 128, (1, 6))
+    out = model.generate(prompt, max_new_tokens=5, num_beams=2, do_sample=False)
+    assert model.decode_path.path == "eager" and "beam search" in model.decode_path.reason
+    assert torch.equal(out, eager_generate(model, prompt, max_new_tokens=5, num_beams=2, do_sample=False))
+
+
+class StandInDecoder:
+    """GraphDecoder's interface on the CPU: eager steps through the model (so through the wrapped forward, like the
+    real decoder's warm-up and capture), logits in one buffer that every step overwrites, 'replays' after warm-up."""
+
+    built = []
+
+    def __init__(self, model, cache, positions, warmup_steps=2):
+        self.model, self.cache, self.warmup_left = model, cache, warmup_steps
+        self.positions = positions.clone()
+        self.logits = None
+        self.captured = False
+        StandInDecoder.built.append(self)
+
+    def step(self, ids, positions=None):
+        if positions is not None:
+            self.positions.copy_(positions)
+        logits = self.model(input_ids=ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True).logits
+        self.positions.add_(1)
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            return logits
+        self.captured = True
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+        return self.logits
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False),
+                                      dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)])
+def test_the_decoder_takes_every_decode_step_of_hf_generate(monkeypatch, sampling):
+    """The plumbing on CPU: generate's loop (positions of a left-padded batch, logits processors, sampling, eos,
+    a decoder that overwrites its logits buffer) with the decoder swapped in equals HF's eager loop token for token."""
+    monkeypatch.setattr(generation, "DECODER_CLASS", StandInDecoder)
+    monkeypatch.setattr(generation, "eager_reason", lambda *a, **k: None)  # as if on CUDA
+    StandInDecoder.built.clear()
+    model = linearize.convert(tiny_model("gemma3"), linearize.HybridConfig(window=4))
+    ids, mask = left_padded_batch()
+    torch.manual_seed(1)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=24, **sampling)
+    torch.manual_seed(1)
+    want = eager_generate(model, ids, attention_mask=mask, max_new_tokens=24, **sampling)
+    assert torch.equal(got, want)
+    assert len(StandInDecoder.built) == 1
+    path = model.decode_path
+    assert path.path == "captured" and path.steps == got.shape[1] - ids.shape[1] - 1 and path.replayed == path.steps - 2
+    assert "forward" not in vars(model)  # the wrapper is gone after the call
+
+
+def test_a_decoder_that_refuses_leaves_the_eager_step_with_its_reason(monkeypatch):
+    monkeypatch.setattr(generation, "eager_reason", lambda *a, **k: None)
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    prompt = torch.randint(1, 128, (1, 6))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False)  # GraphDecoder refuses CPU tensors
+    assert model.decode_path.path == "eager" and "CUDA" in model.decode_path.reason
+    assert torch.equal(out, eager_generate(model, prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_captured_generate_equals_eager_generate_token_for_token(family):
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=6)).cuda()
+    ids, mask = left_padded_batch("cuda")
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    assert model.decode_path.path == "captured" and model.decode_path.replayed == 64 - 1 - 2
+    want = eager_generate(model, ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    assert got.shape == (2, 11 + 64)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_captured_generate_samples_like_eager_generate():
+    model = linearize.convert(tiny_model("gemma3"), linearize.HybridConfig(window=6)).cuda()
+    ids, mask = left_padded_batch("cuda")
+    sampling = dict(do_sample=True, temperature=0.8, top_k=30, top_p=0.95, max_new_tokens=32)
+    torch.manual_seed(3)
+    got = model.generate(ids, attention_mask=mask, **sampling)
+    assert model.decode_path.path == "captured"
+    torch.manual_seed(3)
+    assert torch.equal(got, eager_generate(model, ids, attention_mask=mask, **sampling))

@@ -1,0 +1,120 @@
+"""The fair decode benchmark's parts that run without a GPU: the static cache it fills, the ring layer's step, the
+bytes a step reads, the ratios and the table; the captured static-cache step itself on CUDA."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from linearize.attention.cache import cache_nbytes
+from linearize.bench import decode
+from linearize.compat import cache_kwargs
+from tiny_models import tiny_model
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_static_cache_is_filled_to_its_end_and_a_step_writes_at_the_context(family):
+    model = tiny_model(family, sliding_window=4) if family == "gemma3" else tiny_model(family)
+    ctx, room, batch = 10, 3, 2
+    cache = decode.fill_static_cache(model, batch, ctx, room, dtype=torch.float32)
+    assert cache_nbytes(cache) == batch * decode.static_cache_bytes_per_seq(model.config, ctx + room, torch.float32)
+    decode.use_unmasked_sdpa(model)
+    step = decode.CapturedStaticStep.__new__(decode.CapturedStaticStep)  # its forward, without a CUDA stream
+    step.model, step.cache = model, cache
+    step.ids = torch.randint(1, 128, (batch, 1))
+    step.positions = torch.full((batch, 1), ctx)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    with torch.no_grad():
+        logits = step._forward()
+    assert logits.shape == (batch, 1, 128) and torch.isfinite(logits).all()
+    assert step.positions.eq(ctx + 1).all()
+    for layer, (keys, _) in zip(cache.layers, before):
+        slot = ctx % layer.max_cache_len if layer.is_sliding else ctx
+        changed = (layer.keys != keys).any(-1).any(1).any(0).nonzero().flatten().tolist()
+        assert changed == [slot]  # the new key went where the next token belongs, nothing else moved
+        assert int(layer.cumulative_length) == ctx + 1
+    assert any(layer.is_sliding for layer in cache.layers) == (family == "gemma3")
+
+
+def test_unmasked_static_step_equals_attention_over_every_filled_slot():
+    """The captured base attends to all ctx + room slots: the same logits as a DynamicCache holding those keys with
+    the new token's key in slot `ctx` (every layer global, so no window)."""
+    model = tiny_model("llama")
+    decode.use_unmasked_sdpa(model)
+    ctx, room = 6, 2
+    cache = decode.fill_static_cache(model, 1, ctx, room, dtype=torch.float32)
+    ids = torch.randint(1, 128, (1, 1))
+    with torch.no_grad():
+        got = model(ids, position_ids=torch.tensor([[ctx]]), **cache_kwargs(cache), use_cache=True).logits
+        # the reference: the same keys in a growing cache, the step's own key appended at its end
+        ref = DynamicCache(config=model.config)
+        for i, layer in enumerate(cache.layers):
+            keep = torch.ones(ctx + room, dtype=torch.bool)
+            keep[ctx] = False  # the step's own key: DynamicCache appends it at the end
+            ref.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
+        want = model(ids, position_ids=torch.tensor([[ctx]]), **cache_kwargs(ref), use_cache=True).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_bytes_count_a_tied_embedding_once_and_skip_an_untied_input_table():
+    tied = tiny_model("gemma3")
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    every = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert decode.weight_bytes_per_step(tied) == every(tied)
+    emb = untied.get_input_embeddings().weight
+    assert decode.weight_bytes_per_step(untied) == every(untied) - emb.numel() * emb.element_size()
+
+
+def test_fair_ratios_and_table_come_from_the_rows():
+    def row(kind, tps, cache, floor):
+        return dict(shape="gemma3-270m", kind=kind, batch=8, context=1024, tokens_per_s=tps, ms_per_step=8e3 / tps,
+                    cache_bytes=cache, cache_bytes_per_seq=cache / 8, weight_bytes=1, floor_ms=floor,
+                    floor_fraction=floor / (8e3 / tps))
+
+    rows = [row("base_static_graph", 1000.0, 900, 2.0), row("converted_graph", 4000.0, 100, 0.5),
+            row("base_eager_dynamic", 100.0, 900, 2.0),
+            dict(shape="gemma3-270m", kind="converted_graph", batch=64, context=1024, error="out of memory")]
+    (ratio,) = decode.fair_ratios(rows)
+    assert ratio["speedup_vs_static_graph_base"] == pytest.approx(4.0)
+    assert ratio["state_bytes_ratio_base_over_ours"] == pytest.approx(9.0)
+    assert ratio["extra_speedup_vs_eager_dynamic_base"] == pytest.approx(40.0)
+    assert ratio["ours_floor_fraction"] == pytest.approx(0.5 / 2.0)
+    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
+                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
+    assert "**4.00x**" in table and "4.00 TB/s" in table and "out of memory" in table and "40.0x" in table
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_captured_static_step_replays_the_eager_static_step(family):
+    model = (tiny_model(family, sliding_window=4) if family == "gemma3" else tiny_model(family)).cuda()
+    decode.use_unmasked_sdpa(model)
+    ctx, room = 10, 12
+    torch.manual_seed(0)
+    eager_cache = decode.fill_static_cache(model, 2, ctx, room, dtype=torch.float32)
+    torch.manual_seed(0)
+    graph_cache = decode.fill_static_cache(model, 2, ctx, room, dtype=torch.float32)
+    stepper = decode.CapturedStaticStep(model, graph_cache, 2, ctx)
+    for i in range(8):
+        ids = torch.randint(1, 128, (2, 1), device="cuda")
+        with torch.no_grad():
+            want = model(ids, position_ids=torch.full((2, 1), ctx + i, device="cuda"), **cache_kwargs(eager_cache), use_cache=True).logits
+        got = stepper.step(ids)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert stepper.graph is not None
+
+
+def test_compiled_layer_ratios_against_eager_and_compiled_sdpa():
+    from linearize.bench.kernels import layer_ratios, render_markdown
+
+    rows = [dict(config="gemma3-270m", T=2048, impl=impl, fwd_ms=ms / 3, fwd_bwd_ms=ms, peak_mib=10.0, fwd_tflops=1.0,
+                 fwd_bwd_tflops=1.0)
+            for impl, ms in [("sdpa", 1.0), ("triton", 1.5), ("triton_compiled", 1.1), ("sdpa_compiled", 0.5)]]
+    (entry,) = layer_ratios(rows)
+    assert entry["triton_compiled_over_sdpa_fwd_bwd"] == pytest.approx(1.1)
+    assert entry["triton_compiled_over_sdpa_compiled_fwd_bwd"] == pytest.approx(2.2)
+    md = render_markdown(dict(environment=dict(device="d", torch="t", triton="t", git_commit="c", command="x"),
+                              layer=rows, layer_ratios=[entry]))
+    assert "| gemma3-270m | 2048 | **1.10x** | 2.20 |" in md

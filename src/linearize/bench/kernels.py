@@ -36,6 +36,7 @@ from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.graph_decode import GraphDecoder
 from linearize.attention.module import HybridAttention
+from linearize.attention.linear.common import KVState
 from linearize.attention.recurrent import HybridState
 from linearize.bench import add_arguments
 from linearize.compat import cache_kwargs
@@ -485,7 +486,7 @@ def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
         keep = min(ctx, ring)
         dev = device
         st = HybridState(
-            S=torch.randn(batch, hkv, m, d, device=dev) * 0.01, z=torch.rand(batch, hkv, m, device=dev) + 1,
+            linear=KVState(torch.randn(batch, hkv, m, d, device=dev) * 0.01, torch.rand(batch, hkv, m, device=dev) + 1),
             buf_k=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype), buf_v=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype),
             buf_kf=torch.rand(batch, hkv, ring, m, device=dev, dtype=dtype),
             buf_valid=(torch.arange(ring, device=dev) < keep).expand(batch, ring).contiguous(),

@@ -299,7 +299,7 @@ def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, *, scale, wei
         if mode == "la_only":
             return safe_div(*la)
     else:
-        la = _linear_read(state, qfc, None, state.buf_k.shape[2] + 1, reads)
+        la = None if mode == "swa_only" else _linear_read(state, qfc, None, state.buf_k.shape[2] + 1, reads)
     sk, sv, _, smask = _join(sinks + window if mode == "swa_only" else sinks + exact + window, f32)
     swa = _softmax_sums(qc, sk, sv, smask, scale, softcap)
     if mode == "swa_only":

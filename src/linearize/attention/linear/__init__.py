@@ -24,7 +24,9 @@ from typing import Callable
 
 import torch
 
-from linearize.attention.linear import gated, sum as sum_kind
+import builtins
+
+from linearize.attention.linear import gated as gated_kind, sum as sum_kind
 from linearize.config import LINEAR_STATE_KINDS, NORMALISED_STATES
 
 __all__ = ["LINEAR_STATES", "LinearState", "linear_state"]
@@ -53,12 +55,13 @@ class LinearState:
     def state_bytes(self, num_kv_heads: int, m: int, d: int) -> int:
         """Bytes of one row's state (fp32), from the kind's own init_state: what the decode cache holds."""
         state = self.init_state(1, num_kv_heads, m, d, dtype=torch.float32, device="meta")
-        return sum(t.numel() * t.element_size() for t in state.tensors())
+        # builtins: the 'sum' kind's folder shadows the builtin in this package's namespace
+        return builtins.sum(t.numel() * t.element_size() for t in state.tensors())
 
 
 _KINDS = (
     LinearState.from_module("sum", sum_kind, normalised=True, needs_log_decay=False, needs_beta=False, additive=True),
-    LinearState.from_module("gated", gated, normalised=True, needs_log_decay=True, needs_beta=False, additive=False),
+    LinearState.from_module("gated", gated_kind, normalised=True, needs_log_decay=True, needs_beta=False, additive=False),
 )
 LINEAR_STATES: dict[str, LinearState] = {k.name: k for k in _KINDS}
 

@@ -107,7 +107,8 @@ def fla_forward(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
     hkv, d = kf.shape[1], v.shape[-1]
     rep = hq // hkv
     kf = shift_time(kf * entering(kf, enter)[:, None, :, None].to(kf.dtype), lag)
-    vx = torch.cat([shift_time(v, lag), torch.ones_like(v[..., :1])], -1)
+    width = -(-(d + 1) // 16) * 16  # the ones column, then zeros to a kernel-friendly width
+    vx = torch.cat([shift_time(v, lag), torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], width - d - 1)], -1)
     ld = _log_decay(log_decay, kf)
     kf, vx, ld = (x.repeat_interleave(rep, 1) for x in (kf, vx, ld))
     dtype = torch.bfloat16

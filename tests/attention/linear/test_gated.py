@@ -1,0 +1,121 @@
+"""Kind 'gated' (attention.linear.gated): naive vs chunked vs step-by-step vs the plain recurrence loop."""
+
+import pytest
+import torch
+
+from linearize.attention.linear import LINEAR_STATES
+from kinds import grads, loop_reference, random_inputs, run_steps
+
+GATED = LINEAR_STATES["gated"]
+CUDA = torch.cuda.is_available()
+LAGS = [0, 3, 8]  # none, small, the window
+
+
+@pytest.mark.parametrize("lag", LAGS)
+def test_naive_and_chunked_equal_the_recurrence(lag):
+    qf, kf, v, ld, _, enter = random_inputs(21)
+    want_num, want_den, _ = loop_reference(qf, kf, v, log_decay=ld, enter=enter, lag=lag)
+    naive = GATED.naive(qf, kf, v, log_decay=ld, enter=enter, lag=lag)
+    for chunk in (1, 4, 8, 32):  # 8 does not divide 21; 32 > T
+        chunked = GATED.chunked(qf, kf, v, log_decay=ld, enter=enter, lag=lag, chunk=chunk)
+        for got in (naive, chunked):
+            torch.testing.assert_close(got[0], want_num, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[1], want_den, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lag", LAGS)
+def test_steps_and_prefill_state_equal_the_recurrence(lag):
+    qf, kf, v, ld, _, enter = random_inputs(17, seed=2)
+    want_num, want_den, (S, z) = loop_reference(qf, kf, v, log_decay=ld, enter=enter, lag=lag)
+    num, den, state = run_steps(GATED, qf, kf, v, log_decay=ld, beta=None, enter=enter, lag=lag)
+    torch.testing.assert_close(num, want_num, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(den, want_den, atol=1e-5, rtol=1e-5)
+    final = GATED.final_state(kf, v, log_decay=ld, enter=enter, lag=lag)
+    for got in (state, final):
+        torch.testing.assert_close(got.S, S, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.z, z, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lag", [0, 5])
+def test_chunked_gradients_equal_naive(lag):
+    qf, kf, v, ld, _, enter = random_inputs(19, seed=3)
+    want = grads(GATED.naive, [qf, kf, v, ld], enter=enter, lag=lag)
+    got = grads(GATED.chunked, [qf, kf, v, ld], enter=enter, lag=lag, chunk=8)
+    for g, w in zip(got, want):
+        assert w.abs().sum() > 0  # every input reaches the output
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_no_decay_is_the_sum_kind():
+    qf, kf, v, _, _, enter = random_inputs(13, seed=4)
+    for lag in (0, 4):
+        want = LINEAR_STATES["sum"].naive(qf, kf, v, enter=enter, lag=lag)
+        got = GATED.chunked(qf, kf, v, enter=enter, lag=lag, chunk=4)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_with_zero_decay_equals_the_row_alone():
+    """Padding enters nothing and (log_decay 0 there) decays nothing: the padded row's sums are the row's own."""
+    qf, kf, v, ld, _, _ = random_inputs(16, seed=5, holes=False)
+    pad = 5
+    enter = torch.ones(2, 16, dtype=torch.bool)
+    enter[1, :pad] = False
+    ld = ld.clone()
+    ld[1, :, :pad] = 0
+    for fn, kw in ((GATED.naive, {}), (GATED.chunked, {"chunk": 4})):
+        num, den = fn(qf, kf, v, log_decay=ld, enter=enter, lag=3, **kw)
+        alone = fn(qf[1:, :, pad:], kf[1:, :, pad:], v[1:, :, pad:], log_decay=ld[1:, :, pad:], lag=3, **kw)
+        torch.testing.assert_close(num[1:, :, pad:], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(den[1:, :, pad:], alone[1], atol=1e-5, rtol=1e-5)
+
+
+def test_long_rows_stay_finite():
+    """Strong decay over many steps: every exponent is <= 0, so nothing overflows."""
+    qf, kf, v, _, _, enter = random_inputs(200, seed=6)
+    ld = torch.full((2, 2, 200), -3.0)
+    num, den = GATED.chunked(qf, kf, v, log_decay=ld, enter=enter, lag=2, chunk=64)
+    assert torch.isfinite(num).all() and torch.isfinite(den).all() and (den[:, :, 10:] > 0).all()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("lag", [0, 64])
+def test_fla_forward_matches_naive(lag):
+    """flash-linear-attention's simple GLA kernel (bf16 inside) against the fp32 definition."""
+    pytest.importorskip("fla")
+    qf, kf, v, ld, _, enter = (x.cuda() for x in random_inputs(300, seed=7))
+    want = GATED.naive(qf, kf, v, log_decay=ld, enter=enter, lag=lag)
+    got = GATED.fla_forward(qf, kf, v, log_decay=ld, enter=enter, lag=lag)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=3e-2 * w.abs().max().item(), rtol=3e-2)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "la_only", "swa_only"])
+@pytest.mark.parametrize("settings", [dict(placement="complementary"), dict(placement="overlap"),
+                                      dict(placement="complementary", softmax_sinks=2)])
+def test_hybrid_chunked_equals_reference_outputs_and_gradients(mode, settings):
+    """The whole hybrid layer with the gated state: chunked backend vs the quadratic spec, GQA, left padding."""
+    from linearize.attention.chunked import hybrid_attention_chunked
+    from linearize.attention.reference import hybrid_attention_reference
+
+    t, d = 23, 8
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(2, 4, t, d, generator=g), torch.randn(2, 2, t, d, generator=g), torch.randn(2, 2, t, d, generator=g)
+    qf, kf, _, ld, _, _ = random_inputs(t, seed=9)
+    valid = torch.ones(2, t, dtype=torch.bool)
+    valid[1, :4] = False
+    ld = ld * valid[:, None]
+    kw = dict(scale=d**-0.5, window=5, weight=torch.rand(4, generator=g), rule="mix", mode=mode, valid=valid,
+              linear_state="gated", **settings)
+    results = []
+    for fn, extra in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 8})):
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v, qf, kf, ld)]
+        out = fn(*xs[:5], log_decay=xs[5], **kw, **extra)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out] + [x.grad for x in xs])
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if mode != "swa_only":
+        assert results[0][6].abs().sum() > 0  # the decay reaches the output

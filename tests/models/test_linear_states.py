@@ -1,0 +1,122 @@
+"""Whole models with a non-'sum' linear state: cached decoding == full forward in every mode, padding, save/load,
+decode memory, stage-1 training of the state's parameters."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import linearize
+from linearize.attention.cache import cache_nbytes
+from linearize.compat import cache_kwargs
+from linearize.models.convert import hybrid_modules
+from linearize.models.memory import decode_state_bytes
+from tiny_models import tiny_model
+
+KINDS = ["gated"]
+
+
+def converted(family="llama", kind="gated", **settings):
+    """A tiny model converted with `kind`, its state parameters moved off their init (data-dependent, strong decay)."""
+    settings = {"window": 6, "combine": "mix", **settings}
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(linear_state=kind, decay_init=0.8, **settings))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "decay_proj" in name or "beta_proj" in name or "feature_map" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def decode_vs_forward(model, mode, ids, prompt=10):
+    with torch.no_grad(), linearize.components(model, mode):
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :prompt], **cache_kwargs(cache), use_cache=True).logits
+        steps = [model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(prompt, ids.shape[1])]
+    torch.testing.assert_close(torch.cat([first] + steps, 1), full, atol=1e-4, rtol=1e-4)
+    return cache
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("settings", [{}, {"placement": "overlap"}, {"softmax_sinks": 2}, {"window": 1}])
+@pytest.mark.parametrize("mode", ["hybrid", "la_only", "swa_only", "sinks_only", "none", {0: {1: "la_only", 3: "sinks_only"}}])
+def test_cached_decoding_matches_full_forward_in_every_mode(kind, settings, mode):
+    """20 steps after a 10-token prompt: the ring wraps, keys leave the window and enter the lagged state."""
+    decode_vs_forward(converted(kind=kind, **settings), mode, torch.randint(1, 128, (2, 30)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemma_and_shared_norm_decode_like_the_forward(kind):
+    decode_vs_forward(converted("gemma3", kind=kind, combine="shared_norm"), "hybrid", torch.randint(1, 128, (1, 24)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["hybrid", "la_only"])
+def test_left_padded_row_equals_the_row_alone(kind, mode):
+    model = converted(kind=kind)
+    row = torch.randint(1, 128, (1, 12))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), row], 1), torch.randint(1, 128, (1, 17))])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    with torch.no_grad(), linearize.components(model, mode):
+        padded = model(batch, attention_mask=mask).logits[0, 5:]
+        alone = model(row).logits[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    with linearize.components(model, mode):
+        together = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        single = model.generate(row, max_new_tokens=12, do_sample=False)
+    assert torch.equal(together[0, 17:], single[0, 12:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_mode_the_cache_was_not_prefilled_for_is_refused(kind):
+    model = converted(kind=kind)
+    ids = torch.randint(1, 128, (1, 12))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(cache), use_cache=True)
+        with linearize.components(model, "la_only"), pytest.raises(ValueError, match="empty cache"):
+            model(ids[:, :1], **cache_kwargs(cache), use_cache=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip_is_bit_exact(tmp_path, kind):
+    model = converted(kind=kind)
+    model.save_pretrained(tmp_path)
+    loaded = linearize.load(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert set(a) == set(b) and any("decay_proj" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(1, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert linearize.hybrid_config_of(loaded).linear_state == kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("settings", [{}, {"softmax_sinks": 3}, {"placement": "overlap"}])
+def test_decode_memory_is_what_the_cache_holds(kind, settings):
+    model = converted(kind=kind, window=8, **settings)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 50)), **cache_kwargs(cache), use_cache=True)
+    hybrid = linearize.hybrid_config_of(model)
+    assert decode_state_bytes(model.config, 50, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("objective", ["weights", "output", "hybrid_output"])
+def test_stage1_trains_the_state_parameters(kind, objective):
+    from linearize.train.transfer import AttentionTransfer, trainable_transfer_params
+
+    model = converted(kind=kind)
+    params = trainable_transfer_params(model, train_feature_maps=True)
+    state_params = {n: p for n, p in params.items() if "decay_proj" in n or "beta_proj" in n}
+    assert state_params
+    before = {n: p.detach().clone() for n, p in state_params.items()}
+    opt = torch.optim.SGD(list(params.values()), lr=0.1)
+    with AttentionTransfer(model, objective) as xfer:
+        loss = xfer.loss(torch.randint(1, 128, (2, 20)))
+        loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in state_params.values())
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in state_params.items())

@@ -212,9 +212,29 @@ def test_bad_inputs_raise_one_line_errors():
         delta.naive(**args, enter=kw["enter"].float())
     with pytest.raises(ValueError, match="chunk must be"):
         delta.chunked(**args, chunk=0)
+    with pytest.raises(ValueError, match="even feature size <= 256"):  # fla's kernel limits, checked before importing it
+        delta.fla_forward(args["qf"][..., :7], args["kf"][..., :7], args["v"])
 
 
 FLA = importlib.util.find_spec("fla") is not None
+
+
+@pytest.mark.skipif(not FLA, reason="needs flash-linear-attention")
+@pytest.mark.parametrize("lag", [0, 3, 50])
+def test_fla_inputs_through_fla_reference_equal_naive(lag):
+    """The lag shift, enter holes, GQA repeat, layout and scale handed to fla, checked through fla's own PyTorch
+    reference of its kernel (CPU, fp32): a wrong wiring shows here, apart from any kernel rounding."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    from linearize.attention.linear.delta.fla import kernel_inputs
+
+    x = make_inputs(t=40)
+    args, kw = split(x)
+    with torch.no_grad():
+        want = delta.naive(**args, **kw, lag=lag)[0]
+        (q, k, v, g, beta), _ = kernel_inputs(**args, **kw, lag=lag, dtype=torch.float32)
+        got, _ = naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=1.0)  # (its order: beta before g)
+    assert_close_scaled(got.transpose(1, 2), want, 1e-5, "num")
 
 
 @pytest.mark.gpu

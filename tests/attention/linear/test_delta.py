@@ -169,6 +169,47 @@ def test_step_by_step_equals_naive(lag):
     assert [s.data_ptr() for s in state.tensors()] == addresses  # in place: a CUDA graph can capture a step
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_step_replays_in_a_cuda_graph():
+    """One captured `step` replayed for every token equals the definition: the state is updated in place."""
+    lag = 3
+    x = {k: val.detach() for k, val in make_inputs(t=24, device="cuda").items()}
+    with torch.no_grad():
+        want = delta.naive(x["qf"], x["kf"], x["v"], log_decay=x["log_decay"], beta=x["beta"], enter=x["enter"], lag=lag)
+    state = delta.init_state(2, 2, 8, 5, dtype=torch.float32, device="cuda")
+    q_t, k_in, v_in = x["qf"][:, :, 0].clone(), x["kf"][:, :, 0].clone(), x["v"][:, :, 0].clone()
+    decay_t, beta_in, enter_in = x["log_decay"][:, :, 0].clone(), x["beta"][:, :, 0].clone(), x["enter"][:, 0].clone()
+
+    def one_step():
+        return delta.step(state, q_t, k_in, v_in, log_decay_t=decay_t, beta_in=beta_in, enter_in=enter_in)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+        one_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        num, den = one_step()
+    for tensor in state.tensors():
+        tensor.zero_()
+    nums, dens = [], []
+    for t in range(24):
+        s = max(t - lag, 0)
+        q_t.copy_(x["qf"][:, :, t])
+        k_in.copy_(x["kf"][:, :, s])
+        v_in.copy_(x["v"][:, :, s])
+        decay_t.copy_(x["log_decay"][:, :, t])
+        beta_in.copy_(x["beta"][:, :, s])
+        enter_in.copy_(x["enter"][:, s] & (t >= lag))
+        graph.replay()
+        nums.append(num.clone())
+        dens.append(den.clone())
+    assert_close_scaled(torch.stack(nums, 2), want[0], 1e-5, "num")
+    assert torch.equal(torch.stack(dens, 2), want[1])
+
+
 def test_step_without_enter_lets_every_key_in():
     x = make_inputs(t=12, beta=False, decay=False)
     args, kw = split(x)
@@ -242,14 +283,19 @@ def test_fla_inputs_through_fla_reference_equal_naive(lag):
 @pytest.mark.parametrize("lag", [0, 3, 64])
 @pytest.mark.parametrize("decay", [True, False])
 def test_fla_forward_equals_naive(lag, decay):
-    """bf16 kernels against the fp32 definition: outputs and gradients within bf16 tolerance."""
+    """bf16 kernels against the fp32 definition: outputs and gradients within bf16 tolerance (relative RMS error,
+    as fla's own tests measure it)."""
     x = make_inputs(b=2, hq=4, hkv=2, t=200, m=64, d=64, decay=decay, device="cuda")
     args, kw = split(x)
     cot = torch.randn(2, 4, 200, 64, device="cuda")
     num_n, den_n, g_n = grads(lambda: delta.naive(**args, **kw, lag=lag), x, cot)
     num_f, den_f, g_f = grads(lambda: delta.fla_forward(**args, **kw, lag=lag), x, cot)
+
+    def rel_rms(got, want):
+        return ((got - want).square().mean().sqrt() / want.square().mean().sqrt().clamp_min(1e-12)).item()
+
     assert num_f.dtype == torch.float32
-    assert_close_scaled(num_f, num_n, 2e-2, "num")
+    assert rel_rms(num_f, num_n) < 0.02
     assert torch.equal(den_f, den_n)
     for name in g_n:
-        assert_close_scaled(g_f[name], g_n[name], 5e-2, f"d{name}")
+        assert rel_rms(g_f[name], g_n[name]) < 0.03, name

@@ -53,16 +53,17 @@ def step(state: DeltaState, qf_t, kf_in, v_in, *, log_decay_t=None, beta_in=None
     if log_decay_t is not None:
         S.mul_(log_decay_t.exp().to(S.dtype)[..., None, None])
     k = unit_norm(kf_in.to(S.dtype))
+    v = v_in.to(S.dtype)
     strength = torch.ones(b, hkv, dtype=S.dtype, device=S.device) if beta_in is None else beta_in.to(S.dtype)
     if enter_in is not None:
         # zeros, not a branch: a key that may not enter changes nothing (and garbage at padding cannot leak in)
         strength = torch.where(enter_in[:, None], strength, 0.0)
         k = torch.where(enter_in[:, None, None], k, 0.0)
-        v_in = torch.where(enter_in[:, None, None], v_in.to(S.dtype), 0.0)
+        v = torch.where(enter_in[:, None, None], v, 0.0)
         state.entered.logical_or_(enter_in)
     else:
         state.entered.fill_(True)
-    error = v_in.to(S.dtype) - torch.einsum("bhmd,bhm->bhd", S, k)
+    error = v - torch.einsum("bhmd,bhm->bhd", S, k)
     S.add_(k[..., :, None] * (strength[..., None] * error)[..., None, :])
     q_hat = group_queries(unit_norm(qf_t.to(S.dtype)), hkv)  # (B, Hkv, G, m)
     num = torch.einsum("bhgm,bhmd->bhgd", q_hat, S).reshape(b, -1, d)

@@ -169,6 +169,22 @@ def test_step_by_step_equals_naive(lag):
     assert [s.data_ptr() for s in state.tensors()] == addresses  # in place: a CUDA graph can capture a step
 
 
+@pytest.mark.parametrize("prompt,lag,chunk", [(13, 0, 4), (13, 3, 8), (30, 16, 16), (2, 3, 4)])
+def test_prefill_then_step_equals_naive(prompt, lag, chunk):
+    """A prompt through `prefill_state` (chunked), the rest token by token: the same as the definition over all."""
+    x = make_inputs(t=40, pad=4)
+    args, kw = split(x)
+    with torch.no_grad():
+        want_num, want_den = delta.naive(**args, **kw, lag=lag)
+        head = {"kf": args["kf"][:, :, :prompt], "v": args["v"][:, :, :prompt], "enter": kw["enter"][:, :prompt],
+                "log_decay": kw["log_decay"][..., :prompt], "beta": kw["beta"][..., :prompt]}
+        state = delta.prefill_state(**head, lag=lag, chunk=chunk)
+    assert torch.equal(state.entered, want_den[:, 0, prompt - 1] > 0)
+    num, den, _ = run_steps(x, lag, state=state, start=prompt)
+    assert_close_scaled(num, want_num[:, :, prompt:], 1e-5, "num")
+    assert torch.equal(den, want_den[:, :, prompt:])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_step_replays_in_a_cuda_graph():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from linearize.attention.common import group_queries, ungroup
 from linearize.attention.linear.delta.inputs import check_inputs, entering_keys, has_entered, unit_norm
+from linearize.attention.linear.delta.recurrent import DeltaState
 
 
 def _chunks(x: torch.Tensor, chunk: int, n: int) -> torch.Tensor:
@@ -36,13 +37,13 @@ def _pair_decay(G: torch.Tensor, strict: bool) -> torch.Tensor:
     return (G[..., :, None] - G[..., None, :]).masked_fill(~keep, float("-inf")).exp()
 
 
-def chunked(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64):
-    """(num (B, Hq, T, d), den (B, Hq, T)); the same result as `naive`."""
-    check_inputs(qf, kf, v, log_decay, beta, enter, lag)
+def _scan(qf, kf, v, log_decay, beta, enter, lag, chunk):
+    """The chunk loop: num grouped (B, Hkv, G, T, d) (None without queries), the final state S (B, Hkv, m, d)
+    after step T - 1, and the (B, T) bool of steps where a key enters."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
-    b, hq, t, m = qf.shape
-    hkv, d = kf.shape[1], v.shape[-1]
+    b, hkv, t, m = kf.shape
+    d = v.shape[-1]
     k_in, v_in, beta_in, enters = entering_keys(kf, v, beta, enter, lag)
     n = -(-t // chunk)
     K = _chunks(k_in, chunk, n)  # (B, Hkv, N, C, m)
@@ -51,21 +52,38 @@ def chunked(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64
     # the decay stays on the query positions (it is applied at step t whichever key enters then)
     g = torch.zeros_like(beta_in) if log_decay is None else log_decay
     G = _chunks(g, chunk, n).cumsum(-1)
-    Q = group_queries(_chunks(unit_norm(qf), chunk, n), hkv)  # (B, Hkv, G, N, C, m)
 
     A = beta_c[..., None] * _pair_decay(G, strict=True) * (K @ K.transpose(-1, -2))
     rhs = torch.cat([beta_c[..., None] * V, (beta_c * G.exp())[..., None] * K], dim=-1)
     solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # unit diagonal: I + A
     U_v, W = solved.split([d, m], dim=-1)
-    reads = (Q @ K[:, :, None].transpose(-1, -2)) * _pair_decay(G, strict=False)[:, :, None]  # (B, Hkv, G, N, C, C)
     to_end = (G[..., -1:] - G).exp()  # e^{G_C - G_j}
+    if qf is not None:
+        Q = group_queries(_chunks(unit_norm(qf), chunk, n), hkv)  # (B, Hkv, G, N, C, m)
+        reads = (Q @ K[:, :, None].transpose(-1, -2)) * _pair_decay(G, strict=False)[:, :, None]  # (B, Hkv, G, N, C, C)
 
-    S = qf.new_zeros(b, hkv, m, d)
+    S = kf.new_zeros(b, hkv, m, d)
     nums = []
     for c in range(n):
         U = U_v[:, :, c] - W[:, :, c] @ S
-        from_state = G[:, :, None, c, :, None].exp() * (Q[:, :, :, c] @ S[:, :, None])
-        nums.append(from_state + reads[:, :, :, c] @ U[:, :, None])
+        if qf is not None:
+            from_state = G[:, :, None, c, :, None].exp() * (Q[:, :, :, c] @ S[:, :, None])
+            nums.append(from_state + reads[:, :, :, c] @ U[:, :, None])
         S = G[:, :, c, -1, None, None].exp() * S + (K[:, :, c] * to_end[:, :, c, :, None]).transpose(-1, -2) @ U
-    num = torch.stack(nums, dim=3).reshape(b, hkv, hq // hkv, n * chunk, d)[:, :, :, :t]
-    return ungroup(num), has_entered(enters, hq, qf.dtype)
+    num = None if qf is None else torch.stack(nums, dim=3).flatten(3, 4)[:, :, :, :t]
+    return num, S, enters
+
+
+def chunked(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64):
+    """(num (B, Hq, T, d), den (B, Hq, T)); the same result as `naive`."""
+    check_inputs(qf, kf, v, log_decay, beta, enter, lag)
+    num, _, enters = _scan(qf, kf, v, log_decay, beta, enter, lag, chunk)
+    return ungroup(num), has_entered(enters, qf.shape[1], qf.dtype)
+
+
+def prefill_state(kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64) -> DeltaState:
+    """The decoding state after a prompt of T steps (keys 0 .. T-1-lag entered, decays 0 .. T-1 applied), in
+    chunks: `step` continues from it with the key at T - lag (which the caller keeps) at step T."""
+    check_inputs(None, kf, v, log_decay, beta, enter, lag)
+    _, S, enters = _scan(None, kf, v, log_decay, beta, enter, lag, chunk)
+    return DeltaState(S=S, entered=enters.any(dim=1))

@@ -15,15 +15,17 @@ def unit_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_inputs(qf, kf, v, log_decay, beta, enter, lag) -> None:
-    """One-line ValueErrors for shapes that do not fit the linear-state interface."""
-    if qf.dim() != 4 or kf.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"qf, kf, v must be (B, H, T, features); got {tuple(qf.shape)}, {tuple(kf.shape)}, {tuple(v.shape)}")
-    b, hq, t, m = qf.shape
-    hkv = kf.shape[1]
-    if kf.shape != (b, hkv, t, m) or v.shape[:3] != (b, hkv, t):
-        raise ValueError(f"kf {tuple(kf.shape)} and v {tuple(v.shape)} do not match qf {tuple(qf.shape)}")
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    """One-line ValueErrors for shapes that do not fit the linear-state interface (qf None: a prefill without
+    queries)."""
+    if kf.dim() != 4 or v.dim() != 4 or (qf is not None and qf.dim() != 4):
+        raise ValueError(f"qf, kf, v must be (B, H, T, features); got {None if qf is None else tuple(qf.shape)}, {tuple(kf.shape)}, {tuple(v.shape)}")
+    b, hkv, t, m = kf.shape
+    if v.shape[:3] != (b, hkv, t):
+        raise ValueError(f"v {tuple(v.shape)} does not match kf {tuple(kf.shape)}")
+    if qf is not None and (qf.shape[0], qf.shape[2], qf.shape[3]) != (b, t, m):
+        raise ValueError(f"kf {tuple(kf.shape)} does not match qf {tuple(qf.shape)}")
+    if qf is not None and qf.shape[1] % hkv:
+        raise ValueError(f"query heads ({qf.shape[1]}) must be a multiple of key/value heads ({hkv})")
     for name, x in (("log_decay", log_decay), ("beta", beta)):
         if x is not None and x.shape != (b, hkv, t):
             raise ValueError(f"{name} must be (B, Hkv, T) = {(b, hkv, t)}; got {tuple(x.shape)}")

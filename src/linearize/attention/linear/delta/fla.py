@@ -1,7 +1,8 @@
 """The delta-rule state on the GPU through flash-linear-attention's chunked Gated DeltaNet kernel (fla >= 0.6,
 the optional `gpu` extra; imported only when called, so CPU installs never need it).
 
-The kernel has no GQA (its q and k share a head count) and no lag, so: the entering-key stream is built as in
+The kernel has no GQA (q and k must share a head count; its grouping is the other way round, more value heads
+than key heads) and no lag, so: the entering-key stream is built as in
 `chunked` (keys, values, beta shifted right by `lag` and zeroed where no key may enter, the decay left on the query
 positions), keys/values/gates are repeated to the query heads, and q/k are unit-normed here in fp32 with the
 interface's norm floor (the kernel is called with scale 1 and without its own l2norm, whose eps differs).

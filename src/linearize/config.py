@@ -22,7 +22,7 @@ MIX_GATES = ("fixed", "learned", "dynamic")
 FEATURE_SIZES = ("full", "half")
 BACKENDS = ("auto", "torch", "triton", "reference")
 #: Kinds of the linear branch's state (their definitions and registry: linearize.attention.linear).
-LINEAR_STATE_KINDS = ("sum", "gated")
+LINEAR_STATE_KINDS = ("sum", "gated", "delta")
 #: Kinds whose state has a normaliser (den); the others give den = 1 and need the 'mix' combine rule.
 NORMALISED_STATES = ("sum", "gated")
 

@@ -7,12 +7,13 @@ from transformers import DynamicCache
 
 import linearize
 from linearize.attention.cache import cache_nbytes
+from linearize.attention.linear import linear_state
 from linearize.compat import cache_kwargs
 from linearize.models.convert import hybrid_modules
 from linearize.models.memory import decode_state_bytes
 from tiny_models import tiny_model
 
-KINDS = ["gated"]
+KINDS = ["gated", "delta"]
 
 
 def converted(family="llama", kind="gated", **settings):
@@ -45,8 +46,9 @@ def test_cached_decoding_matches_full_forward_in_every_mode(kind, settings, mode
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gemma_and_shared_norm_decode_like_the_forward(kind):
-    decode_vs_forward(converted("gemma3", kind=kind, combine="shared_norm"), "hybrid", torch.randint(1, 128, (1, 24)))
+def test_gemma_decodes_like_the_forward(kind):
+    combine = "shared_norm" if linear_state(kind).normalised else "mix"
+    decode_vs_forward(converted("gemma3", kind=kind, combine=combine), "hybrid", torch.randint(1, 128, (1, 24)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -109,6 +111,10 @@ def test_stage1_trains_the_state_parameters(kind, objective):
     from linearize.train.transfer import AttentionTransfer, trainable_transfer_params
 
     model = converted(kind=kind)
+    if objective == "weights" and not linear_state(kind).normalised:
+        with pytest.raises(ValueError, match="use the 'output' or 'hybrid_output' objective"):
+            AttentionTransfer(model, objective)
+        return
     params = trainable_transfer_params(model, train_feature_maps=True)
     state_params = {n: p for n, p in params.items() if "decay_proj" in n or "beta_proj" in n}
     assert state_params

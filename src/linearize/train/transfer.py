@@ -142,10 +142,6 @@ def masked_mse(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor
 @register_objective("weights")
 def weights_objective(module, q, k, v, valid, weight, teacher, *, window, query_block, gates):
     """KL(teacher softmax weights || LA-only weights); the teacher's output is not needed."""
-    kind = module.linear_kind
-    if not kind.normalised:
-        raise ValueError(f"the 'weights' objective needs attention weights, which linear_state {kind.name!r} does not "
-                         f"have; use the 'output' or 'hybrid_output' objective")
     qf, kf = module.feature_map_q(q), module.feature_map_k(k)
     return attention_weights_kl(q, k, qf, kf, scale=module.scale, window=window, valid=valid, block=query_block,
                                 log_decay=gates.get("log_decay"))
@@ -177,6 +173,10 @@ class AttentionTransfer:
         self.modules = hybrid_modules(model)
         if not self.modules:
             raise ValueError("attention transfer needs a converted model (linearize.convert)")
+        unweighted = sorted({m.hybrid.linear_state for m in self.modules if not m.linear_kind.normalised})
+        if objective == "weights" and unweighted:
+            raise ValueError(f"the 'weights' objective needs attention weights, which linear_state {unweighted[0]!r} "
+                             f"does not have; use the 'output' or 'hybrid_output' objective")
         self.losses: list[torch.Tensor] = []
 
     def hook(self, module, q, k, v, valid, weight, hidden_states):

@@ -26,7 +26,7 @@ import torch
 
 import builtins
 
-from linearize.attention.linear import gated as gated_kind, sum as sum_kind
+from linearize.attention.linear import delta as delta_kind, gated as gated_kind, sum as sum_kind
 from linearize.config import LINEAR_STATE_KINDS, NORMALISED_STATES
 
 __all__ = ["LINEAR_STATES", "LinearState", "linear_state"]
@@ -48,9 +48,10 @@ class LinearState:
     final_state: Callable | None = None
 
     @classmethod
-    def from_module(cls, name: str, module: ModuleType, **flags) -> "LinearState":
+    def from_module(cls, name: str, module: ModuleType, **fields) -> "LinearState":
+        """The entry of the kind in `module`: its functions by their interface names, unless `fields` name them."""
         fns = {f: getattr(module, f, None) for f in ("naive", "chunked", "init_state", "step", "fla_forward", "final_state")}
-        return cls(name=name, help=(module.__doc__ or "").strip().split("\n")[0], **flags, **fns)
+        return cls(name=name, help=(module.__doc__ or "").strip().split("\n")[0], **{**fns, **fields})
 
     def state_bytes(self, num_kv_heads: int, m: int, d: int) -> int:
         """Bytes of one row's state (fp32), from the kind's own init_state: what the decode cache holds."""
@@ -62,6 +63,8 @@ class LinearState:
 _KINDS = (
     LinearState.from_module("sum", sum_kind, normalised=True, needs_log_decay=False, needs_beta=False, additive=True),
     LinearState.from_module("gated", gated_kind, normalised=True, needs_log_decay=True, needs_beta=False, additive=False),
+    LinearState.from_module("delta", delta_kind, normalised=False, needs_log_decay=True, needs_beta=True, additive=False,
+                            final_state=delta_kind.prefill_state),
 )
 LINEAR_STATES: dict[str, LinearState] = {k.name: k for k in _KINDS}
 

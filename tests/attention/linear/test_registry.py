@@ -7,6 +7,7 @@ import linearize
 from linearize.attention.linear import LINEAR_STATES, linear_state
 from linearize.attention.module import hybrid_param_kind
 from linearize.config import LINEAR_STATE_KINDS, NORMALISED_STATES, HybridConfig
+from kinds import random_inputs
 from tiny_models import tiny_model
 
 
@@ -39,6 +40,9 @@ def test_sum_only_settings_are_refused_for_other_kinds():
     with pytest.raises(ValueError, match="Triton"):
         HybridConfig(linear_state="gated", backend="triton")
     HybridConfig(linear_state="gated", softmax_sinks=2, combine="mix")  # these work with every kind
+    with pytest.raises(ValueError, match="combine='mix'"):
+        HybridConfig(linear_state="delta", combine="shared_norm")
+    HybridConfig(linear_state="delta", combine="mix")
 
 
 def test_gated_layer_parameters_start_at_decay_init_and_train_with_the_feature_maps():
@@ -54,3 +58,38 @@ def test_gated_layer_parameters_start_at_decay_init_and_train_with_the_feature_m
     valid = torch.ones(2, 7, dtype=torch.bool)
     valid[1, :3] = False
     assert (layer.state_inputs(x, valid)["log_decay"][1, :, :3] == 0).all()  # padding decays nothing
+
+
+@pytest.mark.parametrize("kind", ["gated", "delta"])
+@pytest.mark.parametrize("mode", ["hybrid", "la_only", "swa_only"])
+@pytest.mark.parametrize("settings", [dict(placement="complementary"), dict(placement="overlap"),
+                                      dict(placement="complementary", softmax_sinks=2)])
+def test_hybrid_chunked_equals_reference_outputs_and_gradients(kind, mode, settings):
+    """The whole hybrid layer with each gated state: chunked backend vs the quadratic spec, GQA, left padding."""
+    from linearize.attention.chunked import hybrid_attention_chunked
+    from linearize.attention.reference import hybrid_attention_reference
+
+    t, d = 23, 8
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(2, 4, t, d, generator=g), torch.randn(2, 2, t, d, generator=g), torch.randn(2, 2, t, d, generator=g)
+    qf, kf, _, ld, beta, _ = random_inputs(t, seed=9)
+    valid = torch.ones(2, t, dtype=torch.bool)
+    valid[1, :4] = False
+    ld = ld * valid[:, None]
+    kw = dict(scale=d**-0.5, window=5, weight=torch.rand(4, generator=g), rule="mix", mode=mode, valid=valid,
+              linear_state=kind, **settings)
+    results = []
+    for fn, extra in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 8})):
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v, qf, kf, ld, beta)]
+        out = fn(*xs[:5], log_decay=xs[5], beta=xs[6] if kind == "delta" else None, **kw, **extra)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out] + [x.grad for x in xs])
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if mode != "swa_only":
+        assert results[0][6].abs().sum() > 0  # the decay reaches the output
+        if kind == "delta":
+            assert results[0][7].abs().sum() > 0  # and beta

@@ -126,3 +126,23 @@ def test_stage1_trains_the_state_parameters(kind, objective):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in state_params.values())
     opt.step()
     assert any(not torch.equal(before[n], p) for n, p in state_params.items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_graph_decoding_refuses_non_sum_states(kind):
+    """The captured step holds the 'sum' state only (its Triton kernels); other kinds decode eagerly."""
+    from linearize.attention.graph_decode import GraphDecoder
+
+    model = converted(kind=kind)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 12)), **cache_kwargs(cache), use_cache=True)
+    with pytest.raises(ValueError, match="holds the 'sum' linear state only"):
+        GraphDecoder(model, cache, 12)
+
+
+def test_delta_beta_starts_at_delta_beta_init():
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(linear_state="delta", combine="mix", delta_beta_init=0.3))
+    gates = hybrid_modules(model)[0].state_inputs(torch.randn(2, 5, model.config.hidden_size), None)
+    torch.testing.assert_close(gates["beta"], torch.full_like(gates["beta"], 0.3))
+    assert set(gates) == {"log_decay", "beta"}

@@ -92,6 +92,27 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, kind):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert linearize.hybrid_config_of(loaded).linear_state == kind
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, auto(ids).logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ssd_drop_swa_is_la_only_per_row(kind):
+    """SSD's per-row drop: dropped rows get the la_only output, the others the hybrid one."""
+    model = converted(kind=kind)
+    ids = torch.randint(1, 128, (2, 14))
+    with torch.no_grad():
+        with linearize.components(model, "la_only"):
+            la = model(ids).logits
+        hybrid = model(ids).logits
+        for m in hybrid_modules(model):
+            m.drop_swa = torch.tensor([True, False])
+        mixed = model(ids).logits
+    torch.testing.assert_close(mixed[0], la[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], hybrid[1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -167,3 +167,17 @@ def test_delta_beta_starts_at_delta_beta_init():
     gates = hybrid_modules(model)[0].state_inputs(torch.randn(2, 5, model.config.hidden_size), None)
     torch.testing.assert_close(gates["beta"], torch.full_like(gates["beta"], 0.3))
     assert set(gates) == {"log_decay", "beta"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_scores_equal_the_full_forward(kind):
+    """Beams reorder the kind's state (index_select of its tensors and pending key)."""
+    model = converted(kind=kind, window=4)
+    prompt = torch.randint(1, 128, (1, 9))
+    # min_new_tokens: no beam ends early at EOS (its padded tail would count in the full forward)
+    out = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=3,
+                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences).logits.float(), -1)[:, 8:-1]
+    full = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, full, atol=1e-4, rtol=1e-5)

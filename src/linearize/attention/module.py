@@ -8,7 +8,7 @@ can replace 'hybrid' by 'la_only' through `drop_swa` (Scheduled Sliding-window D
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import math
 
 import torch
@@ -78,9 +78,18 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+@functools.cache
+def _fla_imports() -> bool:
+    try:
+        import fla.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _fla_available(x: torch.Tensor) -> bool:
-    """flash-linear-attention (the optional GPU extra) runs the gated/delta states on CUDA."""
-    return x.is_cuda and importlib.util.find_spec("fla") is not None
+    """flash-linear-attention (the optional GPU extra) runs the non-'sum' linear states on CUDA."""
+    return x.is_cuda and _fla_imports()
 
 
 def _triton_available(x: torch.Tensor) -> bool:

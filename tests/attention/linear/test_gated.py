@@ -88,3 +88,34 @@ def test_fla_forward_matches_naive(lag):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=3e-2 * w.abs().max().item(), rtol=3e-2)
 
+
+
+def test_weights_objective_uses_the_decayed_weights():
+    """attention_weights_kl with log_decay, blockwise, against the dense KL of the decayed LA weights."""
+    from linearize.train.transfer import attention_weights_kl
+
+    t, d = 12, 4
+    g = torch.Generator().manual_seed(10)
+    q, k = torch.randn(2, 4, t, d, generator=g), torch.randn(2, 2, t, d, generator=g)
+    qf, kf, _, ld, _, _ = random_inputs(t, seed=11)
+    valid = torch.ones(2, t, dtype=torch.bool)
+    valid[1, :3] = False
+    got = attention_weights_kl(q, k, qf, kf, scale=0.5, valid=valid, block=5, log_decay=ld)
+    # dense: p = causal softmax over valid keys, lq = b_ts exp(C_t - C_s) normalised over the same keys
+    keys = torch.ones(t, t, dtype=torch.bool).tril() & valid[:, None, None, None, :]
+    kk = k.repeat_interleave(2, 1)
+    p = torch.softmax((torch.einsum("bhtd,bhsd->bhts", q, kk) * 0.5).masked_fill(~keys[:, 0], float("-inf")), -1)
+    w = torch.einsum("bhtm,bhsm->bhts", qf, kf.repeat_interleave(2, 1)).clamp_min(0) + 1e-12
+    w = w * GATED_WEIGHTS(ld).repeat_interleave(2, 1) * keys[:, 0]
+    lq = w / w.sum(-1, keepdim=True)
+    kl = torch.where(keys[:, 0], p * (p.clamp_min(1e-30).log() - lq.clamp_min(1e-30).log()), torch.zeros_like(p)).sum(-1)
+    rows = valid[:, None, :].expand_as(kl)
+    want = kl[rows].mean()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got > 0
+
+
+def GATED_WEIGHTS(log_decay):
+    from linearize.attention.linear.gated import decay_weights
+
+    return decay_weights(log_decay, lag=0)

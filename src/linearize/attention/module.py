@@ -198,10 +198,10 @@ class HybridAttention(nn.Module):
         if extras:
             kwargs.update(softmax_sinks=h.softmax_sinks, sparse_memory=h.sparse_memory, memory_block=h.memory_block)
         backend, linear_backend = h.backend, "chunked"
-        summed = h.linear_state == "sum"
+        kind = self.linear_kind
         if backend == "auto":
-            backend = "triton" if summed and _triton_available(q) and not extras else "torch"
-            if not summed and _fla_available(q):
+            backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
+            if not kind.triton and kind.fla_forward is not None and _fla_available(q):
                 linear_backend = "fla"
             elif backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * h.chunk_size and not h.sparse_memory:
                 backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
@@ -294,7 +294,7 @@ class HybridAttention(nn.Module):
         modes = self.head_mode_list()
         qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         step = decode_step
-        if h.linear_state == "sum" and not h.softmax_extras and (
+        if self.linear_kind.triton and not h.softmax_extras and (
                 h.backend == "triton" or (h.backend == "auto" and _triton_available(q))):
             from linearize.attention.triton import decode_step_triton as step
         outs = []

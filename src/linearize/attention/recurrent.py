@@ -88,7 +88,8 @@ class HybridState:
 
     @property
     def additive(self) -> bool:
-        return self.kind == "sum"
+        """The registry's word: an additive state (S, z) is read together with the ring's keys."""
+        return linear_state_kind(self.kind).additive
 
     def _sum_state(self) -> KVState:
         if not self.additive:

@@ -481,6 +481,8 @@ def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
     cache = DynamicCache(config=cfg)
     mods = {m.layer_idx: m for m in model.modules() if isinstance(m, HybridAttention)}
     for i, mod in mods.items():
+        if mod.hybrid.linear_state != "sum":  # the synthetic state below is the 'sum' kind's (S, z)
+            raise ValueError(f"the decode benchmark builds 'sum' states; layer {i} has linear_state {mod.hybrid.linear_state!r}")
         ring = mod.hybrid.window - 1
         hkv, d, m, n = cfg.num_key_value_heads, cfg.head_dim, mod.feature_map_k.num_features, mod.hybrid.num_sinks
         keep = min(ctx, ring)

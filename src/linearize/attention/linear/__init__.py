@@ -40,6 +40,7 @@ class LinearState:
     needs_log_decay: bool  # the layer computes a per-(KV head, step) log decay for it
     needs_beta: bool  # the layer computes a per-(KV head, key) write strength beta for it
     additive: bool  # the state is a plain sum of the keys: the decode state adds the window's keys at read time
+    triton: bool  # the fused Triton kernels of attention/triton/ compute it (forward and decode)
     naive: Callable
     chunked: Callable
     init_state: Callable
@@ -61,10 +62,12 @@ class LinearState:
 
 
 _KINDS = (
-    LinearState.from_module("sum", sum_kind, normalised=True, needs_log_decay=False, needs_beta=False, additive=True),
-    LinearState.from_module("gated", gated_kind, normalised=True, needs_log_decay=True, needs_beta=False, additive=False),
+    LinearState.from_module("sum", sum_kind, normalised=True, needs_log_decay=False, needs_beta=False, additive=True,
+                            triton=True),
+    LinearState.from_module("gated", gated_kind, normalised=True, needs_log_decay=True, needs_beta=False, additive=False,
+                            triton=False),
     LinearState.from_module("delta", delta_kind, normalised=False, needs_log_decay=True, needs_beta=True, additive=False,
-                            final_state=delta_kind.prefill_state),
+                            triton=False, final_state=delta_kind.prefill_state),
 )
 LINEAR_STATES: dict[str, LinearState] = {k.name: k for k in _KINDS}
 

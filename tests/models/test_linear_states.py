@@ -181,3 +181,22 @@ def test_beam_search_scores_equal_the_full_forward(kind):
         logp = torch.log_softmax(model(out.sequences).logits.float(), -1)[:, 8:-1]
     full = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
     torch.testing.assert_close(out.sequences_scores, full, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_auto_backend_on_cuda_runs_fla_like_the_chunked_path(kind):
+    """backend 'auto' on CUDA: the linear branch through flash-linear-attention (bf16 inside) against the fp32
+    chunked path; gradients reach the state's parameters."""
+    pytest.importorskip("fla")
+    model = converted(kind=kind, window=16).cuda()
+    ids = torch.randint(1, 128, (2, 300), device="cuda")
+    torch_model = converted(kind=kind, window=16, backend="torch").cuda()
+    torch_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        got, want = model(ids).logits, torch_model(ids).logits
+    assert (got - want).square().mean().sqrt() <= 0.05 * want.square().mean().sqrt()
+    model.train()
+    model(ids).logits.float().square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "decay_proj" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

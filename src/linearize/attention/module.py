@@ -189,7 +189,9 @@ class HybridAttention(nn.Module):
         state's log_decay / beta (`state_inputs`), needed by the kinds that use them."""
         h = self.hybrid
         gates = gates or {}
-        if mode in LINEAR_MODES and not self.linear_kind.additive and len(gates) != self.linear_kind.needs_log_decay + self.linear_kind.needs_beta:
+        kind = self.linear_kind
+        needed = {name for name, needs in (("log_decay", kind.needs_log_decay), ("beta", kind.needs_beta)) if needs}
+        if mode in LINEAR_MODES and not needed <= set(gates):
             raise ValueError(f"linear_state {h.linear_state!r} needs the layer's gates: pass gates=module.state_inputs(hidden_states, valid)")
         kwargs = dict(scale=self.scale, window=h.window, weight=weight, rule=h.combine, placement=h.placement,
                       mode=mode, num_sinks=h.num_sinks, valid=valid)
@@ -198,7 +200,6 @@ class HybridAttention(nn.Module):
         if extras:
             kwargs.update(softmax_sinks=h.softmax_sinks, sparse_memory=h.sparse_memory, memory_block=h.memory_block)
         backend, linear_backend = h.backend, "chunked"
-        kind = self.linear_kind
         if backend == "auto":
             backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
             if not kind.triton and kind.fla_forward is not None and _fla_available(q):

@@ -77,7 +77,7 @@ class HybridConfig:
         if not 0.0 < self.decay_init < 1.0 or not 0.0 < self.delta_beta_init < 1.0:
             raise ValueError("decay_init must be in (0, 1) and delta_beta_init in (0, 1)")
         if self.linear_state != "sum" and self.sparse_memory:
-            raise ValueError(f"sparse_memory scores keys against the 'sum' state only; set sparse_memory=0 or linear_state='sum'")
+            raise ValueError("sparse_memory scores keys against the 'sum' state only; set sparse_memory=0 or linear_state='sum'")
         if self.linear_state != "sum" and self.backend == "triton":
             raise ValueError(f"the Triton kernels compute the 'sum' state only; use backend 'auto' or 'torch' with "
                              f"linear_state={self.linear_state!r}")

@@ -3,6 +3,7 @@ decode memory, stage-1 training of the state's parameters."""
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import DynamicCache
 
 import linearize
@@ -11,7 +12,6 @@ from linearize.attention.linear import linear_state
 from linearize.compat import cache_kwargs
 from linearize.models.convert import hybrid_modules
 from linearize.models.memory import decode_state_bytes
-from tiny_models import tiny_model
 
 KINDS = ["gated", "delta"]
 

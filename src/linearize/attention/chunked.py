@@ -13,16 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, safe_div,
+    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, pad_time, safe_div,
     sink_positions, softcapped, ungroup,
 )
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.memory import memory_walk
-
-
-def _pad_time(x: torch.Tensor, front: int, back: int, dim: int = 2) -> torch.Tensor:
-    pad = [0, 0] * (x.dim() - dim - 1) + [front, back]
-    return F.pad(x, pad)
 
 
 def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_start=False, with_max=False):
@@ -36,9 +31,9 @@ def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_
     n = -(-t // chunk)
     tp = n * chunk
     span = chunk + window - 1
-    qg = group_queries(_pad_time(q, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, d)
-    kb = _pad_time(k, window - 1, tp - t).unfold(2, span, chunk)  # (B, Hkv, N, d, span)
-    vb = _pad_time(v, window - 1, tp - t).unfold(2, span, chunk)
+    qg = group_queries(pad_time(q, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, d)
+    kb = pad_time(k, window - 1, tp - t).unfold(2, span, chunk)  # (B, Hkv, N, d, span)
+    vb = pad_time(v, window - 1, tp - t).unfold(2, span, chunk)
     vmask = F.pad(valid, (window - 1, tp - t)).unfold(1, span, chunk)  # (B, N, span)
     i = torch.arange(chunk, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
@@ -72,8 +67,8 @@ def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots, soft
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     n = -(-t // block)
-    qg = group_queries(_pad_time(q, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, d)
-    qfg = group_queries(_pad_time(qf, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, qf.shape[-1])
+    qg = group_queries(pad_time(q, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, d)
+    qfg = group_queries(pad_time(qf, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, qf.shape[-1])
     soft, lin = [], []
     for j, (S, z, (mk, mv, _, mvalid)) in enumerate(
             memory_walk(k, v, kf, candidate, window=window, block=block, slots=slots, blocks=n, dtype=q.dtype)):

@@ -34,8 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, safe_div, sink_positions,
-    softcapped, ungroup,
+    check_mode,
+    combine,
+    expand_weight,
+    first_valid,
+    group_queries,
+    masked_softmax_sums,
+    safe_div,
+    sink_positions,
+    softcapped,
+    ungroup,
 )
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.linear import sum as sum_kind
@@ -169,13 +177,12 @@ def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta):
         enter = valid & ~sinks if lag else valid  # 'complementary' leaves the softmax sinks out of the state
         state = _kind_final_state(kind, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
         slot = LinearSlot(lag, state)
-        if lag:  # key t - lag enters at the next step
+        if lag:  # key t - lag enters at the next step (none yet: an empty key that may not enter)
             i = t - lag
-            has = i >= 0
-            pick = lambda x: x[:, :, i] if has else torch.zeros_like(x[:, :, 0])  # noqa: E731
-            slot.pend_kf, slot.pend_v = pick(kf), pick(v)
-            slot.pend_beta = None if beta is None else pick(beta.float())
-            slot.pend_enter = enter[:, i].clone() if has else torch.zeros_like(valid[:, 0])
+            slot.pend_kf, slot.pend_v = (x[:, :, i].clone() if i >= 0 else torch.zeros_like(x[:, :, 0]) for x in (kf, v))
+            if beta is not None:
+                slot.pend_beta = beta[:, :, i].float() if i >= 0 else torch.zeros_like(beta[:, :, 0], dtype=torch.float32)
+            slot.pend_enter = enter[:, i].clone() if i >= 0 else torch.zeros_like(valid[:, 0])
         slots.append(slot)
     return tuple(slots)
 

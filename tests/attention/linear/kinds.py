@@ -47,7 +47,7 @@ def loop_reference(qf, kf, v, *, log_decay, enter, lag, normalised=True):
 
 def run_steps(kind, qf, kf, v, *, log_decay, beta, enter, lag):
     """init_state + step token by token, the caller keeping the lag (as the hybrid's decode does)."""
-    b, hq, t, m = qf.shape
+    b, _, t, m = qf.shape
     state = kind.init_state(b, kf.shape[1], m, v.shape[-1], dtype=torch.float32, device=qf.device)
     nums, dens = [], []
     for i in range(t):

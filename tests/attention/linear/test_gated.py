@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from kinds import grads, loop_reference, random_inputs, run_steps
 
 from linearize.attention.linear import LINEAR_STATES
-from kinds import grads, loop_reference, random_inputs, run_steps
 
 GATED = LINEAR_STATES["gated"]
 CUDA = torch.cuda.is_available()

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from kinds import random_inputs
+from tiny_models import tiny_model
 
 import linearize
 from linearize.attention.linear import LINEAR_STATES, linear_state
 from linearize.attention.module import hybrid_param_kind
 from linearize.config import LINEAR_STATE_KINDS, NORMALISED_STATES, HybridConfig
-from kinds import random_inputs
-from tiny_models import tiny_model
 
 
 def test_registry_agrees_with_the_config_names():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from kinds import grads, loop_reference, random_inputs, run_steps
 
 from linearize.attention.linear import LINEAR_STATES
-from kinds import grads, loop_reference, random_inputs, run_steps
 
 SUM = LINEAR_STATES["sum"]
 

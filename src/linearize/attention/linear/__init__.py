@@ -18,15 +18,16 @@ To add a kind: its folder, one entry in `_KINDS` below, its name in `config.LINE
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
 import torch
 
-import builtins
-
-from linearize.attention.linear import delta as delta_kind, gated as gated_kind, sum as sum_kind
+from linearize.attention.linear import delta as delta_kind
+from linearize.attention.linear import gated as gated_kind
+from linearize.attention.linear import sum as sum_kind
 from linearize.config import LINEAR_STATE_KINDS, NORMALISED_STATES
 
 __all__ = ["LINEAR_STATES", "LinearState", "linear_state"]

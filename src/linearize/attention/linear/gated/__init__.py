@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 from linearize.attention.common import group_queries, ungroup
 from linearize.attention.linear import sum as sum_kind
-from linearize.attention.linear.common import KVState, entering, init_kv_state, shift_time
+from linearize.attention.linear.common import (
+    KVState,
+    entering,
+    init_kv_state,
+    shift_time,
+)
 
 __all__ = ["chunked", "decay_weights", "final_state", "fla_forward", "init_state", "naive", "step"]
 
@@ -103,8 +108,7 @@ def fla_forward(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
     output carries den; the lag is a shift of the keys, GQA a repeat of the KV heads."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    b, hq, t, m = qf.shape
-    hkv, d = kf.shape[1], v.shape[-1]
+    hq, hkv, d = qf.shape[1], kf.shape[1], v.shape[-1]
     rep = hq // hkv
     kf = shift_time(kf * entering(kf, enter)[:, None, :, None].to(kf.dtype), lag)
     width = -(-(d + 1) // 16) * 16  # the ones column, then zeros to a kernel-friendly width

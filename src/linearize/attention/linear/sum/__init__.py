@@ -9,9 +9,8 @@ optional fused backend.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from linearize.attention.common import group_queries, ungroup
+from linearize.attention.common import group_queries, pad_time, ungroup
 from linearize.attention.linear.common import KVState, entering, init_kv_state
 
 __all__ = ["chunked", "fold", "init_state", "masked_sums", "naive", "read", "step"]
@@ -33,22 +32,18 @@ def naive(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
     return masked_sums(qf, kf, v, reach & entering(kf, enter)[:, None, None, None, :])
 
 
-def _pad_time(x, front, back):
-    return F.pad(x, [0, 0] * (x.dim() - 3) + [front, back])
-
-
 def chunked(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64):
     """Intra-chunk products plus an exclusive prefix sum of per-chunk states; no (T x T) tensor."""
     b, hq, t, m = qf.shape
     hkv, d = kf.shape[1], v.shape[-1]
     kf = (kf * entering(kf, enter)[:, None, :, None].to(kf.dtype))
-    kf = _pad_time(kf, lag, 0)[:, :, :t]
-    v = _pad_time(v, lag, 0)[:, :, :t]
+    kf = pad_time(kf, lag, 0)[:, :, :t]
+    v = pad_time(v, lag, 0)[:, :, :t]
     n = -(-t // chunk)
     tp = n * chunk
-    qc = group_queries(_pad_time(qf, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, m)
-    kc = _pad_time(kf, 0, tp - t).reshape(b, hkv, n, chunk, m)
-    vc = _pad_time(v, 0, tp - t).reshape(b, hkv, n, chunk, d)
+    qc = group_queries(pad_time(qf, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, m)
+    kc = pad_time(kf, 0, tp - t).reshape(b, hkv, n, chunk, m)
+    vc = pad_time(v, 0, tp - t).reshape(b, hkv, n, chunk, d)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=qf.device).tril()
     scores = torch.einsum("bhgncm,bhnsm->bhgncs", qc, kc) * causal
     num = torch.einsum("bhgncs,bhnsd->bhgncd", scores, vc)

@@ -119,3 +119,14 @@ def GATED_WEIGHTS(log_decay):
     from linearize.attention.linear.gated import decay_weights
 
     return decay_weights(log_decay, lag=0)
+
+
+def test_prefill_state_of_a_long_row_with_strong_decay_matches_the_steps():
+    """The closed-form prefill sums the decay from the end: exact for the recent keys even when the prefix sum of
+    log_decay is in the thousands."""
+    qf, kf, v, _, _, enter = random_inputs(3000, seed=12, holes=False)
+    ld = -torch.rand(2, 2, 3000, generator=torch.Generator().manual_seed(13)) * 2.0
+    *_, want = run_steps(GATED, qf, kf, v, log_decay=ld, beta=None, enter=enter, lag=4)
+    got = GATED.final_state(kf, v, log_decay=ld, enter=enter, lag=4)
+    torch.testing.assert_close(got.S, want.S, atol=1e-6, rtol=1e-5)  # the prefix-sum difference was off by ~1e-4
+    torch.testing.assert_close(got.z, want.z, atol=1e-6, rtol=1e-5)

@@ -86,11 +86,12 @@ def chunked(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64
 
 def final_state(kf, v, *, log_decay=None, beta=None, enter=None, lag=0) -> KVState:
     """The state after steps 0 .. T-1 (keys s <= T-1-lag entered), in closed form: the decode prefill."""
-    cum = _log_decay(log_decay, kf).cumsum(-1)
-    # a key entering at step s + lag decays over the steps after it: exp(C[T-1] - C[s + lag])
+    ld = _log_decay(log_decay, kf)
+    # a key entering at step p = s + lag decays over the steps after it: exp(sum_{u > p} log_decay[u]), summed from
+    # the end so the recent keys' exponents stay small and exact (not a difference of two long prefix sums)
+    after = ld.flip(-1).cumsum(-1).flip(-1) - ld
     at_entry = shift_time(kf * entering(kf, enter)[:, None, :, None].to(kf.dtype), lag)
-    weight = torch.exp(cum[..., -1:] - cum)[..., None]  # at entry position p: exp(C[T-1] - C[p])
-    kw = at_entry * weight
+    kw = at_entry * torch.exp(after)[..., None]
     vs = shift_time(v, lag)
     return KVState(torch.einsum("bhsm,bhsd->bhmd", kw, vs).contiguous(), kw.sum(2))
 

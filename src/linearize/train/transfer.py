@@ -100,7 +100,8 @@ def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps, cum=None):
     if cum is None:
         logq = torch.log(bts) - torch.log(bts.sum(-1, keepdim=True))
     else:  # decayed weights b_ts exp(C_t - C_s), normalised in log space (C = cumsum of log_decay, (B, Hkv, T))
-        logb = (torch.log(bts) + cum[:, :, None, t0:t1, None] - cum[:, :, None, None, :t1]).masked_fill(~la_mask, _NEG)
+        decay = (cum[:, :, None, t0:t1, None] - cum[:, :, None, None, :t1]).to(bts.dtype)  # float64 prefix sums: exact
+        logb = (torch.log(bts) + decay).masked_fill(~la_mask, _NEG)
         logq = logb - torch.logsumexp(logb, -1, keepdim=True)
     return (p * (logp - logq.masked_fill(~la_mask, 0.0))).sum(-1)  # (B, Hkv, G, C); p = 0 where masked
 
@@ -113,9 +114,9 @@ def attention_weights_kl(q, k, qf, kf, *, scale: float, window: int | None = Non
     hkv = k.shape[1]
     qg, qfg = group_queries(q, hkv), group_queries(qf, hkv)
     kls = []
+    cum = None if log_decay is None else log_decay.double().cumsum(-1)
     for t0 in range(0, t, block):
         t1 = min(t0 + block, t)
-        cum = None if log_decay is None else log_decay.float().cumsum(-1)
         args = (qg[:, :, :, t0:t1], qfg[:, :, :, t0:t1], k, kf, scale, window, valid, t0, eps, cum)
         # several blocks: recompute each in the backward pass, so only one block's (C x T) tensors live at once
         trains = qf.requires_grad or kf.requires_grad or (log_decay is not None and log_decay.requires_grad)

@@ -21,6 +21,10 @@ PLACEMENTS = ("complementary", "overlap")
 MIX_GATES = ("fixed", "learned", "dynamic")
 FEATURE_SIZES = ("full", "half")
 BACKENDS = ("auto", "torch", "triton", "reference")
+#: Kinds of the linear branch's state (their definitions and registry: linearize.attention.linear).
+LINEAR_STATE_KINDS = ("sum", "gated", "delta")
+#: Kinds whose state has a normaliser (den); the others give den = 1 and need the 'mix' combine rule.
+NORMALISED_STATES = ("sum", "gated")
 
 
 @dataclass
@@ -39,6 +43,9 @@ class HybridConfig:
     softmax_sinks: int = field(default=0, metadata={"help": "Attention sinks kept in the softmax branch (StreamingLLM): in 'hybrid' and 'swa_only' modes softmax covers the window plus the first n valid tokens of the row; with placement 'complementary' the linear branch leaves them out. 0 = off. Not the same as num_sinks (the 'sinks_only' diagnostic)."})
     sparse_memory: int = field(default=0, metadata={"help": "Sparse exact memory (LoLA-style), 'hybrid' mode only: every memory_block tokens, the keys in memory and those that left the window since are scored by how badly the linear state recalls their values, ||v - phi(k)^T S / phi(k)^T z||^2; the sparse_memory highest-scoring keys (per row and KV head) stay exact in the softmax branch, the rest join the linear state. Training-free; the decode state grows by a fixed m + memory_block keys. 0 = off. Exact definition: linearize.attention.reference."})
     memory_block: int = field(default=64, metadata={"help": "sparse_memory: tokens between memory updates (block boundaries at multiples of it, padding counted); between updates the keys that left the window stay in the softmax branch, so softmax covers up to window + memory_block - 1 recent keys."})
+    linear_state: str = field(default="sum", metadata={"help": "State of the linear branch (linearize.attention.linear): 'sum' (normalised linear attention, LoLCATs), 'gated' (the same with a learned per-head, per-token decay, GLA-style; log_decay = -softplus(x W + b)), 'delta' (gated delta rule, Gated DeltaNet; unnormalised: combine 'mix' only)."})
+    decay_init: float = field(default=0.999, metadata={"help": "linear_state 'gated' (and 'delta'): the initial per-token decay exp(log_decay) of every head (W = 0, b set from it); 0.999 forgets over ~1000 tokens, close to 'sum' at conversion."})
+    delta_beta_init: float = field(default=0.5, metadata={"help": "linear_state 'delta': the initial write strength beta = sigmoid(x W + b) of every head (W = 0, b set from it)."})
     chunk_size: int = field(default=64, metadata={"help": "Query/key block size of the chunked implementations."})
     backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA when available, else chunked PyTorch), 'torch', 'triton' or 'reference' (quadratic spec, for tests)."})
     layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers) or a list of layer indices."})
@@ -65,6 +72,17 @@ class HybridConfig:
         if self.backend == "triton" and self.softmax_extras:
             raise ValueError("softmax_sinks and sparse_memory run on the PyTorch paths only; the Triton kernels do not "
                              "implement them: use backend 'auto' or 'torch'")
+        if self.linear_state not in LINEAR_STATE_KINDS:
+            raise ValueError(f"HybridConfig.linear_state={self.linear_state!r}; expected one of {LINEAR_STATE_KINDS}")
+        if not 0.0 < self.decay_init < 1.0 or not 0.0 < self.delta_beta_init < 1.0:
+            raise ValueError("decay_init must be in (0, 1) and delta_beta_init in (0, 1)")
+        if self.linear_state != "sum" and self.sparse_memory:
+            raise ValueError("sparse_memory scores keys against the 'sum' state only; set sparse_memory=0 or linear_state='sum'")
+        if self.linear_state != "sum" and self.backend == "triton":
+            raise ValueError(f"the Triton kernels compute the 'sum' state only; use backend 'auto' or 'torch' with "
+                             f"linear_state={self.linear_state!r}")
+        if self.linear_state not in NORMALISED_STATES and self.combine == "shared_norm":
+            raise ValueError(f"linear_state={self.linear_state!r} has no normaliser for 'shared_norm'; set combine='mix'")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
 

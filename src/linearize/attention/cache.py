@@ -61,7 +61,8 @@ class HybridCacheLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:
-            rows = torch.arange(self.state.S.shape[0], device=self.state.S.device).repeat_interleave(repeats)
+            valid = self.state.buf_valid
+            rows = torch.arange(valid.shape[0], device=valid.device).repeat_interleave(repeats)
             self.state = self.state.index_select(rows)
 
 

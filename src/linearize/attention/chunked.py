@@ -1,9 +1,8 @@
 """Chunked PyTorch implementation: no (T x T) tensor; time and memory grow linearly with T.
 
 Sliding window: queries in blocks of C attend to a key block of C + w - 1 (a band mask inside it).
-Linear branch: causal linear attention over keys shifted right by `shift` positions (w for
-'complementary', 0 otherwise) -- sum_{s <= t - shift} phi(k_s) v_s -- done as intra-chunk products
-plus an exclusive prefix sum of per-chunk states.
+Linear branch: the `linear_state` kind's `chunked` sums (or its `fla_forward`) with keys entering w steps late for
+'complementary', 0 otherwise (attention.linear).
 Softmax sinks and sparse memory (see `reference`) add key sets to the softmax branch; each set's max-shifted sums
 carry their max, and `merge_softmax` joins them into one softmax.
 """
@@ -14,15 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, safe_div,
+    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, pad_time, safe_div,
     sink_positions, softcapped, ungroup,
 )
+from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.memory import memory_walk
-
-
-def _pad_time(x: torch.Tensor, front: int, back: int, dim: int = 2) -> torch.Tensor:
-    pad = [0, 0] * (x.dim() - dim - 1) + [front, back]
-    return F.pad(x, pad)
 
 
 def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_start=False, with_max=False):
@@ -36,9 +31,9 @@ def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_
     n = -(-t // chunk)
     tp = n * chunk
     span = chunk + window - 1
-    qg = group_queries(_pad_time(q, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, d)
-    kb = _pad_time(k, window - 1, tp - t).unfold(2, span, chunk)  # (B, Hkv, N, d, span)
-    vb = _pad_time(v, window - 1, tp - t).unfold(2, span, chunk)
+    qg = group_queries(pad_time(q, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, d)
+    kb = pad_time(k, window - 1, tp - t).unfold(2, span, chunk)  # (B, Hkv, N, d, span)
+    vb = pad_time(v, window - 1, tp - t).unfold(2, span, chunk)
     vmask = F.pad(valid, (window - 1, tp - t)).unfold(1, span, chunk)  # (B, N, span)
     i = torch.arange(chunk, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
@@ -49,39 +44,6 @@ def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_
     num = ungroup(num.reshape(b, hkv, hq // hkv, tp, d))[:, :, :t]
     den, c = (ungroup(x.reshape(b, hkv, hq // hkv, tp))[:, :, :t] for x in (den, c))
     return (num, den, c) if with_max else (num, den)
-
-
-def linear_sums(qf, kf, v, valid, *, shift, chunk, state=None):
-    """Causal linear attention over keys shifted right by `shift`: sums over s <= t - shift.
-
-    `state` = (S0 (B, Hkv, m, d), z0 (B, Hkv, m)) adds keys seen before this call to every query.
-    """
-    b, hq, t, m = qf.shape
-    hkv, d = kf.shape[1], v.shape[-1]
-    kf = (kf * valid[:, None, :, None].to(kf.dtype))
-    kf = _pad_time(kf, shift, 0)[:, :, :t]
-    v = _pad_time(v, shift, 0)[:, :, :t]
-    n = -(-t // chunk)
-    tp = n * chunk
-    qc = group_queries(_pad_time(qf, 0, tp - t), hkv).reshape(b, hkv, hq // hkv, n, chunk, m)
-    kc = _pad_time(kf, 0, tp - t).reshape(b, hkv, n, chunk, m)
-    vc = _pad_time(v, 0, tp - t).reshape(b, hkv, n, chunk, d)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=qf.device).tril()
-    scores = torch.einsum("bhgncm,bhnsm->bhgncs", qc, kc) * causal
-    num = torch.einsum("bhgncs,bhnsd->bhgncd", scores, vc)
-    den = scores.sum(-1)
-    kv = torch.einsum("bhnsm,bhnsd->bhnmd", kc, vc)
-    ks = kc.sum(3)
-    kv_before = torch.cumsum(kv, dim=2) - kv  # state from the chunks before each chunk
-    ks_before = torch.cumsum(ks, dim=2) - ks
-    if state is not None:
-        kv_before = kv_before + state[0][:, :, None]
-        ks_before = ks_before + state[1][:, :, None]
-    num = num + torch.einsum("bhgncm,bhnmd->bhgncd", qc, kv_before)
-    den = den + torch.einsum("bhgncm,bhnm->bhgnc", qc, ks_before)
-    num = ungroup(num.reshape(b, hkv, hq // hkv, tp, d))[:, :, :t]
-    den = ungroup(den.reshape(b, hkv, hq // hkv, tp))[:, :, :t]
-    return num, den
 
 
 def sink_sums(q, k, v, valid, *, scale, num_sinks, softcap=None, offset=0, with_max=False):
@@ -105,8 +67,8 @@ def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots, soft
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     n = -(-t // block)
-    qg = group_queries(_pad_time(q, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, d)
-    qfg = group_queries(_pad_time(qf, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, qf.shape[-1])
+    qg = group_queries(pad_time(q, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, d)
+    qfg = group_queries(pad_time(qf, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, qf.shape[-1])
     soft, lin = [], []
     for j, (S, z, (mk, mv, _, mvalid)) in enumerate(
             memory_walk(k, v, kf, candidate, window=window, block=block, slots=slots, blocks=n, dtype=q.dtype)):
@@ -128,9 +90,19 @@ def hybrid_attention_chunked(
     q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
     placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid=None,
     softcap: float | None = None, chunk_size: int = 64, softmax_sinks: int = 0, sparse_memory: int = 0,
-    memory_block: int = 64,
+    memory_block: int = 64, linear_state: str = "sum", log_decay=None, beta=None, linear_backend: str = "chunked",
 ) -> torch.Tensor:
+    """`linear_backend`: 'chunked' (the kind's PyTorch sums) or 'fla' (its flash-linear-attention kernels)."""
     check_mode(mode)
+    kind = linear_state_kind(linear_state)
+    linear_fn = kind.fla_forward if linear_backend == "fla" else kind.chunked
+    if linear_fn is None:
+        raise ValueError(f"linear state {linear_state!r} has no {linear_backend!r} backend")
+    extra = {} if linear_backend == "fla" else {"chunk": chunk_size}
+
+    def linear_sums(enter, lag):
+        return linear_fn(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag, **extra)
+
     b, hq, t, _ = q.shape
     if valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
@@ -139,14 +111,13 @@ def hybrid_attention_chunked(
     if mode == "sinks_only":
         return safe_div(*sink_sums(q, k, v, valid, scale=scale, num_sinks=num_sinks, softcap=softcap))
     if mode == "la_only":
-        return safe_div(*linear_sums(qf, kf, v, valid, shift=0, chunk=chunk_size))
+        return safe_div(*linear_sums(valid, 0))
     memory = sparse_memory > 0 and mode == "hybrid"
     if not (softmax_sinks or memory):
         swa = window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk_size, softcap=softcap)
         if mode == "swa_only":
             return safe_div(*swa)
-        shift = window if placement == "complementary" else 0
-        la = linear_sums(qf, kf, v, valid, shift=shift, chunk=chunk_size)
+        la = linear_sums(valid, window if placement == "complementary" else 0)
         return combine(rule, expand_weight(weight, b, hq, t, q), swa, la)
     # softmax over window (stretched to the block start with memory) + sinks (+ memory): disjoint sets, merged
     sinks = first_valid(valid, softmax_sinks)
@@ -167,9 +138,9 @@ def hybrid_attention_chunked(
     if mode == "swa_only":
         return safe_div(*swa)
     if placement == "overlap":
-        la = linear_sums(qf, kf, v, valid, shift=0, chunk=chunk_size)
+        la = linear_sums(valid, 0)
     elif memory:
         la = la_mem
     else:
-        la = linear_sums(qf, kf, v, valid & ~sinks, shift=window, chunk=chunk_size)
+        la = linear_sums(valid & ~sinks, window)
     return combine(rule, expand_weight(weight, b, hq, t, q), swa, la)

@@ -9,8 +9,14 @@ Branch sums arrive as numerators (B, Hq, T, d) and denominators (B, Hq, T).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from linearize.config import COMPONENT_MODES
+
+
+def pad_time(x: torch.Tensor, front: int, back: int, dim: int = 2) -> torch.Tensor:
+    """x with `front` zeros before and `back` zeros after along the time axis `dim`."""
+    return F.pad(x, [0, 0] * (x.dim() - dim - 1) + [front, back])
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -8,16 +8,19 @@ can replace 'hybrid' by 'la_only' through `drop_swa` (Scheduled Sliding-window D
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from linearize.attention.adapters import FamilyAdapter, head_dim, layer_types
 from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import check_mode
-from linearize.attention.recurrent import decode_step, prefill_state
+from linearize.attention.linear import linear_state
+from linearize.attention.recurrent import decode_step, linear_lag, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.config import LINEAR_MODES, HybridConfig
 from linearize.feature_maps import FeatureMap
@@ -59,10 +62,13 @@ class PaddingContext:
 
 
 def hybrid_param_kind(name: str) -> str | None:
-    """What a parameter that a conversion adds is, from its name in the model: 'feature_map', 'mixing' (gamma, the
-    learned or input-dependent gate) or None for the base model's own parameters (LoRA included)."""
+    """What a parameter that a conversion adds is, from its name in the model: 'feature_map', 'linear_state' (the
+    gated/delta states' decay and beta projections; they train with the feature maps), 'mixing' (gamma, the learned or
+    input-dependent gate) or None for the base model's own parameters (LoRA included)."""
     if ".feature_map_q." in name or ".feature_map_k." in name:
         return "feature_map"
+    if ".decay_proj." in name or ".beta_proj." in name:
+        return "linear_state"
     if name.endswith(("gamma_logit", "gate_logit")) or ".gate." in name:
         return "mixing"
     return None
@@ -70,6 +76,20 @@ def hybrid_param_kind(name: str) -> str | None:
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
+
+
+@functools.cache
+def _fla_imports() -> bool:
+    try:
+        import fla.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fla_available(x: torch.Tensor) -> bool:
+    """flash-linear-attention (the optional GPU extra) runs the non-'sum' linear states on CUDA."""
+    return x.is_cuda and _fla_imports()
 
 
 def _triton_available(x: torch.Tensor) -> bool:
@@ -108,6 +128,15 @@ class HybridAttention(nn.Module):
             self.gate = nn.Linear(model_config.hidden_size, self.num_heads)
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, _logit(min(max(h.mix_value, 1e-4), 1 - 1e-4)))
+        self.linear_kind = linear_state(h.linear_state)
+        if self.linear_kind.needs_log_decay:  # log_decay = -softplus(x W + b); W = 0 starts every head at decay_init
+            self.decay_proj = nn.Linear(model_config.hidden_size, self.num_kv_heads)
+            nn.init.zeros_(self.decay_proj.weight)
+            nn.init.constant_(self.decay_proj.bias, math.log(1 / h.decay_init - 1))
+        if self.linear_kind.needs_beta:  # beta = sigmoid(x W + b)
+            self.beta_proj = nn.Linear(model_config.hidden_size, self.num_kv_heads)
+            nn.init.zeros_(self.beta_proj.weight)
+            nn.init.constant_(self.beta_proj.bias, _logit(h.delta_beta_init))
         kinds = layer_types(model_config)
         # the base layer's own softmax window (Gemma 3 local layers, Mistral): the teacher's attention span
         self.base_sliding_window = model_config.sliding_window if kinds[layer_idx] == "sliding_attention" else None
@@ -142,19 +171,40 @@ class HybridAttention(nn.Module):
             return torch.sigmoid(self.gate(hidden_states)).transpose(1, 2)
         return h.mix_value
 
-    def attend(self, q, k, v, weight, valid, mode: str) -> torch.Tensor:
-        """The hybrid layer's per-head output (B, Hq, T, d) for one component mode, full sequence."""
+    def state_inputs(self, hidden_states, valid) -> dict:
+        """The linear state's gates from the layer input (B, T, hidden), fp32 (B, Hkv, T): log_decay (0 at padding,
+        so a padded row decays as the row alone) and beta; {} for the 'sum' state."""
+        x = hidden_states.float()
+        out = {}
+        for name, proj, fn in (("log_decay", "decay_proj", lambda a: -F.softplus(a)), ("beta", "beta_proj", torch.sigmoid)):
+            if hasattr(self, proj):
+                layer = getattr(self, proj)
+                out[name] = fn(F.linear(x, layer.weight.float(), layer.bias.float())).transpose(1, 2)
+        if "log_decay" in out and valid is not None:
+            out["log_decay"] = out["log_decay"] * valid[:, None, :].to(torch.float32)
+        return out
+
+    def attend(self, q, k, v, weight, valid, mode: str, gates: dict | None = None) -> torch.Tensor:
+        """The hybrid layer's per-head output (B, Hq, T, d) for one component mode, full sequence. `gates`: the linear
+        state's log_decay / beta (`state_inputs`), needed by the kinds that use them."""
         h = self.hybrid
+        gates = gates or {}
+        kind = self.linear_kind
+        needed = {name for name, needs in (("log_decay", kind.needs_log_decay), ("beta", kind.needs_beta)) if needs}
+        if mode in LINEAR_MODES and not needed <= set(gates):
+            raise ValueError(f"linear_state {h.linear_state!r} needs the layer's gates: pass gates=module.state_inputs(hidden_states, valid)")
         kwargs = dict(scale=self.scale, window=h.window, weight=weight, rule=h.combine, placement=h.placement,
                       mode=mode, num_sinks=h.num_sinks, valid=valid)
         # softmax sinks and sparse memory change 'hybrid' and 'swa_only' only; the Triton kernels do not have them
         extras = h.softmax_extras and mode in ("hybrid", "swa_only")
         if extras:
             kwargs.update(softmax_sinks=h.softmax_sinks, sparse_memory=h.sparse_memory, memory_block=h.memory_block)
-        backend = h.backend
+        backend, linear_backend = h.backend, "chunked"
         if backend == "auto":
-            backend = "triton" if _triton_available(q) and not extras else "torch"
-            if backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * h.chunk_size and not h.sparse_memory:
+            backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
+            if not kind.triton and kind.fla_forward is not None and _fla_available(q):
+                linear_backend = "fla"
+            elif backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * h.chunk_size and not h.sparse_memory:
                 backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
         if mode in LINEAR_MODES or backend == "triton":
             qf, kf = self.feature_map_q(q), self.feature_map_k(k)
@@ -176,9 +226,10 @@ class HybridAttention(nn.Module):
         f32 = [x.float() for x in (q, k, v, qf, kf)]
         if torch.is_tensor(weight):
             kwargs["weight"] = weight.float()
+        kwargs.update(linear_state=h.linear_state, **gates)
         if backend == "reference":
             return hybrid_attention_reference(*f32, **kwargs).to(dtype)
-        return hybrid_attention_chunked(*f32, chunk_size=h.chunk_size, **kwargs).to(dtype)
+        return hybrid_attention_chunked(*f32, chunk_size=h.chunk_size, linear_backend=linear_backend, **kwargs).to(dtype)
 
     def head_mode_list(self) -> list[str]:
         modes = [self.mode] * self.num_heads
@@ -197,58 +248,64 @@ class HybridAttention(nn.Module):
         weight = self.mixing_weight(hidden_states)
         hook = self.transfer_hook if cache is None else None
         out = hook(self, q, k, v, valid, weight, hidden_states) if hook is not None else None
+        gates = self.state_inputs(hidden_states, valid) if out is None else {}
         if out is None and cache is not None:
-            out = self._forward_cached(cache, q, k, v, weight, valid)
+            out = self._forward_cached(cache, q, k, v, weight, valid, gates)
         elif out is None:
-            out = self._forward_full(q, k, v, weight, valid)
+            out = self._forward_full(q, k, v, weight, valid, gates)
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out), None
 
-    def _forward_full(self, q, k, v, weight, valid):
+    def _forward_full(self, q, k, v, weight, valid, gates=None):
         modes = self.head_mode_list()
         drop = self.drop_swa
         if drop is not None and not (isinstance(drop, bool) and not drop) and "hybrid" in modes:
             if isinstance(drop, bool):
                 modes = ["la_only" if m == "hybrid" else m for m in modes]
             else:  # per sample: la_only rows where drop is True
-                hybrid = self._by_head(q, k, v, weight, valid, modes)
-                dropped = self._by_head(q, k, v, weight, valid, ["la_only" if m == "hybrid" else m for m in modes])
+                hybrid = self._by_head(q, k, v, weight, valid, modes, gates)
+                dropped = self._by_head(q, k, v, weight, valid, ["la_only" if m == "hybrid" else m for m in modes], gates)
                 return torch.where(drop.view(-1, 1, 1, 1).to(q.device), dropped, hybrid)
-        return self._by_head(q, k, v, weight, valid, modes)
+        return self._by_head(q, k, v, weight, valid, modes, gates)
 
-    def _by_head(self, q, k, v, weight, valid, modes):
+    def _by_head(self, q, k, v, weight, valid, modes, gates=None):
         distinct = sorted(set(modes))
         if len(distinct) == 1:
-            return self.attend(q, k, v, weight, valid, distinct[0])
+            return self.attend(q, k, v, weight, valid, distinct[0], gates)
         out = torch.zeros_like(q)
         for mode in distinct:
             heads = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=q.device)
-            out[:, heads] = self.attend(q, k, v, weight, valid, mode)[:, heads]
+            out[:, heads] = self.attend(q, k, v, weight, valid, mode, gates)[:, heads]
         return out
 
-    def _forward_cached(self, cache, q, k, v, weight, valid):
+    def _forward_cached(self, cache, q, k, v, weight, valid, gates):
         layer = hybrid_cache_layer(cache, self.layer_idx)
         h = self.hybrid
         if layer.state is None:
-            out = self._forward_full(q, k, v, weight, valid)
+            out = self._forward_full(q, k, v, weight, valid, gates)
             kf = self.feature_map_k(k)
             if valid is None:
                 valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+            # non-additive states keep one state per lag the modes read (linear_lag); 'sum' serves every mode
+            lags = {linear_lag(m, h.placement, h.window) for m in self.head_mode_list()} - {None}
             layer.state = prefill_state(k, v, kf, valid, window=h.window, num_sinks=h.num_sinks, softmax_sinks=h.softmax_sinks,
-                                        sparse_memory=h.sparse_memory, memory_block=h.memory_block)
+                                        sparse_memory=h.sparse_memory, memory_block=h.memory_block,
+                                        linear_state=h.linear_state, lags=lags, **gates)
             return out
         modes = self.head_mode_list()
         qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         step = decode_step
-        if not h.softmax_extras and (h.backend == "triton" or (h.backend == "auto" and _triton_available(q))):
+        if self.linear_kind.triton and not h.softmax_extras and (
+                h.backend == "triton" or (h.backend == "auto" and _triton_available(q))):
             from linearize.attention.triton import decode_step_triton as step
         outs = []
         for i in range(q.shape[2]):
             sl = slice(i, i + 1)
             w = weight[..., sl] if torch.is_tensor(weight) and weight.dim() == 3 else weight
             step_valid = None if valid is None else valid[:, sl]
+            step_gates = {name: g[:, :, sl] for name, g in gates.items()}
             # every mode reads the state before this token; then the token is appended once, in place
             per_mode = step(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], modes=sorted(set(modes)),
-                            valid=step_valid, scale=self.scale, weight=w, rule=h.combine, placement=h.placement)
+                            valid=step_valid, scale=self.scale, weight=w, rule=h.combine, placement=h.placement, **step_gates)
             outs.append(per_mode[modes[0]] if len(per_mode) == 1 else torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1))
         return torch.cat(outs, dim=2)

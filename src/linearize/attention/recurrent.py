@@ -1,7 +1,12 @@
 """Recurrent decoding: a fixed-shape state per layer, read by the one-token output and advanced in place.
 
 After n tokens the state holds
-  S, z    sum of phi(k_s) v_s^T and phi(k_s) over keys s <= n - w (older than the next query's window),
+  linear  the linear branch's state (`attention.linear`). Kind 'sum' (additive): one (S, z), the sum of
+          phi(k_s) v_s^T and phi(k_s) over keys s <= n - w (older than the next query's window); the modes that cover
+          the window's keys too add them from the ring at read time. Other kinds: one `LinearSlot` per lag the layer's
+          modes need at prefill (w for 'complementary' hybrid, 0 for 'la_only' / 'overlap'), each the kind's state
+          after steps 0 .. n-1 plus, for lag w, the key that enters at the next step (the one that just left the ring);
+          each decoding step first advances these states (`step_linear`: decay, key enters, query reads),
   ring    w - 1 slots holding the last min(n, w - 1) keys, values, key features; empty slots are marked invalid,
           and `slot` (a device tensor) is where the next key goes: the oldest key once the ring is full,
   sinks   the first max(num_sinks, softmax_sinks) valid keys and values: 'sinks_only' reads num_sinks of them, the
@@ -23,21 +28,55 @@ A step (`decode_step`) is `decode_output` for each component mode needed (reads 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, safe_div, sink_positions,
-    softcapped, ungroup,
+    check_mode,
+    combine,
+    expand_weight,
+    first_valid,
+    group_queries,
+    masked_softmax_sums,
+    safe_div,
+    sink_positions,
+    softcapped,
+    ungroup,
 )
+from linearize.attention.linear import linear_state as linear_state_kind
+from linearize.attention.linear import sum as sum_kind
+from linearize.attention.linear.common import KVState, shift_time
 from linearize.attention.memory import SparseMemory, memory_boundary, memory_walk
 
 
 @dataclass
+class LinearSlot:
+    """A non-additive kind's state for one lag, and (lag > 0) the key entering it at the next step."""
+
+    lag: int
+    state: Any
+    pend_kf: torch.Tensor | None = None  # (B, Hkv, m)
+    pend_v: torch.Tensor | None = None  # (B, Hkv, d)
+    pend_beta: torch.Tensor | None = None  # (B, Hkv), kinds with beta
+    pend_enter: torch.Tensor | None = None  # (B,)
+
+    def pending(self) -> list[torch.Tensor]:
+        return [t for t in (self.pend_kf, self.pend_v, self.pend_beta, self.pend_enter) if t is not None]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.state.tensors() + self.pending()
+
+    def index_select(self, rows: torch.Tensor) -> "LinearSlot":
+        pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
+        return LinearSlot(self.lag, self.state.index_select(rows), *(pick(t) for t in
+                          (self.pend_kf, self.pend_v, self.pend_beta, self.pend_enter)))
+
+
+@dataclass
 class HybridState:
-    S: torch.Tensor  # (B, Hkv, m, d)
-    z: torch.Tensor  # (B, Hkv, m)
+    linear: Any  # kind 'sum': a KVState (S (B, Hkv, m, d), z (B, Hkv, m)); other kinds: a tuple of LinearSlot
     buf_k: torch.Tensor  # (B, Hkv, w - 1, d): the ring, in slot order (not time order)
     buf_v: torch.Tensor
     buf_kf: torch.Tensor  # (B, Hkv, w - 1, m)
@@ -52,10 +91,36 @@ class HybridState:
     sink_kf: torch.Tensor | None = None  # (B, Hkv, n, m), with softmax sinks
     left_count: torch.Tensor | None = None  # (B, 1) long, with softmax sinks or sparse memory
     memory: SparseMemory | None = None
+    kind: str = "sum"
+    buf_beta: torch.Tensor | None = None  # (B, Hkv, w - 1) fp32: the ring keys' beta, kinds with beta
+
+    @property
+    def additive(self) -> bool:
+        """The registry's word: an additive state (S, z) is read together with the ring's keys."""
+        return linear_state_kind(self.kind).additive
+
+    def _sum_state(self) -> KVState:
+        if not self.additive:
+            raise ValueError(f"this decode path (Triton kernels, CUDA-graph capture) holds the 'sum' linear state only; "
+                             f"linear_state={self.kind!r} decodes eagerly with backend 'auto' or 'torch'")
+        return self.linear
+
+    @property
+    def S(self) -> torch.Tensor:
+        return self._sum_state().S
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self._sum_state().z
+
+    def linear_tensors(self) -> list[torch.Tensor]:
+        if self.additive:
+            return self.linear.tensors()
+        return [t for slot in self.linear for t in slot.tensors()] + ([self.buf_beta] if self.buf_beta is not None else [])
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [t for t in (self.sink_kf, self.left_count) if t is not None]
-        return ([self.S, self.z, self.buf_k, self.buf_v, self.buf_kf, self.buf_valid, self.sink_k, self.sink_v, self.sink_valid]
+        return (self.linear_tensors() + [self.buf_k, self.buf_v, self.buf_kf, self.buf_valid, self.sink_k, self.sink_v, self.sink_valid]
                 + extra + (self.memory.tensors() if self.memory is not None else []))
 
     def nbytes(self) -> int:
@@ -64,8 +129,9 @@ class HybridState:
     def index_select(self, rows: torch.Tensor) -> "HybridState":
         """Rows of the batch (beam search reordering, batch selection); all rows share the ring position."""
         pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
-        names = ("S", "z", "buf_k", "buf_v", "buf_kf", "buf_valid", "sink_k", "sink_v", "sink_valid", "sink_kf", "left_count")
-        return replace(self, **{n: pick(getattr(self, n)) for n in names}, slot=self.slot.clone(),
+        names = ("buf_k", "buf_v", "buf_kf", "buf_valid", "sink_k", "sink_v", "sink_valid", "sink_kf", "left_count", "buf_beta")
+        linear = self.linear.index_select(rows) if self.additive else tuple(s.index_select(rows) for s in self.linear)
+        return replace(self, linear=linear, **{n: pick(getattr(self, n)) for n in names}, slot=self.slot.clone(),
                        memory=None if self.memory is None else self.memory.index_select(rows))
 
 
@@ -79,9 +145,55 @@ def _pad_slots(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim)
 
 
+def linear_lag(mode: str, placement: str, window: int) -> int | None:
+    """The lag of the linear state a component mode reads (None: it reads none)."""
+    if mode == "la_only" or (mode == "hybrid" and placement == "overlap"):
+        return 0
+    return window if mode == "hybrid" else None
+
+
+def _kind_final_state(kind, kf, v, *, log_decay, beta, enter, lag):
+    """The kind's state after the whole prompt: its closed form, or its step run over the prompt."""
+    if kind.final_state is not None:
+        return kind.final_state(kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
+    b, hkv, t, m = kf.shape
+    state = kind.init_state(b, hkv, m, v.shape[-1], dtype=kf.dtype, device=kf.device)
+    entered, vs = shift_time(kf, lag), shift_time(v, lag)
+    enter_at, beta_at = shift_time(enter, lag, dim=1), None if beta is None else shift_time(beta, lag)
+    qf0 = kf.new_zeros(b, hkv, m)  # reads are not needed here
+    for i in range(t):
+        kind.step(state, qf0, entered[:, :, i], vs[:, :, i], log_decay_t=None if log_decay is None else log_decay[:, :, i],
+                  beta_in=None if beta_at is None else beta_at[:, :, i], enter_in=enter_at[:, i])
+    return state
+
+
+def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta):
+    kf, v = kf.float(), v.float()
+    t = kf.shape[2]
+    slots = []
+    for lag in sorted(lags):
+        if lag not in (0, window):
+            raise ValueError(f"linear-state lag {lag}: expected 0 or the window {window}")
+        enter = valid & ~sinks if lag else valid  # 'complementary' leaves the softmax sinks out of the state
+        state = _kind_final_state(kind, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
+        slot = LinearSlot(lag, state)
+        if lag:  # key t - lag enters at the next step (none yet: an empty key that may not enter)
+            i = t - lag
+            slot.pend_kf, slot.pend_v = (x[:, :, i].clone() if i >= 0 else torch.zeros_like(x[:, :, 0]) for x in (kf, v))
+            if beta is not None:
+                slot.pend_beta = beta[:, :, i].float() if i >= 0 else torch.zeros_like(beta[:, :, 0], dtype=torch.float32)
+            slot.pend_enter = enter[:, i].clone() if i >= 0 else torch.zeros_like(valid[:, 0])
+        slots.append(slot)
+    return tuple(slots)
+
+
 def prefill_state(k, v, kf, valid, *, window: int, num_sinks: int, softmax_sinks: int = 0, sparse_memory: int = 0,
-                  memory_block: int = 64) -> HybridState:
-    """The state after a whole prompt (k/v (B, Hkv, T, d), kf (B, Hkv, T, m), valid (B, T))."""
+                  memory_block: int = 64, linear_state: str = "sum", lags=(), log_decay=None, beta=None) -> HybridState:
+    """The state after a whole prompt (k/v (B, Hkv, T, d), kf (B, Hkv, T, m), valid (B, T)).
+
+    Kinds other than 'sum': `lags` are the lags of the linear states to keep (`linear_lag` of the modes to decode),
+    log_decay / beta (B, Hkv, T) the layer's gates of the prompt."""
+    kind = linear_state_kind(linear_state)
     b, hkv, t, d = k.shape
     m = kf.shape[-1]
     f32 = torch.promote_types(k.dtype, torch.float32)
@@ -89,7 +201,11 @@ def prefill_state(k, v, kf, valid, *, window: int, num_sinks: int, softmax_sinks
     n_old = max(t - window + 1, 0)  # keys 0 .. t - w
     sinks = first_valid(valid, softmax_sinks)
     memory = None
-    if sparse_memory:
+    if not kind.additive:
+        if sparse_memory:
+            raise ValueError("sparse_memory needs the 'sum' linear state")
+        linear = _prefill_slots(kind, kf, v, valid, sinks, lags=lags, window=window, log_decay=log_decay, beta=beta)
+    elif sparse_memory:
         candidate = valid & ~sinks
         *_, (S, z, slots) = memory_walk(k, v, kf, candidate, window=window, block=memory_block, slots=sparse_memory,
                                         blocks=t // memory_block + 1, dtype=f32)
@@ -98,10 +214,12 @@ def prefill_state(k, v, kf, valid, *, window: int, num_sinks: int, softmax_sinks
         pend = [_pad_slots(F.pad(x, (0, 0, window - 1, 0))[:, :, start:start + count], memory_block, 2) for x in (k, v, kf)]
         pvalid = _pad_slots(F.pad(candidate, (window - 1, 0))[:, start:start + count], memory_block, 1)
         memory = SparseMemory(*slots, *pend, pvalid)
+        linear = KVState(S, z)
     else:
         kf_valid = kf.to(f32) * (valid & ~sinks)[:, None, :, None]
         S = torch.einsum("bhsm,bhsd->bhmd", kf_valid[:, :, :n_old], v[:, :, :n_old].to(f32)).contiguous()
         z = kf_valid[:, :, :n_old].sum(2)
+        linear = KVState(S, z)
     ring = window - 1
     keep = min(t, ring)
     # the kept keys fill slots 0 .. keep-1 in time order, so the next slot is keep (or 0, the oldest, when full)
@@ -109,14 +227,19 @@ def prefill_state(k, v, kf, valid, *, window: int, num_sinks: int, softmax_sinks
     buf_kf, buf_valid = kf.new_zeros(b, hkv, ring, m), valid.new_zeros(b, ring)
     buf_k[:, :, :keep], buf_v[:, :, :keep] = k[:, :, t - keep:], v[:, :, t - keep:]
     buf_kf[:, :, :keep], buf_valid[:, :keep] = kf[:, :, t - keep:], valid[:, t - keep:]
+    buf_beta = None
+    if kind.needs_beta:
+        buf_beta = torch.zeros(b, hkv, ring, dtype=torch.float32, device=k.device)
+        buf_beta[:, :, :keep] = beta[:, :, t - keep:].float()
     n_sinks = max(num_sinks, softmax_sinks)
     idx, sink_valid = sink_positions(valid, n_sinks)
     take = lambda x: _pad_slots(x.gather(2, idx[:, None, :, None].expand(b, hkv, idx.shape[1], x.shape[-1])), n_sinks, 2)  # noqa: E731
     return HybridState(
-        S=S, z=z, buf_k=buf_k, buf_v=buf_v, buf_kf=buf_kf, buf_valid=buf_valid, sink_k=take(k), sink_v=take(v),
+        linear=linear, buf_k=buf_k, buf_v=buf_v, buf_kf=buf_kf, buf_valid=buf_valid, sink_k=take(k), sink_v=take(v),
         sink_valid=_pad_slots(sink_valid, n_sinks, 1), slot=torch.tensor([keep % ring if ring else 0], device=k.device), seen=t,
         num_sinks=num_sinks, softmax_sinks=softmax_sinks, sink_kf=take(kf) if softmax_sinks else None,
         left_count=valid[:, :n_old].sum(1, keepdim=True) if extras else None, memory=memory,
+        kind=linear_state, buf_beta=buf_beta,
     )
 
 
@@ -148,18 +271,15 @@ def _softmax_sums(q, keys, values, mask, scale, softcap):
     return ungroup(num), ungroup(den)
 
 
-def _linear_sums(qf, S, z, window=None):
-    """qf against the state S, z and, when given, further keys (kf, v, valid) one by one."""
-    hkv = S.shape[1]
-    qg = group_queries(qf, hkv)
-    num = torch.einsum("bhgtm,bhmd->bhgtd", qg, S)
-    den = torch.einsum("bhgtm,bhm->bhgt", qg, z)
-    if window is not None:  # S + sum_s kf_s v_s^T without forming that (B, Hkv, m, d) sum
-        kf, v, valid = window
-        a = torch.einsum("bhgtm,bhsm->bhgts", qg, kf) * _keymask(valid)
-        num = num + torch.einsum("bhgts,bhsd->bhgtd", a, v)
-        den = den + a.sum(-1)
-    return ungroup(num), ungroup(den)
+def _linear_read(state: HybridState, qf, extra, lag: int, reads):
+    """The linear branch's sums for one query: kind 'sum' reads S, z plus `extra` keys (kf, v, mask) at read time;
+    other kinds return what `step_linear` read from the state of that lag."""
+    if reads is None:
+        return sum_kind.read(state.linear, qf, extra)
+    if lag not in reads:
+        raise ValueError(f"this cache holds linear_state {state.kind!r} for lags {sorted(reads)} (the modes at prefill), "
+                         f"not lag {lag}: start generation with an empty cache to decode in this mode")
+    return reads[lag]
 
 
 def _join(sets, f32):
@@ -170,7 +290,8 @@ def _join(sets, f32):
     return k, v, kf, mask
 
 
-def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, *, scale, weight, rule, placement, mode, softcap, f32):
+def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, *, scale, weight, rule, placement, mode, softcap, f32,
+                     reads=None):
     """decode_output with softmax sinks and/or sparse memory: the key sets of the reference's definition."""
     window = [(state.buf_k, state.buf_v, state.buf_kf, state.buf_valid), (k, v, kf, valid)]
     sinks = []  # softmax sinks that have left the window (the others are in it)
@@ -182,11 +303,11 @@ def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, *, scale, wei
     exact = [] if mem is None else [(mem.k, mem.v, mem.kf, mem.valid), (mem.pend_k, mem.pend_v, mem.pend_kf, mem.pend_valid)]
     if mode == "la_only" or (mode == "hybrid" and placement == "overlap"):
         _, av, akf, amask = _join(sinks + exact + window, f32)  # every key so far: S + these
-        la = _linear_sums(qfc, state.S, state.z, (akf, av, amask))
+        la = _linear_read(state, qfc, (akf, av, amask), 0, reads)
         if mode == "la_only":
             return safe_div(*la)
     else:
-        la = _linear_sums(qfc, state.S, state.z)
+        la = None if mode == "swa_only" else _linear_read(state, qfc, None, state.buf_k.shape[2] + 1, reads)
     sk, sv, _, smask = _join(sinks + window if mode == "swa_only" else sinks + exact + window, f32)
     swa = _softmax_sums(qc, sk, sv, smask, scale, softcap)
     if mode == "swa_only":
@@ -196,11 +317,12 @@ def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, *, scale, wei
 
 def decode_output(
     state: HybridState, q, k, v, qf, kf, *, scale: float, weight=0.1, rule: str = "shared_norm",
-    placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None,
+    placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None, reads=None,
 ) -> torch.Tensor:
     """One token's output (B, Hq, 1, d): q (B, Hq, 1, d), k/v (B, Hkv, 1, d), qf/kf features, valid (B, 1).
 
     The window is the ring plus the new key (slot order does not matter to the sums); the state is only read.
+    `reads`: for kinds other than 'sum', the linear sums per lag of this token (`step_linear`).
     """
     check_mode(mode)
     b, hq = q.shape[:2]
@@ -217,33 +339,58 @@ def decode_output(
         return safe_div(*_softmax_sums(qc, sink_k.to(f32), sink_v.to(f32), sink_valid, scale, softcap)).to(q.dtype)
     if state.left_count is not None:
         return _extended_output(state, qc, qfc, k, v, kf, valid, scale=scale, weight=weight, rule=rule,
-                                placement=placement, mode=mode, softcap=softcap, f32=f32).to(q.dtype)
+                                placement=placement, mode=mode, softcap=softcap, f32=f32, reads=reads).to(q.dtype)
     win_v = torch.cat([state.buf_v, v], 2).to(f32)
     win_valid = torch.cat([state.buf_valid, valid], 1)
     # all keys so far = the state + the window (the current key included)
     all_keys = (torch.cat([state.buf_kf, kf], 2).to(f32), win_v, win_valid)
     if mode == "la_only":
-        out = safe_div(*_linear_sums(qfc, state.S, state.z, all_keys))
+        out = safe_div(*_linear_read(state, qfc, all_keys, 0, reads))
     else:
         swa = _softmax_sums(qc, torch.cat([state.buf_k, k], 2).to(f32), win_v, win_valid, scale, softcap)
         if mode == "swa_only":
             out = safe_div(*swa)
         else:
-            la = _linear_sums(qfc, state.S, state.z, None if placement == "complementary" else all_keys)
+            lag = state.buf_k.shape[2] + 1 if placement == "complementary" else 0
+            la = _linear_read(state, qfc, None if placement == "complementary" else all_keys, lag, reads)
             out = combine(rule, expand_weight(weight, b, hq, 1, qc), swa, la)
     return out.to(q.dtype)
 
 
-def _fold(state: HybridState, kf, v, valid) -> None:
-    """S += valid * kf v^T and z += valid * kf for one key per row (kf (B, Hkv, 1, m), v (B, Hkv, 1, d)), in place."""
-    b, hkv, m, d = state.S.shape
-    kf = kf.to(state.S.dtype) * valid[:, None, :, None].to(state.S.dtype)
-    # one batched rank-1 update: no (B, Hkv, m, d) temporary
-    state.S.view(b * hkv, m, d).baddbmm_(kf.reshape(b * hkv, 1, m).transpose(1, 2), v.to(state.S.dtype).reshape(b * hkv, 1, d))
-    state.z.add_(kf[:, :, 0])
+def _fold(state: HybridState, kf, v, valid, beta=None) -> None:
+    """The key leaving the window (kf (B, Hkv, 1, m), v (B, Hkv, 1, d), valid (B, 1)) joins the linear state: added
+    to S, z at once (kind 'sum'), or made the key that enters the lag-w state at the next step (other kinds)."""
+    if state.additive:
+        sum_kind.fold(state.linear, kf[:, :, 0], v[:, :, 0], valid[:, 0])
+        return
+    for slot in state.linear:
+        if slot.lag:
+            slot.pend_kf.copy_(kf[:, :, 0])
+            slot.pend_v.copy_(v[:, :, 0])
+            slot.pend_enter.copy_(valid[:, 0])
+            if slot.pend_beta is not None:
+                slot.pend_beta.copy_(beta[:, :, 0])
 
 
-def _leave(state: HybridState, k, v, kf, valid) -> None:
+def step_linear(state: HybridState, qf, kf, v, valid, *, log_decay=None, beta=None) -> dict:
+    """Kinds other than 'sum', once per token before its outputs: every held state takes its step (decay, the
+    entering key: this token for lag 0, the pending one for lag w), read with qf. Returns {lag: (num, den)} with
+    num (B, Hq, 1, d), den (B, Hq, 1). qf (B, Hq, 1, m), kf (B, Hkv, 1, m), log_decay / beta (B, Hkv, 1)."""
+    kind = linear_state_kind(state.kind)
+    reads = {}
+    ld = None if log_decay is None else log_decay[:, :, 0].float()
+    for slot in state.linear:
+        if slot.lag:
+            kin, vin, bin_, ein = slot.pend_kf, slot.pend_v, slot.pend_beta, slot.pend_enter
+        else:
+            kin, vin, ein = kf[:, :, 0].float(), v[:, :, 0].float(), valid[:, 0]
+            bin_ = None if beta is None else beta[:, :, 0].float()
+        num, den = kind.step(slot.state, qf[:, :, 0].float(), kin, vin, log_decay_t=ld, beta_in=bin_, enter_in=ein)
+        reads[slot.lag] = (num[:, :, None], den[:, :, None])
+    return reads
+
+
+def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
     """With softmax sinks or sparse memory: the key (k, v, kf, valid) leaving the window goes where the reference
     puts it -- nowhere if it is a softmax sink, else the pending block (then, at a boundary, memory or S, z) or,
     without memory, S and z."""
@@ -253,7 +400,7 @@ def _leave(state: HybridState, k, v, kf, valid) -> None:
     state.left_count.add_(valid.to(state.left_count.dtype))
     mem = state.memory
     if mem is None:
-        _fold(state, kf, v, keep)
+        _fold(state, kf, v, keep, beta)
         return
     block = mem.pend_valid.shape[1]
     i = state.seen % block  # the pending slot of the key leaving as token `seen` arrives
@@ -267,8 +414,9 @@ def _leave(state: HybridState, k, v, kf, valid) -> None:
         mem.pend_valid.zero_()
 
 
-def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True) -> None:
-    """Append one token (k/v (B, Hkv, 1, d), kf (B, Hkv, 1, m), valid (B, 1)) to the state, in place.
+def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True, beta=None) -> None:
+    """Append one token (k/v (B, Hkv, 1, d), kf (B, Hkv, 1, m), valid (B, 1), beta (B, Hkv, 1) for kinds with beta)
+    to the state, in place.
 
     The key in the write slot leaves the window: it is folded into S, z (an empty slot adds zero; `fold=False` when a
     fused kernel already did), then the new key takes its place. Only shapes decide the Python control flow, so this
@@ -282,18 +430,24 @@ def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True
     for dst, src in zip((state.sink_k, state.sink_v, state.sink_valid, state.sink_kf), sinks_after(state, k, v, valid, kf)):
         dst.copy_(src)
     ring = state.buf_k.shape[2]
+    if beta is not None:
+        beta = beta.float()
     if ring == 0:  # window 1: the new key leaves the window at once
         if extended:
-            _leave(state, k, v, kf, valid)
+            _leave(state, k, v, kf, valid, beta)
         elif fold:
-            _fold(state, kf, v, valid)
+            _fold(state, kf, v, valid, beta)
     else:
         slot = state.slot
+        old_beta = None if state.buf_beta is None else state.buf_beta.index_select(2, slot)
         if extended:
             _leave(state, *(x.index_select(2, slot) for x in (state.buf_k, state.buf_v, state.buf_kf)),
-                   state.buf_valid.index_select(1, slot))
+                   state.buf_valid.index_select(1, slot), old_beta)
         elif fold:
-            _fold(state, state.buf_kf.index_select(2, slot), state.buf_v.index_select(2, slot), state.buf_valid.index_select(1, slot))
+            _fold(state, state.buf_kf.index_select(2, slot), state.buf_v.index_select(2, slot), state.buf_valid.index_select(1, slot),
+                  old_beta)
+        if state.buf_beta is not None:
+            state.buf_beta.index_copy_(2, slot, beta)
         state.buf_k.index_copy_(2, slot, k.to(state.buf_k.dtype))
         state.buf_v.index_copy_(2, slot, v.to(state.buf_v.dtype))
         state.buf_kf.index_copy_(2, slot, kf.to(state.buf_kf.dtype))
@@ -302,9 +456,16 @@ def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True
     state.seen += 1
 
 
-def decode_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, **kwargs) -> dict[str, torch.Tensor]:
+def decode_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, log_decay=None, beta=None,
+                **kwargs) -> dict[str, torch.Tensor]:
     """One token: the output of each component mode in `modes` (all against the state before the token), then the
-    token appended in place. `kwargs` are `decode_output`'s (scale, weight, rule, placement, softcap)."""
-    outs = {mode: decode_output(state, q, k, v, qf, kf, mode=mode, valid=valid, **kwargs) for mode in modes}
-    advance_state(state, k, v, kf, valid)
+    token appended in place. `kwargs` are `decode_output`'s (scale, weight, rule, placement, softcap); log_decay /
+    beta (B, Hkv, 1) the layer's gates of this token (kinds that use them)."""
+    reads = None
+    if not state.additive:
+        if valid is None:
+            valid = _ones_valid(k)
+        reads = step_linear(state, qf, kf, v, valid, log_decay=log_decay, beta=beta)
+    outs = {mode: decode_output(state, q, k, v, qf, kf, mode=mode, valid=valid, reads=reads, **kwargs) for mode in modes}
+    advance_state(state, k, v, kf, valid, beta=beta)
     return outs

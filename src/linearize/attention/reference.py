@@ -36,6 +36,8 @@ import torch
 from linearize.attention.common import (
     check_mode, combine, expand_weight, first_valid, group_queries, recall_error, safe_div, softcapped, ungroup,
 )
+from linearize.attention.linear import linear_state as linear_state_kind
+from linearize.attention.linear.sum import masked_sums
 
 
 def memory_sets(kf, v, candidate, *, window: int, block: int, slots: int):
@@ -65,8 +67,12 @@ def hybrid_attention_reference(
     q, k, v, qf, kf, *, scale: float, window: int, weight: torch.Tensor | float = 0.1, rule: str = "shared_norm",
     placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid: torch.Tensor | None = None,
     softcap: float | None = None, softmax_sinks: int = 0, sparse_memory: int = 0, memory_block: int = 64,
+    linear_state: str = "sum", log_decay: torch.Tensor | None = None, beta: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The linear branch is the `linear_state` kind's `naive` definition (attention.linear): keys enter it `lag` steps
+    late (w for 'complementary', else 0), the sinks and padding never ('complementary' LA without the sinks)."""
     check_mode(mode)
+    kind = linear_state_kind(linear_state)
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if valid is None:
@@ -78,7 +84,7 @@ def hybrid_attention_reference(
     causal = diff >= 0
     keymask = valid[:, None, None, None, :]  # (B, 1, 1, 1, S) against (B, Hkv, G, T, S)
 
-    qg, qfg = group_queries(q, hkv), group_queries(qf, hkv)
+    qg = group_queries(q, hkv)
     logits = softcapped(torch.einsum("bhgtd,bhsd->bhgts", qg, k) * scale, softcap)
 
     def softmax_sums(mask):
@@ -89,21 +95,20 @@ def hybrid_attention_reference(
         a = torch.exp(masked - c)
         return ungroup(torch.einsum("bhgts,bhsd->bhgtd", a, v)), ungroup(a.sum(-1))
 
-    def linear_sums(mask):
-        bterm = torch.einsum("bhgtm,bhsm->bhgts", qfg, kf) * (mask & keymask)
-        return ungroup(torch.einsum("bhgts,bhsd->bhgtd", bterm, v)), ungroup(bterm.sum(-1))
+    def linear_sums(enter, lag):
+        return kind.naive(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
 
     if mode == "sinks_only":
         return safe_div(*softmax_sums(causal & first_valid(valid, num_sinks)[:, None, None, None, :]))
     if mode == "la_only":
-        return safe_div(*linear_sums(causal))
+        return safe_div(*linear_sums(valid, 0))
     window_mask = causal & (diff < window)
-    la_mask = diff >= (window if placement == "complementary" else 0)
+    la_enter, la_lag = valid, (window if placement == "complementary" else 0)
     if softmax_sinks:
-        sinks = first_valid(valid, softmax_sinks)[:, None, None, None, :]
-        window_mask = window_mask | (causal & sinks)
+        sinks = first_valid(valid, softmax_sinks)
+        window_mask = window_mask | (causal & sinks[:, None, None, None, :])
         if placement == "complementary":
-            la_mask = la_mask & ~sinks
+            la_enter = valid & ~sinks
     if mode == "swa_only":
         return safe_div(*softmax_sums(window_mask))
     if sparse_memory:
@@ -113,6 +118,7 @@ def hybrid_attention_reference(
         mem, la_set = mem[:, :, blk, :].unsqueeze(2), la_set[:, :, blk, :].unsqueeze(2)  # (B, Hkv, 1, T, S)
         stretched = causal & (pos[None, :] > (blk * memory_block - window)[:, None])  # back to B(t) - w
         window_mask = window_mask | stretched | mem
-        if placement == "complementary":
-            la_mask = la_set
-    return combine(rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask), linear_sums(la_mask))
+        if placement == "complementary":  # the 'sum' state (HybridConfig allows memory with it only)
+            return combine(rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask),
+                           masked_sums(qf, kf, v, la_set & keymask))
+    return combine(rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask), linear_sums(la_enter, la_lag))

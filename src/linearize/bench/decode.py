@@ -18,6 +18,7 @@ from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
 
 from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
 from linearize.attention.graph_decode import GraphDecoder
+from linearize.attention.linear.common import KVState
 from linearize.attention.module import HybridAttention
 from linearize.attention.recurrent import HybridState
 from linearize.bench.timing import copy_bandwidth, free, sync
@@ -57,17 +58,18 @@ def _fill_base_cache(model, batch, ctx, dtype, device="cuda"):
 def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
     from transformers import DynamicCache
 
-
     cfg = model.config
     cache = DynamicCache(config=cfg)
     mods = {m.layer_idx: m for m in model.modules() if isinstance(m, HybridAttention)}
     for i, mod in mods.items():
+        if mod.hybrid.linear_state != "sum":  # the synthetic state below is the 'sum' kind's (S, z)
+            raise ValueError(f"the decode benchmark builds 'sum' states; layer {i} has linear_state {mod.hybrid.linear_state!r}")
         ring = mod.hybrid.window - 1
         hkv, d, m, n = cfg.num_key_value_heads, cfg.head_dim, mod.feature_map_k.num_features, mod.hybrid.num_sinks
         keep = min(ctx, ring)
         dev = device
         st = HybridState(
-            S=torch.randn(batch, hkv, m, d, device=dev) * 0.01, z=torch.rand(batch, hkv, m, device=dev) + 1,
+            linear=KVState(torch.randn(batch, hkv, m, d, device=dev) * 0.01, torch.rand(batch, hkv, m, device=dev) + 1),
             buf_k=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype), buf_v=torch.randn(batch, hkv, ring, d, device=dev, dtype=dtype),
             buf_kf=torch.rand(batch, hkv, ring, m, device=dev, dtype=dtype),
             buf_valid=(torch.arange(ring, device=dev) < keep).expand(batch, ring).contiguous(),

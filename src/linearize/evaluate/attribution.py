@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from linearize.attention.chunked import linear_sums, window_sums
+from linearize.attention.chunked import window_sums
+from linearize.attention.linear import linear_state
 from linearize.documents import iter_documents
 from linearize.errors import LinearizeError
 from linearize.records import fmt_pct, markdown_table, save_figure
@@ -80,11 +81,12 @@ def sequence_loss(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     return total / count
 
 
-def branch_shares(module, q, k, v, valid, weight) -> dict[str, torch.Tensor]:
+def branch_shares(module, q, k, v, valid, weight, gates: dict | None = None) -> dict[str, torch.Tensor]:
     """Per query head: summed LA/SWA mass shares and output-norm shares, and the query count.
 
     Returns ``{"la_mass", "swa_mass", "la_out", "swa_out", "count"}``, each (Hq,) summed over the
-    batch and positions with any key (divide by ``count`` for the means).
+    batch and positions with any key (divide by ``count`` for the means). ``gates``: the layer's log_decay / beta
+    (``HybridAttention.state_inputs``) for linear states that use them.
     """
     h = module.hybrid
     b, hq, t, _ = q.shape
@@ -94,7 +96,7 @@ def branch_shares(module, q, k, v, valid, weight) -> dict[str, torch.Tensor]:
     qf, kf = module.feature_map_q(q).float(), module.feature_map_k(k).float()
     num_s, den_s = window_sums(q32, k32, v32, valid, scale=module.scale, window=h.window, chunk=h.chunk_size)
     shift = h.window if h.placement == "complementary" else 0
-    num_l, den_l = linear_sums(qf, kf, v32, valid, shift=shift, chunk=h.chunk_size)
+    num_l, den_l = linear_state(h.linear_state).chunked(qf, kf, v32, enter=valid, lag=shift, chunk=h.chunk_size, **(gates or {}))
     w = torch.as_tensor(weight, dtype=torch.float32, device=q.device)
     w = (w.view(1, -1, 1) if w.dim() == 1 else w).expand(b, hq, t)
     if h.combine == "shared_norm":
@@ -154,7 +156,7 @@ def attribution(model, tokenizer, ids: torch.Tensor | None = None, *, source: st
         modes = set(module.head_mode_list())
         if modes != {"hybrid"}:
             return None
-        s = branch_shares(module, q, k, v, valid, weight)
+        s = branch_shares(module, q, k, v, valid, weight, module.state_inputs(hidden_states, valid))
         acc = sums.setdefault(module.layer_idx, {k2: torch.zeros_like(x) for k2, x in s.items()})
         for k2, x in s.items():
             acc[k2] += x

@@ -6,13 +6,16 @@ One definition for the three kinds of model that the long-context evaluation put
   most that many;
 * the window + sinks baseline: on the layers it cuts, the last ``window`` keys/values plus the first ``sinks``;
 * a converted model: on each converted layer the recurrent state of :mod:`linearize.attention.recurrent`
-  (S and z in float32, the ring of the last w - 1 keys, values and key features, the sink keys and values, and with
-  sparse memory its slots and pending block); other layers as in the base model.
+  (the linear state in float32 -- its kind's own `state_bytes`, plus for the non-additive kinds under 'complementary'
+  the key waiting to enter it and, with beta, the ring's betas --, the ring of the last w - 1 keys, values and key
+  features, the sink keys and values, and with sparse memory its slots and pending block), decoding in 'hybrid' mode
+  (a non-'sum' state prefilled for 'la_only' as well holds a second linear state); other layers as in the base model.
 """
 
 from __future__ import annotations
 
 from linearize.attention.adapters import head_dim, layer_types
+from linearize.attention.linear import linear_state
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError
 from linearize.feature_maps import num_features
@@ -33,7 +36,13 @@ def _hybrid_layer_bytes(hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int
     # exact keys kept with their features: the ring of w - 1, and with sparse memory its m slots plus a pending block
     exact = hybrid.window - 1 + (hybrid.sparse_memory + hybrid.memory_block if hybrid.sparse_memory else 0)
     featured = exact + (sink_slots if hybrid.softmax_sinks else 0)  # softmax sinks leave the LA sums: features kept
-    state = hkv * (m * d + m) * F32  # S, z: accumulated in float32 whatever the model dtype
+    kind = linear_state(hybrid.linear_state)
+    state = kind.state_bytes(hkv, m, d)  # accumulated in float32 whatever the model dtype
+    if not kind.additive:
+        if hybrid.placement == "complementary":  # the key entering at the next step (fp32) and its flag (per row)
+            state += hkv * (m + d + (1 if kind.needs_beta else 0)) * F32 + 1
+        if kind.needs_beta:  # the ring keys' beta
+            state += hkv * (hybrid.window - 1) * F32
     kept = hkv * (2 * (exact + sink_slots) * d + featured * m) * dtype_bytes
     # validity flags (memory slots per KV head, the rest per row) and the count of keys that left the window (int64)
     flags = exact + sink_slots + ((hkv - 1) * hybrid.sparse_memory if hybrid.sparse_memory else 0)

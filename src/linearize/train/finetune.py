@@ -60,7 +60,7 @@ def add_lora(model, lora: dict, *, train_feature_maps: bool = False, train_mixin
         kind = hybrid_param_kind(name)
         if "lora_" in name:
             p.requires_grad_(True)
-        elif (kind == "feature_map" and train_feature_maps) or (kind == "mixing" and train_mixing):
+        elif (kind in ("feature_map", "linear_state") and train_feature_maps) or (kind == "mixing" and train_mixing):
             p.requires_grad_(True)
         else:
             p.requires_grad_(False)

@@ -1,5 +1,5 @@
 """Stage 1: attention transfer. The base model is frozen; only the feature maps (and, where the recipe says,
-gamma / the mixing gate) train, so the linear branch learns to imitate the base's softmax attention.
+gamma / the mixing gate; the gated/delta states' decay and beta projections with the feature maps) train, so the linear branch learns to imitate the base's softmax attention.
 
 The teacher is the base layer's own attention in the same forward: its q/k/v come from the frozen
 projections (`HybridAttention.project`), softmax over all past keys -- or over the base's own sliding
@@ -18,7 +18,9 @@ Objectives (per layer, averaged over heads, batch and positions; then averaged o
   (activation checkpointing), so no T x T tensor is held. Every b gets +1e-12 (negative b, from the 'none'
   map, count as 0), so the LA weights always form a distribution and the KL is never negative.
   Where the teacher is the base's sliding window, its weights are 0 outside the window; the KL then
-  pushes the student's mass into the window through its normaliser.
+  pushes the student's mass into the window through its normaliser. With the 'gated' linear state the LA
+  weights carry its decay, ``b_ts exp(sum_{u=s+1}^{t} log_decay_u)`` (its closed form at lag 0); the 'delta'
+  state has no such weights (refused: use ``output`` or ``hybrid_output``).
 - ``output``: MSE between the teacher output and the ``la_only`` output (per head, before o_proj).
 - ``hybrid_output``: MSE between the teacher output and the ``hybrid`` output (LoLCATs; they use
   ``loss_scale`` 1000).
@@ -83,7 +85,7 @@ def teacher_attention(q, k, v, *, scale: float, window: int | None = None, valid
     return torch.nan_to_num(out)  # a query with no valid key (left padding) gets 0
 
 
-def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps):
+def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps, cum=None):
     t1 = t0 + qg.shape[3]
     mask = _key_mask(t0, t1, t1, window, valid, qg.device)  # (B|1, 1, 1, C, S)
     la_mask = mask if window is None else _key_mask(t0, t1, t1, None, valid, qg.device)  # student: all past keys
@@ -95,22 +97,30 @@ def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps):
     # eps on every student key keeps q a distribution (KL >= 0) even where all b underflow or are negative (the
     # 'none' map); clamping b and its sum separately instead let a map that drives every b below eps score -H(p) < 0
     bts = (bts.clamp_min(0.0) + eps).masked_fill(~la_mask, 0.0)
-    logq = torch.log(bts) - torch.log(bts.sum(-1, keepdim=True))
+    if cum is None:
+        logq = torch.log(bts) - torch.log(bts.sum(-1, keepdim=True))
+    else:  # decayed weights b_ts exp(C_t - C_s), normalised in log space (C = cumsum of log_decay, (B, Hkv, T))
+        decay = (cum[:, :, None, t0:t1, None] - cum[:, :, None, None, :t1]).to(bts.dtype)  # float64 prefix sums: exact
+        logb = (torch.log(bts) + decay).masked_fill(~la_mask, _NEG)
+        logq = logb - torch.logsumexp(logb, -1, keepdim=True)
     return (p * (logp - logq.masked_fill(~la_mask, 0.0))).sum(-1)  # (B, Hkv, G, C); p = 0 where masked
 
 
 def attention_weights_kl(q, k, qf, kf, *, scale: float, window: int | None = None, valid: torch.Tensor | None = None,
-                         block: int = 256, eps: float = 1e-12) -> torch.Tensor:
-    """Mean over (batch, query heads, valid queries) of KL(softmax weights || LA weights), blockwise."""
+                         block: int = 256, eps: float = 1e-12, log_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over (batch, query heads, valid queries) of KL(softmax weights || LA weights), blockwise. `log_decay`
+    (B, Hkv, T): the gated state's decay, which weighs the LA weights."""
     b, hq, t, _ = q.shape
     hkv = k.shape[1]
     qg, qfg = group_queries(q, hkv), group_queries(qf, hkv)
     kls = []
+    cum = None if log_decay is None else log_decay.double().cumsum(-1)
     for t0 in range(0, t, block):
         t1 = min(t0 + block, t)
-        args = (qg[:, :, :, t0:t1], qfg[:, :, :, t0:t1], k, kf, scale, window, valid, t0, eps)
+        args = (qg[:, :, :, t0:t1], qfg[:, :, :, t0:t1], k, kf, scale, window, valid, t0, eps, cum)
         # several blocks: recompute each in the backward pass, so only one block's (C x T) tensors live at once
-        if t > block and torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad):
+        trains = qf.requires_grad or kf.requires_grad or (log_decay is not None and log_decay.requires_grad)
+        if t > block and torch.is_grad_enabled() and trains:
             kls.append(checkpoint(_block_kl, *args, use_reentrant=False))
         else:
             kls.append(_block_kl(*args))
@@ -131,22 +141,23 @@ def masked_mse(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor
 
 
 @register_objective("weights")
-def weights_objective(module, q, k, v, valid, weight, teacher, *, window, query_block):
+def weights_objective(module, q, k, v, valid, weight, teacher, *, window, query_block, gates):
     """KL(teacher softmax weights || LA-only weights); the teacher's output is not needed."""
     qf, kf = module.feature_map_q(q), module.feature_map_k(k)
-    return attention_weights_kl(q, k, qf, kf, scale=module.scale, window=window, valid=valid, block=query_block)
+    return attention_weights_kl(q, k, qf, kf, scale=module.scale, window=window, valid=valid, block=query_block,
+                                log_decay=gates.get("log_decay"))
 
 
 @register_objective("output")
-def output_objective(module, q, k, v, valid, weight, teacher, *, window, query_block):
+def output_objective(module, q, k, v, valid, weight, teacher, *, window, query_block, gates):
     """MSE between the teacher output and the la_only output."""
-    return masked_mse(teacher, module.attend(q, k, v, weight, valid, "la_only"), valid)
+    return masked_mse(teacher, module.attend(q, k, v, weight, valid, "la_only", gates), valid)
 
 
 @register_objective("hybrid_output")
-def hybrid_output_objective(module, q, k, v, valid, weight, teacher, *, window, query_block):
+def hybrid_output_objective(module, q, k, v, valid, weight, teacher, *, window, query_block, gates):
     """MSE between the teacher output and the hybrid output (LoLCATs)."""
-    return masked_mse(teacher, module.attend(q, k, v, weight, valid, "hybrid"), valid)
+    return masked_mse(teacher, module.attend(q, k, v, weight, valid, "hybrid", gates), valid)
 
 
 class AttentionTransfer:
@@ -163,6 +174,10 @@ class AttentionTransfer:
         self.modules = hybrid_modules(model)
         if not self.modules:
             raise ValueError("attention transfer needs a converted model (linearize.convert)")
+        unweighted = sorted({m.hybrid.linear_state for m in self.modules if not m.linear_kind.normalised})
+        if objective == "weights" and unweighted:
+            raise ValueError(f"the 'weights' objective needs attention weights, which linear_state {unweighted[0]!r} "
+                             f"does not have; use the 'output' or 'hybrid_output' objective")
         self.losses: list[torch.Tensor] = []
 
     def hook(self, module, q, k, v, valid, weight, hidden_states):
@@ -170,7 +185,7 @@ class AttentionTransfer:
         with torch.no_grad():
             teacher = teacher_attention(q, k, v, scale=module.scale, window=window, valid=valid)
         self.losses.append(self._layer_loss(module, q, k, v, valid, weight, teacher, window=window,
-                                            query_block=self.query_block))
+                                            query_block=self.query_block, gates=module.state_inputs(hidden_states, valid)))
         return teacher
 
     def __enter__(self):
@@ -195,13 +210,14 @@ class AttentionTransfer:
 
 
 def trainable_transfer_params(model, train_feature_maps: bool = True, train_mixing: bool = False) -> dict[str, torch.nn.Parameter]:
-    """Freeze everything, then unfreeze the feature maps and/or the mixing parameters; returns them by name."""
+    """Freeze everything, then unfreeze the feature maps (with the linear state's decay/beta projections) and/or the
+    mixing parameters; returns them by name."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = {}
     for name, p in model.named_parameters():
         kind = hybrid_param_kind(name)
-        if (kind == "feature_map" and train_feature_maps) or (kind == "mixing" and train_mixing):
+        if (kind in ("feature_map", "linear_state") and train_feature_maps) or (kind == "mixing" and train_mixing):
             p.requires_grad_(True)
             params[name] = p
     return params

@@ -9,6 +9,7 @@ can replace 'hybrid' by 'la_only' through `drop_swa` (Scheduled Sliding-window D
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 
 import torch
@@ -87,9 +88,22 @@ def _fla_imports() -> bool:
     return True
 
 
+@functools.cache
+def _fla_backward_works() -> bool:
+    """fla 0.6 refuses the backward of its gated kernels on Hopper with Triton >= 3.4 and < 3.7.1 (wrong results there,
+    its issue 640) unless tilelang is installed: then training takes the chunked PyTorch path, inference still fla."""
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:
+        return True
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return True
+    return importlib.util.find_spec("tilelang") is not None
+
+
 def _fla_available(x: torch.Tensor) -> bool:
     """flash-linear-attention (the optional GPU extra) runs the non-'sum' linear states on CUDA."""
-    return x.is_cuda and _fla_imports()
+    return x.is_cuda and _fla_imports() and (not torch.is_grad_enabled() or _fla_backward_works())
 
 
 def _triton_available(x: torch.Tensor) -> bool:

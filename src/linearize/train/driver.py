@@ -316,7 +316,9 @@ def save(run: Run, wall_start: float) -> dict:
         peft_model = run.peft_model
         if peft_model is not None:
             if ocfg.save_adapter:
-                peft_model.save_pretrained(str(staging / "adapter"))
+                # the embeddings are never resized; peft's "auto" check would re-read the base's config through the
+                # converted config class and print a model-type mismatch warning
+                peft_model.save_pretrained(str(staging / "adapter"), save_embedding_layers=False)
             if ocfg.merge_lora:
                 model = peft_model.merge_and_unload()
         to_save = model.to(getattr(torch, ocfg.dtype)) if ocfg.dtype else model

@@ -5,7 +5,7 @@
 # local window (512) and at window 64. It is scripts/gpu_long_context.sh with these RUNS and VARIANTS; the base's record
 # and its window+sinks baselines are reused from results/long/gemma3-270m/base (same items, same seed) when OUT has none.
 #   usage: scripts/gpu_long_states.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
-# Settings (environment): TRAIN_TOKENS (600000 per stage), STATES_EXTRA (more --set options for every run), and those
+# Settings (environment): RUN_NAMES (a comma-separated subset of the runs), TRAIN_TOKENS (600000 per stage), STATES_EXTRA (more --set options for every run), and those
 # of gpu_long_context.sh (MAX_TRAIN defaults to 5 here).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,6 +23,11 @@ gated-w512|ssd|$common --set hybrid.window=512 --set hybrid.linear_state=gated;\
 delta-w512|ssd|$common --set hybrid.window=512 $delta;\
 gated-w64|ssd|$common --set hybrid.linear_state=gated;\
 delta-w64|ssd|$common $delta"
+if [ -n "${RUN_NAMES:-}" ]; then  # keep only these runs (comma-separated names)
+  kept=""; IFS=';' read -ra all <<< "$RUNS_OVERRIDE"
+  for r in "${all[@]}"; do [[ ",$RUN_NAMES," == *",${r%%|*},"* ]] && kept+="${kept:+;}$r"; done
+  RUNS_OVERRIDE=$kept
+fi
 export VARIANTS_OVERRIDE="${VARIANTS_OVERRIDE-sum-w512-mem|sum-w512|--hybrid sparse_memory=64 --long-modes hybrid}"
 export MAX_TRAIN="${MAX_TRAIN:-5}" PARALLEL_EVALS="${PARALLEL_EVALS:-4}"
 export LONG_ARGS="${LONG_ARGS:---limit 50 --cell-limit 3 --long-tasks squad,drop,passkey,niah_single,qa_squad \

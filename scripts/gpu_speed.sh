@@ -14,7 +14,7 @@
 # MODEL (a Gemma 3 270M .gguf, say) is used for the conversion rows; without it they use random weights of the
 # Gemma-3-270M shape (speed does not depend on the weights). Dequantizing a GGUF takes about 80 s, so with MODEL
 # the conversion step gets 120 s (CONVERSION_SECONDS) and the run ~6.5 minutes. Settings
-# (environment): LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
+# (environment): SKIP_TESTS (set: no step 1), LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
 # A step that fails is logged and the next one runs; each step has its own time limit.
 set -uo pipefail
 out=$1 model=${2:-shape:gemma3-270m}
@@ -29,7 +29,7 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" > "$out/logs/$name.log" 2>&1 || say "$name: exit $? (see $out/logs/$name.log)"
 }
 
-step gpu_tests 80 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fast_generate.py \
+[ -n "${SKIP_TESTS:-}" ] || step gpu_tests 80 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fast_generate.py \
   tests/attention/test_triton_ops.py tests/test_bench_decode.py
 step layer 55 "$py" -m linearize bench --name speed_layer --out-dir "$out" --commit "$commit" --skip-decode --skip-peak \
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \

@@ -61,3 +61,11 @@ def bpe_tokenizer(vocab_size: int = 512):
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def left_padded_batch(row: torch.Tensor, pad: int = 5, other: int = 17):
+    """`row` (1, T) left-padded with `pad` zeros, stacked over a random unpadded row of length T + pad, and its mask."""
+    batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), row], 1), torch.randint(1, 128, (1, other))])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    return batch, mask

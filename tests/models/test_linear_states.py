@@ -3,7 +3,7 @@ decode memory, stage-1 training of the state's parameters."""
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 import linearize
@@ -56,9 +56,7 @@ def test_gemma_decodes_like_the_forward(kind):
 def test_left_padded_row_equals_the_row_alone(kind, mode):
     model = converted(kind=kind)
     row = torch.randint(1, 128, (1, 12))
-    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), row], 1), torch.randint(1, 128, (1, 17))])
-    mask = torch.ones_like(batch)
-    mask[0, :5] = 0
+    batch, mask = left_padded_batch(row)
     with torch.no_grad(), linearize.components(model, mode):
         padded = model(batch, attention_mask=mask).logits[0, 5:]
         alone = model(row).logits[0]

@@ -23,7 +23,52 @@ from linearize.compat import cache_kwargs
 from linearize.attention.module import HybridAttention
 
 
-class GraphDecoder:
+class CapturedStep:
+    """A model's one-token forward on static buffers (`ids`, `positions`, the cache), replayed from a CUDA graph.
+
+    The first `warmup_steps` calls run eagerly on a side stream (they are real steps: Triton compiles, cuBLAS sets up
+    its workspace); the next one captures the forward and replays it. Used by `GraphDecoder` and by the decode
+    benchmark's static-cache base, so both get the same treatment.
+    """
+
+    def _init_buffers(self, model, cache, positions: torch.Tensor, warmup_steps: int) -> None:
+        self.model, self.cache, self.positions = model, cache, positions
+        self.ids = torch.zeros(positions.shape[0], 1, dtype=torch.long, device=positions.device)
+        self.warmup_left = warmup_steps
+        self.side_stream = torch.cuda.Stream(positions.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True).logits
+        self.positions.add_(1)
+        return logits
+
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def _run(self) -> tuple[torch.Tensor, bool]:
+        """The step's logits, and whether they came from a replay (False: an eager warm-up step)."""
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return logits, False
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits, True
+
+
+class GraphDecoder(CapturedStep):
     """One token per `step` for every row of a prefilled cache, by CUDA-graph replay.
 
     `positions`: the position of each row's next token, an int or a (B, 1) tensor (left-padded rows differ).
@@ -64,12 +109,8 @@ class GraphDecoder:
             raise ValueError(f"positions must be an int or a ({b}, 1) tensor, got shape {tuple(positions.shape)}")
         if not all(t.is_cuda for st in self.states for t in st.tensors()) or not next(model.parameters()).is_cuda:
             raise ValueError("CUDA graphs need the model and its cache on a CUDA device")
-        self.model, self.cache, self.attention_layers = model, cache, layers
-        self.ids = torch.zeros(b, 1, dtype=torch.long, device=device)
-        self.warmup_left = warmup_steps
-        self.side_stream = torch.cuda.Stream(device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.attention_layers = layers
+        self._init_buffers(model, cache, self.positions, warmup_steps)
         self.captured_with = self._signature()
 
     def _signature(self):
@@ -77,23 +118,12 @@ class GraphDecoder:
         return [id(st) for st in (layer.state for layer in self.cache.layers)] + [
             (m.mode, tuple(sorted((m.head_modes or {}).items()))) for m in self.attention_layers]
 
-    def _forward(self) -> torch.Tensor:
-        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True).logits
-        self.positions.add_(1)
-        return logits
-
     def _capture(self) -> None:
         seen = [st.seen for st in self.states]
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+        super()._capture()
         # capturing records the kernels without running them: undo the step's Python-side bookkeeping
         for st, n in zip(self.states, seen):
             st.seen = n
-
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,16 +134,8 @@ class GraphDecoder:
         self.ids.copy_(ids.reshape(self.ids.shape))
         if positions is not None:
             self.positions.copy_(positions.reshape(self.positions.shape))
-        if self.graph is None and self.warmup_left > 0:
-            self.warmup_left -= 1
-            self.side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side_stream):
-                logits = self._forward()
-            torch.cuda.current_stream().wait_stream(self.side_stream)
-            return logits
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        for st in self.states:
-            st.seen += 1
-        return self.logits
+        logits, replayed = self._run()
+        if replayed:  # an eager step counts its tokens itself
+            for st in self.states:
+                st.seen += 1
+        return logits

@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
 
 from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
-from linearize.attention.graph_decode import GraphDecoder
+from linearize.attention.graph_decode import CapturedStep, GraphDecoder
 from linearize.attention.linear.common import KVState
 from linearize.attention.module import HybridAttention
 from linearize.attention.recurrent import HybridState
@@ -280,43 +280,19 @@ def fill_static_cache(model, batch: int, ctx: int, room: int, dtype=torch.bfloat
     return cache
 
 
-class CapturedStaticStep:
+class CapturedStaticStep(CapturedStep):
     """The base model's one-token forward against a filled StaticCache, captured once in a CUDA graph and replayed:
-    the treatment `GraphDecoder` gives a converted model (warm-up steps on a side stream, then capture, then replay).
-    Positions come from a static device tensor; call `use_unmasked_sdpa(model)` first (no mask is built)."""
+    the treatment `GraphDecoder` gives a converted model (the same `CapturedStep`: warm-up steps on a side stream,
+    then capture, then replay). Call `use_unmasked_sdpa(model)` first (no mask is built)."""
 
     def __init__(self, model, cache: StaticCache, batch: int, position: int, *, warmup_steps: int = 2):
         device = next(model.parameters()).device
-        self.model, self.cache = model, cache
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.full((batch, 1), position, dtype=torch.long, device=device)
-        self.warmup_left = warmup_steps
-        self.side_stream = torch.cuda.Stream(device)
-        self.graph = None
-        self.logits = None
-
-    def _forward(self):
-        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache),
-                            use_cache=True).logits
-        self.positions.add_(1)
-        return logits
+        self._init_buffers(model, cache, torch.full((batch, 1), position, dtype=torch.long, device=device), warmup_steps)
 
     @torch.inference_mode()
     def step(self, ids):
         self.ids.copy_(ids)
-        if self.graph is None and self.warmup_left > 0:
-            self.warmup_left -= 1
-            self.side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side_stream):
-                logits = self._forward()
-            torch.cuda.current_stream().wait_stream(self.side_stream)
-            return logits
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
-        self.graph.replay()
-        return self.logits
+        return self._run()[0]
 
 
 def weight_bytes_per_step(model) -> int:

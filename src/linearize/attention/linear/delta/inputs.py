@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from linearize.attention.linear.common import shift_time
+
 #: Floor of a feature vector's norm before normalising (a zero vector stays zero instead of dividing by 0).
 NORM_FLOOR = 1e-6
 
@@ -35,15 +37,6 @@ def check_inputs(qf, kf, v, log_decay, beta, enter, lag) -> None:
         raise ValueError(f"lag must be >= 0; got {lag}")
 
 
-def shift_right(x: torch.Tensor, lag: int, dim: int) -> torch.Tensor:
-    """x moved `lag` positions later along `dim`, zeros (False) in front: position t holds x[t - lag]."""
-    if lag == 0:
-        return x
-    t = x.shape[dim]
-    front = x.new_zeros(*x.shape[:dim], min(lag, t), *x.shape[dim + 1:])
-    return torch.cat([front, x.narrow(dim, 0, t - min(lag, t))], dim=dim)
-
-
 def entering_keys(kf, v, beta, enter, lag):
     """The key entering at each step t (position t - lag), at query positions: unit-norm keys k^ (B, Hkv, T, m),
     values (B, Hkv, T, d), strengths beta (B, Hkv, T) and the (B, T) bool of steps where a key enters.
@@ -52,13 +45,13 @@ def entering_keys(kf, v, beta, enter, lag):
     nothing and receives no gradient, whatever the caller left at that position."""
     b, hkv, t, _ = kf.shape
     enters = torch.ones(b, t, dtype=torch.bool, device=kf.device) if enter is None else enter
-    enters = shift_right(enters, lag, dim=1)
+    enters = shift_time(enters, lag, dim=1)
     if beta is None:
         beta = torch.ones(b, hkv, t, dtype=kf.dtype, device=kf.device)
     on = enters[:, None, :]
-    k_in = torch.where(on[..., None], shift_right(unit_norm(kf), lag, dim=2), 0.0)
-    v_in = torch.where(on[..., None], shift_right(v, lag, dim=2), 0.0)
-    beta_in = torch.where(on, shift_right(beta, lag, dim=2), 0.0)
+    k_in = torch.where(on[..., None], shift_time(unit_norm(kf), lag, dim=2), 0.0)
+    v_in = torch.where(on[..., None], shift_time(v, lag, dim=2), 0.0)
+    beta_in = torch.where(on, shift_time(beta, lag, dim=2), 0.0)
     return k_in, v_in, beta_in, enters
 
 

@@ -37,6 +37,14 @@ def test_cpu_generate_runs_the_eager_step_says_why_and_equals_hf_generate(caplog
     assert torch.equal(out, eager_generate(model, prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False))
 
 
+def test_the_environment_can_keep_every_call_eager(monkeypatch):
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
+    monkeypatch.setenv(generation.EAGER_ENV, "1")
+    assert generation.eager_reason(model, None, {}) == f"{generation.EAGER_ENV} is set"  # before any other reason
+    monkeypatch.setenv(generation.EAGER_ENV, "0")
+    assert "needs CUDA" in generation.eager_reason(model, None, {})
+
+
 def test_eager_reasons_name_what_a_captured_step_cannot_do():
     model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
     assert "beam search" in generation.eager_reason(model, None, {"num_beams": 3})

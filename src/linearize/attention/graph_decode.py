@@ -23,7 +23,7 @@ from linearize.compat import cache_kwargs
 from linearize.attention.module import HybridAttention
 
 
-class CapturedStep:
+class GraphStep:
     """A model's one-token forward on static buffers (`ids`, `positions`, the cache), replayed from a CUDA graph.
 
     The first `warmup_steps` calls run eagerly on a side stream (they are real steps: Triton compiles, cuBLAS sets up
@@ -68,7 +68,7 @@ class CapturedStep:
         return self.logits, True
 
 
-class GraphDecoder(CapturedStep):
+class GraphDecoder(GraphStep):
     """One token per `step` for every row of a prefilled cache, by CUDA-graph replay.
 
     `positions`: the position of each row's next token, an int or a (B, 1) tensor (left-padded rows differ).

@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
 
 from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
-from linearize.attention.graph_decode import CapturedStep, GraphDecoder
+from linearize.attention.graph_decode import GraphStep, GraphDecoder
 from linearize.attention.linear.common import KVState
 from linearize.attention.module import HybridAttention
 from linearize.attention.recurrent import HybridState
@@ -280,9 +280,9 @@ def fill_static_cache(model, batch: int, ctx: int, room: int, dtype=torch.bfloat
     return cache
 
 
-class CapturedStaticStep(CapturedStep):
+class CapturedStaticStep(GraphStep):
     """The base model's one-token forward against a filled StaticCache, captured once in a CUDA graph and replayed:
-    the treatment `GraphDecoder` gives a converted model (the same `CapturedStep`: warm-up steps on a side stream,
+    the treatment `GraphDecoder` gives a converted model (the same `GraphStep`: warm-up steps on a side stream,
     then capture, then replay). Call `use_unmasked_sdpa(model)` first (no mask is built)."""
 
     def __init__(self, model, cache: StaticCache, batch: int, position: int, *, warmup_steps: int = 2):

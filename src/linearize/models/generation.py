@@ -6,13 +6,14 @@ for the duration of the call the model's `forward` is wrapped so that every one-
 compiles, cuBLAS sets up), the next one is captured, and the rest replay that CUDA graph. Where a captured step
 cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory,
 unconverted layers, no cache -- the eager step runs. Which path ran is on the model after the call
-(`model.decode_path`, a `DecodePath`) and in one log line.
+(`model.decode_path`, a `DecodePath`) and in one log line. `LINEARIZE_EAGER_DECODE=1` keeps the eager step everywhere.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ from linearize.attention.module import HybridAttention
 from linearize.compat import CACHE_KWARG, CACHE_KWARGS
 
 log = logging.getLogger(__name__)
+
+#: Set (to 1) to keep every generate call on the eager step: a way out should a captured step ever misbehave.
+EAGER_ENV = "LINEARIZE_EAGER_DECODE"
 
 #: The class that captures and replays the step (tests on CPU put a stand-in here to exercise the plumbing).
 DECODER_CLASS = GraphDecoder
@@ -52,6 +56,8 @@ def _hybrid_layers(model: nn.Module) -> list[HybridAttention]:
 def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None = None) -> str | None:
     """Why a `generate(**kwargs)` call of `model` must run the eager step; None when the captured step applies."""
     kwargs = kwargs or {}
+    if os.environ.get(EAGER_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return f"{EAGER_ENV} is set"
     config = generation_config if generation_config is not None else model.generation_config
 
     def setting(name):  # a keyword of the call overrides the generation config, as in generate

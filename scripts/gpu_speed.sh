@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU part of issue 21 on one GPU, in at most 5 minutes (each step has its own limit, 300 s in all) (one H200), results in OUT:
+# Every GPU part of issue 21 on one GPU, in about 7 minutes (each step has its own limit) (one H200), results in OUT:
 #   1. the GPU tests of the issue (generate's captured path == eager, custom-op opcheck and compiled layer, the
 #      captured static-cache base step) -> logs/gpu_tests.log
 #   2. layer: eager and torch.compile'd (CUDA graphs, Triton kernels as custom ops) hybrid layer vs SDPA, 2k and
@@ -14,7 +14,8 @@
 # MODEL (a Gemma 3 270M .gguf, say) is used for the conversion rows; without it they use random weights of the
 # Gemma-3-270M shape (speed does not depend on the weights). Dequantizing a GGUF takes about 80 s, so with MODEL
 # the conversion step gets 120 s (CONVERSION_SECONDS) and the run ~6.5 minutes. Settings
-# (environment): SKIP_TESTS (set: no step 1), LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
+# (environment): SKIP_TESTS (set: no step 1), LAYER_SECONDS (110) and GENERATE_SECONDS (60: at 55 and 25 s both steps
+# were cut on an H200 at 44d6733, by compile and capture time), LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
 # A step that fails is logged and the next one runs; each step has its own time limit.
 set -uo pipefail
 out=$1 model=${2:-shape:gemma3-270m}
@@ -31,12 +32,12 @@ step() {  # name, seconds, command...
 
 [ -n "${SKIP_TESTS:-}" ] || step gpu_tests 80 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fast_generate.py \
   tests/attention/test_triton_ops.py tests/test_bench_decode.py
-step layer 55 "$py" -m linearize bench --name speed_layer --out-dir "$out" --commit "$commit" --skip-decode --skip-peak \
+step layer "${LAYER_SECONDS:-110}" "$py" -m linearize bench --name speed_layer --out-dir "$out" --commit "$commit" --skip-decode --skip-peak \
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \
   --budget 0.15
 step decode 100 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
   --skip-peak --contexts "${CONTEXTS:-1024,32768,131072}" --decode-steps 8
-step generate 25 "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
+step generate "${GENERATE_SECONDS:-60}" "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
 step conversion "$conversion_seconds" "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats}" \
   --name speed_conversion --out-dir "$out" --commit "$commit" --steps 4 --warmup 1 --no-progress
 "$py" benchmarks/speed_summary.py "$out" > "$out/logs/summary.log" 2>&1 || say "summary failed (see $out/logs/summary.log)"

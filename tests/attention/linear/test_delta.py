@@ -251,11 +251,6 @@ def test_index_select_keeps_the_chosen_rows():
     assert_close_scaled(rest_picked, rest_full[rows], 1e-6, "continued rows")
 
 
-def test_state_bytes_counts_one_head_state():
-    state = delta.init_state(1, 1, 8, 5, dtype=torch.bfloat16, device="cpu")
-    assert delta.state_bytes(8, 5, 2) == state.S.numel() * state.S.element_size() == 80
-
-
 def test_bad_inputs_raise_one_line_errors():
     x = make_inputs(t=6)
     args, kw = split(x)

@@ -9,6 +9,6 @@ den is 1 once a key has entered, else 0, so it suits the 'mix' combine rule only
 from linearize.attention.linear.delta.chunked import chunked, prefill_state
 from linearize.attention.linear.delta.fla import fla_forward
 from linearize.attention.linear.delta.naive import naive
-from linearize.attention.linear.delta.recurrent import DeltaState, init_state, state_bytes, step
+from linearize.attention.linear.delta.recurrent import DeltaState, init_state, step
 
-__all__ = ["naive", "chunked", "init_state", "step", "fla_forward", "prefill_state", "DeltaState", "state_bytes"]
+__all__ = ["naive", "chunked", "init_state", "step", "fla_forward", "prefill_state", "DeltaState"]

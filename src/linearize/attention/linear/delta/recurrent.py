@@ -37,11 +37,6 @@ def init_state(batch: int, num_kv_heads: int, m: int, d: int, *, dtype, device) 
     )
 
 
-def state_bytes(m: int, d: int, dtype_bytes: int) -> int:
-    """Bytes of one (row, key/value head) state: S is m x d (the per-row `entered` flag, 1 byte, is not counted)."""
-    return m * d * dtype_bytes
-
-
 @torch.no_grad()
 def step(state: DeltaState, qf_t, kf_in, v_in, *, log_decay_t=None, beta_in=None, enter_in=None):
     """Decay the state, let the key (kf_in (B, Hkv, m), v_in (B, Hkv, d)) enter where `enter_in` (B,) allows, and

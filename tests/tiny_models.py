@@ -69,3 +69,17 @@ def left_padded_batch(row: torch.Tensor, pad: int = 5, other: int = 17):
     mask = torch.ones_like(batch)
     mask[0, :pad] = 0
     return batch, mask
+
+
+def assert_left_padding_invisible(model, mode: str, row: torch.Tensor):
+    """The logits of `row` left-padded in a batch (`left_padded_batch`) equal those of the row alone, in component
+    mode `mode`; returns (batch, mask) for further checks."""
+    import linearize
+
+    batch, mask = left_padded_batch(row)
+    pad = batch.shape[1] - row.shape[1]
+    with torch.no_grad(), linearize.components(model, mode):
+        padded = model(batch, attention_mask=mask).logits[0, pad:]
+        alone = model(row).logits[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    return batch, mask

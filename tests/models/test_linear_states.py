@@ -3,7 +3,7 @@ decode memory, stage-1 training of the state's parameters."""
 
 import pytest
 import torch
-from tiny_models import left_padded_batch, tiny_model
+from tiny_models import assert_left_padding_invisible, tiny_model
 from transformers import DynamicCache
 
 import linearize
@@ -56,11 +56,7 @@ def test_gemma_decodes_like_the_forward(kind):
 def test_left_padded_row_equals_the_row_alone(kind, mode):
     model = converted(kind=kind)
     row = torch.randint(1, 128, (1, 12))
-    batch, mask = left_padded_batch(row)
-    with torch.no_grad(), linearize.components(model, mode):
-        padded = model(batch, attention_mask=mask).logits[0, 5:]
-        alone = model(row).logits[0]
-    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    batch, mask = assert_left_padding_invisible(model, mode, row)
     with linearize.components(model, mode):
         together = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
         single = model.generate(row, max_new_tokens=12, do_sample=False)

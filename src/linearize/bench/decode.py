@@ -99,16 +99,7 @@ def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, device="cuda")
             pos = torch.full((batch, 1), ctx + i, device=device, dtype=torch.long)
             return model(input_ids=ids, **cache_kwargs(cache), use_cache=True, position_ids=pos).logits
 
-    with torch.inference_mode():
-        for i in range(warm):
-            step(i)
-        sync()
-        t0 = time.perf_counter()
-        for i in range(steps):
-            step(warm + i)
-        sync()
-        dt = time.perf_counter() - t0
-    return batch * steps / dt, dt / steps * 1e3, nbytes
+    return (*_timed_steps(step, batch, warm, steps), nbytes)
 
 
 #: converted kinds: (decode backend of the hybrid layers, replayed as a CUDA graph)
@@ -310,16 +301,15 @@ def weight_bytes_per_step(model) -> int:
 
 
 def _timed_steps(step, batch: int, warm: int, steps: int) -> tuple[float, float]:
-    """tokens/s and ms/step of `steps` calls of step(ids) after `warm` untimed ones (wall clock around the loop,
-    the device synchronised at both ends: what a generation loop sees)."""
-    ids = torch.randint(1, 1000, (batch, 1), device="cuda")
+    """tokens/s and ms/step of `steps` calls of step(i) (i: the step's index) after `warm` untimed ones (wall clock
+    around the loop, the device synchronised at both ends: what a generation loop sees)."""
     with torch.inference_mode():
-        for _ in range(warm):
-            step(ids)
+        for i in range(warm):
+            step(i)
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            step(ids)
+        for i in range(steps):
+            step(warm + i)
         sync()
         dt = time.perf_counter() - t0
     return batch * steps / dt, dt / steps * 1e3
@@ -369,7 +359,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
             if kind == "base_static_graph":
                 cache = fill_static_cache(model, batch, ctx, room, dtype)
                 stepper = CapturedStaticStep(model, cache, batch, ctx)
-                tps, ms = _timed_steps(stepper.step, batch, warm, steps)
+                ids = torch.randint(1, 1000, (batch, 1), device="cuda")
+                tps, ms = _timed_steps(lambda i: stepper.step(ids), batch, warm, steps)
             elif kind == "base_eager_dynamic":
                 cache = _fill_base_cache(model, batch, ctx, dtype)
                 tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=False)

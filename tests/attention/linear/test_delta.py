@@ -296,14 +296,25 @@ def test_fla_inputs_through_fla_reference_equal_naive(lag):
 def test_fla_forward_equals_naive(lag, decay):
     """bf16 kernels against the fp32 definition: outputs and gradients within bf16 tolerance (relative RMS error,
     as fla's own tests measure it)."""
+    from linearize.attention.module import _fla_backward_works
+
     x = make_inputs(b=2, hq=4, hkv=2, t=200, m=64, d=64, decay=decay, device="cuda")
     args, kw = split(x)
     cot = torch.randn(2, 4, 200, 64, device="cuda")
-    num_n, den_n, g_n = grads(lambda: delta.naive(**args, **kw, lag=lag), x, cot)
-    num_f, den_f, g_f = grads(lambda: delta.fla_forward(**args, **kw, lag=lag), x, cot)
 
     def rel_rms(got, want):
         return ((got - want).square().mean().sqrt() / want.square().mean().sqrt().clamp_min(1e-12)).item()
+
+    if not _fla_backward_works():  # fla refuses its backward here (Hopper, Triton < 3.7.1): the forward alone
+        with torch.no_grad():
+            num_n, den_n = delta.naive(**args, **kw, lag=lag)
+            num_f, den_f = delta.fla_forward(**args, **kw, lag=lag)
+        assert num_f.dtype == torch.float32
+        assert rel_rms(num_f, num_n) < 0.02
+        assert torch.equal(den_f, den_n)
+        pytest.skip("forward checked; fla's gated backward is refused on this GPU and Triton (no tilelang)")
+    num_n, den_n, g_n = grads(lambda: delta.naive(**args, **kw, lag=lag), x, cot)
+    num_f, den_f, g_f = grads(lambda: delta.fla_forward(**args, **kw, lag=lag), x, cot)
 
     assert num_f.dtype == torch.float32
     assert rel_rms(num_f, num_n) < 0.02

@@ -320,8 +320,12 @@ def hybrid_attention_triton(
     q, k, v, qf, kf = (_prep(x, dt) for x in (q, k, v, qf, kf))
     if valid is not None:  # no valid.all() check: it would synchronise with the device on every call
         valid = valid.to(q.device)
-        # a bool mask is read in place as bytes; other dtypes are converted
-        valid = valid.view(torch.int8) if valid.dtype == torch.bool and valid.is_contiguous() else valid.to(torch.int8).contiguous()
+        # a bool mask is read in place as bytes (no copy); under torch.compile it is converted, as torch 2.11's
+        # inductor cannot lower a bool -> int8 bitcast on CUDA
+        if valid.dtype == torch.bool and valid.is_contiguous() and not torch.compiler.is_compiling():
+            valid = valid.view(torch.int8)
+        else:
+            valid = valid.to(torch.int8).contiguous()
     wscalar, w = 0.0, None
     if not torch.is_tensor(weight):
         wmode, wscalar = 0, float(weight)

@@ -10,7 +10,7 @@
 # the same OUT continues where a time limit stopped it. Nothing runs past SECONDS.
 #   usage: scripts/gpu_long_context.sh MODEL OUT SECONDS
 # Settings (environment): PRESET (gpu-small), MAX_TRAIN (4 conversions at a time), PARALLEL_EVALS (3),
-# BASELINE_WINDOWS (auto,512,64), LONG_ARGS (extra `diagnose` options), and
+# BASELINE_WINDOWS (auto,512,64), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
 # RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
 model=$1 out=$2 seconds=$3
@@ -61,7 +61,8 @@ evaluate() {  # name, model dir or spec, options...
     > "$out/logs/long-$name.log" 2>&1 && say "evaluated $name" || say "evaluation of $name stopped (see logs/long-$name.log)"
 }
 
-evaluate base "$model" --layers global --window 64 --baseline-windows "${BASELINE_WINDOWS:-auto,512,64}" &
+# shellcheck disable=SC2086
+evaluate base "$model" ${BASE_ARGS:---layers global --window 64} --baseline-windows "${BASELINE_WINDOWS:-auto,512,64}" &
 pending=("${RUNS[@]%%|*}") variants=("${VARIANTS[@]}")
 while [ "$(left)" -gt 20 ]; do
   for i in "${!pending[@]}"; do

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 20 on its second real model, Qwen2.5-Coder-1.5B-Instruct (qwen2: 28 layers, every one full attention,
+# head_dim 128), on one GPU:
+#   1. `linearize select-layers`: each layer's loss increase on 4k-token rows when it alone is cut to its window +
+#      sinks (the measured criterion for which layers keep full softmax), with the ranking and plot;
+#   2. scripts/gpu_long_context.sh with these RUNS: the `ssd` recipe at window 512 with 8 softmax sinks, the `mix`
+#      rule with an input-dependent gate, 4k-token rows; every layer converted (`all`) or all but the KEEP layers
+#      the measurement ranks highest (`measured:KEEP`), with the delta-rule state (the best reader on Gemma) and
+#      the plain sum; the base and its window+sinks baselines cut every layer (`--layers all`).
+#   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
+# Settings (environment): KEEP (4), TRAIN_TOKENS (1000000 per stage), RUN_NAMES (a comma-separated subset of
+# delta-all, delta-keep, sum-all), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+model=$1 out=$2 seconds=$3
+keep=${KEEP:-4}
+mkdir -p "$out/logs"
+if [ ! -f "$out/layer_selection/layer_selection.json" ]; then
+  timeout -s INT -k 20 "$(( seconds / 4 ))" "${PYTHON:-python3}" -m linearize select-layers "$model" --keep "$keep" \
+    --window 512 --sinks 8 --rows 8 --seq-len 4096 --dtype bfloat16 --out "$out/layer_selection" \
+    > "$out/logs/select-layers.log" 2>&1 || echo "layer selection stopped (see $out/logs/select-layers.log)"
+fi
+
+common="--set hybrid.window=512 --set hybrid.combine=mix --set hybrid.mix_gate=dynamic --set hybrid.softmax_sinks=8"
+common+=" --set hybrid.feature_size=half --set stage2.train_mixing=true --set stage2.mixing_lr=1e-3"
+common+=" --set data.seq_len=4096 --set data.sources=[sharegpt,dolly,wikitext2,c4,wiki]"
+common+=" --set data.train_tokens=${TRAIN_TOKENS:-1000000}"
+delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
+export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
+delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\
+sum-all|ssd|$common --set hybrid.layers=all"
+if [ -n "${RUN_NAMES:-}" ]; then  # keep only these runs (comma-separated names)
+  kept=""; IFS=';' read -ra all <<< "$RUNS_OVERRIDE"
+  for r in "${all[@]}"; do [[ ",$RUN_NAMES," == *",${r%%|*},"* ]] && kept+="${kept:+;}$r"; done
+  RUNS_OVERRIDE=$kept
+fi
+export VARIANTS_OVERRIDE="${VARIANTS_OVERRIDE-delta-all-mem|sum-all|--hybrid sparse_memory=64 --long-modes hybrid}"
+export BASE_ARGS="${BASE_ARGS:---layers all --window 512}" BASELINE_WINDOWS="${BASELINE_WINDOWS:-auto,512}"
+export MAX_TRAIN="${MAX_TRAIN:-3}" PARALLEL_EVALS="${PARALLEL_EVALS:-3}"
+export LONG_ARGS="${LONG_ARGS:---limit 50 --cell-limit 3 --long-tasks squad,drop,passkey,niah_single,qa_squad \
+--lengths 4096,8192,16384,32768 --qa-lengths 8192,16384,32768 --depths 0,0.5,1 --batch-tokens 65536 --position-docs 0}"
+exec bash "$here/gpu_long_context.sh" "$model" "$out" "$(( seconds - SECONDS ))"

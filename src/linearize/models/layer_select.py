@@ -56,28 +56,31 @@ def check_keep(model: nn.Module, keep: int) -> list[int]:
 
 
 def long_document_rows(tokenizer, *, num_rows: int, seq_len: int, seed: int | None = 0, data_dir=None,
-                       texts: dict[str, str] | None = None) -> tuple[torch.Tensor, list[str]]:
+                       texts: dict[str, str] | list[str] | None = None) -> tuple[torch.Tensor, list[str]]:
     """``(num_rows, seq_len)`` token ids, each the start of one long document (BOS first when the tokenizer has
     one), and the ids of those documents. `seed` draws the documents (None: the first ones in file order);
-    documents shorter than `seq_len` tokens are passed over. `texts` ({id: text}) replaces the long documents."""
+    documents shorter than `seq_len` tokens are passed over. `texts` ({id: text}, or a list: ids 'text-<i>')
+    replaces the long documents."""
+    if texts is not None and not isinstance(texts, dict):
+        texts = {f"text-{i}": t for i, t in enumerate(texts)}
     if num_rows < 1 or seq_len < 2:
         raise LinearizeError(f"long-document rows: need at least 1 row of at least 2 tokens (got {num_rows} x {seq_len})")
     chars = seq_len * 8  # enough text for seq_len tokens at any ordinary tokenizer's rate; the rest is not tokenised
-    docs = list(texts.items()) if texts is not None else [(i, t[:chars]) for i, t in iter_long_documents(data_dir)]
-    order = list(range(len(docs)))
-    if seed is not None:
-        random.Random(seed).shuffle(order)
+    docs = iter(texts.items()) if texts is not None else ((i, t[:chars]) for i, t in iter_long_documents(data_dir))
+    if seed is not None:  # reads every document; in file order only as many as needed are read
+        docs = list(docs)
+        random.Random(seed).shuffle(docs)
     bos = tokenizer.bos_token_id
-    rows, ids = [], []
-    for k in order:
-        doc_id, text = docs[k]
+    rows, ids, seen = [], [], 0
+    for doc_id, text in docs:
+        seen += 1
         tokens = ([bos] if bos is not None else []) + tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
         if len(tokens) >= seq_len:
             rows.append(tokens[:seq_len])
             ids.append(str(doc_id))
             if len(rows) == num_rows:
                 return torch.tensor(rows, dtype=torch.long), ids
-    raise LinearizeError(f"only {len(rows)} of {len(docs)} long documents have {seq_len} tokens; {num_rows} rows asked")
+    raise LinearizeError(f"only {len(rows)} of {seen} long documents have {seq_len} tokens; {num_rows} rows asked")
 
 
 @torch.no_grad()
@@ -145,7 +148,7 @@ def choose_layers(measured: dict[str, Any], keep: int) -> tuple[list[int], list[
 
 def select_layers(model: nn.Module, tokenizer, keep: int | None = None, *, window: int, sinks: int,
                   num_rows: int = 4, seq_len: int = 2048, seed: int | None = 0, data_dir=None,
-                  texts: dict[str, str] | None = None, batch_size: int = 4, loss_chunk: int = 1024,
+                  texts: dict[str, str] | list[str] | None = None, batch_size: int = 4, loss_chunk: int = 1024,
                   chunk: int = 2048) -> dict[str, Any]:
     """Measure every candidate layer of a base model on `num_rows` long-document rows of `seq_len` tokens (see
     :func:`long_document_rows`) and, with `keep`, choose the layers to keep and to convert. The JSON record of

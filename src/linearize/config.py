@@ -63,7 +63,7 @@ class HybridConfig:
     delta_beta_init: float = field(default=0.5, metadata={"help": "linear_state 'delta': the initial write strength beta = sigmoid(x W + b) of every head (W = 0, b set from it)."})
     chunk_size: int = field(default=64, metadata={"help": "Query/key block size of the chunked implementations."})
     backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA when available, else chunked PyTorch), 'torch', 'triton' or 'reference' (quadratic spec, for tests)."})
-    layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers), a list of layer indices, or 'measured:K': of the base's full-attention layers, keep as full softmax the K whose cut to the training-free window+sinks (this config's window and softmax_sinks) raises the loss on long text the most, convert the others; measured once by the conversion run (written to layer_selection.json; the converted model's config stores the list). `linearize select-layers` measures without converting."})
+    layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers), a list of layer indices, or 'measured:K': of the base's full-attention layers, keep as full softmax the K whose cut to the training-free window+sinks (this config's window and softmax_sinks, unless the recipe's layer_selection section sets them) raises the loss on long text the most, convert the others; measured once by the conversion run (written to layer_selection.json; the converted model's config stores the list). `linearize select-layers` measures without converting."})
 
     def __post_init__(self) -> None:
         checks = {

@@ -53,9 +53,9 @@ def text_config(model: nn.Module):
 def resolve_layers(spec, config) -> list[int]:
     n = config.num_hidden_layers
     if measured_keep(spec) is not None:  # needs a model, text and forward passes: resolved before conversion
-        raise LinearizeError(f"hybrid.layers={spec!r} is chosen by measurement: resolve it to a list of layers first "
-                             f"(linearize.models.layer_select.resolve_measured; the conversion run and `linearize "
-                             f"select-layers` do), then convert with that list")
+        raise LinearizeError(f"hybrid.layers={spec!r} is chosen by measurement, which needs text: measure first "
+                             f"(`linearize select-layers MODEL --keep K`, or linearize.models.layer_select."
+                             f"select_layers; `linearize convert` does it itself) and convert with the list it gives")
     if spec == "all":
         return list(range(n))
     if spec == "global":

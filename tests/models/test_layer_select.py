@@ -110,9 +110,11 @@ def test_select_layers_is_deterministic_json_and_records_its_rows(tokenizer, dat
     assert other["rows"]["documents"] != a["rows"]["documents"]  # the seed draws the documents
     assert a["rows"]["count"] == 2 and a["rows"]["seq_len"] == 32 and len(a["rows"]["sha256"]) == 64
     assert a["kept"] == a["ranking"][:1] and a["convert"] == sorted(a["ranking"][1:]) and a["spec"] == "measured:1"
+    rows, _ = layer_select.long_document_rows(tokenizer, num_rows=2, seq_len=32, seed=0, data_dir=data_dir)
     with window_sinks(model, WINDOW, SINKS, layers=a["convert"]):
-        rows, _ = layer_select.long_document_rows(tokenizer, num_rows=2, seq_len=32, seed=0, data_dir=data_dir)
         assert a["converted_cut_loss"] == pytest.approx(_loss(model, rows), abs=1e-5)
+    with window_sinks(model, WINDOW, SINKS, layers="all"):
+        assert a["all_cut_loss"] == pytest.approx(_loss(model, rows), abs=1e-5)
     assert rows[:, 0].eq(tokenizer.bos_token_id).all()
     md = layer_select.selection_markdown(a)
     assert f"--set hybrid.layers={layer_select.layers_setting(a['convert'])}" in md and md.count("| convert |") == 2

@@ -7,8 +7,9 @@ of the rows per layer, plus one for the base. A layer whose cut raises the loss 
 window cannot see; 'measured:K' keeps the K highest as full softmax and converts the others.
 
 The record (:func:`select_layers`) is plain JSON: per-layer loss and increase (nats/token), the base loss, the
-ranking, the rows used (document ids, sha256 of the token ids), the settings; with ``keep`` also the kept and
-converted layers and the loss of cutting every converted layer at once (the cuts need not add up).
+ranking, the rows used (document ids, sha256 of the token ids), the settings, the loss with every candidate cut at
+once; with ``keep`` also the kept and converted layers and the loss of cutting every converted layer at once (the
+cuts need not add up).
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ def select_layers(model: nn.Module, tokenizer, keep: int | None = None, *, windo
                      "chunk": chunk, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
         "keep": keep,
     }
+    every = cut_loss(model, rows, measured["candidates"], window=window, sinks=sinks, batch_size=batch_size,
+                     loss_chunk=loss_chunk, chunk=chunk)  # what converting all of them starts from
+    record.update(all_cut_loss=every, all_cut_delta=every - measured["base_loss"])
     if keep is not None:
         kept, converted = choose_layers(measured, keep)
         together = cut_loss(model, rows, converted, window=window, sinks=sinks, batch_size=batch_size,
@@ -201,7 +205,8 @@ def selection_markdown(record: dict[str, Any], title: str = "Layer selection") -
     lines = [f"# {title}", "",
              f"Each full-attention layer cut alone to the last {record['window']} keys + the first {record['sinks']} "
              f"(training-free window + sinks); mean next-token loss over {r['count']} long-document rows of "
-             f"{r['seq_len']} tokens (seed {r['seed']}). Base loss {base:.4f} nats/token.", ""]
+             f"{r['seq_len']} tokens (seed {r['seed']}). Base loss {base:.4f} nats/token; every one of these layers "
+             f"cut at once: {record['all_cut_loss']:.4f} ({record['all_cut_delta']:+.4f}).", ""]
     if record.get("keep") is not None:
         lines += [f"`{record['spec']}`: keep {record['kept']} as full softmax, convert {record['convert']}. Cutting "
                   f"every converted layer at once: {record['converted_cut_loss']:.4f} nats/token "

@@ -65,7 +65,8 @@ def _loss(model, rows) -> float:
 def test_each_layers_loss_is_the_cut_by_hand_and_the_converted_swa_only_layer(family):
     """Per layer: the full model's logits with that layer cut by window_sinks, and (independently, through the
     hybrid layer's own backend) that layer converted and run 'swa_only' with the same window and sinks."""
-    model = _model(family, **({"sliding_window": 16} if family == "gemma3" else {}))
+    # Gemma: local layers with a window of their own (never candidates) and final-logit softcapping
+    model = _model(family, **({"sliding_window": 16, "final_logit_softcapping": 3.0} if family == "gemma3" else {}))
     rows = _rows()
     got = layer_select.measure_layers(model, rows, window=WINDOW, sinks=SINKS, batch_size=2, loss_chunk=25, chunk=16)
     base = _loss(model, rows)
@@ -236,6 +237,11 @@ def test_select_layers_command_writes_record_table_plot(model_dir, data_dir, tmp
     assert record["meta"]["command"] and record["rows"]["documents"]
     assert "| rank | layer |" in (out / "layer_selection.md").read_text()
     assert (out / "layer_selection.png").read_bytes()[:4] == b"\x89PNG"
+    # without --keep: the ranking only, the same measurement
+    assert main(_args(model_dir, data_dir, tmp_path / "rank")) == 0
+    ranked = json.loads((tmp_path / "rank" / "layer_selection.json").read_text())
+    assert ranked["keep"] is None and "convert" not in ranked and "--set" not in capsys.readouterr().out
+    assert ranked["layers"] == record["layers"] and ranked["ranking"] == record["ranking"]
 
 
 @pytest.mark.parametrize("extra, message", [

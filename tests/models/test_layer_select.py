@@ -202,6 +202,7 @@ def test_a_measured_run_refuses_bad_settings(tokenizer, data_dir, tmp_path):
     with pytest.raises(LinearizeError, match="K out of range"):
         run_recipe(_model(), "la-only", tmp_path / "a", overrides=_sets(**{"hybrid.layers": "measured:3"}),
                    data=_data(), tokenizer=tokenizer, data_dir=str(data_dir))
+    assert not (tmp_path / "a" / "data_manifest.json").exists()  # refused as soon as the model is loaded
     with pytest.raises(LinearizeError, match="Long documents file not found"):
         run_recipe(_model(), "la-only", tmp_path / "b", overrides=_sets(), data=_data(), tokenizer=tokenizer,
                    data_dir=str(tmp_path))

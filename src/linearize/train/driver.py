@@ -189,6 +189,11 @@ def prepare(run: Run, model: Any, *, tokenizer=None, data=None, data_dir: str | 
         model = model.to(acc.device)
     run.model, run.tokenizer, run.data_dir = model, tokenizer, data_dir
     run.summary["load_seconds"] = time.perf_counter() - t0
+    keep = measured_keep(recipe.hybrid.layers)
+    if keep is not None:  # a K this model cannot keep fails now, not after the data are packed
+        from linearize.models.layer_select import check_keep
+
+        check_keep(model, keep)
     if data is None:
         if tokenizer is None:
             raise LinearizeError("run_recipe needs a tokenizer (or ready `data`) to build the training data")
@@ -259,7 +264,6 @@ def select_measured_layers(run: Run) -> list[int]:
                                  f"{recipe.hybrid.layers!r}")
         run.summary["layer_selection"] = {k: stored[k] for k in ("spec", "kept", "convert")}
         return list(stored["convert"])
-    layer_select.check_keep(run.model, keep)
     if run.tokenizer is None:
         raise LinearizeError(f"hybrid.layers={recipe.hybrid.layers!r} needs the model's tokenizer to read the long "
                              f"documents; pass `tokenizer`")

@@ -102,8 +102,11 @@ def test_ranking_is_by_loss_increase_ties_by_index_and_the_choice_is_its_complem
 
 def test_select_layers_is_deterministic_json_and_records_its_rows(tokenizer, data_dir):
     model = _model()
-    run = lambda seed: layer_select.select_layers(model, tokenizer, 1, window=WINDOW, sinks=SINKS, num_rows=2,  # noqa: E731
-                                                  seq_len=32, seed=seed, data_dir=data_dir)
+
+    def run(seed):
+        return layer_select.select_layers(model, tokenizer, 1, window=WINDOW, sinks=SINKS, num_rows=2, seq_len=32,
+                                          seed=seed, data_dir=data_dir)
+
     a, b, other = run(0), run(0), run(3)
     for r in (a, b):
         r.pop("seconds")

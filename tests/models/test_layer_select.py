@@ -267,3 +267,13 @@ def test_select_layers_command_bad_input_is_one_line_before_writing(model_dir, d
 def test_select_layers_command_without_long_documents(model_dir, tmp_path, capsys):
     assert main(_args(model_dir, tmp_path, tmp_path / "sel")) == 2
     assert "Long documents file not found" in capsys.readouterr().err
+
+
+def test_long_document_rows_in_file_order_pass_over_short_documents(tokenizer, data_dir):
+    rows, ids = layer_select.long_document_rows(tokenizer, num_rows=2, seq_len=32, seed=None, data_dir=data_dir)
+    assert ids == ["doc-0", "doc-1"] and rows.shape == (2, 32)
+    expected = tokenizer(" ".join(TEXT.split()) * 3, add_special_tokens=False)["input_ids"][:31]
+    assert rows[0].tolist() == [tokenizer.bos_token_id] + expected
+    rows, ids = layer_select.long_document_rows(tokenizer, num_rows=1, seq_len=32, seed=None,
+                                                texts={"short": "A river.", "long": TEXT})
+    assert ids == ["long"]

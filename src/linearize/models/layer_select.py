@@ -171,8 +171,7 @@ def select_layers(model: nn.Module, tokenizer, keep: int | None = None, *, windo
         **measured,
         "rows": {"count": num_rows, "seq_len": seq_len, "seed": seed, "documents": documents,
                  "sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest()},
-        "settings": {"batch_size": batch_size, "loss_chunk": loss_chunk,
-                     "chunk": chunk, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+        "settings": {"batch_size": batch_size, "loss_chunk": loss_chunk, "chunk": chunk, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
         "keep": keep,
     }
     every = cut_loss(model, rows, measured["candidates"], window=window, sinks=sinks, batch_size=batch_size,
@@ -180,8 +179,9 @@ def select_layers(model: nn.Module, tokenizer, keep: int | None = None, *, windo
     record.update(all_cut_loss=every, all_cut_delta=every - measured["base_loss"])
     if keep is not None:
         kept, converted = choose_layers(measured, keep)
-        together = cut_loss(model, rows, converted, window=window, sinks=sinks, batch_size=batch_size,
-                            loss_chunk=loss_chunk, chunk=chunk)
+        together = every if converted == measured["candidates"] else cut_loss(
+            model, rows, converted, window=window, sinks=sinks, batch_size=batch_size, loss_chunk=loss_chunk,
+            chunk=chunk)
         record.update(kept=kept, convert=converted, spec=f"{MEASURED}:{keep}", converted_cut_loss=together,
                       converted_cut_delta=together - measured["base_loss"])
     return record

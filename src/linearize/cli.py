@@ -1,5 +1,5 @@
 """`linearize <verb>`: one command line over the library. Each verb lives in linearize/commands/<verb>.py
-and provides `register(subparsers)`, which adds its parser and sets `func`."""
+(a hyphen in the verb is an underscore in the file name) and provides `register(subparsers)`, which adds its parser and sets `func`."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("info", "convert", "eval", "diagnose", "generate", "bench", "report", "study", "demo", "lmeval")
+VERBS = ("info", "convert", "select-layers", "eval", "diagnose", "generate", "bench", "report", "study", "demo", "lmeval")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linearize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     for verb in VERBS:
+        name = f"linearize.commands.{verb.replace('-', '_')}"  # a module name has no hyphen
         try:
-            module = importlib.import_module(f"linearize.commands.{verb}")
+            module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"linearize.commands.{verb}":
+            if exc.name != name:
                 raise
             continue  # verb not shipped in this build
         module.register(sub)

@@ -25,6 +25,21 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 LINEAR_STATE_KINDS = ("sum", "gated", "delta")
 #: Kinds whose state has a normaliser (den); the others give den = 1 and need the 'mix' combine rule.
 NORMALISED_STATES = ("sum", "gated")
+#: ``HybridConfig.layers`` = MEASURED + ":K": keep the K full-attention layers whose window+sinks cut costs the most
+#: loss as full softmax and convert the others (chosen by linearize.models.layer_select before conversion).
+MEASURED = "measured"
+
+
+def measured_keep(layers: Any) -> int | None:
+    """K of a ``'measured:K'`` layer setting; None for any other setting ('all', 'global', a list).
+    Raises ValueError for a 'measured' string that does not name a K >= 0."""
+    if not isinstance(layers, str) or not layers.startswith(MEASURED):
+        return None
+    _, sep, k = layers.partition(":")
+    if layers.split(":")[0] != MEASURED or not sep or not k.strip().isdigit():
+        raise ValueError(f"HybridConfig.layers={layers!r}; the measured form is 'measured:K' with K >= 0 the number "
+                         f"of full-attention layers kept as full softmax, e.g. 'measured:4'")
+    return int(k)
 
 
 @dataclass
@@ -48,7 +63,7 @@ class HybridConfig:
     delta_beta_init: float = field(default=0.5, metadata={"help": "linear_state 'delta': the initial write strength beta = sigmoid(x W + b) of every head (W = 0, b set from it)."})
     chunk_size: int = field(default=64, metadata={"help": "Query/key block size of the chunked implementations."})
     backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA when available, else chunked PyTorch), 'torch', 'triton' or 'reference' (quadratic spec, for tests)."})
-    layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers) or a list of layer indices."})
+    layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers), a list of layer indices, or 'measured:K': of the base's full-attention layers, keep as full softmax the K whose cut to the training-free window+sinks (this config's window and softmax_sinks, unless the recipe's layer_selection section sets them) raises the loss on long text the most, convert the others; measured once by the conversion run (written to layer_selection.json; the converted model's config stores the list). `linearize select-layers` measures without converting."})
 
     def __post_init__(self) -> None:
         checks = {
@@ -85,6 +100,9 @@ class HybridConfig:
             raise ValueError(f"linear_state={self.linear_state!r} has no normaliser for 'shared_norm'; set combine='mix'")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        if isinstance(self.layers, str) and self.layers not in ("all", "global") and measured_keep(self.layers) is None:
+            raise ValueError(f"HybridConfig.layers={self.layers!r}; expected 'all', 'global', 'measured:K' or a list "
+                             f"of layer indices")
 
     @property
     def softmax_extras(self) -> bool:

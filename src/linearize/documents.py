@@ -73,7 +73,7 @@ from linearize.data_dir import resolve_data_dir
 from linearize.errors import LinearizeError
 
 __all__ = ["SOURCES", "ALIASES", "Document", "Source", "format_alpaca", "format_conversation", "iter_documents",
-           "iter_long_documents", "known_sources", "register_source", "resolve_source"]
+           "iter_long_documents", "long_documents_path", "known_sources", "register_source", "resolve_source"]
 
 _SHAKESPEARE_CHUNK_CHARS = 4_000
 
@@ -575,12 +575,16 @@ def iter_documents(
         it.close()  # type: ignore[attr-defined]
 
 
+def long_documents_path(data_dir: str | os.PathLike | None = None) -> Path:
+    """The long documents' file, ``longdocs/longdocs.jsonl.xz`` of the data directory (an error when missing)."""
+    path = resolve_data_dir(data_dir) / "longdocs" / "longdocs.jsonl.xz"
+    if not path.is_file():
+        raise LinearizeError(f"Long documents file not found: {path}")
+    return path
+
+
 def iter_long_documents(data_dir: str | os.PathLike | None = None) -> Iterator[tuple[str, str]]:
     """Yield ``(id, text)`` for the 163 long documents of ``longdocs/longdocs.jsonl.xz``
     (Project Gutenberg books ``pg-*`` and Anarchist FAQ sections ``afaq-*``, each > ~14k tokens)."""
-    d = resolve_data_dir(data_dir)
-    path = d / "longdocs" / "longdocs.jsonl.xz"
-    if not path.is_file():
-        raise LinearizeError(f"Long documents file not found: {path}")
-    for _, row in _iter_jsonl(path):
+    for _, row in _iter_jsonl(long_documents_path(data_dir)):
         yield str(row["id"]), str(row["text"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from linearize.config import HybridConfig
+from linearize.config import HybridConfig, measured_keep
 
 
 def register(subparsers) -> None:
@@ -19,7 +19,9 @@ def register(subparsers) -> None:
 
 
 def parse_layers(text: str):
-    return text if text in ("all", "global") else [int(x) for x in text.split(",") if x]
+    if text in ("all", "global") or measured_keep(text) is not None:  # 'measured:K' is refused with its reason
+        return text
+    return [int(x) for x in text.split(",") if x]
 
 
 def run(args: argparse.Namespace) -> int:

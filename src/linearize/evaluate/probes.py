@@ -36,10 +36,10 @@ import torch.nn.functional as F
 
 from linearize.compat import cache_kwargs, output_cache
 from linearize.config import HybridConfig
-from linearize.documents import iter_long_documents
 from linearize.errors import LinearizeError
 from linearize.evaluate.lm_eval_model import load_model
 from linearize.models.convert import components, convert, hybrid_config_of, is_converted
+from linearize.models.layer_select import long_document_rows
 from linearize.models.lm_head import final_logits_fn
 from linearize.records import fmt_pct, markdown_table, run_metadata, save_figure, write_record
 
@@ -70,24 +70,10 @@ def position_losses(model, ids: torch.Tensor, *, logit_chunk: int = 512) -> torc
 
 def long_document_batch(tokenizer, *, num_docs: int = 2, seq_len: int = 2048, data_dir=None,
                         texts: list[str] | None = None) -> torch.Tensor:
-    """``(num_docs, seq_len)`` ids: the start of each long document (BOS first when the tokenizer has one)."""
-    if texts is None:
-        texts = []
-        for _, text in iter_long_documents(data_dir):
-            texts.append(text[: seq_len * 8])
-            if len(texts) >= num_docs:
-                break
-    rows = []
-    bos = tokenizer.bos_token_id
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = ([bos] if bos is not None else []) + ids
-        if len(ids) < seq_len:
-            raise LinearizeError(f"a long document has only {len(ids)} tokens; seq_len={seq_len}")
-        rows.append(ids[:seq_len])
-    if len(rows) < num_docs:
-        raise LinearizeError(f"only {len(rows)} long documents found; {num_docs} asked")
-    return torch.tensor(rows, dtype=torch.long)
+    """``(num_docs, seq_len)`` ids: the start of each of the first long documents (BOS first when the tokenizer
+    has one); linearize.models.layer_select.long_document_rows in file order."""
+    return long_document_rows(tokenizer, num_rows=num_docs, seq_len=seq_len, seed=None, data_dir=data_dir,
+                              texts=texts)[0]
 
 
 def position_loss_probe(variants: dict[str, Callable[[torch.Tensor], torch.Tensor]], ids: torch.Tensor, *,

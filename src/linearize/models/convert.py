@@ -30,8 +30,8 @@ from transformers import (
 
 from linearize.attention.adapters import adapter_for, layer_types
 from linearize.attention.module import HybridAttention, PaddingContext, hybrid_param_kind
-from linearize.config import HybridConfig
-from linearize.errors import ModelFileError
+from linearize.config import HybridConfig, measured_keep
+from linearize.errors import LinearizeError, ModelFileError
 from linearize.models import generation
 from linearize.models.rundir import check_complete
 
@@ -52,6 +52,10 @@ def text_config(model: nn.Module):
 
 def resolve_layers(spec, config) -> list[int]:
     n = config.num_hidden_layers
+    if measured_keep(spec) is not None:  # needs a model, text and forward passes: resolved before conversion
+        raise LinearizeError(f"hybrid.layers={spec!r} is chosen by measurement, which needs text: measure first "
+                             f"(`linearize select-layers MODEL --keep K`, or linearize.models.layer_select."
+                             f"select_layers; `linearize convert` does it itself) and convert with the list it gives")
     if spec == "all":
         return list(range(n))
     if spec == "global":

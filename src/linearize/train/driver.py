@@ -8,6 +8,8 @@ Output directory of a run::
     config.json, model.safetensors, tokenizer files   the converted model, LoRA merged (linearize.load(out))
     adapter/                                          the LoRA adapter alone (peft format)
     recipe.yaml                                       the resolved recipe
+    layer_selection.json                              hybrid.layers='measured:K' only: each layer's measured loss
+                                                      increase and the layers kept / converted
     data_manifest.json                                which data, how many tokens
     train_log.jsonl                                   one record per step and per validation
     loss.png                                          training / validation loss curves
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from linearize.config import measured_keep
 from linearize.errors import LinearizeError
 from linearize.models import rundir
 from linearize.records import git_commit
@@ -65,6 +68,7 @@ class Run:
     peft_model: Any = None
     train_rows: torch.Tensor | None = None
     val_rows: torch.Tensor | None = None
+    data_dir: str | None = None  # where the long documents of a measured layer selection are read
 
     @property
     def show_progress(self) -> bool:
@@ -134,6 +138,10 @@ def checked_recipe(model: Any, recipe, out: Path, overrides, preset, resume: boo
         from linearize.train.data import check_sources as check
 
         check(list(resolved.data.sources), data_dir)
+    if measured_keep(resolved.hybrid.layers) is not None:
+        from linearize.documents import long_documents_path
+
+        long_documents_path(data_dir)  # what the measurement reads: missing, it fails before --out is touched
     return resolved, changes
 
 
@@ -179,8 +187,13 @@ def prepare(run: Run, model: Any, *, tokenizer=None, data=None, data_dir: str | 
     else:
         run.summary["model"] = type(model).__name__
         model = model.to(acc.device)
-    run.model, run.tokenizer = model, tokenizer
+    run.model, run.tokenizer, run.data_dir = model, tokenizer, data_dir
     run.summary["load_seconds"] = time.perf_counter() - t0
+    keep = measured_keep(recipe.hybrid.layers)
+    if keep is not None:  # a K this model cannot keep fails now, not after the data are packed
+        from linearize.models.layer_select import check_keep
+
+        check_keep(model, keep)
     if data is None:
         if tokenizer is None:
             raise LinearizeError("run_recipe needs a tokenizer (or ready `data`) to build the training data")
@@ -222,14 +235,50 @@ def _write_manifest(run: Run, manifest: dict) -> None:
 
 
 def convert_model(run: Run) -> None:
-    """The model's attention layers replaced by hybrid layers (linearize.models.convert), every parameter frozen."""
+    """The model's attention layers replaced by hybrid layers (linearize.models.convert), every parameter frozen.
+    ``hybrid.layers='measured:K'`` is resolved first (:func:`select_measured_layers`)."""
     from linearize.models.convert import convert
 
+    hybrid = copy.deepcopy(run.recipe.hybrid)  # the model keeps its own; the recipe stays as resolved
+    if measured_keep(hybrid.layers) is not None:
+        hybrid.layers = select_measured_layers(run)
     loop.seed_everything(run.recipe.seed + 1)
     for p in run.model.parameters():
         p.requires_grad_(False)
-    convert(run.model, copy.deepcopy(run.recipe.hybrid))  # the model keeps its own; the recipe stays as resolved
+    convert(run.model, hybrid)  # the converted config stores the list: loading never measures again
     run.model.to(run.acc.device)
+
+
+def select_measured_layers(run: Run) -> list[int]:
+    """The layers ``hybrid.layers='measured:K'`` converts, measured on the base model (linearize.models.layer_select)
+    and recorded in ``layer_selection.json``; a resumed run reads them back from there."""
+    from linearize.models import layer_select
+
+    recipe = run.recipe
+    keep = measured_keep(recipe.hybrid.layers)
+    path = run.out / f"{layer_select.RECORD_KIND}.json"
+    if run.resume and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("keep") != keep:
+            raise LinearizeError(f"--resume: {path} kept {stored.get('keep')} layers, the recipe says "
+                                 f"{recipe.hybrid.layers!r}")
+        run.summary["layer_selection"] = {k: stored[k] for k in ("spec", "kept", "convert")}
+        return list(stored["convert"])
+    if run.tokenizer is None:
+        raise LinearizeError(f"hybrid.layers={recipe.hybrid.layers!r} needs the model's tokenizer to read the long "
+                             f"documents; pass `tokenizer`")
+    sel = recipe.layer_selection
+    window, sinks = sel.cut(recipe.hybrid)
+    record = layer_select.select_layers(run.model, run.tokenizer, keep, window=window, sinks=sinks, num_rows=sel.rows,
+                                        seq_len=sel.seq_len, seed=recipe.seed, data_dir=run.data_dir,
+                                        batch_size=sel.batch_size, loss_chunk=recipe.stage2.loss_chunk)
+    if run.acc.is_main_process:
+        rundir.write_text_atomic(path, json.dumps({"kind": layer_select.RECORD_KIND, **record, **run.provenance},
+                                                  indent=2))
+        run.log.write({"stage": "layer_selection", "event": "measured", "kept": record["kept"],
+                       "convert": record["convert"], "seconds": record["seconds"]})
+    run.summary["layer_selection"] = {k: record[k] for k in ("spec", "kept", "convert")}
+    return record["convert"]
 
 
 def stage1_parts(model: Any, s1: Stage1Config | dict) -> tuple[dict, Any, Any]:

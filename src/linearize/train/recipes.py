@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from linearize.config import COMPONENT_MODES, HybridConfig
+from linearize.config import COMPONENT_MODES, HybridConfig, measured_keep
 from linearize.errors import LinearizeError
 from linearize.train.transfer import OBJECTIVES
 
@@ -404,6 +404,28 @@ class RuntimeConfig(Section):
 
 
 @dataclass
+class LayerSelectionConfig(Section):
+    """How ``hybrid.layers='measured:K'`` measures (linearize.models.layer_select); read only then."""
+
+    where: ClassVar[str] = "layer_selection"
+    rows: int = _field(4, "Long-document rows the loss is measured on (longdocs/ of the data directory).")
+    seq_len: int = _field(2048, "Tokens per row; must exceed window + sinks.")
+    window: int | None = _field(None, "Window of the cut each layer is measured with; null: hybrid.window.")
+    sinks: int | None = _field(None, "Sinks of the cut; null: hybrid.softmax_sinks.")
+    batch_size: int = _field(4, "Rows per forward pass.")
+
+    def check(self) -> None:
+        if self.rows < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise RecipeError("layer_selection.rows and batch_size must be >= 1 and seq_len >= 2")
+        if (self.window is not None and self.window < 1) or (self.sinks is not None and self.sinks < 0):
+            raise RecipeError("layer_selection.window must be null or >= 1, sinks null or >= 0")
+
+    def cut(self, hybrid: HybridConfig) -> tuple[int, int]:
+        """(window, sinks) of the measurement for a conversion with `hybrid`."""
+        return (self.window or hybrid.window, hybrid.softmax_sinks if self.sinks is None else self.sinks)
+
+
+@dataclass
 class Recipe(Section):
     """A whole conversion recipe: the hybrid layer, the data, the two training stages, validation, output, runtime."""
 
@@ -421,6 +443,8 @@ class Recipe(Section):
     eval: EvalConfig = _field(EvalConfig(), "Validation by component mode.")
     output: OutputConfig = _field(OutputConfig(), "What the run directory holds.")
     runtime: RuntimeConfig = _field(RuntimeConfig(), "Device, precision, processes.")
+    layer_selection: LayerSelectionConfig = _field(LayerSelectionConfig(), "The measurement behind "
+                                                   "hybrid.layers='measured:K'.")
 
     def check(self) -> None:
         es = self.stage2.early_stopping
@@ -430,6 +454,10 @@ class Recipe(Section):
         if s1.enabled and not s1.train_feature_maps and not s1.train_mixing:
             raise RecipeError("stage1 trains nothing: set stage1.train_feature_maps or stage1.train_mixing, "
                               "or stage1.enabled=false")
+        window, sinks = self.layer_selection.cut(self.hybrid)
+        if measured_keep(self.hybrid.layers) is not None and self.layer_selection.seq_len <= window + sinks:
+            raise RecipeError(f"layer_selection.seq_len={self.layer_selection.seq_len} must exceed the measured cut's "
+                              f"window {window} + sinks {sinks}")
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:

@@ -139,3 +139,18 @@ def test_objective_decreases_on_tiny_model(objective, tmp_path):
     assert after < 0.9 * before, (before, after)
     # base weights untouched
     assert not any(p.requires_grad for n, p in model.named_parameters() if n not in params)
+
+
+@pytest.mark.parametrize("window,pad,block", [(None, 3, 5), (4, 0, 5), (4, 3, 7), (9, 2, 64), (1, 0, 3)])
+def test_teacher_in_blocks_equals_one_full_mask(window, pad, block):
+    """The masked teacher runs in query blocks over only the keys a block can see: equal to one T x T mask."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 23, 8), torch.randn(2, 2, 23, 8), torch.randn(2, 2, 23, 8)
+    valid = torch.ones(2, 23, dtype=torch.bool)
+    valid[1, :pad] = False
+    tq, ts = torch.arange(23)[:, None], torch.arange(23)[None, :]
+    mask = (ts <= tq) & (tq - ts < (window or 23)) & valid[:, None, None, :]
+    kx, vx = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    want = torch.softmax((q @ kx.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")), -1).nan_to_num() @ vx
+    got = transfer.teacher_attention(q, k, v, scale=0.3, window=window, valid=valid, block=block)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

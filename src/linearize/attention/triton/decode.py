@@ -1,0 +1,336 @@
+"""The whole decode step of a hybrid layer with the 'sum' linear state in one Triton launch.
+
+`fused_decode_step` computes what `recurrent.decode_step` computes for one component mode -- the output of the new
+token against the state, then the token appended in place -- but where the PyTorch step (and `decode_step_triton`,
+whose kernel only reads the state and folds S, z) still runs a dozen small kernels per layer (ring writes, sink
+updates, the slot counter), one program per (batch row, KV head) here reads the ring and S, z once, writes the
+output of its G query heads, folds the key leaving the window into S, z, writes the new key into the ring and the
+sinks, and advances the shared counters. It runs inside CUDA-graph capture: no host sync, fixed shapes, in place.
+
+Covered: modes 'hybrid' (both combine rules, both placements), 'swa_only' and 'la_only'; softcap; softmax sinks
+(`softmax_sinks` > 0); GQA; padding (`valid`); per-head, per-row or constant weights. Not covered (the caller keeps
+its existing path; `fused_decode_step` returns None): several modes in one step (per-head modes), 'sinks_only' and
+'none', sparse memory, the other linear-state kinds, window 1 (no ring), an fp64 state, CPU tensors outside
+`TRITON_INTERPRET=1`. The feature maps run before the kernel, in PyTorch (qf, kf are its inputs).
+
+Switch: `LINEARIZE_FUSED_DECODE=0` keeps the previous path; `=1` also runs the fused step on CPU tensors under
+`TRITON_INTERPRET=1` (the tests); unset: on CUDA tensors only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from linearize.attention.common import check_mode
+from linearize.config import COMBINE_RULES
+
+#: The environment switch (see the module docstring).
+FUSED_ENV = "LINEARIZE_FUSED_DECODE"
+
+# the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
+_RULE_CODES = {"shared_norm": 0, "mix": 1}
+_SINGLE_BRANCH = {"swa_only": 2, "la_only": 3}
+if set(_RULE_CODES) != set(COMBINE_RULES):
+    raise ImportError("every combine rule of linearize.config needs its code in attention/triton/decode.py")
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def fused_decode_kernel(
+    Q, QF, KN, VN, KFN, VALIDN, W, OUT,
+    BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z,
+    SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC,
+    scale, softcap, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, G, M, D,
+    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
+    SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ROW_SYNC: tl.constexpr,
+    GP: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr,
+):
+    """One decode step of the G query heads of one (b, hk). Grid: (B*HKV,). All arithmetic in fp32.
+
+    Window = the ring's L slots (empty ones invalid) + the new key (index L of the BL axis). With NSS softmax sinks,
+    the sinks that have left the window (slot j < NSS, valid, j < left_count[b]) join the softmax and, where the
+    linear branch covers the window (LA_WINDOW), the linear sums too (S holds no sink). Then, in place:
+        S += keep kf_out v_out^T, z += keep kf_out      (the key in ring slot SLOT leaves the window;
+                                                        keep = its valid, and not a softmax sink)
+        ring[SLOT] = the new key, sinks[count] = the new key if valid and count < NS,
+    and, once every program that reads them is done (arrival counters SYNC: per row, then over the grid), the
+    per-row valid flags, sink count and left_count, and SLOT = (SLOT + 1) % L.
+    """
+    pid = tl.program_id(0)
+    b = pid // HKV
+    hk = pid % HKV
+    kv64 = pid.to(tl.int64)
+    b64 = b.to(tl.int64)
+    offs_g = tl.arange(0, GP)
+    gm = offs_g < G
+    bh = (b * HQ + hk * G + offs_g).to(tl.int64)  # (GP,) query rows
+    offs_d = tl.arange(0, BD)
+    md = offs_d < D
+    offs_l = tl.arange(0, BL)
+    lbuf = offs_l < L
+    lcur = offs_l == L
+
+    # -- everything the shared writes at the end overwrite is read here, before this program arrives ----------------
+    slot = tl.load(SLOT).to(tl.int64)
+    vb = tl.load(BUFVALID + b64 * L + offs_l, mask=lbuf, other=0)
+    if HAS_VALIDN:
+        vnew = tl.load(VALIDN + b64) != 0
+    else:
+        vnew = pid >= 0  # no mask: every token valid
+    wvalid = (lbuf & (vb != 0)) | (lcur & vnew)
+    valid_out = tl.load(BUFVALID + b64 * L + slot) != 0
+    keep_out = valid_out
+    if NSS > 0:
+        left = tl.load(LEFT + b64)
+        keep_out = valid_out & (left >= NSS)  # the first NSS valid keys to leave are the sinks: not into S, z
+    if SINK_SLOTS:
+        offs_n = tl.arange(0, BS)
+        sv = tl.load(SINKVALID + b64 * NS + offs_n, mask=offs_n < NS, other=0)
+        count = tl.sum((sv != 0).to(tl.int32), 0)
+        becomes = vnew & (count < NS)
+        if NSS > 0:
+            sink_left = (offs_n < NSS) & (sv != 0) & (offs_n < left)
+
+    vwin = tl.load(BUFV + (kv64 * L + offs_l[:, None]) * D + offs_d[None, :], mask=lbuf[:, None] & md[None, :],
+                   other=0.0).to(tl.float32)
+    vnew_d = tl.load(VN + kv64 * D + offs_d, mask=md, other=0.0)
+    vwin += tl.where(lcur[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
+    v_out = tl.load(BUFV + (kv64 * L + slot) * D + offs_d, mask=md, other=0.0).to(tl.float32)
+    fold_w = keep_out.to(tl.float32)
+    if W_TENSOR:
+        wrow = tl.load(W + b64 * w_sb + (hk * G + offs_g).to(tl.int64) * w_sh, mask=gm, other=0.0).to(tl.float32)
+    else:
+        wrow = tl.zeros([GP], dtype=tl.float32) + wscalar
+    if NSS > 0:
+        vsink = tl.load(SINKV + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
+                        mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
+
+    num_s = tl.zeros([GP, BD], dtype=tl.float32)
+    den_s = tl.zeros([GP], dtype=tl.float32)
+    num_l = tl.zeros([GP, BD], dtype=tl.float32)
+    den_l = tl.zeros([GP], dtype=tl.float32)
+    if HAS_SWA:
+        lg = tl.zeros([GP, BL], dtype=tl.float32)
+        ls = tl.zeros([GP, BS], dtype=tl.float32)
+        for d0 in range(0, D, BDK):
+            od = d0 + tl.arange(0, BDK)
+            mdk = od < D
+            q = tl.load(Q + bh[:, None] * D + od[None, :], mask=gm[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+            kw = tl.load(BUFK + (kv64 * L + offs_l[:, None]) * D + od[None, :], mask=lbuf[:, None] & mdk[None, :],
+                         other=0.0).to(tl.float32)
+            kw += tl.load(KN + kv64 * D + offs_l[:, None] * 0 + od[None, :], mask=lcur[:, None] & mdk[None, :],
+                          other=0.0).to(tl.float32)
+            lg += tl.sum(q[:, None, :] * kw[None, :, :], 2)
+            if NSS > 0:
+                ks = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + od[None, :],
+                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+                ls += tl.sum(q[:, None, :] * ks[None, :, :], 2)
+        lg = lg * scale
+        if SOFTCAP:
+            lg = softcap * _tanh(lg / softcap)
+        lg = tl.where(wvalid[None, :], lg, float("-inf"))
+        cm = tl.max(lg, 1)
+        if NSS > 0:
+            ls = ls * scale
+            if SOFTCAP:
+                ls = softcap * _tanh(ls / softcap)
+            ls = tl.where(sink_left[None, :], ls, float("-inf"))
+            cm = tl.maximum(cm, tl.max(ls, 1))
+        cm = tl.where(cm == float("-inf"), 0.0, cm)
+        p = tl.where(wvalid[None, :], tl.exp(lg - cm[:, None]), 0.0)
+        den_s = tl.sum(p, 1)
+        num_s = tl.sum(p[:, :, None] * vwin[None, :, :], 1)
+        if NSS > 0:
+            ps = tl.where(sink_left[None, :], tl.exp(ls - cm[:, None]), 0.0)
+            den_s += tl.sum(ps, 1)
+            num_s += tl.sum(ps[:, :, None] * vsink[None, :, :], 1)
+
+    # -- the linear branch reads S, z tile by tile; each tile is folded right after it was read ---------------------
+    aw = tl.zeros([GP, BL], dtype=tl.float32)
+    asink = tl.zeros([GP, BS], dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        om = m0 + tl.arange(0, BM)
+        mm = om < M
+        st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+        z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+        if HAS_LA:
+            qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
+            num_l += tl.sum(qf[:, :, None] * st[None, :, :], 1)
+            den_l += tl.sum(qf * z[None, :], 1)
+            if LA_WINDOW:
+                kfw = tl.load(BUFKF + (kv64 * L + offs_l[:, None]) * M + om[None, :], mask=lbuf[:, None] & mm[None, :],
+                              other=0.0).to(tl.float32)
+                kfw += tl.load(KFN + kv64 * M + offs_l[:, None] * 0 + om[None, :], mask=lcur[:, None] & mm[None, :],
+                               other=0.0).to(tl.float32)
+                aw += tl.sum(qf[:, None, :] * kfw[None, :, :], 2)
+                if NSS > 0:
+                    kfs = tl.load(SINKKF + (kv64 * NS + offs_n[:, None]) * M + om[None, :],
+                                  mask=(offs_n < NSS)[:, None] & mm[None, :], other=0.0).to(tl.float32)
+                    asink += tl.sum(qf[:, None, :] * kfs[None, :, :], 2)
+        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+        tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
+                 mask=mm[:, None] & md[None, :])
+        tl.store(Z + kv64 * M + om, z + kf_out, mask=mm)
+    if HAS_LA and LA_WINDOW:
+        aw = tl.where(wvalid[None, :], aw, 0.0)
+        num_l += tl.sum(aw[:, :, None] * vwin[None, :, :], 1)
+        den_l += tl.sum(aw, 1)
+        if NSS > 0:
+            asink = tl.where(sink_left[None, :], asink, 0.0)
+            num_l += tl.sum(asink[:, :, None] * vsink[None, :, :], 1)
+            den_l += tl.sum(asink, 1)
+
+    inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
+    inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
+    if RULE == 0:
+        den = wrow * den_s + den_l
+        inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+        out = (wrow[:, None] * num_s + num_l) * inv[:, None]
+    elif RULE == 1:
+        gp = tl.where(den_l == 0.0, 1.0, wrow)
+        out = gp[:, None] * num_s * inv_s[:, None] + (1.0 - gp)[:, None] * num_l * inv_l[:, None]
+    elif RULE == 2:
+        out = num_s * inv_s[:, None]
+    else:
+        out = num_l * inv_l[:, None]
+    tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])
+
+    # -- the new key into the ring slot (and the sinks): only after every thread of this program read the old one --
+    tl.debug_barrier()
+    knew = tl.load(KN + kv64 * D + offs_d, mask=md, other=0.0)
+    tl.store(BUFK + (kv64 * L + slot) * D + offs_d, knew.to(BUFK.dtype.element_ty), mask=md)
+    tl.store(BUFV + (kv64 * L + slot) * D + offs_d, vnew_d.to(BUFV.dtype.element_ty), mask=md)
+    if SINK_SLOTS:
+        tl.store(SINKK + (kv64 * NS + count) * D + offs_d, knew.to(SINKK.dtype.element_ty), mask=md & becomes)
+        tl.store(SINKV + (kv64 * NS + count) * D + offs_d, vnew_d.to(SINKV.dtype.element_ty), mask=md & becomes)
+    for m0 in range(0, M, BM):
+        om = m0 + tl.arange(0, BM)
+        mm = om < M
+        kfn = tl.load(KFN + kv64 * M + om, mask=mm, other=0.0)
+        tl.store(BUFKF + (kv64 * L + slot) * M + om, kfn.to(BUFKF.dtype.element_ty), mask=mm)
+        if SINK_KF:
+            tl.store(SINKKF + (kv64 * NS + count) * M + om, kfn.to(SINKKF.dtype.element_ty), mask=mm & becomes)
+
+    # -- shared state: per row by the row's last program, the ring slot by the grid's last ---------------------------
+    if ROW_SYNC:
+        row_last = tl.atomic_add(SYNC + b64, 1) == HKV - 1  # acq_rel: the others' reads above are done
+    else:
+        row_last = pid >= 0
+    tl.store(BUFVALID + b64 * L + slot, vnew.to(tl.int8), mask=row_last)
+    if SINK_SLOTS:
+        tl.store(SINKVALID + b64 * NS + count, (pid >= 0).to(tl.int8), mask=row_last & becomes)
+    if NSS > 0:
+        tl.store(LEFT + b64, left + valid_out.to(tl.int64), mask=row_last)
+    if ROW_SYNC:
+        tl.store(SYNC + b64, 0, mask=row_last)
+    grid_last = tl.atomic_add(SYNC + B, 1) == B * HKV - 1
+    tl.store(SLOT, (slot + 1) % L, mask=grid_last)
+    tl.store(SYNC + B, 0, mask=grid_last)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_decode_enabled(x: torch.Tensor) -> bool:
+    """Whether `LINEARIZE_FUSED_DECODE` lets the fused step run on tensors like x (see the module docstring)."""
+    setting = os.environ.get(FUSED_ENV, "").strip()
+    if setting == "0":
+        return False
+    return x.is_cuda or (setting == "1" and _interpreting())
+
+
+def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
+    """Whether `fused_decode_step` computes this step (else it returns None and the caller keeps its path)."""
+    for mode in modes:
+        check_mode(mode)
+    w_ok = not torch.is_tensor(weight) or weight.dim() in (0, 1, 3)
+    return (len(modes) == 1 and modes[0] in ("hybrid", "swa_only", "la_only") and w_ok and fused_decode_enabled(q)
+            and state.additive and state.memory is None and state.buf_k.shape[2] > 0
+            and state.S.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _sync_counters(state, batch: int, device) -> torch.Tensor:
+    """The kernel's arrival counters (B + 1 int32, zero between launches), kept on the state so that a captured
+    graph replays against the same buffer."""
+    sync = getattr(state, "_fused_sync", None)
+    if sync is None or sync.shape[0] != batch + 1 or sync.device != device:
+        sync = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+        state._fused_sync = sync
+    return sync
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as int8 bytes, the same memory (the kernel writes it in place)."""
+    if x.dtype != torch.bool or not x.is_contiguous():
+        raise ValueError(f"expected a contiguous bool tensor, got {x.dtype} with strides {x.stride()}")
+    return x.view(torch.int8)
+
+
+def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float, weight=0.1,
+                      rule: str = "shared_norm", placement: str = "complementary", softcap: float | None = None,
+                      log_decay=None, beta=None) -> dict[str, torch.Tensor] | None:
+    """`recurrent.decode_step` for one component mode in one kernel launch: {mode: output (B, Hq, 1, d)}, the state
+    advanced in place; None where `fused_decode_applies` says no (nothing is then changed). q (B, Hq, 1, d), k/v
+    (B, Hkv, 1, d), qf (B, Hq, 1, m), kf (B, Hkv, 1, m), valid (B, 1) bool or None (all valid)."""
+    if not fused_decode_applies(state, q, modes, weight=weight):
+        return None
+    (mode,) = modes
+    if mode == "hybrid" and rule not in _RULE_CODES:
+        raise ValueError(f"unknown combination rule {rule!r}; expected one of {tuple(_RULE_CODES)}")
+    code = _RULE_CODES[rule] if mode == "hybrid" else _SINGLE_BRANCH[mode]
+    b, hq, _, d = q.shape
+    hkv, m = k.shape[1], qf.shape[-1]
+    L = state.buf_k.shape[2]
+    ns = state.sink_k.shape[2]
+    nss = int(state.softmax_sinks)
+    dev = q.device
+    w, wscalar, w_sb, w_sh = q, 0.0, 0, 0  # q: a placeholder pointer the kernel never reads
+    if torch.is_tensor(weight):
+        w = weight.to(device=dev, dtype=torch.float32)
+        if w.dim() == 3:  # (B, Hq, T): this token's column
+            w = w[..., 0]
+            w_sb, w_sh = (w.stride(0) if w.shape[0] > 1 else 0), (w.stride(1) if w.shape[1] > 1 else 0)
+        elif w.dim() == 1:
+            w_sh = w.stride(0) if w.shape[0] > 1 else 0
+    else:
+        wscalar = float(weight)
+    out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
+    sink_kf = state.sink_kf if nss else state.sink_k
+    has_sink_kf = state.sink_kf is not None and ns > 0
+    bd = _pow2(d, 16)
+    gp = _pow2(hq // hkv)
+    # feature rows per S tile: the (G, BM, BD) product of the readout stays at ~16k fp32 values
+    bm = min(64, max(8, 1 << (max(1, 16384 // (gp * bd)).bit_length() - 1)), _pow2(m, 8))
+    bl = _pow2(L + 1, 2)
+    fused_decode_kernel[(b * hkv,)](
+        q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
+        q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
+        state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,
+        state.sink_k, state.sink_v, sink_kf, _bool_bytes(state.sink_valid),
+        state.left_count if nss else state.slot, _sync_counters(state, b, dev),
+        float(scale), float(softcap) if softcap is not None else 1.0, wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
+        hq // hkv, m, d,
+        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
+        SOFTCAP=softcap is not None, HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
+        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ROW_SYNC=hkv > 1,
+        GP=gp, BL=bl, BS=_pow2(ns, 2), BM=bm, BD=bd, BDK=min(32, bd),
+        num_warps=8 if bl * bd >= 16384 else 4,
+    )
+    state.seen += 1
+    return {mode: out}

@@ -28,8 +28,12 @@ if not CUDA and type(fused.fused_decode_kernel).__name__ != "InterpretedFunction
 
 
 @pytest.fixture(autouse=True)
-def _fused_on(monkeypatch):
+def _fused_on(monkeypatch, request):
+    """The fused step on (CPU tensors too, interpreted); outside the gpu tests, tiles of 2 rows / keys, so that the
+    window's online softmax and the S loop take several tiles even at the small test shapes."""
     monkeypatch.setenv(fused.FUSED_ENV, "1")
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setitem(fused.TUNING, "values_per_thread", 1)
 
 
 def _prompt_state(b, hkv, d, m, t, window, *, softmax_sinks=0, num_sinks=3, dtype=torch.float32, gen=None):
@@ -66,9 +70,10 @@ def _rel(a, b):
 
 
 def _run_against_reference(monkeypatch, *, mode, rule, placement, b, hq, hkv, d, m, window, prompt, steps,
-                           softmax_sinks=0, softcap=None, wkind="head", dtype=torch.float32, tol=1e-5):
+                           softmax_sinks=0, num_sinks=3, softcap=None, wkind="head", dtype=torch.float32, tol=1e-5):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))  # fresh inputs every run
-    ours = _prompt_state(b, hkv, d, m, prompt, window, softmax_sinks=softmax_sinks, dtype=dtype, gen=gen)
+    ours = _prompt_state(b, hkv, d, m, prompt, window, softmax_sinks=softmax_sinks, num_sinks=num_sinks, dtype=dtype,
+                         gen=gen)
     ref = copy.deepcopy(ours)
     weight = _weight(wkind, b, hq)
     kw = dict(modes=[mode], scale=d ** -0.5, weight=weight, rule=rule, placement=placement, softcap=softcap)
@@ -96,21 +101,22 @@ def _run_against_reference(monkeypatch, *, mode, rule, placement, b, hq, hkv, d,
 
 
 CASES = [
-    # (mode, rule, placement, b, hq, hkv, window, prompt, steps, softmax_sinks, softcap, weight)
-    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 4, 2, 7, 0, None, "head"),  # GQA, the ring wraps twice
-    ("hybrid", "mix", "complementary", 2, 4, 1, 4, 5, 5, 2, None, "rows"),  # MQA, softmax sinks, per-row gate
-    ("hybrid", "shared_norm", "overlap", 1, 2, 2, 3, 6, 4, 1, 5.0, "float"),  # MHA, a sink, softcap
-    ("hybrid", "mix", "overlap", 2, 4, 2, 9, 3, 3, 0, None, "float"),  # the window never fills
-    ("swa_only", "shared_norm", "complementary", 2, 4, 2, 3, 4, 4, 2, None, "float"),
-    ("la_only", "shared_norm", "complementary", 2, 2, 1, 4, 4, 5, 1, None, "float"),
+    # (mode, rule, placement, b, hq, hkv, window, prompt, steps, softmax_sinks, num_sinks, softcap, weight)
+    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 4, 2, 7, 0, 3, None, "head"),  # GQA, the ring wraps twice
+    ("hybrid", "mix", "complementary", 2, 4, 1, 4, 5, 5, 2, 3, None, "rows"),  # MQA, softmax sinks, per-row gate
+    ("hybrid", "shared_norm", "overlap", 1, 2, 2, 3, 6, 4, 1, 3, 5.0, "float"),  # MHA, a sink, softcap
+    ("hybrid", "mix", "overlap", 2, 4, 2, 9, 3, 3, 0, 0, None, "float"),  # the window never fills; no sink slots
+    ("swa_only", "shared_norm", "complementary", 2, 4, 2, 3, 4, 4, 2, 3, None, "float"),
+    ("la_only", "shared_norm", "complementary", 2, 2, 1, 4, 4, 5, 1, 3, None, "float"),
 ]
 
 
-@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,softcap,wkind", CASES)
+@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,softcap,wkind", CASES)
 def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt, steps,
-                                              sinks, softcap, wkind):
+                                              sinks, num_sinks, softcap, wkind):
     _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=16, m=8,
-                           window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, softcap=softcap, wkind=wkind)
+                           window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, num_sinks=num_sinks,
+                           softcap=softcap, wkind=wkind)
 
 
 def test_cases_it_does_not_cover_return_none_and_leave_the_state(monkeypatch):

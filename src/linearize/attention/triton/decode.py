@@ -31,6 +31,10 @@ from linearize.config import COMBINE_RULES
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 
+#: Launch knobs: warps per program (None: 8 when G x head_dim >= 512, else 4) and the fp32 values per thread that the
+#: (G, rows, head_dim) products of one tile may hold (sets the S rows and window keys per tile).
+TUNING = {"num_warps": None, "values_per_thread": 64}
+
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
 _SINGLE_BRANCH = {"swa_only": 2, "la_only": 3}
@@ -54,11 +58,11 @@ def fused_decode_kernel(
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ROW_SYNC: tl.constexpr,
-    GP: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr,
+    GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
 ):
     """One decode step of the G query heads of one (b, hk). Grid: (B*HKV,). All arithmetic in fp32.
 
-    Window = the ring's L slots (empty ones invalid) + the new key (index L of the BL axis). With NSS softmax sinks,
+    Window = the ring's L slots (empty ones invalid) + the new key (index L), BLC keys at a time. With NSS softmax sinks,
     the sinks that have left the window (slot j < NSS, valid, j < left_count[b]) join the softmax and, where the
     linear branch covers the window (LA_WINDOW), the linear sums too (S holds no sink). Then, in place:
         S += keep kf_out v_out^T, z += keep kf_out      (the key in ring slot SLOT leaves the window;
@@ -77,18 +81,14 @@ def fused_decode_kernel(
     bh = (b * HQ + hk * G + offs_g).to(tl.int64)  # (GP,) query rows
     offs_d = tl.arange(0, BD)
     md = offs_d < D
-    offs_l = tl.arange(0, BL)
-    lbuf = offs_l < L
-    lcur = offs_l == L
 
-    # -- everything the shared writes at the end overwrite is read here, before this program arrives ----------------
+    # -- what the shared writes at the end overwrite is read before this program arrives there (here, and the
+    # window's valid flags below) ----------------------------------------------------------------------------------
     slot = tl.load(SLOT).to(tl.int64)
-    vb = tl.load(BUFVALID + b64 * L + offs_l, mask=lbuf, other=0)
     if HAS_VALIDN:
         vnew = tl.load(VALIDN + b64) != 0
     else:
         vnew = pid >= 0  # no mask: every token valid
-    wvalid = (lbuf & (vb != 0)) | (lcur & vnew)
     valid_out = tl.load(BUFVALID + b64 * L + slot) != 0
     keep_out = valid_out
     if NSS > 0:
@@ -102,63 +102,91 @@ def fused_decode_kernel(
         if NSS > 0:
             sink_left = (offs_n < NSS) & (sv != 0) & (offs_n < left)
 
-    vwin = tl.load(BUFV + (kv64 * L + offs_l[:, None]) * D + offs_d[None, :], mask=lbuf[:, None] & md[None, :],
-                   other=0.0).to(tl.float32)
+    knew = tl.load(KN + kv64 * D + offs_d, mask=md, other=0.0)
     vnew_d = tl.load(VN + kv64 * D + offs_d, mask=md, other=0.0)
-    vwin += tl.where(lcur[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
     v_out = tl.load(BUFV + (kv64 * L + slot) * D + offs_d, mask=md, other=0.0).to(tl.float32)
     fold_w = keep_out.to(tl.float32)
     if W_TENSOR:
         wrow = tl.load(W + b64 * w_sb + (hk * G + offs_g).to(tl.int64) * w_sh, mask=gm, other=0.0).to(tl.float32)
     else:
         wrow = tl.zeros([GP], dtype=tl.float32) + wscalar
-    if NSS > 0:
-        vsink = tl.load(SINKV + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
-                        mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
 
+    # -- the softmax keys (the sinks that left, then the window BLC keys at a time: online softmax, so the sums end
+    # shifted by the max over all of them, as recurrent's) and, with LA_WINDOW, the same keys' linear terms ---------
     num_s = tl.zeros([GP, BD], dtype=tl.float32)
     den_s = tl.zeros([GP], dtype=tl.float32)
+    c_s = tl.full([GP], float("-inf"), dtype=tl.float32)
     num_l = tl.zeros([GP, BD], dtype=tl.float32)
     den_l = tl.zeros([GP], dtype=tl.float32)
     if HAS_SWA:
-        lg = tl.zeros([GP, BL], dtype=tl.float32)
-        ls = tl.zeros([GP, BS], dtype=tl.float32)
-        for d0 in range(0, D, BDK):
-            od = d0 + tl.arange(0, BDK)
-            mdk = od < D
-            q = tl.load(Q + bh[:, None] * D + od[None, :], mask=gm[:, None] & mdk[None, :], other=0.0).to(tl.float32)
-            kw = tl.load(BUFK + (kv64 * L + offs_l[:, None]) * D + od[None, :], mask=lbuf[:, None] & mdk[None, :],
-                         other=0.0).to(tl.float32)
-            kw += tl.load(KN + kv64 * D + offs_l[:, None] * 0 + od[None, :], mask=lcur[:, None] & mdk[None, :],
-                          other=0.0).to(tl.float32)
-            lg += tl.sum(q[:, None, :] * kw[None, :, :], 2)
-            if NSS > 0:
-                ks = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + od[None, :],
-                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
-                ls += tl.sum(q[:, None, :] * ks[None, :, :], 2)
-        lg = lg * scale
-        if SOFTCAP:
-            lg = softcap * _tanh(lg / softcap)
-        lg = tl.where(wvalid[None, :], lg, float("-inf"))
-        cm = tl.max(lg, 1)
-        if NSS > 0:
-            ls = ls * scale
+        q = tl.load(Q + bh[:, None] * D + offs_d[None, :], mask=gm[:, None] & md[None, :], other=0.0).to(tl.float32)
+    if NSS > 0:
+        ksink = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
+                        mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
+        vsink = tl.load(SINKV + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
+                        mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
+        if HAS_SWA:
+            ls = tl.sum(q[:, None, :] * ksink[None, :, :], 2) * scale
             if SOFTCAP:
                 ls = softcap * _tanh(ls / softcap)
             ls = tl.where(sink_left[None, :], ls, float("-inf"))
-            cm = tl.maximum(cm, tl.max(ls, 1))
-        cm = tl.where(cm == float("-inf"), 0.0, cm)
-        p = tl.where(wvalid[None, :], tl.exp(lg - cm[:, None]), 0.0)
-        den_s = tl.sum(p, 1)
-        num_s = tl.sum(p[:, :, None] * vwin[None, :, :], 1)
-        if NSS > 0:
-            ps = tl.where(sink_left[None, :], tl.exp(ls - cm[:, None]), 0.0)
-            den_s += tl.sum(ps, 1)
-            num_s += tl.sum(ps[:, :, None] * vsink[None, :, :], 1)
+            c_s = tl.max(ls, 1)
+            ps = tl.where(sink_left[None, :], tl.exp(ls - tl.where(c_s == float("-inf"), 0.0, c_s)[:, None]), 0.0)
+            den_s = tl.sum(ps, 1)
+            num_s = tl.sum(ps[:, :, None] * vsink[None, :, :], 1)
+        if HAS_LA and LA_WINDOW:
+            asink = tl.zeros([GP, BS], dtype=tl.float32)
+            for m0 in range(0, M, BM):
+                om = m0 + tl.arange(0, BM)
+                mm = om < M
+                qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
+                kfs = tl.load(SINKKF + (kv64 * NS + offs_n[:, None]) * M + om[None, :],
+                              mask=(offs_n < NSS)[:, None] & mm[None, :], other=0.0).to(tl.float32)
+                asink += tl.sum(qf[:, None, :] * kfs[None, :, :], 2)
+            asink = tl.where(sink_left[None, :], asink, 0.0)
+            num_l += tl.sum(asink[:, :, None] * vsink[None, :, :], 1)
+            den_l += tl.sum(asink, 1)
+    if HAS_SWA or LA_WINDOW:
+        for l0 in range(0, L + 1, BLC):
+            offs_c = l0 + tl.arange(0, BLC)
+            cb = offs_c < L
+            cc = offs_c == L
+            vbc = tl.load(BUFVALID + b64 * L + offs_c, mask=cb, other=0)
+            cvalid = (cb & (vbc != 0)) | (cc & vnew)
+            vc = tl.load(BUFV + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :], mask=cb[:, None] & md[None, :],
+                         other=0.0).to(tl.float32)
+            vc += tl.where(cc[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
+            if HAS_SWA:
+                kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :], mask=cb[:, None] & md[None, :],
+                             other=0.0).to(tl.float32)
+                kc += tl.where(cc[:, None], knew.to(tl.float32)[None, :], 0.0)
+                lg = tl.sum(q[:, None, :] * kc[None, :, :], 2) * scale
+                if SOFTCAP:
+                    lg = softcap * _tanh(lg / softcap)
+                lg = tl.where(cvalid[None, :], lg, float("-inf"))
+                c_new = tl.maximum(c_s, tl.max(lg, 1))
+                c_safe = tl.where(c_new == float("-inf"), 0.0, c_new)
+                alpha = tl.exp(c_s - c_safe)  # 0 while no key was seen (c_s = -inf)
+                p = tl.where(cvalid[None, :], tl.exp(lg - c_safe[:, None]), 0.0)
+                den_s = den_s * alpha + tl.sum(p, 1)
+                num_s = num_s * alpha[:, None] + tl.sum(p[:, :, None] * vc[None, :, :], 1)
+                c_s = c_new
+            if HAS_LA and LA_WINDOW:
+                a = tl.zeros([GP, BLC], dtype=tl.float32)
+                for m0 in range(0, M, BM):
+                    om = m0 + tl.arange(0, BM)
+                    mm = om < M
+                    qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
+                    kfc = tl.load(BUFKF + (kv64 * L + offs_c[:, None]) * M + om[None, :], mask=cb[:, None] & mm[None, :],
+                                  other=0.0).to(tl.float32)
+                    kfc += tl.load(KFN + kv64 * M + offs_c[:, None] * 0 + om[None, :], mask=cc[:, None] & mm[None, :],
+                                   other=0.0).to(tl.float32)
+                    a += tl.sum(qf[:, None, :] * kfc[None, :, :], 2)
+                a = tl.where(cvalid[None, :], a, 0.0)
+                num_l += tl.sum(a[:, :, None] * vc[None, :, :], 1)
+                den_l += tl.sum(a, 1)
 
     # -- the linear branch reads S, z tile by tile; each tile is folded right after it was read ---------------------
-    aw = tl.zeros([GP, BL], dtype=tl.float32)
-    asink = tl.zeros([GP, BS], dtype=tl.float32)
     for m0 in range(0, M, BM):
         om = m0 + tl.arange(0, BM)
         mm = om < M
@@ -168,28 +196,10 @@ def fused_decode_kernel(
             qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
             num_l += tl.sum(qf[:, :, None] * st[None, :, :], 1)
             den_l += tl.sum(qf * z[None, :], 1)
-            if LA_WINDOW:
-                kfw = tl.load(BUFKF + (kv64 * L + offs_l[:, None]) * M + om[None, :], mask=lbuf[:, None] & mm[None, :],
-                              other=0.0).to(tl.float32)
-                kfw += tl.load(KFN + kv64 * M + offs_l[:, None] * 0 + om[None, :], mask=lcur[:, None] & mm[None, :],
-                               other=0.0).to(tl.float32)
-                aw += tl.sum(qf[:, None, :] * kfw[None, :, :], 2)
-                if NSS > 0:
-                    kfs = tl.load(SINKKF + (kv64 * NS + offs_n[:, None]) * M + om[None, :],
-                                  mask=(offs_n < NSS)[:, None] & mm[None, :], other=0.0).to(tl.float32)
-                    asink += tl.sum(qf[:, None, :] * kfs[None, :, :], 2)
         kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
         tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
                  mask=mm[:, None] & md[None, :])
         tl.store(Z + kv64 * M + om, z + kf_out, mask=mm)
-    if HAS_LA and LA_WINDOW:
-        aw = tl.where(wvalid[None, :], aw, 0.0)
-        num_l += tl.sum(aw[:, :, None] * vwin[None, :, :], 1)
-        den_l += tl.sum(aw, 1)
-        if NSS > 0:
-            asink = tl.where(sink_left[None, :], asink, 0.0)
-            num_l += tl.sum(asink[:, :, None] * vsink[None, :, :], 1)
-            den_l += tl.sum(asink, 1)
 
     inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
     inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
@@ -208,7 +218,6 @@ def fused_decode_kernel(
 
     # -- the new key into the ring slot (and the sinks): only after every thread of this program read the old one --
     tl.debug_barrier()
-    knew = tl.load(KN + kv64 * D + offs_d, mask=md, other=0.0)
     tl.store(BUFK + (kv64 * L + slot) * D + offs_d, knew.to(BUFK.dtype.element_ty), mask=md)
     tl.store(BUFV + (kv64 * L + slot) * D + offs_d, vnew_d.to(BUFV.dtype.element_ty), mask=md)
     if SINK_SLOTS:
@@ -315,9 +324,10 @@ def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float
     has_sink_kf = state.sink_kf is not None and ns > 0
     bd = _pow2(d, 16)
     gp = _pow2(hq // hkv)
-    # feature rows per S tile: the (G, BM, BD) product of the readout stays at ~16k fp32 values
-    bm = min(64, max(8, 1 << (max(1, 16384 // (gp * bd)).bit_length() - 1)), _pow2(m, 8))
-    bl = _pow2(L + 1, 2)
+    warps = TUNING["num_warps"] or (8 if gp * bd >= 512 else 4)
+    # rows of S (and keys of the window) per tile: the (G, rows, d) products stay at ~TUNING values per thread
+    rows = max(2, TUNING["values_per_thread"] * 32 * warps // (gp * bd))
+    rows = 1 << (rows.bit_length() - 1)
     fused_decode_kernel[(b * hkv,)](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
@@ -329,8 +339,7 @@ def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
         SOFTCAP=softcap is not None, HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
         SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ROW_SYNC=hkv > 1,
-        GP=gp, BL=bl, BS=_pow2(ns, 2), BM=bm, BD=bd, BDK=min(32, bd),
-        num_warps=8 if bl * bd >= 16384 else 4,
+        GP=gp, BLC=min(rows, _pow2(L + 1, 2)), BS=_pow2(ns, 2), BM=min(rows, 64, _pow2(m, 2)), BD=bd, num_warps=warps,
     )
     state.seen += 1
     return {mode: out}

@@ -31,9 +31,10 @@ from linearize.config import COMBINE_RULES
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 
-#: Launch knobs: warps per program (None: 8 when G x head_dim >= 512, else 4) and the fp32 values per thread that the
-#: (G, rows, head_dim) products of one tile may hold (sets the S rows and window keys per tile).
-TUNING = {"num_warps": None, "values_per_thread": 64}
+#: Launch knobs: warps per program (None: 8 at head_dim >= 256, else 4) and the fp32 values per thread of one tile
+#: (sets the rows of S and the window keys per tile). Chosen from ptxas's register counts for sm_90 (not yet timed):
+#: tiles of 8 rows keep the kernel at ~100-130 registers (2-5 programs per SM); 16 rows need ~230.
+TUNING = {"num_warps": None, "values_per_thread": 8}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -50,11 +51,30 @@ def _tanh(x):
 
 
 @triton.jit
+def _heads_dot_keys(acc, X, row0, stride, offs, mask, keys, offs_g, G: tl.constexpr):
+    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E) fp32, one head at a
+    time (a (G, K, E) product would hold G times the tile in registers)."""
+    for g in tl.static_range(G):
+        x = tl.load(X + (row0 + g) * stride + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.where(offs_g[:, None] == g, acc + tl.sum(keys * x[None, :], 1)[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr):
+    """acc (GP, E) + weights (GP, K) @ rows (K, E), one head at a time."""
+    for g in tl.static_range(G):
+        w = tl.sum(tl.where(offs_g[:, None] == g, weights, 0.0), 0)
+        acc += tl.where(offs_g[:, None] == g, tl.sum(w[:, None] * rows, 0)[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def fused_decode_kernel(
     Q, QF, KN, VN, KFN, VALIDN, W, OUT,
     BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z,
     SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC,
-    scale, softcap, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, G, M, D,
+    scale, softcap, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, M, D, G: tl.constexpr,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ROW_SYNC: tl.constexpr,
@@ -78,7 +98,8 @@ def fused_decode_kernel(
     b64 = b.to(tl.int64)
     offs_g = tl.arange(0, GP)
     gm = offs_g < G
-    bh = (b * HQ + hk * G + offs_g).to(tl.int64)  # (GP,) query rows
+    q0 = (b * HQ + hk * G).to(tl.int64)  # the first of the G query rows
+    bh = q0 + offs_g  # (GP,)
     offs_d = tl.arange(0, BD)
     md = offs_d < D
 
@@ -118,33 +139,30 @@ def fused_decode_kernel(
     c_s = tl.full([GP], float("-inf"), dtype=tl.float32)
     num_l = tl.zeros([GP, BD], dtype=tl.float32)
     den_l = tl.zeros([GP], dtype=tl.float32)
-    if HAS_SWA:
-        q = tl.load(Q + bh[:, None] * D + offs_d[None, :], mask=gm[:, None] & md[None, :], other=0.0).to(tl.float32)
     if NSS > 0:
         ksink = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
                         mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
         vsink = tl.load(SINKV + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
                         mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
         if HAS_SWA:
-            ls = tl.sum(q[:, None, :] * ksink[None, :, :], 2) * scale
+            ls = _heads_dot_keys(tl.zeros([GP, BS], dtype=tl.float32), Q, q0, D, offs_d, md, ksink, offs_g, G) * scale
             if SOFTCAP:
                 ls = softcap * _tanh(ls / softcap)
             ls = tl.where(sink_left[None, :], ls, float("-inf"))
             c_s = tl.max(ls, 1)
             ps = tl.where(sink_left[None, :], tl.exp(ls - tl.where(c_s == float("-inf"), 0.0, c_s)[:, None]), 0.0)
             den_s = tl.sum(ps, 1)
-            num_s = tl.sum(ps[:, :, None] * vsink[None, :, :], 1)
+            num_s = _heads_weigh_rows(num_s, ps, vsink, offs_g, G)
         if HAS_LA and LA_WINDOW:
             asink = tl.zeros([GP, BS], dtype=tl.float32)
             for m0 in range(0, M, BM):
                 om = m0 + tl.arange(0, BM)
                 mm = om < M
-                qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
                 kfs = tl.load(SINKKF + (kv64 * NS + offs_n[:, None]) * M + om[None, :],
                               mask=(offs_n < NSS)[:, None] & mm[None, :], other=0.0).to(tl.float32)
-                asink += tl.sum(qf[:, None, :] * kfs[None, :, :], 2)
+                asink = _heads_dot_keys(asink, QF, q0, M, om, mm, kfs, offs_g, G)
             asink = tl.where(sink_left[None, :], asink, 0.0)
-            num_l += tl.sum(asink[:, :, None] * vsink[None, :, :], 1)
+            num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G)
             den_l += tl.sum(asink, 1)
     if HAS_SWA or LA_WINDOW:
         for l0 in range(0, L + 1, BLC):
@@ -160,7 +178,7 @@ def fused_decode_kernel(
                 kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :], mask=cb[:, None] & md[None, :],
                              other=0.0).to(tl.float32)
                 kc += tl.where(cc[:, None], knew.to(tl.float32)[None, :], 0.0)
-                lg = tl.sum(q[:, None, :] * kc[None, :, :], 2) * scale
+                lg = _heads_dot_keys(tl.zeros([GP, BLC], dtype=tl.float32), Q, q0, D, offs_d, md, kc, offs_g, G) * scale
                 if SOFTCAP:
                     lg = softcap * _tanh(lg / softcap)
                 lg = tl.where(cvalid[None, :], lg, float("-inf"))
@@ -169,32 +187,39 @@ def fused_decode_kernel(
                 alpha = tl.exp(c_s - c_safe)  # 0 while no key was seen (c_s = -inf)
                 p = tl.where(cvalid[None, :], tl.exp(lg - c_safe[:, None]), 0.0)
                 den_s = den_s * alpha + tl.sum(p, 1)
-                num_s = num_s * alpha[:, None] + tl.sum(p[:, :, None] * vc[None, :, :], 1)
+                num_s = _heads_weigh_rows(num_s * alpha[:, None], p, vc, offs_g, G)
                 c_s = c_new
             if HAS_LA and LA_WINDOW:
                 a = tl.zeros([GP, BLC], dtype=tl.float32)
                 for m0 in range(0, M, BM):
                     om = m0 + tl.arange(0, BM)
                     mm = om < M
-                    qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
                     kfc = tl.load(BUFKF + (kv64 * L + offs_c[:, None]) * M + om[None, :], mask=cb[:, None] & mm[None, :],
                                   other=0.0).to(tl.float32)
                     kfc += tl.load(KFN + kv64 * M + offs_c[:, None] * 0 + om[None, :], mask=cc[:, None] & mm[None, :],
                                    other=0.0).to(tl.float32)
-                    a += tl.sum(qf[:, None, :] * kfc[None, :, :], 2)
+                    a = _heads_dot_keys(a, QF, q0, M, om, mm, kfc, offs_g, G)
                 a = tl.where(cvalid[None, :], a, 0.0)
-                num_l += tl.sum(a[:, :, None] * vc[None, :, :], 1)
+                num_l = _heads_weigh_rows(num_l, a, vc, offs_g, G)
                 den_l += tl.sum(a, 1)
 
-    # -- the linear branch reads S, z tile by tile; each tile is folded right after it was read ---------------------
+    # -- the linear branch reads S, z tile by tile; each tile is folded right after it was read. The next tile's load
+    # is issued before this one's arithmetic: two tiles in flight per program (the pass is bound by memory latency) --
+    om = tl.arange(0, BM)
+    mm = om < M
+    st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+    z_next = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
     for m0 in range(0, M, BM):
         om = m0 + tl.arange(0, BM)
         mm = om < M
-        st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-        z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+        st, z = st_next, z_next
+        on = om + BM
+        mn = on < M
+        st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :], other=0.0)
+        z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
         if HAS_LA:
             qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
-            num_l += tl.sum(qf[:, :, None] * st[None, :, :], 1)
+            num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G)
             den_l += tl.sum(qf * z[None, :], 1)
         kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
         tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
@@ -324,9 +349,9 @@ def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float
     has_sink_kf = state.sink_kf is not None and ns > 0
     bd = _pow2(d, 16)
     gp = _pow2(hq // hkv)
-    warps = TUNING["num_warps"] or (8 if gp * bd >= 512 else 4)
-    # rows of S (and keys of the window) per tile: the (G, rows, d) products stay at ~TUNING values per thread
-    rows = max(2, TUNING["values_per_thread"] * 32 * warps // (gp * bd))
+    warps = TUNING["num_warps"] or (8 if bd >= 256 else 4)
+    # rows of S (and keys of the window) per tile: a (rows, d) tile is ~TUNING values per thread
+    rows = max(2, TUNING["values_per_thread"] * 32 * warps // bd)
     rows = 1 << (rows.bit_length() - 1)
     fused_decode_kernel[(b * hkv,)](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
@@ -335,7 +360,7 @@ def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float
         state.sink_k, state.sink_v, sink_kf, _bool_bytes(state.sink_valid),
         state.left_count if nss else state.slot, _sync_counters(state, b, dev),
         float(scale), float(softcap) if softcap is not None else 1.0, wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
-        hq // hkv, m, d,
+        m, d, hq // hkv,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
         SOFTCAP=softcap is not None, HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
         SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ROW_SYNC=hkv > 1,

@@ -200,7 +200,7 @@ def test_gpu_fused_step_replays_from_a_cuda_graph():
         out = fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)["hybrid"]
     graphed.seen -= 1  # capture records, it does not run
     fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)
-    for _ in range(20):  # the same token again and again: the ring wraps, the sinks fill
+    for _ in range(20):  # the same token again and again: the ring (15 slots) wraps
         want = fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)["hybrid"]
         graph.replay()
         assert torch.equal(out, want)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from linearize.attention.common import check_mode
-from linearize.config import COMBINE_RULES
+from linearize.config import COMBINE_RULES, KERNEL_MODES
 
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
@@ -39,7 +39,8 @@ TUNING = {"num_warps": None, "values_per_thread": 8}
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
 _SINGLE_BRANCH = {"swa_only": 2, "la_only": 3}
-if set(_RULE_CODES) != set(COMBINE_RULES):
+FUSED_MODES = ("hybrid", *_SINGLE_BRANCH)
+if set(_RULE_CODES) != set(COMBINE_RULES) or not set(FUSED_MODES) <= set(KERNEL_MODES):
     raise ImportError("every combine rule of linearize.config needs its code in attention/triton/decode.py")
 
 
@@ -290,7 +291,7 @@ def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
     for mode in modes:
         check_mode(mode)
     w_ok = not torch.is_tensor(weight) or weight.dim() in (0, 1, 3)
-    return (len(modes) == 1 and modes[0] in ("hybrid", "swa_only", "la_only") and w_ok and fused_decode_enabled(q)
+    return (len(modes) == 1 and modes[0] in FUSED_MODES and w_ok and fused_decode_enabled(q)
             and state.additive and state.memory is None and state.buf_k.shape[2] > 0
             and state.S.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
 

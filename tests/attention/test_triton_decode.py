@@ -28,12 +28,9 @@ if not CUDA and type(fused.fused_decode_kernel).__name__ != "InterpretedFunction
 
 
 @pytest.fixture(autouse=True)
-def _fused_on(monkeypatch, request):
-    """The fused step on (CPU tensors too, interpreted); outside the gpu tests, tiles of 2 rows / keys, so that the
-    window's online softmax and the S loop take several tiles even at the small test shapes."""
+def _fused_on(monkeypatch):
+    """The fused step on (CPU tensors too, interpreted)."""
     monkeypatch.setenv(fused.FUSED_ENV, "1")
-    if request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: 2
 
 
 def _prompt_state(b, hkv, d, m, t, window, *, softmax_sinks=0, num_sinks=3, dtype=torch.float32, gen=None):
@@ -111,9 +108,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("d_tiles", [False, True], ids=["full_d", "d_tiles"])
 @pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,softcap,wkind", CASES)
 def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt, steps,
-                                              sinks, num_sinks, softcap, wkind):
+                                              sinks, num_sinks, softcap, wkind, d_tiles):
+    """full_d: one program per (b, kv head), tiles of 2 rows of S / 2 window keys (the online softmax and the S loop
+    take several tiles); d_tiles: head_dim 16 in two programs of 8 columns (the small-batch launch), which share the
+    window's keys, z and the leaving key through the arrival counters."""
+    monkeypatch.setitem(fused.TUNING, "min_tile_d", 8 if d_tiles else 10**6)
+    if not d_tiles:
+        monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: tiles of 2
     _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=16, m=8,
                            window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, num_sinks=num_sinks,
                            softcap=softcap, wkind=wkind)

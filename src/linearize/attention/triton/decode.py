@@ -19,6 +19,7 @@ Switch: `LINEARIZE_FUSED_DECODE=0` keeps the previous path; `=1` also runs the f
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,10 +32,11 @@ from linearize.config import COMBINE_RULES, KERNEL_MODES
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 
-#: Launch knobs: warps per program (None: 8 at head_dim >= 256, else 4) and the fp32 values per thread of one tile
-#: (sets the rows of S and the window keys per tile). Chosen from ptxas's register counts for sm_90 (not yet timed):
+#: Launch knobs: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
+#: (sets the rows of S and the window keys per tile), and the d-tiles: while B*Hkv programs are fewer than
+#: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. Chosen from ptxas's register counts for sm_90 (not yet timed):
 #: tiles of 8 rows keep the kernel at ~100-130 registers (2-5 programs per SM); 16 rows need ~230.
-TUNING = {"num_warps": None, "values_per_thread": 8}
+TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -78,10 +80,12 @@ def fused_decode_kernel(
     scale, softcap, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, M, D, G: tl.constexpr,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
-    SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ROW_SYNC: tl.constexpr,
+    SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
 ):
-    """One decode step of the G query heads of one (b, hk). Grid: (B*HKV,). All arithmetic in fp32.
+    """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: (B*HKV, ND): ND > 1
+    d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
+    its own columns of S, v). All arithmetic in fp32.
 
     Window = the ring's L slots (empty ones invalid) + the new key (index L), BLC keys at a time. With NSS softmax sinks,
     the sinks that have left the window (slot j < NSS, valid, j < left_count[b]) join the softmax and, where the
@@ -89,10 +93,12 @@ def fused_decode_kernel(
         S += keep kf_out v_out^T, z += keep kf_out      (the key in ring slot SLOT leaves the window;
                                                         keep = its valid, and not a softmax sink)
         ring[SLOT] = the new key, sinks[count] = the new key if valid and count < NS,
-    and, once every program that reads them is done (arrival counters SYNC: per row, then over the grid), the
-    per-row valid flags, sink count and left_count, and SLOT = (SLOT + 1) % L.
+    and, once every program that reads them is done (arrival counters SYNC: the last d-tile of a (b, hk), then the
+    last (b, hk) of a row, then the last row), the ring and sink rows of the new key and z (by the last d-tile), the
+    per-row valid flags, sink count and left_count (by the last of the row), and SLOT = (SLOT + 1) % L.
     """
     pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
     kv64 = pid.to(tl.int64)
@@ -101,7 +107,7 @@ def fused_decode_kernel(
     gm = offs_g < G
     q0 = (b * HQ + hk * G).to(tl.int64)  # the first of the G query rows
     bh = q0 + offs_g  # (GP,)
-    offs_d = tl.arange(0, BD)
+    offs_d = pid_d * BD + tl.arange(0, BD)
     md = offs_d < D
 
     # -- what the shared writes at the end overwrite is read before this program arrives there (here, and the
@@ -124,7 +130,6 @@ def fused_decode_kernel(
         if NSS > 0:
             sink_left = (offs_n < NSS) & (sv != 0) & (offs_n < left)
 
-    knew = tl.load(KN + kv64 * D + offs_d, mask=md, other=0.0)
     vnew_d = tl.load(VN + kv64 * D + offs_d, mask=md, other=0.0)
     v_out = tl.load(BUFV + (kv64 * L + slot) * D + offs_d, mask=md, other=0.0).to(tl.float32)
     fold_w = keep_out.to(tl.float32)
@@ -141,12 +146,17 @@ def fused_decode_kernel(
     num_l = tl.zeros([GP, BD], dtype=tl.float32)
     den_l = tl.zeros([GP], dtype=tl.float32)
     if NSS > 0:
-        ksink = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
-                        mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
         vsink = tl.load(SINKV + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
                         mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
         if HAS_SWA:
-            ls = _heads_dot_keys(tl.zeros([GP, BS], dtype=tl.float32), Q, q0, D, offs_d, md, ksink, offs_g, G) * scale
+            ls = tl.zeros([GP, BS], dtype=tl.float32)
+            for d0 in range(0, D, BD):  # the logits over all of head_dim
+                od = d0 + tl.arange(0, BD)
+                mdk = od < D
+                ks = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + od[None, :],
+                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G)
+            ls = ls * scale
             if SOFTCAP:
                 ls = softcap * _tanh(ls / softcap)
             ls = tl.where(sink_left[None, :], ls, float("-inf"))
@@ -176,10 +186,16 @@ def fused_decode_kernel(
                          other=0.0).to(tl.float32)
             vc += tl.where(cc[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
             if HAS_SWA:
-                kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :], mask=cb[:, None] & md[None, :],
-                             other=0.0).to(tl.float32)
-                kc += tl.where(cc[:, None], knew.to(tl.float32)[None, :], 0.0)
-                lg = _heads_dot_keys(tl.zeros([GP, BLC], dtype=tl.float32), Q, q0, D, offs_d, md, kc, offs_g, G) * scale
+                lg = tl.zeros([GP, BLC], dtype=tl.float32)
+                for d0 in range(0, D, BD):  # the logits over all of head_dim
+                    od = d0 + tl.arange(0, BD)
+                    mdk = od < D
+                    kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + od[None, :], mask=cb[:, None] & mdk[None, :],
+                                 other=0.0).to(tl.float32)
+                    kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :], mask=cc[:, None] & mdk[None, :],
+                                  other=0.0).to(tl.float32)
+                    lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G)
+                lg = lg * scale
                 if SOFTCAP:
                     lg = softcap * _tanh(lg / softcap)
                 lg = tl.where(cvalid[None, :], lg, float("-inf"))
@@ -204,8 +220,8 @@ def fused_decode_kernel(
                 num_l = _heads_weigh_rows(num_l, a, vc, offs_g, G)
                 den_l += tl.sum(a, 1)
 
-    # -- the linear branch reads S, z tile by tile; each tile is folded right after it was read. The next tile's load
-    # is issued before this one's arithmetic: two tiles in flight per program (the pass is bound by memory latency) --
+    # -- the linear branch reads S, z tile by tile; each tile of S is folded right after it was read (z at the end).
+    # The next tile's load is issued before this one's arithmetic: two tiles in flight per program (latency bound) --
     om = tl.arange(0, BM)
     mm = om < M
     st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
@@ -225,7 +241,6 @@ def fused_decode_kernel(
         kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
         tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
                  mask=mm[:, None] & md[None, :])
-        tl.store(Z + kv64 * M + om, z + kf_out, mask=mm)
 
     inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
     inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
@@ -242,36 +257,53 @@ def fused_decode_kernel(
         out = num_l * inv_l[:, None]
     tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])
 
-    # -- the new key into the ring slot (and the sinks): only after every thread of this program read the old one --
+    # -- the writes others read: by the last program to arrive (acq_rel atomics; the barrier first, so that every
+    # thread of this program has done its reads), first per (b, hk) over its d-tiles, then per row, then the grid ----
     tl.debug_barrier()
-    tl.store(BUFK + (kv64 * L + slot) * D + offs_d, knew.to(BUFK.dtype.element_ty), mask=md)
-    tl.store(BUFV + (kv64 * L + slot) * D + offs_d, vnew_d.to(BUFV.dtype.element_ty), mask=md)
-    if SINK_SLOTS:
-        tl.store(SINKK + (kv64 * NS + count) * D + offs_d, knew.to(SINKK.dtype.element_ty), mask=md & becomes)
-        tl.store(SINKV + (kv64 * NS + count) * D + offs_d, vnew_d.to(SINKV.dtype.element_ty), mask=md & becomes)
+    base = B * HKV  # SYNC: B*HKV d-tile counters, B row counters, one grid counter
+    if ND > 1:
+        kv_last = tl.atomic_add(SYNC + kv64, 1) == ND - 1
+    else:
+        kv_last = pid >= 0
+    for m0 in range(0, M, BM):  # z += the leaving key's features (all d-tiles read z and that key above)
+        om = m0 + tl.arange(0, BM)
+        mm = (om < M) & kv_last
+        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+        tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm, other=0.0) + kf_out, mask=mm)
+    tl.debug_barrier()  # the leaving key's features are read: its slot takes the new key
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        mdk = (od < D) & kv_last
+        krow = tl.load(KN + kv64 * D + od, mask=mdk, other=0.0)
+        vrow = tl.load(VN + kv64 * D + od, mask=mdk, other=0.0)
+        tl.store(BUFK + (kv64 * L + slot) * D + od, krow.to(BUFK.dtype.element_ty), mask=mdk)
+        tl.store(BUFV + (kv64 * L + slot) * D + od, vrow.to(BUFV.dtype.element_ty), mask=mdk)
+        if SINK_SLOTS:
+            tl.store(SINKK + (kv64 * NS + count) * D + od, krow.to(SINKK.dtype.element_ty), mask=mdk & becomes)
+            tl.store(SINKV + (kv64 * NS + count) * D + od, vrow.to(SINKV.dtype.element_ty), mask=mdk & becomes)
     for m0 in range(0, M, BM):
         om = m0 + tl.arange(0, BM)
-        mm = om < M
+        mm = (om < M) & kv_last
         kfn = tl.load(KFN + kv64 * M + om, mask=mm, other=0.0)
         tl.store(BUFKF + (kv64 * L + slot) * M + om, kfn.to(BUFKF.dtype.element_ty), mask=mm)
         if SINK_KF:
             tl.store(SINKKF + (kv64 * NS + count) * M + om, kfn.to(SINKKF.dtype.element_ty), mask=mm & becomes)
-
-    # -- shared state: per row by the row's last program, the ring slot by the grid's last ---------------------------
-    if ROW_SYNC:
-        row_last = tl.atomic_add(SYNC + b64, 1) == HKV - 1  # acq_rel: the others' reads above are done
+    if ND > 1:
+        tl.store(SYNC + kv64, 0, mask=kv_last)
+    if HKV > 1:
+        row_last = kv_last & (tl.atomic_add(SYNC + base + b64, 1, mask=kv_last) == HKV - 1)
     else:
-        row_last = pid >= 0
+        row_last = kv_last
     tl.store(BUFVALID + b64 * L + slot, vnew.to(tl.int8), mask=row_last)
     if SINK_SLOTS:
         tl.store(SINKVALID + b64 * NS + count, (pid >= 0).to(tl.int8), mask=row_last & becomes)
     if NSS > 0:
         tl.store(LEFT + b64, left + valid_out.to(tl.int64), mask=row_last)
-    if ROW_SYNC:
-        tl.store(SYNC + b64, 0, mask=row_last)
-    grid_last = tl.atomic_add(SYNC + B, 1) == B * HKV - 1
+    if HKV > 1:
+        tl.store(SYNC + base + b64, 0, mask=row_last)
+    grid_last = row_last & (tl.atomic_add(SYNC + base + B, 1, mask=row_last) == B - 1)
     tl.store(SLOT, (slot + 1) % L, mask=grid_last)
-    tl.store(SYNC + B, 0, mask=grid_last)
+    tl.store(SYNC + base + B, 0, mask=grid_last)
 
 
 def _interpreting() -> bool:
@@ -296,14 +328,21 @@ def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
             and state.S.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
-def _sync_counters(state, batch: int, device) -> torch.Tensor:
-    """The kernel's arrival counters (B + 1 int32, zero between launches), kept on the state so that a captured
-    graph replays against the same buffer."""
+def _sync_counters(state, n: int, device) -> torch.Tensor:
+    """The kernel's n arrival counters (int32, zero between launches), kept on the state so that a captured graph
+    replays against the same buffer."""
     sync = getattr(state, "_fused_sync", None)
-    if sync is None or sync.shape[0] != batch + 1 or sync.device != device:
-        sync = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    if sync is None or sync.shape[0] != n or sync.device != device:
+        sync = torch.zeros(n, dtype=torch.int32, device=device)
         state._fused_sync = sync
     return sync
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -348,23 +387,26 @@ def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     sink_kf = state.sink_kf if nss else state.sink_k
     has_sink_kf = state.sink_kf is not None and ns > 0
-    bd = _pow2(d, 16)
     gp = _pow2(hq // hkv)
+    # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
+    bd, nd = _pow2(d, 16), 1
+    while b * hkv * nd < TUNING["programs_per_sm"] * _num_sms(dev) and bd // 2 >= TUNING["min_tile_d"]:
+        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
     warps = TUNING["num_warps"] or (8 if bd >= 256 else 4)
-    # rows of S (and keys of the window) per tile: a (rows, d) tile is ~TUNING values per thread
+    # rows of S (and keys of the window) per tile: a (rows, bd) tile is ~TUNING values per thread
     rows = max(2, TUNING["values_per_thread"] * 32 * warps // bd)
     rows = 1 << (rows.bit_length() - 1)
-    fused_decode_kernel[(b * hkv,)](
+    fused_decode_kernel[(b * hkv, nd)](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
         state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,
         state.sink_k, state.sink_v, sink_kf, _bool_bytes(state.sink_valid),
-        state.left_count if nss else state.slot, _sync_counters(state, b, dev),
+        state.left_count if nss else state.slot, _sync_counters(state, b * hkv + b + 1, dev),
         float(scale), float(softcap) if softcap is not None else 1.0, wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
         m, d, hq // hkv,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
         SOFTCAP=softcap is not None, HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
-        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ROW_SYNC=hkv > 1,
+        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ND=nd,
         GP=gp, BLC=min(rows, _pow2(L + 1, 2)), BS=_pow2(ns, 2), BM=min(rows, 64, _pow2(m, 2)), BD=bd, num_warps=warps,
     )
     state.seen += 1

@@ -178,7 +178,8 @@ def test_tiny_model_greedy_decode_is_the_same_with_and_without_the_fused_step(mo
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("rule,placement,sinks", [("shared_norm", "complementary", 0), ("mix", "overlap", 4),
                                                    ("shared_norm", "complementary", 4)])
-@pytest.mark.parametrize("shape", [(16, 4, 1, 256, 512), (8, 32, 8, 128, 256)])  # Gemma 3 270M, Llama 3 8B heads
+@pytest.mark.parametrize("shape", [(16, 4, 1, 256, 512), (8, 32, 8, 128, 256),  # Gemma 3 270M, Llama 3 8B heads:
+                                   (320, 4, 1, 256, 512), (48, 32, 8, 128, 256)])  # d-tiles; one program per (b, hk)
 def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape):
     b, hq, hkv, d, m = shape
     _run_against_reference(monkeypatch, mode="hybrid", rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,

@@ -114,9 +114,9 @@ def fused_decode_kernel(
     # window's valid flags below) ----------------------------------------------------------------------------------
     slot = tl.load(SLOT).to(tl.int64)
     if HAS_VALIDN:
-        vnew = tl.load(VALIDN + b64) != 0
+        valid_new = tl.load(VALIDN + b64) != 0
     else:
-        vnew = pid >= 0  # no mask: every token valid
+        valid_new = pid >= 0  # no mask: every token valid
     valid_out = tl.load(BUFVALID + b64 * L + slot) != 0
     keep_out = valid_out
     if NSS > 0:
@@ -126,7 +126,7 @@ def fused_decode_kernel(
         offs_n = tl.arange(0, BS)
         sv = tl.load(SINKVALID + b64 * NS + offs_n, mask=offs_n < NS, other=0)
         count = tl.sum((sv != 0).to(tl.int32), 0)
-        becomes = vnew & (count < NS)
+        becomes = valid_new & (count < NS)
         if NSS > 0:
             sink_left = (offs_n < NSS) & (sv != 0) & (offs_n < left)
 
@@ -181,7 +181,7 @@ def fused_decode_kernel(
             cb = offs_c < L
             cc = offs_c == L
             vbc = tl.load(BUFVALID + b64 * L + offs_c, mask=cb, other=0)
-            cvalid = (cb & (vbc != 0)) | (cc & vnew)
+            cvalid = (cb & (vbc != 0)) | (cc & valid_new)
             vc = tl.load(BUFV + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :], mask=cb[:, None] & md[None, :],
                          other=0.0).to(tl.float32)
             vc += tl.where(cc[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
@@ -294,7 +294,7 @@ def fused_decode_kernel(
         row_last = kv_last & (tl.atomic_add(SYNC + base + b64, 1, mask=kv_last) == HKV - 1)
     else:
         row_last = kv_last
-    tl.store(BUFVALID + b64 * L + slot, vnew.to(tl.int8), mask=row_last)
+    tl.store(BUFVALID + b64 * L + slot, valid_new.to(tl.int8), mask=row_last)
     if SINK_SLOTS:
         tl.store(SINKVALID + b64 * NS + count, (pid >= 0).to(tl.int8), mask=row_last & becomes)
     if NSS > 0:

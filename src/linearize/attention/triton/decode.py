@@ -13,6 +13,11 @@ its existing path; `fused_decode_step` returns None): several modes in one step 
 'none', sparse memory, the other linear-state kinds, window 1 (no ring), an fp64 state, CPU tensors outside
 `TRITON_INTERPRET=1`. The feature maps run before the kernel, in PyTorch (qf, kf are its inputs).
 
+Bytes: a step reads the state once and writes S back (the fold changes every entry of S), so its traffic is the
+state plus S again; against bench/decode's floor (the state's bytes read once) it is capped at state / (state + S),
+~56% for the Gemma-3-270M shape (hedgehog: S is 4/5 of the state). Beyond that needs a state that folds the leaving
+keys into S every F steps (reading them explicitly until then), a change of `recurrent.HybridState`.
+
 Switch: `LINEARIZE_FUSED_DECODE=0` keeps the previous path; `=1` also runs the fused step on CPU tensors under
 `TRITON_INTERPRET=1` (the tests); unset: on CUDA tensors only.
 """

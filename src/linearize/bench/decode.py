@@ -1,8 +1,8 @@
 """Decode benchmarks: tokens/s of one-token steps against a prefilled cache, base model vs converted.
 
 `run_fair_decode` is the headline: the base model with Hugging Face's `StaticCache` and its one-token forward
-captured in a CUDA graph (`CapturedStaticStep`), next to the converted model's captured step (`GraphDecoder`), at the
-same batch and context, for the Gemma-3-270M shape and a Llama-3-8B-shaped layer stack (random weights); each row is
+captured in a CUDA graph (`CapturedStaticStep`), next to the converted model's captured step (`GraphDecoder`; with
+and without the fused decode kernel of `attention/triton/decode.py`), at the same batch and context, for the Gemma-3-270M shape and a Llama-3-8B-shaped layer stack (random weights); each row is
 read against its memory floor, (bytes of weights + cache/state read per step) / (copy bandwidth measured in the same
 run). `run_eager_decode_bench` is the older grid (HF's eager loop with a DynamicCache for the base; eager PyTorch,
 eager Triton and captured steps for the converted model), kept as a labelled extra.
@@ -360,7 +360,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                     llama_layers: int = 8, max_batch: int = 1024, eager_extra_context: int | None = 32768,
                     log=print, on_row=None) -> dict:
     """Per shape, context and batch (1 and the largest the base fits): the captured static-cache base and the
-    converted model's captured step at the same batch, each with its memory floor; plus the old eager base at
+    converted model's captured step at the same batch (with the fused decode kernel, then without it), each with its
+    memory floor; plus the old eager base at
     `eager_extra_context` (Gemma shape) as a labelled extra. Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
     `on_row(result so far)` after every row (so that a run cut off by a time limit keeps its rows)."""
     dtype = torch.bfloat16

@@ -4,8 +4,9 @@
 captured in a CUDA graph (`CapturedStaticStep`), next to the converted model's captured step (`GraphDecoder`; with
 and without the fused decode kernel of `attention/triton/decode.py`), at the same batch and context, for the
 Gemma-3-270M shape and a Llama-3-8B-shaped layer stack (random weights); each row is read against its memory floor,
-(bytes of weights + cache/state read per step) / (copy bandwidth measured in the same run). `run_eager_decode_bench` is the older grid (HF's eager loop with a DynamicCache for the base; eager PyTorch,
-eager Triton and captured steps for the converted model), kept as a labelled extra.
+(bytes of weights + cache/state read per step) / (copy bandwidth measured in the same run). `run_eager_decode_bench`
+is the older grid (HF's eager loop with a DynamicCache for the base; eager PyTorch, eager Triton and captured steps
+for the converted model), kept as a labelled extra.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ step() {  # name, seconds, command...
 step layer "${LAYER_SECONDS:-110}" "$py" -m linearize bench --name speed_layer --out-dir "$out" --commit "$commit" --skip-decode --skip-peak \
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \
   --budget 0.15
-step decode 100 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
+step decode 140 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
   --skip-peak --contexts "${CONTEXTS:-1024,32768,131072}" --decode-steps 8
 step generate "${GENERATE_SECONDS:-60}" "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
 step conversion "$conversion_seconds" "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats}" \

@@ -1,6 +1,8 @@
 """The fair decode benchmark's parts that run without a GPU: the static cache it fills, the ring layer's step, the
 bytes a step reads, the ratios and the table; the captured static-cache step itself on CUDA."""
 
+import os
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -83,6 +85,63 @@ def test_fair_ratios_and_table_come_from_the_rows():
     table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
                                                        kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
     assert "**4.00x**" in table and "4.00 TB/s" in table and "out of memory" in table and "40.0x" in table
+
+
+def test_fused_and_unfused_converted_rows_side_by_side():
+    def row(kind, tps, floor):
+        return dict(shape="llama3-8b", kind=kind, batch=4, context=4096, tokens_per_s=tps, ms_per_step=4e3 / tps,
+                    cache_bytes=100, cache_bytes_per_seq=25, weight_bytes=1, floor_ms=floor, floor_fraction=floor / (4e3 / tps))
+
+    rows = [row("base_static_graph", 1000.0, 2.0), row("converted_graph", 3000.0, 0.5), row("converted_graph_unfused", 1000.0, 0.5)]
+    (ratio,) = decode.fair_ratios(rows)
+    assert ratio["fused_speedup_over_unfused"] == pytest.approx(3.0)
+    assert ratio["unfused_floor_fraction"] == pytest.approx(0.5 / 4.0)
+    assert ratio["ours_floor_fraction"] == pytest.approx(0.5 / (4e3 / 3000.0))
+    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
+                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
+    assert "| converted_graph_unfused | 4 | 4096 |" in table and "| 3.00x | 12% |" in table
+
+
+def test_fused_decode_switch_sets_and_restores_the_environment(monkeypatch):
+    pytest.importorskip("triton")
+    from linearize.attention.triton.decode import FUSED_ENV
+
+    monkeypatch.delenv(FUSED_ENV, raising=False)
+    with decode.fused_decode(False):
+        assert os.environ[FUSED_ENV] == "0"
+    assert FUSED_ENV not in os.environ
+    monkeypatch.setenv(FUSED_ENV, "0")
+    with decode.fused_decode(True):
+        assert os.environ[FUSED_ENV] == "1"
+    assert os.environ[FUSED_ENV] == "0"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_converted_rows_capture_the_fused_step_only_when_switched_on(monkeypatch):
+    """The benchmark's converted step (synthetic state, GraphDecoder) runs the fused kernel in the fused row and not
+    in the unfused one."""
+    import linearize
+    import linearize.attention.triton.decode as fused
+
+    model = linearize.convert(tiny_model("gemma3", vocab_size=1024), linearize.HybridConfig()).to("cuda", torch.bfloat16)
+    launches = []
+    real = fused.fused_decode_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(fused, "fused_decode_kernel", Counting())
+    counts = {}
+    for on in (True, False):
+        with decode.fused_decode(on):
+            cache = decode._fill_hybrid_cache(model, 8, 300, torch.bfloat16)
+            tps, ms, _ = decode._decode_rate(model, cache, 8, 300, 4, graph=True)
+        counts[on] = len(launches) - sum(counts.values())
+        assert tps > 0 and ms > 0
+    assert counts[True] == 3 * 3 and counts[False] == 0  # 3 layers x (2 eager warm-up steps + the capture)
 
 
 @pytest.mark.gpu

@@ -275,6 +275,7 @@ def test_half_precision(rule):
 def test_decode_step_matches_recurrent_and_reference(modes, rule, placement, full_d, monkeypatch):
     """full_d: one program per (b, kv head), which also folds the leaving key into S, z (else advance_state does)."""
     monkeypatch.setitem(_hybrid.TUNING, "decode_full_d_rows_per_sm", 0 if full_d else 10**6)
+    monkeypatch.setenv("LINEARIZE_FUSED_DECODE", "0")  # this kernel, not the fused step (test_triton_decode.py)
     b, hq, hkv, d, m, w = 2, 4, 2, 80, 32, 4  # d = 80: two d-tiles, or one masked full-d tile
     for prompt in (0, 9):
         t = prompt + 3 * w  # the ring wraps around
@@ -374,6 +375,7 @@ def test_gpu_default_segments_and_long_sequence():
 @pytest.mark.parametrize("full_d", [False, True])
 def test_gpu_decode_full_size(placement, full_d, monkeypatch):
     monkeypatch.setitem(_hybrid.TUNING, "decode_full_d_rows_per_sm", 0 if full_d else 10**6)
+    monkeypatch.setenv("LINEARIZE_FUSED_DECODE", "0")  # this kernel, not the fused step (test_triton_decode.py)
     b, hq, hkv, d, m, w, prompt = 8, 4, 1, 256, 512, 64, 200
     tensors, valid = _inputs(b, hq, hkv, prompt + 70, d, m, dtype=torch.bfloat16, pad=True)
     q, k, v, qf, kf = tensors

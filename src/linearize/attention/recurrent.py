@@ -27,6 +27,7 @@ A step (`decode_step`) is `decode_output` for each component mode needed (reads 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -456,11 +457,26 @@ def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True
     state.seen += 1
 
 
+def fused_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, **kwargs) -> dict[str, torch.Tensor] | None:
+    """The whole step in one Triton launch (`attention/triton/decode.py`) where it applies (CUDA, kind 'sum', one
+    kernel mode, no sparse memory; `LINEARIZE_FUSED_DECODE=0` turns it off), else None: the caller's path runs."""
+    if not state.additive or not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        return None  # (no Triton import on a plain CPU)
+    try:
+        from linearize.attention.triton.decode import fused_decode_step
+    except ImportError:  # no Triton
+        return None
+    return fused_decode_step(state, q, k, v, qf, kf, modes=modes, valid=valid, **kwargs)
+
+
 def decode_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, log_decay=None, beta=None,
                 **kwargs) -> dict[str, torch.Tensor]:
     """One token: the output of each component mode in `modes` (all against the state before the token), then the
     token appended in place. `kwargs` are `decode_output`'s (scale, weight, rule, placement, softcap); log_decay /
     beta (B, Hkv, 1) the layer's gates of this token (kinds that use them)."""
+    fused = fused_step(state, q, k, v, qf, kf, modes=modes, valid=valid, **kwargs)
+    if fused is not None:
+        return fused
     reads = None
     if not state.additive:
         if valid is None:

@@ -1,15 +1,18 @@
 """Decode benchmarks: tokens/s of one-token steps against a prefilled cache, base model vs converted.
 
 `run_fair_decode` is the headline: the base model with Hugging Face's `StaticCache` and its one-token forward
-captured in a CUDA graph (`CapturedStaticStep`), next to the converted model's captured step (`GraphDecoder`), at the
-same batch and context, for the Gemma-3-270M shape and a Llama-3-8B-shaped layer stack (random weights); each row is
-read against its memory floor, (bytes of weights + cache/state read per step) / (copy bandwidth measured in the same
-run). `run_eager_decode_bench` is the older grid (HF's eager loop with a DynamicCache for the base; eager PyTorch,
-eager Triton and captured steps for the converted model), kept as a labelled extra.
+captured in a CUDA graph (`CapturedStaticStep`), next to the converted model's captured step (`GraphDecoder`; with
+and without the fused decode kernel of `attention/triton/decode.py`), at the same batch and context, for the
+Gemma-3-270M shape and a Llama-3-8B-shaped layer stack (random weights); each row is read against its memory floor,
+(bytes of weights + cache/state read per step) / (copy bandwidth measured in the same run). `run_eager_decode_bench`
+is the older grid (HF's eager loop with a DynamicCache for the base; eager PyTorch, eager Triton and captured steps
+for the converted model), kept as a labelled extra.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import traceback
 
@@ -318,11 +321,31 @@ def _timed_steps(step, batch: int, warm: int, steps: int) -> tuple[float, float]
 #: kinds of the fair decode rows
 FAIR_KINDS = {
     "base_static_graph": "base, HF StaticCache, one-token forward captured in a CUDA graph",
-    "converted_graph": "converted, HybridState, GraphDecoder (Triton step captured in a CUDA graph)",
+    "converted_graph": "converted, HybridState, GraphDecoder (the fused one-launch Triton step of each layer, "
+                       "attention/triton/decode.py, captured in a CUDA graph)",
+    "converted_graph_unfused": "the same with LINEARIZE_FUSED_DECODE=0 (the previous step: the decode kernel plus "
+                               "PyTorch ring and sink updates), in the same run",
     "base_eager_dynamic": "extra: base in HF's eager loop with a DynamicCache (the old, host-bound baseline)",
 }
 
 FAIR_BATCHES = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
+
+
+@contextlib.contextmanager
+def fused_decode(on: bool):
+    """The converted layers' decode step with the fused Triton kernel on or off (`LINEARIZE_FUSED_DECODE`, read when
+    a step runs or is captured), whatever the caller's environment says; restored afterwards."""
+    from linearize.attention.triton.decode import FUSED_ENV  # (Triton is imported only where the benchmark runs)
+
+    saved = os.environ.get(FUSED_ENV)
+    os.environ[FUSED_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FUSED_ENV, None)
+        else:
+            os.environ[FUSED_ENV] = saved
 
 
 def base_batches(cfg, ctx: int, room: int, weights: int, *, max_batch: int, dtype=torch.bfloat16) -> list[int]:
@@ -338,7 +361,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                     llama_layers: int = 8, max_batch: int = 1024, eager_extra_context: int | None = 32768,
                     log=print, on_row=None) -> dict:
     """Per shape, context and batch (1 and the largest the base fits): the captured static-cache base and the
-    converted model's captured step at the same batch, each with its memory floor; plus the old eager base at
+    converted model's captured step at the same batch (with the fused decode kernel, then without it), each with its
+    memory floor; plus the old eager base at
     `eager_extra_context` (Gemma shape) as a labelled extra. Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
     `on_row(result so far)` after every row (so that a run cut off by a time limit keeps its rows)."""
     dtype = torch.bfloat16
@@ -366,7 +390,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=False)
             else:
                 cache = _fill_hybrid_cache(model, batch, ctx, dtype)
-                tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True)
+                with fused_decode(kind == "converted_graph"):
+                    tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True)
             nbytes = cache_nbytes(cache)
             floor_ms = (weights + nbytes) / bandwidth * 1e3
             row.update(tokens_per_s=tps, ms_per_step=ms, cache_bytes=nbytes, cache_bytes_per_seq=nbytes / batch,
@@ -415,6 +440,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
         for ctx, batches in plan.items():
             for batch in batches:
                 measure(shape, "converted_graph", batch, ctx, model, weights)
+                measure(shape, "converted_graph_unfused", batch, ctx, model, weights)
         del model
         free()
     return result
@@ -422,7 +448,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
 
 def fair_ratios(rows) -> list[dict]:
     """Per (shape, context, batch): converted / captured static base tokens/s, the base's cache over our state, and
-    both floor fractions; the eager base's ratio where that extra row exists."""
+    both floor fractions; the eager base's ratio where that extra row exists; the fused step over the unfused one
+    (and the unfused floor fraction) where that row exists."""
     by = {(r["shape"], r["kind"], r["batch"], r["context"]): r for r in rows if "tokens_per_s" in r}
     out = []
     for (shape, kind, batch, ctx), ours in sorted(by.items()):
@@ -437,6 +464,10 @@ def fair_ratios(rows) -> list[dict]:
         eager = by.get((shape, "base_eager_dynamic", batch, ctx))
         if eager:
             entry["extra_speedup_vs_eager_dynamic_base"] = ours["tokens_per_s"] / eager["tokens_per_s"]
+        unfused = by.get((shape, "converted_graph_unfused", batch, ctx))
+        if unfused:
+            entry["fused_speedup_over_unfused"] = ours["tokens_per_s"] / unfused["tokens_per_s"]
+            entry["unfused_floor_fraction"] = unfused["floor_fraction"]
         out.append(entry)
     return out
 
@@ -458,11 +489,14 @@ def render_fair_markdown(fair: dict) -> list[str]:
         lines.append(f"{head} {r['tokens_per_s']:.0f} | {r['ms_per_step']:.2f} | {r['cache_bytes_per_seq'] / 2**20:.2f} | "
                      f"{r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% |")
     lines += ["", "| shape | batch | context | converted / captured base tokens/s | base state / ours | base floor / ours "
-              "| base floor % | ours floor % | extra: vs eager base |", "|---|---|---|---|---|---|---|---|---|"]
+              "| base floor % | ours floor % | extra: vs eager base | fused / unfused step | unfused floor % |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in fair["ratios"]:
-        extra = e.get("extra_speedup_vs_eager_dynamic_base")
+        extra, fused = e.get("extra_speedup_vs_eager_dynamic_base"), e.get("fused_speedup_over_unfused")
+        unfused = "—" if fused is None else f"{100 * e['unfused_floor_fraction']:.0f}%"
         lines.append(f"| {e['shape']} | {e['batch']} | {e['context']} | **{e['speedup_vs_static_graph_base']:.2f}x** | "
                      f"{e['state_bytes_ratio_base_over_ours']:.1f}x | {e['floor_ratio_base_over_ours']:.1f}x | "
                      f"{100 * e['base_floor_fraction']:.0f}% | {100 * e['ours_floor_fraction']:.0f}% | "
-                     f"{'—' if extra is None else f'{extra:.1f}x'} |")
+                     f"{'—' if extra is None else f'{extra:.1f}x'} | {'—' if fused is None else f'{fused:.2f}x'} | "
+                     f"{unfused} |")
     return lines + [""]

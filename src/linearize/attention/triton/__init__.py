@@ -6,6 +6,9 @@
                                   linearize.attention.recurrent.decode_output
     decode_step_triton            outputs for several component modes, then the token appended in place, same
                                   contract as linearize.attention.recurrent.decode_step
+    decode.fused_decode_step      the whole decode step of one component mode in one launch (ring and state
+                                  written in place); decode_step_triton and recurrent.decode_step run it where it
+                                  applies (LINEARIZE_FUSED_DECODE=0: not)
     hybrid_attention_op           the kernels as torch.library custom ops (linearize::hybrid_fwd / hybrid_bwd), what
                                   hybrid_attention_triton runs under torch.compile (ops.py)
 

@@ -17,7 +17,7 @@ import triton
 
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import check_mode, expand_weight, sink_positions  # noqa: F401
-from linearize.attention.recurrent import HybridState, advance_state, decode_output
+from linearize.attention.recurrent import HybridState, advance_state, decode_output, fused_step
 from linearize.attention.triton import _kernels as K
 from linearize.config import COMBINE_RULES, KERNEL_MODES
 
@@ -402,7 +402,11 @@ def decode_output_triton(
 
 def decode_step_triton(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, **kwargs) -> dict[str, torch.Tensor]:
     """`recurrent.decode_step` on the decode kernel: where one program covers a whole (b, kv head), the last kernel
-    call also folds the leaving key into S and z (saving a pass over S), after every other mode has read them."""
+    call also folds the leaving key into S and z (saving a pass over S), after every other mode has read them.
+    Where the one-launch step of `attention/triton/decode.py` applies, that runs instead (`recurrent.fused_step`)."""
+    fused = fused_step(state, q, k, v, qf, kf, modes=modes, valid=valid, **kwargs)
+    if fused is not None:
+        return fused
     kernel_modes = [mode for mode in modes if _uses_decode_kernel(state, q, mode)]
     folding = kernel_modes[-1] if kernel_modes and _full_d(q.shape[0], k.shape[1], q.shape[-1], q.device) else None
     outs = {mode: decode_output_triton(state, q, k, v, qf, kf, mode=mode, valid=valid, **kwargs)

@@ -1,0 +1,418 @@
+"""The whole decode step of a hybrid layer with the 'sum' linear state in one Triton launch.
+
+`fused_decode_step` computes what `recurrent.decode_step` computes for one component mode -- the output of the new
+token against the state, then the token appended in place -- but where the PyTorch step (and `decode_step_triton`,
+whose kernel only reads the state and folds S, z) still runs a dozen small kernels per layer (ring writes, sink
+updates, the slot counter), one program per (batch row, KV head) here reads the ring and S, z once, writes the
+output of its G query heads, folds the key leaving the window into S, z, writes the new key into the ring and the
+sinks, and advances the shared counters. It runs inside CUDA-graph capture: no host sync, fixed shapes, in place.
+
+Covered: modes 'hybrid' (both combine rules, both placements), 'swa_only' and 'la_only'; softcap; softmax sinks
+(`softmax_sinks` > 0); GQA; padding (`valid`); per-head, per-row or constant weights. Not covered (the caller keeps
+its existing path; `fused_decode_step` returns None): several modes in one step (per-head modes), 'sinks_only' and
+'none', sparse memory, the other linear-state kinds, window 1 (no ring), an fp64 state, CPU tensors outside
+`TRITON_INTERPRET=1`. The feature maps run before the kernel, in PyTorch (qf, kf are its inputs).
+
+Bytes: a step reads the state once and writes S back (the fold changes every entry of S), so its traffic is the
+state plus S again; against bench/decode's floor (the state's bytes read once) it is capped at state / (state + S),
+~56% for the Gemma-3-270M shape (hedgehog: S is 4/5 of the state). Beyond that needs a state that folds the leaving
+keys into S every F steps (reading them explicitly until then), a change of `recurrent.HybridState`.
+
+Switch: `LINEARIZE_FUSED_DECODE=0` keeps the previous path; `=1` also runs the fused step on CPU tensors under
+`TRITON_INTERPRET=1` (the tests); unset: on CUDA tensors only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from linearize.attention.common import check_mode
+from linearize.config import COMBINE_RULES, KERNEL_MODES
+
+#: The environment switch (see the module docstring).
+FUSED_ENV = "LINEARIZE_FUSED_DECODE"
+
+#: Launch knobs: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
+#: (sets the rows of S and the window keys per tile), and the d-tiles: while B*Hkv programs are fewer than
+#: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. Chosen from ptxas's register counts for sm_90 (not yet timed):
+#: tiles of 8 rows keep the kernel at ~100-130 registers (2-5 programs per SM); 16 rows need ~230.
+TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32}
+
+# the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
+_RULE_CODES = {"shared_norm": 0, "mix": 1}
+_SINGLE_BRANCH = {"swa_only": 2, "la_only": 3}
+FUSED_MODES = ("hybrid", *_SINGLE_BRANCH)
+if set(_RULE_CODES) != set(COMBINE_RULES) or not set(FUSED_MODES) <= set(KERNEL_MODES):
+    raise ImportError("every combine rule of linearize.config needs its code in attention/triton/decode.py")
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _heads_dot_keys(acc, X, row0, stride, offs, mask, keys, offs_g, G: tl.constexpr):
+    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E) fp32, one head at a
+    time (a (G, K, E) product would hold G times the tile in registers)."""
+    for g in tl.static_range(G):
+        x = tl.load(X + (row0 + g) * stride + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.where(offs_g[:, None] == g, acc + tl.sum(keys * x[None, :], 1)[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr):
+    """acc (GP, E) + weights (GP, K) @ rows (K, E), one head at a time."""
+    for g in tl.static_range(G):
+        w = tl.sum(tl.where(offs_g[:, None] == g, weights, 0.0), 0)
+        acc += tl.where(offs_g[:, None] == g, tl.sum(w[:, None] * rows, 0)[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def fused_decode_kernel(
+    Q, QF, KN, VN, KFN, VALIDN, W, OUT,
+    BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z,
+    SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC,
+    scale, softcap, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, M, D, G: tl.constexpr,
+    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
+    SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
+    GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+):
+    """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: (B*HKV, ND): ND > 1
+    d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
+    its own columns of S, v). All arithmetic in fp32.
+
+    Window = the ring's L slots (empty ones invalid) + the new key (index L), BLC keys at a time. With NSS softmax sinks,
+    the sinks that have left the window (slot j < NSS, valid, j < left_count[b]) join the softmax and, where the
+    linear branch covers the window (LA_WINDOW), the linear sums too (S holds no sink). Then, in place:
+        S += keep kf_out v_out^T, z += keep kf_out      (the key in ring slot SLOT leaves the window;
+                                                        keep = its valid, and not a softmax sink)
+        ring[SLOT] = the new key, sinks[count] = the new key if valid and count < NS,
+    and, once every program that reads them is done (arrival counters SYNC: the last d-tile of a (b, hk), then the
+    last (b, hk) of a row, then the last row), the ring and sink rows of the new key and z (by the last d-tile), the
+    per-row valid flags, sink count and left_count (by the last of the row), and SLOT = (SLOT + 1) % L.
+    """
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = pid // HKV
+    hk = pid % HKV
+    kv64 = pid.to(tl.int64)
+    b64 = b.to(tl.int64)
+    offs_g = tl.arange(0, GP)
+    gm = offs_g < G
+    q0 = (b * HQ + hk * G).to(tl.int64)  # the first of the G query rows
+    bh = q0 + offs_g  # (GP,)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    md = offs_d < D
+
+    # -- what the shared writes at the end overwrite is read before this program arrives there (here, and the
+    # window's valid flags below) ----------------------------------------------------------------------------------
+    slot = tl.load(SLOT).to(tl.int64)
+    if HAS_VALIDN:
+        valid_new = tl.load(VALIDN + b64) != 0
+    else:
+        valid_new = pid >= 0  # no mask: every token valid
+    valid_out = tl.load(BUFVALID + b64 * L + slot) != 0
+    keep_out = valid_out
+    if NSS > 0:
+        left = tl.load(LEFT + b64)
+        keep_out = valid_out & (left >= NSS)  # the first NSS valid keys to leave are the sinks: not into S, z
+    if SINK_SLOTS:
+        offs_n = tl.arange(0, BS)
+        sv = tl.load(SINKVALID + b64 * NS + offs_n, mask=offs_n < NS, other=0)
+        count = tl.sum((sv != 0).to(tl.int32), 0)
+        becomes = valid_new & (count < NS)
+        if NSS > 0:
+            sink_left = (offs_n < NSS) & (sv != 0) & (offs_n < left)
+
+    vnew_d = tl.load(VN + kv64 * D + offs_d, mask=md, other=0.0)
+    v_out = tl.load(BUFV + (kv64 * L + slot) * D + offs_d, mask=md, other=0.0).to(tl.float32)
+    fold_w = keep_out.to(tl.float32)
+    if W_TENSOR:
+        wrow = tl.load(W + b64 * w_sb + (hk * G + offs_g).to(tl.int64) * w_sh, mask=gm, other=0.0).to(tl.float32)
+    else:
+        wrow = tl.zeros([GP], dtype=tl.float32) + wscalar
+
+    # -- the softmax keys (the sinks that left, then the window BLC keys at a time: online softmax, so the sums end
+    # shifted by the max over all of them, as recurrent's) and, with LA_WINDOW, the same keys' linear terms ---------
+    num_s = tl.zeros([GP, BD], dtype=tl.float32)
+    den_s = tl.zeros([GP], dtype=tl.float32)
+    c_s = tl.full([GP], float("-inf"), dtype=tl.float32)
+    num_l = tl.zeros([GP, BD], dtype=tl.float32)
+    den_l = tl.zeros([GP], dtype=tl.float32)
+    if NSS > 0:
+        vsink = tl.load(SINKV + (kv64 * NS + offs_n[:, None]) * D + offs_d[None, :],
+                        mask=(offs_n < NSS)[:, None] & md[None, :], other=0.0).to(tl.float32)
+        if HAS_SWA:
+            ls = tl.zeros([GP, BS], dtype=tl.float32)
+            for d0 in range(0, D, BD):  # the logits over all of head_dim
+                od = d0 + tl.arange(0, BD)
+                mdk = od < D
+                ks = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + od[None, :],
+                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G)
+            ls = ls * scale
+            if SOFTCAP:
+                ls = softcap * _tanh(ls / softcap)
+            ls = tl.where(sink_left[None, :], ls, float("-inf"))
+            c_s = tl.max(ls, 1)
+            ps = tl.where(sink_left[None, :], tl.exp(ls - tl.where(c_s == float("-inf"), 0.0, c_s)[:, None]), 0.0)
+            den_s = tl.sum(ps, 1)
+            num_s = _heads_weigh_rows(num_s, ps, vsink, offs_g, G)
+        if HAS_LA and LA_WINDOW:
+            asink = tl.zeros([GP, BS], dtype=tl.float32)
+            for m0 in range(0, M, BM):
+                om = m0 + tl.arange(0, BM)
+                mm = om < M
+                kfs = tl.load(SINKKF + (kv64 * NS + offs_n[:, None]) * M + om[None, :],
+                              mask=(offs_n < NSS)[:, None] & mm[None, :], other=0.0).to(tl.float32)
+                asink = _heads_dot_keys(asink, QF, q0, M, om, mm, kfs, offs_g, G)
+            asink = tl.where(sink_left[None, :], asink, 0.0)
+            num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G)
+            den_l += tl.sum(asink, 1)
+    if HAS_SWA or LA_WINDOW:
+        for l0 in range(0, L + 1, BLC):
+            offs_c = l0 + tl.arange(0, BLC)
+            cb = offs_c < L
+            cc = offs_c == L
+            vbc = tl.load(BUFVALID + b64 * L + offs_c, mask=cb, other=0)
+            cvalid = (cb & (vbc != 0)) | (cc & valid_new)
+            vc = tl.load(BUFV + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :], mask=cb[:, None] & md[None, :],
+                         other=0.0).to(tl.float32)
+            vc += tl.where(cc[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
+            if HAS_SWA:
+                lg = tl.zeros([GP, BLC], dtype=tl.float32)
+                for d0 in range(0, D, BD):  # the logits over all of head_dim
+                    od = d0 + tl.arange(0, BD)
+                    mdk = od < D
+                    kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + od[None, :], mask=cb[:, None] & mdk[None, :],
+                                 other=0.0).to(tl.float32)
+                    kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :], mask=cc[:, None] & mdk[None, :],
+                                  other=0.0).to(tl.float32)
+                    lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G)
+                lg = lg * scale
+                if SOFTCAP:
+                    lg = softcap * _tanh(lg / softcap)
+                lg = tl.where(cvalid[None, :], lg, float("-inf"))
+                c_new = tl.maximum(c_s, tl.max(lg, 1))
+                c_safe = tl.where(c_new == float("-inf"), 0.0, c_new)
+                alpha = tl.exp(c_s - c_safe)  # 0 while no key was seen (c_s = -inf)
+                p = tl.where(cvalid[None, :], tl.exp(lg - c_safe[:, None]), 0.0)
+                den_s = den_s * alpha + tl.sum(p, 1)
+                num_s = _heads_weigh_rows(num_s * alpha[:, None], p, vc, offs_g, G)
+                c_s = c_new
+            if HAS_LA and LA_WINDOW:
+                a = tl.zeros([GP, BLC], dtype=tl.float32)
+                for m0 in range(0, M, BM):
+                    om = m0 + tl.arange(0, BM)
+                    mm = om < M
+                    kfc = tl.load(BUFKF + (kv64 * L + offs_c[:, None]) * M + om[None, :], mask=cb[:, None] & mm[None, :],
+                                  other=0.0).to(tl.float32)
+                    kfc += tl.load(KFN + kv64 * M + offs_c[:, None] * 0 + om[None, :], mask=cc[:, None] & mm[None, :],
+                                   other=0.0).to(tl.float32)
+                    a = _heads_dot_keys(a, QF, q0, M, om, mm, kfc, offs_g, G)
+                a = tl.where(cvalid[None, :], a, 0.0)
+                num_l = _heads_weigh_rows(num_l, a, vc, offs_g, G)
+                den_l += tl.sum(a, 1)
+
+    # -- the linear branch reads S, z tile by tile; each tile of S is folded right after it was read (z at the end).
+    # The next tile's load is issued before this one's arithmetic: two tiles in flight per program (latency bound) --
+    om = tl.arange(0, BM)
+    mm = om < M
+    st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+    z_next = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+    for m0 in range(0, M, BM):
+        om = m0 + tl.arange(0, BM)
+        mm = om < M
+        st, z = st_next, z_next
+        on = om + BM
+        mn = on < M
+        st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :], other=0.0)
+        z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
+        if HAS_LA:
+            qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
+            num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G)
+            den_l += tl.sum(qf * z[None, :], 1)
+        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+        tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
+                 mask=mm[:, None] & md[None, :])
+
+    inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
+    inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
+    if RULE == 0:
+        den = wrow * den_s + den_l
+        inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+        out = (wrow[:, None] * num_s + num_l) * inv[:, None]
+    elif RULE == 1:
+        gp = tl.where(den_l == 0.0, 1.0, wrow)
+        out = gp[:, None] * num_s * inv_s[:, None] + (1.0 - gp)[:, None] * num_l * inv_l[:, None]
+    elif RULE == 2:
+        out = num_s * inv_s[:, None]
+    else:
+        out = num_l * inv_l[:, None]
+    tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])
+
+    # -- the writes others read: by the last program to arrive (acq_rel atomics; the barrier first, so that every
+    # thread of this program has done its reads), first per (b, hk) over its d-tiles, then per row, then the grid ----
+    tl.debug_barrier()
+    base = B * HKV  # SYNC: B*HKV d-tile counters, B row counters, one grid counter
+    if ND > 1:
+        kv_last = tl.atomic_add(SYNC + kv64, 1) == ND - 1
+    else:
+        kv_last = pid >= 0
+    for m0 in range(0, M, BM):  # z += the leaving key's features (all d-tiles read z and that key above)
+        om = m0 + tl.arange(0, BM)
+        mm = (om < M) & kv_last
+        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+        tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm, other=0.0) + kf_out, mask=mm)
+    tl.debug_barrier()  # the leaving key's features are read: its slot takes the new key
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        mdk = (od < D) & kv_last
+        krow = tl.load(KN + kv64 * D + od, mask=mdk, other=0.0)
+        vrow = tl.load(VN + kv64 * D + od, mask=mdk, other=0.0)
+        tl.store(BUFK + (kv64 * L + slot) * D + od, krow.to(BUFK.dtype.element_ty), mask=mdk)
+        tl.store(BUFV + (kv64 * L + slot) * D + od, vrow.to(BUFV.dtype.element_ty), mask=mdk)
+        if SINK_SLOTS:
+            tl.store(SINKK + (kv64 * NS + count) * D + od, krow.to(SINKK.dtype.element_ty), mask=mdk & becomes)
+            tl.store(SINKV + (kv64 * NS + count) * D + od, vrow.to(SINKV.dtype.element_ty), mask=mdk & becomes)
+    for m0 in range(0, M, BM):
+        om = m0 + tl.arange(0, BM)
+        mm = (om < M) & kv_last
+        kfn = tl.load(KFN + kv64 * M + om, mask=mm, other=0.0)
+        tl.store(BUFKF + (kv64 * L + slot) * M + om, kfn.to(BUFKF.dtype.element_ty), mask=mm)
+        if SINK_KF:
+            tl.store(SINKKF + (kv64 * NS + count) * M + om, kfn.to(SINKKF.dtype.element_ty), mask=mm & becomes)
+    if ND > 1:
+        tl.store(SYNC + kv64, 0, mask=kv_last)
+    if HKV > 1:
+        row_last = kv_last & (tl.atomic_add(SYNC + base + b64, 1, mask=kv_last) == HKV - 1)
+    else:
+        row_last = kv_last
+    tl.store(BUFVALID + b64 * L + slot, valid_new.to(tl.int8), mask=row_last)
+    if SINK_SLOTS:
+        tl.store(SINKVALID + b64 * NS + count, (pid >= 0).to(tl.int8), mask=row_last & becomes)
+    if NSS > 0:
+        tl.store(LEFT + b64, left + valid_out.to(tl.int64), mask=row_last)
+    if HKV > 1:
+        tl.store(SYNC + base + b64, 0, mask=row_last)
+    grid_last = row_last & (tl.atomic_add(SYNC + base + B, 1, mask=row_last) == B - 1)
+    tl.store(SLOT, (slot + 1) % L, mask=grid_last)
+    tl.store(SYNC + base + B, 0, mask=grid_last)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_decode_enabled(x: torch.Tensor) -> bool:
+    """Whether `LINEARIZE_FUSED_DECODE` lets the fused step run on tensors like x (see the module docstring)."""
+    setting = os.environ.get(FUSED_ENV, "").strip()
+    if setting == "0":
+        return False
+    return x.is_cuda or (setting == "1" and _interpreting())
+
+
+def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
+    """Whether `fused_decode_step` computes this step (else it returns None and the caller keeps its path)."""
+    for mode in modes:
+        check_mode(mode)
+    w_ok = not torch.is_tensor(weight) or weight.dim() in (0, 1, 3)
+    return (len(modes) == 1 and modes[0] in FUSED_MODES and w_ok and fused_decode_enabled(q)
+            and state.additive and state.memory is None and state.buf_k.shape[2] > 0
+            and state.S.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _sync_counters(state, n: int, device) -> torch.Tensor:
+    """The kernel's n arrival counters (int32, zero between launches), kept on the state so that a captured graph
+    replays against the same buffer."""
+    sync = getattr(state, "_fused_sync", None)
+    if sync is None or sync.shape[0] != n or sync.device != device:
+        sync = torch.zeros(n, dtype=torch.int32, device=device)
+        state._fused_sync = sync
+    return sync
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as int8 bytes, the same memory (the kernel writes it in place)."""
+    if x.dtype != torch.bool or not x.is_contiguous():
+        raise ValueError(f"expected a contiguous bool tensor, got {x.dtype} with strides {x.stride()}")
+    return x.view(torch.int8)
+
+
+def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float, weight=0.1,
+                      rule: str = "shared_norm", placement: str = "complementary", softcap: float | None = None,
+                      log_decay=None, beta=None) -> dict[str, torch.Tensor] | None:
+    """`recurrent.decode_step` for one component mode in one kernel launch: {mode: output (B, Hq, 1, d)}, the state
+    advanced in place; None where `fused_decode_applies` says no (nothing is then changed). q (B, Hq, 1, d), k/v
+    (B, Hkv, 1, d), qf (B, Hq, 1, m), kf (B, Hkv, 1, m), valid (B, 1) bool or None (all valid)."""
+    if not fused_decode_applies(state, q, modes, weight=weight):
+        return None
+    (mode,) = modes
+    if mode == "hybrid" and rule not in _RULE_CODES:
+        raise ValueError(f"unknown combination rule {rule!r}; expected one of {tuple(_RULE_CODES)}")
+    code = _RULE_CODES[rule] if mode == "hybrid" else _SINGLE_BRANCH[mode]
+    b, hq, _, d = q.shape
+    hkv, m = k.shape[1], qf.shape[-1]
+    L = state.buf_k.shape[2]
+    ns = state.sink_k.shape[2]
+    nss = int(state.softmax_sinks)
+    dev = q.device
+    w, wscalar, w_sb, w_sh = q, 0.0, 0, 0  # q: a placeholder pointer the kernel never reads
+    if torch.is_tensor(weight):
+        w = weight.to(device=dev, dtype=torch.float32)
+        if w.dim() == 3:  # (B, Hq, T): this token's column
+            w = w[..., 0]
+            w_sb, w_sh = (w.stride(0) if w.shape[0] > 1 else 0), (w.stride(1) if w.shape[1] > 1 else 0)
+        elif w.dim() == 1:
+            w_sh = w.stride(0) if w.shape[0] > 1 else 0
+    else:
+        wscalar = float(weight)
+    out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
+    sink_kf = state.sink_kf if nss else state.sink_k
+    has_sink_kf = state.sink_kf is not None and ns > 0
+    gp = _pow2(hq // hkv)
+    # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
+    bd, nd = _pow2(d, 16), 1
+    while b * hkv * nd < TUNING["programs_per_sm"] * _num_sms(dev) and bd // 2 >= TUNING["min_tile_d"]:
+        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
+    warps = TUNING["num_warps"] or (8 if bd >= 256 else 4)
+    # rows of S (and keys of the window) per tile: a (rows, bd) tile is ~TUNING values per thread
+    rows = max(2, TUNING["values_per_thread"] * 32 * warps // bd)
+    rows = 1 << (rows.bit_length() - 1)
+    fused_decode_kernel[(b * hkv, nd)](
+        q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
+        q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
+        state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,
+        state.sink_k, state.sink_v, sink_kf, _bool_bytes(state.sink_valid),
+        state.left_count if nss else state.slot, _sync_counters(state, b * hkv + b + 1, dev),
+        float(scale), float(softcap) if softcap is not None else 1.0, wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
+        m, d, hq // hkv,
+        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
+        SOFTCAP=softcap is not None, HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
+        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ND=nd,
+        GP=gp, BLC=min(rows, _pow2(L + 1, 2)), BS=_pow2(ns, 2), BM=min(rows, 64, _pow2(m, 2)), BD=bd, num_warps=warps,
+    )
+    state.seen += 1
+    return {mode: out}

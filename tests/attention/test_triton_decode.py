@@ -1,0 +1,230 @@
+"""The one-launch decode step (attention/triton/decode.py) against the PyTorch recurrent step, several steps in a row.
+
+Without CUDA the kernel runs on the CPU under TRITON_INTERPRET=1 (set by test_triton's module code, imported below
+before anything imports the kernel); `LINEARIZE_FUSED_DECODE=1` lets the fused step take CPU tensors there. The
+`gpu` tests add bf16 at model shapes, CUDA-graph capture, and greedy decoding of a converted model.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+import test_triton  # noqa: F401  -- sets TRITON_INTERPRET=1 without CUDA, before triton is imported, and readies it
+
+import linearize  # noqa: E402
+import linearize.attention.triton.decode as fused  # noqa: E402
+from linearize.attention.recurrent import decode_step, prefill_state  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and type(fused.fused_decode_kernel).__name__ != "InterpretedFunction":
+    fused = importlib.reload(fused)  # imported earlier without the interpreter: rebuild the kernel interpreted
+
+
+@pytest.fixture(autouse=True)
+def _fused_on(monkeypatch):
+    """The fused step on (CPU tensors too, interpreted)."""
+    monkeypatch.setenv(fused.FUSED_ENV, "1")
+
+
+def _prompt_state(b, hkv, d, m, t, window, *, softmax_sinks=0, num_sinks=3, dtype=torch.float32, gen=None):
+    """A prefilled state: the first token of row 0 is padding, so the sinks and the ring hold an invalid key."""
+    k, v = (torch.randn(b, hkv, t, d, generator=gen) for _ in range(2))
+    kf = torch.softmax(torch.randn(b, hkv, t, m, generator=gen), -1)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[0, 0] = False
+    k, v, kf = (x.to(DEVICE, dtype) for x in (k, v, kf))
+    return prefill_state(k, v, kf, valid.to(DEVICE), window=window, num_sinks=num_sinks, softmax_sinks=softmax_sinks)
+
+
+def _token(b, hq, hkv, d, m, step, dtype, gen):
+    q, k, v = torch.randn(b, hq, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen)
+    qf = torch.softmax(torch.randn(b, hq, 1, m, generator=gen), -1)
+    kf = torch.softmax(torch.randn(b, hkv, 1, m, generator=gen), -1)
+    valid = torch.ones(b, 1, dtype=torch.bool)
+    if b > 1 and step == 1:
+        valid[1] = False  # a padded step in row 1
+    return [x.to(DEVICE, dtype) for x in (q, k, v, qf, kf)], valid.to(DEVICE)
+
+
+def _weight(kind, b, hq):
+    if kind == "float":
+        return 0.3
+    if kind == "head":
+        return torch.rand(hq, device=DEVICE)
+    return torch.rand(b, hq, 1, device=DEVICE)  # per row (the dynamic gate)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _run_against_reference(monkeypatch, *, mode, rule, placement, b, hq, hkv, d, m, window, prompt, steps,
+                           softmax_sinks=0, num_sinks=3, softcap=None, wkind="head", dtype=torch.float32, tol=1e-5):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))  # fresh inputs every run
+    ours = _prompt_state(b, hkv, d, m, prompt, window, softmax_sinks=softmax_sinks, num_sinks=num_sinks, dtype=dtype,
+                         gen=gen)
+    ref = copy.deepcopy(ours)
+    weight = _weight(wkind, b, hq)
+    kw = dict(modes=[mode], scale=d ** -0.5, weight=weight, rule=rule, placement=placement, softcap=softcap)
+    for step in range(steps):
+        (q, k, v, qf, kf), valid = _token(b, hq, hkv, d, m, step, dtype, gen)
+        addresses = [t.data_ptr() for t in ours.tensors()]
+        got = fused.fused_decode_step(ours, q, k, v, qf, kf, valid=valid, **kw)
+        assert got is not None, "the fused step refused a case it covers"
+        monkeypatch.setenv(fused.FUSED_ENV, "0")
+        want = decode_step(ref, q, k, v, qf, kf, valid=valid, **kw)
+        monkeypatch.setenv(fused.FUSED_ENV, "1")
+        assert got[mode].dtype == q.dtype and got[mode].shape == q.shape
+        assert _rel(got[mode], want[mode]) < tol, f"step {step}: output rel err {_rel(got[mode], want[mode]):.2e}"
+        assert [t.data_ptr() for t in ours.tensors()] == addresses, "the state must advance in place"
+        assert ours.seen == ref.seen and torch.equal(ours.slot, ref.slot)
+        for name in ("buf_valid", "sink_valid", "left_count"):
+            a, r = getattr(ours, name), getattr(ref, name)
+            assert (a is None and r is None) or torch.equal(a, r), f"step {step}: {name}"
+        for name in ("S", "z", "buf_k", "buf_v", "buf_kf", "sink_k", "sink_v", "sink_kf"):
+            a, r = getattr(ours, name), getattr(ref, name)
+            if r is None:
+                assert a is None
+                continue
+            assert _rel(a, r) <= tol, f"step {step}: {name} rel err {_rel(a, r):.2e}"
+
+
+CASES = [
+    # (mode, rule, placement, b, hq, hkv, window, prompt, steps, softmax_sinks, num_sinks, softcap, weight)
+    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 4, 2, 7, 0, 3, None, "head"),  # GQA, the ring wraps twice
+    ("hybrid", "mix", "complementary", 2, 4, 1, 4, 5, 5, 2, 3, None, "rows"),  # MQA, softmax sinks, per-row gate
+    ("hybrid", "shared_norm", "overlap", 1, 2, 2, 3, 6, 4, 1, 3, 5.0, "float"),  # MHA, a sink, softcap
+    ("hybrid", "mix", "overlap", 2, 4, 2, 9, 3, 3, 0, 0, None, "float"),  # the window never fills; no sink slots
+    ("swa_only", "shared_norm", "complementary", 2, 4, 2, 3, 4, 4, 2, 3, None, "float"),
+    ("la_only", "shared_norm", "complementary", 2, 2, 1, 4, 4, 5, 1, 3, None, "float"),
+]
+
+
+@pytest.mark.parametrize("d_tiles", [False, True], ids=["full_d", "d_tiles"])
+@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,softcap,wkind", CASES)
+def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt, steps,
+                                              sinks, num_sinks, softcap, wkind, d_tiles):
+    """full_d: one program per (b, kv head), tiles of 2 rows of S / 2 window keys (the online softmax and the S loop
+    take several tiles); d_tiles: head_dim 16 in two programs of 8 columns (the small-batch launch), which share the
+    window's keys, z and the leaving key through the arrival counters."""
+    monkeypatch.setitem(fused.TUNING, "min_tile_d", 8 if d_tiles else 10**6)
+    if not d_tiles:
+        monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: tiles of 2
+    _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=16, m=8,
+                           window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, num_sinks=num_sinks,
+                           softcap=softcap, wkind=wkind)
+
+
+def test_cases_it_does_not_cover_return_none_and_leave_the_state(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    state = _prompt_state(1, 1, 16, 8, 4, 3, gen=gen)
+    (q, k, v, qf, kf), valid = _token(1, 2, 1, 16, 8, 0, torch.float32, gen)
+    kw = dict(scale=0.25, weight=0.5, rule="shared_norm", placement="complementary")
+    before = [t.clone() for t in state.tensors()]
+    assert fused.fused_decode_step(state, q, k, v, qf, kf, modes=["hybrid", "la_only"], **kw) is None  # per-head modes
+    assert fused.fused_decode_step(state, q, k, v, qf, kf, modes=["sinks_only"], **kw) is None
+    assert fused.fused_decode_step(state, q.double(), k, v, qf, kf, modes=["hybrid"], **kw) is None
+    assert fused.fused_decode_step(_prompt_state(1, 1, 16, 8, 4, 1, gen=gen), q, k, v, qf, kf, modes=["hybrid"], **kw) is None
+    monkeypatch.setenv(fused.FUSED_ENV, "0")
+    assert fused.fused_decode_step(state, q, k, v, qf, kf, modes=["hybrid"], **kw) is None
+    assert all(torch.equal(a, b) for a, b in zip(state.tensors(), before)) and state.seen == 4
+    with pytest.raises(ValueError, match="unknown component mode"):
+        fused.fused_decode_step(state, q, k, v, qf, kf, modes=["bogus"], **kw)
+
+
+def _greedy(model, prompt, mask, new_tokens):
+    from transformers import GenerationMixin
+
+    with torch.no_grad():  # HF's own loop on the model's eager forward: every step goes through decode_step
+        return GenerationMixin.generate(model, prompt, attention_mask=mask, max_new_tokens=new_tokens,
+                                        min_new_tokens=new_tokens, do_sample=False)
+
+
+def test_tiny_model_greedy_decode_is_the_same_with_and_without_the_fused_step(monkeypatch):
+    """A converted model (GQA, softmax sinks, a left-padded row) decodes the same tokens fused and unfused."""
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, softmax_sinks=1)).to(DEVICE)
+    prompt = torch.randint(1, 128, (2, 5), device=DEVICE)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    calls = []
+    real = fused.fused_decode_kernel
+
+    class Counting:  # counts the kernel's launches (the fused path really ran)
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(fused, "fused_decode_kernel", Counting())
+    got = _greedy(model, prompt, mask, 6)
+    monkeypatch.setenv(fused.FUSED_ENV, "0")
+    launches = len(calls)
+    want = _greedy(model, prompt, mask, 6)
+    assert launches == 2 * 5 and len(calls) == launches  # 2 layers x 5 decode steps, none with the switch off
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: model shapes in bf16, CUDA-graph capture, a converted model
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rule,placement,sinks", [("shared_norm", "complementary", 0), ("mix", "overlap", 4),
+                                                   ("shared_norm", "complementary", 4)])
+@pytest.mark.parametrize("shape", [(16, 4, 1, 256, 512), (8, 32, 8, 128, 256),  # Gemma 3 270M, Llama 3 8B heads:
+                                   (320, 4, 1, 256, 512), (48, 32, 8, 128, 256)])  # d-tiles; one program per (b, hk)
+def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape):
+    b, hq, hkv, d, m = shape
+    _run_against_reference(monkeypatch, mode="hybrid", rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,
+                           window=64, prompt=40, steps=30, softmax_sinks=sinks, dtype=torch.bfloat16, tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_fused_step_replays_from_a_cuda_graph():
+    """A captured fused step, replayed, advances the state exactly as eager fused steps do (counters reset too)."""
+    gen = torch.Generator().manual_seed(0)
+    b, hq, hkv, d, m = 64, 8, 2, 128, 256
+    eager = _prompt_state(b, hkv, d, m, 20, 16, softmax_sinks=2, dtype=torch.bfloat16, gen=gen)
+    graphed = copy.deepcopy(eager)
+    (q, k, v, qf, kf), valid = _token(b, hq, hkv, d, m, 0, torch.bfloat16, gen)
+    kw = dict(modes=["hybrid"], valid=valid, scale=d ** -0.5, weight=torch.rand(hq, device="cuda"), rule="shared_norm",
+              placement="complementary")
+    fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)  # warm-up (compiles), then capture the next step
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)["hybrid"]
+    graphed.seen -= 1  # capture records, it does not run
+    fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)
+    for _ in range(20):  # the same token again and again: the ring (15 slots) wraps
+        want = fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)["hybrid"]
+        graph.replay()
+        assert torch.equal(out, want)
+    torch.cuda.synchronize()
+    for a, r in zip(graphed.tensors(), eager.tensors()):
+        assert torch.equal(a, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family,sinks", [("gemma3", 0), ("llama", 2)])
+def test_gpu_converted_model_greedy_decode_fused_equals_unfused(monkeypatch, family, sinks):
+    """Captured generate (GraphDecoder) with the fused step vs without it: the same tokens (fp32, as the other
+    token-for-token tests: bf16 roundings of two summation orders could flip a near-tie of a random model)."""
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=6, softmax_sinks=sinks)).cuda()
+    prompt = torch.randint(1, 128, (2, 11), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    got = model.generate(prompt, attention_mask=mask, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    assert model.decode_path.path == "captured"
+    monkeypatch.setenv(fused.FUSED_ENV, "0")
+    want = model.generate(prompt, attention_mask=mask, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    assert torch.equal(got, want)

@@ -228,3 +228,19 @@ def test_gpu_converted_model_greedy_decode_fused_equals_unfused(monkeypatch, fam
     monkeypatch.setenv(fused.FUSED_ENV, "0")
     want = model.generate(prompt, attention_mask=mask, max_new_tokens=48, min_new_tokens=48, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("setting,device,batch,runs", [
+    (None, "cuda", 1, True), (None, "cuda", fused.FUSED_MAX_BATCH, True), (None, "cuda", fused.FUSED_MAX_BATCH + 1, False),
+    (None, "cpu", 1, False), ("1", "cuda", 1024, True), ("0", "cuda", 1, False)])
+def test_the_switch_runs_the_fused_step_at_small_batches_unless_told(monkeypatch, setting, device, batch, runs):
+    """Unset: CUDA and batch <= FUSED_MAX_BATCH (it was measured slower at large batches); '1' every batch; '0' never."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if setting is None:
+        monkeypatch.delenv(fused.FUSED_ENV, raising=False)
+    else:
+        monkeypatch.setenv(fused.FUSED_ENV, setting)
+    q = SimpleNamespace(is_cuda=device == "cuda", shape=(batch, 4, 1, 64))  # what the switch reads of q
+    assert fused.fused_decode_enabled(q) is runs

@@ -18,8 +18,11 @@ state plus S again; against bench/decode's floor (the state's bytes read once) i
 ~56% for the Gemma-3-270M shape (hedgehog: S is 4/5 of the state). Beyond that needs a state that folds the leaving
 keys into S every F steps (reading them explicitly until then), a change of `recurrent.HybridState`.
 
-Switch: `LINEARIZE_FUSED_DECODE=0` keeps the previous path; `=1` also runs the fused step on CPU tensors under
-`TRITON_INTERPRET=1` (the tests); unset: on CUDA tensors only.
+Switch: unset, the fused step runs on CUDA tensors at batch <= FUSED_MAX_BATCH only: on the H200 (commit f22d478,
+benchmarks/results/speed/speed_decode_fused.md) it was 1.08x (Gemma 3 270M shape) and 1.11x (Llama-3-8B shape) the
+previous step at batch 1, but 0.55x at batch 96 (Llama) and 0.15x at batch 1024 (Gemma): untuned, it does not yet
+use the bandwidth a large batch offers. `LINEARIZE_FUSED_DECODE=1` runs it at every batch (and on CPU tensors under
+`TRITON_INTERPRET=1`: the tests); `=0` never.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from linearize.config import COMBINE_RULES, KERNEL_MODES
 
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
+
+#: Unless the switch says otherwise, the fused step runs up to this batch (measured faster at 1, slower at 96+).
+FUSED_MAX_BATCH = 4
 
 #: Launch knobs: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
 #: (sets the rows of S and the window keys per tile), and the d-tiles: while B*Hkv programs are fewer than
@@ -316,11 +322,14 @@ def _interpreting() -> bool:
 
 
 def fused_decode_enabled(x: torch.Tensor) -> bool:
-    """Whether `LINEARIZE_FUSED_DECODE` lets the fused step run on tensors like x (see the module docstring)."""
+    """Whether `LINEARIZE_FUSED_DECODE` lets the fused step run on tensors like x, (batch, ...) (see the module
+    docstring)."""
     setting = os.environ.get(FUSED_ENV, "").strip()
     if setting == "0":
         return False
-    return x.is_cuda or (setting == "1" and _interpreting())
+    if setting == "1":
+        return x.is_cuda or _interpreting()
+    return x.is_cuda and x.shape[0] <= FUSED_MAX_BATCH
 
 
 def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:

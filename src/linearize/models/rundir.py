@@ -24,6 +24,9 @@ from linearize.errors import ModelFileError
 RUN_MARKER = ".linearize-run"
 COMPLETE_MARKER = ".linearize-complete"
 STAGING = ".linearize-staging"
+#: A finished stage's parameters in its checkpoint directory (linearize.train.checkpoint writes it; a pack of the run
+#: carries only this file of a finished stage).
+FINAL_CHECKPOINT = "final.pt"
 _LEGACY_RECIPE_HEADER = "# resolved linearize recipe"
 
 

@@ -53,13 +53,20 @@ def _sha256(data: bytes) -> str:
 
 
 def packed_files(run_dir: Path) -> list[Path]:
-    """The run's files a pack carries, as paths relative to `run_dir`, sorted."""
+    """The run's files a pack carries, as paths relative to `run_dir`, sorted. Of a finished stage's checkpoint
+    directory only its ``final.pt``: a resume takes that stage from it and reads nothing else there (the last
+    checkpoint, with its optimizer state, is the largest file of a run)."""
     files = [Path(name) for name in PACKED_FILES if (run_dir / name).is_file()]
     for name in PACKED_DIRS:
         top = run_dir / name
-        if top.is_dir():
-            files += [f.relative_to(run_dir) for f in top.rglob("*")
-                      if f.is_file() and not f.is_symlink() and not f.name.endswith(".tmp")]  # a torn atomic write
+        if not top.is_dir():
+            continue
+        for f in sorted(top.rglob("*")):
+            if not f.is_file() or f.is_symlink() or f.name.endswith(".tmp"):  # .tmp: a torn atomic write
+                continue
+            if f.name != rundir.FINAL_CHECKPOINT and (f.parent / rundir.FINAL_CHECKPOINT).is_file():
+                continue
+            files.append(f.relative_to(run_dir))
     return sorted(files)
 
 

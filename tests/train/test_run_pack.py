@@ -84,7 +84,8 @@ def test_a_cut_run_resumes_on_another_machine_to_the_same_weights_and_log(machin
         _run(machine_a / "base", cut, interrupt_after=CUT_AFTER)
     assert torch.load(cut / "checkpoints" / "stage2" / loop.CHECKPOINT, weights_only=False)["step"] == 2
     (tmp_path / "carry").mkdir()
-    manifest = pack_run(cut, tmp_path / "carry" / "run", part_mb=PART_MB)
+    assert main(["pack-run", str(cut), str(tmp_path / "carry" / "run"), "--part-mb", str(PART_MB)]) == 0
+    manifest = json.loads(manifest_path(tmp_path / "carry" / "run").read_text())
     assert not manifest["run"]["complete"] and len(manifest["parts"]) >= 2
     # the finished stage 1 travels as its final parameters alone; the cut stage 2 as its last checkpoint
     assert [f for f in manifest["run"]["files"] if f.startswith("checkpoints/")] == [
@@ -182,6 +183,11 @@ def test_bad_packs_are_refused_before_anything_is_written(machine_a, pack_of_who
 
     _refused(["pack-run", str(machine_a / "whole"), str(pack_of_whole)], capsys, "exists")
     _refused(["pack-run", str(machine_a / "base"), str(tmp_path / "p")], capsys, "does not hold a linearize run")
+    of_an_object = tmp_path / "object-run"  # a run of a model object records only its class
+    of_an_object.mkdir()
+    rundir.write_run_marker(of_an_object, "LlamaForCausalLM", "ssd")
+    _refused(["pack-run", str(of_an_object), str(tmp_path / "p")], capsys,
+             "the run's base model 'LlamaForCausalLM' is not a short name or a path on this machine; pass --model")
     assert not out.exists() and not list(tmp_path.glob(".out.unpacking*")) and not list(tmp_path.glob("p.*"))
     with pytest.raises(LinearizeError, match="the pack.s manifest .* is missing"):
         unpack_run([tmp_path / "nothing.tar.gz"], out)

@@ -107,14 +107,14 @@ def pack_run(run_dir: str | Path, out: str | Path, *, part_mb: float = DEFAULT_P
     fingerprint = base_fingerprint(base)
     files = packed_files(run_dir)
 
+    # each file read once: the sha256 in the manifest is that of the bytes packed, even while a run writes on
+    contents = {rel.as_posix(): (run_dir / rel).read_bytes() for rel in files}
     buffer = io.BytesIO()  # a pack is small (the trainable parameters): it is built in memory
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-        for rel in files:
-            info = tar.gettarinfo(str(run_dir / rel), arcname=rel.as_posix())
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with open(run_dir / rel, "rb") as f:
-                tar.addfile(info, f)
+        for name, data in contents.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+            tar.addfile(info, io.BytesIO(data))
     archive = buffer.getvalue()
     size = int(part_mb * 2**20)
     chunks = [archive[i:i + size] for i in range(0, len(archive), size)] or [b""]
@@ -122,7 +122,7 @@ def pack_run(run_dir: str | Path, out: str | Path, *, part_mb: float = DEFAULT_P
         "kind": KIND, "version": 1, "packed": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "run": {"model": marker.get("model"), "recipe": marker.get("recipe"),
                 "complete": (run_dir / rundir.COMPLETE_MARKER).is_file(),
-                "files": {rel.as_posix(): _sha256((run_dir / rel).read_bytes()) for rel in files}},
+                "files": {name: _sha256(data) for name, data in contents.items()}},
         "base": {"model": base, "fingerprint": fingerprint},
         "archive": {"bytes": len(archive), "sha256": _sha256(archive)},
         "part_bytes": size,

@@ -192,3 +192,13 @@ def test_bad_packs_are_refused_before_anything_is_written(machine_a, pack_of_who
     with pytest.raises(LinearizeError, match="the pack.s manifest .* is missing"):
         unpack_run([tmp_path / "nothing.tar.gz"], out)
     assert not out.exists()
+
+
+def test_the_base_fingerprint_is_the_model_files_not_their_place(machine_a, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(machine_a / "base", copy)
+    (copy / "NOTES.md").write_text("a note beside the model")
+    assert loading.base_fingerprint(copy) == loading.base_fingerprint(machine_a / "base")
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
+    assert loading.base_fingerprint(copy) != loading.base_fingerprint(machine_a / "base")

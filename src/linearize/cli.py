@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("info", "convert", "select-layers", "eval", "diagnose", "generate", "bench", "report", "study", "demo", "lmeval")
+VERBS = ("info", "convert", "pack-run", "unpack-run", "select-layers", "eval", "diagnose", "generate", "bench", "report", "study", "demo", "lmeval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "train")]
 
 import linearize  # noqa: E402
-from lz_train_helpers import VOCAB, random_data, tiny_llama, tiny_recipe  # noqa: E402
+from lz_train_helpers import random_data, tiny_llama, tiny_recipe, word_tokenizer  # noqa: E402
 
 SRC = str(Path(linearize.__file__).resolve().parent)
 SETS = tiny_recipe(**{"stage1.max_steps": 3, "stage1.checkpoint_every": 1, "stage2.max_steps": 3,
@@ -25,22 +25,11 @@ SETS = tiny_recipe(**{"stage1.max_steps": 3, "stage1.checkpoint_every": 1, "stag
                       "stage2.early_stopping.metric": "hybrid"})
 
 
-def tokenizer():
-    """A word-level tokenizer as large as the tiny model's vocabulary (saved with the model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
-
-
 def run(out, *, resume: bool = False):
     from linearize.train import run_recipe
 
     return run_recipe(tiny_llama(), None if resume else "ssd", out, overrides=None if resume else SETS,
-                      data=random_data(), tokenizer=tokenizer(), resume=resume)
+                      data=random_data(), tokenizer=word_tokenizer(), resume=resume)
 
 
 class CallCounter:

@@ -27,6 +27,17 @@ def tiny_gemma3(seed: int = 0):
     return Gemma3ForCausalLM(cfg).eval()
 
 
+def word_tokenizer():
+    """A word-level tokenizer as large as the tiny models' vocabulary (saved with a converted model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
+
+
 @dataclass
 class RandomData:
     train: torch.Tensor

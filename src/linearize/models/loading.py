@@ -53,6 +53,8 @@ _STALE_TMP_SECONDS = 3600
 _MANIFEST = "linearize-cache.json"
 _HASHES = ".hashes"  # in the cache root: each GGUF file's sha256, keyed by its path and stat
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 # What the gguf reader raises on a truncated or corrupt file.
 _UNREADABLE = (OSError, ValueError, KeyError, IndexError, struct.error)
 
@@ -246,16 +248,35 @@ def _cache_key(path: Path, root: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         sha = None
     if sha is None:
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-        sha = digest.hexdigest()
+        sha = file_sha256(path)
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"stamp": stamp, "sha256": sha}))
         os.replace(tmp, record)
     return f"{path.stem}-{sha[:32]}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_fingerprint(name_or_path: str | os.PathLike) -> str:
+    """sha256 over the files that make a base model: a GGUF file, or a Hugging Face directory's config, weights and
+    tokenizer files (each by its name in the directory and its sha256). The same model copied to another path or
+    machine has the same fingerprint; other files in the directory (notes, READMEs) do not count."""
+    source = checked_source(name_or_path)
+    if not source.is_dir():
+        return hashlib.sha256(f"{file_sha256(source)}\n".encode()).hexdigest()
+    files = sorted({f for pattern in ("config.json", *_WEIGHT_PATTERNS, *_TOKENIZER_FILES)
+                    for f in source.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
 
 
 def _cache_complete(directory: Path) -> bool:

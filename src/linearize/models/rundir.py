@@ -24,6 +24,9 @@ from linearize.errors import ModelFileError
 RUN_MARKER = ".linearize-run"
 COMPLETE_MARKER = ".linearize-complete"
 STAGING = ".linearize-staging"
+#: A finished stage's parameters in its checkpoint directory (linearize.train.checkpoint writes it; a pack of the run
+#: carries only this file of a finished stage).
+FINAL_CHECKPOINT = "final.pt"
 _LEGACY_RECIPE_HEADER = "# resolved linearize recipe"
 
 
@@ -42,9 +45,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """As :func:`write_text_atomic`, for bytes."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_run_marker(path: Path, model: str, recipe: str) -> None:
     write_text_atomic(path / RUN_MARKER, json.dumps({"tool": "linearize", "model": model, "recipe": recipe,
                                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+
+
+def model_id(model) -> str:
+    """How a run records its model (in the run marker): the short name, the resolved path, or the class of a model
+    object."""
+    if not isinstance(model, (str, Path)):
+        return type(model).__name__
+    from linearize.models.loading import SHORT_NAMES
+
+    return str(model) if str(model) in SHORT_NAMES else str(Path(model).expanduser().resolve())
 
 
 def is_run_dir(path: str | Path) -> bool:

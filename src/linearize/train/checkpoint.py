@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from linearize.errors import LinearizeError
+from linearize.models.rundir import FINAL_CHECKPOINT
 from linearize.train.distributed import as_held, whole
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-FINAL = "final.pt"
+FINAL = FINAL_CHECKPOINT
 
 
 def rng_state() -> dict:

@@ -37,6 +37,7 @@ import torch
 from linearize.config import measured_keep
 from linearize.errors import LinearizeError
 from linearize.models import rundir
+from linearize.models.rundir import model_id
 from linearize.records import git_commit
 from linearize.train import loop
 from linearize.train.recipes import (
@@ -305,13 +306,17 @@ def stage2_parts(model: Any, s2: Stage2Config | dict, seed: int) -> tuple[Any, d
 
 
 def _finish_stage(run: Run, name: str, result, params: dict, **extra) -> None:
-    """After a stage: its parameters frozen, the model validated, the stage's record kept and logged."""
+    """After a stage: its parameters frozen, the model validated, the stage's record kept and logged. A resumed run
+    whose stage had finished takes the validation its log holds (the same parameters give the same losses), so its
+    log reads as the uninterrupted run's and the resume spends no time on it."""
     for p in params.values():
         p.requires_grad_(False)
     t0 = time.perf_counter()
-    run.stages[name] = {**result.to_dict(), **extra, "val": run.evaluate()}
+    logged = [r for r in run.log.records() if r.get("stage") == name and r.get("event") == "eval" and r.get("final")] \
+        if run.resume else []
+    run.stages[name] = {**result.to_dict(), **extra, "val": logged[-1]["val"] if logged else run.evaluate()}
     run.stages[name]["eval_seconds"] = time.perf_counter() - t0
-    if run.acc.is_main_process:
+    if run.acc.is_main_process and not logged:
         run.log.write({"stage": name, "step": result.steps, "event": "eval", "val": run.stages[name]["val"],
                        "final": True})
 
@@ -405,15 +410,6 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def model_id(model: Any) -> str:
-    """How a run records its model: the short name, the resolved path, or the class of a model object."""
-    if not isinstance(model, (str, Path)):
-        return type(model).__name__
-    from linearize.models.loading import SHORT_NAMES
-
-    return str(model) if str(model) in SHORT_NAMES else str(Path(model).expanduser().resolve())
 
 
 def _comparable(recipe: dict) -> dict:

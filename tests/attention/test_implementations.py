@@ -55,7 +55,8 @@ def decode(state, q, k, v, qf, kf, valid, start, **kw):
     outs = []
     for i in range(start, q.shape[2]):
         s = slice(i, i + 1)
-        outs.append(decode_output(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], **with_spec(valid=valid[:, s], **kw)))
+        outs.append(decode_output(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s],
+                                  **with_spec(valid=valid[:, s], **kw)))
         advance_state(state, k[:, :, s], v[:, :, s], kf[:, :, s], valid[:, s])
     return torch.cat(outs, 2)
 
@@ -97,7 +98,8 @@ def test_recurrent_matches_reference(mode, rule, placement, window, prompt):
     qf, kf = fq(q), fk(k)
     kw = dict(scale=D**-0.5, window=window, weight=weight, rule=rule, placement=placement, mode=mode)
     ref = hybrid_attention_reference(q, k, v, qf, kf, **with_spec(valid=valid, **kw))
-    state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], **with_spec(window=window, num_sinks=8))
+    state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt],
+                          **with_spec(window=window, num_sinks=8))
     out = decode(state, q, k, v, qf, kf, valid, prompt, **kw)
     torch.testing.assert_close(out, ref[:, :, prompt:], atol=1e-5, rtol=1e-5)
     assert state.seen == t

@@ -283,7 +283,8 @@ def test_decode_step_matches_recurrent_and_reference(modes, rule, placement, ful
         q, k, v, qf, kf = tensors
         weight = torch.rand(hq, device=DEVICE)
         kw = dict(scale=0.3, weight=weight, rule=rule, placement=placement)
-        st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], **with_spec(window=w, num_sinks=3))
+        st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt],
+                           **with_spec(window=w, num_sinks=3))
         st_ref = st.index_select(torch.arange(b))  # a copy
         outs = []
         for i in range(prompt, t):
@@ -297,14 +298,16 @@ def test_decode_step_matches_recurrent_and_reference(modes, rule, placement, ful
                 assert torch.allclose(a.float(), r.float(), atol=1e-5, rtol=1e-5)
             outs.append(o[modes[0]])
         if modes[0] != "sinks_only":
-            ref = hybrid_attention_reference(*tensors, **with_spec(valid=valid, window=w, mode=modes[0], **kw))[:, :, prompt:]
+            ref = hybrid_attention_reference(*tensors,
+                                             **with_spec(valid=valid, window=w, mode=modes[0], **kw))[:, :, prompt:]
             assert torch.allclose(torch.cat(outs, 2), ref, atol=2e-5, rtol=1e-4)
 
 
 def test_decode_output_only_reads_the_state():
     tensors, valid = _inputs(1, 2, 1, 9, 16, 32)
     q, k, v, qf, kf = tensors
-    st = prefill_state(k[:, :, :8], v[:, :, :8], kf[:, :, :8], torch.ones(1, 8, dtype=torch.bool, device=DEVICE), **with_spec(window=4, num_sinks=2))
+    st = prefill_state(k[:, :, :8], v[:, :, :8], kf[:, :, :8], torch.ones(1, 8, dtype=torch.bool, device=DEVICE),
+                       **with_spec(window=4, num_sinks=2))
     before = [x.clone() for x in st.tensors() + [st.slot]]
     sl = slice(8, 9)
     decode_output_triton(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], **with_spec(scale=0.3))
@@ -379,7 +382,8 @@ def test_gpu_decode_full_size(placement, full_d, monkeypatch):
     tensors, valid = _inputs(b, hq, hkv, prompt + 70, d, m, dtype=torch.bfloat16, pad=True)
     q, k, v, qf, kf = tensors
     kw = dict(scale=d**-0.5, weight=torch.rand(hq, device="cuda"), placement=placement)
-    st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], **with_spec(window=w, num_sinks=8))
+    st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt],
+                       **with_spec(window=w, num_sinks=8))
     st_ref = st.index_select(torch.arange(b))  # a copy
     for i in range(prompt, prompt + 70):
         sl = slice(i, i + 1)

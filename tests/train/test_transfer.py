@@ -84,8 +84,8 @@ def test_teacher_with_padding_and_window():
     valid[1, :3] = False
     out = transfer.teacher_attention(q, k, v, scale=0.3, window=4, valid=valid)
     qf = kf = None
-    ref = hybrid_attention_reference(q, k, v, torch.ones(2, 4, 12, 1), torch.ones(2, 2, 12, 1), **with_spec(scale=0.3, window=4,
-                                     mode="swa_only", valid=valid))
+    ref = hybrid_attention_reference(q, k, v, torch.ones(2, 4, 12, 1), torch.ones(2, 2, 12, 1),
+                                     **with_spec(scale=0.3, window=4, mode="swa_only", valid=valid))
     assert torch.allclose(out[0], ref[0], atol=1e-5)
     assert torch.allclose(out[1][:, 3:], ref[1][:, 3:], atol=1e-5)
 

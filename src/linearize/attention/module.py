@@ -158,7 +158,7 @@ class HybridAttention(nn.Module):
                  layer_idx: int, padding: PaddingContext):
         super().__init__()
         self.scale = adapter.scale(model_config)
-        self.hybrid = hybrid
+        self.hybrid = hybrid  # after the scale: setting it builds the spec
         self.layer_idx = layer_idx
         self.padding = padding
         self.num_heads = model_config.num_attention_heads
@@ -254,7 +254,8 @@ class HybridAttention(nn.Module):
         kind = self.linear_kind
         needed = {name for name, needs in (("log_decay", kind.needs_log_decay), ("beta", kind.needs_beta)) if needs}
         if mode.uses_linear and not needed <= set(gates):
-            raise ValueError(f"linear_state {spec.linear_state!r} needs the layer's gates: pass gates=module.state_inputs(hidden_states, valid)")
+            raise ValueError(f"linear_state {spec.linear_state!r} needs the layer's gates: pass "
+                             f"gates=module.state_inputs(hidden_states, valid)")
         route = choose_backend(spec, q, mode)
         if mode.uses_linear or route.backend == "triton":
             qf, kf = self.feature_map_q(q), self.feature_map_k(k)
@@ -268,7 +269,8 @@ class HybridAttention(nn.Module):
             return hybrid_attention_triton(q, k, v, qf, kf, spec=spec, mode=mode, weight=weight, valid=valid)
         dtype = q.dtype
         f32 = [x.float() for x in (q, k, v, qf, kf)]
-        call = dict(spec=spec, mode=mode, weight=weight.float() if torch.is_tensor(weight) else weight, valid=valid, **gates)
+        weight = weight.float() if torch.is_tensor(weight) else weight
+        call = dict(spec=spec, mode=mode, weight=weight, valid=valid, **gates)
         if route.backend == "reference":
             return hybrid_attention_reference(*f32, **call).to(dtype)
         return hybrid_attention_chunked(*f32, linear_backend=route.linear_backend, **call).to(dtype)
@@ -322,20 +324,20 @@ class HybridAttention(nn.Module):
 
     def _forward_cached(self, cache, q, k, v, weight, valid, gates):
         layer = hybrid_cache_layer(cache, self.layer_idx)
-        h = self.hybrid
+        spec = self.spec
         if layer.state is None:
             out = self._forward_full(q, k, v, weight, valid, gates)
             kf = self.feature_map_k(k)
             if valid is None:
                 valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
             # non-additive states keep one state per lag the modes read (linear_lag); 'sum' serves every mode
-            lags = {component_mode(m).linear_lag(self.spec.placement, self.spec.window) for m in self.head_mode_list()} - {None}
-            layer.state = prefill_state(k, v, kf, valid, spec=self.spec, lags=lags, **gates)
+            lags = {component_mode(m).linear_lag(spec.placement, spec.window) for m in self.head_mode_list()} - {None}
+            layer.state = prefill_state(k, v, kf, valid, spec=spec, lags=lags, **gates)
             return out
         modes = self.head_mode_list()
         qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         step = decode_step
-        if choose_backend(self.spec, q).backend == "triton":
+        if choose_backend(spec, q).backend == "triton":
             from linearize.attention.triton import decode_step_triton as step
         outs = []
         for i in range(q.shape[2]):
@@ -344,7 +346,7 @@ class HybridAttention(nn.Module):
             step_valid = None if valid is None else valid[:, sl]
             step_gates = {name: g[:, :, sl] for name, g in gates.items()}
             # every mode reads the state before this token; then the token is appended once, in place
-            per_mode = step(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], spec=self.spec,
+            per_mode = step(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], spec=spec,
                             modes=sorted(set(modes)), weight=w, valid=step_valid, **step_gates)
             outs.append(per_mode[modes[0]] if len(per_mode) == 1 else torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1))
         return torch.cat(outs, dim=2)

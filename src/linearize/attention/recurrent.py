@@ -318,7 +318,8 @@ def decode_output(
 ) -> torch.Tensor:
     """One token's output (B, Hq, 1, d): q (B, Hq, 1, d), k/v (B, Hkv, 1, d), qf/kf features, valid (B, 1).
 
-    The window is the ring plus the new key (slot order does not matter to the sums); the state is only read.
+    The window is the ring plus the new key (slot order does not matter to the sums; the window size is the state's,
+    set by `prefill_state` from the spec); the state is only read.
     `reads`: for kinds other than 'sum', the linear sums per lag of this token (`step_linear`).
     """
     mode = component_mode(mode)

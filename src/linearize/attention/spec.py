@@ -7,24 +7,26 @@ A converted layer builds its spec once, from its `HybridConfig` and the base lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from linearize.config import HybridConfig
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    scale: float  # the base attention's softmax scale
-    window: int
-    rule: str = "shared_norm"  # HybridConfig.combine
-    placement: str = "complementary"
-    num_sinks: int = 8  # the 'sinks_only' diagnostic's sinks
-    softmax_sinks: int = 0
-    sparse_memory: int = 0
-    memory_block: int = 64
-    chunk_size: int = 64
-    linear_state: str = "sum"
-    backend: str = "auto"
+    """Every field but `scale` is the `HybridConfig` field of the same name (`rule` is its `combine`)."""
+
+    scale: float = field(metadata={"help": "The base attention's softmax scale (the family adapter's)."})
+    window: int = field(metadata={"help": "Sliding-window size w (HybridConfig.window)."})
+    rule: str = field(default="shared_norm", metadata={"help": "Combine rule of the two branches (HybridConfig.combine)."})
+    placement: str = field(default="complementary", metadata={"help": "Keys the linear branch covers when the window runs too."})
+    num_sinks: int = field(default=8, metadata={"help": "Leading tokens the 'sinks_only' diagnostic attends."})
+    softmax_sinks: int = field(default=0, metadata={"help": "Attention sinks kept in the softmax branch; 0 = off."})
+    sparse_memory: int = field(default=0, metadata={"help": "Exact keys the sparse memory keeps; 0 = off."})
+    memory_block: int = field(default=64, metadata={"help": "Tokens between sparse-memory updates."})
+    chunk_size: int = field(default=64, metadata={"help": "Block size of the chunked implementations and the kernels."})
+    linear_state: str = field(default="sum", metadata={"help": "Kind of the linear branch's state (attention.linear)."})
+    backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})
 
     @classmethod
     def from_config(cls, hybrid: HybridConfig, scale: float) -> "AttentionSpec":

@@ -22,16 +22,15 @@ from linearize.attention.triton import _kernels as K
 from linearize.config import COMBINE_RULES, MODES, ComponentMode, component_mode
 
 # The kernels' RULE code (the `if RULE == ...` branches of _kernels.py) of a mode that combines both branches: its
-# combine rule's; a single-branch mode's is its registry entry's `kernel_code`.
+# combine rule's; a single-branch mode's is its registry entry's `kernel_code` (and the rule does not matter).
 RULES = {"shared_norm": 0, "mix": 1}
+_CODE_PAIRS = [(code, (mode, rule)) for mode in MODES.values() if mode.kernel_code is not None
+               for rule, code in (RULES.items() if mode.combines else [("shared_norm", mode.kernel_code)])]
 #: RULE code -> (the mode, the combine rule) it computes
-KERNEL_CODES = {**{code: (m, rule) for m in MODES.values() if m.kernel_code is not None and m.combines
-                   for rule, code in RULES.items()},
-                **{m.kernel_code: (m, "shared_norm") for m in MODES.values() if m.kernel_code is not None and not m.combines}}
-if set(RULES) != set(COMBINE_RULES) or len(KERNEL_CODES) != len(RULES) + sum(
-        not m.combines for m in MODES.values() if m.kernel_code is not None):
-    raise ImportError("every combine rule of linearize.config needs its kernel code here, and the kernel codes of the "
-                      "modes must differ from each other and from these")
+KERNEL_CODES = dict(_CODE_PAIRS)
+if set(RULES) != set(COMBINE_RULES) or len(KERNEL_CODES) != len(_CODE_PAIRS):
+    raise ImportError("every combine rule of linearize.config needs its kernel code here, and no two modes or rules "
+                      "may share a kernel code")
 
 # Tuning knobs (tests shrink them to exercise several segments at small T).
 TUNING = {

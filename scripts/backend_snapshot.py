@@ -3,12 +3,14 @@
     PYTHONPATH=src python scripts/backend_snapshot.py save /tmp/before.pt     # at the commit before a refactor
     PYTHONPATH=src python scripts/backend_snapshot.py save /tmp/after.pt      # after it
     PYTHONPATH=src python scripts/backend_snapshot.py compare /tmp/before.pt /tmp/after.pt
+    PYTHONPATH=src python scripts/backend_snapshot.py save /tmp/gpu.pt --device cuda --dtype bfloat16   # Triton paths
 
 Only the public API is called (`linearize.convert`, `components`, a cache), so the same script runs on both sides of
 a change to the backends' signatures. Per family, setting and backend ('reference', 'torch', 'auto'), padded and not:
 the logits of the full forward and of cached decoding (a prompt, then one token a step) in every component mode and
 a per-head mix, and the gradients of the converted parameters. Fixed seeds; about 30 s on 2 CPU cores. `compare`
-exits 1 and names each entry that is not `torch.equal`.
+exits 1 and names each entry that is not `torch.equal`. On CUDA in bfloat16, backend 'auto' runs the Triton kernels
+(compare only saves made on the same kind of device).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ GEMMA_SETTINGS = (0, 5, 8)
 PROMPT = 9
 
 
-def _outputs(family: str, settings: dict, backend: str, ids, mask) -> dict[str, torch.Tensor]:
+def _outputs(family: str, settings: dict, backend: str, ids, mask, dtype=torch.float32) -> dict[str, torch.Tensor]:
     import linearize
     from linearize.compat import cache_kwargs
     from tiny_models import tiny_model
@@ -41,7 +43,7 @@ def _outputs(family: str, settings: dict, backend: str, ids, mask) -> dict[str, 
 
     torch.manual_seed(1)
     hybrid = linearize.HybridConfig(**{"window": 5, "chunk_size": 4, "backend": backend, "num_sinks": 3, **settings})
-    model = linearize.convert(tiny_model(family), hybrid)
+    model = linearize.convert(tiny_model(family).to(device=ids.device, dtype=dtype), hybrid)
     with torch.no_grad():  # move the added parameters off their initial values
         for name, p in model.named_parameters():
             if any(part in name for part in ("feature_map", "decay_proj", "beta_proj", "gate", "gamma")):
@@ -66,10 +68,10 @@ def _outputs(family: str, settings: dict, backend: str, ids, mask) -> dict[str, 
     return out
 
 
-def snapshot(families=("llama", "gemma3")) -> dict[str, torch.Tensor | str]:
+def snapshot(families=("llama", "gemma3"), device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor | str]:
     torch.manual_seed(0)
-    ids = torch.randint(1, 128, (2, 21))
-    mask = torch.ones(2, 21, dtype=torch.long)
+    ids = torch.randint(1, 128, (2, 21)).to(device)
+    mask = torch.ones(2, 21, dtype=torch.long, device=device)
     mask[1, :4] = 0  # left padding
     out = {}
     for family in families:
@@ -80,10 +82,11 @@ def snapshot(families=("llama", "gemma3")) -> dict[str, torch.Tensor | str]:
                 for padded in (False, True):
                     tag = f"{family}/{i}/{backend}/{padded}"
                     try:
-                        found = _outputs(family, settings, backend, ids, mask if padded else None)
+                        found = _outputs(family, settings, backend, ids, mask if padded else None, dtype)
                     except Exception as exc:  # a refusal is an outcome to keep as well
                         found = {"error": repr(exc)}
-                    out.update({f"{tag}/{key}": value for key, value in found.items()})
+                    out.update({f"{tag}/{key}": value.cpu() if torch.is_tensor(value) else value
+                                for key, value in found.items()})
     return out
 
 
@@ -99,10 +102,14 @@ def differences(a: dict, b: dict) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "save":
-        found = snapshot()
+    if len(argv) in (2, 4, 6) and argv[0] == "save":
+        options = dict(zip(argv[2::2], argv[3::2]))
+        if set(options) - {"--device", "--dtype"}:
+            print(__doc__)
+            return 2
+        found = snapshot(device=options.get("--device", "cpu"), dtype=getattr(torch, options.get("--dtype", "float32")))
         torch.save(found, argv[1])
-        print(f"{len(found)} entries saved to {argv[1]}")
+        print(f"{len(found)} entries saved to {argv[1]} ({sum(isinstance(v, str) for v in found.values())} refusals)")
         return 0
     if len(argv) == 3 and argv[0] == "compare":
         diff = differences(torch.load(argv[1]), torch.load(argv[2]))

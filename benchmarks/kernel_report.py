@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from linearize.attention.triton import _kernels as K  # noqa: E402
+from linearize.attention.spec import AttentionSpec  # noqa: E402
 from linearize.attention.triton import hybrid_attention_triton  # noqa: E402
 from linearize.bench.kernels import HEAD_CONFIGS, make_inputs  # noqa: E402
 
@@ -41,16 +42,17 @@ def main():
         for t in [int(x) for x in a.lengths.split(",")]:
             q, k, v, qf, kf = [x.requires_grad_() for x in make_inputs(cfg, t)]
             w = torch.full((cfg["hq"],), 0.1, device="cuda")
+            spec = AttentionSpec(scale=cfg["d"] ** -0.5, window=64)
 
             def step():
-                out = hybrid_attention_triton(q, k, v, qf, kf, scale=cfg["d"] ** -0.5, window=64, weight=w)
+                out = hybrid_attention_triton(q, k, v, qf, kf, spec=spec, weight=w)
                 out.backward(torch.ones_like(out))
 
             step()
             torch.cuda.synchronize()
             import time
 
-            for label, fn in (("forward", lambda: hybrid_attention_triton(q, k, v, qf, kf, scale=cfg["d"] ** -0.5, window=64, weight=w)),
+            for label, fn in (("forward", lambda: hybrid_attention_triton(q, k, v, qf, kf, spec=spec, weight=w)),
                               ("forward+backward", step)):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()

@@ -6,13 +6,60 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-#: The component modes: which branches of a hybrid layer run. The one definition; every backend, command, table and
-#: label reads it (see ARCHITECTURE.md, "Add a component mode").
-COMPONENT_MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "none")
-#: Modes that read the feature maps (the linear branch runs).
-LINEAR_MODES = ("hybrid", "la_only")
-#: Modes the fused Triton kernels compute; the diagnostic others always run in PyTorch.
-KERNEL_MODES = ("hybrid", "swa_only", "la_only")
+@dataclass(frozen=True)
+class ComponentMode:
+    """Which branches of a hybrid layer run: one entry of `MODES`. The backends read these fields, never the name."""
+
+    name: str
+    uses_window: bool = field(metadata={"help": "Softmax over the sliding window (plus the softmax sinks and, with the linear branch, the sparse memory, when on)."})
+    uses_linear: bool = field(metadata={"help": "The linear branch runs (the feature maps are read). With the window too, the branches combine under the combine rule and the linear branch covers the keys the placement gives it; alone, it covers every key."})
+    paper_label: str = field(metadata={"help": "Its row name in the paper's Table 1 (evaluate.diagnose.PAPER_LABELS)."})
+    uses_sinks: bool = field(default=False, metadata={"help": "Softmax over the first num_sinks valid tokens only (the StreamingLLM sinks diagnostic); excludes the other branches."})
+    kernel_code: int | None = field(default=None, metadata={"help": "RULE code of the fused Triton kernels (attention/triton/_kernels.py); None: the kernels do not compute this mode and PyTorch runs it. A mode that combines both branches has one code per combine rule (triton.hybrid.RULES: shared_norm 0, mix 1) and holds the first, 0."})
+
+    def __post_init__(self) -> None:
+        if self.uses_sinks and (self.uses_window or self.uses_linear):
+            raise ValueError(f"component mode {self.name!r}: the sinks diagnostic runs alone")
+
+    @property
+    def combines(self) -> bool:
+        """Both branches run and meet in the combine rule."""
+        return self.uses_window and self.uses_linear
+
+    @property
+    def no_branch(self) -> bool:
+        """No branch runs: the layer's attention output is 0."""
+        return not (self.uses_window or self.uses_linear or self.uses_sinks)
+
+    def linear_lag(self, placement: str, window: int) -> int | None:
+        """Steps a key waits before it enters the linear branch: the window under 'complementary' placement when the
+        window covers the recent keys, else 0; None where the linear branch does not run."""
+        if not self.uses_linear:
+            return None
+        return window if self.combines and placement == "complementary" else 0
+
+
+#: The component modes, the one definition: every backend, command, table and label reads these entries (see
+#: ARCHITECTURE.md, "A component mode").
+MODES = {mode.name: mode for mode in (
+    ComponentMode("hybrid", uses_window=True, uses_linear=True, kernel_code=0, paper_label="SWA + Linear"),
+    ComponentMode("swa_only", uses_window=True, uses_linear=False, kernel_code=2, paper_label="SWA only"),
+    ComponentMode("la_only", uses_window=False, uses_linear=True, kernel_code=3, paper_label="Linear only"),
+    ComponentMode("sinks_only", uses_window=False, uses_linear=False, uses_sinks=True, paper_label="Attn sinks only"),
+    ComponentMode("none", uses_window=False, uses_linear=False, paper_label="No attention"),
+)}
+COMPONENT_MODES = tuple(MODES)
+
+
+def component_mode(mode: "str | ComponentMode") -> ComponentMode:
+    """The registry's entry of a mode name (an entry passes through); ValueError for an unknown name."""
+    if isinstance(mode, ComponentMode):
+        return mode
+    if mode not in MODES:
+        raise ValueError(f"unknown component mode {mode!r}; expected one of {COMPONENT_MODES}")
+    return MODES[mode]
+
+
 #: How the two branches combine in 'hybrid' mode (linearize.attention.common.combine).
 COMBINE_RULES = ("shared_norm", "mix")
 #: Feature maps of the linear branch (their definitions: linearize.feature_maps.FEATURE_MAPS).

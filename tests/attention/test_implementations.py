@@ -9,6 +9,7 @@ from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.recurrent import advance_state, decode_output, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.feature_maps import FEATURE_MAPS, FeatureMap
+from spec_kwargs import with_spec
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
@@ -29,7 +30,7 @@ def make_inputs(t, feature_map="hedgehog", size="full", dtype=torch.float32, pad
 
 
 def run(fn, q, k, v, fq, fk, valid, weight, **kw):
-    return fn(q, k, v, fq(q), fk(k), valid=valid, weight=weight, scale=D**-0.5, **kw)
+    return fn(q, k, v, fq(q), fk(k), **with_spec(valid=valid, weight=weight, scale=D**-0.5, **kw))
 
 
 def reference_and_chunked_grads(q, k, v, fq, fk, valid, weight, **kw):
@@ -48,12 +49,14 @@ def reference_and_chunked_grads(q, k, v, fq, fk, valid, weight, **kw):
     return grads
 
 
-def decode(state, q, k, v, qf, kf, valid, start, *, window=None, **kw):
-    """Outputs of tokens start.. stepped one by one, as HybridAttention decodes (`window` sits in the state)."""
+def decode(state, q, k, v, qf, kf, valid, start, **kw):
+    """Outputs of tokens start.. stepped one by one, as HybridAttention decodes (the window sits in the state)."""
+    kw = {**kw, "window": state.buf_k.shape[2] + 1}
     outs = []
     for i in range(start, q.shape[2]):
         s = slice(i, i + 1)
-        outs.append(decode_output(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], valid=valid[:, s], **kw))
+        outs.append(decode_output(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s],
+                                  **with_spec(valid=valid[:, s], **kw)))
         advance_state(state, k[:, :, s], v[:, :, s], kf[:, :, s], valid[:, s])
     return torch.cat(outs, 2)
 
@@ -94,8 +97,9 @@ def test_recurrent_matches_reference(mode, rule, placement, window, prompt):
     q, k, v, fq, fk, valid, weight = make_inputs(t)
     qf, kf = fq(q), fk(k)
     kw = dict(scale=D**-0.5, window=window, weight=weight, rule=rule, placement=placement, mode=mode)
-    ref = hybrid_attention_reference(q, k, v, qf, kf, valid=valid, **kw)
-    state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=window, num_sinks=8)
+    ref = hybrid_attention_reference(q, k, v, qf, kf, **with_spec(valid=valid, **kw))
+    state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt],
+                          **with_spec(window=window, num_sinks=8))
     out = decode(state, q, k, v, qf, kf, valid, prompt, **kw)
     torch.testing.assert_close(out, ref[:, :, prompt:], atol=1e-5, rtol=1e-5)
     assert state.seen == t
@@ -106,7 +110,7 @@ def test_state_keeps_its_shapes_and_storage_while_decoding():
     t, window = 40, 6
     q, k, v, fq, fk, valid, weight = make_inputs(t)
     qf, kf = fq(q), fk(k)
-    state = prefill_state(k[:, :, :2], v[:, :, :2], kf[:, :, :2], valid[:, :2], window=window, num_sinks=8)
+    state = prefill_state(k[:, :, :2], v[:, :, :2], kf[:, :, :2], valid[:, :2], **with_spec(window=window, num_sinks=8))
     layout = [(x.data_ptr(), x.shape) for x in state.tensors() + [state.slot]]
     assert state.buf_k.shape[2] == window - 1 and state.buf_valid.sum(1).tolist() == [2, 0]  # row 1 starts with padding
     decode(state, q, k, v, qf, kf, valid, 2, scale=D**-0.5, weight=weight)
@@ -163,8 +167,8 @@ def test_every_feature_map_agrees_across_the_three_implementations(feature_map, 
     q, k, v, fq, fk, valid, weight = make_inputs(t, feature_map)
     qf, kf = fq(q), fk(k)
     kw = dict(scale=D**-0.5, window=window, weight=weight, rule=rule, placement=placement, mode="hybrid")
-    ref = hybrid_attention_reference(q, k, v, qf, kf, valid=valid, **kw)
-    chunked = hybrid_attention_chunked(q, k, v, qf, kf, valid=valid, chunk_size=8, **kw)
-    state = prefill_state(k[:, :, :4], v[:, :, :4], kf[:, :, :4], valid[:, :4], window=window, num_sinks=8)
+    ref = hybrid_attention_reference(q, k, v, qf, kf, **with_spec(valid=valid, **kw))
+    chunked = hybrid_attention_chunked(q, k, v, qf, kf, **with_spec(valid=valid, chunk_size=8, **kw))
+    state = prefill_state(k[:, :, :4], v[:, :, :4], kf[:, :, :4], valid[:, :4], **with_spec(window=window, num_sinks=8))
     torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(decode(state, q, k, v, qf, kf, valid, 4, **kw), ref[:, :, 4:], atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ from linearize.attention.recurrent import advance_state, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.compat import cache_kwargs
 from test_implementations import B, D, HKV, decode, make_inputs, reference_and_chunked_grads, run
+from spec_kwargs import with_spec
 from tiny_models import tiny_model
 
 # (settings, prompt length): sinks alone, memory alone (block == chunk), both (block not a multiple of the chunk)
@@ -34,10 +35,11 @@ def test_reference_chunked_and_recurrent_agree(mode, rule, placement, settings, 
     qf, kf = fq(q), fk(k)
     kw = dict(scale=D**-0.5, weight=weight, rule=rule, placement=placement, mode=mode)
     with torch.no_grad():
-        ref = hybrid_attention_reference(q, k, v, qf, kf, window=window, valid=valid, **kw, **settings)
-        chunked = hybrid_attention_chunked(q, k, v, qf, kf, window=window, valid=valid, chunk_size=4, **kw, **settings)
-        state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=window,
-                              num_sinks=8, **settings)
+        ref = hybrid_attention_reference(q, k, v, qf, kf, **with_spec(window=window, valid=valid, **kw, **settings))
+        chunked = hybrid_attention_chunked(q, k, v, qf, kf,
+                                           **with_spec(window=window, valid=valid, chunk_size=4, **kw, **settings))
+        state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt],
+                              **with_spec(window=window, num_sinks=8, **settings))
         out = decode(state, q, k, v, qf, kf, valid, prompt, **kw)
     torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, ref[:, :, prompt:], atol=1e-5, rtol=1e-5)
@@ -102,12 +104,13 @@ def test_memory_keeps_a_key_the_linear_state_cannot_recall():
     q[0, 0, -1] = 8 * k[0, 0, planted]  # the last query looks for the planted key
     qf = torch.rand(1, 1, t, D)
     settings = dict(sparse_memory=2, memory_block=4)
-    state = prefill_state(k, v, kf, torch.ones(1, t, dtype=torch.bool), window=window, num_sinks=0, **settings)
+    state = prefill_state(k, v, kf, torch.ones(1, t, dtype=torch.bool),
+                          **with_spec(window=window, num_sinks=0, **settings))
     kept = state.memory.v[0, 0][state.memory.valid[0, 0]]
     assert any(torch.equal(row, v[0, 0, planted]) for row in kept)
     kw = dict(scale=D**-0.5, window=window, weight=1.0, rule="mix", chunk_size=8)  # g = 1: the softmax branch alone
-    out = hybrid_attention_chunked(q, k, v, qf, kf, **kw, **settings)[0, 0, -1]
-    without = hybrid_attention_chunked(q, k, v, qf, kf, **kw)[0, 0, -1]
+    out = hybrid_attention_chunked(q, k, v, qf, kf, **with_spec(**kw, **settings))[0, 0, -1]
+    without = hybrid_attention_chunked(q, k, v, qf, kf, **with_spec(**kw))[0, 0, -1]
     assert (out - c)[0] > 4.5 and (without - c).abs().max() < 1e-5
 
 
@@ -117,8 +120,10 @@ def test_state_size_is_constant_and_counts_memory():
     k, v, kf = torch.randn(B, HKV, t, D), torch.randn(B, HKV, t, D), torch.rand(B, HKV, t, 2 * D)
     valid = torch.ones(B, t, dtype=torch.bool)
     settings = dict(softmax_sinks=2, sparse_memory=5, memory_block=8)
-    plain = prefill_state(k[:, :, :10], v[:, :, :10], kf[:, :, :10], valid[:, :10], window=6, num_sinks=8).nbytes()
-    state = prefill_state(k[:, :, :10], v[:, :, :10], kf[:, :, :10], valid[:, :10], window=6, num_sinks=8, **settings)
+    plain = prefill_state(k[:, :, :10], v[:, :, :10], kf[:, :, :10], valid[:, :10],
+                          **with_spec(window=6, num_sinks=8)).nbytes()
+    state = prefill_state(k[:, :, :10], v[:, :, :10], kf[:, :, :10], valid[:, :10],
+                          **with_spec(window=6, num_sinks=8, **settings))
     sizes = {}
     for i in range(10, t):
         advance_state(state, k[:, :, i:i + 1], v[:, :, i:i + 1], kf[:, :, i:i + 1], valid[:, i:i + 1])

@@ -52,6 +52,7 @@ if not CUDA and type(_kernels.hybrid_fwd_kernel).__name__ != "InterpretedFunctio
 from linearize.attention.chunked import hybrid_attention_chunked  # noqa: E402
 from linearize.attention.recurrent import decode_step, prefill_state  # noqa: E402
 from linearize.attention.reference import hybrid_attention_reference  # noqa: E402
+from spec_kwargs import with_spec  # noqa: E402
 
 hybrid_attention_triton = _hybrid.hybrid_attention_triton
 decode_output_triton = _hybrid.decode_output_triton
@@ -100,7 +101,7 @@ def _check(tensors, valid, weight, *, tol_out, tol_grad, chunk_size=16, **kw):
     ins = [x.detach().clone().requires_grad_() for x in tensors]
     w_in = weight.detach().clone().requires_grad_() if torch.is_tensor(weight) else weight
     torch.manual_seed(1)
-    out = hybrid_attention_triton(*ins, weight=w_in, valid=valid, chunk_size=chunk_size, **kw)
+    out = hybrid_attention_triton(*ins, **with_spec(weight=w_in, valid=valid, chunk_size=chunk_size, **kw))
     assert out.dtype == tensors[0].dtype and out.shape == tensors[0].shape
     assert torch.isfinite(out).all()
     go = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
@@ -108,7 +109,7 @@ def _check(tensors, valid, weight, *, tol_out, tol_grad, chunk_size=16, **kw):
 
     ref_ins = [x.detach().double().requires_grad_() for x in tensors]
     w_ref = weight.detach().double().requires_grad_() if torch.is_tensor(weight) else weight
-    ref = hybrid_attention_reference(*ref_ins, weight=w_ref, valid=valid, **kw)
+    ref = hybrid_attention_reference(*ref_ins, **with_spec(weight=w_ref, valid=valid, **kw))
     ref.backward(go.double())
     assert _rel(out, ref) < tol_out, f"output rel err {_rel(out, ref):.2e}"
     names = ["q", "k", "v", "qf", "kf"]
@@ -128,18 +129,18 @@ def _check(tensors, valid, weight, *, tol_out, tol_grad, chunk_size=16, **kw):
 # small shapes: interpreted on CPU, compiled on CUDA
 # ---------------------------------------------------------------------------------------------------------------
 CASES = [
-    # (mode, rule, placement, b, hq, hkv, t, window, weight kind, softcap)
-    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 45, 20, "head", None),  # GQA, padding, T % 16 != 0
-    ("hybrid", "mix", "overlap", 1, 2, 2, 37, 9, "rows", 4.0),  # per-token gate, softcap, MHA
-    ("hybrid", "shared_norm", "overlap", 1, 2, 1, 40, 16, "float", None),  # window == block, MQA, no padding mask
-    ("hybrid", "mix", "complementary", 2, 2, 1, 33, 50, "head", None),  # window > T: no linear keys at all
-    ("swa_only", "shared_norm", "complementary", 1, 2, 1, 29, 7, "float", None),
-    ("la_only", "mix", "complementary", 2, 2, 1, 35, 5, "float", None),
+    # (mode, rule, placement, b, hq, hkv, t, window, weight kind)
+    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 45, 20, "head"),  # GQA, padding, T % 16 != 0
+    ("hybrid", "mix", "overlap", 1, 2, 2, 37, 9, "rows"),  # per-token gate, MHA
+    ("hybrid", "shared_norm", "overlap", 1, 2, 1, 40, 16, "float"),  # window == block, MQA, no padding mask
+    ("hybrid", "mix", "complementary", 2, 2, 1, 33, 50, "head"),  # window > T: no linear keys at all
+    ("swa_only", "shared_norm", "complementary", 1, 2, 1, 29, 7, "float"),
+    ("la_only", "mix", "complementary", 2, 2, 1, 35, 5, "float"),
 ]
 
 
-@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,t,window,wkind,softcap", CASES)
-def test_forward_backward_matches_reference(mode, rule, placement, b, hq, hkv, t, window, wkind, softcap):
+@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,t,window,wkind", CASES)
+def test_forward_backward_matches_reference(mode, rule, placement, b, hq, hkv, t, window, wkind):
     d, m = 16, 32
     tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=wkind != "float" or mode != "hybrid")
     if wkind == "head":
@@ -150,7 +151,7 @@ def test_forward_backward_matches_reference(mode, rule, placement, b, hq, hkv, t
         weight = 0.3
     tol = 1e-4 if CUDA else 1e-5  # fp32 (IEEE dots on CUDA)
     _check(tensors, valid, weight, tol_out=tol, tol_grad=tol, scale=d**-0.5, window=window, rule=rule,
-           placement=placement, mode=mode, softcap=softcap)
+           placement=placement, mode=mode)
 
 
 @pytest.mark.parametrize("code,wkind", [(0, "head"), (1, "rows"), (2, "float"), (3, "float")])
@@ -162,17 +163,17 @@ def test_custom_op_kernel_bodies_match_the_reference_and_the_fake_shapes(code, w
 
     for name in ("_forward", "_backward", "_config", "_Config"):  # this module's (possibly interpreted) kernels
         monkeypatch.setattr(ops, name, getattr(_hybrid, name))
-    mode, rule = ops._CODE_MODES[code]
+    mode, rule = _hybrid.KERNEL_CODES[code]
     b, hq, hkv, t, d, m, window = 2, 4, 2, 37, 16, 32, 5
-    shift = window if mode == "hybrid" else 0  # complementary placement
+    shift = mode.linear_lag("complementary", window) or 0  # the kernels shift nothing without a linear branch
     tensors, valid = _inputs(b, hq, hkv, t, d, m, pad=True, seed=11)
     weight = {"head": torch.rand(hq, device=DEVICE) * 0.8 + 0.1, "rows": torch.rand(b, hq, t, device=DEVICE) * 0.8 + 0.1,
               "float": None}[wkind]
-    params = (d**-0.5, window, 0.3, code, shift, None, 16)
+    params = (d**-0.5, window, 0.3, code, shift, 16)
     v8 = valid.to(torch.int8)
     saved = ops.kernel_fwd(*tensors, weight, v8, *params)
     q, k, v, qf, kf = tensors
-    cfg = _hybrid._Config(q, k, qf, scale=params[0], window=window, code=code, shift=shift, softcap=None, chunk_size=16,
+    cfg = _hybrid._Config(q, k, qf, scale=params[0], window=window, code=code, shift=shift, chunk_size=16,
                           has_valid=True, wmode=ops._wmode(weight))
     for got, shape, dtype in zip(saved[1:], ops._residual_shapes(q, k, qf, kf, cfg), ops._residual_dtypes(q, kf)):
         assert tuple(got.shape) == (shape or (0,)) and (shape is None or got.dtype == dtype)
@@ -182,30 +183,30 @@ def test_custom_op_kernel_bodies_match_the_reference_and_the_fake_shapes(code, w
         assert tuple(got.shape) == (shape or (0,)) and (shape is None or got.dtype == dtype)
     ref_ins = [x.detach().double().requires_grad_() for x in tensors]
     w_ref = 0.3 if weight is None else weight.double().requires_grad_()
-    ref = hybrid_attention_reference(*ref_ins, scale=params[0], window=window, weight=w_ref, rule=rule,
-                                     placement="complementary", mode=mode, valid=valid)
+    ref = hybrid_attention_reference(*ref_ins, **with_spec(scale=params[0], window=window, weight=w_ref, rule=rule,
+                                                           placement="complementary", mode=mode, valid=valid))
     ref.backward(go.double())
     tol = 1e-4 if CUDA else 1e-5
     assert _rel(saved[0], ref) < tol
     dq, dkv, dqf, dkf, dw = grads
     expected = {"dv": (dkv[1], ref_ins[2].grad)}
-    if code != 3:
+    if mode.uses_window:
         expected.update(dq=(dq, ref_ins[0].grad), dk=(dkv[0], ref_ins[1].grad))
     else:
         assert not dkv[0].any()  # la_only: no key gradient through the window, the half is zeroed
-    if code != 2:
+    if mode.uses_linear:
         expected.update(dqf=(dqf, ref_ins[3].grad), dkf=(dkf, ref_ins[4].grad))
-    if weight is not None and code in (0, 1):
+    if weight is not None and mode.combines:
         expected["dweight"] = (dw, w_ref.grad)
     for name, (got, want) in expected.items():
         assert _rel(got, want) < tol, f"{name} rel err {_rel(got, want):.2e}"
 
 
-@pytest.mark.parametrize("b,hq,hkv,t,window,rule,placement,softcap", [
-    (2, 4, 2, 45, 20, "shared_norm", "complementary", None),  # G = 2, padding, T % 16 != 0
-    (1, 4, 1, 37, 9, "mix", "overlap", 4.0),  # G = 4, window < block, softcap
+@pytest.mark.parametrize("b,hq,hkv,t,window,rule,placement", [
+    (2, 4, 2, 45, 20, "shared_norm", "complementary"),  # G = 2, padding, T % 16 != 0
+    (1, 4, 1, 37, 9, "mix", "overlap"),  # G = 4, window < block
 ])
-def test_key_side_split_matches_reference_and_no_split(b, hq, hkv, t, window, rule, placement, softcap, monkeypatch):
+def test_key_side_split_matches_reference_and_no_split(b, hq, hkv, t, window, rule, placement, monkeypatch):
     """The key-side backward with its work split over 1, 2 or 3 programs per key chunk (fp32 partials summed): the
     same gradients as the reference, and as each other up to fp32 summation order.  Two feature tiles (block_m 16)
     so that the feature-tile loop is split too."""
@@ -218,7 +219,7 @@ def test_key_side_split_matches_reference_and_no_split(b, hq, hkv, t, window, ru
     for split in (1, 2, 3):
         monkeypatch.setitem(_hybrid.TUNING, "kv_split", split)
         ins = _check(tensors, valid, weight, tol_out=tol, tol_grad=tol, scale=d**-0.5, window=window, rule=rule,
-                     placement=placement, softcap=softcap)
+                     placement=placement)
         grads[split] = [x.grad for x in ins]
     for split in (2, 3):
         for name, a, r in zip(["q", "k", "v", "qf", "kf"], grads[split], grads[1]):
@@ -229,7 +230,7 @@ def test_key_side_split_heuristic():
     """Split only while B*Hkv*key chunks is below twice the SM count (4 off CUDA), never past the work items."""
     def cfg(b, hq, hkv, t, window=20):
         q, k, qf = (torch.empty(b, h, t, f, device="meta") for h, f in ((hq, 16), (hkv, 16), (hq, 32)))
-        return _hybrid._config(q, k, qf, 0.25, window, 0, window, None, 16, False, 1)
+        return _hybrid._config(q, k, qf, 0.25, window, 0, window, 16, False, 1)
 
     assert cfg(1, 4, 1, 40).ksplit == 2  # 4 key chunks: 2 programs each fill 2 x 4 SMs
     assert cfg(1, 4, 1, 16, window=1).ksplit == 4  # 2 key chunks, 4 query heads: capped at kv_split_max
@@ -241,17 +242,17 @@ def test_matches_chunked_exactly_enough_and_diagnostic_modes_fall_back():
     tensors, valid = _inputs(1, 2, 1, 24, 16, 32, pad=True)
     kw = dict(scale=0.25, window=6, weight=0.2, valid=valid, chunk_size=16)
     for mode in ("hybrid", "sinks_only", "none"):
-        a = hybrid_attention_triton(*tensors, mode=mode, num_sinks=3, **kw)
-        b = hybrid_attention_chunked(*tensors, mode=mode, num_sinks=3, **kw)
+        a = hybrid_attention_triton(*tensors, **with_spec(mode=mode, num_sinks=3, **kw))
+        b = hybrid_attention_chunked(*tensors, **with_spec(mode=mode, num_sinks=3, **kw))
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), mode
 
 
 def test_bad_rule_raises():
     tensors, _ = _inputs(1, 1, 1, 8, 16, 32)
     with pytest.raises(ValueError):
-        hybrid_attention_triton(*tensors, scale=0.25, window=4, rule="nope")
+        hybrid_attention_triton(*tensors, **with_spec(scale=0.25, window=4, rule="nope"))
     with pytest.raises(ValueError):
-        hybrid_attention_triton(*tensors, scale=0.25, window=4, mode="nope")
+        hybrid_attention_triton(*tensors, **with_spec(scale=0.25, window=4, mode="nope"))
 
 
 @pytest.mark.parametrize("rule", ["shared_norm", "mix"])
@@ -283,31 +284,34 @@ def test_decode_step_matches_recurrent_and_reference(modes, rule, placement, ful
         q, k, v, qf, kf = tensors
         weight = torch.rand(hq, device=DEVICE)
         kw = dict(scale=0.3, weight=weight, rule=rule, placement=placement)
-        st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=w, num_sinks=3)
+        st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt],
+                           **with_spec(window=w, num_sinks=3))
         st_ref = st.index_select(torch.arange(b))  # a copy
         outs = []
         for i in range(prompt, t):
             sl = slice(i, i + 1)
             args = (q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl])
-            o = decode_step_triton(st, *args, modes=modes, valid=valid[:, sl], **kw)
-            o_ref = decode_step(st_ref, *args, modes=modes, valid=valid[:, sl], **kw)
+            o = decode_step_triton(st, *args, **with_spec(modes=modes, valid=valid[:, sl], **kw))
+            o_ref = decode_step(st_ref, *args, **with_spec(modes=modes, valid=valid[:, sl], **kw))
             for mode in modes:
                 assert torch.allclose(o[mode], o_ref[mode], atol=2e-5, rtol=1e-4)
             for a, r in zip(st.tensors() + [st.slot], st_ref.tensors() + [st_ref.slot]):
                 assert torch.allclose(a.float(), r.float(), atol=1e-5, rtol=1e-5)
             outs.append(o[modes[0]])
         if modes[0] != "sinks_only":
-            ref = hybrid_attention_reference(*tensors, valid=valid, window=w, mode=modes[0], **kw)[:, :, prompt:]
+            ref = hybrid_attention_reference(*tensors,
+                                             **with_spec(valid=valid, window=w, mode=modes[0], **kw))[:, :, prompt:]
             assert torch.allclose(torch.cat(outs, 2), ref, atol=2e-5, rtol=1e-4)
 
 
 def test_decode_output_only_reads_the_state():
     tensors, valid = _inputs(1, 2, 1, 9, 16, 32)
     q, k, v, qf, kf = tensors
-    st = prefill_state(k[:, :, :8], v[:, :, :8], kf[:, :, :8], torch.ones(1, 8, dtype=torch.bool, device=DEVICE), window=4, num_sinks=2)
+    st = prefill_state(k[:, :, :8], v[:, :, :8], kf[:, :, :8], torch.ones(1, 8, dtype=torch.bool, device=DEVICE),
+                       **with_spec(window=4, num_sinks=2))
     before = [x.clone() for x in st.tensors() + [st.slot]]
     sl = slice(8, 9)
-    decode_output_triton(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], scale=0.3)
+    decode_output_triton(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], **with_spec(scale=0.3))
     for a, b in zip(st.tensors() + [st.slot], before):
         assert torch.equal(a, b)
 
@@ -380,13 +384,14 @@ def test_gpu_decode_full_size(placement, full_d, monkeypatch):
     tensors, valid = _inputs(b, hq, hkv, prompt + 70, d, m, dtype=torch.bfloat16, pad=True)
     q, k, v, qf, kf = tensors
     kw = dict(scale=d**-0.5, weight=torch.rand(hq, device="cuda"), placement=placement)
-    st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt], window=w, num_sinks=8)
+    st = prefill_state(k[:, :, :prompt], v[:, :, :prompt], kf[:, :, :prompt], valid[:, :prompt],
+                       **with_spec(window=w, num_sinks=8))
     st_ref = st.index_select(torch.arange(b))  # a copy
     for i in range(prompt, prompt + 70):
         sl = slice(i, i + 1)
         args = (q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl])
-        o = decode_step_triton(st, *args, modes=["hybrid"], valid=valid[:, sl], **kw)["hybrid"]
-        o_ref = decode_step(st_ref, *args, modes=["hybrid"], valid=valid[:, sl], **kw)["hybrid"]
+        o = decode_step_triton(st, *args, **with_spec(modes=["hybrid"], valid=valid[:, sl], **kw))["hybrid"]
+        o_ref = decode_step(st_ref, *args, **with_spec(modes=["hybrid"], valid=valid[:, sl], **kw))["hybrid"]
         assert _rel(o, o_ref) < 1e-2
     assert _rel(st.S, st_ref.S) < 1e-5 and _rel(st.z, st_ref.z) < 1e-5
 

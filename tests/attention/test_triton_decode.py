@@ -18,6 +18,7 @@ import test_triton  # noqa: F401  -- sets TRITON_INTERPRET=1 without CUDA, befor
 import linearize  # noqa: E402
 import linearize.attention.triton.decode as fused  # noqa: E402
 from linearize.attention.recurrent import decode_step, prefill_state  # noqa: E402
+from spec_kwargs import with_spec  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -39,7 +40,7 @@ def _prompt_state(b, hkv, d, m, t, window, *, softmax_sinks=0, num_sinks=3, dtyp
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[0, 0] = False
     k, v, kf = (x.to(DEVICE, dtype) for x in (k, v, kf))
-    return prefill_state(k, v, kf, valid.to(DEVICE), window=window, num_sinks=num_sinks, softmax_sinks=softmax_sinks)
+    return prefill_state(k, v, kf, valid.to(DEVICE), **with_spec(window=window, num_sinks=num_sinks, softmax_sinks=softmax_sinks))
 
 
 def _token(b, hq, hkv, d, m, step, dtype, gen):
@@ -66,13 +67,13 @@ def _rel(a, b):
 
 
 def _run_against_reference(monkeypatch, *, mode, rule, placement, b, hq, hkv, d, m, window, prompt, steps,
-                           softmax_sinks=0, num_sinks=3, softcap=None, wkind="head", dtype=torch.float32, tol=1e-5):
+                           softmax_sinks=0, num_sinks=3, wkind="head", dtype=torch.float32, tol=1e-5):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))  # fresh inputs every run
     ours = _prompt_state(b, hkv, d, m, prompt, window, softmax_sinks=softmax_sinks, num_sinks=num_sinks, dtype=dtype,
                          gen=gen)
     ref = copy.deepcopy(ours)
     weight = _weight(wkind, b, hq)
-    kw = dict(modes=[mode], scale=d ** -0.5, weight=weight, rule=rule, placement=placement, softcap=softcap)
+    kw = with_spec(modes=[mode], scale=d ** -0.5, weight=weight, rule=rule, placement=placement)
     for step in range(steps):
         (q, k, v, qf, kf), valid = _token(b, hq, hkv, d, m, step, dtype, gen)
         addresses = [t.data_ptr() for t in ours.tensors()]
@@ -97,20 +98,20 @@ def _run_against_reference(monkeypatch, *, mode, rule, placement, b, hq, hkv, d,
 
 
 CASES = [
-    # (mode, rule, placement, b, hq, hkv, window, prompt, steps, softmax_sinks, num_sinks, softcap, weight)
-    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 4, 2, 7, 0, 3, None, "head"),  # GQA, the ring wraps twice
-    ("hybrid", "mix", "complementary", 2, 4, 1, 4, 5, 5, 2, 3, None, "rows"),  # MQA, softmax sinks, per-row gate
-    ("hybrid", "shared_norm", "overlap", 1, 2, 2, 3, 6, 4, 1, 3, 5.0, "float"),  # MHA, a sink, softcap
-    ("hybrid", "mix", "overlap", 2, 4, 2, 9, 3, 3, 0, 0, None, "float"),  # the window never fills; no sink slots
-    ("swa_only", "shared_norm", "complementary", 2, 4, 2, 3, 4, 4, 2, 3, None, "float"),
-    ("la_only", "shared_norm", "complementary", 2, 2, 1, 4, 4, 5, 1, 3, None, "float"),
+    # (mode, rule, placement, b, hq, hkv, window, prompt, steps, softmax_sinks, num_sinks, weight)
+    ("hybrid", "shared_norm", "complementary", 2, 4, 2, 4, 2, 7, 0, 3, "head"),  # GQA, the ring wraps twice
+    ("hybrid", "mix", "complementary", 2, 4, 1, 4, 5, 5, 2, 3, "rows"),  # MQA, softmax sinks, per-row gate
+    ("hybrid", "shared_norm", "overlap", 1, 2, 2, 3, 6, 4, 1, 3, "float"),  # MHA, a sink
+    ("hybrid", "mix", "overlap", 2, 4, 2, 9, 3, 3, 0, 0, "float"),  # the window never fills; no sink slots
+    ("swa_only", "shared_norm", "complementary", 2, 4, 2, 3, 4, 4, 2, 3, "float"),
+    ("la_only", "shared_norm", "complementary", 2, 2, 1, 4, 4, 5, 1, 3, "float"),
 ]
 
 
 @pytest.mark.parametrize("d_tiles", [False, True], ids=["full_d", "d_tiles"])
-@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,softcap,wkind", CASES)
+@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,wkind", CASES)
 def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt, steps,
-                                              sinks, num_sinks, softcap, wkind, d_tiles):
+                                              sinks, num_sinks, wkind, d_tiles):
     """full_d: one program per (b, kv head), tiles of 2 rows of S / 2 window keys (the online softmax and the S loop
     take several tiles); d_tiles: head_dim 16 in two programs of 8 columns (the small-batch launch), which share the
     window's keys, z and the leaving key through the arrival counters."""
@@ -119,14 +120,14 @@ def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement
         monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: tiles of 2
     _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=16, m=8,
                            window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, num_sinks=num_sinks,
-                           softcap=softcap, wkind=wkind)
+                           wkind=wkind)
 
 
 def test_cases_it_does_not_cover_return_none_and_leave_the_state(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     state = _prompt_state(1, 1, 16, 8, 4, 3, gen=gen)
     (q, k, v, qf, kf), valid = _token(1, 2, 1, 16, 8, 0, torch.float32, gen)
-    kw = dict(scale=0.25, weight=0.5, rule="shared_norm", placement="complementary")
+    kw = with_spec(scale=0.25, weight=0.5, rule="shared_norm", placement="complementary")
     before = [t.clone() for t in state.tensors()]
     assert fused.fused_decode_step(state, q, k, v, qf, kf, modes=["hybrid", "la_only"], **kw) is None  # per-head modes
     assert fused.fused_decode_step(state, q, k, v, qf, kf, modes=["sinks_only"], **kw) is None
@@ -194,7 +195,7 @@ def test_gpu_fused_step_replays_from_a_cuda_graph():
     eager = _prompt_state(b, hkv, d, m, 20, 16, softmax_sinks=2, dtype=torch.bfloat16, gen=gen)
     graphed = copy.deepcopy(eager)
     (q, k, v, qf, kf), valid = _token(b, hq, hkv, d, m, 0, torch.bfloat16, gen)
-    kw = dict(modes=["hybrid"], valid=valid, scale=d ** -0.5, weight=torch.rand(hq, device="cuda"), rule="shared_norm",
+    kw = with_spec(modes=["hybrid"], valid=valid, scale=d ** -0.5, weight=torch.rand(hq, device="cuda"), rule="shared_norm",
               placement="complementary")
     fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)  # warm-up (compiles), then capture the next step
     stream = torch.cuda.Stream()

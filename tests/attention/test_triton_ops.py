@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from linearize.attention.reference import hybrid_attention_reference  # noqa: E402
+from linearize.attention.spec import AttentionSpec  # noqa: E402
 from linearize.attention.triton import hybrid_attention_triton  # noqa: E402
 from linearize.attention.triton.ops import hybrid_attention_op, hybrid_fwd  # noqa: E402
 
@@ -36,21 +37,21 @@ def _inputs(device, dtype, *, b=2, hq=4, hkv=2, t=40, d=16, m=8, pad=False, seed
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, qf, kf)], valid
 
 
-def _op_args(tensors, valid, case, weight, window=6, softcap=None, chunk_size=16):
+def _op_args(tensors, valid, case, weight, window=6, chunk_size=16):
     mode, rule, placement, code, complementary = CASES[case]
     q = tensors[0]
     w = None if weight is None else weight.to(device=q.device, dtype=torch.float32)
     v8 = None if valid is None else valid.to(q.device).to(torch.int8)
     return (*tensors, w, v8, q.shape[-1] ** -0.5, window, 0.3 if weight is None else 0.0, code,
-            window if complementary else 0, softcap, chunk_size)
+            window if complementary else 0, chunk_size)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("weight,pad,softcap", [(None, False, None), ("per_head", True, 5.0)])
-def test_opcheck_on_cpu(case, weight, pad, softcap):
+@pytest.mark.parametrize("weight,pad", [(None, False), ("per_head", True)])
+def test_opcheck_on_cpu(case, weight, pad):
     tensors, valid = _inputs("cpu", torch.float32, pad=pad)
     w = torch.full((4,), 0.2) if weight == "per_head" else None
-    args = list(_op_args(tensors, valid, case, w, softcap=softcap))
+    args = list(_op_args(tensors, valid, case, w))
     for i in (0, 1, 2, 3, 4):
         args[i] = args[i].requires_grad_()
     if w is not None:
@@ -67,11 +68,11 @@ def test_op_output_and_gradients_equal_the_reference(case):
     w = weight.clone().requires_grad_()
     args = _op_args(ins, valid, case, w)
     out = hybrid_attention_op(*args[:7], scale=args[7], window=args[8], wscalar=args[9], code=args[10], shift=args[11],
-                              softcap=args[12], chunk_size=args[13])
+                              chunk_size=args[12])
     ref_ins = [x.clone().requires_grad_() for x in tensors]
     w_ref = weight.clone().requires_grad_()
-    ref = hybrid_attention_reference(*ref_ins, scale=args[7], window=6, weight=w_ref, rule=rule, placement=placement,
-                                     mode=mode, valid=valid)
+    ref = hybrid_attention_reference(*ref_ins, spec=AttentionSpec(scale=args[7], window=6, rule=rule, placement=placement),
+                                     mode=mode, weight=w_ref, valid=valid)
     go = torch.randn_like(ref)
     out.backward(go)
     ref.backward(go)
@@ -90,7 +91,7 @@ def test_torch_compile_traces_the_op_without_a_graph_break():
 
     def layer(q, k, v, qf, kf):
         o = hybrid_attention_op(q * 1.5, k, v, qf, kf, *args[5:7], scale=args[7], window=args[8], wscalar=args[9],
-                                code=args[10], shift=args[11], softcap=args[12], chunk_size=args[13])
+                                code=args[10], shift=args[11], chunk_size=args[12])
         return (o * o).sum()
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
@@ -129,8 +130,8 @@ def test_compiled_triton_layer_equals_eager(case):
     weight = torch.full((4,), 0.2, device="cuda")
 
     def layer(q, k, v, qf, kf):
-        return hybrid_attention_triton(q, k, v, qf, kf, scale=0.125, window=17, weight=weight, rule=rule,
-                                       placement=placement, mode=mode, valid=valid)
+        return hybrid_attention_triton(q, k, v, qf, kf, spec=AttentionSpec(scale=0.125, window=17, rule=rule, placement=placement),
+                                       mode=mode, weight=weight, valid=valid)
 
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     a = [x.clone().requires_grad_() for x in tensors]

@@ -7,6 +7,7 @@ from linearize import HybridConfig, convert
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.train import loop, transfer
 from lz_train_helpers import random_data, tiny_gemma3, tiny_llama
+from spec_kwargs import with_spec
 
 
 def exact_features(q, k, scale, window=None):
@@ -73,7 +74,7 @@ def test_output_loss_zero_when_la_equals_softmax():
     q, k, v = qkv()
     qf, kf = exact_features(q, k, 0.35)
     teacher = transfer.teacher_attention(q, k, v, scale=0.35)
-    student = hybrid_attention_reference(q, k, v, qf, kf, scale=0.35, window=4, mode="la_only")
+    student = hybrid_attention_reference(q, k, v, qf, kf, **with_spec(scale=0.35, window=4, mode="la_only"))
     assert float(transfer.masked_mse(teacher, student)) < 1e-10
 
 
@@ -83,8 +84,8 @@ def test_teacher_with_padding_and_window():
     valid[1, :3] = False
     out = transfer.teacher_attention(q, k, v, scale=0.3, window=4, valid=valid)
     qf = kf = None
-    ref = hybrid_attention_reference(q, k, v, torch.ones(2, 4, 12, 1), torch.ones(2, 2, 12, 1), scale=0.3, window=4,
-                                     mode="swa_only", valid=valid)
+    ref = hybrid_attention_reference(q, k, v, torch.ones(2, 4, 12, 1), torch.ones(2, 2, 12, 1),
+                                     **with_spec(scale=0.3, window=4, mode="swa_only", valid=valid))
     assert torch.allclose(out[0], ref[0], atol=1e-5)
     assert torch.allclose(out[1][:, 3:], ref[1][:, 3:], atol=1e-5)
 

@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode, combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, pad_time, safe_div,
-    sink_positions, softcapped, ungroup,
+    combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, pad_time, safe_div,
+    sink_positions, ungroup,
 )
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.memory import memory_walk
+from linearize.attention.spec import AttentionSpec
+from linearize.config import ComponentMode, component_mode
 
 
-def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_start=False, with_max=False):
+def window_sums(q, k, v, valid, *, scale, window, chunk, to_block_start=False, with_max=False):
     """Numerator (B, Hq, T, d) and denominator (B, Hq, T) of softmax over the window, max-shifted.
 
     `to_block_start`: the window of query t reaches back to c - w + 1, c = chunk * floor(t / chunk) (the sparse
@@ -39,14 +41,14 @@ def window_sums(q, k, v, valid, *, scale, window, chunk, softcap=None, to_block_
     j = torch.arange(span, device=q.device)[None, :]
     band = (j <= i + window - 1) if to_block_start else (j >= i) & (j <= i + window - 1)  # key j in query i's window
     mask = band & vmask[:, None, None, :, None, :]  # (B, 1, 1, N, C, span)
-    logits = softcapped(torch.einsum("bhgncd,bhnds->bhgncs", qg, kb) * scale, softcap)
+    logits = torch.einsum("bhgncd,bhnds->bhgncs", qg, kb) * scale
     num, den, c = masked_softmax_sums(logits, mask, vb, "bhgncs,bhnds->bhgncd")
     num = ungroup(num.reshape(b, hkv, hq // hkv, tp, d))[:, :, :t]
     den, c = (ungroup(x.reshape(b, hkv, hq // hkv, tp))[:, :, :t] for x in (den, c))
     return (num, den, c) if with_max else (num, den)
 
 
-def sink_sums(q, k, v, valid, *, scale, num_sinks, softcap=None, offset=0, with_max=False):
+def sink_sums(q, k, v, valid, *, scale, num_sinks, offset=0, with_max=False):
     """Softmax sums over the first `num_sinks` valid tokens; query t reads sink s when s <= t - offset
     (`offset` an int or a (T,) tensor)."""
     b, hq, t, d = q.shape
@@ -56,12 +58,12 @@ def sink_sums(q, k, v, valid, *, scale, num_sinks, softcap=None, offset=0, with_
     vs = v.gather(2, idx[:, None, :, None].expand(b, hkv, idx.shape[1], d))
     last = torch.arange(t, device=q.device) - torch.as_tensor(offset, device=q.device)
     mask = sink_valid[:, None, None, None, :] & (idx[:, None, None, None, :] <= last[None, None, None, :, None])
-    logits = softcapped(torch.einsum("bhgtd,bhsd->bhgts", group_queries(q, hkv), ks) * scale, softcap)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", group_queries(q, hkv), ks) * scale
     num, den, c = masked_softmax_sums(logits, mask, vs, "bhgts,bhsd->bhgtd")
     return (ungroup(num), ungroup(den)) + ((ungroup(c),) if with_max else ())
 
 
-def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots, softcap=None):
+def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots):
     """Per memory block of queries: softmax sums over the memory in force (num, den, max) and the linear sums over
     the linear state in force (complementary LA). One pass over the T / block boundaries."""
     b, hq, t, d = q.shape
@@ -72,7 +74,7 @@ def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots, soft
     soft, lin = [], []
     for j, (S, z, (mk, mv, _, mvalid)) in enumerate(
             memory_walk(k, v, kf, candidate, window=window, block=block, slots=slots, blocks=n, dtype=q.dtype)):
-        logits = softcapped(torch.einsum("bhgcd,bhsd->bhgcs", qg[:, :, :, j], mk) * scale, softcap)
+        logits = torch.einsum("bhgcd,bhsd->bhgcs", qg[:, :, :, j], mk) * scale
         soft.append(masked_softmax_sums(logits, mvalid[:, :, None, None, :], mv, "bhgcs,bhsd->bhgcd"))
         lin.append((torch.einsum("bhgcm,bhmd->bhgcd", qfg[:, :, :, j], S), torch.einsum("bhgcm,bhm->bhgc", qfg[:, :, :, j], z)))
 
@@ -87,60 +89,58 @@ def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots, soft
 
 
 def hybrid_attention_chunked(
-    q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
-    placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid=None,
-    softcap: float | None = None, chunk_size: int = 64, softmax_sinks: int = 0, sparse_memory: int = 0,
-    memory_block: int = 64, linear_state: str = "sum", log_decay=None, beta=None, linear_backend: str = "chunked",
+    q, k, v, qf, kf, *, spec: AttentionSpec, mode: str | ComponentMode = "hybrid", weight=0.1, valid=None,
+    log_decay=None, beta=None, linear_backend: str = "chunked",
 ) -> torch.Tensor:
     """`linear_backend`: 'chunked' (the kind's PyTorch sums) or 'fla' (its flash-linear-attention kernels)."""
-    check_mode(mode)
-    kind = linear_state_kind(linear_state)
+    mode = component_mode(mode)
+    kind = linear_state_kind(spec.linear_state)
     linear_fn = kind.fla_forward if linear_backend == "fla" else kind.chunked
     if linear_fn is None:
-        raise ValueError(f"linear state {linear_state!r} has no {linear_backend!r} backend")
-    extra = {} if linear_backend == "fla" else {"chunk": chunk_size}
+        raise ValueError(f"linear state {spec.linear_state!r} has no {linear_backend!r} backend")
+    extra = {} if linear_backend == "fla" else {"chunk": spec.chunk_size}
 
     def linear_sums(enter, lag):
         return linear_fn(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag, **extra)
 
     b, hq, t, _ = q.shape
+    scale, window, chunk = spec.scale, spec.window, spec.chunk_size
     if valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
-    if mode == "none":
+    if mode.no_branch:
         return torch.zeros_like(q)
-    if mode == "sinks_only":
-        return safe_div(*sink_sums(q, k, v, valid, scale=scale, num_sinks=num_sinks, softcap=softcap))
-    if mode == "la_only":
-        return safe_div(*linear_sums(valid, 0))
-    memory = sparse_memory > 0 and mode == "hybrid"
-    if not (softmax_sinks or memory):
-        swa = window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk_size, softcap=softcap)
-        if mode == "swa_only":
+    if mode.uses_sinks:
+        return safe_div(*sink_sums(q, k, v, valid, scale=scale, num_sinks=spec.num_sinks))
+    lag = mode.linear_lag(spec.placement, window)
+    if not mode.uses_window:
+        return safe_div(*linear_sums(valid, lag))
+    memory = spec.sparse_memory > 0 and mode.combines
+    if not (spec.softmax_sinks or memory):
+        swa = window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk)
+        if not mode.uses_linear:
             return safe_div(*swa)
-        la = linear_sums(valid, window if placement == "complementary" else 0)
-        return combine(rule, expand_weight(weight, b, hq, t, q), swa, la)
+        return combine(spec.rule, expand_weight(weight, b, hq, t, q), swa, linear_sums(valid, lag))
     # softmax over window (stretched to the block start with memory) + sinks (+ memory): disjoint sets, merged
-    sinks = first_valid(valid, softmax_sinks)
+    sinks = first_valid(valid, spec.softmax_sinks)
     if memory:
-        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=memory_block, softcap=softcap,
-                             to_block_start=True, with_max=True)]
-        offset = torch.arange(t, device=q.device) % memory_block + window  # sinks older than B(t) - w + 1
-        mem, la_mem = memory_sums(q, qf, k, v, kf, valid & ~sinks, scale=scale, window=window, block=memory_block,
-                                  slots=sparse_memory, softcap=softcap)
+        block = spec.memory_block
+        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=block, to_block_start=True, with_max=True)]
+        offset = torch.arange(t, device=q.device) % block + window  # sinks older than B(t) - w + 1
+        mem, la_mem = memory_sums(q, qf, k, v, kf, valid & ~sinks, scale=scale, window=window, block=block,
+                                  slots=spec.sparse_memory)
         parts.append(mem)
     else:
-        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk_size, softcap=softcap, with_max=True)]
+        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk, with_max=True)]
         offset = window
-    if softmax_sinks:
-        parts.append(sink_sums(q, k, v, valid, scale=scale, num_sinks=softmax_sinks, softcap=softcap, offset=offset,
-                               with_max=True))
+    if spec.softmax_sinks:
+        parts.append(sink_sums(q, k, v, valid, scale=scale, num_sinks=spec.softmax_sinks, offset=offset, with_max=True))
     swa = merge_softmax(*parts)
-    if mode == "swa_only":
+    if not mode.uses_linear:
         return safe_div(*swa)
-    if placement == "overlap":
+    if lag == 0:  # 'overlap': every key
         la = linear_sums(valid, 0)
     elif memory:
         la = la_mem
     else:
-        la = linear_sums(valid & ~sinks, window)
-    return combine(rule, expand_weight(weight, b, hq, t, q), swa, la)
+        la = linear_sums(valid & ~sinks, lag)
+    return combine(spec.rule, expand_weight(weight, b, hq, t, q), swa, la)

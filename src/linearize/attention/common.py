@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from linearize.config import COMPONENT_MODES
 
 
 def pad_time(x: torch.Tensor, front: int, back: int, dim: int = 2) -> torch.Tensor:
@@ -50,11 +49,6 @@ def expand_weight(weight, b: int, hq: int, t: int, like: torch.Tensor) -> torch.
     return w.expand(b, hq, t)
 
 
-def check_mode(mode: str) -> None:
-    if mode not in COMPONENT_MODES:
-        raise ValueError(f"unknown component mode {mode!r}; expected one of {COMPONENT_MODES}")
-
-
 def group_queries(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """(B, Hq, ...) -> (B, Hkv, G, ...) so that key/value tensors broadcast over the group axis."""
     b, hq = x.shape[:2]
@@ -63,10 +57,6 @@ def group_queries(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 def ungroup(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
-
-
-def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def sink_positions(valid: torch.Tensor, num_sinks: int) -> tuple[torch.Tensor, torch.Tensor]:

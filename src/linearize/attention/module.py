@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,11 @@ from torch import nn
 from linearize.attention.adapters import FamilyAdapter, head_dim, layer_types
 from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked
-from linearize.attention.common import check_mode
 from linearize.attention.linear import linear_state
-from linearize.attention.recurrent import decode_step, linear_lag, prefill_state
+from linearize.attention.recurrent import decode_step, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
-from linearize.config import LINEAR_MODES, HybridConfig
+from linearize.attention.spec import AttentionSpec
+from linearize.config import ComponentMode, HybridConfig, component_mode
 from linearize.feature_maps import FeatureMap
 
 
@@ -116,17 +117,53 @@ def _triton_available(x: torch.Tensor) -> bool:
     return True
 
 
+class Route(NamedTuple):
+    """Which implementation runs one call of the layer (`choose_backend`)."""
+
+    backend: str  # 'triton', 'torch' (chunked) or 'reference'; decoding: 'triton' or 'torch' (recurrent)
+    linear_backend: str = "chunked"  # the chunked path's linear sums: 'chunked' (PyTorch) or 'fla'
+    cast: torch.dtype | None = None  # Triton on fp32 inputs under autocast: the dtype the kernels run in
+
+
+def choose_backend(spec: AttentionSpec, q: torch.Tensor, mode: ComponentMode | None = None) -> Route:
+    """The one place that decides which backend runs: a full-sequence call in `mode`, or (mode None) one decoding
+    step of every mode. `spec.backend` 'auto' takes Triton on CUDA where the kernels compute the call, else PyTorch."""
+    kind = linear_state(spec.linear_state)
+    if mode is None:
+        triton = kind.triton and not spec.softmax_extras and (
+            spec.backend == "triton" or (spec.backend == "auto" and _triton_available(q)))
+        return Route("triton" if triton else "torch")
+    # softmax sinks and sparse memory change the modes with a window only; the Triton kernels do not have them
+    extras = spec.softmax_extras and mode.uses_window
+    backend, linear_backend = spec.backend, "chunked"
+    if backend == "auto":
+        backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
+        if not kind.triton and kind.fla_forward is not None and _fla_available(q):
+            linear_backend = "fla"
+        elif backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * spec.chunk_size and not spec.sparse_memory:
+            backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
+    cast = None
+    if backend == "triton" and q.dtype == torch.float32:
+        # the kernels tile for 16-bit inputs (fp32 tiles of head_dim 256 overflow shared memory); under autocast
+        # run them in its dtype, else fp32 takes the chunked PyTorch path
+        if torch.is_autocast_enabled("cuda"):
+            cast = torch.get_autocast_dtype("cuda")
+        elif spec.backend == "auto":
+            backend = "torch"
+    return Route(backend, linear_backend, cast)
+
+
 class HybridAttention(nn.Module):
     def __init__(self, base_attention: nn.Module, model_config, hybrid: HybridConfig, adapter: FamilyAdapter,
                  layer_idx: int, padding: PaddingContext):
         super().__init__()
-        self.hybrid = hybrid
+        self.scale = adapter.scale(model_config)
+        self.hybrid = hybrid  # after the scale: setting it builds the spec
         self.layer_idx = layer_idx
         self.padding = padding
         self.num_heads = model_config.num_attention_heads
         self.num_kv_heads = model_config.num_key_value_heads
         self.head_dim = head_dim(model_config)
-        self.scale = adapter.scale(model_config)
         self._rope = adapter.rope()
         for name in ("q_proj", "k_proj", "v_proj", "o_proj") + (("q_norm", "k_norm") if adapter.qk_norm else ()):
             setattr(self, name, getattr(base_attention, name))
@@ -160,6 +197,16 @@ class HybridAttention(nn.Module):
         # training hook: called as hook(module, q, k, v, valid, weight, hidden_states) in full-sequence forwards;
         # a tensor it returns (B, Hq, T, d) replaces the layer's per-head output (e.g. the teacher's)
         self.transfer_hook = None
+
+    @property
+    def hybrid(self) -> HybridConfig:
+        return self._hybrid
+
+    @hybrid.setter
+    def hybrid(self, hybrid: HybridConfig) -> None:
+        """Settings change as a whole (`convert.set_hybrid`); the spec the backends read follows them."""
+        self._hybrid = hybrid
+        self.spec = AttentionSpec.from_config(hybrid, self.scale)
 
     # -- pieces the training and diagnostics code reuses -------------------------------------------
     def project(self, hidden_states, position_embeddings):
@@ -198,59 +245,42 @@ class HybridAttention(nn.Module):
             out["log_decay"] = out["log_decay"] * valid[:, None, :].to(torch.float32)
         return out
 
-    def attend(self, q, k, v, weight, valid, mode: str, gates: dict | None = None) -> torch.Tensor:
+    def attend(self, q, k, v, weight, valid, mode: str | ComponentMode, gates: dict | None = None) -> torch.Tensor:
         """The hybrid layer's per-head output (B, Hq, T, d) for one component mode, full sequence. `gates`: the linear
         state's log_decay / beta (`state_inputs`), needed by the kinds that use them."""
-        h = self.hybrid
+        mode = component_mode(mode)
+        spec = self.spec
         gates = gates or {}
         kind = self.linear_kind
         needed = {name for name, needs in (("log_decay", kind.needs_log_decay), ("beta", kind.needs_beta)) if needs}
-        if mode in LINEAR_MODES and not needed <= set(gates):
-            raise ValueError(f"linear_state {h.linear_state!r} needs the layer's gates: pass gates=module.state_inputs(hidden_states, valid)")
-        kwargs = dict(scale=self.scale, window=h.window, weight=weight, rule=h.combine, placement=h.placement,
-                      mode=mode, num_sinks=h.num_sinks, valid=valid)
-        # softmax sinks and sparse memory change 'hybrid' and 'swa_only' only; the Triton kernels do not have them
-        extras = h.softmax_extras and mode in ("hybrid", "swa_only")
-        if extras:
-            kwargs.update(softmax_sinks=h.softmax_sinks, sparse_memory=h.sparse_memory, memory_block=h.memory_block)
-        backend, linear_backend = h.backend, "chunked"
-        if backend == "auto":
-            backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
-            if not kind.triton and kind.fla_forward is not None and _fla_available(q):
-                linear_backend = "fla"
-            elif backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * h.chunk_size and not h.sparse_memory:
-                backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
-        if mode in LINEAR_MODES or backend == "triton":
+        if mode.uses_linear and not needed <= set(gates):
+            raise ValueError(f"linear_state {spec.linear_state!r} needs the layer's gates: pass "
+                             f"gates=module.state_inputs(hidden_states, valid)")
+        route = choose_backend(spec, q, mode)
+        if mode.uses_linear or route.backend == "triton":
             qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         else:  # these modes never read the features: skip the feature maps
             qf, kf = q, k
-        if backend == "triton" and q.dtype == torch.float32:
-            # the kernels tile for 16-bit inputs (fp32 tiles of head_dim 256 overflow shared memory); under
-            # autocast run them in its dtype, else fp32 takes the chunked PyTorch path
-            if torch.is_autocast_enabled("cuda"):
-                half = torch.get_autocast_dtype("cuda")
-                q, k, v, qf, kf = (x.to(half) for x in (q, k, v, qf, kf))
-            elif h.backend == "auto":
-                backend = "torch"
-        if backend == "triton":
+        if route.backend == "triton":
             from linearize.attention.triton import hybrid_attention_triton
 
-            return hybrid_attention_triton(q, k, v, qf, kf, chunk_size=h.chunk_size, **kwargs)
+            if route.cast is not None:
+                q, k, v, qf, kf = (x.to(route.cast) for x in (q, k, v, qf, kf))
+            return hybrid_attention_triton(q, k, v, qf, kf, spec=spec, mode=mode, weight=weight, valid=valid)
         dtype = q.dtype
         f32 = [x.float() for x in (q, k, v, qf, kf)]
-        if torch.is_tensor(weight):
-            kwargs["weight"] = weight.float()
-        kwargs.update(linear_state=h.linear_state, **gates)
-        if backend == "reference":
-            return hybrid_attention_reference(*f32, **kwargs).to(dtype)
-        return hybrid_attention_chunked(*f32, chunk_size=h.chunk_size, linear_backend=linear_backend, **kwargs).to(dtype)
+        weight = weight.float() if torch.is_tensor(weight) else weight
+        call = dict(spec=spec, mode=mode, weight=weight, valid=valid, **gates)
+        if route.backend == "reference":
+            return hybrid_attention_reference(*f32, **call).to(dtype)
+        return hybrid_attention_chunked(*f32, linear_backend=route.linear_backend, **call).to(dtype)
 
     def head_mode_list(self) -> list[str]:
         modes = [self.mode] * self.num_heads
         for head, mode in (self.head_modes or {}).items():
             modes[head] = mode
         for mode in set(modes):
-            check_mode(mode)
+            component_mode(mode)
         return modes
 
     # -- forward -------------------------------------------------------------------------------------
@@ -294,23 +324,20 @@ class HybridAttention(nn.Module):
 
     def _forward_cached(self, cache, q, k, v, weight, valid, gates):
         layer = hybrid_cache_layer(cache, self.layer_idx)
-        h = self.hybrid
+        spec = self.spec
         if layer.state is None:
             out = self._forward_full(q, k, v, weight, valid, gates)
             kf = self.feature_map_k(k)
             if valid is None:
                 valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
             # non-additive states keep one state per lag the modes read (linear_lag); 'sum' serves every mode
-            lags = {linear_lag(m, h.placement, h.window) for m in self.head_mode_list()} - {None}
-            layer.state = prefill_state(k, v, kf, valid, window=h.window, num_sinks=h.num_sinks, softmax_sinks=h.softmax_sinks,
-                                        sparse_memory=h.sparse_memory, memory_block=h.memory_block,
-                                        linear_state=h.linear_state, lags=lags, **gates)
+            lags = {component_mode(m).linear_lag(spec.placement, spec.window) for m in self.head_mode_list()} - {None}
+            layer.state = prefill_state(k, v, kf, valid, spec=spec, lags=lags, **gates)
             return out
         modes = self.head_mode_list()
         qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         step = decode_step
-        if self.linear_kind.triton and not h.softmax_extras and (
-                h.backend == "triton" or (h.backend == "auto" and _triton_available(q))):
+        if choose_backend(spec, q).backend == "triton":
             from linearize.attention.triton import decode_step_triton as step
         outs = []
         for i in range(q.shape[2]):
@@ -319,7 +346,7 @@ class HybridAttention(nn.Module):
             step_valid = None if valid is None else valid[:, sl]
             step_gates = {name: g[:, :, sl] for name, g in gates.items()}
             # every mode reads the state before this token; then the token is appended once, in place
-            per_mode = step(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], modes=sorted(set(modes)),
-                            valid=step_valid, scale=self.scale, weight=w, rule=h.combine, placement=h.placement, **step_gates)
+            per_mode = step(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], spec=spec,
+                            modes=sorted(set(modes)), weight=w, valid=step_valid, **step_gates)
             outs.append(per_mode[modes[0]] if len(per_mode) == 1 else torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1))
         return torch.cat(outs, dim=2)

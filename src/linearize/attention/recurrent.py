@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import (
-    check_mode,
     combine,
     expand_weight,
     first_valid,
@@ -43,13 +42,14 @@ from linearize.attention.common import (
     masked_softmax_sums,
     safe_div,
     sink_positions,
-    softcapped,
     ungroup,
 )
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.linear import sum as sum_kind
 from linearize.attention.linear.common import KVState, shift_time
 from linearize.attention.memory import SparseMemory, memory_boundary, memory_walk
+from linearize.attention.spec import AttentionSpec
+from linearize.config import ComponentMode, component_mode
 
 
 @dataclass
@@ -146,13 +146,6 @@ def _pad_slots(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim)
 
 
-def linear_lag(mode: str, placement: str, window: int) -> int | None:
-    """The lag of the linear state a component mode reads (None: it reads none)."""
-    if mode == "la_only" or (mode == "hybrid" and placement == "overlap"):
-        return 0
-    return window if mode == "hybrid" else None
-
-
 def _kind_final_state(kind, kf, v, *, log_decay, beta, enter, lag):
     """The kind's state after the whole prompt: its closed form, or its step run over the prompt."""
     if kind.final_state is not None:
@@ -188,12 +181,13 @@ def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta):
     return tuple(slots)
 
 
-def prefill_state(k, v, kf, valid, *, window: int, num_sinks: int, softmax_sinks: int = 0, sparse_memory: int = 0,
-                  memory_block: int = 64, linear_state: str = "sum", lags=(), log_decay=None, beta=None) -> HybridState:
+def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=None, beta=None) -> HybridState:
     """The state after a whole prompt (k/v (B, Hkv, T, d), kf (B, Hkv, T, m), valid (B, T)).
 
-    Kinds other than 'sum': `lags` are the lags of the linear states to keep (`linear_lag` of the modes to decode),
-    log_decay / beta (B, Hkv, T) the layer's gates of the prompt."""
+    Kinds other than 'sum': `lags` are the lags of the linear states to keep (`ComponentMode.linear_lag` of the modes
+    to decode), log_decay / beta (B, Hkv, T) the layer's gates of the prompt."""
+    window, num_sinks, softmax_sinks = spec.window, spec.num_sinks, spec.softmax_sinks
+    sparse_memory, memory_block, linear_state = spec.sparse_memory, spec.memory_block, spec.linear_state
     kind = linear_state_kind(linear_state)
     b, hkv, t, d = k.shape
     m = kf.shape[-1]
@@ -264,10 +258,10 @@ def _keymask(mask: torch.Tensor) -> torch.Tensor:
     return mask[:, None, None, None, :] if mask.dim() == 2 else mask[:, :, None, None, :]
 
 
-def _softmax_sums(q, keys, values, mask, scale, softcap):
+def _softmax_sums(q, keys, values, mask, scale):
     """q (B, Hq, 1, d) against keys (B, Hkv, L, d) with mask (B, L) or (B, Hkv, L)."""
     hkv = keys.shape[1]
-    logits = softcapped(torch.einsum("bhgtd,bhsd->bhgts", group_queries(q, hkv), keys) * scale, softcap)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", group_queries(q, hkv), keys) * scale
     num, den, _ = masked_softmax_sums(logits, _keymask(mask), values, "bhgts,bhsd->bhgtd")
     return ungroup(num), ungroup(den)
 
@@ -291,8 +285,8 @@ def _join(sets, f32):
     return k, v, kf, mask
 
 
-def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, *, scale, weight, rule, placement, mode, softcap, f32,
-                     reads=None):
+def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, spec: AttentionSpec, *, mode: ComponentMode, weight,
+                     f32, reads=None):
     """decode_output with softmax sinks and/or sparse memory: the key sets of the reference's definition."""
     window = [(state.buf_k, state.buf_v, state.buf_kf, state.buf_valid), (k, v, kf, valid)]
     sinks = []  # softmax sinks that have left the window (the others are in it)
@@ -302,59 +296,63 @@ def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, *, scale, wei
         sinks.append((state.sink_k[:, :, :n], state.sink_v[:, :, :n], state.sink_kf[:, :, :n], left))
     mem = state.memory
     exact = [] if mem is None else [(mem.k, mem.v, mem.kf, mem.valid), (mem.pend_k, mem.pend_v, mem.pend_kf, mem.pend_valid)]
-    if mode == "la_only" or (mode == "hybrid" and placement == "overlap"):
+    la = None
+    lag = mode.linear_lag(spec.placement, state.buf_k.shape[2] + 1)
+    if lag == 0:
         _, av, akf, amask = _join(sinks + exact + window, f32)  # every key so far: S + these
         la = _linear_read(state, qfc, (akf, av, amask), 0, reads)
-        if mode == "la_only":
+        if not mode.uses_window:
             return safe_div(*la)
-    else:
-        la = None if mode == "swa_only" else _linear_read(state, qfc, None, state.buf_k.shape[2] + 1, reads)
-    sk, sv, _, smask = _join(sinks + window if mode == "swa_only" else sinks + exact + window, f32)
-    swa = _softmax_sums(qc, sk, sv, smask, scale, softcap)
-    if mode == "swa_only":
+    elif lag is not None:
+        la = _linear_read(state, qfc, None, lag, reads)
+    # sparse memory's exact keys sit in the softmax branch only where the branches combine
+    sk, sv, _, smask = _join(sinks + exact + window if mode.combines else sinks + window, f32)
+    swa = _softmax_sums(qc, sk, sv, smask, spec.scale)
+    if not mode.uses_linear:
         return safe_div(*swa)
-    return combine(rule, expand_weight(weight, qc.shape[0], qc.shape[1], 1, qc), swa, la)
+    return combine(spec.rule, expand_weight(weight, qc.shape[0], qc.shape[1], 1, qc), swa, la)
 
 
 def decode_output(
-    state: HybridState, q, k, v, qf, kf, *, scale: float, weight=0.1, rule: str = "shared_norm",
-    placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None, reads=None,
+    state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, mode: str | ComponentMode = "hybrid", weight=0.1,
+    valid=None, reads=None,
 ) -> torch.Tensor:
     """One token's output (B, Hq, 1, d): q (B, Hq, 1, d), k/v (B, Hkv, 1, d), qf/kf features, valid (B, 1).
 
-    The window is the ring plus the new key (slot order does not matter to the sums); the state is only read.
+    The window is the ring plus the new key (slot order does not matter to the sums; the window size is the state's,
+    set by `prefill_state` from the spec); the state is only read.
     `reads`: for kinds other than 'sum', the linear sums per lag of this token (`step_linear`).
     """
-    check_mode(mode)
+    mode = component_mode(mode)
     b, hq = q.shape[:2]
     f32 = torch.promote_types(q.dtype, torch.float32)  # accumulate in fp32 at least
     if valid is None:
         valid = _ones_valid(q)
     qc, qfc = q.to(f32), qf.to(f32)
-    if mode == "none":
+    if mode.no_branch:
         return torch.zeros_like(q)
-    if mode == "sinks_only":
+    if mode.uses_sinks:
         sink_k, sink_v, sink_valid = sinks_after(state, k, v, valid)
         n = state.sink_valid.shape[1] if state.num_sinks is None else state.num_sinks
         sink_k, sink_v, sink_valid = sink_k[:, :, :n], sink_v[:, :, :n], sink_valid[:, :n]
-        return safe_div(*_softmax_sums(qc, sink_k.to(f32), sink_v.to(f32), sink_valid, scale, softcap)).to(q.dtype)
+        return safe_div(*_softmax_sums(qc, sink_k.to(f32), sink_v.to(f32), sink_valid, spec.scale)).to(q.dtype)
     if state.left_count is not None:
-        return _extended_output(state, qc, qfc, k, v, kf, valid, scale=scale, weight=weight, rule=rule,
-                                placement=placement, mode=mode, softcap=softcap, f32=f32, reads=reads).to(q.dtype)
+        return _extended_output(state, qc, qfc, k, v, kf, valid, spec, mode=mode, weight=weight, f32=f32,
+                                reads=reads).to(q.dtype)
     win_v = torch.cat([state.buf_v, v], 2).to(f32)
     win_valid = torch.cat([state.buf_valid, valid], 1)
     # all keys so far = the state + the window (the current key included)
     all_keys = (torch.cat([state.buf_kf, kf], 2).to(f32), win_v, win_valid)
-    if mode == "la_only":
-        out = safe_div(*_linear_read(state, qfc, all_keys, 0, reads))
+    lag = mode.linear_lag(spec.placement, state.buf_k.shape[2] + 1)
+    if not mode.uses_window:
+        out = safe_div(*_linear_read(state, qfc, all_keys, lag, reads))
     else:
-        swa = _softmax_sums(qc, torch.cat([state.buf_k, k], 2).to(f32), win_v, win_valid, scale, softcap)
-        if mode == "swa_only":
+        swa = _softmax_sums(qc, torch.cat([state.buf_k, k], 2).to(f32), win_v, win_valid, spec.scale)
+        if not mode.uses_linear:
             out = safe_div(*swa)
         else:
-            lag = state.buf_k.shape[2] + 1 if placement == "complementary" else 0
-            la = _linear_read(state, qfc, None if placement == "complementary" else all_keys, lag, reads)
-            out = combine(rule, expand_weight(weight, b, hq, 1, qc), swa, la)
+            la = _linear_read(state, qfc, all_keys if lag == 0 else None, lag, reads)
+            out = combine(spec.rule, expand_weight(weight, b, hq, 1, qc), swa, la)
     return out.to(q.dtype)
 
 
@@ -457,24 +455,25 @@ def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True
     state.seen += 1
 
 
-def fused_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, **kwargs) -> dict[str, torch.Tensor] | None:
+def fused_step(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, modes, weight=0.1,
+               valid=None) -> dict[str, torch.Tensor] | None:
     """The whole step in one Triton launch (`attention/triton/decode.py`) where it applies (CUDA, kind 'sum', one
-    kernel mode, no sparse memory; `LINEARIZE_FUSED_DECODE=0` turns it off), else None: the caller's path runs."""
+    kernel mode, no sparse memory, small batches unless `LINEARIZE_FUSED_DECODE` says otherwise), else None: the
+    caller's path runs."""
     if not state.additive or not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
         return None  # (no Triton import on a plain CPU)
     try:
         from linearize.attention.triton.decode import fused_decode_step
     except ImportError:  # no Triton
         return None
-    return fused_decode_step(state, q, k, v, qf, kf, modes=modes, valid=valid, **kwargs)
+    return fused_decode_step(state, q, k, v, qf, kf, spec=spec, modes=modes, weight=weight, valid=valid)
 
 
-def decode_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, log_decay=None, beta=None,
-                **kwargs) -> dict[str, torch.Tensor]:
+def decode_step(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, modes, weight=0.1, valid=None,
+                log_decay=None, beta=None) -> dict[str, torch.Tensor]:
     """One token: the output of each component mode in `modes` (all against the state before the token), then the
-    token appended in place. `kwargs` are `decode_output`'s (scale, weight, rule, placement, softcap); log_decay /
-    beta (B, Hkv, 1) the layer's gates of this token (kinds that use them)."""
-    fused = fused_step(state, q, k, v, qf, kf, modes=modes, valid=valid, **kwargs)
+    token appended in place. log_decay / beta (B, Hkv, 1): the layer's gates of this token (kinds that use them)."""
+    fused = fused_step(state, q, k, v, qf, kf, spec=spec, modes=modes, weight=weight, valid=valid)
     if fused is not None:
         return fused
     reads = None
@@ -482,6 +481,7 @@ def decode_step(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, log_d
         if valid is None:
             valid = _ones_valid(k)
         reads = step_linear(state, qf, kf, v, valid, log_decay=log_decay, beta=beta)
-    outs = {mode: decode_output(state, q, k, v, qf, kf, mode=mode, valid=valid, reads=reads, **kwargs) for mode in modes}
+    outs = {mode: decode_output(state, q, k, v, qf, kf, spec=spec, mode=mode, weight=weight, valid=valid, reads=reads)
+            for mode in modes}
     advance_state(state, k, v, kf, valid, beta=beta)
     return outs

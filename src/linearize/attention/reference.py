@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from linearize.attention.common import (
-    check_mode, combine, expand_weight, first_valid, group_queries, recall_error, safe_div, softcapped, ungroup,
-)
+from linearize.attention.common import combine, expand_weight, first_valid, group_queries, recall_error, safe_div, ungroup
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.linear.sum import masked_sums
+from linearize.attention.spec import AttentionSpec
+from linearize.config import ComponentMode, component_mode
 
 
 def memory_sets(kf, v, candidate, *, window: int, block: int, slots: int):
@@ -64,20 +64,19 @@ def memory_sets(kf, v, candidate, *, window: int, block: int, slots: int):
 
 
 def hybrid_attention_reference(
-    q, k, v, qf, kf, *, scale: float, window: int, weight: torch.Tensor | float = 0.1, rule: str = "shared_norm",
-    placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid: torch.Tensor | None = None,
-    softcap: float | None = None, softmax_sinks: int = 0, sparse_memory: int = 0, memory_block: int = 64,
-    linear_state: str = "sum", log_decay: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+    q, k, v, qf, kf, *, spec: AttentionSpec, mode: str | ComponentMode = "hybrid", weight: torch.Tensor | float = 0.1,
+    valid: torch.Tensor | None = None, log_decay: torch.Tensor | None = None, beta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The linear branch is the `linear_state` kind's `naive` definition (attention.linear): keys enter it `lag` steps
     late (w for 'complementary', else 0), the sinks and padding never ('complementary' LA without the sinks)."""
-    check_mode(mode)
-    kind = linear_state_kind(linear_state)
+    mode = component_mode(mode)
+    kind = linear_state_kind(spec.linear_state)
+    window = spec.window
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
-    if mode == "none":
+    if mode.no_branch:
         return torch.zeros_like(q)
     pos = torch.arange(t, device=q.device)
     diff = pos[:, None] - pos[None, :]  # t - s
@@ -85,7 +84,7 @@ def hybrid_attention_reference(
     keymask = valid[:, None, None, None, :]  # (B, 1, 1, 1, S) against (B, Hkv, G, T, S)
 
     qg = group_queries(q, hkv)
-    logits = softcapped(torch.einsum("bhgtd,bhsd->bhgts", qg, k) * scale, softcap)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", qg, k) * spec.scale
 
     def softmax_sums(mask):
         mask = mask & keymask
@@ -98,27 +97,30 @@ def hybrid_attention_reference(
     def linear_sums(enter, lag):
         return kind.naive(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
 
-    if mode == "sinks_only":
-        return safe_div(*softmax_sums(causal & first_valid(valid, num_sinks)[:, None, None, None, :]))
-    if mode == "la_only":
-        return safe_div(*linear_sums(valid, 0))
+    if mode.uses_sinks:
+        return safe_div(*softmax_sums(causal & first_valid(valid, spec.num_sinks)[:, None, None, None, :]))
+    if not mode.uses_window:
+        return safe_div(*linear_sums(valid, mode.linear_lag(spec.placement, window)))
     window_mask = causal & (diff < window)
-    la_enter, la_lag = valid, (window if placement == "complementary" else 0)
-    if softmax_sinks:
-        sinks = first_valid(valid, softmax_sinks)
+    complementary = spec.placement == "complementary"
+    la_enter = valid
+    if spec.softmax_sinks:
+        sinks = first_valid(valid, spec.softmax_sinks)
         window_mask = window_mask | (causal & sinks[:, None, None, None, :])
-        if placement == "complementary":
+        if complementary:
             la_enter = valid & ~sinks
-    if mode == "swa_only":
+    if not mode.uses_linear:
         return safe_div(*softmax_sums(window_mask))
-    if sparse_memory:
-        candidate = valid & ~first_valid(valid, softmax_sinks)
-        mem, la_set = memory_sets(kf, v, candidate, window=window, block=memory_block, slots=sparse_memory)
-        blk = pos // memory_block  # the sets in force for query t are those of boundary B(t)
+    if spec.sparse_memory:
+        block = spec.memory_block
+        candidate = valid & ~first_valid(valid, spec.softmax_sinks)
+        mem, la_set = memory_sets(kf, v, candidate, window=window, block=block, slots=spec.sparse_memory)
+        blk = pos // block  # the sets in force for query t are those of boundary B(t)
         mem, la_set = mem[:, :, blk, :].unsqueeze(2), la_set[:, :, blk, :].unsqueeze(2)  # (B, Hkv, 1, T, S)
-        stretched = causal & (pos[None, :] > (blk * memory_block - window)[:, None])  # back to B(t) - w
+        stretched = causal & (pos[None, :] > (blk * block - window)[:, None])  # back to B(t) - w
         window_mask = window_mask | stretched | mem
-        if placement == "complementary":  # the 'sum' state (HybridConfig allows memory with it only)
-            return combine(rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask),
+        if complementary:  # the 'sum' state (HybridConfig allows memory with it only)
+            return combine(spec.rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask),
                            masked_sums(qf, kf, v, la_set & keymask))
-    return combine(rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask), linear_sums(la_enter, la_lag))
+    return combine(spec.rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask),
+                   linear_sums(la_enter, mode.linear_lag(spec.placement, window)))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.chunked import hybrid_attention_chunked
+from linearize.attention.spec import AttentionSpec
 from linearize.bench import add_arguments
 from linearize.bench.decode import decode_ratios, render_fair_markdown, run_eager_decode_bench, run_fair_decode
 from linearize.bench.timing import free as _free, sync as _sync, time_cuda
@@ -143,7 +144,7 @@ def _window_fn(window, scale):
     def triton_fn(q, k, v):
         from linearize.attention.triton import hybrid_attention_triton
 
-        return hybrid_attention_triton(q, k, v, q, k, scale=scale, window=window, mode="swa_only")
+        return hybrid_attention_triton(q, k, v, q, k, spec=AttentionSpec(scale=scale, window=window), mode="swa_only")
 
     return triton_fn if _FLEX.get("broken") else flex_fn
 
@@ -159,7 +160,7 @@ def impl_chunked(cfg, t, window, scale, weight):
 
     def fn(q, k, v, qf, kf):  # exactly HybridAttention.attend's torch backend: fp32 upcast
         f32 = [x.float() for x in (q, k, v, qf, kf)]
-        return hybrid_attention_chunked(*f32, scale=scale, window=window, weight=weight.float()).to(q.dtype)
+        return hybrid_attention_chunked(*f32, spec=AttentionSpec(scale=scale, window=window), weight=weight.float()).to(q.dtype)
 
     return Impl("chunked", fn, (0, 1, 2, 3, 4))
 
@@ -167,9 +168,10 @@ def impl_chunked(cfg, t, window, scale, weight):
 def impl_triton(cfg, t, window, scale, weight, rule="shared_norm", placement="complementary"):
     from linearize.attention.triton import hybrid_attention_triton
 
+    spec = AttentionSpec(scale=scale, window=window, rule=rule, placement=placement)
+
     def fn(q, k, v, qf, kf):
-        return hybrid_attention_triton(q, k, v, qf, kf, scale=scale, window=window, weight=weight, rule=rule,
-                                       placement=placement)
+        return hybrid_attention_triton(q, k, v, qf, kf, spec=spec, weight=weight)
 
     return Impl("triton", fn, (0, 1, 2, 3, 4))
 

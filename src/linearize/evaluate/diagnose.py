@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from linearize.config import COMPONENT_MODES, HybridConfig
+from linearize.config import COMPONENT_MODES, MODES, HybridConfig
 from linearize.evaluate.harness import TASKS, context_lengths, default_data_dir, evaluate, headline_metric
 from linearize.evaluate.lm_eval_model import load_model
 from linearize.models.convert import components, convert, hybrid_config_of, is_converted, text_config
@@ -39,17 +39,8 @@ from linearize.records import fmt_pct, markdown_table, write_json_with_provenanc
 
 __all__ = ["diagnose", "recovery", "diagnose_markdown", "PAPER_LABELS"]
 
-#: Row names of the paper's Table 1.
-PAPER_LABELS = {
-    "base": "Base model",
-    "hybrid": "SWA + Linear",
-    "swa_only": "SWA only",
-    "la_only": "Linear only",
-    "sinks_only": "Attn sinks only",
-    "none": "No attention",
-}
-if set(PAPER_LABELS) != {"base", *COMPONENT_MODES}:
-    raise ImportError("PAPER_LABELS must label the base model and every mode of linearize.config.COMPONENT_MODES")
+#: Row names of the paper's Table 1: the base model's, then each mode's entry's.
+PAPER_LABELS = {"base": "Base model", **{name: mode.paper_label for name, mode in MODES.items()}}
 
 
 def _load_partial(path, settings: str) -> dict[str, Any]:

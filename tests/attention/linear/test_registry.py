@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kinds import random_inputs
+from spec_kwargs import with_spec
 from tiny_models import tiny_model
 
 import linearize
@@ -81,7 +82,7 @@ def test_hybrid_chunked_equals_reference_outputs_and_gradients(kind, mode, setti
     results = []
     for fn, extra in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 8})):
         xs = [x.clone().requires_grad_(True) for x in (q, k, v, qf, kf, ld, beta)]
-        out = fn(*xs[:5], log_decay=xs[5], beta=xs[6] if kind == "delta" else None, **kw, **extra)
+        out = fn(*xs[:5], **with_spec(log_decay=xs[5], beta=xs[6] if kind == "delta" else None, **kw, **extra))
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out] + [x.grad for x in xs])
     for got, want in zip(results[1], results[0]):

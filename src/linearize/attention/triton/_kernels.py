@@ -1,7 +1,7 @@
 """Triton kernels of the hybrid layer: sliding-window softmax + linear attention, chunked, forward and backward.
 
 Notation (one batch row b, one query head h, its key/value head hk = h // G):
-  l_ts   = softcap(scale * q_t . k_s)                       window logits
+  l_ts   = scale * q_t . k_s                                window logits
   W_t    = {s : t - w < s <= t, valid_s}                    window keys
   c_t    = max_{s in W_t} l_ts (0 when W_t is empty)
   num_s  = sum_{s in W_t} exp(l_ts - c_t) v_s,  den_s = sum_{s in W_t} exp(l_ts - c_t)
@@ -16,7 +16,8 @@ SHIFT (key s sits at position s + SHIFT), so query chunk i meets the *shifted* k
 States are built per segment of CPS chunks by `la_state_fwd_kernel` (in-segment exclusive prefix, stored in the
 input dtype) plus an exclusive prefix over segment totals (fp32, `seg_prefix_kernel`): S_i = S_loc[i] + S_seg[i // CPS].
 
-RULE codes: 0 shared_norm, 1 mix, 2 swa_only, 3 la_only.
+RULE codes: 0 shared_norm, 1 mix (both branches, combined by that rule: triton.hybrid.RULES), 2 window only
+('swa_only'), 3 linear only ('la_only'); the modes' codes are their linearize.config.MODES entries' kernel_code.
 All accumulation is fp32; tensor-core operands are in the input dtype (bf16/fp16), or fp32 with IEEE precision.
 """
 
@@ -24,12 +25,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _tanh(x):
-    # tanh without libdevice (also runs under TRITON_INTERPRET=1); saturates cleanly for large |x|
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +113,8 @@ def seg_prefix_kernel(X1, E1, NB1, X2, E2, NSEG, REVERSE: tl.constexpr, NSP: tl.
 def hybrid_fwd_kernel(
     Q, K, V, QF, KF, VALID, WROW, S_LOC, S_SEG, Z_LOC, Z_SEG,
     OUT, XS, XL, ROWS, AMAT,
-    scale, softcap, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
-    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
+    scale, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
+    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, WMODE: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -195,8 +190,6 @@ def hybrid_fwd_kernel(
             kk = tl.load(K + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             vv = tl.load(V + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-            if SOFTCAP:
-                s = softcap * _tanh(s / softcap)
             diff = offs_t[:, None] - offs_k[None, :]
             msk = (diff >= 0) & (diff < W) & kin[None, :]
             s = tl.where(msk, s, float("-inf"))
@@ -283,8 +276,8 @@ def hybrid_bwd_q_kernel(
     Q, K, V, QF, KF, VALID, WROW, S_LOC, S_SEG, Z_LOC, Z_SEG,
     OUT, XS, XL, DO, ROWS,
     DQ, DQF, DAMAT, COEF,
-    scale, softcap, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
-    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
+    scale, wscalar, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW,
+    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, WMODE: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -300,7 +293,7 @@ def hybrid_bwd_q_kernel(
         alpha = g'/den_s, beta = -alpha Qs, delta = (1-g')/den_l, eps = -delta Ql, dw = Qs - Ql (0 where den_l == 0)
     Naive reference of the rest:
         dl_ts = p_ts (alpha_t do_t.v_s + beta_t) + [s == argmax_t] dc_t      (window s, p = exp(l - c))
-        dq_t  = sum_s dl_ts * dsoftcap * scale * k_s
+        dq_t  = sum_s dl_ts * scale * k_s
         dA    = (delta do_i @ v'_i^T + eps) * causal * valid'                (saved for the key side)
         dqf_i = dA @ kf'_i + (delta do_i) @ S_i^T + eps z_i^T
     COEF rows: (alpha, beta, delta, eps, dc, dw), each (B*HQ*T,).  Grid: (B*HQ, N).
@@ -401,16 +394,11 @@ def hybrid_bwd_q_kernel(
             kk = tl.load(K + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             vv = tl.load(V + (kv64 * T + offs_k[:, None]) * D + offs_d[None, :], mask=kin[:, None] & md[None, :], other=0.0)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-            if SOFTCAP:
-                th = _tanh(s / softcap)
-                s = softcap * th
             diff = offs_t[:, None] - offs_k[None, :]
             msk = (diff >= 0) & (diff < W) & kin[None, :]
             p = tl.where(msk, tl.exp(s - c[:, None]), 0.0)
             dp = tl.dot(doa, tl.trans(vv), input_precision=DOT_PREC) + beta[:, None]
             dl = p * dp + tl.where(msk & (offs_k[None, :] == arg[:, None]), dc[:, None], 0.0)
-            if SOFTCAP:
-                dl = dl * (1.0 - th * th)
             dq += tl.dot((dl * scale).to(dtype), kk, input_precision=DOT_PREC)
     tl.store(DQ + (bh64 * T + offs_t[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=om)
 
@@ -510,8 +498,8 @@ def la_state_bwd_kernel(
 def hybrid_bwd_kv_kernel(
     Q, K, V, QF, KF, VALID, DO, ROWS, COEF, AMAT, DAMAT, DS_LOC, DS_SEG, DZ_LOC, DZ_SEG,
     DK, DV, DKF,
-    scale, softcap, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW, SPLIT_STRIDE,
-    HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, SOFTCAP: tl.constexpr,
+    scale, T, N, CPS, NSEG, HQ, HKV, G, M, D, W, SHIFT, NROW, SPLIT_STRIDE,
+    HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr, NSPLIT: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -520,7 +508,7 @@ def hybrid_bwd_kv_kernel(
     Naive reference (sums over the query heads h of the group):
         window part, queries t in [s, s + w - 1]:
             p_ts = exp(l_ts - c_t);  dv_s += sum_t alpha_t p_ts do_t
-            dl_ts = p_ts (alpha_t do_t.v_s + beta_t) + [s == argmax_t] dc_t;  dk_s += sum_t dl_ts dsoftcap scale q_t
+            dl_ts = p_ts (alpha_t do_t.v_s + beta_t) + [s == argmax_t] dc_t;  dk_s += sum_t dl_ts scale q_t
         linear part (j < N; A, dA the diagonal blocks of query chunk j; dS_j, dz_j the suffix state gradients):
             dv'  += (A * delta)^T do_j + kf'_j @ dS_j
             dkf' += dA^T qf_j + v'_j @ dS_j^T + dz_j          (valid keys only)
@@ -569,9 +557,6 @@ def hybrid_bwd_kv_kernel(
                 beta = tl.load(COEF + NROW + r, mask=qm, other=0.0)
                 dc = tl.load(COEF + 4 * NROW + r, mask=qm, other=0.0)
                 s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-                if SOFTCAP:
-                    th = _tanh(s / softcap)
-                    s = softcap * th
                 diff = offs_q[:, None] - ks[None, :]
                 msk = (diff >= 0) & (diff < W) & km[None, :] & qm[:, None]
                 p = tl.where(msk, tl.exp(s - c[:, None]), 0.0)
@@ -579,8 +564,6 @@ def hybrid_bwd_kv_kernel(
                 dv += tl.dot(tl.trans(p.to(dtype)), doa, input_precision=DOT_PREC)
                 dp = tl.dot(doa, tl.trans(vv), input_precision=DOT_PREC) + beta[:, None]
                 dl = p * dp + tl.where(msk & (ks[None, :] == arg[:, None]), dc[:, None], 0.0)
-                if SOFTCAP:
-                    dl = dl * (1.0 - th * th)
                 dk += tl.dot(tl.trans((dl * scale).to(dtype)), q, input_precision=DOT_PREC)
 
     if HAS_LA:
@@ -658,15 +641,15 @@ def _fold_tile(S, Z, BUFKF, kv64, slot, L, M, D, om, mm, offs_d, md, st, z, v_ou
 @triton.jit
 def hybrid_decode_kernel(
     Q, QF, KN, VN, KFN, VALIDN, BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z, WROW, OUT,
-    scale, softcap, L, HQ, HKV, G, M, D,
-    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    scale, L, HQ, HKV, G, M, D,
+    RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
     FOLD: tl.constexpr,
     GP: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr,
 ):
     """One decoding step for the G query heads of one (b, hk), output columns [pid_d*BD, +BD).
 
     Naive reference (recurrent.decode_output; window = the ring (L slots, empty ones invalid) + the new key):
-        swa:   l = softcap(scale q . k_win); c = max; p = exp(l - c) * valid;  num_s = p @ v_win; den_s = p.sum()
+        swa:   l = scale q . k_win; c = max; p = exp(l - c) * valid;  num_s = p @ v_win; den_s = p.sum()
         la:    num_l = qf @ S, den_l = qf . z                                  ('complementary': S, z before the step)
                + (qf . kf_win * valid) @ v_win, + its sum                      ('overlap', 'la_only': all keys so far)
         out  = combine(rule, ...)
@@ -715,8 +698,6 @@ def hybrid_decode_kernel(
             kw += tl.load(KN + kv64 * D + offs_l[:, None] * 0 + od[None, :], mask=lcur[:, None] & mdk[None, :], other=0.0).to(tl.float32)
             lg += tl.sum(q[:, None, :] * kw[None, :, :], 2)
         lg = lg * scale
-        if SOFTCAP:
-            lg = softcap * _tanh(lg / softcap)
         lg = tl.where(wvalid[None, :], lg, float("-inf"))
         cm = tl.max(lg, 1)
         cm = tl.where(cm == float("-inf"), 0.0, cm)

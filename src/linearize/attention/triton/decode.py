@@ -7,7 +7,7 @@ updates, the slot counter), one program per (batch row, KV head) here reads the 
 output of its G query heads, folds the key leaving the window into S, z, writes the new key into the ring and the
 sinks, and advances the shared counters. It runs inside CUDA-graph capture: no host sync, fixed shapes, in place.
 
-Covered: modes 'hybrid' (both combine rules, both placements), 'swa_only' and 'la_only'; softcap; softmax sinks
+Covered: modes 'hybrid' (both combine rules, both placements), 'swa_only' and 'la_only'; softmax sinks
 (`softmax_sinks` > 0); GQA; padding (`valid`); per-head, per-row or constant weights. Not covered (the caller keeps
 its existing path; `fused_decode_step` returns None): several modes in one step (per-head modes), 'sinks_only' and
 'none', sparse memory, the other linear-state kinds, window 1 (no ring), an fp64 state, CPU tensors outside
@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from linearize.attention.common import check_mode
-from linearize.config import COMBINE_RULES, KERNEL_MODES
+from linearize.attention.spec import AttentionSpec
+from linearize.config import COMBINE_RULES, MODES, component_mode
 
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
@@ -53,15 +53,9 @@ TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
 _SINGLE_BRANCH = {"swa_only": 2, "la_only": 3}
 FUSED_MODES = ("hybrid", *_SINGLE_BRANCH)
-if set(_RULE_CODES) != set(COMBINE_RULES) or not set(FUSED_MODES) <= set(KERNEL_MODES):
-    raise ImportError("every combine rule of linearize.config needs its code in attention/triton/decode.py")
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
+if set(_RULE_CODES) != set(COMBINE_RULES) or any(MODES[m].kernel_code != c for m, c in _SINGLE_BRANCH.items()):
+    raise ImportError("attention/triton/decode.py: every combine rule needs its code, and the single-branch codes are "
+                      "the mode registry's kernel_code (linearize.config.MODES)")
 
 
 @triton.jit
@@ -88,9 +82,9 @@ def fused_decode_kernel(
     Q, QF, KN, VN, KFN, VALIDN, W, OUT,
     BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z,
     SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC,
-    scale, softcap, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, M, D, G: tl.constexpr,
+    scale, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, M, D, G: tl.constexpr,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
+    HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
 ):
@@ -168,8 +162,6 @@ def fused_decode_kernel(
                              mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
                 ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G)
             ls = ls * scale
-            if SOFTCAP:
-                ls = softcap * _tanh(ls / softcap)
             ls = tl.where(sink_left[None, :], ls, float("-inf"))
             c_s = tl.max(ls, 1)
             ps = tl.where(sink_left[None, :], tl.exp(ls - tl.where(c_s == float("-inf"), 0.0, c_s)[:, None]), 0.0)
@@ -207,8 +199,6 @@ def fused_decode_kernel(
                                   other=0.0).to(tl.float32)
                     lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G)
                 lg = lg * scale
-                if SOFTCAP:
-                    lg = softcap * _tanh(lg / softcap)
                 lg = tl.where(cvalid[None, :], lg, float("-inf"))
                 c_new = tl.maximum(c_s, tl.max(lg, 1))
                 c_safe = tl.where(c_new == float("-inf"), 0.0, c_new)
@@ -335,7 +325,7 @@ def fused_decode_enabled(x: torch.Tensor) -> bool:
 def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
     """Whether `fused_decode_step` computes this step (else it returns None and the caller keeps its path)."""
     for mode in modes:
-        check_mode(mode)
+        component_mode(mode)  # an unknown name raises
     w_ok = not torch.is_tensor(weight) or weight.dim() in (0, 1, 3)
     return (len(modes) == 1 and modes[0] in FUSED_MODES and w_ok and fused_decode_enabled(q)
             and state.additive and state.memory is None and state.buf_k.shape[2] > 0
@@ -370,15 +360,15 @@ def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int8)
 
 
-def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float, weight=0.1,
-                      rule: str = "shared_norm", placement: str = "complementary", softcap: float | None = None,
-                      log_decay=None, beta=None) -> dict[str, torch.Tensor] | None:
+def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, weight=0.1,
+                      valid=None) -> dict[str, torch.Tensor] | None:
     """`recurrent.decode_step` for one component mode in one kernel launch: {mode: output (B, Hq, 1, d)}, the state
     advanced in place; None where `fused_decode_applies` says no (nothing is then changed). q (B, Hq, 1, d), k/v
     (B, Hkv, 1, d), qf (B, Hq, 1, m), kf (B, Hkv, 1, m), valid (B, 1) bool or None (all valid)."""
     if not fused_decode_applies(state, q, modes, weight=weight):
         return None
     (mode,) = modes
+    scale, rule, placement = spec.scale, spec.rule, spec.placement
     if mode == "hybrid" and rule not in _RULE_CODES:
         raise ValueError(f"unknown combination rule {rule!r}; expected one of {tuple(_RULE_CODES)}")
     code = _RULE_CODES[rule] if mode == "hybrid" else _SINGLE_BRANCH[mode]
@@ -416,10 +406,10 @@ def fused_decode_step(state, q, k, v, qf, kf, *, modes, valid=None, scale: float
         state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,
         state.sink_k, state.sink_v, sink_kf, _bool_bytes(state.sink_valid),
         state.left_count if nss else state.slot, _sync_counters(state, b * hkv + b + 1, dev),
-        float(scale), float(softcap) if softcap is not None else 1.0, wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
+        float(scale), wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
         m, d, hq // hkv,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
-        SOFTCAP=softcap is not None, HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
+        HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
         SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ND=nd,
         GP=gp, BLC=min(rows, _pow2(L + 1, 2)), BS=_pow2(ns, 2), BM=min(rows, 64, _pow2(m, 2)), BD=bd, num_warps=warps,
     )

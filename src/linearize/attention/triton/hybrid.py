@@ -16,17 +16,21 @@ import torch
 import triton
 
 from linearize.attention.chunked import hybrid_attention_chunked
-from linearize.attention.common import check_mode, expand_weight, sink_positions  # noqa: F401
 from linearize.attention.recurrent import HybridState, advance_state, decode_output, fused_step
+from linearize.attention.spec import AttentionSpec
 from linearize.attention.triton import _kernels as K
-from linearize.config import COMBINE_RULES, KERNEL_MODES
+from linearize.config import COMBINE_RULES, MODES, ComponentMode, component_mode
 
-# The kernels' RULE code of a (mode, rule): the hybrid mode's combine rules, then the single-branch kernel modes
-# (the `if RULE == ...` branches of _kernels.py).
+# The kernels' RULE code (the `if RULE == ...` branches of _kernels.py) of a mode that combines both branches: its
+# combine rule's; a single-branch mode's is its registry entry's `kernel_code` (and the rule does not matter).
 RULES = {"shared_norm": 0, "mix": 1}
-SINGLE_BRANCH_CODES = {"swa_only": 2, "la_only": 3}
-if set(RULES) != set(COMBINE_RULES) or set(SINGLE_BRANCH_CODES) | {"hybrid"} != set(KERNEL_MODES):
-    raise ImportError("every combine rule and kernel mode of linearize.config needs its kernel code here")
+_CODE_PAIRS = [(code, (mode, rule)) for mode in MODES.values() if mode.kernel_code is not None
+               for rule, code in (RULES.items() if mode.combines else [("shared_norm", mode.kernel_code)])]
+#: RULE code -> (the mode, the combine rule) it computes
+KERNEL_CODES = dict(_CODE_PAIRS)
+if set(RULES) != set(COMBINE_RULES) or len(KERNEL_CODES) != len(_CODE_PAIRS):
+    raise ImportError("every combine rule of linearize.config needs its kernel code here, and no two modes or rules "
+                      "may share a kernel code")
 
 # Tuning knobs (tests shrink them to exercise several segments at small T).
 TUNING = {
@@ -86,9 +90,9 @@ def _num_sms(device) -> int:
     return 4
 
 
-def _mode_code(mode: str, rule: str) -> int:
-    if mode in SINGLE_BRANCH_CODES:
-        return SINGLE_BRANCH_CODES[mode]
+def _mode_code(mode: ComponentMode, rule: str) -> int:
+    if not mode.combines:
+        return mode.kernel_code
     if rule not in RULES:
         raise ValueError(f"unknown combination rule {rule!r}")
     return RULES[rule]
@@ -97,7 +101,7 @@ def _mode_code(mode: str, rule: str) -> int:
 class _Config:
     """Launch parameters shared by the forward and backward kernels of one call signature (built once: `_config`)."""
 
-    def __init__(self, q, k, qf, *, scale, window, code, shift, softcap, chunk_size, has_valid, wmode):
+    def __init__(self, q, k, qf, *, scale, window, code, shift, chunk_size, has_valid, wmode):
         b, hq, t, d = q.shape
         self.b, self.hq, self.t, self.d = b, hq, t, d
         self.hkv = k.shape[1]
@@ -109,11 +113,9 @@ class _Config:
         self.wmode = wmode  # 0: a float (passed per call), 1: per head (Hq,), 2: per row (B, Hq, T)
         self.window = int(window)
         self.code = code
-        self.has_swa = code != 3
-        self.has_la = code != 2
+        mode = KERNEL_CODES[code][0]
+        self.has_swa, self.has_la, self.combines = mode.uses_window, mode.uses_linear, mode.combines
         self.shift = int(shift)
-        self.softcap = float(softcap) if softcap is not None else 1.0
-        self.use_softcap = softcap is not None
         bt = int(chunk_size) if chunk_size else 64
         if bt & (bt - 1) or not 16 <= bt <= 64:
             bt = 64
@@ -155,14 +157,14 @@ class _Config:
 _CONFIGS: dict = {}
 
 
-def _config(q, k, qf, scale, window, code, shift, softcap, chunk_size, has_valid, wmode) -> _Config:
-    key = (q.shape, k.shape[1], qf.shape[-1], q.dtype, q.device, scale, window, code, shift, softcap, chunk_size,
+def _config(q, k, qf, scale, window, code, shift, chunk_size, has_valid, wmode) -> _Config:
+    key = (q.shape, k.shape[1], qf.shape[-1], q.dtype, q.device, scale, window, code, shift, chunk_size,
            has_valid, wmode, *TUNING.values())  # TUNING: tests change it
     cfg = _CONFIGS.get(key)
     if cfg is None:
         if len(_CONFIGS) >= 256:
             _CONFIGS.clear()
-        cfg = _CONFIGS[key] = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, softcap=softcap,
+        cfg = _CONFIGS[key] = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift,
                                       chunk_size=chunk_size, has_valid=has_valid, wmode=wmode)
     return cfg
 
@@ -195,8 +197,8 @@ def _forward(q, k, v, qf, kf, wrow, valid, wscalar, cfg: _Config):
     Pointers a mode never reads get an existing tensor (no allocation)."""
     b, hq, t, d = q.shape
     out = torch.empty_like(q)
-    xs = torch.empty_like(q) if cfg.code in (0, 1) else out
-    xl = torch.empty_like(q) if cfg.code == 1 else out
+    xs = torch.empty_like(q) if cfg.combines else out
+    xl = torch.empty_like(q) if cfg.code == RULES["mix"] else out
     rows = torch.empty(4, b, hq, t, device=q.device, dtype=torch.float32)  # c, den_s, den_l, argmax (int32 bits)
     if cfg.has_la:
         s_loc, s_seg, z_loc, z_seg = _states_fwd(kf, v, valid, cfg)
@@ -206,8 +208,8 @@ def _forward(q, k, v, qf, kf, wrow, valid, wscalar, cfg: _Config):
     K.hybrid_fwd_kernel[(b * hq, cfg.n)](
         q, k, v, qf, kf, valid, wrow, s_loc, s_seg, z_loc, z_seg,
         out, xs, xl, rows, amat,
-        cfg.scale, cfg.softcap, wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow,
-        RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        cfg.scale, wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow,
+        RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la,
         HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, WMODE=cfg.wmode,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -227,8 +229,8 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, out, xs, xl, rows, amat, s_loc, 
         q, k, v, qf, kf, valid, wrow, s_loc, s_seg, z_loc, z_seg,
         out, xs, xl, do, rows,
         dq, dqf, damat, coef,
-        cfg.scale, cfg.softcap, wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow,
-        RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        cfg.scale, wscalar, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow,
+        RULE=cfg.code, HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la,
         HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, WMODE=cfg.wmode,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -256,8 +258,8 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, out, xs, xl, rows, amat, s_loc, 
     K.hybrid_bwd_kv_kernel[(bkv, cfg.nk, cfg.ksplit)](
         q, k, v, qf, kf, valid, do, rows, coef, amat, damat, ds_loc, ds_seg, dz_loc, dz_seg,
         dk_out, dv_out, dkf,
-        cfg.scale, cfg.softcap, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow, stride,
-        HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la, SOFTCAP=cfg.use_softcap,
+        cfg.scale, t, cfg.n, cfg.cps, cfg.nseg, hq, cfg.hkv, cfg.g, cfg.m, d, cfg.window, cfg.shift, cfg.nrow, stride,
+        HAS_SWA=cfg.has_swa, HAS_LA=cfg.has_la,
         HAS_VALID=cfg.has_valid, HAS_SEG=cfg.nseg > 1, NSPLIT=cfg.ksplit,
         BT=cfg.bt, BM=cfg.bm, BD=cfg.bd, DOT_PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -266,7 +268,7 @@ def _backward(do, q, k, v, qf, kf, wrow, valid, out, xs, xl, rows, amat, s_loc, 
     dk, dv = dkv
     if not cfg.has_swa:  # la_only reads neither q nor k
         dq = dk = None
-    dw = None if cfg.code in (2, 3) or cfg.wmode == 0 else coef[5]  # the weight enters only the 'hybrid' combination
+    dw = None if not cfg.combines or cfg.wmode == 0 else coef[5]  # the weight enters only where the branches combine
     return dq, dk, dv, (dqf if cfg.has_la else None), (dkf if cfg.has_la else None), dw
 
 
@@ -296,26 +298,25 @@ def _prep(x: torch.Tensor, dt) -> torch.Tensor:
     return x if x.dtype == dt and x.is_contiguous() else x.to(dt).contiguous()
 
 
-def hybrid_attention_triton(
-    q, k, v, qf, kf, *, scale: float, window: int, weight=0.1, rule: str = "shared_norm",
-    placement: str = "complementary", mode: str = "hybrid", num_sinks: int = 8, valid=None,
-    softcap: float | None = None, chunk_size: int = 64,
-) -> torch.Tensor:
+def hybrid_attention_triton(q, k, v, qf, kf, *, spec: AttentionSpec, mode: str | ComponentMode = "hybrid", weight=0.1,
+                            valid=None) -> torch.Tensor:
     """Hybrid attention (B, Hq, T, d) with exactly the semantics of `hybrid_attention_chunked`, on Triton kernels.
 
-    Differentiable in q, k, v, qf, kf and weight.  `chunk_size` is the kernels' block size when it is a power of
+    Differentiable in q, k, v, qf, kf and weight.  `spec.chunk_size` is the kernels' block size when it is a power of
     two in [16, 64] (64 otherwise); it changes no result.
     """
-    check_mode(mode)
-    if mode not in KERNEL_MODES or not _kernel_ok(q) or q.shape[2] == 0:
-        return hybrid_attention_chunked(q, k, v, qf, kf, scale=scale, window=window, weight=weight, rule=rule,
-                                        placement=placement, mode=mode, num_sinks=num_sinks, valid=valid,
-                                        softcap=softcap, chunk_size=chunk_size)
+    mode = component_mode(mode)
+    if mode.uses_window and spec.softmax_extras:
+        raise ValueError("softmax_sinks and sparse_memory run on the PyTorch paths only; the Triton kernels do not "
+                         "implement them")
+    if mode.kernel_code is None or not _kernel_ok(q) or q.shape[2] == 0:
+        return hybrid_attention_chunked(q, k, v, qf, kf, spec=spec, mode=mode, weight=weight, valid=valid)
+    window, scale, chunk_size = spec.window, spec.scale, spec.chunk_size
     b, hq, t, d = q.shape
     if int(window) < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    code = _mode_code(mode, rule) if mode == "hybrid" else _mode_code(mode, "shared_norm")
-    shift = int(window) if (mode == "hybrid" and placement == "complementary") else 0
+    code = _mode_code(mode, spec.rule)
+    shift = mode.linear_lag(spec.placement, int(window)) or 0
     dt = q.dtype
     q, k, v, qf, kf = (_prep(x, dt) for x in (q, k, v, qf, kf))
     if valid is not None:  # no valid.all() check: it would synchronise with the device on every call
@@ -340,16 +341,16 @@ def hybrid_attention_triton(
             wmode, w = 2, w.expand(b, hq, t).contiguous()
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom ops of ops.py, no graph break
         return torch.ops.linearize.hybrid_fwd(q, k, v, qf, kf, w, valid, float(scale), int(window), float(wscalar), code,
-                                              shift, None if softcap is None else float(softcap), int(chunk_size))[0]
-    cfg = _config(q, k, qf, scale, window, code, shift, softcap, chunk_size, valid is not None, wmode)
+                                              shift, int(chunk_size))[0]
+    cfg = _config(q, k, qf, scale, window, code, shift, chunk_size, valid is not None, wmode)
     return _HybridFn.apply(q, k, v, qf, kf, w, valid, wscalar, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # decode
 # ----------------------------------------------------------------------------------------------------------------
-def _uses_decode_kernel(state: HybridState, q, mode: str) -> bool:
-    return mode in KERNEL_MODES and _kernel_ok(q) and state.S.dtype == torch.float32 and state.buf_k.shape[2] > 0
+def _uses_decode_kernel(state: HybridState, q, mode: ComponentMode) -> bool:
+    return mode.kernel_code is not None and _kernel_ok(q) and state.S.dtype == torch.float32 and state.buf_k.shape[2] > 0
 
 
 def _full_d(b: int, hkv: int, d: int, device) -> bool:
@@ -359,19 +360,18 @@ def _full_d(b: int, hkv: int, d: int, device) -> bool:
 
 
 def decode_output_triton(
-    state: HybridState, q, k, v, qf, kf, *, scale: float, weight=0.1, rule: str = "shared_norm",
-    placement: str = "complementary", mode: str = "hybrid", valid=None, softcap: float | None = None, fold: bool = False,
+    state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, mode: str | ComponentMode = "hybrid", weight=0.1,
+    valid=None, fold: bool = False,
 ) -> torch.Tensor:
     """One token's output (B, Hq, 1, d), same contract as `recurrent.decode_output`: the state is only read
     (`recurrent.advance_state` appends the token), unless `fold`, where the kernel also folds the key leaving the
     window into S and z in place (`decode_step_triton` uses it; then call `advance_state(..., fold=False)`)."""
-    check_mode(mode)
+    mode = component_mode(mode)
     if not _uses_decode_kernel(state, q, mode):
         if fold:
             raise ValueError("fold needs the decode kernel")
-        return decode_output(state, q, k, v, qf, kf, scale=scale, weight=weight, rule=rule, placement=placement,
-                             mode=mode, valid=valid, softcap=softcap)
-    code = _mode_code(mode, rule) if mode == "hybrid" else _mode_code(mode, "shared_norm")
+        return decode_output(state, q, k, v, qf, kf, spec=spec, mode=mode, weight=weight, valid=valid)
+    code = _mode_code(mode, spec.rule)
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     m = qf.shape[-1]
@@ -384,7 +384,7 @@ def decode_output_triton(
         w = (w.view(1, -1) if w.dim() == 1 else w.reshape(b, hq, -1)[..., 0]).expand(b, hq).contiguous()
     else:
         w = torch.full((b, hq), float(weight), device=dev, dtype=torch.float32)
-    la_window = code == 3 or (code in (0, 1) and placement != "complementary")
+    la_window = mode.linear_lag(spec.placement, L + 1) == 0  # the linear branch reads the window's keys too
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     full_d = _full_d(b, hkv, d, dev)
     if fold and not full_d:
@@ -393,25 +393,26 @@ def decode_output_triton(
     K.hybrid_decode_kernel[(b * hkv, triton.cdiv(d, bd))](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(), valid.to(torch.int8).contiguous(),
         state.buf_k, state.buf_v, state.buf_kf, state.buf_valid.to(torch.int8), state.slot, state.S, state.z, w, out,
-        float(scale), float(softcap) if softcap is not None else 1.0, L, hq, hkv, hq // hkv, m, d,
-        RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=la_window, SOFTCAP=softcap is not None, FOLD=fold,
+        float(spec.scale), L, hq, hkv, hq // hkv, m, d,
+        RULE=code, HAS_SWA=mode.uses_window, HAS_LA=mode.uses_linear, LA_WINDOW=la_window, FOLD=fold,
         GP=_pow2(hq // hkv, 1), BL=_pow2(L + 1, 2), BM=32, BD=bd, BDK=min(32, _pow2(d)), num_warps=4,
     )
     return out
 
 
-def decode_step_triton(state: HybridState, q, k, v, qf, kf, *, modes, valid=None, **kwargs) -> dict[str, torch.Tensor]:
+def decode_step_triton(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, modes, weight=0.1,
+                       valid=None) -> dict[str, torch.Tensor]:
     """`recurrent.decode_step` on the decode kernel: where one program covers a whole (b, kv head), the last kernel
     call also folds the leaving key into S and z (saving a pass over S), after every other mode has read them.
     Where the one-launch step of `attention/triton/decode.py` applies, that runs instead (`recurrent.fused_step`)."""
-    fused = fused_step(state, q, k, v, qf, kf, modes=modes, valid=valid, **kwargs)
+    fused = fused_step(state, q, k, v, qf, kf, spec=spec, modes=modes, weight=weight, valid=valid)
     if fused is not None:
         return fused
-    kernel_modes = [mode for mode in modes if _uses_decode_kernel(state, q, mode)]
+    kernel_modes = [mode for mode in modes if _uses_decode_kernel(state, q, component_mode(mode))]
     folding = kernel_modes[-1] if kernel_modes and _full_d(q.shape[0], k.shape[1], q.shape[-1], q.device) else None
-    outs = {mode: decode_output_triton(state, q, k, v, qf, kf, mode=mode, valid=valid, **kwargs)
-            for mode in modes if mode != folding}
+    call = dict(spec=spec, weight=weight, valid=valid)
+    outs = {mode: decode_output_triton(state, q, k, v, qf, kf, mode=mode, **call) for mode in modes if mode != folding}
     if folding is not None:
-        outs[folding] = decode_output_triton(state, q, k, v, qf, kf, mode=folding, valid=valid, fold=True, **kwargs)
+        outs[folding] = decode_output_triton(state, q, k, v, qf, kf, mode=folding, fold=True, **call)
     advance_state(state, k, v, kf, valid, fold=folding is None)
     return outs

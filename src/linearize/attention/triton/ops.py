@@ -19,10 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from linearize.attention.chunked import hybrid_attention_chunked
-from linearize.attention.triton.hybrid import _backward, _config, _Config, _forward
+from linearize.attention.spec import AttentionSpec
+from linearize.attention.triton.hybrid import KERNEL_CODES, RULES, _backward, _config, _Config, _forward
 
-#: mode code (hybrid.py's RULES / SINGLE_BRANCH_CODES) -> (mode, combine rule) of the chunked path
-_CODE_MODES = {0: ("hybrid", "shared_norm"), 1: ("hybrid", "mix"), 2: ("swa_only", "shared_norm"), 3: ("la_only", "shared_norm")}
+
+def _chunked_call(code, scale, window, shift, chunk_size):
+    """The mode and spec under which the chunked PyTorch path computes what kernel code `code` does."""
+    mode, rule = KERNEL_CODES[code]
+    return mode, AttentionSpec(scale=scale, window=window, rule=rule, placement="complementary" if shift else "overlap",
+                               chunk_size=chunk_size)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -33,8 +38,8 @@ def _wmode(weight) -> int:
     return 0 if weight is None else (1 if weight.dim() == 1 else 2)
 
 
-def _cfg(q, k, qf, weight, valid, scale, window, code, shift, softcap, chunk_size):
-    return _config(q, k, qf, scale, window, code, shift, softcap, chunk_size, valid is not None, _wmode(weight))
+def _cfg(q, k, qf, weight, valid, scale, window, code, shift, chunk_size):
+    return _config(q, k, qf, scale, window, code, shift, chunk_size, valid is not None, _wmode(weight))
 
 
 def _residual_shapes(q, k, qf, kf, cfg) -> list[tuple | None]:
@@ -42,7 +47,7 @@ def _residual_shapes(q, k, qf, kf, cfg) -> list[tuple | None]:
     b, hq, t, _ = q.shape
     bkv = b * cfg.hkv
     la = cfg.has_la
-    return [tuple(q.shape) if cfg.code in (0, 1) else None, tuple(q.shape) if cfg.code == 1 else None, (4, b, hq, t),
+    return [tuple(q.shape) if cfg.combines else None, tuple(q.shape) if cfg.code == RULES["mix"] else None, (4, b, hq, t),
             (b * hq, cfg.n, cfg.bt, cfg.bt) if la else None, (bkv, cfg.n, cfg.m, cfg.d) if la else None,
             (bkv, cfg.nseg, cfg.m, cfg.d) if la else None, (bkv, cfg.n, cfg.m) if la else None,
             (bkv, cfg.nseg, cfg.m) if la else None]
@@ -56,23 +61,20 @@ def _residual_dtypes(q, kf):
 @torch.library.custom_op("linearize::hybrid_fwd", mutates_args=())
 def hybrid_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qf: torch.Tensor, kf: torch.Tensor,
                weight: torch.Tensor | None, valid: torch.Tensor | None, scale: float, window: int, wscalar: float,
-               code: int, shift: int, softcap: float | None, chunk_size: int) -> list[torch.Tensor]:
+               code: int, shift: int, chunk_size: int) -> list[torch.Tensor]:
     """(out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg): the output and what the backward reads."""
     if q.device.type == "cpu":  # the chunked PyTorch path; the CPU backward recomputes through it
-        mode, rule = _CODE_MODES[code]
-        out = hybrid_attention_chunked(q, k, v, qf, kf, scale=scale, window=window,
-                                       weight=wscalar if weight is None else weight, rule=rule,
-                                       placement="complementary" if shift else "overlap", mode=mode,
-                                       valid=None if valid is None else valid.bool(), softcap=softcap,
-                                       chunk_size=chunk_size)
+        mode, spec = _chunked_call(code, scale, window, shift, chunk_size)
+        out = hybrid_attention_chunked(q, k, v, qf, kf, spec=spec, mode=mode, weight=wscalar if weight is None else weight,
+                                       valid=None if valid is None else valid.bool())
         return [out.to(q.dtype)] + [_empty(q) for _ in range(8)]
-    return kernel_fwd(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softcap, chunk_size)
+    return kernel_fwd(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, chunk_size)
 
 
-def kernel_fwd(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softcap, chunk_size):
+def kernel_fwd(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, chunk_size):
     """`hybrid_fwd` on the Triton kernels (CUDA; the CPU too under TRITON_INTERPRET=1, which the tests use)."""
     q, k, v, qf, kf = (x.contiguous() for x in (q, k, v, qf, kf))  # the kernels index densely (no-ops when traced so)
-    cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, softcap, chunk_size)
+    cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, chunk_size)
     saved = list(_forward(q, k, v, qf, kf, weight if weight is not None else q, valid if valid is not None else q,
                           wscalar, cfg))
     for i, shape in enumerate(_residual_shapes(q, k, qf, kf, cfg), start=1):
@@ -82,11 +84,11 @@ def kernel_fwd(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shi
 
 
 @hybrid_fwd.register_fake
-def _(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softcap, chunk_size):
+def _(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, chunk_size):
     if q.device.type == "cpu":
         return [torch.empty_like(q)] + [_empty(q) for _ in range(8)]
     # not the cached _config: under dynamic shapes the sizes are symbolic, which a dict key cannot hold
-    cfg = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, softcap=softcap, chunk_size=chunk_size,
+    cfg = _Config(q, k, qf, scale=scale, window=window, code=code, shift=shift, chunk_size=chunk_size,
                   has_valid=valid is not None, wmode=_wmode(weight))
     shapes, dtypes = _residual_shapes(q, k, qf, kf, cfg), _residual_dtypes(q, kf)
     return [torch.empty_like(q)] + [_empty(q) if s is None else q.new_empty(s, dtype=dt) for s, dt in zip(shapes, dtypes)]
@@ -95,9 +97,11 @@ def _(q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softc
 def _bwd_shapes(q, k, qf, kf, weight, code):
     """(dq, dkv, dqf, dkf, dw) shapes; None: returned empty."""
     b, hq, t, _ = q.shape
-    has_w = code in (0, 1) and weight is not None
-    return [None if code == 3 else tuple(q.shape), (2, *k.shape), None if code == 2 else tuple(qf.shape),
-            None if code == 2 else tuple(kf.shape), (tuple(weight.shape) if weight.dim() == 1 else (b, hq, t)) if has_w else None]
+    mode = KERNEL_CODES[code][0]
+    has_w = mode.combines and weight is not None
+    return [tuple(q.shape) if mode.uses_window else None, (2, *k.shape), tuple(qf.shape) if mode.uses_linear else None,
+            tuple(kf.shape) if mode.uses_linear else None,
+            (tuple(weight.shape) if weight.dim() == 1 else (b, hq, t)) if has_w else None]
 
 
 @torch.library.custom_op("linearize::hybrid_bwd", mutates_args=())
@@ -105,24 +109,24 @@ def hybrid_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                weight: torch.Tensor | None, valid: torch.Tensor | None, out: torch.Tensor, xs: torch.Tensor,
                xl: torch.Tensor, rows: torch.Tensor, amat: torch.Tensor, s_loc: torch.Tensor, s_seg: torch.Tensor,
                z_loc: torch.Tensor, z_seg: torch.Tensor, scale: float, window: int, wscalar: float, code: int,
-               shift: int, softcap: float | None, chunk_size: int) -> list[torch.Tensor]:
+               shift: int, chunk_size: int) -> list[torch.Tensor]:
     """(dq, dkv = stack(dk, dv), dqf, dkf, dw); the ones a mode has no gradient for are empty."""
     shapes = _bwd_shapes(q, k, qf, kf, weight, code)
     if q.device.type == "cpu":
-        grads = _cpu_grads(do, q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softcap, chunk_size)
+        grads = _cpu_grads(do, q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, chunk_size)
         dq, dk, dv, dqf, dkf, dw = grads
         res = [dq, torch.stack([dk, dv]), dqf, dkf, dw]
         return [_empty(q) if s is None else r.to(dt) for r, s, dt in zip(res, shapes, _bwd_dtypes(q, kf))]
     return kernel_bwd(do, q, k, v, qf, kf, weight, valid, out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg, scale,
-                      window, wscalar, code, shift, softcap, chunk_size)
+                      window, wscalar, code, shift, chunk_size)
 
 
 def kernel_bwd(do, q, k, v, qf, kf, weight, valid, out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg, scale, window,
-               wscalar, code, shift, softcap, chunk_size):
+               wscalar, code, shift, chunk_size):
     """`hybrid_bwd` on the Triton kernels (as `kernel_fwd`)."""
     shapes = _bwd_shapes(q, k, qf, kf, weight, code)
     q, k, v, qf, kf = (x.contiguous() for x in (q, k, v, qf, kf))
-    cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, softcap, chunk_size)
+    cfg = _cfg(q, k, qf, weight, valid, scale, window, code, shift, chunk_size)
     placeholder = rows
     saved = [x if x.numel() else (out if i < 2 else placeholder) for i, x in enumerate((xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg))]
     dq, dk, dv, dqf, dkf, dw = _backward(do, q, k, v, qf, kf, weight if weight is not None else q,
@@ -139,18 +143,15 @@ def kernel_bwd(do, q, k, v, qf, kf, weight, valid, out, xs, xl, rows, amat, s_lo
     return [_empty(q) if s is None else r for r, s in zip(res, shapes)]
 
 
-def _cpu_grads(do, q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, softcap, chunk_size):
+def _cpu_grads(do, q, k, v, qf, kf, weight, valid, scale, window, wscalar, code, shift, chunk_size):
     """Gradients of the chunked path by autograd (zeros where an input does not enter). A custom op's implementation
     runs with the autograd dispatch keys excluded (thread-local), so autograd runs in a worker thread."""
-    mode, rule = _CODE_MODES[code]
+    mode, spec = _chunked_call(code, scale, window, shift, chunk_size)
 
     def grads():
         ins = [x.detach().requires_grad_() for x in (q, k, v, qf, kf)]
         w = wscalar if weight is None else weight.detach().requires_grad_()
-        out = hybrid_attention_chunked(*ins, scale=scale, window=window, weight=w, rule=rule,
-                                       placement="complementary" if shift else "overlap", mode=mode,
-                                       valid=None if valid is None else valid.bool(), softcap=softcap,
-                                       chunk_size=chunk_size)
+        out = hybrid_attention_chunked(*ins, spec=spec, mode=mode, weight=w, valid=None if valid is None else valid.bool())
         wrt = ins + ([w] if torch.is_tensor(w) else [])
         found = torch.autograd.grad(out, wrt, do.to(out.dtype), allow_unused=True)
         found = [torch.zeros_like(x) if g is None else g for g, x in zip(found, wrt)]
@@ -166,7 +167,7 @@ def _bwd_dtypes(q, kf):
 
 @hybrid_bwd.register_fake
 def _(do, q, k, v, qf, kf, weight, valid, out, xs, xl, rows, amat, s_loc, s_seg, z_loc, z_seg, scale, window, wscalar,
-      code, shift, softcap, chunk_size):
+      code, shift, chunk_size):
     shapes = _bwd_shapes(q, k, qf, kf, weight, code)
     return [_empty(q) if s is None else q.new_empty(s, dtype=dt) for s, dt in zip(shapes, _bwd_dtypes(q, kf))]
 
@@ -180,24 +181,23 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grads):
     q, k, v, qf, kf, weight, valid, *saved = ctx.saved_tensors
-    code = ctx.params[3]
+    mode = KERNEL_CODES[ctx.params[3]][0]
     dq, dkv, dqf, dkf, dw = hybrid_bwd(grads[0], q, k, v, qf, kf, weight, valid, *saved, *ctx.params)
-    dq = None if code == 3 else dq
-    dk = None if code == 3 else dkv[0]
-    dqf, dkf = (None, None) if code == 2 else (dqf, dkf)
+    dq, dk = (dq, dkv[0]) if mode.uses_window else (None, None)
+    dqf, dkf = (dqf, dkf) if mode.uses_linear else (None, None)
     dw = dw if dw.numel() and ctx.needs_input_grad[5] else None
-    return dq, dk, dkv[1], dqf, dkf, dw, None, None, None, None, None, None, None, None
+    return dq, dk, dkv[1], dqf, dkf, dw, None, None, None, None, None, None, None
 
 
 hybrid_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def hybrid_attention_op(q, k, v, qf, kf, weight, valid, *, scale: float, window: int, wscalar: float, code: int,
-                        shift: int, softcap: float | None, chunk_size: int) -> torch.Tensor:
+                        shift: int, chunk_size: int) -> torch.Tensor:
     """The hybrid output through the custom ops (what `hybrid_attention_triton` runs under torch.compile); inputs
     as `_HybridFn` takes them: contiguous, one dtype, `weight` None / (Hq,) / (B, Hq, T) fp32, `valid` None or int8."""
     return hybrid_fwd(q, k, v, qf, kf, weight, valid, float(scale), int(window), float(wscalar), int(code), int(shift),
-                      None if softcap is None else float(softcap), int(chunk_size))[0]
+                      int(chunk_size))[0]
 
 
 __all__ = ["hybrid_attention_op", "hybrid_bwd", "hybrid_fwd"]

@@ -1,0 +1,41 @@
+"""The hybrid layer's fixed settings, one frozen object: what every backend (reference, chunked, recurrent, Triton)
+reads besides the tensors, the component mode and the mixing weight.
+
+A converted layer builds its spec once, from its `HybridConfig` and the base layer's softmax scale
+(`AttentionSpec.from_config`), and passes it to whichever backend runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from linearize.config import HybridConfig
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Every field but `scale` is the `HybridConfig` field of the same name (`rule` is its `combine`)."""
+
+    scale: float = field(metadata={"help": "The base attention's softmax scale (the family adapter's)."})
+    window: int = field(metadata={"help": "Sliding-window size w (HybridConfig.window)."})
+    rule: str = field(default="shared_norm", metadata={"help": "Combine rule of the two branches (HybridConfig.combine)."})
+    placement: str = field(default="complementary", metadata={"help": "Keys the linear branch covers when the window runs too."})
+    num_sinks: int = field(default=8, metadata={"help": "Leading tokens the 'sinks_only' diagnostic attends."})
+    softmax_sinks: int = field(default=0, metadata={"help": "Attention sinks kept in the softmax branch; 0 = off."})
+    sparse_memory: int = field(default=0, metadata={"help": "Exact keys the sparse memory keeps; 0 = off."})
+    memory_block: int = field(default=64, metadata={"help": "Tokens between sparse-memory updates."})
+    chunk_size: int = field(default=64, metadata={"help": "Block size of the chunked implementations and the kernels."})
+    linear_state: str = field(default="sum", metadata={"help": "Kind of the linear branch's state (attention.linear)."})
+    backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})
+
+    @classmethod
+    def from_config(cls, hybrid: HybridConfig, scale: float) -> "AttentionSpec":
+        return cls(scale=scale, window=hybrid.window, rule=hybrid.combine, placement=hybrid.placement,
+                   num_sinks=hybrid.num_sinks, softmax_sinks=hybrid.softmax_sinks, sparse_memory=hybrid.sparse_memory,
+                   memory_block=hybrid.memory_block, chunk_size=hybrid.chunk_size, linear_state=hybrid.linear_state,
+                   backend=hybrid.backend)
+
+    @property
+    def softmax_extras(self) -> bool:
+        """Whether the softmax branch holds keys besides the window (softmax sinks, sparse memory)."""
+        return self.softmax_sinks > 0 or self.sparse_memory > 0

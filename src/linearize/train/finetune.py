@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import warnings
 
@@ -113,7 +115,7 @@ def validation_losses(model, val: torch.Tensor, *, modes=("hybrid", "swa_only", 
     out = {}
     for mode in (modes if converted else ["base"]):
         total, count = 0.0, 0
-        ctx = components(model, mode) if converted else _null()
+        ctx = components(model, mode) if converted else contextlib.nullcontext()
         with ctx:
             for i in range(0, len(mine), batch_size):
                 batch = mine[i:i + batch_size].to(device)
@@ -128,10 +130,3 @@ def validation_losses(model, val: torch.Tensor, *, modes=("hybrid", "swa_only", 
     model.train(was_training)
     return out
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -11,7 +11,8 @@
 #   usage: scripts/gpu_long_context.sh MODEL OUT SECONDS
 # Settings (environment): PRESET (gpu-small), MAX_TRAIN (4 conversions at a time), PARALLEL_EVALS (3),
 # BASELINE_WINDOWS (auto,512,64), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
-# RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
+# RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below), RUN_NAMES (a
+# comma-separated subset of the runs' names). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
 model=$1 out=$2 seconds=$3
 deadline=$((SECONDS + seconds))
@@ -29,6 +30,10 @@ RUNS=(
   "ssd-global-mix|ssd|--set hybrid.combine=mix --set hybrid.layers=global"
 )
 [ -n "${RUNS_OVERRIDE:-}" ] && IFS=';' read -ra RUNS <<< "$RUNS_OVERRIDE"
+if [ -n "${RUN_NAMES:-}" ]; then  # keep only these runs (comma-separated names)
+  kept=(); for r in "${RUNS[@]}"; do [[ ",$RUN_NAMES," == *",${r%%|*},"* ]] && kept+=("$r"); done
+  RUNS=("${kept[@]}")
+fi
 # name | trained run | training-free changes at load
 VARIANTS=(
   "ssd-global-mix-w512|ssd-global-mix|--hybrid window=512"

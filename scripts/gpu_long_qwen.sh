@@ -29,11 +29,6 @@ delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
 export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
 delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\
 sum-all|ssd|$common --set hybrid.layers=all"
-if [ -n "${RUN_NAMES:-}" ]; then  # keep only these runs (comma-separated names)
-  kept=""; IFS=';' read -ra all <<< "$RUNS_OVERRIDE"
-  for r in "${all[@]}"; do [[ ",$RUN_NAMES," == *",${r%%|*},"* ]] && kept+="${kept:+;}$r"; done
-  RUNS_OVERRIDE=$kept
-fi
 export VARIANTS_OVERRIDE="${VARIANTS_OVERRIDE-delta-all-mem|sum-all|--hybrid sparse_memory=64 --long-modes hybrid}"
 export BASE_ARGS="${BASE_ARGS:---layers all --window 512}" BASELINE_WINDOWS="${BASELINE_WINDOWS:-auto,512}"
 export MAX_TRAIN="${MAX_TRAIN:-3}" PARALLEL_EVALS="${PARALLEL_EVALS:-3}"

@@ -23,11 +23,6 @@ gated-w512|ssd|$common --set hybrid.window=512 --set hybrid.linear_state=gated;\
 delta-w512|ssd|$common --set hybrid.window=512 $delta;\
 gated-w64|ssd|$common --set hybrid.linear_state=gated;\
 delta-w64|ssd|$common $delta"
-if [ -n "${RUN_NAMES:-}" ]; then  # keep only these runs (comma-separated names)
-  kept=""; IFS=';' read -ra all <<< "$RUNS_OVERRIDE"
-  for r in "${all[@]}"; do [[ ",$RUN_NAMES," == *",${r%%|*},"* ]] && kept+="${kept:+;}$r"; done
-  RUNS_OVERRIDE=$kept
-fi
 export VARIANTS_OVERRIDE="${VARIANTS_OVERRIDE-sum-w512-mem|sum-w512|--hybrid sparse_memory=64 --long-modes hybrid}"
 export MAX_TRAIN="${MAX_TRAIN:-5}" PARALLEL_EVALS="${PARALLEL_EVALS:-4}"
 export LONG_ARGS="${LONG_ARGS:---limit 50 --cell-limit 3 --long-tasks squad,drop,passkey,niah_single,qa_squad \

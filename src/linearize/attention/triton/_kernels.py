@@ -631,6 +631,27 @@ def split_sum_kernel(PART, OUT, E, NSPLIT: tl.constexpr, BLOCK: tl.constexpr):
 # decode: one new token against the constant-size state
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def combine_decode(num_s, den_s, num_l, den_l, wrow, RULE: tl.constexpr):
+    """One decode step's output (G, D) from the branches' sums: RULE 0 shared_norm, 1 mix (g = wrow; SWA alone where
+    the linear branch has no keys), 2 the window alone, 3 the linear branch alone; an empty branch gives 0. The decode
+    kernel here and the fused step (attention/triton/decode.py) both end with it."""
+    inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
+    inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
+    if RULE == 0:
+        den = wrow * den_s + den_l
+        inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+        out = (wrow[:, None] * num_s + num_l) * inv[:, None]
+    elif RULE == 1:
+        gp = tl.where(den_l == 0.0, 1.0, wrow)
+        out = gp[:, None] * num_s * inv_s[:, None] + (1.0 - gp)[:, None] * num_l * inv_l[:, None]
+    elif RULE == 2:
+        out = num_s * inv_s[:, None]
+    else:
+        out = num_l * inv_l[:, None]
+    return out
+
+
+@triton.jit
 def _fold_tile(S, Z, BUFKF, kv64, slot, L, M, D, om, mm, offs_d, md, st, z, v_out, valid_out):
     """S[om, offs_d] = st + kf_out v_out^T and Z[om] = z + kf_out, kf_out = the leaving key's features (0 if invalid)."""
     kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * valid_out
@@ -732,17 +753,5 @@ def hybrid_decode_kernel(
             z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
             _fold_tile(S, Z, BUFKF, kv64, slot, L, M, D, om, mm, offs_d, md, st, z, v_out, valid_out)
 
-    inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
-    inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
-    if RULE == 0:
-        den = wrow * den_s + den_l
-        inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
-        out = (wrow[:, None] * num_s + num_l) * inv[:, None]
-    elif RULE == 1:
-        gp = tl.where(den_l == 0.0, 1.0, wrow)
-        out = gp[:, None] * num_s * inv_s[:, None] + (1.0 - gp)[:, None] * num_l * inv_l[:, None]
-    elif RULE == 2:
-        out = num_s * inv_s[:, None]
-    else:
-        out = num_l * inv_l[:, None]
+    out = combine_decode(num_s, den_s, num_l, den_l, wrow, RULE)
     tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from linearize.attention.spec import AttentionSpec
+from linearize.attention.triton._kernels import combine_decode
 from linearize.config import COMBINE_RULES, MODES, component_mode
 
 #: The environment switch (see the module docstring).
@@ -243,19 +244,7 @@ def fused_decode_kernel(
         tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
                  mask=mm[:, None] & md[None, :])
 
-    inv_s = tl.where(den_s == 0.0, 0.0, 1.0 / tl.where(den_s == 0.0, 1.0, den_s))
-    inv_l = tl.where(den_l == 0.0, 0.0, 1.0 / tl.where(den_l == 0.0, 1.0, den_l))
-    if RULE == 0:
-        den = wrow * den_s + den_l
-        inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
-        out = (wrow[:, None] * num_s + num_l) * inv[:, None]
-    elif RULE == 1:
-        gp = tl.where(den_l == 0.0, 1.0, wrow)
-        out = gp[:, None] * num_s * inv_s[:, None] + (1.0 - gp)[:, None] * num_l * inv_l[:, None]
-    elif RULE == 2:
-        out = num_s * inv_s[:, None]
-    else:
-        out = num_l * inv_l[:, None]
+    out = combine_decode(num_s, den_s, num_l, den_l, wrow, RULE)
     tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])
 
     # -- the writes others read: by the last program to arrive (acq_rel atomics; the barrier first, so that every

@@ -1,0 +1,215 @@
+"""The short causal convolution on the linear branch's q/k (HybridConfig.qk_conv, LAWCAT): the convolution against a
+plain loop, identity start, decode == forward, padding, save/load, stage-1 training, LA off, memory, bad values."""
+
+import pytest
+import torch
+from tiny_models import assert_left_padding_invisible, tiny_model
+from transformers import DynamicCache
+
+import linearize
+from linearize.attention.cache import cache_nbytes
+from linearize.attention.common import causal_conv
+from linearize.compat import cache_kwargs
+from linearize.models.convert import hybrid_modules
+from linearize.models.memory import decode_state_bytes
+
+#: linear states with the settings each needs (the unnormalised delta rule combines with 'mix' only)
+STATES = {"sum": {}, "gated": {"decay_init": 0.8}, "delta": {"decay_init": 0.8, "combine": "mix"}}
+
+
+def converted(kind="sum", qk_conv=3, family="llama", perturb=True, **settings):
+    """A tiny model converted with the q/k convolution; the conversion's parameters moved off their init."""
+    hybrid = linearize.HybridConfig(**{"window": 6, "linear_state": kind, "qk_conv": qk_conv, **STATES[kind], **settings})
+    model = linearize.convert(tiny_model(family), hybrid)
+    if perturb:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if any(part in name for part in ("qk_conv", "decay_proj", "beta_proj", "feature_map")):
+                    p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def loop_conv(x, weight, valid):
+    """The definition, one output at a time: out[t] = w[K-1] x[t] + sum_{j<K-1} w[j] x[t-K+1+j], past padding = 0."""
+    b, h, t, d = x.shape
+    taps = weight.shape[-1]
+    out = torch.zeros_like(x)
+    for i in range(t):
+        for j in range(taps):
+            s = i - taps + 1 + j
+            if s < 0:
+                continue
+            term = weight[None, :, :, j] * x[:, :, s]
+            if s != i:  # past taps read padding as zero
+                term = term * valid[:, None, s, None]
+            out[:, :, i] += term
+    return out
+
+
+@pytest.mark.parametrize("heads", [4, 2])
+def test_causal_conv_matches_a_plain_loop_with_gradients(heads):
+    torch.manual_seed(0)
+    x = torch.randn(2, heads, 9, 5, requires_grad=True)
+    w = torch.randn(heads, 5, 4, requires_grad=True)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[0, :3] = False
+    got, history = causal_conv(x, w, valid)
+    want = loop_conv(x, w, valid.float())
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(got)
+    gx, gw = torch.autograd.grad(got, (x, w), grad)
+    wx, ww = torch.autograd.grad(want, (x, w), grad)
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gw, ww)
+    torch.testing.assert_close(history, x[:, :, -3:].detach())
+    # in two calls through the history: the same outputs
+    first, h1 = causal_conv(x[:, :, :5], w, valid[:, :5])
+    second, _ = causal_conv(x[:, :, 5:], w, valid[:, 5:], h1)
+    torch.testing.assert_close(torch.cat([first, second], 2), got)
+
+
+@pytest.mark.parametrize("kind", list(STATES))
+def test_identity_start_equals_no_convolution_exactly(kind):
+    ids = torch.randint(1, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        plain = converted(kind, qk_conv=0, perturb=False)
+        conv = converted(kind, qk_conv=4, perturb=False)
+        assert [p.shape for n, p in conv.named_parameters() if "qk_conv" in n][:2] == [(4, 16, 4), (2, 16, 4)]
+        for mode in ("hybrid", "la_only"):
+            with linearize.components(plain, mode), linearize.components(conv, mode):
+                assert torch.equal(plain(ids).logits, conv(ids).logits)
+                assert torch.equal(plain(ids, attention_mask=mask).logits, conv(ids, attention_mask=mask).logits)
+
+
+def decode_vs_forward(model, mode, ids, prompt=8):
+    with torch.no_grad(), linearize.components(model, mode):
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :prompt], **cache_kwargs(cache), use_cache=True).logits
+        steps = [model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(prompt, ids.shape[1])]
+    torch.testing.assert_close(torch.cat([first] + steps, 1), full, atol=1e-4, rtol=1e-4)
+    return cache
+
+
+@pytest.mark.parametrize("kind", list(STATES))
+@pytest.mark.parametrize("mode", ["hybrid", "la_only"])
+def test_decoding_matches_the_full_forward(kind, mode):
+    """Per-step logits after a prompt of 8 (the ring wraps; and of 2, shorter than the K - 1 = 3 past inputs), and
+    greedy tokens."""
+    model = converted(kind, qk_conv=4)
+    ids = torch.randint(1, 128, (2, 16))
+    decode_vs_forward(model, mode, ids)
+    decode_vs_forward(model, mode, ids[:1, :7], prompt=2)
+    prompt = ids[:1, :8]
+    with linearize.components(model, mode), torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        greedy = prompt
+        for _ in range(6):  # no cache: each token from a full forward
+            greedy = torch.cat([greedy, model(greedy).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, greedy)
+
+
+@pytest.mark.parametrize("kind", list(STATES))
+def test_decoding_a_chunk_of_tokens_after_the_prompt(kind):
+    """A cached call with several new tokens reads and rolls the history like single steps."""
+    model = converted(kind, qk_conv=3)
+    ids = torch.randint(1, 128, (2, 16))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :6], **cache_kwargs(cache), use_cache=True).logits
+        rest = model(ids[:, 6:], **cache_kwargs(cache), use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(STATES))
+@pytest.mark.parametrize("mode", ["hybrid", "la_only"])
+def test_left_padded_row_equals_the_row_alone(kind, mode):
+    model = converted(kind, qk_conv=4)
+    row = torch.randint(1, 128, (1, 12))
+    batch, mask = assert_left_padding_invisible(model, mode, row)
+    with linearize.components(model, mode):
+        together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        single = model.generate(row, max_new_tokens=8, do_sample=False)
+    assert torch.equal(together[0, 17:], single[0, 12:])
+
+
+def test_la_off_ignores_the_convolution():
+    """swa_only never reads the linear branch: the trained convolution changes nothing there."""
+    ids = torch.randint(1, 128, (2, 16))
+    with torch.no_grad(), linearize.components(converted(qk_conv=0), "swa_only") as plain:
+        with linearize.components(converted(qk_conv=5), "swa_only") as conv:
+            assert torch.equal(plain(ids).logits, conv(ids).logits)
+            decode_vs_forward(conv, "swa_only", ids)
+
+
+def test_save_load_keeps_the_trained_convolution(tmp_path):
+    model = converted("gated", qk_conv=3)
+    model.save_pretrained(tmp_path)
+    loaded = linearize.load(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    names = [k for k in a if "qk_conv" in k]
+    assert len(names) == 4 and set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[names[0]], converted("gated", qk_conv=3, perturb=False).state_dict()[names[0]])
+    assert linearize.hybrid_config_of(loaded).qk_conv == 3
+    ids = torch.randint(1, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize("kind, objective", [("sum", "weights"), ("gated", "output"), ("delta", "hybrid_output")])
+def test_stage1_trains_the_convolution(kind, objective):
+    from linearize.train.transfer import AttentionTransfer, trainable_transfer_params
+
+    model = converted(kind, qk_conv=3, perturb=False)
+    params = trainable_transfer_params(model, train_feature_maps=True)
+    conv = {n: p for n, p in params.items() if "qk_conv" in n}
+    assert len(conv) == 4
+    before = {n: p.detach().clone() for n, p in conv.items()}
+    opt = torch.optim.SGD(list(params.values()), lr=0.1)
+    with AttentionTransfer(model, objective) as xfer:
+        xfer.loss(torch.randint(1, 128, (2, 20))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.values())
+    opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in conv.items())
+
+
+@pytest.mark.parametrize("kind", list(STATES))
+def test_decode_memory_is_what_the_cache_holds(kind):
+    model = converted(kind, qk_conv=4, window=8)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 50)), **cache_kwargs(cache), use_cache=True)
+    hybrid = linearize.hybrid_config_of(model)
+    held = cache_nbytes(cache)
+    assert decode_state_bytes(model.config, 50, dtype_bytes=4, hybrid=hybrid) == held
+    plain = linearize.HybridConfig(**{**hybrid.to_dict(), "qk_conv": 0})
+    # two layers, 4 query + 2 KV heads of 16 channels, K - 1 = 3 past inputs, fp32
+    assert held - decode_state_bytes(model.config, 50, dtype_bytes=4, hybrid=plain) == 2 * (4 + 2) * 3 * 16 * 4
+
+
+def test_the_cache_must_be_prefilled_with_the_convolution():
+    model = converted(qk_conv=3)
+    ids = torch.randint(1, 128, (1, 8))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(cache), use_cache=True)
+        for layer in cache.layers:
+            layer.state.conv_q = layer.state.conv_k = None
+        with pytest.raises(ValueError, match="start with an empty cache"):
+            model(ids[:, :1], **cache_kwargs(cache), use_cache=True)
+
+
+@pytest.mark.parametrize("value", [-1, 17])
+def test_bad_kernel_sizes_are_refused(value):
+    with pytest.raises(ValueError, match="qk_conv"):
+        linearize.HybridConfig(qk_conv=value)
+
+
+def test_the_kernel_size_cannot_change_after_conversion():
+    with pytest.raises(ValueError, match="qk_conv"):
+        linearize.set_hybrid(converted(qk_conv=3), qk_conv=5)

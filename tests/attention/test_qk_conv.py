@@ -112,6 +112,12 @@ def test_decoding_matches_the_full_forward(kind, mode):
     assert torch.equal(out, greedy)
 
 
+@pytest.mark.parametrize("settings", [{"placement": "overlap"}, {"softmax_sinks": 2}, {"sparse_memory": 3, "memory_block": 4}])
+def test_decoding_matches_the_full_forward_with_other_options(settings):
+    """The 'sum' state with overlap placement, softmax sinks, sparse memory (its scores read the convolved features)."""
+    decode_vs_forward(converted("sum", qk_conv=3, **settings), "hybrid", torch.randint(1, 128, (2, 20)))
+
+
 @pytest.mark.parametrize("kind", list(STATES))
 def test_decoding_a_chunk_of_tokens_after_the_prompt(kind):
     """A cached call with several new tokens reads and rolls the history like single steps."""
@@ -218,3 +224,49 @@ def test_bad_kernel_sizes_are_refused(value):
 def test_the_kernel_size_cannot_change_after_conversion():
     with pytest.raises(ValueError, match="qk_conv"):
         linearize.set_hybrid(converted(qk_conv=3), qk_conv=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(STATES))
+def test_cuda_backends_match_the_torch_path(kind):
+    """backend 'auto' on CUDA (Triton kernels for 'sum', flash-linear-attention for the others, bf16 inside) against
+    the fp32 PyTorch path, forward and cached decoding; the convolution's gradients are finite and nonzero."""
+    model = converted(kind, qk_conv=4, window=16).cuda()
+    reference = converted(kind, qk_conv=4, window=16, backend="torch").cuda()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 128, (2, 300), device="cuda")
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :290], **cache_kwargs(cache), use_cache=True)
+        steps = torch.cat([model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(290, 300)], 1)
+    assert (got - want).square().mean().sqrt() <= 0.05 * want.square().mean().sqrt()
+    assert (steps - want[:, 290:]).square().mean().sqrt() <= 0.05 * want.square().mean().sqrt()
+    model.train()
+    model(ids).logits.float().square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "qk_conv" in n]
+    assert len(grads) == 4 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_rolls_the_convolution_history():
+    from linearize.attention.graph_decode import GraphDecoder
+
+    model = converted("sum", qk_conv=4, family="qwen2").cuda()
+    prompt = torch.randint(1, 128, (2, 9), device="cuda")
+    tokens = torch.randint(1, 128, (2, 12), device="cuda")
+    caches = []
+    for _ in range(2):
+        caches.append(DynamicCache(config=model.config))
+        with torch.no_grad():
+            model(prompt, **cache_kwargs(caches[-1]), use_cache=True)
+    eager, graphed = caches
+    decoder = GraphDecoder(model, graphed, positions=9)
+    for i in range(tokens.shape[1]):
+        with torch.no_grad():
+            expected = model(tokens[:, i:i + 1], **cache_kwargs(eager), use_cache=True,
+                             position_ids=torch.full((2, 1), 9 + i, device="cuda")).logits
+        torch.testing.assert_close(decoder.step(tokens[:, i:i + 1]), expected, atol=1e-4, rtol=1e-4)
+    assert decoder.captured

@@ -118,6 +118,24 @@ def test_decoding_matches_the_full_forward_with_other_options(settings):
     decode_vs_forward(converted("sum", qk_conv=3, **settings), "hybrid", torch.randint(1, 128, (2, 20)))
 
 
+@pytest.mark.parametrize("kind, qk_conv", [("sum", 1), ("gated", 16)])
+def test_the_smallest_and_largest_kernels_decode_like_the_forward(kind, qk_conv):
+    """K = 1 keeps no past inputs; K = 16 reaches past the 8-token prompt."""
+    decode_vs_forward(converted(kind, qk_conv=qk_conv), "la_only", torch.randint(1, 128, (2, 20)))
+
+
+def test_beam_search_scores_equal_the_full_forward():
+    """Beams reorder the state, the convolution's past inputs included (index_select)."""
+    model = converted("gated", qk_conv=4, window=4)
+    prompt = torch.randint(1, 128, (1, 9))
+    out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=3,
+                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences).logits.float(), -1)[:, 8:-1]
+    full = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, full, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", list(STATES))
 def test_decoding_a_chunk_of_tokens_after_the_prompt(kind):
     """A cached call with several new tokens reads and rolls the history like single steps."""

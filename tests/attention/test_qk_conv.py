@@ -10,7 +10,6 @@ import linearize
 from linearize.attention.cache import cache_nbytes
 from linearize.attention.common import causal_conv
 from linearize.compat import cache_kwargs
-from linearize.models.convert import hybrid_modules
 from linearize.models.memory import decode_state_bytes
 
 #: linear states with the settings each needs (the unnormalised delta rule combines with 'mix' only)
@@ -32,7 +31,7 @@ def converted(kind="sum", qk_conv=3, family="llama", perturb=True, **settings):
 
 def loop_conv(x, weight, valid):
     """The definition, one output at a time: out[t] = w[K-1] x[t] + sum_{j<K-1} w[j] x[t-K+1+j], past padding = 0."""
-    b, h, t, d = x.shape
+    t = x.shape[2]
     taps = weight.shape[-1]
     out = torch.zeros_like(x)
     for i in range(t):
@@ -169,10 +168,10 @@ def test_left_padded_row_equals_the_row_alone(kind, mode):
 def test_la_off_ignores_the_convolution():
     """swa_only never reads the linear branch: the trained convolution changes nothing there."""
     ids = torch.randint(1, 128, (2, 16))
-    with torch.no_grad(), linearize.components(converted(qk_conv=0), "swa_only") as plain:
-        with linearize.components(converted(qk_conv=5), "swa_only") as conv:
-            assert torch.equal(plain(ids).logits, conv(ids).logits)
-            decode_vs_forward(conv, "swa_only", ids)
+    plain, conv = converted(qk_conv=0), converted(qk_conv=5)
+    with torch.no_grad(), linearize.components(plain, "swa_only"), linearize.components(conv, "swa_only"):
+        assert torch.equal(plain(ids).logits, conv(ids).logits)
+    decode_vs_forward(conv, "swa_only", ids)
 
 
 def test_save_load_keeps_the_trained_convolution(tmp_path):

@@ -78,6 +78,11 @@ def hybrid_param_kind(name: str) -> str | None:
     return None
 
 
+def _identity_taps(heads: int, channels: int, taps: int) -> torch.Tensor:
+    """(heads, channels, taps) filters of `common.causal_conv` that pass the input through unchanged."""
+    return F.one_hot(torch.full((heads, channels), taps - 1), taps).float()
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
@@ -174,9 +179,8 @@ class HybridAttention(nn.Module):
         self.feature_map_q = FeatureMap(self.num_heads, self.head_dim, h.feature_map, h.feature_size, h.init_noise)
         self.feature_map_k = FeatureMap(self.num_kv_heads, self.head_dim, h.feature_map, h.feature_size, h.init_noise)
         if h.qk_conv:  # (H, d, K) taps, starting as the identity: the last tap (the token itself) 1, the past ones 0
-            identity = lambda heads: F.one_hot(torch.full((heads, self.head_dim), h.qk_conv - 1), h.qk_conv).float()  # noqa: E731
-            self.qk_conv_q = nn.Parameter(identity(self.num_heads))
-            self.qk_conv_k = nn.Parameter(identity(self.num_kv_heads))
+            self.qk_conv_q = nn.Parameter(_identity_taps(self.num_heads, self.head_dim, h.qk_conv))
+            self.qk_conv_k = nn.Parameter(_identity_taps(self.num_kv_heads, self.head_dim, h.qk_conv))
         if h.combine == "shared_norm":
             self.gamma_logit = nn.Parameter(torch.full((self.num_heads,), _logit(h.gamma_init)), requires_grad=h.gamma_trainable)
         elif h.mix_gate == "learned":

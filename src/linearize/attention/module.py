@@ -1,8 +1,8 @@
 """HybridAttention: the drop-in replacement for a Hugging Face attention module.
 
 It reuses the base module's q/k/v/o projections and q/k norms (same parameter names, so base weights
-load unchanged), the family's RoPE and softmax scale, and adds per-head feature maps plus the mixing
-parameters. Which branches run is set by `mode` (whole layer) or `head_modes` (per head); training
+load unchanged), the family's RoPE and softmax scale, and adds per-head feature maps (with qk_conv, a short causal
+convolution on the q/k they read, `features`) plus the mixing parameters. Which branches run is set by `mode` (whole layer) or `head_modes` (per head); training
 can replace 'hybrid' by 'la_only' through `drop_swa` (Scheduled Sliding-window Dropout).
 """
 

@@ -123,6 +123,12 @@ def test_the_smallest_and_largest_kernels_decode_like_the_forward(kind, qk_conv)
     decode_vs_forward(converted(kind, qk_conv=qk_conv), "la_only", torch.randint(1, 128, (2, 20)))
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_other_families_decode_like_the_forward(family):
+    """Gemma 3 (q/k norms, one KV head, local layers) and Qwen 2 (q/k biases)."""
+    decode_vs_forward(converted("gated", qk_conv=3, family=family), "hybrid", torch.randint(1, 128, (2, 18)))
+
+
 def test_beam_search_scores_equal_the_full_forward():
     """Beams reorder the state, the convolution's past inputs included (index_select)."""
     model = converted("gated", qk_conv=4, window=4)

@@ -75,6 +75,8 @@ NORMALISED_STATES = ("sum", "gated")
 #: ``HybridConfig.layers`` = MEASURED + ":K": keep the K full-attention layers whose window+sinks cut costs the most
 #: loss as full softmax and convert the others (chosen by linearize.models.layer_select before conversion).
 MEASURED = "measured"
+#: Largest HybridConfig.qk_conv: a short convolution (LAWCAT uses a few taps); decoding keeps K - 1 queries and keys.
+MAX_QK_CONV = 16
 
 
 def measured_keep(layers: Any) -> int | None:
@@ -108,6 +110,7 @@ class HybridConfig:
     linear_state: str = field(default="sum", metadata={"help": "State of the linear branch (linearize.attention.linear): 'sum' (normalised linear attention, LoLCATs), 'gated' (the same with a learned per-head, per-token decay, GLA-style; log_decay = -softplus(x W + b)), 'delta' (gated delta rule, Gated DeltaNet; unnormalised: combine 'mix' only)."})
     decay_init: float = field(default=0.999, metadata={"help": "linear_state 'gated' (and 'delta'): the initial per-token decay exp(log_decay) of every head (W = 0, b set from it); 0.999 forgets over ~1000 tokens, close to 'sum' at conversion."})
     delta_beta_init: float = field(default=0.5, metadata={"help": "linear_state 'delta': the initial write strength beta = sigmoid(x W + b) of every head (W = 0, b set from it)."})
+    qk_conv: int = field(default=0, metadata={"help": "Short causal convolution on q/k (LAWCAT): kernel size K of a depthwise convolution over time, one filter per head and channel, applied to the queries and keys of the linear branch only (after RoPE and any q/k norms, before its feature maps); the softmax branch keeps the base's q/k, so with the linear branch off the layer is still the base's window. Starts as the identity (last tap 1), so a fresh conversion equals qk_conv=0; stage 1 trains it with the feature maps. Padding enters it as zeros; decoding keeps the last K - 1 queries and keys per layer. 0 = off, at most 16."})
     chunk_size: int = field(default=64, metadata={"help": "Query/key block size of the chunked implementations."})
     backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA when available, else chunked PyTorch), 'torch', 'triton' or 'reference' (quadratic spec, for tests)."})
     layers: Any = field(default="all", metadata={"help": "Layers to convert: 'all', 'global' (only the base's full-attention layers), a list of layer indices, or 'measured:K': of the base's full-attention layers, keep as full softmax the K whose cut to the training-free window+sinks (this config's window and softmax_sinks, unless the recipe's layer_selection section sets them) raises the loss on long text the most, convert the others; measured once by the conversion run (written to layer_selection.json; the converted model's config stores the list). `linearize select-layers` measures without converting."})
@@ -134,6 +137,8 @@ class HybridConfig:
         if self.backend == "triton" and self.softmax_extras:
             raise ValueError("softmax_sinks and sparse_memory run on the PyTorch paths only; the Triton kernels do not "
                              "implement them: use backend 'auto' or 'torch'")
+        if not 0 <= self.qk_conv <= MAX_QK_CONV:
+            raise ValueError(f"HybridConfig.qk_conv={self.qk_conv}; expected a kernel size 0 (off) .. {MAX_QK_CONV}")
         if self.linear_state not in LINEAR_STATE_KINDS:
             raise ValueError(f"HybridConfig.linear_state={self.linear_state!r}; expected one of {LINEAR_STATE_KINDS}")
         if not 0.0 < self.decay_init < 1.0 or not 0.0 < self.delta_beta_init < 1.0:

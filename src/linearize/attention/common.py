@@ -100,3 +100,25 @@ def recall_error(kf: torch.Tensor, v: torch.Tensor, S: torch.Tensor, z: torch.Te
     empty = den == 0
     err = (v - num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)).square().sum(-1)
     return torch.where(empty, torch.full_like(err, float("inf")), err)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None = None,
+                history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution over time, per head and channel (HybridConfig.qk_conv): x (B, H, T, d), weight
+    (H, d, K), out[t] = weight[..., K-1] * x[t] + sum_{j < K-1} weight[..., j] * x[t - K + 1 + j].
+
+    The past taps read x with invalid positions (`valid` (B, T) False) set to 0 and `history` (B, H, K - 1, d), the
+    K - 1 (already masked) inputs before x (None: zeros, the start of a row), so padding never reaches a valid token.
+    The current tap reads x itself and comes first: with the identity taps (last 1, others 0) out == x bit for bit.
+    Returns (out, the K - 1 masked inputs that end the row: the history of the next call)."""
+    taps = weight.shape[-1]
+    b, h, t, d = x.shape
+    masked = x if valid is None else torch.where(valid[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if history is None:
+        history = x.new_zeros(b, h, taps - 1, d)
+    padded = torch.cat([history.to(x.dtype), masked], 2)  # (B, H, K - 1 + T, d)
+    w = weight.to(x.dtype)[None, :, None]  # (1, H, 1, d, K)
+    out = x * w[..., taps - 1]
+    for j in range(taps - 1):
+        out = out + padded[:, :, j:j + t] * w[..., j]
+    return out, padded[:, :, padded.shape[2] - (taps - 1):]

@@ -1,8 +1,8 @@
 """HybridAttention: the drop-in replacement for a Hugging Face attention module.
 
 It reuses the base module's q/k/v/o projections and q/k norms (same parameter names, so base weights
-load unchanged), the family's RoPE and softmax scale, and adds per-head feature maps plus the mixing
-parameters. Which branches run is set by `mode` (whole layer) or `head_modes` (per head); training
+load unchanged), the family's RoPE and softmax scale, and adds per-head feature maps (with qk_conv, a short causal
+convolution on the q/k they read, `features`) plus the mixing parameters. Which branches run is set by `mode` (whole layer) or `head_modes` (per head); training
 can replace 'hybrid' by 'la_only' through `drop_swa` (Scheduled Sliding-window Dropout).
 """
 
@@ -20,6 +20,7 @@ from torch import nn
 from linearize.attention.adapters import FamilyAdapter, head_dim, layer_types
 from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked
+from linearize.attention.common import causal_conv
 from linearize.attention.linear import linear_state
 from linearize.attention.recurrent import decode_step, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
@@ -64,16 +65,22 @@ class PaddingContext:
 
 
 def hybrid_param_kind(name: str) -> str | None:
-    """What a parameter that a conversion adds is, from its name in the model: 'feature_map', 'linear_state' (the
+    """What a parameter that a conversion adds is, from its name in the model: 'feature_map' (with the q/k convolution
+    before the feature maps, which trains with them), 'linear_state' (the
     gated/delta states' decay and beta projections; they train with the feature maps), 'mixing' (gamma, the learned or
     input-dependent gate) or None for the base model's own parameters (LoRA included)."""
-    if ".feature_map_q." in name or ".feature_map_k." in name:
+    if ".feature_map_q." in name or ".feature_map_k." in name or name.endswith((".qk_conv_q", ".qk_conv_k")):
         return "feature_map"
     if ".decay_proj." in name or ".beta_proj." in name:
         return "linear_state"
     if name.endswith(("gamma_logit", "gate_logit")) or ".gate." in name:
         return "mixing"
     return None
+
+
+def _identity_taps(heads: int, channels: int, taps: int) -> torch.Tensor:
+    """(heads, channels, taps) filters of `common.causal_conv` that pass the input through unchanged."""
+    return F.one_hot(torch.full((heads, channels), taps - 1), taps).float()
 
 
 def _logit(p: float) -> float:
@@ -171,6 +178,9 @@ class HybridAttention(nn.Module):
         h = hybrid
         self.feature_map_q = FeatureMap(self.num_heads, self.head_dim, h.feature_map, h.feature_size, h.init_noise)
         self.feature_map_k = FeatureMap(self.num_kv_heads, self.head_dim, h.feature_map, h.feature_size, h.init_noise)
+        if h.qk_conv:  # (H, d, K) taps, starting as the identity: the last tap (the token itself) 1, the past ones 0
+            self.qk_conv_q = nn.Parameter(_identity_taps(self.num_heads, self.head_dim, h.qk_conv))
+            self.qk_conv_k = nn.Parameter(_identity_taps(self.num_kv_heads, self.head_dim, h.qk_conv))
         if h.combine == "shared_norm":
             self.gamma_logit = nn.Parameter(torch.full((self.num_heads,), _logit(h.gamma_init)), requires_grad=h.gamma_trainable)
         elif h.mix_gate == "learned":
@@ -245,6 +255,18 @@ class HybridAttention(nn.Module):
             out["log_decay"] = out["log_decay"] * valid[:, None, :].to(torch.float32)
         return out
 
+    def features(self, q, k, valid, history=None):
+        """qf (B, Hq, T, m) and kf (B, Hkv, T, m), the linear branch's features of q and k (B, H, T, d): with qk_conv,
+        the feature maps read q and k through the causal convolution (`causal_conv`; `history`: the state's last
+        K - 1 queries and keys, None at the start of the rows). Returns (qf, kf, the history after these tokens or
+        None without qk_conv)."""
+        if not self.hybrid.qk_conv:
+            return self.feature_map_q(q), self.feature_map_k(k), None
+        hq, hk = history if history is not None else (None, None)
+        q, hq = causal_conv(q, self.qk_conv_q, valid, hq)
+        k, hk = causal_conv(k, self.qk_conv_k, valid, hk)
+        return self.feature_map_q(q), self.feature_map_k(k), (hq, hk)
+
     def attend(self, q, k, v, weight, valid, mode: str | ComponentMode, gates: dict | None = None) -> torch.Tensor:
         """The hybrid layer's per-head output (B, Hq, T, d) for one component mode, full sequence. `gates`: the linear
         state's log_decay / beta (`state_inputs`), needed by the kinds that use them."""
@@ -258,7 +280,7 @@ class HybridAttention(nn.Module):
                              f"gates=module.state_inputs(hidden_states, valid)")
         route = choose_backend(spec, q, mode)
         if mode.uses_linear or route.backend == "triton":
-            qf, kf = self.feature_map_q(q), self.feature_map_k(k)
+            qf, kf, _ = self.features(q, k, valid)
         else:  # these modes never read the features: skip the feature maps
             qf, kf = q, k
         if route.backend == "triton":
@@ -327,15 +349,23 @@ class HybridAttention(nn.Module):
         spec = self.spec
         if layer.state is None:
             out = self._forward_full(q, k, v, weight, valid, gates)
-            kf = self.feature_map_k(k)
+            _, kf, conv_history = self.features(q, k, valid)
             if valid is None:
                 valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
             # non-additive states keep one state per lag the modes read (linear_lag); 'sum' serves every mode
             lags = {component_mode(m).linear_lag(spec.placement, spec.window) for m in self.head_mode_list()} - {None}
-            layer.state = prefill_state(k, v, kf, valid, spec=spec, lags=lags, **gates)
+            layer.state = prefill_state(k, v, kf, valid, spec=spec, lags=lags, conv_history=conv_history, **gates)
             return out
         modes = self.head_mode_list()
-        qf, kf = self.feature_map_q(q), self.feature_map_k(k)
+        state = layer.state
+        if (state.conv_q is not None) != bool(self.hybrid.qk_conv):
+            raise ValueError(f"this cache was prefilled {'with' if state.conv_q is not None else 'without'} the q/k "
+                             f"convolution and the layer has qk_conv={self.hybrid.qk_conv}: start with an empty cache")
+        history = None if state.conv_q is None else (state.conv_q, state.conv_k)
+        qf, kf, history = self.features(q, k, valid, history)
+        if history is not None:  # in place, same shapes: a captured CUDA-graph step replays it
+            state.conv_q.copy_(history[0])
+            state.conv_k.copy_(history[1])
         step = decode_step
         if choose_backend(spec, q).backend == "triton":
             from linearize.attention.triton import decode_step_triton as step

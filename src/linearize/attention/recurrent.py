@@ -15,7 +15,10 @@ and, with softmax sinks or sparse memory on,
   left_count  how many valid keys have left the window (the first softmax_sinks of them are the sinks, which
           stay out of S, z: the linear branch adds them one by one where it covers all keys),
   memory  the sparse memory's m exact keys and the pending keys of the current block (`memory.SparseMemory`);
-          then S, z hold only L_B of the reference's definition, and the boundary step runs every memory_block tokens.
+          then S, z hold only L_B of the reference's definition, and the boundary step runs every memory_block tokens,
+and, with the q/k convolution (qk_conv = K > 0),
+  conv_q, conv_k  the last K - 1 queries and keys (padding as zeros) the convolution reads besides the new token;
+          the layer rolls them in place at each step (`HybridAttention.features`).
 Neither its size nor its tensors' addresses depend on n, and no step reads a Python value that changes with n,
 so one decoding step can be captured in a CUDA graph and replayed (`linearize.attention.graph_decode`) -- except
 with sparse memory, whose boundary step runs on some tokens only.
@@ -94,6 +97,8 @@ class HybridState:
     memory: SparseMemory | None = None
     kind: str = "sum"
     buf_beta: torch.Tensor | None = None  # (B, Hkv, w - 1) fp32: the ring keys' beta, kinds with beta
+    conv_q: torch.Tensor | None = None  # (B, Hq, K - 1, d), with qk_conv = K
+    conv_k: torch.Tensor | None = None  # (B, Hkv, K - 1, d)
 
     @property
     def additive(self) -> bool:
@@ -120,7 +125,7 @@ class HybridState:
         return [t for slot in self.linear for t in slot.tensors()] + ([self.buf_beta] if self.buf_beta is not None else [])
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.sink_kf, self.left_count) if t is not None]
+        extra = [t for t in (self.sink_kf, self.left_count, self.conv_q, self.conv_k) if t is not None]
         return (self.linear_tensors() + [self.buf_k, self.buf_v, self.buf_kf, self.buf_valid, self.sink_k, self.sink_v, self.sink_valid]
                 + extra + (self.memory.tensors() if self.memory is not None else []))
 
@@ -130,7 +135,8 @@ class HybridState:
     def index_select(self, rows: torch.Tensor) -> "HybridState":
         """Rows of the batch (beam search reordering, batch selection); all rows share the ring position."""
         pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
-        names = ("buf_k", "buf_v", "buf_kf", "buf_valid", "sink_k", "sink_v", "sink_valid", "sink_kf", "left_count", "buf_beta")
+        names = ("buf_k", "buf_v", "buf_kf", "buf_valid", "sink_k", "sink_v", "sink_valid", "sink_kf", "left_count", "buf_beta",
+                 "conv_q", "conv_k")
         linear = self.linear.index_select(rows) if self.additive else tuple(s.index_select(rows) for s in self.linear)
         return replace(self, linear=linear, **{n: pick(getattr(self, n)) for n in names}, slot=self.slot.clone(),
                        memory=None if self.memory is None else self.memory.index_select(rows))
@@ -181,8 +187,10 @@ def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta):
     return tuple(slots)
 
 
-def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=None, beta=None) -> HybridState:
+def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=None, beta=None,
+                  conv_history=None) -> HybridState:
     """The state after a whole prompt (k/v (B, Hkv, T, d), kf (B, Hkv, T, m), valid (B, T)).
+    `conv_history`: with the q/k convolution, the prompt's last K - 1 queries and keys (`common.causal_conv`).
 
     Kinds other than 'sum': `lags` are the lags of the linear states to keep (`ComponentMode.linear_lag` of the modes
     to decode), log_decay / beta (B, Hkv, T) the layer's gates of the prompt."""
@@ -235,6 +243,8 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         num_sinks=num_sinks, softmax_sinks=softmax_sinks, sink_kf=take(kf) if softmax_sinks else None,
         left_count=valid[:, :n_old].sum(1, keepdim=True) if extras else None, memory=memory,
         kind=linear_state, buf_beta=buf_beta,
+        conv_q=None if conv_history is None else conv_history[0].clone(memory_format=torch.contiguous_format),
+        conv_k=None if conv_history is None else conv_history[1].clone(memory_format=torch.contiguous_format),
     )
 
 

@@ -80,6 +80,10 @@ def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
             sink_valid=torch.ones(batch, n, dtype=torch.bool, device=dev),
             slot=torch.tensor([keep % ring if ring else 0], device=dev), seen=ctx,
         )
+        if mod.hybrid.qk_conv:  # the q/k convolution's past inputs
+            taps = mod.hybrid.qk_conv - 1
+            st.conv_q = torch.randn(batch, cfg.num_attention_heads, taps, d, device=dev, dtype=dtype)
+            st.conv_k = torch.randn(batch, hkv, taps, d, device=dev, dtype=dtype)
         hybrid_cache_layer(cache, i).state = st
     return cache
 

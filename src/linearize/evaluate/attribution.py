@@ -93,7 +93,7 @@ def branch_shares(module, q, k, v, valid, weight, gates: dict | None = None) -> 
     if valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
     q32, k32, v32 = q.float(), k.float(), v.float()
-    qf, kf = module.feature_map_q(q).float(), module.feature_map_k(k).float()
+    qf, kf = (x.float() for x in module.features(q, k, valid)[:2])
     num_s, den_s = window_sums(q32, k32, v32, valid, scale=module.scale, window=h.window, chunk=h.chunk_size)
     shift = h.window if h.placement == "complementary" else 0
     num_l, den_l = linear_state(h.linear_state).chunked(qf, kf, v32, enter=valid, lag=shift, chunk=h.chunk_size, **(gates or {}))

@@ -143,7 +143,7 @@ def components(model: nn.Module, modes):
 
 #: HybridConfig fields that decide which parameters a converted layer has; the others only steer its computation.
 STRUCTURAL_FIELDS = ("feature_map", "feature_size", "init_noise", "combine", "gamma_init", "gamma_trainable", "mix_gate",
-                     "mix_value", "layers")
+                     "mix_value", "qk_conv", "layers")
 
 
 def set_hybrid(model: nn.Module, **changes) -> HybridConfig:

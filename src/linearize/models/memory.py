@@ -8,7 +8,8 @@ One definition for the three kinds of model that the long-context evaluation put
 * a converted model: on each converted layer the recurrent state of :mod:`linearize.attention.recurrent`
   (the linear state in float32 -- its kind's own `state_bytes`, plus for the non-additive kinds under 'complementary'
   the key waiting to enter it and, with beta, the ring's betas --, the ring of the last w - 1 keys, values and key
-  features, the sink keys and values, and with sparse memory its slots and pending block), decoding in 'hybrid' mode
+  features, the sink keys and values, with sparse memory its slots and pending block, with the q/k convolution the
+  last K - 1 queries and keys), decoding in 'hybrid' mode
   (a non-'sum' state prefilled for 'la_only' as well holds a second linear state); other layers as in the base model.
 """
 
@@ -30,7 +31,7 @@ def _kv_layer_bytes(hkv: int, d: int, keys: int, dtype_bytes: int) -> int:
     return 2 * hkv * d * keys * dtype_bytes
 
 
-def _hybrid_layer_bytes(hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int) -> int:
+def _hybrid_layer_bytes(hq: int, hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int) -> int:
     m = num_features(hybrid.feature_map, d, hybrid.feature_size)
     sink_slots = max(hybrid.num_sinks, hybrid.softmax_sinks)
     # exact keys kept with their features: the ring of w - 1, and with sparse memory its m slots plus a pending block
@@ -47,7 +48,8 @@ def _hybrid_layer_bytes(hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int
     # validity flags (memory slots per KV head, the rest per row) and the count of keys that left the window (int64)
     flags = exact + sink_slots + ((hkv - 1) * hybrid.sparse_memory if hybrid.sparse_memory else 0)
     count = 8 if hybrid.sparse_memory or hybrid.softmax_sinks else 0
-    return state + kept + flags + count
+    conv = (hq + hkv) * max(hybrid.qk_conv - 1, 0) * d * dtype_bytes  # the q/k convolution's past inputs
+    return state + kept + flags + count + conv
 
 
 def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: HybridConfig | None = None,
@@ -68,7 +70,7 @@ def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: Hy
     for i, kind in enumerate(kinds):
         own = config.sliding_window if kind == "sliding_attention" else None
         if i in changed and hybrid is not None:
-            total += _hybrid_layer_bytes(hkv, d, hybrid, dtype_bytes)
+            total += _hybrid_layer_bytes(config.num_attention_heads, hkv, d, hybrid, dtype_bytes)
         elif i in changed and own is None:  # the baseline leaves a layer with its own window as it is
             w, s = window_sinks
             total += _kv_layer_bytes(hkv, d, min(context, w + s), dtype_bytes)
@@ -82,7 +84,7 @@ def matching_window(config, hybrid: HybridConfig, *, sinks: int, dtype_bytes: in
     layer's state (layers with their own window count the same on both sides: the baseline leaves them alone)."""
     d, hkv = head_dim(config), config.num_key_value_heads
     per_key = 2 * hkv * d * dtype_bytes
-    w = _hybrid_layer_bytes(hkv, d, hybrid, dtype_bytes) // per_key - sinks
+    w = _hybrid_layer_bytes(config.num_attention_heads, hkv, d, hybrid, dtype_bytes) // per_key - sinks
     if w < 1:
         raise LinearizeError(f"a converted layer's state holds fewer than {sinks} + 1 keys; lower the sinks")
     return int(w)

@@ -156,7 +156,7 @@ def masked_mse(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor
 @register_objective("weights")
 def weights_objective(module, q, k, v, valid, weight, teacher, *, window, query_block, gates):
     """KL(teacher softmax weights || LA-only weights); the teacher's output is not needed."""
-    qf, kf = module.feature_map_q(q), module.feature_map_k(k)
+    qf, kf, _ = module.features(q, k, valid)
     return attention_weights_kl(q, k, qf, kf, scale=module.scale, window=window, valid=valid, block=query_block,
                                 log_decay=gates.get("log_decay"))
 

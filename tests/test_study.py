@@ -137,3 +137,99 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
     retrained = json.loads((run / study.RETRAINED / "summary.json").read_text())
     original = json.loads((run / "summary.json").read_text())
     assert retrained["val"] == pytest.approx(original["val"], abs=1e-4)  # same recipe and seed: the same model
+
+
+def test_long_context_table_is_the_states_script_comparison():
+    """The runs of scripts/gpu_long_states.sh at window 512 (+ the qk_conv=4 variants), its shared settings and its
+    evaluation settings (LONG_ARGS, the base's baselines)."""
+    from linearize.study import LONG_COMMON, LongSettings
+
+    table = TABLES["long-context"]
+    runs = {r.name: r for r in table.runs}
+    assert list(runs) == ["sum-w512", "gated-w512", "delta-w512", "gated-w512-qkconv4", "delta-w512-qkconv4"]
+    assert {r.recipe for r in table.runs} == {"ssd"} and all(r.modes == ("hybrid", "swa_only", "la_only") for r in table.runs)
+    assert runs["sum-w512"].overrides == LONG_COMMON
+    assert {"hybrid.window=512", "hybrid.combine=mix", "hybrid.mix_gate=dynamic", "hybrid.softmax_sinks=8",
+            "data.train_tokens=600000", "data.seq_len=2048"} <= set(LONG_COMMON)
+    assert runs["gated-w512-qkconv4"].overrides == (*LONG_COMMON, "hybrid.linear_state=gated", "hybrid.qk_conv=4")
+    assert runs["delta-w512"].overrides[-2:] == ("hybrid.linear_state=delta", "stage1.objective=hybrid_output")
+    [variant] = table.variants
+    assert (variant.name, variant.run, variant.hybrid, variant.modes) == ("sum-w512-mem", "sum-w512",
+                                                                           (("sparse_memory", 64),), ("hybrid",))
+    settings = table.long
+    assert settings == LongSettings()
+    assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 64, ("auto", 512, 64))
+    assert settings.tasks == ("squad", "drop", "passkey", "niah_single", "qa_squad")
+    assert (settings.limit, settings.cell_limit, settings.lengths, settings.qa_lengths, settings.depths) == (
+        50, 3, (2048, 4096, 8192, 16384), (8192, 16384), (0.0, 0.5, 1.0))
+    assert all(t.long is None for name, t in TABLES.items() if name != "long-context")  # the old tables are unchanged
+
+
+def test_long_context_names_error_in_one_line(capsys):
+    assert main(["study", "long-context", "--runs", "nothing*", "--model", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("linearize study: error: no run of table 'long-context'") and "\n" not in err
+    with pytest.raises(SystemExit):  # argparse: the table is one of TABLES
+        main(["study", "no-such-table"])
+    assert main(["study", "objectives", "--lengths", "64", "--model", "x"]) == 2
+    assert "long-context tables" in capsys.readouterr().err
+
+
+def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
+    """Two runs of the table (their own overrides, then tiny sizes) and the sparse-memory variant on a tiny Llama:
+    the base with its window+sinks baselines once, each run's long record in its modes, the variant at load, one
+    merged record; a second call evaluates and trains nothing."""
+    import dataclasses
+
+    from tiny_models import DATA, bpe_tokenizer, tiny_model
+
+    from linearize import study
+    from linearize.evaluate import long_context
+
+    if DATA is None:
+        pytest.skip("benchmark data directory not found")
+    tok = bpe_tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    tiny = ("hybrid.window=8", "hybrid.chunk_size=8", "data.sources=[alpaca_demo]", "data.seq_len=32",
+            "data.train_tokens=256", "data.val_tokens=64", "stage1.batch_size=2", "stage1.grad_accum=1", "stage1.max_steps=1",
+            "stage2.batch_size=2", "stage2.grad_accum=1", "stage2.max_steps=1", "runtime.cpu=true", "runtime.show_progress=false")
+    real = TABLES["long-context"]
+    runs = tuple(dataclasses.replace(r, overrides=(*r.overrides, *tiny)) for r in real.runs)
+    monkeypatch.setitem(study.TABLES, "long-context", dataclasses.replace(real, runs=runs))
+    settings = study.LongSettings(tasks=("passkey", "niah_single"), limit=1, cell_limit=1, lengths=(256,), qa_lengths=(),
+                                  depths=(0.0,), window=8, baseline_windows=("auto", 8), batch_tokens=4096,
+                                  bootstrap=20, dtype="float32", device="cpu")
+    trainings, evaluations = [], []
+    from linearize import train as train_mod
+
+    real_train, real_long = train_mod.run_recipe, long_context.run_long
+    monkeypatch.setattr(train_mod, "run_recipe", lambda *a, **kw: (trainings.append(a[2]), real_train(*a, **kw))[1])
+    monkeypatch.setattr(long_context, "run_long", lambda *a, **kw: (evaluations.append(kw["modes"]), real_long(*a, **kw))[1])
+    kwargs = dict(model=str(model_dir), out=tmp_path / "study", preset=None, runs=("sum-w512*", "delta-w512-seed*"),
+                  data_dir=str(DATA), long=settings, say=lambda _msg: None)
+    md = study.execute("long-context", **kwargs)
+    root = tmp_path / "study" / "long-context"
+    assert md == root / "merged" / "long.md" and md.read_text().startswith("## Overview")
+    assert [p.name for p in trainings] == ["sum-w512-seed0", "delta-w512-seed0"]
+    assert evaluations == [[], ["hybrid", "swa_only", "la_only"], ["hybrid", "swa_only", "la_only"], ["hybrid"]]
+    for name in ("sum-w512-seed0", "delta-w512-seed0", "sum-w512-mem-seed0"):
+        record = json.loads((root / name / "long" / "long.json").read_text())
+        assert record["meta"]["commit"] and record["meta"]["device"] == "cpu" and "base" not in record["variants"]
+    variant = json.loads((root / "sum-w512-mem-seed0" / "long" / "long.json").read_text())
+    assert list(variant["variants"]) == ["hybrid"] and variant["settings"]["hybrid"]["sparse_memory"] == 64
+    delta = json.loads((root / "delta-w512-seed0" / "long" / "long.json").read_text())
+    assert delta["settings"]["hybrid"]["linear_state"] == "delta"
+    merged = json.loads((root / "merged" / "long.json").read_text())
+    w = merged["settings"]["baseline_windows"][0]
+    assert list(merged["variants"]) == [
+        "base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", "sum-w512 hybrid", "sum-w512 swa_only",
+        "sum-w512 la_only", "delta-w512 hybrid", "delta-w512 swa_only", "delta-w512 la_only", "sum-w512-mem hybrid"]
+    assert "sum-w512-mem hybrid - window+sinks w=8 s=8" in merged["pairs"]
+    stamp = (root / "merged" / "long.json").stat().st_mtime_ns
+    trainings.clear()
+    evaluations.clear()
+    assert study.execute("long-context", **kwargs) == md
+    assert trainings == [] and evaluations == [] and (root / "merged" / "long.json").stat().st_mtime_ns == stamp

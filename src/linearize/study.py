@@ -15,8 +15,16 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from linearize.config import COMPONENT_MODES
+from linearize.errors import LinearizeError
 # Gemma's global layers only (its sliding layers stay softmax): 'none' here drops only those layers' attention
 GLOBAL_ONLY = (("hybrid.layers=global",), ("hybrid", "swa_only", "la_only", "none"))
+
+
+class UnknownStudyError(LinearizeError, KeyError):
+    """An unknown study table, run or variant (a KeyError for callers that look names up; one line on the CLI)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -30,10 +38,44 @@ class StudyRun:
 
 
 @dataclass(frozen=True)
+class StudyVariant:
+    """A training-free variant of a trained run: HybridConfig changes applied at load (`linearize diagnose --hybrid`)."""
+    name: str
+    run: str  # the StudyRun it loads
+    hybrid: tuple[tuple[str, object], ...]  # (field, value) pairs
+    modes: tuple[str, ...] = ("hybrid",)
+
+
+@dataclass(frozen=True)
+class LongSettings:
+    """The long-context evaluation of a table (`linearize diagnose --what long`'s options; GPU-sized defaults, those of
+    scripts/gpu_long_states.sh). The base model is scored once with its window+sinks baselines, for a conversion of
+    `layers` at `window`; every record uses the same items (tasks, limits, lengths, depths, seed) so they merge."""
+    tasks: tuple[str, ...] = ("squad", "drop", "passkey", "niah_single", "qa_squad")
+    limit: int = 50  # questions per task
+    cell_limit: int | None = 3  # prompts per length x depth cell of the retrieval and long-QA tasks
+    lengths: tuple[int, ...] = (2048, 4096, 8192, 16384)
+    qa_lengths: tuple[int, ...] = (8192, 16384)
+    depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    layers: str = "global"  # the layers the baselines cut
+    window: int = 64  # the window of the conversion the 'auto' baseline matches
+    baseline_windows: tuple = ("auto", 512, 64)
+    sinks: int = 8
+    batch_tokens: int = 65536
+    position_docs: int = 0
+    bootstrap: int = 1000
+    dtype: str = "bfloat16"
+    seed: int = 1234  # `linearize diagnose`'s default: the items of earlier records (results/long/) are the same
+    device: str | None = None  # None: CUDA when available
+
+
+@dataclass(frozen=True)
 class StudyTable:
     title: str
     runs: tuple[StudyRun, ...]
     notes: str = ""
+    variants: tuple[StudyVariant, ...] = ()
+    long: LongSettings | None = None  # set: evaluated with the long-context tasks instead of the short benchmarks
 
 
 def _stage1_only(*extra: str) -> tuple[str, ...]:
@@ -79,6 +121,25 @@ TABLES: dict[str, StudyTable] = {
                     ("hybrid", "swa_only", "la_only"), probes=True),)),
 }
 
+# Issue 20's linear-state comparison (scripts/gpu_long_states.sh): Gemma 3's global layers, the `mix` rule with an
+# input-dependent gate trained in stage 2, 8 softmax sinks, 2k-token rows of text and instructions, window 512
+LONG_COMMON = ("hybrid.layers=global", "hybrid.combine=mix", "hybrid.mix_gate=dynamic", "hybrid.softmax_sinks=8",
+               "hybrid.feature_size=half", "stage2.train_mixing=true", "stage2.mixing_lr=0.001", "data.seq_len=2048",
+               "data.sources=[sharegpt,dolly,wikitext2,c4,wiki]", "data.train_tokens=600000", "hybrid.window=512")
+LONG_MODES = ("hybrid", "swa_only", "la_only")  # 'none' and 'sinks_only' say nothing about long context
+LONG_STATES = {"sum": (), "gated": ("hybrid.linear_state=gated",),
+               "delta": ("hybrid.linear_state=delta", "stage1.objective=hybrid_output")}
+TABLES["long-context"] = StudyTable(
+    "Long context: the linear state (sum / gated / delta) at window 512, against the base and its window+sinks baselines",
+    tuple(StudyRun(f"{state}-w512", "ssd", (*LONG_COMMON, *extra), LONG_MODES) for state, extra in LONG_STATES.items())
+    + tuple(StudyRun(f"{state}-w512-qkconv4", "ssd", (*LONG_COMMON, *LONG_STATES[state], "hybrid.qk_conv=4"), LONG_MODES)
+            for state in ("gated", "delta")),
+    "Each run in its component modes on the long-context tasks (bits per byte of the answer, retrieval accuracy); "
+    "sum-w512-mem: the sum run with a sparse memory of 64 keys added at load (no training). merged/long.md: all of them "
+    "paired over the same items.",
+    variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),),
+    long=LongSettings())
+
 
 #: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on), in bf16 like
 #: the study's benchmarks; `device` None: CUDA when available. The rest as `linearize diagnose --what probes`.
@@ -98,7 +159,7 @@ def plan(table: str, seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None
     """The (run, seed) jobs of `table`; `runs`: shell patterns on ``<run>-seed<seed>`` selecting some of them
     (processes running disjoint parts of one table side by side)."""
     if table not in TABLES:
-        raise KeyError(f"unknown study table {table!r}; known: {sorted(TABLES)}")
+        raise UnknownStudyError(f"unknown study table {table!r}; known: {sorted(TABLES)}")
     result = StudyPlan(table)
     # every run once first, then the headline runs' extra seeds: a budget cut short still covers the table
     result.jobs = [(run, seeds[0]) for run in TABLES[table].runs]
@@ -107,7 +168,7 @@ def plan(table: str, seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None
         result.jobs = [(run, seed) for run, seed in result.jobs
                        if any(fnmatch(f"{run.name}-seed{seed}", pattern) for pattern in runs)]
         if not result.jobs:
-            raise KeyError(f"no run of table {table!r} matches {list(runs)}")
+            raise UnknownStudyError(f"no run of table {table!r} matches {list(runs)}")
     return result
 
 
@@ -177,12 +238,16 @@ def _release_gpu_memory() -> None:
 
 def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "results/study", preset: str | None = "gpu-small",
             seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None = None, limit=None, tasks=None, data_dir=None,
-            batch_size: int = 8, dtype=None, say=print) -> Path:
+            batch_size: int = 8, dtype=None, long: LongSettings | None = None, say=print) -> Path:
     """Train (or resume) every run of `table`, diagnose it, and write `<out>/<table>/table.md`.
 
     The base model is benchmarked once per (model, tasks, limit) and its report reused by every run and
     table under `out`. `runs` selects jobs by name (see :func:`plan`); `table.md` lists every diagnosed run of
     the table, whichever process ran it.
+
+    A table with long-context settings (`StudyTable.long`, or `long` here, e.g. smaller ones) is evaluated with the
+    long-context tasks instead (`limit`, `tasks` and `dtype` unused): see :func:`_long_base`, :func:`_long_run`,
+    :func:`_long_merge`; returns `<out>/<table>/merged/long.md`.
     """
     from linearize.evaluate.diagnose import diagnose, diagnose_markdown
     from linearize.evaluate.harness import TASKS
@@ -191,8 +256,12 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
     from linearize.train import run_recipe
     from linearize.train.recipes import load_recipe
 
+    plan(table, seeds, runs)  # an unknown table or run: one-line error before anything runs
     root = Path(out) / table
     spec = TABLES[table]
+    long = long or spec.long
+    if long is not None:
+        _long_base(model, root, long, data_dir, say)
     tasks = list(tasks or TASKS)
     base_key = json.dumps({"model": str(model), "tasks": tasks, "limit": limit})
     trained: dict[str, Path] = {}  # resolved recipe -> its run directory
@@ -216,6 +285,12 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
                        resume=interrupted, overwrite=dest.is_dir() and not interrupted, data_dir=data_dir)
             _release_gpu_memory()
 
+        if long is not None:
+            if not (path / "long" / "long.json").is_file():
+                if not is_trained(path):
+                    train(path, f"{path.name} ({run.recipe} {' '.join(run.overrides)})")
+                _long_run(path, path / "long", long, run.modes, {}, data_dir, dict(study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides)), say)
+            continue
         if not record.is_file() and not is_trained(path):
             train(path, f"{path.name} ({run.recipe} {' '.join(run.overrides)})")
         if not record.is_file():
@@ -242,7 +317,94 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
         say(f"[study] {table}: long-context probes of {path.name}")
         _, md = _probe(weights, model, path / "probes", say)
         say(md)
+    if long is not None:
+        return _long_variants_and_merge(table, root, jobs, selected, long, data_dir, say)
     records = [run_dir(root, run, seed) / "diagnose" for run, seed in jobs]
     table_md = root / "table.md"
     table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r for r in records if (r / "diagnose.json").is_file()]) + "\n")
     return table_md
+
+
+# ------------------------------------------------------------------------------------------- long-context tables
+
+
+def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid: dict | None = None, base_only=False,
+                   data_dir=None, meta: dict | None = None, say=print) -> None:
+    """`linearize diagnose SPEC --what long [--no-base]` through the library: ``out/long.json``, ``long.md``, figures."""
+    import torch
+
+    from linearize.data_dir import default_data_dir
+    from linearize.evaluate.lm_eval_model import load_model
+    from linearize.evaluate.long_context import long_markdown, plot_bpb, plot_retrieval, run_long, training_seq_len
+    from linearize.records import run_metadata, write_record
+
+    data_dir = data_dir or default_data_dir()
+    model, tokenizer, info = load_model(str(spec), device=settings.device, dtype=getattr(torch, settings.dtype),
+                                        seed=settings.seed, hybrid=hybrid or None)
+    try:
+        body = run_long(model, tokenizer, base=None, modes=list(modes), tasks=list(settings.tasks), limit=settings.limit,
+                        cell_limit=settings.cell_limit, lengths=list(settings.lengths), qa_lengths=list(settings.qa_lengths),
+                        depths=list(settings.depths), sinks=settings.sinks, baseline_windows=list(settings.baseline_windows),
+                        layers=settings.layers, window=settings.window, batch_tokens=settings.batch_tokens,
+                        position_docs=settings.position_docs, train_len=None if base_only else training_seq_len(spec),
+                        reps=settings.bootstrap, seed=settings.seed, data_dir=data_dir, progress=say)
+        record = {"meta": run_metadata(model_info=info, data_dir=data_dir, device=str(model.device), seed=settings.seed,
+                                       hybrid_at_load=hybrid or None, **(meta or {})), **body}
+    finally:
+        del model
+        _release_gpu_memory()
+    write_record(out, "long", record, long_markdown(record))
+    plot_bpb(record, out / "long_bpb.png")
+    plot_retrieval(record, out / "long_retrieval.png")
+
+
+def _long_base(model: str, root: Path, settings: LongSettings, data_dir, say) -> None:
+    """The base model and its window+sinks baselines, once per table (``<table>/base/``)."""
+    out = root / "base"
+    if (out / "long.json").is_file():
+        return
+    say(f"[study] {root.name}: long-context evaluation of the base {model} and its window+sinks baselines")
+    _long_evaluate(model, out, settings, base_only=True, data_dir=data_dir, meta=dict(study=root.name, run="base"), say=say)
+
+
+def _long_run(weights: Path, out: Path, settings: LongSettings, modes, hybrid: dict, data_dir, meta: dict, say) -> None:
+    """A trained run (or a training-free variant of one: `hybrid` at load) in its component modes."""
+    say(f"[study] {meta['study']}: long-context evaluation of {out.parent.name} in {', '.join(modes)}"
+        + (f" with {hybrid} at load" if hybrid else ""))
+    _long_evaluate(weights, out, settings, modes=modes, hybrid=hybrid, data_dir=data_dir, meta=meta, say=say)
+
+
+def _long_variants_and_merge(table: str, root: Path, jobs, selected, settings: LongSettings, data_dir, say) -> Path:
+    """The training-free variants of the selected trained runs, then every record of the table merged into
+    ``<table>/merged/`` (again only when the set of records changed)."""
+    from linearize.evaluate.long_context import write_merged_long
+
+    spec = TABLES[table]
+    trained = {run.name: (run, seed) for run, seed in jobs if seed == jobs[0][1]}
+    for variant in spec.variants:
+        if variant.run not in trained:
+            raise UnknownStudyError(f"variant {variant.name!r}: no run {variant.run!r} in table {table!r}")
+        run, seed = trained[variant.run]
+        out = root / f"{variant.name}-seed{seed}" / "long"
+        weights = run_dir(root, run, seed)
+        if (run, seed) not in selected or (out / "long.json").is_file():
+            continue
+        if not is_trained(weights):
+            say(f"[study] {table}: {variant.name} waits for {weights.name} to be trained")
+            continue
+        _long_run(weights, out, settings, variant.modes, dict(variant.hybrid), data_dir,
+                  dict(study=table, run=variant.name, trained_run=run.name, recipe=run.recipe,
+                       overrides=list(run.overrides)), say)
+    # labels in the merged record: the run's name (with its seed when it is not the first)
+    first = jobs[0][1]
+    label = lambda name, seed: name if seed == first else f"{name}-seed{seed}"  # noqa: E731
+    paths = {label(run.name, seed): run_dir(root, run, seed) / "long" / "long.json" for run, seed in jobs}
+    paths |= {v.name: root / f"{v.name}-seed{trained[v.run][1]}" / "long" / "long.json" for v in spec.variants}
+    records = {"base": root / "base" / "long.json"} | paths
+    records = {label: json.loads(path.read_text()) for label, path in records.items() if path.is_file()}
+    merged = root / "merged"
+    done = merged / "long.json"
+    if not done.is_file() or list(json.loads(done.read_text())["meta"].get("merged_from", {})) != list(records):
+        say(f"[study] {table}: merging {', '.join(records)}")
+        write_merged_long(records, merged)
+    return merged / "long.md"

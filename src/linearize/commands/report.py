@@ -42,8 +42,7 @@ def _merge_long(dirs, out) -> None:
     from pathlib import Path
 
     from linearize.errors import LinearizeError
-    from linearize.evaluate.long_context import long_markdown, merge_long_records, overview_markdown, plot_bpb, plot_retrieval
-    from linearize.records import write_record
+    from linearize.evaluate.long_context import write_merged_long
 
     records = {}
     for d in dirs:
@@ -54,9 +53,4 @@ def _merge_long(dirs, out) -> None:
         if label in records:
             raise LinearizeError(f"two records are named {label!r}: give their directories distinct names")
         records[label] = json.loads(path.read_text())
-    merged = merge_long_records(records)
-    md = "## Overview\n\n" + overview_markdown(merged) + "\n" + long_markdown(merged)
-    write_record(out, "long", merged, md)
-    plot_bpb(merged, out / "long_bpb.png")
-    plot_retrieval(merged, out / "long_retrieval.png")
-    print(md)
+    print(write_merged_long(records, out))

@@ -411,3 +411,17 @@ def plot_bpb(record: dict[str, Any], path) -> Path:
     ax.set_ylabel("bits per byte of the gold answer")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def write_merged_long(records: dict[str, dict[str, Any]], out) -> str:
+    """Merge ``records`` (label -> ``--what long`` record, see :func:`merge_long_records`) and write ``out/long.json``,
+    ``long.md`` (the overview table first) and the figures; returns the Markdown."""
+    from linearize.records import write_record
+
+    out = Path(out)
+    merged = merge_long_records(records)
+    md = "## Overview\n\n" + overview_markdown(merged) + "\n" + long_markdown(merged)
+    write_record(out, "long", merged, md)
+    plot_bpb(merged, out / "long_bpb.png")
+    plot_retrieval(merged, out / "long_retrieval.png")
+    return md

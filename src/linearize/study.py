@@ -4,6 +4,10 @@ resumed), diagnoses each run, and writes `results/study/<table>/` (one directory
 whose long-context probes are missing and whose weights did not come back with its records is trained again (same
 recipe and seed) into `<run>/retrained/` for them.
 
+A table with long-context settings (`long-context`) is evaluated with the long-context tasks instead (as `linearize
+diagnose --what long`): the base and its window+sinks baselines once (`<table>/base/`), each run in its modes
+(`<run>/long/`), the training-free variants of a run at load, then everything merged (`<table>/merged/long.md`).
+
 Run sizes come from the recipe preset (`gpu-small` by default); `--seeds` repeats the headline runs.
 """
 

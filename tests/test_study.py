@@ -176,7 +176,7 @@ def test_long_context_names_error_in_one_line(capsys):
 
 
 def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
-    """Two runs of the table (their own overrides, then tiny sizes) and the sparse-memory variant on a tiny Llama:
+    """One run of the table (its own overrides, then tiny sizes) and its sparse-memory variant on a tiny Llama:
     the base with its window+sinks baselines once, each run's long record in its modes, the variant at load, one
     merged record; a second call evaluates and trains nothing."""
     import dataclasses
@@ -208,28 +208,38 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     real_train, real_long = train_mod.run_recipe, long_context.run_long
     monkeypatch.setattr(train_mod, "run_recipe", lambda *a, **kw: (trainings.append(a[2]), real_train(*a, **kw))[1])
     monkeypatch.setattr(long_context, "run_long", lambda *a, **kw: (evaluations.append(kw["modes"]), real_long(*a, **kw))[1])
-    kwargs = dict(model=str(model_dir), out=tmp_path / "study", preset=None, runs=("sum-w512*", "delta-w512-seed*"),
+    kwargs = dict(model=str(model_dir), out=tmp_path / "study", preset=None, runs=("sum-w512-seed*",),
                   data_dir=str(DATA), long=settings, say=lambda _msg: None)
     md = study.execute("long-context", **kwargs)
     root = tmp_path / "study" / "long-context"
     assert md == root / "merged" / "long.md" and md.read_text().startswith("## Overview")
-    assert [p.name for p in trainings] == ["sum-w512-seed0", "delta-w512-seed0"]
-    assert evaluations == [[], ["hybrid", "swa_only", "la_only"], ["hybrid", "swa_only", "la_only"], ["hybrid"]]
-    for name in ("sum-w512-seed0", "delta-w512-seed0", "sum-w512-mem-seed0"):
+    assert [p.name for p in trainings] == ["sum-w512-seed0"]  # the other runs are not selected
+    assert evaluations == [[], ["hybrid", "swa_only", "la_only"], ["hybrid"]]
+    for name in ("sum-w512-seed0", "sum-w512-mem-seed0"):
         record = json.loads((root / name / "long" / "long.json").read_text())
         assert record["meta"]["commit"] and record["meta"]["device"] == "cpu" and "base" not in record["variants"]
     variant = json.loads((root / "sum-w512-mem-seed0" / "long" / "long.json").read_text())
     assert list(variant["variants"]) == ["hybrid"] and variant["settings"]["hybrid"]["sparse_memory"] == 64
-    delta = json.loads((root / "delta-w512-seed0" / "long" / "long.json").read_text())
-    assert delta["settings"]["hybrid"]["linear_state"] == "delta"
+    trained = json.loads((root / "sum-w512-seed0" / "long" / "long.json").read_text())["settings"]["hybrid"]
+    assert (trained["combine"], trained["mix_gate"], trained["softmax_sinks"]) == ("mix", "dynamic", 8)
     merged = json.loads((root / "merged" / "long.json").read_text())
     w = merged["settings"]["baseline_windows"][0]
     assert list(merged["variants"]) == [
         "base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", "sum-w512 hybrid", "sum-w512 swa_only",
-        "sum-w512 la_only", "delta-w512 hybrid", "delta-w512 swa_only", "delta-w512 la_only", "sum-w512-mem hybrid"]
+        "sum-w512 la_only", "sum-w512-mem hybrid"]
     assert "sum-w512-mem hybrid - window+sinks w=8 s=8" in merged["pairs"]
     stamp = (root / "merged" / "long.json").stat().st_mtime_ns
     trainings.clear()
     evaluations.clear()
     assert study.execute("long-context", **kwargs) == md
     assert trainings == [] and evaluations == [] and (root / "merged" / "long.json").stat().st_mtime_ns == stamp
+    # the sum run's records came back without its weights and without the variant's: trained again beside them for
+    # the variant only, then merged again
+    run = root / "sum-w512-seed0"
+    for weights in run.glob("*.safetensors"):
+        weights.unlink()
+    shutil.rmtree(root / "sum-w512-mem-seed0")
+    study.execute("long-context", **kwargs)
+    assert trainings == [run / study.RETRAINED] and evaluations == [["hybrid"]]
+    assert (root / "merged" / "long.json").stat().st_mtime_ns > stamp
+    assert "sum-w512-mem hybrid" in json.loads((root / "merged" / "long.json").read_text())["variants"]

@@ -290,10 +290,21 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
             _release_gpu_memory()
 
         if long is not None:
+            meta = dict(study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides))
             if not (path / "long" / "long.json").is_file():
                 if not is_trained(path):
                     train(path, f"{path.name} ({run.recipe} {' '.join(run.overrides)})")
-                _long_run(path, path / "long", long, run.modes, {}, data_dir, dict(study=table, run=run.name, recipe=run.recipe, overrides=list(run.overrides)), say)
+                _long_run(path, path / "long", long, run.modes, {}, data_dir, meta, say)
+            variants = [v for v in spec.variants if v.run == run.name and seed == seeds[0]
+                        and not (_variant_dir(root, v, seed) / "long.json").is_file()]
+            if variants:
+                weights = path if is_trained(path) else path / RETRAINED
+                if not is_trained(weights):  # its records came back without its weights (a fresh GPU machine)
+                    train(weights, f"{path.name} again into {RETRAINED}/ for its training-free variants (the evaluated "
+                                   "weights are not here)")
+                for variant in variants:
+                    _long_run(weights, _variant_dir(root, variant, seed), long, variant.modes, dict(variant.hybrid),
+                              data_dir, {**meta, "run": variant.name, "trained_run": run.name}, say)
             continue
         if not record.is_file() and not is_trained(path):
             train(path, f"{path.name} ({run.recipe} {' '.join(run.overrides)})")
@@ -322,7 +333,7 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
         _, md = _probe(weights, model, path / "probes", say)
         say(md)
     if long is not None:
-        return _long_variants_and_merge(table, root, jobs, selected, long, data_dir, say)
+        return _long_merge(table, root, jobs, say)
     records = [run_dir(root, run, seed) / "diagnose" for run, seed in jobs]
     table_md = root / "table.md"
     table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r for r in records if (r / "diagnose.json").is_file()]) + "\n")
@@ -378,37 +389,27 @@ def _long_run(weights: Path, out: Path, settings: LongSettings, modes, hybrid: d
     _long_evaluate(weights, out, settings, modes=modes, hybrid=hybrid, data_dir=data_dir, meta=meta, say=say)
 
 
-def _long_variants_and_merge(table: str, root: Path, jobs, selected, settings: LongSettings, data_dir, say) -> Path:
-    """The training-free variants of the selected trained runs, then every record of the table merged into
-    ``<table>/merged/`` (again only when the set of records changed)."""
+def _variant_dir(root: Path, variant: StudyVariant, seed: int) -> Path:
+    return root / f"{variant.name}-seed{seed}" / "long"
+
+
+def _long_merge(table: str, root: Path, jobs, say) -> Path:
+    """Every long-context record of the table merged into ``<table>/merged/``; again only when a record was added
+    or written since."""
     from linearize.evaluate.long_context import write_merged_long
 
     spec = TABLES[table]
-    trained = {run.name: (run, seed) for run, seed in jobs if seed == jobs[0][1]}
-    for variant in spec.variants:
-        if variant.run not in trained:
-            raise UnknownStudyError(f"variant {variant.name!r}: no run {variant.run!r} in table {table!r}")
-        run, seed = trained[variant.run]
-        out = root / f"{variant.name}-seed{seed}" / "long"
-        weights = run_dir(root, run, seed)
-        if (run, seed) not in selected or (out / "long.json").is_file():
-            continue
-        if not is_trained(weights):
-            say(f"[study] {table}: {variant.name} waits for {weights.name} to be trained")
-            continue
-        _long_run(weights, out, settings, variant.modes, dict(variant.hybrid), data_dir,
-                  dict(study=table, run=variant.name, trained_run=run.name, recipe=run.recipe,
-                       overrides=list(run.overrides)), say)
     # labels in the merged record: the run's name (with its seed when it is not the first)
     first = jobs[0][1]
-    label = lambda name, seed: name if seed == first else f"{name}-seed{seed}"  # noqa: E731
-    paths = {label(run.name, seed): run_dir(root, run, seed) / "long" / "long.json" for run, seed in jobs}
-    paths |= {v.name: root / f"{v.name}-seed{trained[v.run][1]}" / "long" / "long.json" for v in spec.variants}
-    records = {"base": root / "base" / "long.json"} | paths
-    records = {label: json.loads(path.read_text()) for label, path in records.items() if path.is_file()}
+    label_of = lambda name, seed: name if seed == first else f"{name}-seed{seed}"  # noqa: E731
+    paths = {label_of(run.name, seed): run_dir(root, run, seed) / "long" / "long.json" for run, seed in jobs}
+    paths |= {v.name: _variant_dir(root, v, first) / "long.json" for v in spec.variants}
+    paths = {label: path for label, path in ({"base": root / "base" / "long.json"} | paths).items() if path.is_file()}
     merged = root / "merged"
     done = merged / "long.json"
-    if not done.is_file() or list(json.loads(done.read_text())["meta"].get("merged_from", {})) != list(records):
+    if (not done.is_file() or list(json.loads(done.read_text())["meta"].get("merged_from", {})) != list(paths)
+            or any(path.stat().st_mtime_ns > done.stat().st_mtime_ns for path in paths.values())):
+        records = {label: json.loads(path.read_text()) for label, path in paths.items()}
         say(f"[study] {table}: merging {', '.join(records)}")
         write_merged_long(records, merged)
     return merged / "long.md"

@@ -243,3 +243,18 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     assert trainings == [run / study.RETRAINED] and evaluations == [["hybrid"]]
     assert (root / "merged" / "long.json").stat().st_mtime_ns > stamp
     assert "sum-w512-mem hybrid" in json.loads((root / "merged" / "long.json").read_text())["variants"]
+
+
+def test_long_context_options_change_only_the_given_settings():
+    from linearize.cli import build_parser
+    from linearize.commands.study import _long_settings
+
+    args = build_parser().parse_args(["study", "long-context", "--limit", "2", "--cell-limit", "1", "--lengths", "256,512",
+                                      "--tasks", "passkey", "--dtype", "float32"])
+    settings = _long_settings(TABLES["long-context"].long, args, 2, ["passkey"])
+    assert (settings.limit, settings.cell_limit, settings.lengths, settings.tasks, settings.dtype) == (
+        2, 1, (256, 512), ("passkey",), "float32")
+    assert settings.qa_lengths == (8192, 16384) and settings.baseline_windows == ("auto", 512, 64)  # the table's
+    args = build_parser().parse_args(["study", "long-context"])
+    assert _long_settings(TABLES["long-context"].long, args, None, None) == TABLES["long-context"].long
+    assert _long_settings(None, build_parser().parse_args(["study", "objectives"]), None, None) is None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from linearize.config import COMPONENT_MODES
 from linearize.errors import LinearizeError
+
 # Gemma's global layers only (its sliding layers stay softmax): 'none' here drops only those layers' attention
 GLOBAL_ONLY = (("hybrid.layers=global",), ("hybrid", "swa_only", "la_only", "none"))
 

@@ -54,13 +54,9 @@ def test_dry_run_lists_the_runs(capsys):
     assert "objective-weights-seed0: recipe la-only" in out and "hybrid.feature_map=elu1" in out
 
 
-def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
-    """A one-run table on a tiny saved model: an interrupted diagnosis resumes with the modes it lacks; a
-    finished table is not redone; the base model's report is computed once for every run and table."""
+def _tiny_study_model(tmp_path, steps: int):
+    """A tiny Llama with a BPE tokenizer saved under tmp_path, and the overrides that make a study run tiny."""
     from tiny_models import DATA, bpe_tokenizer, tiny_model
-
-    from linearize import study
-    from linearize.evaluate import diagnose as diagnose_mod
 
     if DATA is None:
         pytest.skip("benchmark data directory not found")
@@ -70,8 +66,21 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
                pad_token_id=tok.pad_token_id).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     tiny = ("hybrid.window=8", "hybrid.chunk_size=8", "data.sources=[alpaca_demo]", "data.seq_len=32",
-            "data.train_tokens=256", "data.val_tokens=64", "stage1.batch_size=2", "stage1.grad_accum=1", "stage1.max_steps=2",
-            "stage2.batch_size=2", "stage2.grad_accum=1", "stage2.max_steps=2", "runtime.cpu=true", "runtime.show_progress=false")
+            "data.train_tokens=256", "data.val_tokens=64", "stage1.batch_size=2", "stage1.grad_accum=1",
+            f"stage1.max_steps={steps}", "stage2.batch_size=2", "stage2.grad_accum=1", f"stage2.max_steps={steps}",
+            "runtime.cpu=true", "runtime.show_progress=false")
+    return model_dir, tiny
+
+
+def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
+    """A one-run table on a tiny saved model: an interrupted diagnosis resumes with the modes it lacks; a
+    finished table is not redone; the base model's report is computed once for every run and table."""
+    from tiny_models import DATA
+
+    from linearize import study
+    from linearize.evaluate import diagnose as diagnose_mod
+
+    model_dir, tiny = _tiny_study_model(tmp_path, steps=2)
     for name in ("t1", "t2"):
         runs = (study.StudyRun("ssd", "ssd", tiny, ("hybrid", "la_only"), probes=name == "t1"),
                 study.StudyRun("ssd-again", "ssd", (*tiny, "stage2.ssd.enabled=true")))  # the same resolved recipe
@@ -181,21 +190,12 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     merged record; a second call evaluates and trains nothing."""
     import dataclasses
 
-    from tiny_models import DATA, bpe_tokenizer, tiny_model
+    from tiny_models import DATA
 
     from linearize import study
     from linearize.evaluate import long_context
 
-    if DATA is None:
-        pytest.skip("benchmark data directory not found")
-    tok = bpe_tokenizer()
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    tiny = ("hybrid.window=8", "hybrid.chunk_size=8", "data.sources=[alpaca_demo]", "data.seq_len=32",
-            "data.train_tokens=256", "data.val_tokens=64", "stage1.batch_size=2", "stage1.grad_accum=1", "stage1.max_steps=1",
-            "stage2.batch_size=2", "stage2.grad_accum=1", "stage2.max_steps=1", "runtime.cpu=true", "runtime.show_progress=false")
+    model_dir, tiny = _tiny_study_model(tmp_path, steps=1)
     real = TABLES["long-context"]
     runs = tuple(dataclasses.replace(r, overrides=(*r.overrides, *tiny)) for r in real.runs)
     monkeypatch.setitem(study.TABLES, "long-context", dataclasses.replace(real, runs=runs))

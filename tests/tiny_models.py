@@ -83,3 +83,33 @@ def assert_left_padding_invisible(model, mode: str, row: torch.Tensor):
         alone = model(row).logits[0]
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
     return batch, mask
+
+
+def assert_decode_equals_forward(model, mode, ids, prompt=10):
+    """Logits of a prompt prefill plus one-token cached steps equal the full forward in component `mode`; returns
+    the cache."""
+    from transformers import DynamicCache
+
+    import linearize
+    from linearize.compat import cache_kwargs
+
+    with torch.no_grad(), linearize.components(model, mode):
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :prompt], **cache_kwargs(cache), use_cache=True).logits
+        steps = [model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(prompt, ids.shape[1])]
+    torch.testing.assert_close(torch.cat([first] + steps, 1), full, atol=1e-4, rtol=1e-4)
+    return cache
+
+
+def assert_beam_scores_equal_forward(model, prompt_len: int = 9, new_tokens: int = 10):
+    """Beam search (3 beams) reorders a converted model's decode state: each returned beam's score equals the sum of
+    its tokens' log-probabilities under one full forward. min_new_tokens: no beam ends early at EOS (its padded
+    tail would count in the full forward)."""
+    prompt = torch.randint(1, 128, (1, prompt_len))
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=3,
+                         num_return_sequences=3, length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences).logits.float(), -1)[:, prompt_len - 1:-1]
+    full = logp.gather(-1, out.sequences[:, prompt_len:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, full, atol=1e-4, rtol=1e-5)

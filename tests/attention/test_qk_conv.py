@@ -3,7 +3,7 @@ plain loop, identity start, decode == forward, padding, save/load, stage-1 train
 
 import pytest
 import torch
-from tiny_models import left_padded_batch, tiny_model
+from tiny_models import assert_beam_scores_equal_forward, assert_decode_equals_forward, left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 import linearize
@@ -84,13 +84,7 @@ def test_identity_start_equals_no_convolution_exactly(kind):
 
 
 def decode_vs_forward(model, mode, ids, prompt=8):
-    with torch.no_grad(), linearize.components(model, mode):
-        full = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        first = model(ids[:, :prompt], **cache_kwargs(cache), use_cache=True).logits
-        steps = [model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(prompt, ids.shape[1])]
-    torch.testing.assert_close(torch.cat([first] + steps, 1), full, atol=1e-4, rtol=1e-4)
-    return cache
+    return assert_decode_equals_forward(model, mode, ids, prompt)
 
 
 @pytest.mark.parametrize("kind", list(STATES))
@@ -131,14 +125,7 @@ def test_other_families_decode_like_the_forward(family):
 
 def test_beam_search_scores_equal_the_full_forward():
     """Beams reorder the state, the convolution's past inputs included (index_select)."""
-    model = converted("gated", qk_conv=4, window=4)
-    prompt = torch.randint(1, 128, (1, 9))
-    out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=3,
-                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(out.sequences).logits.float(), -1)[:, 8:-1]
-    full = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
-    torch.testing.assert_close(out.sequences_scores, full, atol=1e-4, rtol=1e-5)
+    assert_beam_scores_equal_forward(converted("gated", qk_conv=4, window=4), new_tokens=8)
 
 
 @pytest.mark.parametrize("kind", list(STATES))

@@ -3,7 +3,7 @@ decode memory, stage-1 training of the state's parameters."""
 
 import pytest
 import torch
-from tiny_models import assert_left_padding_invisible, tiny_model
+from tiny_models import assert_beam_scores_equal_forward, assert_decode_equals_forward, assert_left_padding_invisible, tiny_model
 from transformers import DynamicCache
 
 import linearize
@@ -28,13 +28,7 @@ def converted(family="llama", kind="gated", **settings):
 
 
 def decode_vs_forward(model, mode, ids, prompt=10):
-    with torch.no_grad(), linearize.components(model, mode):
-        full = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        first = model(ids[:, :prompt], **cache_kwargs(cache), use_cache=True).logits
-        steps = [model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(prompt, ids.shape[1])]
-    torch.testing.assert_close(torch.cat([first] + steps, 1), full, atol=1e-4, rtol=1e-4)
-    return cache
+    return assert_decode_equals_forward(model, mode, ids, prompt)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -166,15 +160,7 @@ def test_delta_beta_starts_at_delta_beta_init():
 @pytest.mark.parametrize("kind", KINDS)
 def test_beam_search_scores_equal_the_full_forward(kind):
     """Beams reorder the kind's state (index_select of its tensors and pending key)."""
-    model = converted(kind=kind, window=4)
-    prompt = torch.randint(1, 128, (1, 9))
-    # min_new_tokens: no beam ends early at EOS (its padded tail would count in the full forward)
-    out = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=3,
-                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(out.sequences).logits.float(), -1)[:, 8:-1]
-    full = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
-    torch.testing.assert_close(out.sequences_scores, full, atol=1e-4, rtol=1e-5)
+    assert_beam_scores_equal_forward(converted(kind=kind, window=4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -21,6 +21,7 @@ from transformers import GenerationMixin
 import linearize
 from linearize.bench.decode import decode_shape
 from linearize.bench.kernels import environment
+from linearize.records import benchmark_header
 
 
 def build(model: str):
@@ -58,11 +59,12 @@ def main(argv=None) -> int:
         captured_tps, captured = timed(lambda: model.generate(prompt, **kw), args.new_tokens)
         path = model.decode_path
         eager_tps, eager = timed(lambda: GenerationMixin.generate(model, prompt, **kw), args.new_tokens)
-    res = dict(environment(args.commit, ["generate_speed"] + sys.argv[1:]), model=args.model, batch=1,
+    env = environment(args.commit, ["generate_speed"] + sys.argv[1:])
+    env["command"] = "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:])
+    res = dict(benchmark_header(env), model=args.model, batch=1,
                prompt_tokens=32, new_tokens=args.new_tokens, captured_tokens_per_s=captured_tps,
                eager_tokens_per_s=eager_tps, speedup=captured_tps / eager_tps, decode_path=path.describe(),
                captured_equals_eager=bool(torch.equal(captured, eager)))
-    res["command"] = "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:])
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0

@@ -232,28 +232,31 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _cache_key(path: Path, root: Path) -> str:
-    """The file's name and sha256: a different or corrupted file never shares another's cache entry.
+    """The file's name and sha256: a different or corrupted file never shares another's cache entry."""
+    return f"{path.stem}-{recorded_sha256(path, root)[:32]}"
 
-    The hash of the whole file (a second or two for hundreds of MB) is computed once and recorded in
-    ``<root>/.hashes`` under the file's path, size, mtime, ctime and inode; any write to the file changes its
-    ctime, so the record is reused only for the very same bytes.
-    """
+
+def recorded_sha256(path: Path, root: Path | None = None) -> str:
+    """The sha256 of a file, computed once (a second or two for hundreds of MB) and recorded in ``<root>/.hashes``
+    (root: the model cache) under the file's path, size, mtime, ctime and inode; any write to the file changes its
+    ctime, so the record is reused only for the very same bytes."""
+    root = _cache_root(None) if root is None else root
     st = path.stat()
     stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
              "inode": st.st_ino}
     record = root / _HASHES / f"{hashlib.sha256(stamp['path'].encode()).hexdigest()[:32]}.json"
     try:
         saved = json.loads(record.read_text())
-        sha = saved["sha256"] if saved["stamp"] == stamp else None
+        if saved["stamp"] == stamp:
+            return saved["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        sha = None
-    if sha is None:
-        sha = file_sha256(path)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "sha256": sha}))
-        os.replace(tmp, record)
-    return f"{path.stem}-{sha[:32]}"
+        pass
+    sha = file_sha256(path)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"stamp": stamp, "sha256": sha}))
+    os.replace(tmp, record)
+    return sha
 
 
 def file_sha256(path: Path) -> str:
@@ -266,16 +269,17 @@ def file_sha256(path: Path) -> str:
 
 def base_fingerprint(name_or_path: str | os.PathLike) -> str:
     """sha256 over the files that make a base model: a GGUF file, or a Hugging Face directory's config, weights and
-    tokenizer files (each by its name in the directory and its sha256). The same model copied to another path or
-    machine has the same fingerprint; other files in the directory (notes, READMEs) do not count."""
+    tokenizer files (each by its name in the directory and its sha256, each file hashed once: `recorded_sha256`).
+    The same model copied to another path or machine has the same fingerprint; other files in the directory (notes,
+    READMEs) do not count."""
     source = checked_source(name_or_path)
     if not source.is_dir():
-        return hashlib.sha256(f"{file_sha256(source)}\n".encode()).hexdigest()
+        return hashlib.sha256(f"{recorded_sha256(source)}\n".encode()).hexdigest()
     files = sorted({f for pattern in ("config.json", *_WEIGHT_PATTERNS, *_TOKENIZER_FILES)
                     for f in source.glob(pattern) if f.is_file()})
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+        digest.update(f"{f.name}\0{recorded_sha256(f)}\n".encode())
     return digest.hexdigest()
 
 

@@ -6,8 +6,9 @@ for the duration of the call the model's `forward` is wrapped so that every one-
 compiles, cuBLAS sets up), the next one is captured, and the rest replay that CUDA graph. Where a captured step
 cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory,
 unconverted full-attention layers, no cache -- the eager step runs. Unconverted sliding-window layers (Gemma 3's local
-layers under `layers="global"`) decode on fixed rings of their window (`attention/ring.py`). Which path ran is on the model after the call
-(`model.decode_path`, a `DecodePath`) and in one log line. `LINEARIZE_EAGER_DECODE=1` keeps the eager step everywhere.
+layers under `layers="global"`) decode on fixed rings of their window (`attention/ring.py`; the returned cache holds
+those rings). Which path ran is on the model after the call (`model.decode_path`, a `DecodePath`) and in one log
+line. `LINEARIZE_EAGER_DECODE=1` keeps the eager step everywhere.
 """
 
 from __future__ import annotations

@@ -3,15 +3,19 @@ on the CPU, captured on CUDA) against Hugging Face's own forward, with left padd
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import DynamicCache
 
 import linearize
 from linearize.attention.graph_decode import GraphDecoder
 from linearize.attention.ring import (
-    RingWindowLayer, ring_attention_mask, ring_bytes, swap_in_rings, unconverted_layers,
+    RingWindowLayer,
+    ring_attention_mask,
+    ring_bytes,
+    swap_in_rings,
+    unconverted_layers,
 )
 from linearize.compat import cache_kwargs
-from tiny_models import tiny_model
 
 CUDA = torch.cuda.is_available()
 
@@ -30,7 +34,7 @@ def test_ring_holds_the_last_window_minus_one_keys_at_their_slots_and_writes_one
     assert ring.next_valid()[1].tolist() == [True, True, True, False, True]
     for step in range(6):  # past a full turn of the ring
         k = torch.full((2, 1, 1, 3), float(100 + step))
-        out_k, out_v = ring.update(k, k, 0)
+        out_k, _ = ring.update(k, k, 0)
         assert out_k.shape == (2, 1, window, 3) and out_k is ring.keys
         assert (ring.keys[:, :, (seen + step) % window] == 100 + step).all()
     assert ring.seen == 13 and int(ring.slot) == 13 % window and ring.valid.all()

@@ -5,14 +5,14 @@ import logging
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import GenerationMixin
 
 import linearize
 from linearize.attention.graph_decode import GraphDecoder
 from linearize.attention.ring import RingWindowLayer
-from linearize.compat import cache_kwargs
+from linearize.compat import cache_kwargs, output_cache
 from linearize.models import generation
-from tiny_models import tiny_model
 
 CUDA = torch.cuda.is_available()
 
@@ -150,6 +150,7 @@ def test_generate_decodes_unconverted_sliding_layers_on_rings(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     path = model.decode_path
     assert path.path == "captured" and path.steps == 23 and path.rings == 2 and path.ring_window == 8
+    assert [type(layer) for layer in output_cache(got).layers[:2]] == [RingWindowLayer] * 2  # the local layers
     assert "2 unconverted sliding-window layers on rings of 8 keys" in path.describe()
 
 

@@ -20,15 +20,16 @@ import torch
 from transformers.cache_utils import StaticCache
 
 from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
-from linearize.attention.graph_decode import GraphStep, GraphDecoder
+from linearize.attention.graph_decode import GraphDecoder, GraphStep
 from linearize.attention.linear.common import KVState
-from linearize.attention.ring import RingWindowLayer, ring_bytes
 from linearize.attention.module import HybridAttention
 from linearize.attention.recurrent import HybridState
+from linearize.attention.ring import RingWindowLayer, ring_bytes
 from linearize.bench.timing import copy_bandwidth, free, sync
 from linearize.compat import cache_kwargs
 from linearize.config import HybridConfig
 from linearize.models.convert import convert
+
 
 def gemma3_270m_config():
     from transformers import Gemma3TextConfig

@@ -3,19 +3,13 @@ on the CPU, captured on CUDA) against Hugging Face's own forward, with left padd
 
 import pytest
 import torch
-from tiny_models import tiny_model
 from transformers import DynamicCache
 
 import linearize
 from linearize.attention.graph_decode import GraphDecoder
-from linearize.attention.ring import (
-    RingWindowLayer,
-    ring_attention_mask,
-    ring_bytes,
-    swap_in_rings,
-    unconverted_layers,
-)
+from linearize.attention.ring import RingWindowLayer, ring_attention_mask, ring_bytes, swap_in_rings, unconverted_layers
 from linearize.compat import cache_kwargs
+from tiny_models import tiny_model
 
 CUDA = torch.cuda.is_available()
 

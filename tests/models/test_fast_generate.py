@@ -5,7 +5,6 @@ import logging
 
 import pytest
 import torch
-from tiny_models import tiny_model
 from transformers import GenerationMixin
 
 import linearize
@@ -13,6 +12,7 @@ from linearize.attention.graph_decode import GraphDecoder
 from linearize.attention.ring import RingWindowLayer
 from linearize.compat import cache_kwargs, output_cache
 from linearize.models import generation
+from tiny_models import tiny_model
 
 CUDA = torch.cuda.is_available()
 

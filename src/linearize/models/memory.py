@@ -10,13 +10,16 @@ One definition for the three kinds of model that the long-context evaluation put
   the key waiting to enter it and, with beta, the ring's betas --, the ring of the last w - 1 keys, values and key
   features, the sink keys and values, with sparse memory its slots and pending block, with the q/k convolution the
   last K - 1 queries and keys), decoding in 'hybrid' mode
-  (a non-'sum' state prefilled for 'la_only' as well holds a second linear state); other layers as in the base model.
+  (a non-'sum' state prefilled for 'la_only' as well holds a second linear state); its unconverted sliding-window
+  layers a ring of their window (keys, values and a flag per slot, `attention/ring.py`: what the captured decode step
+  holds, constant in context); unconverted full-attention layers as in the base model.
 """
 
 from __future__ import annotations
 
 from linearize.attention.adapters import head_dim, layer_types
 from linearize.attention.linear import linear_state
+from linearize.attention.ring import ring_bytes
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError
 from linearize.feature_maps import num_features
@@ -71,6 +74,8 @@ def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: Hy
         own = config.sliding_window if kind == "sliding_attention" else None
         if i in changed and hybrid is not None:
             total += _hybrid_layer_bytes(config.num_attention_heads, hkv, d, hybrid, dtype_bytes)
+        elif hybrid is not None and own is not None:
+            total += ring_bytes(hkv, d, own, dtype_bytes)
         elif i in changed and own is None:  # the baseline leaves a layer with its own window as it is
             w, s = window_sinks
             total += _kv_layer_bytes(hkv, d, min(context, w + s), dtype_bytes)

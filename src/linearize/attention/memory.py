@@ -21,7 +21,7 @@ from linearize.attention.spec import AttentionSpec
 def memory_kind(spec: AttentionSpec) -> LinearState:
     """The linear-state kind the memory serves; a one-line ValueError for what the memory does not cover."""
     kind = linear_state_kind(spec.linear_state)
-    if not kind.sparse_memory:
+    if not kind.serves_memory:
         raise ValueError(f"sparse_memory does not cover linear_state={spec.linear_state!r}; set sparse_memory=0")
     if not kind.additive and spec.placement != "complementary":
         raise ValueError(f"sparse_memory with linear_state={spec.linear_state!r} needs placement 'complementary' "

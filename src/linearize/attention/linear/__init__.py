@@ -66,7 +66,7 @@ class LinearState:
         return cls(name=name, help=(module.__doc__ or "").strip().split("\n")[0], **{**fns, **fields})
 
     @property
-    def sparse_memory(self) -> bool:
+    def serves_memory(self) -> bool:
         """The sparse memory can serve this kind: it has read, recall_error, absorb (and decayed if it decays)."""
         return None not in (self.read, self.recall_error, self.absorb) and (self.decayed is not None or not self.needs_log_decay)
 

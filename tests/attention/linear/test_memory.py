@@ -207,3 +207,19 @@ def test_save_load_round_trip(tmp_path, kind):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
                        loaded.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_auto_backend_runs_the_memory_in_pytorch(kind):
+    """On CUDA (fla installed or not) 'auto' takes the PyTorch memory walk for 'hybrid' (the fla kernels cannot take
+    the memory): the same logits as backend 'torch', and cached decoding equals the full forward, over 300 tokens with
+    the default 64-token blocks."""
+    settings = dict(window=16, memory_block=64, sparse_memory=8)
+    model = converted(kind, **settings).cuda()
+    torch_model = converted(kind, backend="torch", **settings).cuda()
+    torch_model.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 128, (2, 300), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, torch_model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_decode_equals_forward(model, "hybrid", ids[:, :200], prompt=130)

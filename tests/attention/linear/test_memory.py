@@ -6,7 +6,7 @@ import pytest
 import torch
 from kinds import B, D, HKV, HQ, M, random_inputs
 from spec_kwargs import with_spec
-from tiny_models import assert_decode_equals_forward, left_padded_batch, tiny_model
+from tiny_models import assert_beam_scores_equal_forward, assert_decode_equals_forward, left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 import linearize
@@ -149,11 +149,25 @@ def converted(kind, family="llama", **settings):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("family,mode", [("llama", "hybrid"), ("gemma3", "hybrid"), ("llama", "la_only"),
-                                         ("llama", {0: {1: "la_only", 3: "swa_only"}})])
-def test_decoding_equals_the_full_forward(kind, family, mode):
-    """A 10-token prompt, then 22 steps: several boundaries, the ring wraps; per-head modes mix memory and not."""
-    assert_decode_equals_forward(converted(kind, family), mode, torch.randint(1, 128, (2, 32)))
+@pytest.mark.parametrize("family,mode,settings", [("llama", "hybrid", {}), ("gemma3", "hybrid", {}),
+                                                  ("llama", "la_only", {}), ("llama", {0: {1: "la_only", 3: "swa_only"}}, {}),
+                                                  ("llama", "hybrid", {"qk_conv": 3, "memory_block": 3})])
+def test_decoding_equals_the_full_forward(kind, family, mode, settings):
+    """A 10-token prompt, then 22 steps: several boundaries, the ring wraps; per-head modes mix memory and not; the
+    q/k convolution feeds the scores."""
+    model = converted(kind, family, **settings)
+    if settings.get("qk_conv"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "qk_conv" in name:
+                    p.add_(0.2 * torch.randn_like(p))
+    assert_decode_equals_forward(model, mode, torch.randint(1, 128, (2, 32)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_scores_equal_the_full_forward(kind):
+    """Beams reorder the memory (its ages and betas included) with the rest of the state."""
+    assert_beam_scores_equal_forward(converted(kind), prompt_len=9, new_tokens=12)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -123,6 +123,32 @@ def test_padding_never_enters_the_sums(kind):
     torch.testing.assert_close(other[0], base[0])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_keeps_a_key_the_state_cannot_recall(kind):
+    """Every key has the same features and every value is c but one planted token's: the state recalls c, so only the
+    planted key has a large error; it is kept to the end, and a query matching its key reads its value exactly."""
+    t, window, planted, d = 48, 4, 17, 8
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(1, 1, t, d, generator=g)
+    kf = (torch.rand(1, 1, 1, d, generator=g) + 0.1).expand(1, 1, t, d).contiguous()
+    c = torch.randn(d, generator=g)
+    v = c.expand(1, 1, t, d).clone()
+    v[0, 0, planted] = c + 5 * torch.eye(d)[0]
+    q = torch.zeros(1, 1, t, d)
+    q[0, 0, -1] = 8 * k[0, 0, planted]  # the last query looks for the planted key
+    qf = torch.rand(1, 1, t, d, generator=g)
+    ld, beta = torch.full((1, 1, t), -0.01), torch.full((1, 1, t), 0.9)
+    settings = dict(sparse_memory=2, memory_block=4, linear_state=kind, window=window)
+    state = prefill_state(k, v, kf, torch.ones(1, t, dtype=torch.bool), lags={window}, log_decay=ld, beta=beta,
+                          **with_spec(num_sinks=0, **settings))
+    kept = state.memory.v[0, 0][state.memory.valid[0, 0]]
+    assert any(torch.equal(row, v[0, 0, planted]) for row in kept)
+    kw = dict(scale=d**-0.5, weight=1.0, rule="mix", chunk_size=8, log_decay=ld, beta=beta)  # g = 1: softmax alone
+    out = hybrid_attention_chunked(q, k, v, qf, kf, **with_spec(**kw, **settings))[0, 0, -1]
+    without = hybrid_attention_chunked(q, k, v, qf, kf, **with_spec(**kw, **{**settings, "sparse_memory": 0}))[0, 0, -1]
+    assert (out - c)[0] > 4.5 and (without - c).abs().max() < 1e-5
+
+
 def test_what_the_memory_does_not_cover_is_refused():
     with pytest.raises(ValueError, match="placement 'complementary'"):
         linearize.HybridConfig(linear_state="delta", combine="mix", sparse_memory=4, placement="overlap")

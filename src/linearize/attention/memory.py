@@ -23,9 +23,6 @@ def memory_kind(spec: AttentionSpec) -> LinearState:
     kind = linear_state_kind(spec.linear_state)
     if not kind.serves_memory:
         raise ValueError(f"sparse_memory does not cover linear_state={spec.linear_state!r}; set sparse_memory=0")
-    if not kind.additive and spec.placement != "complementary":
-        raise ValueError(f"sparse_memory with linear_state={spec.linear_state!r} needs placement 'complementary' "
-                         f"(its state holds the keys older than the window); set placement or sparse_memory=0")
     return kind
 
 

@@ -16,9 +16,10 @@ and, with softmax sinks or sparse memory on,
           stay out of S, z: the linear branch adds them one by one where it covers all keys),
   memory  the sparse memory's m exact keys and the pending keys of the current block (`memory.SparseMemory`);
           kind 'sum': S, z hold only L_B of the reference's definition, and the boundary step runs every
-          memory_block tokens at the end of a step (`advance_state`); other kinds (decoding 'hybrid' with
-          'complementary'): the lag-w `LinearSlot` holds the reference's state L with no pending key of its own,
-          and the boundary step runs in `step_linear` after the decay of the step it starts,
+          memory_block tokens at the end of a step (`advance_state`); other kinds (decoding 'hybrid'): the lag-w
+          `LinearSlot` holds the reference's state L with no pending key of its own ('overlap': beside the lag-0
+          state that the linear branch reads), and the boundary step runs in `step_linear` after the decay of the
+          step it starts,
 and, with the q/k convolution (qk_conv = K > 0),
   conv_q, conv_k  the last K - 1 queries and keys (padding as zeros) the convolution reads besides the new token;
           the layer rolls them in place at each step (`HybridAttention.features`).
@@ -241,7 +242,10 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
     if sparse_memory:
         memory_kind(spec)  # refuses what the memory does not cover
     if not kind.additive:
-        memory_lag = window if sparse_memory and window in lags else None  # decoding 'hybrid': the memory's state
+        # the memory's state L, held as the lag-w state: where 'hybrid' may be decoded ('complementary': its lag is w;
+        # 'overlap': any lag, 0, as 'la_only' has, so a cache prefilled for 'la_only' alone carries it too)
+        hybrid_decoded = window in lags if spec.placement == "complementary" else bool(lags)
+        memory_lag = window if sparse_memory and hybrid_decoded else None
         linear = _prefill_slots(kind, kf, v, valid, sinks, lags=set(lags) - {memory_lag}, window=window,
                                 log_decay=log_decay, beta=beta)
         if memory_lag is not None:

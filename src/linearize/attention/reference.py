@@ -28,8 +28,9 @@ Sparse exact memory (sparse_memory = m > 0, memory_block = C; 'hybrid' mode only
   so under 'complementary' every valid key s <= t is in exactly one branch. Selection is per (row, KV head) and not
   differentiated (scores and ranking under no_grad).
 
-Sparse memory with the decaying states ('gated', 'delta'; placement 'complementary' only). The sets M_b, N_b and the
-softmax branch are as above; what differs is the linear state, which is no longer a function of the set L_b. With
+Sparse memory with the decaying states ('gated', 'delta'). The sets M_b, N_b and the softmax branch are as above;
+what differs is the state L, which is no longer a function of the set L_b. As for 'sum', L is the linear branch
+under 'complementary'; under 'overlap' the linear branch is the plain state over every key and L only scores. With
 a_u = log_decay[u] and entry(s) = s + w (the step at which key s enters the plain lag-w state), key s's age at step
 u is A(s, u) = sum_{entry(s) < u' <= u} a_u'. The state L is carried step by step:
       at every step u:     L <- exp(a_u) L                                   (the plain state's decay)
@@ -188,6 +189,8 @@ def hybrid_attention_reference(
         if not memory_kind(spec).additive:
             mem, la = decayed_memory_walk(qf, kf, v, candidate, kind=kind, window=window, block=block,
                                           slots=spec.sparse_memory, log_decay=log_decay, beta=beta)
+            if not complementary:
+                la = linear_sums(la_enter, 0)
             return combine(spec.rule, expand_weight(weight, b, hq, t, q),
                            softmax_sums(window_mask | stretched | mem.unsqueeze(2)), la)
         mem, la_set = memory_sets(kf, v, candidate, window=window, block=block, slots=spec.sparse_memory)

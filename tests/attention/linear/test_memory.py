@@ -36,7 +36,8 @@ def decode(q, k, v, qf, kf, ld, beta, valid, prompt, spec_kw, weight):
     """Prefill `prompt` tokens, then step token by token in 'hybrid' mode, as HybridAttention decodes."""
     gates = lambda sl: dict(log_decay=ld[:, :, sl], beta=beta[:, :, sl])  # noqa: E731
     p = slice(0, prompt)
-    state = prefill_state(k[:, :, p], v[:, :, p], kf[:, :, p], valid[:, p], lags={spec_kw["window"]},
+    lag = 0 if spec_kw.get("placement") == "overlap" else spec_kw["window"]
+    state = prefill_state(k[:, :, p], v[:, :, p], kf[:, :, p], valid[:, p], lags={lag},
                           **with_spec(num_sinks=8, **spec_kw), **gates(p))
     outs = []
     for i in range(prompt, q.shape[2]):
@@ -51,12 +52,13 @@ SETTINGS = [(dict(sparse_memory=3, memory_block=4), 0), (dict(sparse_memory=3, m
             (dict(softmax_sinks=2, sparse_memory=2, memory_block=5), 13)]
 CASES = [(kind, rule, s, p, w) for kind in KINDS for rule in ("mix", "shared_norm") for s, p in SETTINGS
          for w in (1, 4) if not (kind == "delta" and rule == "shared_norm")]
+CASES += [(kind, "mix", {**s, "placement": "overlap"}, p, 4) for kind in KINDS for s, p in SETTINGS[1:]]
 
 
 @pytest.mark.parametrize("kind,rule,settings,prompt,window", CASES)
 def test_reference_chunked_and_recurrent_agree(kind, rule, settings, prompt, window):
     """GQA, left padding, T not a multiple of the chunk or block; prompts ending before, on and after a boundary;
-    decoding crosses several boundaries."""
+    decoding crosses several boundaries; under 'overlap' the memory's state only scores."""
     t = 31
     q, k, v, qf, kf, ld, beta, valid = layer_inputs(t)
     kw = dict(scale=D**-0.5, weight=torch.rand(HQ) * 0.8 + 0.1, rule=rule, mode="hybrid", valid=valid, log_decay=ld,
@@ -149,17 +151,6 @@ def test_memory_keeps_a_key_the_state_cannot_recall(kind):
     assert (out - c)[0] > 4.5 and (without - c).abs().max() < 1e-5
 
 
-def test_what_the_memory_does_not_cover_is_refused():
-    with pytest.raises(ValueError, match="placement 'complementary'"):
-        linearize.HybridConfig(linear_state="delta", combine="mix", sparse_memory=4, placement="overlap")
-    linearize.HybridConfig(linear_state="delta", combine="mix", sparse_memory=4)
-    linearize.HybridConfig(linear_state="gated", sparse_memory=4, softmax_sinks=2)
-    q, k, v, qf, kf, ld, beta, valid = layer_inputs(9)
-    with pytest.raises(ValueError, match="placement 'complementary'"):
-        hybrid_attention_chunked(q, k, v, qf, kf, **with_spec(linear_state="gated", placement="overlap", sparse_memory=2,
-                                                              window=2, valid=valid, log_decay=ld))
-
-
 MODEL_SETTINGS = dict(window=4, sparse_memory=3, memory_block=4, softmax_sinks=2, combine="mix")
 
 
@@ -177,7 +168,9 @@ def converted(kind, family="llama", **settings):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family,mode,settings", [("llama", "hybrid", {}), ("gemma3", "hybrid", {}),
                                                   ("llama", "la_only", {}), ("llama", {0: {1: "la_only", 3: "swa_only"}}, {}),
-                                                  ("llama", "hybrid", {"qk_conv": 3, "memory_block": 3})])
+                                                  ("llama", "hybrid", {"qk_conv": 3, "memory_block": 3}),
+                                                  ("llama", "hybrid", {"placement": "overlap"}),
+                                                  ("llama", "la_only", {"placement": "overlap"})])
 def test_decoding_equals_the_full_forward(kind, family, mode, settings):
     """A 10-token prompt, then 22 steps: several boundaries, the ring wraps; per-head modes mix memory and not; the
     q/k convolution feeds the scores."""
@@ -224,7 +217,7 @@ def test_left_padding_by_whole_blocks_is_invisible(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("settings", [{}, {"softmax_sinks": 0}, {"window": 1, "memory_block": 3}])
+@pytest.mark.parametrize("settings", [{}, {"softmax_sinks": 0}, {"window": 1, "memory_block": 3}, {"placement": "overlap"}])
 def test_decode_bytes_are_what_the_cache_holds(kind, settings):
     model = converted(kind, **settings)
     cache = DynamicCache(config=model.config)

@@ -65,6 +65,8 @@ COMBINE_RULES = ("shared_norm", "mix")
 #: Feature maps of the linear branch (their definitions: linearize.feature_maps.FEATURE_MAPS).
 FEATURE_MAP_NAMES = ("hedgehog", "exp", "relu", "elu1", "t2r", "none")
 PLACEMENTS = ("complementary", "overlap")
+#: How the sparse memory chooses its keys (HybridConfig.memory_select).
+MEMORY_SELECTS = ("recall", "query")
 MIX_GATES = ("fixed", "learned", "dynamic")
 FEATURE_SIZES = ("full", "half")
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -107,6 +109,9 @@ class HybridConfig:
     softmax_sinks: int = field(default=0, metadata={"help": "Attention sinks kept in the softmax branch (StreamingLLM): in 'hybrid' and 'swa_only' modes softmax covers the window plus the first n valid tokens of the row; with placement 'complementary' the linear branch leaves them out. 0 = off. Not the same as num_sinks (the 'sinks_only' diagnostic)."})
     sparse_memory: int = field(default=0, metadata={"help": "Sparse exact memory (LoLA-style), 'hybrid' mode only: every memory_block tokens, the keys in memory and those that left the window since are scored by how badly the linear state recalls their values (its own readout error: ||v - phi(k)^T S / phi(k)^T z||^2 for 'sum' and 'gated', ||v - S^T k^||^2 for 'delta'); the sparse_memory highest-scoring keys (per row and KV head) stay exact in the softmax branch, the rest enter the linear state. 'gated' and 'delta': an evicted key enters weighed by the decay since the step it would have entered the plain state (w steps after it), exp(sum of log_decay since then), so a key in the state weighs what it weighs in the plain gated state (under 'overlap' the linear branch is the plain state over all keys and this state only scores, as for 'sum', at the cost of a second state); 'delta' writes the evicted keys oldest first with the delta rule, strength beta times that decay. Training-free; the decode state grows by a fixed m + memory_block keys (with 'gated'/'delta' their ages, with 'delta' their betas). 0 = off. Exact definition: linearize.attention.reference."})
     memory_block: int = field(default=64, metadata={"help": "sparse_memory: tokens between memory updates (block boundaries at multiples of it, padding counted); between updates the keys that left the window stay in the softmax branch, so softmax covers up to window + memory_block - 1 recent keys."})
+    memory_select: str = field(default="recall", metadata={"help": "How the sparse memory chooses its keys. 'recall' (LoLA): online, every memory_block tokens, in every forward, as sparse_memory says. 'query' (SnapKV-style): once, at the end of a prefill (the forward that builds the decode state from a prompt: generate, a cached forward): every key outside the window of the prompt's last token (not a softmax sink, not padding) is scored by the softmax attention it receives from the prompt's last memory_observe queries (the whole causal softmax over the prompt, summed over those queries and the query heads of its KV head), the scores max-pooled over memory_pool neighbouring positions; the sparse_memory highest stay exact in the softmax branch for the rest of the generation and leave the complementary linear state (it holds what it would hold had they never entered: a zero feature vector adds nothing to 'sum', 'gated' or 'delta'), and the prompt's last token is then decoded against this memory, so the first new token reads it. The memory stays fixed: keys that leave the window later enter the linear state as usual; no pending block is kept. A full (teacher-forced) forward -- training, bits-per-byte scoring -- has no end of prompt and runs without the memory under 'query'. Exact definition: linearize.attention.reference."})
+    memory_observe: int = field(default=32, metadata={"help": "memory_select 'query': how many of the prompt's last valid queries score the keys (SnapKV's observation window, the last prompt token included); a shorter prompt uses all of its queries."})
+    memory_pool: int = field(default=7, metadata={"help": "memory_select 'query': the keys' scores are max-pooled over this many neighbouring positions (odd; SnapKV uses 7), so the tokens next to a key the question looks for come with it; 1 = no pooling."})
     linear_state: str = field(default="sum", metadata={"help": "State of the linear branch (linearize.attention.linear): 'sum' (normalised linear attention, LoLCATs), 'gated' (the same with a learned per-head, per-token decay, GLA-style; log_decay = -softplus(x W + b)), 'delta' (gated delta rule, Gated DeltaNet; unnormalised: combine 'mix' only)."})
     decay_init: float = field(default=0.999, metadata={"help": "linear_state 'gated' (and 'delta'): the initial per-token decay exp(log_decay) of every head (W = 0, b set from it); 0.999 forgets over ~1000 tokens, close to 'sum' at conversion."})
     delta_beta_init: float = field(default=0.5, metadata={"help": "linear_state 'delta': the initial write strength beta = sigmoid(x W + b) of every head (W = 0, b set from it)."})
@@ -122,6 +127,7 @@ class HybridConfig:
             "mix_gate": (self.mix_gate, MIX_GATES),
             "feature_size": (self.feature_size, FEATURE_SIZES),
             "backend": (self.backend, BACKENDS),
+            "memory_select": (self.memory_select, MEMORY_SELECTS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -134,6 +140,9 @@ class HybridConfig:
             raise ValueError("gamma_init must be in (0, 1) and mix_value in [0, 1]")
         if self.softmax_sinks < 0 or self.sparse_memory < 0 or self.memory_block < 1:
             raise ValueError("softmax_sinks and sparse_memory must be >= 0 and memory_block >= 1")
+        if self.memory_observe < 1 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
+            raise ValueError(f"memory_observe must be >= 1 and memory_pool an odd number >= 1; got {self.memory_observe} "
+                             f"and {self.memory_pool}")
         if self.backend == "triton" and self.softmax_extras:
             raise ValueError("softmax_sinks and sparse_memory run on the PyTorch paths only; the Triton kernels do not "
                              "implement them: use backend 'auto' or 'torch'")

@@ -101,6 +101,7 @@ def hybrid_attention_chunked(
 ) -> torch.Tensor:
     """`linear_backend`: 'chunked' (the kind's PyTorch sums) or 'fla' (its flash-linear-attention kernels)."""
     mode = component_mode(mode)
+    spec = spec.full_forward()  # under memory_select 'query' the memory acts at prefill only
     kind = linear_state_kind(spec.linear_state)
     linear_fn = kind.fla_forward if linear_backend == "fla" else kind.chunked
     if linear_fn is None:

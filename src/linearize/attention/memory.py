@@ -1,9 +1,11 @@
-"""Sparse exact memory (LoLA-style), shared by the chunked forward and the recurrent state.
+"""Sparse exact memory, shared by the chunked forward and the recurrent state.
 
-The definition is in `linearize.attention.reference`. Both fast paths walk the same boundaries through
-`memory_boundary`, in the same order and on the same tensor shapes, so a prompt decoded token by token selects
-exactly the keys the full forward selects. The linear-state kind supplies the score (`recall_error`), how evicted
-keys enter its state (`absorb`) and, for the kinds with a decay, `decayed` (attention.linear).
+The definition is in `linearize.attention.reference`. Two rules choose the keys (`HybridConfig.memory_select`):
+'recall' (LoLA-style, online): both fast paths walk the same boundaries through `memory_boundary`, in the same order
+and on the same tensor shapes, so a prompt decoded token by token selects exactly the keys the full forward selects;
+the linear-state kind supplies the score (`recall_error`), how evicted keys enter its state (`absorb`) and, for the
+kinds with a decay, `decayed` (attention.linear). 'query' (SnapKV-style, once at the end of a prefill):
+`select_by_query` scores the keys by the attention of the prompt's last queries (`query_scores`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from linearize.attention.common import group_queries
 from linearize.attention.linear import LinearState
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.spec import AttentionSpec
@@ -142,3 +145,50 @@ def memory_walk(k, v, kf, candidate, *, kind: LinearState, window: int, block: i
                        None if shifted_beta is None else shifted_beta[:, :, sl])
             state, mem = memory_boundary(kind, state, mem, pending)
         yield state, mem
+
+
+def query_scores(q, k, valid, *, scale: float, observe: int) -> torch.Tensor:
+    """(B, Hkv, T): the softmax attention each key receives from the last `observe` valid queries of its row (the
+    causal softmax over the row's valid keys, padding left out), summed over those queries and the query heads of
+    its KV head. q (B, Hq, T, d), k (B, Hkv, T, d), valid (B, T)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    pos = torch.arange(t, device=q.device)
+    # the observers' positions: the `observe` largest valid positions of each row (-1 where the row has fewer)
+    at = torch.where(valid, pos, -1).topk(min(observe, t), dim=1).values if t else pos.new_zeros(b, 0)
+    seen = at >= 0
+    qo = q.gather(2, at.clamp(min=0)[:, None, :, None].expand(b, hq, at.shape[1], d))
+    logits = torch.einsum("bhgod,bhsd->bhgos", group_queries(qo.float(), hkv), k.float()) * scale
+    mask = valid[:, None, :] & (pos[None, None, :] <= at[:, :, None]) & seen[:, :, None]  # (B, O, T)
+    logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
+    weights = torch.softmax(logits, -1).nan_to_num(0.0)  # an observer with no key (none here: it sees itself) adds 0
+    return weights.sum((2, 3))
+
+
+def select_by_query(q, k, valid, candidate, *, spec: AttentionSpec) -> torch.Tensor:
+    """memory_select 'query': the keys the memory keeps, a (B, Hkv, T) mask with at most `spec.sparse_memory` keys per
+    row and KV head, all among `candidate` (B, T). The `query_scores` of the candidates (the others count 0) are
+    max-pooled over `spec.memory_pool` neighbouring positions; the highest are kept, equal scores the older key
+    first. Not differentiated."""
+    with torch.no_grad():
+        scores = query_scores(q, k, valid, scale=spec.scale, observe=spec.memory_observe)
+        scores = scores * candidate[:, None].to(scores.dtype)
+        if spec.memory_pool > 1:
+            b, hkv, t = scores.shape
+            scores = F.max_pool1d(scores.reshape(b * hkv, 1, t), spec.memory_pool, stride=1,
+                                  padding=spec.memory_pool // 2).reshape(b, hkv, t)
+        ranked = scores.masked_fill(~candidate[:, None], float("-inf"))
+        top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :spec.sparse_memory]
+        return torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, top, True) & candidate[:, None]
+
+
+def frozen_slots(k, v, kf, selected, slots: int):
+    """(k, v, kf, valid) of the memory holding the `selected` keys ((B, Hkv, T) mask, at most `slots` per row and KV
+    head) in time order, then empty slots."""
+    b, hkv, t = selected.shape
+    if t < slots:  # room for every slot
+        k, v, kf = (F.pad(x, (0, 0, 0, slots - t)) for x in (k, v, kf))
+        selected = F.pad(selected, (0, slots - t))
+    idx = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[..., :slots]  # selected first, in order
+    gather = lambda x: x.gather(2, idx[..., None].expand(b, hkv, slots, x.shape[-1]))  # noqa: E731
+    return gather(k), gather(v), gather(kf), selected.gather(2, idx)

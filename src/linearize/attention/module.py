@@ -22,7 +22,7 @@ from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import causal_conv
 from linearize.attention.linear import linear_state
-from linearize.attention.recurrent import decode_step, prefill_state
+from linearize.attention.recurrent import decode_step, prefill_selecting, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.attention.spec import AttentionSpec
 from linearize.config import ComponentMode, HybridConfig, component_mode
@@ -271,7 +271,7 @@ class HybridAttention(nn.Module):
         """The hybrid layer's per-head output (B, Hq, T, d) for one component mode, full sequence. `gates`: the linear
         state's log_decay / beta (`state_inputs`), needed by the kinds that use them."""
         mode = component_mode(mode)
-        spec = self.spec
+        spec = self.spec.full_forward()  # under memory_select 'query' the memory acts at prefill only
         gates = gates or {}
         kind = self.linear_kind
         needed = {name for name, needs in (("log_decay", kind.needs_log_decay), ("beta", kind.needs_beta)) if needs}
@@ -349,13 +349,19 @@ class HybridAttention(nn.Module):
         spec = self.spec
         if layer.state is None:
             out = self._forward_full(q, k, v, weight, valid, gates)
-            _, kf, conv_history = self.features(q, k, valid)
+            qf, kf, conv_history = self.features(q, k, valid)
             if valid is None:
                 valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
             # non-additive states keep one state per lag the modes read (linear_lag); 'sum' serves every mode
-            lags = {component_mode(m).linear_lag(spec.placement, spec.window) for m in self.head_mode_list()} - {None}
-            layer.state = prefill_state(k, v, kf, valid, spec=spec, lags=lags, conv_history=conv_history, **gates)
-            return out
+            modes = self.head_mode_list()
+            lags = {component_mode(m).linear_lag(spec.placement, spec.window) for m in modes} - {None}
+            if not spec.selects_at_prefill:
+                layer.state = prefill_state(k, v, kf, valid, spec=spec, lags=lags, conv_history=conv_history, **gates)
+                return out
+            # memory_select 'query': the memory is chosen now, and the prompt's last token is decoded against it
+            layer.state, per_mode = prefill_selecting(q, k, v, qf, kf, valid, spec=spec, modes=sorted(set(modes)),
+                                                      weight=weight, lags=lags, conv_history=conv_history, **gates)
+            return torch.cat([out[:, :, :-1], _by_mode(per_mode, modes).to(out.dtype)], dim=2)
         modes = self.head_mode_list()
         state = layer.state
         if (state.conv_q is not None) != bool(self.hybrid.qk_conv):
@@ -378,5 +384,12 @@ class HybridAttention(nn.Module):
             # every mode reads the state before this token; then the token is appended once, in place
             per_mode = step(layer.state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], spec=spec,
                             modes=sorted(set(modes)), weight=w, valid=step_valid, **step_gates)
-            outs.append(per_mode[modes[0]] if len(per_mode) == 1 else torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1))
+            outs.append(_by_mode(per_mode, modes))
         return torch.cat(outs, dim=2)
+
+
+def _by_mode(per_mode: dict[str, torch.Tensor], modes: list[str]) -> torch.Tensor:
+    """One step's output (B, Hq, 1, d): head h from the output of its mode modes[h]."""
+    if len(per_mode) == 1:
+        return per_mode[modes[0]]
+    return torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1)

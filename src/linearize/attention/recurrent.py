@@ -19,7 +19,9 @@ and, with softmax sinks or sparse memory on,
           memory_block tokens at the end of a step (`advance_state`); other kinds (decoding 'hybrid'): the lag-w
           `LinearSlot` holds the reference's state L with no pending key of its own ('overlap': beside the lag-0
           state that the linear branch reads), and the boundary step runs in `step_linear` after the decay of the
-          step it starts,
+          step it starts. Under memory_select 'query' the memory is chosen once by `prefill_selecting` and stays
+          fixed (no pending block: zero slots); the complementary state (S, z, or the lag-w slot) never took the
+          kept keys in, and keys leaving the window later enter it as they do without memory,
 and, with the q/k convolution (qk_conv = K > 0),
   conv_q, conv_k  the last K - 1 queries and keys (padding as zeros) the convolution reads besides the new token;
           the layer rolls them in place at each step (`HybridAttention.features`).
@@ -54,7 +56,15 @@ from linearize.attention.common import (
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.linear import sum as sum_kind
 from linearize.attention.linear.common import KVState, shift_time
-from linearize.attention.memory import SparseMemory, ages_after_entry, memory_boundary, memory_kind, memory_walk
+from linearize.attention.memory import (
+    SparseMemory,
+    ages_after_entry,
+    frozen_slots,
+    memory_boundary,
+    memory_kind,
+    memory_walk,
+    select_by_query,
+)
 from linearize.attention.spec import AttentionSpec
 from linearize.config import ComponentMode, component_mode
 
@@ -103,6 +113,12 @@ class HybridState:
     buf_beta: torch.Tensor | None = None  # (B, Hkv, w - 1) fp32: the ring keys' beta, kinds with beta
     conv_q: torch.Tensor | None = None  # (B, Hq, K - 1, d), with qk_conv = K
     conv_k: torch.Tensor | None = None  # (B, Hkv, K - 1, d)
+    memory_select: str = "recall"  # the rule that chose `memory`; 'query': fixed since the prefill
+
+    @property
+    def memory_fixed(self) -> bool:
+        """The memory was chosen at prefill ('query') and no longer changes: leaving keys enter the linear state."""
+        return self.memory is not None and self.memory_select == "query"
 
     @property
     def additive(self) -> bool:
@@ -171,19 +187,23 @@ def _kind_final_state(kind, kf, v, *, log_decay, beta, enter, lag):
     return state
 
 
-def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta):
+def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta, lagged_kf=None):
+    """`lagged_kf`: the features the lag-w (complementary) state reads, where they differ from kf (the memory's
+    kept keys zeroed under 'query')."""
     kf, v = kf.float(), v.float()
+    lagged_kf = kf if lagged_kf is None else lagged_kf.float()
     t = kf.shape[2]
     slots = []
     for lag in sorted(lags):
         if lag not in (0, window):
             raise ValueError(f"linear-state lag {lag}: expected 0 or the window {window}")
         enter = valid & ~sinks if lag else valid  # 'complementary' leaves the softmax sinks out of the state
-        state = _kind_final_state(kind, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
+        feats = lagged_kf if lag else kf
+        state = _kind_final_state(kind, feats, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
         slot = LinearSlot(lag, state)
         if lag:  # key t - lag enters at the next step (none yet: an empty key that may not enter)
             i = t - lag
-            slot.pend_kf, slot.pend_v = (x[:, :, i].clone() if i >= 0 else torch.zeros_like(x[:, :, 0]) for x in (kf, v))
+            slot.pend_kf, slot.pend_v = (x[:, :, i].clone() if i >= 0 else torch.zeros_like(x[:, :, 0]) for x in (feats, v))
             if beta is not None:
                 slot.pend_beta = beta[:, :, i].float() if i >= 0 else torch.zeros_like(beta[:, :, 0], dtype=torch.float32)
             slot.pend_enter = enter[:, i].clone() if i >= 0 else torch.zeros_like(valid[:, 0])
@@ -222,13 +242,22 @@ def _prefill_memory(kind, k, v, kf, candidate, *, spec: AttentionSpec, log_decay
                                beta=slots[5], pend_beta=pend_beta)
 
 
+def _no_pending(k, v, kf):
+    """The pending block of a fixed memory: zero slots (k, v, kf (B, Hkv, 0, .), valid (B, 0))."""
+    b, hkv = k.shape[:2]
+    return (k.new_zeros(b, hkv, 0, k.shape[-1]), v.new_zeros(b, hkv, 0, v.shape[-1]), kf.new_zeros(b, hkv, 0, kf.shape[-1]),
+            torch.zeros(b, 0, dtype=torch.bool, device=k.device))
+
+
 def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=None, beta=None,
-                  conv_history=None) -> HybridState:
+                  conv_history=None, selected=None) -> HybridState:
     """The state after a whole prompt (k/v (B, Hkv, T, d), kf (B, Hkv, T, m), valid (B, T)).
     `conv_history`: with the q/k convolution, the prompt's last K - 1 queries and keys (`common.causal_conv`).
 
     Kinds other than 'sum': `lags` are the lags of the linear states to keep (`ComponentMode.linear_lag` of the modes
-    to decode), log_decay / beta (B, Hkv, T) the layer's gates of the prompt."""
+    to decode), log_decay / beta (B, Hkv, T) the layer's gates of the prompt.
+    memory_select 'query': `selected` (B, Hkv, T) are the keys the memory keeps (`memory.select_by_query`, among the
+    valid keys 0 .. T - w outside the softmax sinks); `prefill_selecting` chooses them."""
     window, num_sinks, softmax_sinks = spec.window, spec.num_sinks, spec.softmax_sinks
     sparse_memory, memory_block, linear_state = spec.sparse_memory, spec.memory_block, spec.linear_state
     kind = linear_state_kind(linear_state)
@@ -239,27 +268,38 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
     n_old = max(t - window + 1, 0)  # keys 0 .. t - w
     sinks = first_valid(valid, softmax_sinks)
     memory = None
-    if sparse_memory:
+    if spec.selects_at_prefill:
+        if selected is None:
+            raise ValueError("memory_select='query' chooses the memory from the prompt's queries: prefill with "
+                             "recurrent.prefill_selecting (or pass selected=)")
+        outside = (valid & ~sinks & (torch.arange(t, device=k.device) < n_old))[:, None]
+        if selected.shape != (b, hkv, t) or (selected & ~outside).any() or (selected.sum(-1) > sparse_memory).any():
+            raise ValueError(f"selected must be a (B, Hkv, T) = {(b, hkv, t)} mask of at most sparse_memory="
+                             f"{sparse_memory} valid keys per row and KV head, outside the window and the sinks")
+        memory = SparseMemory(*frozen_slots(k, v, kf, selected, sparse_memory), *_no_pending(k, v, kf))
+    elif sparse_memory:
         memory_kind(spec)  # refuses what the memory does not cover
+    # the features the complementary state takes in: under 'query' the kept keys' are zero (they never enter)
+    lagged_kf = kf * ~selected[..., None] if memory is not None else kf
     if not kind.additive:
         # the memory's state L, held as the lag-w state: where 'hybrid' may be decoded ('complementary': its lag is w;
         # 'overlap': any lag, 0, as 'la_only' has, so a cache prefilled for 'la_only' alone carries it too)
         hybrid_decoded = window in lags if spec.placement == "complementary" else bool(lags)
-        memory_lag = window if sparse_memory and hybrid_decoded else None
+        memory_lag = window if sparse_memory and hybrid_decoded and not spec.selects_at_prefill else None
         linear = _prefill_slots(kind, kf, v, valid, sinks, lags=set(lags) - {memory_lag}, window=window,
-                                log_decay=log_decay, beta=beta)
+                                log_decay=log_decay, beta=beta, lagged_kf=lagged_kf)
         if memory_lag is not None:
             state, memory = _prefill_memory(kind, k, v, kf, valid & ~sinks, spec=spec, log_decay=log_decay, beta=beta,
                                             dtype=f32)
             linear = tuple(sorted(linear + (LinearSlot(memory_lag, state),), key=lambda slot: slot.lag))
-    elif sparse_memory:
+    elif sparse_memory and not spec.selects_at_prefill:
         # the boundary at t, if t is one, runs here (`advance_state` would have run it at the end of token t - 1)
         start = t // memory_block * memory_block
         *_, (linear, slots) = memory_walk(k, v, kf, valid & ~sinks, kind=kind, window=window, block=memory_block,
                                           slots=sparse_memory, blocks=start // memory_block + 1, dtype=f32)
         memory = SparseMemory(*slots[:4], *_pending_block(k, v, kf, valid & ~sinks, None, start=start, spec=spec)[:4])
     else:
-        kf_valid = kf.to(f32) * (valid & ~sinks)[:, None, :, None]
+        kf_valid = lagged_kf.to(f32) * (valid & ~sinks)[:, None, :, None]
         S = torch.einsum("bhsm,bhsd->bhmd", kf_valid[:, :, :n_old], v[:, :, :n_old].to(f32)).contiguous()
         z = kf_valid[:, :, :n_old].sum(2)
         linear = KVState(S, z)
@@ -282,7 +322,7 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         sink_valid=_pad_slots(sink_valid, n_sinks, 1), slot=torch.tensor([keep % ring if ring else 0], device=k.device), seen=t,
         num_sinks=num_sinks, softmax_sinks=softmax_sinks, sink_kf=take(kf) if softmax_sinks else None,
         left_count=valid[:, :n_old].sum(1, keepdim=True) if extras else None, memory=memory,
-        kind=linear_state, buf_beta=buf_beta,
+        kind=linear_state, buf_beta=buf_beta, memory_select=spec.memory_select,
         conv_q=None if conv_history is None else conv_history[0].clone(memory_format=torch.contiguous_format),
         conv_k=None if conv_history is None else conv_history[1].clone(memory_format=torch.contiguous_format),
     )
@@ -429,7 +469,7 @@ def step_linear(state: HybridState, qf, kf, v, valid, *, log_decay=None, beta=No
     reads = {}
     ld = None if log_decay is None else log_decay[:, :, 0].float()
     for slot in state.linear:
-        if slot.lag and state.memory is not None:
+        if slot.lag and state.memory is not None and not state.memory_fixed:
             reads[slot.lag] = _memory_step(state, slot.state, kind, qf, ld)
             continue
         if slot.lag:
@@ -470,13 +510,13 @@ def _memory_step(state: HybridState, linear, kind, qf, log_decay):
 def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
     """With softmax sinks or sparse memory: the key (k, v, kf, valid) leaving the window goes where the reference
     puts it -- nowhere if it is a softmax sink, else the pending block (then, at a boundary, memory or S, z) or,
-    without memory, S and z."""
+    without memory or with a memory fixed at prefill ('query'), the linear state."""
     keep = valid
     if state.softmax_sinks:  # the first softmax_sinks valid keys to leave are the sinks
         keep = valid & (state.left_count >= state.softmax_sinks)
     state.left_count.add_(valid.to(state.left_count.dtype))
     mem = state.memory
-    if mem is None:
+    if mem is None or state.memory_fixed:
         _fold(state, kf, v, keep, beta)
         return
     block = mem.pend_valid.shape[1]
@@ -565,3 +605,31 @@ def decode_step(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, mod
             for mode in modes}
     advance_state(state, k, v, kf, valid, beta=beta)
     return outs
+
+
+def prefill_selecting(q, k, v, qf, kf, valid, *, spec: AttentionSpec, modes, weight=0.1, lags=(), log_decay=None,
+                      beta=None, conv_history=None) -> tuple[HybridState, dict[str, torch.Tensor]]:
+    """memory_select 'query' at the end of a prefill of T >= 1 tokens (q/k/v/qf/kf as in `decode_step`, over the
+    prompt): the state after the prompt, and each mode's output for its last token {mode: (B, Hq, 1, d)}.
+
+    The memory keeps the `memory.select_by_query` keys among those outside the last token's window (valid keys
+    0 .. T - 1 - w, not softmax sinks), scored by the prompt's last queries (the last token's included). The state of
+    the first T - 1 tokens is built around it (`prefill_state`), then the last token is decoded against it, so the
+    prediction of the first new token reads the memory (`reference.query_memory_reference` is the definition)."""
+    t = k.shape[2]
+    if t < 1:
+        raise ValueError("memory_select='query': a prefill needs at least one token")
+    n = t - 1
+    pos = torch.arange(t, device=k.device)
+    candidate = valid & ~first_valid(valid, spec.softmax_sinks) & (pos <= n - spec.window)
+    selected = select_by_query(q, k, valid, candidate, spec=spec)
+    head, last = slice(0, n), slice(n, t)
+    cut = lambda x, sl: None if x is None else x[:, :, sl]  # noqa: E731
+    state = prefill_state(k[:, :, head], v[:, :, head], kf[:, :, head], valid[:, head], spec=spec, lags=lags,
+                          log_decay=cut(log_decay, head), beta=cut(beta, head), conv_history=conv_history,
+                          selected=selected[..., head])
+    w = weight[..., last] if torch.is_tensor(weight) and weight.dim() == 3 else weight
+    outs = decode_step(state, q[:, :, last], k[:, :, last], v[:, :, last], qf[:, :, last], kf[:, :, last], spec=spec,
+                       modes=modes, weight=w, valid=valid[:, last], log_decay=cut(log_decay, last),
+                       beta=cut(beta, last))
+    return state, outs

@@ -44,6 +44,23 @@ u is A(s, u) = sum_{entry(s) < u' <= u} a_u'. The state L is carried step by ste
                  score ||v - S^T k^||^2 (the state's own recall error; k^ the unit-norm feature). den = 1 once a
                  valid key has entered L (per row), else 0. With m = 0 and C = 1 it is the plain lag-w delta state.
   Query t reads L as it stands at step t (after step t's decay and the boundary at t, if any).
+
+Sparse memory chosen by the prompt's question (memory_select = 'query', SnapKV-style; any kind). A full forward has
+no end of prompt: it runs without the memory (the definitions above with m = 0). A prefill of a prompt of P tokens
+(positions 0 .. P - 1 of the row, padding included) chooses the memory once, for its last token and all later ones:
+  observers  O = the last memory_observe valid positions < P (all of them if fewer), the last token's included;
+  score_s  = sum over o in O and the G query heads of s's KV head of softmax_{s' valid, s' <= o}(scale q_o . k_s')[s];
+  N        = {s valid, s not in Z : s <= P - 1 - w} (outside the last token's window); pooled_s = max of score_s' * [s'
+             in N] over |s' - s| <= memory_pool // 2;  M = the m keys of N with the highest pooled scores (equal:
+             the older first), per (row, KV head).
+For every query t >= P - 1 (the last prompt token and the decoded ones):
+      softmax   {s : t - w < s <= t} + {s in Z : s <= t} + M                              ('hybrid' only)
+      LA        'complementary': the kind's state over {s valid, s not in Z : s <= t - w, s not in M}, i.e. the kind's
+                naive sums with lag w where the keys of M have zero features: 'sum' and 'gated' add phi(k) v^T, the
+                delta rule writes k^ = phi(k) / ||phi(k)|| and k^ = 0 writes nothing (den: 1 once any valid key
+                outside Z has entered, kept or not); 'overlap' and 'la_only': every valid key (unchanged).
+  So the memory is fixed after the prefill and keys leaving the window later enter the linear state as usual.
+  `query_memory_reference` is this definition as plain loops.
 """
 
 from __future__ import annotations
@@ -141,6 +158,7 @@ def hybrid_attention_reference(
     """The linear branch is the `linear_state` kind's `naive` definition (attention.linear): keys enter it `lag` steps
     late (w for 'complementary', else 0), the sinks and padding never ('complementary' LA without the sinks)."""
     mode = component_mode(mode)
+    spec = spec.full_forward()  # under memory_select 'query' the memory acts at prefill only
     kind = linear_state_kind(spec.linear_state)
     window = spec.window
     b, hq, t, d = q.shape
@@ -202,3 +220,74 @@ def hybrid_attention_reference(
                            masked_sums(qf, kf, v, la_set & keymask))
     return combine(spec.rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask),
                    linear_sums(la_enter, mode.linear_lag(spec.placement, window)))
+
+
+def query_memory_selection(q, k, valid, *, spec: AttentionSpec, prompt: int) -> torch.Tensor:
+    """M of memory_select 'query' (module docstring) by plain loops: the (B, Hkv, T) mask of the keys kept after a
+    prefill of `prompt` tokens."""
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    sinks = first_valid(valid, spec.softmax_sinks)
+    chosen = torch.zeros(b, hkv, t, dtype=torch.bool)
+    reach = spec.memory_pool // 2
+    for row in range(b):
+        keys = [s for s in range(t) if valid[row, s]]
+        observers = [o for o in range(prompt) if valid[row, o]][-spec.memory_observe:]
+        candidates = [s for s in keys if not sinks[row, s] and s <= prompt - 1 - spec.window]
+        for h in range(hkv):
+            score = [0.0] * t
+            for o in observers:
+                seen = [s for s in keys if s <= o]
+                for head in range(h * g, (h + 1) * g):
+                    logits = torch.stack([q[row, head, o].double() @ k[row, h, s].double() for s in seen]) * spec.scale
+                    for s, a in zip(seen, torch.softmax(logits, 0).tolist()):
+                        score[s] += a
+            pooled = {s: max(score[u] for u in candidates if abs(u - s) <= reach) for s in candidates}
+            for s in sorted(candidates, key=lambda s: (-pooled[s], s))[:spec.sparse_memory]:
+                chosen[row, h, s] = True
+    return chosen
+
+
+def query_memory_reference(q, k, v, qf, kf, *, spec: AttentionSpec, prompt: int, mode: str | ComponentMode = "hybrid",
+                           weight: torch.Tensor | float = 0.1, valid=None, log_decay=None, beta=None):
+    """memory_select 'query' (module docstring): the outputs (B, Hq, T - prompt + 1, d) of the prompt's last token
+    and every later one, after a prefill of `prompt` >= 1 tokens, query by query; and the memory M (B, Hkv, T)."""
+    mode = component_mode(mode)
+    kind = linear_state_kind(spec.linear_state)
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    window = spec.window
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    chosen = query_memory_selection(q, k, valid, spec=spec, prompt=prompt)
+    sinks = first_valid(valid, spec.softmax_sinks)
+    weight = expand_weight(weight, b, hq, t, q)
+    lag = mode.linear_lag(spec.placement, window)
+    if lag:  # the complementary state: the kept keys never enter (zero features), nor do the sinks
+        la = kind.naive(qf, kf * ~chosen[..., None], v, log_decay=log_decay, beta=beta, enter=valid & ~sinks, lag=lag)
+    elif lag == 0:
+        la = kind.naive(qf, kf, v, log_decay=log_decay, beta=beta, enter=valid, lag=0)
+    outs = []
+    for t_ in range(prompt - 1, t):
+        if mode.no_branch:
+            outs.append(torch.zeros_like(q[:, :, t_]))
+            continue
+        pos = torch.arange(t, device=q.device)
+        if mode.uses_sinks:
+            soft = valid & first_valid(valid, spec.num_sinks) & (pos <= t_)
+        else:
+            soft = (pos > t_ - window) & (pos <= t_) | (sinks & (pos <= t_))
+        soft = valid[:, None] & (soft[:, None] | (chosen if mode.combines else False))  # (B, Hkv, T)
+        logits = torch.einsum("bhgd,bhsd->bhgs", group_queries(q[:, :, t_], hkv), k) * spec.scale
+        logits = logits.masked_fill(~soft[:, :, None], float("-inf"))
+        c = logits.amax(-1, keepdim=True)
+        a = torch.exp(logits - torch.where(torch.isfinite(c), c, torch.zeros_like(c)))
+        swa = ungroup(torch.einsum("bhgs,bhsd->bhgd", a, v)), ungroup(a.sum(-1))
+        if not mode.uses_linear:
+            outs.append(safe_div(*swa))
+        elif not mode.uses_window:
+            outs.append(safe_div(la[0][:, :, t_], la[1][:, :, t_]))
+        else:
+            outs.append(combine(spec.rule, weight[:, :, t_], swa, (la[0][:, :, t_], la[1][:, :, t_])))
+    return torch.stack(outs, 2), chosen

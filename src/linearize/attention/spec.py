@@ -7,7 +7,7 @@ A converted layer builds its spec once, from its `HybridConfig` and the base lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from linearize.config import HybridConfig
 
@@ -24,6 +24,9 @@ class AttentionSpec:
     softmax_sinks: int = field(default=0, metadata={"help": "Attention sinks kept in the softmax branch; 0 = off."})
     sparse_memory: int = field(default=0, metadata={"help": "Exact keys the sparse memory keeps; 0 = off."})
     memory_block: int = field(default=64, metadata={"help": "Tokens between sparse-memory updates."})
+    memory_select: str = field(default="recall", metadata={"help": "How the sparse memory chooses its keys (HybridConfig.memory_select)."})
+    memory_observe: int = field(default=32, metadata={"help": "'query': the prompt's last queries that score the keys."})
+    memory_pool: int = field(default=7, metadata={"help": "'query': max-pooling width of the keys' scores (1 = none)."})
     chunk_size: int = field(default=64, metadata={"help": "Block size of the chunked implementations and the kernels."})
     linear_state: str = field(default="sum", metadata={"help": "Kind of the linear branch's state (attention.linear)."})
     backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})
@@ -32,10 +35,21 @@ class AttentionSpec:
     def from_config(cls, hybrid: HybridConfig, scale: float) -> "AttentionSpec":
         return cls(scale=scale, window=hybrid.window, rule=hybrid.combine, placement=hybrid.placement,
                    num_sinks=hybrid.num_sinks, softmax_sinks=hybrid.softmax_sinks, sparse_memory=hybrid.sparse_memory,
-                   memory_block=hybrid.memory_block, chunk_size=hybrid.chunk_size, linear_state=hybrid.linear_state,
-                   backend=hybrid.backend)
+                   memory_block=hybrid.memory_block, memory_select=hybrid.memory_select,
+                   memory_observe=hybrid.memory_observe, memory_pool=hybrid.memory_pool, chunk_size=hybrid.chunk_size,
+                   linear_state=hybrid.linear_state, backend=hybrid.backend)
 
     @property
     def softmax_extras(self) -> bool:
         """Whether the softmax branch holds keys besides the window (softmax sinks, sparse memory)."""
         return self.softmax_sinks > 0 or self.sparse_memory > 0
+
+    @property
+    def selects_at_prefill(self) -> bool:
+        """The sparse memory is chosen once, at the end of a prefill, by the prompt's last queries ('query')."""
+        return self.sparse_memory > 0 and self.memory_select == "query"
+
+    def full_forward(self) -> "AttentionSpec":
+        """The spec a full (teacher-forced) forward runs: this one, but without the sparse memory under 'query',
+        which acts at prefill only (`recurrent.prefill_selecting`)."""
+        return replace(self, sparse_memory=0) if self.selects_at_prefill else self

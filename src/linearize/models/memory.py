@@ -10,7 +10,8 @@ One definition for the three kinds of model that the long-context evaluation put
   the key waiting to enter it and, with beta, the ring's betas --, the ring of the last w - 1 keys, values and key
   features, the sink keys and values, with sparse memory its slots and pending block (for the non-additive kinds
   with their ages and betas, in place of the waiting key; under 'overlap' with a second state, the memory's), with
-  the q/k convolution the last K - 1 queries and keys), decoding in 'hybrid' mode
+  the q/k convolution the last K - 1 queries and keys; a memory chosen at prefill (memory_select 'query') is its m
+  slots only, the linear state then as without memory), decoding in 'hybrid' mode
   (a non-'sum' state prefilled for 'la_only' as well holds a second linear state); its unconverted sliding-window
   layers a ring of their window (keys, values and a flag per slot, `attention/ring.py`: what the captured decode step
   holds, constant in context); unconverted full-attention layers as in the base model.
@@ -38,13 +39,14 @@ def _kv_layer_bytes(hkv: int, d: int, keys: int, dtype_bytes: int) -> int:
 def _hybrid_layer_bytes(hq: int, hkv: int, d: int, hybrid: HybridConfig, dtype_bytes: int) -> int:
     m = num_features(hybrid.feature_map, d, hybrid.feature_size)
     sink_slots = max(hybrid.num_sinks, hybrid.softmax_sinks)
+    online = hybrid.sparse_memory > 0 and hybrid.memory_select == "recall"  # 'query': fixed at prefill, no pending block
     # exact keys kept with their features: the ring of w - 1, and with sparse memory its m slots plus a pending block
-    exact = hybrid.window - 1 + (hybrid.sparse_memory + hybrid.memory_block if hybrid.sparse_memory else 0)
+    exact = hybrid.window - 1 + hybrid.sparse_memory + (hybrid.memory_block if online else 0)
     featured = exact + (sink_slots if hybrid.softmax_sinks else 0)  # softmax sinks leave the LA sums: features kept
     kind = linear_state(hybrid.linear_state)
     state = kind.state_bytes(hkv, m, d)  # accumulated in float32 whatever the model dtype
     if not kind.additive:
-        if hybrid.sparse_memory:  # the memory's keys and pending block: their ages (fp32) and, with beta, betas
+        if online:  # the memory's keys and pending block: their ages (fp32) and, with beta, betas
             state += hkv * (hybrid.sparse_memory + hybrid.memory_block) * (1 + kind.needs_beta) * F32
             if hybrid.placement != "complementary":  # the memory's own state beside the one the linear branch reads
                 state += kind.state_bytes(hkv, m, d)

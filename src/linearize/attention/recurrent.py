@@ -205,7 +205,7 @@ def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta, 
             i = t - lag
             slot.pend_kf, slot.pend_v = (x[:, :, i].clone() if i >= 0 else torch.zeros_like(x[:, :, 0]) for x in (feats, v))
             if beta is not None:
-                slot.pend_beta = beta[:, :, i].float() if i >= 0 else torch.zeros_like(beta[:, :, 0], dtype=torch.float32)
+                slot.pend_beta = beta[:, :, i].float().clone() if i >= 0 else torch.zeros_like(beta[:, :, 0], dtype=torch.float32)
             slot.pend_enter = enter[:, i].clone() if i >= 0 else torch.zeros_like(valid[:, 0])
         slots.append(slot)
     return tuple(slots)

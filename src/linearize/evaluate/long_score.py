@@ -8,6 +8,10 @@ continuation's positions, so a 262k vocabulary after a 32k-token prompt costs no
 * ``greedy_exact``: every continuation token is the argmax given the gold ones before it, i.e. greedy decoding
   would write the gold continuation. The retrieval tasks' accuracy (exact digits, in order).
 
+A converted model whose sparse memory is chosen at the end of a prefill (``memory_select='query'``) has no such
+memory in a full forward, so its items are scored as generation reads them: a cached prefill of the prompt (left
+padding), then the gold continuation through that cache, one decode step per token.
+
 With ``generate`` (reading comprehension and long QA): a greedy answer (stops at a blank line, an end-of-sequence
 token or ``max_new_tokens``) scored by SQuAD's exact match and token F1 against every gold answer.
 
@@ -91,17 +95,54 @@ def _teacher_forced(model, items: list[Item], idx: list[int], pad_id: int) -> li
         mask[r, :len(row)] = 1
     device = model.device
     hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-    logits_of = final_logits_fn(model)
     out = []
     for r, i in enumerate(idx):
-        it = items[i]
-        start = len(it.context) - 1
-        lp = logits_of(hidden[r, start:start + len(it.target)]).log_softmax(-1)
-        gold = torch.tensor(it.target, device=lp.device)
-        bits = -float(lp.gather(1, gold[:, None]).sum()) / LN2
-        out.append({"bits": bits, "bytes": len(it.target_text.encode("utf-8")),
-                    "greedy_exact": float(bool((lp.argmax(-1) == gold).all()))})
+        start = len(items[i].context) - 1
+        out.append(_score(model, hidden[r, start:start + len(items[i].target)], items[i]))
     return out
+
+
+def _selects_at_prefill(model) -> bool:
+    """Whether a converted layer of `model` chooses its sparse memory at prefill (memory_select 'query')."""
+    from linearize.models.convert import hybrid_modules
+
+    return any(m.spec.selects_at_prefill for m in hybrid_modules(model))
+
+
+@torch.no_grad()
+def _prefilled(model, items: list[Item], idx: list[int], pad_id: int) -> list[dict[str, Any]]:
+    """`_teacher_forced`'s scores read through a cached prefill of each prompt (left-padded to one length) and the
+    gold continuation after it (right-padded), as `generate` reads them."""
+    from transformers import DynamicCache
+
+    from linearize.compat import cache_kwargs
+
+    contexts, follow = [items[i].context for i in idx], [items[i].target[:-1] for i in idx]
+    width, extra = max(map(len, contexts)), max(map(len, follow))
+    ids = torch.full((len(idx), width + extra), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (ctx, cont) in enumerate(zip(contexts, follow)):
+        ids[r, width - len(ctx):width] = torch.tensor(ctx)
+        ids[r, width:width + len(cont)] = torch.tensor(cont, dtype=torch.long)
+        mask[r, width - len(ctx):width + len(cont)] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    decoder, cache = model.get_decoder(), DynamicCache(config=model.config)
+    hidden = [decoder(input_ids=ids[:, :width], attention_mask=mask[:, :width], use_cache=True,
+                      **cache_kwargs(cache)).last_hidden_state[:, -1:]]
+    if extra:
+        hidden.append(decoder(input_ids=ids[:, width:], attention_mask=mask, use_cache=True,
+                              **cache_kwargs(cache)).last_hidden_state)
+    hidden = torch.cat(hidden, 1)
+    return [_score(model, hidden[r, :len(items[i].target)], items[i]) for r, i in enumerate(idx)]
+
+
+def _score(model, hidden: torch.Tensor, item: Item) -> dict[str, Any]:
+    """bits, bytes and greedy_exact of `item` from the hidden states (L, hidden) that predict its L target tokens."""
+    lp = final_logits_fn(model)(hidden).log_softmax(-1)
+    gold = torch.tensor(item.target, device=lp.device)
+    bits = -float(lp.gather(1, gold[:, None]).sum()) / LN2
+    return {"bits": bits, "bytes": len(item.target_text.encode("utf-8")),
+            "greedy_exact": float(bool((lp.argmax(-1) == gold).all()))}
 
 
 @torch.no_grad()
@@ -132,8 +173,9 @@ def score_items(model, tokenizer, items: list[Item], *, generate: bool = False, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: list[dict[str, Any] | None] = [None] * len(items)
     t0, done = time.perf_counter(), 0
+    forward = _prefilled if _selects_at_prefill(model) else _teacher_forced
     for group in _batches(items, batch_tokens):
-        for i, s in zip(group, _teacher_forced(model, items, group, pad)):
+        for i, s in zip(group, forward(model, items, group, pad)):
             scores[i] = s
         done += len(group)
         if progress and (done == len(items) or time.perf_counter() - t0 > 30):

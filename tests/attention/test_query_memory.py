@@ -1,0 +1,258 @@
+"""Sparse memory chosen by the prompt's last queries (memory_select='query'): the prefill + decode path against the
+plain-loop reference (every kind, rule, placement, mode), padding, a planted key, the full forward without memory,
+whole tiny models (the layer's prefill, generate, decode bytes, save/load) and the config's checks."""
+
+import pytest
+import torch
+from spec_kwargs import with_spec
+from tiny_models import left_padded_batch, tiny_model
+from transformers import DynamicCache
+
+import linearize
+from linearize.attention.cache import cache_nbytes
+from linearize.attention.chunked import hybrid_attention_chunked
+from linearize.attention.recurrent import decode_step, prefill_selecting, prefill_state
+from linearize.attention.reference import hybrid_attention_reference, query_memory_reference
+from linearize.compat import cache_kwargs
+from linearize.models.memory import decode_state_bytes
+
+B, HQ, HKV, D, M = 2, 4, 2, 8, 6
+
+
+def layer_inputs(t, seed=0, pad=5):
+    """q, k, v, positive features, gates (no decay at padding) and a second row left-padded by `pad` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(B, HQ, t, D, generator=g), torch.randn(B, HKV, t, D, generator=g), torch.randn(B, HKV, t, D, generator=g)
+    qf, kf = torch.rand(B, HQ, t, M, generator=g) + 0.1, torch.rand(B, HKV, t, M, generator=g) + 0.1
+    valid = torch.ones(B, t, dtype=torch.bool)
+    valid[1, :pad] = False
+    log_decay = -torch.rand(B, HKV, t, generator=g) * 0.3 * valid[:, None]
+    beta = torch.rand(B, HKV, t, generator=g) * 0.8 + 0.1
+    return q, k, v, qf, kf, valid, log_decay, beta
+
+
+def gates_of(kind, log_decay, beta):
+    """The gates the layer passes for `kind` (state_inputs): none, log_decay, or both."""
+    return {"sum": {}, "gated": {"log_decay": log_decay}, "delta": {"log_decay": log_decay, "beta": beta}}[kind]
+
+
+def prefill_and_decode(q, k, v, qf, kf, valid, gates, prompt, *, modes, weight, lags, **spec_kw):
+    """prefill_selecting over the first `prompt` tokens, then one decode_step per later token: {mode: outputs of
+    tokens prompt - 1 ..} and the state."""
+    cut = lambda sl: {n: x[:, :, sl] for n, x in gates.items()}  # noqa: E731
+    p = slice(0, prompt)
+    state, first = prefill_selecting(q[:, :, p], k[:, :, p], v[:, :, p], qf[:, :, p], kf[:, :, p], valid[:, p],
+                                     modes=modes, weight=weight, lags=lags, **cut(p), **with_spec(**spec_kw))
+    outs = {mode: [first[mode]] for mode in modes}
+    for i in range(prompt, q.shape[2]):
+        s = slice(i, i + 1)
+        step = decode_step(state, q[:, :, s], k[:, :, s], v[:, :, s], qf[:, :, s], kf[:, :, s], modes=modes,
+                           weight=weight, valid=valid[:, s], **cut(s), **with_spec(**spec_kw))
+        for mode in modes:
+            outs[mode].append(step[mode])
+    return {mode: torch.cat(x, 2) for mode, x in outs.items()}, state
+
+
+CASES = [(kind, rule, placement, window, prompt, extra)
+         for kind in ("sum", "gated", "delta") for rule in ("shared_norm", "mix") for placement in ("complementary", "overlap")
+         if not (kind == "delta" and rule == "shared_norm")
+         for window, prompt, extra in ((4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5)),
+                                       (1, 14, dict(memory_pool=1, memory_observe=40)))]
+
+
+@pytest.mark.parametrize("kind,rule,placement,window,prompt,extra", CASES)
+def test_prefill_and_decoding_equal_the_plain_loop_reference(kind, rule, placement, window, prompt, extra):
+    """GQA, a left-padded row, sinks, pooling; the memory full (more candidates than slots); decoding runs past the
+    prompt so keys leave the window after the selection; every mode the cache serves from one prefill."""
+    t = 30
+    q, k, v, qf, kf, valid, log_decay, beta = layer_inputs(t)
+    gates = gates_of(kind, log_decay, beta)
+    weight = torch.rand(HQ) * 0.8 + 0.1
+    spec_kw = dict(scale=D**-0.5, window=window, rule=rule, placement=placement, linear_state=kind, sparse_memory=3,
+                   memory_select="query", **extra)
+    modes = ["hybrid", "la_only", "swa_only"]
+    lags = {mode: 0 if mode == "la_only" or placement == "overlap" else window for mode in modes}
+    with torch.no_grad():
+        got, state = prefill_and_decode(q, k, v, qf, kf, valid, gates, prompt, modes=modes, weight=weight,
+                                        lags=set(lags.values()) if kind != "sum" else set(), **spec_kw)
+        for mode in modes:
+            want, chosen = query_memory_reference(q, k, v, qf, kf, prompt=prompt, mode=mode, weight=weight, valid=valid,
+                                                  **gates, **with_spec(**spec_kw))
+            torch.testing.assert_close(got[mode], want, atol=1e-5, rtol=1e-5)
+    assert (chosen.sum(-1) == 3).all()  # both rows have more than 3 candidates
+    kept = state.memory
+    for row in range(B):
+        for h in range(HKV):
+            assert torch.equal(kept.k[row, h][kept.valid[row, h]], k[row, h][chosen[row, h]])  # in time order
+    plain, _ = query_memory_reference(q, k, v, qf, kf, prompt=prompt, weight=weight, valid=valid, **gates,
+                                      **with_spec(**{**spec_kw, "sparse_memory": 0}))
+    assert not torch.allclose(plain, got["hybrid"])  # the memory is read
+
+
+def test_left_padding_is_never_scored_or_kept():
+    """A row left-padded (by a number of tokens that is no block or window multiple) keeps the same keys and decodes
+    the same outputs as the row alone; huge padded keys change nothing."""
+    t, pad, prompt = 26, 5, 19
+    q, k, v, qf, kf, valid, *_ = layer_inputs(t + pad, seed=4, pad=pad)
+    k[1, :, :pad] = 1e3 * torch.randn_like(k[1, :, :pad])  # padding the queries would attend most, if it could
+    v[1, :, :pad] = 1e3
+    spec_kw = dict(scale=D**-0.5, window=3, rule="mix", sparse_memory=4, memory_select="query", memory_observe=6,
+                   softmax_sinks=1)
+    with torch.no_grad():
+        padded, state = prefill_and_decode(q, k, v, qf, kf, valid, {}, prompt + pad, modes=["hybrid"], weight=0.4,
+                                           lags=set(), **spec_kw)
+        alone, alone_state = prefill_and_decode(*(x[1:, :, pad:] for x in (q, k, v, qf, kf)), valid[1:, pad:], {},
+                                                prompt, modes=["hybrid"], weight=0.4, lags=set(), **spec_kw)
+    torch.testing.assert_close(padded["hybrid"][1:], alone["hybrid"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state.memory.k[1:], alone_state.memory.k)
+    assert torch.equal(state.memory.valid[1:], alone_state.memory.valid) and state.memory.valid.all()
+
+
+def test_a_key_the_last_queries_look_for_is_kept_and_read_exactly():
+    """A planted key far outside the window that the prompt's last queries point at is kept (with its neighbours,
+    through the pooling); a later query that matches it reads its value exactly from the softmax branch, which the
+    window cannot give. Its value is as ordinary as the others' (every value random), so the 'recall' rule has no
+    reason to prefer it and lets it go."""
+    t, window, planted, prompt = 60, 4, 11, 48
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(1, 1, t, D, generator=g)
+    v = torch.randn(1, 1, t, D, generator=g)
+    q = torch.randn(1, 1, t, D, generator=g) * 0.1
+    q[0, 0, prompt - 3:prompt] = 6 * k[0, 0, planted]  # the question: the last prompt queries look for the planted key
+    q[0, 0, -1] = 12 * k[0, 0, planted]
+    qf, kf = torch.rand(1, 1, t, D, generator=g), torch.rand(1, 1, t, D, generator=g)
+    spec_kw = dict(scale=D**-0.5, window=window, rule="mix", sparse_memory=3, memory_select="query", memory_observe=3,
+                   memory_pool=3)
+    with torch.no_grad():
+        out, state = prefill_and_decode(q, k, v, qf, kf, torch.ones(1, t, dtype=torch.bool), {}, prompt,
+                                        modes=["hybrid"], weight=1.0, lags=set(), **spec_kw)  # g = 1: softmax alone
+    kept = state.memory.k[0, 0][state.memory.valid[0, 0]]
+    assert torch.equal(kept, k[0, 0, planted - 1:planted + 2])  # the key and its two neighbours
+    assert (out["hybrid"][0, 0, -1] - v[0, 0, planted]).abs().max() < 0.05
+    recall = hybrid_attention_chunked(q, k, v, qf, kf, **with_spec(weight=1.0, **{**spec_kw, "memory_select": "recall",
+                                                                                  "memory_block": 4}))
+    assert (recall[0, 0, -1] - v[0, 0, planted]).abs().max() > 1  # the online rule let it go
+
+
+@pytest.mark.parametrize("fn", [hybrid_attention_reference, hybrid_attention_chunked])
+def test_the_full_forward_runs_without_the_memory(fn):
+    q, k, v, qf, kf, valid, *_ = layer_inputs(25, seed=6)
+    kw = dict(scale=D**-0.5, window=3, weight=0.3, valid=valid, softmax_sinks=2, chunk_size=4)
+    with torch.no_grad():
+        plain = fn(q, k, v, qf, kf, **with_spec(**kw))
+        query = fn(q, k, v, qf, kf, **with_spec(**kw, sparse_memory=4, memory_select="query"))
+        recall = fn(q, k, v, qf, kf, **with_spec(**kw, sparse_memory=4, memory_block=4))
+    assert torch.equal(query, plain) and not torch.allclose(recall, plain)
+
+
+def test_prefill_state_refuses_a_query_memory_without_its_selection():
+    k, v, kf = torch.randn(1, 1, 9, D), torch.randn(1, 1, 9, D), torch.rand(1, 1, 9, M)
+    spec = dict(window=3, sparse_memory=2, memory_select="query")
+    with pytest.raises(ValueError, match="prefill_selecting"):
+        prefill_state(k, v, kf, torch.ones(1, 9, dtype=torch.bool), **with_spec(**spec))
+    inside = torch.zeros(1, 1, 9, dtype=torch.bool)
+    inside[..., 8] = True  # in the window: not a candidate
+    with pytest.raises(ValueError, match="outside the window"):
+        prefill_state(k, v, kf, torch.ones(1, 9, dtype=torch.bool), selected=inside, **with_spec(**spec))
+
+
+# -- whole tiny models ---------------------------------------------------------------------------------------------
+
+SETTINGS = dict(window=4, sparse_memory=3, memory_select="query", memory_observe=4, memory_pool=3, softmax_sinks=1,
+                combine="mix")
+
+
+def converted(kind="sum", family="llama", **settings):
+    hybrid = linearize.HybridConfig(linear_state=kind, decay_init=0.8, **{**SETTINGS, **settings})
+    model = linearize.convert(tiny_model(family), hybrid)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "decay_proj" in name or "beta_proj" in name or "feature_map" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sum", "gated", "delta"])
+def test_the_layer_prefills_and_decodes_as_the_reference(kind):
+    """A converted layer called with a cache: the prompt's outputs but the last are the full forward's (no memory),
+    the last prompt token and every decoded one are the reference's (memory chosen at the prefill)."""
+    model = converted(kind)
+    layer = model.model.layers[0].self_attn
+    t, prompt = 24, 15
+    torch.manual_seed(3)
+    hidden = torch.randn(1, t, 64)
+    pe = model.model.rotary_emb(hidden, torch.arange(t)[None])
+    with torch.no_grad():
+        q, k, v = layer.project(hidden, pe)
+        qf, kf, _ = layer.features(q, k, None)
+        gates = layer.state_inputs(hidden, None)
+        want, _ = query_memory_reference(q, k, v, qf, kf, spec=layer.spec, prompt=prompt,
+                                         weight=layer.mixing_weight(hidden), **gates)
+        full = layer(hidden, pe)[0]
+        cache = DynamicCache(config=model.config)
+        got = [layer(hidden[:, :prompt], tuple(x[:, :prompt] for x in pe), **cache_kwargs(cache))[0]]
+        got += [layer(hidden[:, i:i + 1], tuple(x[:, i:i + 1] for x in pe), **cache_kwargs(cache))[0] for i in range(prompt, t)]
+    got = torch.cat(got, 1)
+    torch.testing.assert_close(got[:, :prompt - 1], full[:, :prompt - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, prompt - 1:], layer.o_proj(want.transpose(1, 2).reshape(1, t - prompt + 1, -1)),
+                               atol=1e-5, rtol=1e-5)
+    plain = torch.cat([full[:, :prompt - 1], full[:, prompt - 1:]], 1)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the memory changes the decoded outputs
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_generate_of_a_left_padded_batch_equals_each_row_alone(family):
+    model = converted("sum", family)
+    row = torch.randint(1, 128, (1, 14))
+    batch, mask = left_padded_batch(row, pad=5, other=19)
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    single = model.generate(row, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert torch.equal(together[0, 19:], single[0, 14:])
+    assert model.decode_path.path == "eager"
+
+
+@pytest.mark.parametrize("mode", ["la_only", "swa_only"])
+def test_modes_without_the_memory_decode_as_the_full_forward(mode):
+    from tiny_models import assert_decode_equals_forward
+
+    assert_decode_equals_forward(converted("gated"), mode, torch.randint(1, 128, (2, 26)), prompt=12)
+
+
+@pytest.mark.parametrize("kind", ["sum", "gated", "delta"])
+@pytest.mark.parametrize("placement", ["complementary", "overlap"])
+def test_decode_bytes_are_what_the_cache_holds(kind, placement):
+    """The fixed memory holds its m slots and no pending block: the bytes are the cache's, below the 'recall' rule's
+    by memory_block keys (and, for the decaying kinds, the ages and the scoring state)."""
+    model = converted(kind, placement=placement)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 40)), **cache_kwargs(cache), use_cache=True)
+    hybrid = linearize.hybrid_config_of(model)
+    assert decode_state_bytes(model.config, 40, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+    assert cache.layers[0].state.memory_fixed and cache.layers[0].state.memory.valid.all()
+    recall = linearize.HybridConfig(**{**hybrid.to_dict(), "memory_select": "recall"})
+    assert decode_state_bytes(model.config, 40, dtype_bytes=4, hybrid=recall) > cache_nbytes(cache)
+
+
+def test_save_load_round_trips_the_fields(tmp_path):
+    model = converted("sum")
+    model.save_pretrained(tmp_path)
+    loaded = linearize.load(tmp_path)
+    hybrid = linearize.hybrid_config_of(loaded)
+    assert hybrid.to_dict() == linearize.hybrid_config_of(model).to_dict()
+    assert (hybrid.memory_select, hybrid.memory_observe, hybrid.memory_pool) == ("query", 4, 3)
+    ids = torch.randint(1, 128, (1, 20))
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                       loaded.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_config_checks_and_set_hybrid():
+    with pytest.raises(ValueError, match="memory_select"):
+        linearize.HybridConfig(memory_select="snap")
+    with pytest.raises(ValueError, match="memory_pool"):
+        linearize.HybridConfig(memory_pool=4)
+    with pytest.raises(ValueError, match="memory_observe"):
+        linearize.HybridConfig(memory_observe=0)
+    model = converted("sum", memory_select="recall")
+    linearize.set_hybrid(model, memory_select="query")  # a training-free change of a conversion
+    assert model.model.layers[0].self_attn.spec.selects_at_prefill

@@ -148,7 +148,8 @@ TABLES["long-context"] = StudyTable(
     "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training). "
     "merged/long.md: all of them paired over the same items.",
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
-              StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),))),
+              StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
+              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")))),
     long=LongSettings(window=512))
 
 

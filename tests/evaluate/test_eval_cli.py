@@ -135,6 +135,13 @@ def test_lm_eval_cli_runs_converted_models(dirs, tmp_path):
     assert got["la_only"] != got["linearize"] and got["base"] != got["linearize"]
 
 
+def test_hybrid_overrides_split_at_commas_before_a_field():
+    from linearize.commands.eval import hybrid_overrides
+
+    assert hybrid_overrides(["memory_select=query,sparse_memory=256", "window=64"]) == {
+        "memory_select": "query", "sparse_memory": 256, "window": 64}
+
+
 def test_hybrid_overrides_are_typed_and_checked(dirs, capsys):
     from linearize.commands.eval import hybrid_overrides
     from linearize.errors import LinearizeError

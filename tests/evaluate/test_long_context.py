@@ -281,3 +281,38 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
     two = {c["task"] + str(c["length"]): c["paired"]["conv_only hybrid - window+sinks w=8 s=8"]["bpb"]["diff"] for c in merged["cells"]}
     assert two == pytest.approx(one)
     assert "| conv_only hybrid |" in (tmp_path / "merged" / "long.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_memory_chosen_at_prefill_is_scored_through_the_cache(family):
+    """memory_select='query' (no memory in a full forward): items are scored through a cached prefill of the prompt
+    and the gold continuation after it, batched with left padding -- each item's scores equal its own prefill and
+    steps; with no memory that path equals the full forward's."""
+    from types import SimpleNamespace
+
+    from transformers import DynamicCache
+
+    from linearize.compat import cache_kwargs
+    from linearize.evaluate.long_score import _prefilled, _teacher_forced
+
+    hybrid = linearize.HybridConfig(window=4, sparse_memory=3, memory_select="query", memory_observe=4, softmax_sinks=1)
+    model = linearize.convert(tiny_model(family), hybrid)
+    g = torch.Generator().manual_seed(0)
+    items = [Item("t", str(i), torch.randint(1, 128, (n,), generator=g).tolist(),
+                  torch.randint(1, 128, (m,), generator=g).tolist(), "x" * m, ["x"]) for i, (n, m) in
+             enumerate([(21, 3), (13, 1), (17, 4)])]
+    scores = score_items(model, SimpleNamespace(pad_token_id=0), items, batch_tokens=80)  # one left-padded batch
+    for it, s in zip(items, scores):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            logits = [model(torch.tensor([it.context]), **cache_kwargs(cache), use_cache=True).logits[0, -1:]]
+            logits += [model(torch.tensor([[x]]), **cache_kwargs(cache), use_cache=True).logits[0] for x in it.target[:-1]]
+        lp = torch.cat(logits).float().log_softmax(-1)
+        bits = -sum(float(lp[i, x]) for i, x in enumerate(it.target)) / math.log(2)
+        assert s["bits"] == pytest.approx(bits, rel=1e-4)
+        assert s["greedy_exact"] == float(all(int(lp[i].argmax()) == x for i, x in enumerate(it.target)))
+    linearize.set_hybrid(model, sparse_memory=0)
+    plain = _teacher_forced(model, items, [0, 1, 2], 0)
+    for a, b in zip(_prefilled(model, items, [0, 1, 2], 0), plain):
+        assert a["bits"] == pytest.approx(b["bits"], rel=1e-4) and a["greedy_exact"] == b["greedy_exact"]
+    assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(scores, plain))  # the memory was read

@@ -25,7 +25,8 @@ def add_model_args(p, *, convert_default: bool = False) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the degenerate-output check at load")
     p.add_argument("--hybrid", action="append", default=[], metavar="FIELD=VALUE",
                    help="change a computation-only HybridConfig setting of a converted model at load, e.g. "
-                        "--hybrid window=512 (repeatable; fields: python -c 'import linearize; "
+                        "--hybrid window=512 (repeatable, or comma-separated: --hybrid sparse_memory=256,"
+                        "memory_select=query; fields: python -c 'import linearize; "
                         "print(*linearize.HybridConfig.describe(), sep=chr(10))')")
 
 
@@ -42,9 +43,10 @@ def add_bench_args(p) -> None:
 
 
 def hybrid_overrides(pairs: list[str]) -> dict:
-    """``["window=512", "placement=overlap"]`` -> typed HybridConfig changes, read and checked as a recipe's ``--set``
-    values are (a one-line error on a bad one)."""
+    """``["window=512", "placement=overlap"]`` (or ``["window=512,placement=overlap"]``) -> typed HybridConfig
+    changes, read and checked as a recipe's ``--set`` values are (a one-line error on a bad one)."""
     import dataclasses
+    import re
 
     from linearize.config import HybridConfig
     from linearize.errors import LinearizeError
@@ -52,7 +54,8 @@ def hybrid_overrides(pairs: list[str]) -> dict:
 
     types = {f.name: type(f.default) for f in dataclasses.fields(HybridConfig)}
     out = {}
-    for pair in pairs:
+    # a comma starts a new pair only before FIELD=, so a list value (layers=[0,2]) stays whole
+    for pair in (p for arg in pairs for p in re.split(r",(?=\s*[A-Za-z_]\w*=)", arg)):
         parts, value = parse_override(pair)
         if len(parts) != 1 or parts[0] not in types:
             raise LinearizeError(f"--hybrid {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")

@@ -82,7 +82,7 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
     if not layers:
         return "the model has no converted layers"
     if any(layer.hybrid.sparse_memory for layer in layers):
-        return "sparse memory updates its state every memory_block tokens"
+        return "sparse memory: its decode step runs eagerly (the graph decoder does not hold it)"
     sliding, full = unconverted_layers(model)
     if full:
         return f"unconverted full-attention layers {full} keep a growing KV cache"

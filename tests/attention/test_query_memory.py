@@ -172,12 +172,18 @@ def converted(kind="sum", family="llama", **settings):
     return model
 
 
-@pytest.mark.parametrize("kind", ["sum", "gated", "delta"])
-def test_the_layer_prefills_and_decodes_as_the_reference(kind):
+@pytest.mark.parametrize("kind,settings", [("sum", {}), ("gated", {}), ("delta", {}), ("gated", {"qk_conv": 3}),
+                                            ("sum", {"mix_gate": "dynamic"})])
+def test_the_layer_prefills_and_decodes_as_the_reference(kind, settings):
     """A converted layer called with a cache: the prompt's outputs but the last are the full forward's (no memory),
-    the last prompt token and every decoded one are the reference's (memory chosen at the prefill)."""
-    model = converted(kind)
+    the last prompt token and every decoded one are the reference's (memory chosen at the prefill); with the q/k
+    convolution and a per-token gate too."""
+    model = converted(kind, **settings)
     layer = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "qk_conv" in name or "gate." in name:
+                p.add_(0.2 * torch.randn_like(p))
     t, prompt = 24, 15
     torch.manual_seed(3)
     hidden = torch.randn(1, t, 64)
@@ -229,7 +235,9 @@ def test_decode_bytes_are_what_the_cache_holds(kind, placement):
         model(torch.randint(1, 128, (1, 40)), **cache_kwargs(cache), use_cache=True)
     hybrid = linearize.hybrid_config_of(model)
     assert decode_state_bytes(model.config, 40, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
-    assert cache.layers[0].state.memory_fixed and cache.layers[0].state.memory.valid.all()
+    state = cache.layers[0].state
+    assert state.memory_fixed and state.memory.valid.all()
+    assert state.index_select(torch.tensor([0, 0])).memory_fixed  # beam search keeps the rule
     recall = linearize.HybridConfig(**{**hybrid.to_dict(), "memory_select": "recall"})
     assert decode_state_bytes(model.config, 40, dtype_bytes=4, hybrid=recall) > cache_nbytes(cache)
 
@@ -256,3 +264,27 @@ def test_config_checks_and_set_hybrid():
     model = converted("sum", memory_select="recall")
     linearize.set_hybrid(model, memory_select="query")  # a training-free change of a conversion
     assert model.model.layers[0].self_attn.spec.selects_at_prefill
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_auto_backend_matches_torch():
+    """On CUDA in bf16, backend 'auto' runs the prompt's full forward on the Triton kernels (it has no memory) and the
+    selection and decoding in PyTorch: layer 0 keeps the keys backend 'torch' keeps, the prefill and decoded logits
+    agree to bf16 precision, and generate runs the eager step."""
+    settings = dict(window=16, sparse_memory=8, memory_observe=8, softmax_sinks=0)
+    model = converted("sum", **settings).cuda().to(torch.bfloat16)
+    torch_model = converted("sum", backend="torch", **settings).cuda().to(torch.bfloat16)
+    torch_model.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 128, (2, 300), device="cuda")
+    logits, states = [], []
+    with torch.no_grad():
+        for m in (model, torch_model):
+            cache = DynamicCache(config=m.config)
+            out = [m(ids[:, :260], **cache_kwargs(cache), use_cache=True).logits]
+            out += [m(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(260, 300)]
+            logits.append(torch.cat(out, 1).float())
+            states.append(cache.layers[0].state)
+    assert states[0].memory_fixed and torch.equal(states[0].memory.k, states[1].memory.k)
+    assert (logits[0] - logits[1]).abs().max() < 0.1
+    model.generate(ids[:, :260], max_new_tokens=8, do_sample=False)
+    assert model.decode_path.path == "eager"

@@ -50,6 +50,11 @@ FUSED_MAX_BATCH = 4
 #: tiles of 8 rows keep the kernel at ~100-130 registers (2-5 programs per SM); 16 rows need ~230.
 TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32}
 
+#: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
+#: its choices here).
+TUNING_CHOICES = {"num_warps": (4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4),
+                  "min_tile_d": (32, 64, 128)}
+
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
 _SINGLE_BRANCH = {"swa_only": 2, "la_only": 3}
@@ -342,6 +347,22 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
+def launch_config(b: int, hkv: int, d: int, m: int, L: int, device, tuning: dict | None = None) -> dict:
+    """The kernel's tiles and warps for a step of this shape under `tuning` (default TUNING): ND d-tiles of BD
+    columns, BLC window keys and BM rows of S per tile, num_warps. Settings that give the same launch run the same
+    code (the sweep times each launch once)."""
+    tuning = TUNING if tuning is None else tuning
+    # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
+    bd, nd = _pow2(d, 16), 1
+    while b * hkv * nd < tuning["programs_per_sm"] * _num_sms(device) and bd // 2 >= tuning["min_tile_d"]:
+        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
+    warps = tuning["num_warps"] or (8 if bd >= 256 else 4)
+    # rows of S (and keys of the window) per tile: a (rows, bd) tile is ~values_per_thread values per thread
+    rows = max(2, tuning["values_per_thread"] * 32 * warps // bd)
+    rows = 1 << (rows.bit_length() - 1)
+    return dict(ND=nd, BD=bd, BLC=min(rows, _pow2(L + 1, 2)), BM=min(rows, 64, _pow2(m, 2)), num_warps=warps)
+
+
 def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
     """A bool tensor as int8 bytes, the same memory (the kernel writes it in place)."""
     if x.dtype != torch.bool or not x.is_contiguous():
@@ -380,16 +401,8 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     sink_kf = state.sink_kf if nss else state.sink_k
     has_sink_kf = state.sink_kf is not None and ns > 0
-    gp = _pow2(hq // hkv)
-    # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
-    bd, nd = _pow2(d, 16), 1
-    while b * hkv * nd < TUNING["programs_per_sm"] * _num_sms(dev) and bd // 2 >= TUNING["min_tile_d"]:
-        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
-    warps = TUNING["num_warps"] or (8 if bd >= 256 else 4)
-    # rows of S (and keys of the window) per tile: a (rows, bd) tile is ~TUNING values per thread
-    rows = max(2, TUNING["values_per_thread"] * 32 * warps // bd)
-    rows = 1 << (rows.bit_length() - 1)
-    fused_decode_kernel[(b * hkv, nd)](
+    launch = launch_config(b, hkv, d, m, L, dev)
+    fused_decode_kernel[(b * hkv, launch["ND"])](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
         state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,
@@ -399,8 +412,7 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
         m, d, hq // hkv,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
         HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
-        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ND=nd,
-        GP=gp, BLC=min(rows, _pow2(L + 1, 2)), BS=_pow2(ns, 2), BM=min(rows, 64, _pow2(m, 2)), BD=bd, num_warps=warps,
+        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, GP=_pow2(hq // hkv), BS=_pow2(ns, 2), **launch,
     )
     state.seen += 1
     return {mode: out}

@@ -1,0 +1,283 @@
+"""Tuning sweep of the fused decode step (attention/triton/decode.py) against the unfused step, one layer, one process.
+
+    python benchmarks/fused_tuning.py [--out-dir benchmarks/results/speed] [--name fused_tuning]
+        [--cases gemma3-270m:1024,gemma3-270m:64,llama3-8b:96,llama3-8b:8] [--grid num_warps=4,8 ...]
+    python benchmarks/fused_tuning.py --smoke --out-dir DIR      # a tiny shape; no CUDA: TRITON_INTERPRET=1
+
+Per case (the decode shapes of bench/decode.py, one converted layer, its state filled as at context 32k: the state
+does not depend on the context, the ring is the window), the unfused step (`decode_step_triton` with
+LINEARIZE_FUSED_DECODE=0: the decode kernel + PyTorch ring and sink writes) and the fused step under every setting of
+`decode.TUNING_CHOICES` (or --grid), each launch that the settings give timed once: `inner` steps captured in one CUDA
+graph, replayed after warm-up, CUDA events, the median of --reps replays. Each launch is first checked against the
+unfused step on copies of the state (relative error of the output and of S after one step). The floor is
+bench/decode's: the layer state's bytes read once / the copy bandwidth measured in this run. Writes NAME.json (every
+row, written after each) and NAME.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CASES = "gemma3-270m:1024,gemma3-270m:64,llama3-8b:96,llama3-8b:8"
+CONTEXT = 32768
+
+
+def _tiny_shape():
+    """The --smoke shape: a one-layer Llama, GQA 4/2, head_dim 16 (the interpreter runs it in seconds)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    return cfg, LlamaForCausalLM
+
+
+def one_layer_step(shape: str, batch: int, device: str, hybrid):
+    """A converted one-layer model of `shape` with its state filled by bench/decode, and this layer's decode step
+    inputs: returns (state, step kwargs (spec, modes, weight), inputs (q, k, v, qf, kf))."""
+    from linearize.attention.cache import hybrid_cache_layer
+    from linearize.attention.module import HybridAttention
+    from linearize.bench.decode import _fill_hybrid_cache, decode_shape
+    from linearize.models.convert import convert
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if shape == "tiny":
+        cfg, cls = _tiny_shape()
+    else:
+        cfg, cls = decode_shape(shape, llama_layers=1)
+        cfg.num_hidden_layers = 1  # one layer is the step being tuned
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:1]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(cfg).to(dtype).eval()
+    convert(model, hybrid)
+    mod = next(m for m in model.modules() if isinstance(m, HybridAttention))
+    cache = _fill_hybrid_cache(model, batch, CONTEXT, dtype, device=device)
+    state = hybrid_cache_layer(cache, mod.layer_idx).state
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, mod.head_dim
+    q = torch.randn(batch, hq, 1, d, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, hkv, 1, d, device=device, dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        qf, kf, _ = mod.features(q, k, None)
+        weight = mod.mixing_weight(torch.randn(batch, 1, cfg.hidden_size, device=device, dtype=dtype))
+    kw = dict(spec=mod.spec, modes=mod.head_mode_list()[:1], weight=weight)
+    del model, cache
+    return state, kw, (q, k, v, qf, kf)
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def timed_ms(step, *, inner: int, reps: int, cuda: bool) -> float:
+    """Median ms of one step: `inner` steps captured in a CUDA graph, replayed (after 3 warm-up replays), each replay
+    timed with CUDA events; on the CPU (the smoke run) plain calls and the wall clock."""
+    step()  # compiles
+    if not cuda:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            step()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / inner)
+    del graph
+    return statistics.median(times)
+
+
+def settings_grid(choices: dict) -> list[dict]:
+    from linearize.attention.triton import decode
+
+    keys = list(choices)
+    return [{**decode.TUNING, **dict(zip(keys, values))} for values in itertools.product(*(choices[k] for k in keys))]
+
+
+def sweep_case(shape: str, batch: int, device: str, hybrid, grid: list[dict], *, inner: int, reps: int,
+               bandwidth: float | None, log=print) -> list[dict]:
+    from linearize.attention.triton import decode, decode_step_triton
+    from linearize.bench.decode import fused_decode, memory_floor_ms
+    cuda = device == "cuda"
+    state, kw, inputs = one_layer_step(shape, batch, device, hybrid)
+    b, hq, _, d = inputs[0].shape
+    hkv, m, ring = inputs[1].shape[1], inputs[3].shape[-1], state.buf_k.shape[2]
+    nbytes = state.nbytes()
+    floor = None if bandwidth is None else memory_floor_ms(nbytes, bandwidth)
+    case = dict(shape=shape, batch=b, heads=hq, kv_heads=hkv, head_dim=d, features=m, ring=ring, state_bytes=nbytes,
+                floor_ms=floor)
+
+    def row(kind, ms, **extra):
+        r = dict(case, kind=kind, ms_per_step=ms, tokens_per_s=b / (ms * 1e-3),
+                 floor_fraction=None if floor is None else floor / ms, **extra)
+        log(f"{shape:12s} B={b:5d} {kind:7s} {ms:8.4f} ms  {r['tokens_per_s']:12.0f} tok/s  "
+            + ("" if floor is None else f"floor {100 * r['floor_fraction']:5.1f}%  ")
+            + " ".join(f"{k}={v}" for k, v in extra.items() if k in ("launch", "max_rel_err")))
+        return r
+
+    def step():
+        decode_step_triton(state, *inputs, **kw)
+
+    with fused_decode(False):
+        rows = [row("unfused", timed_ms(step, inner=inner, reps=reps, cuda=cuda))]
+    unfused_ms = rows[0]["ms_per_step"]
+    launches: dict[tuple, list[dict]] = {}
+    for setting in grid:
+        launch = decode.launch_config(b, hkv, d, m, ring, inputs[0].device, setting)
+        launches.setdefault(tuple(sorted(launch.items())), []).append(setting)
+    default = tuple(sorted(decode.launch_config(b, hkv, d, m, ring, inputs[0].device).items()))
+    saved = dict(decode.TUNING)
+    try:
+        for launch, settings in launches.items():
+            decode.TUNING.clear()
+            decode.TUNING.update(settings[0])
+            ref, ours = copy.deepcopy(state), copy.deepcopy(state)
+            with fused_decode(False):
+                want = decode_step_triton(ref, *inputs, **kw)
+            with fused_decode(True):
+                got = decode.fused_decode_step(ours, *inputs, **kw)
+                if got is None:
+                    raise ValueError(f"the fused step does not apply to {shape} at batch {b} (fused_decode_applies)")
+                err = max(_rel(got[k], want[k]) for k in want)
+                err = max(err, _rel(ours.S, ref.S))
+                del ref, ours
+                ms = timed_ms(step, inner=inner, reps=reps, cuda=cuda)
+            rows.append(row("fused", ms, launch=dict(launch), default=launch == default, max_rel_err=err,
+                            speedup_vs_unfused=unfused_ms / ms,
+                            settings=[{k: s[k] for k in s if k in settings_keys(grid)} for s in settings]))
+    finally:
+        decode.TUNING.clear()
+        decode.TUNING.update(saved)
+    return rows
+
+
+def settings_keys(grid: list[dict]) -> list[str]:
+    """The keys the grid varies."""
+    return [k for k in grid[0] if len({repr(s[k]) for s in grid}) > 1] or list(grid[0])
+
+
+def render_markdown(result: dict) -> str:
+    lines = [f"Commit `{result['commit']}`, device **{result['device']}**; command `{result['command']}`.", "",
+             "One converted layer's decode step (state as at context 32k; tokens/s = batch / step time). Floor = the "
+             "layer state's bytes read once / the copy bandwidth "
+             + ("(not measured: CPU)" if result["copy_bandwidth_bytes_per_s"] is None else
+                f"measured in this run ({result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)")
+             + f"; fused rows: every launch the settings grid gives, fastest first; `inner` = {result['inner']} steps "
+             f"per captured graph, median of {result['reps']} replays.", "",
+             "| shape | batch | kind | ms/step | tokens/s | floor % | vs unfused | launch | settings | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = result["rows"]
+    cases = list(dict.fromkeys((r["shape"], r["batch"]) for r in rows))
+    for case in cases:
+        mine = [r for r in rows if (r["shape"], r["batch"]) == case]
+        mine.sort(key=lambda r: (r["kind"] != "unfused", r["ms_per_step"]))
+        for r in mine:
+            floor = "—" if r["floor_fraction"] is None else f"{100 * r['floor_fraction']:.1f}%"
+            fused = r["kind"] == "fused"
+            launch = " ".join(f"{k}={v}" for k, v in r.get("launch", {}).items())
+            settings = "; ".join(",".join(f"{k}={v}" for k, v in s.items()) for s in r.get("settings", []))
+            speedup = f"{r['speedup_vs_unfused']:.2f}x" if fused else "1.00x"
+            err = f"{r['max_rel_err']:.1e}" if fused else "—"
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['kind']}{' (default)' if r.get('default') else ''} | "
+                         f"{r['ms_per_step']:.4f} | {r['tokens_per_s']:.0f} | {floor} | {speedup} | {launch} | "
+                         f"{settings} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_grid(items: list[str]) -> dict:
+    """KEY=V1,V2 ... over decode.TUNING_CHOICES (ints, or None)."""
+    from linearize.attention.triton import decode
+
+    choices = dict(decode.TUNING_CHOICES)
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in decode.TUNING:
+            raise ValueError(f"--grid: unknown TUNING key {key!r}; expected one of {tuple(decode.TUNING)}")
+        choices[key] = tuple(None if v == "None" else int(v) if v.lstrip("-").isdigit() else v
+                             for v in values.split(","))
+    return choices
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default="benchmarks/results/speed")
+    p.add_argument("--name", default="fused_tuning")
+    p.add_argument("--cases", default=CASES, help="shape:batch,... (shapes of bench/decode.py)")
+    p.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 ... replacing decode.TUNING_CHOICES[KEY]")
+    p.add_argument("--inner", type=int, default=8, help="steps per captured graph")
+    p.add_argument("--reps", type=int, default=15, help="timed replays (median)")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--smoke", action="store_true", help="a tiny shape, a small grid (without CUDA: on the CPU under "
+                   "TRITON_INTERPRET=1)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # (before Triton is first imported, if it is not yet)
+
+    from linearize.config import HybridConfig
+    from linearize.records import benchmark_header, git_commit
+
+    command = "python benchmarks/fused_tuning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if cuda:
+        from linearize.bench.kernels import environment
+        from linearize.bench.timing import copy_bandwidth
+
+        env = environment(args.commit, [])
+        bandwidth = copy_bandwidth()
+    else:
+        env = dict(device="cpu (TRITON_INTERPRET=1)", git_commit=args.commit or git_commit()["commit"] or "unknown")
+        bandwidth = None
+    if args.smoke:
+        cases = [("tiny", 2)]
+        hybrid = HybridConfig(window=4, softmax_sinks=1)
+        grid = settings_grid(parse_grid(args.grid or ["num_warps=4", "values_per_thread=8", "programs_per_sm=4",
+                                                      "min_tile_d=8,1000000"]))
+        args.reps = min(args.reps, 3)
+    else:
+        cases = [(s, int(n)) for s, n in (c.split(":") for c in args.cases.split(","))]
+        hybrid = HybridConfig()
+        grid = settings_grid(parse_grid(args.grid))
+    env["command"] = command
+    result = dict(benchmark_header(env), copy_bandwidth_bytes_per_s=bandwidth, context=CONTEXT, inner=args.inner,
+                  reps=args.reps, hybrid={"window": hybrid.window, "feature_map": hybrid.feature_map,
+                                          "softmax_sinks": hybrid.softmax_sinks, "combine": hybrid.combine},
+                  rows=[])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from linearize.bench.timing import free
+
+    for shape, batch in cases:
+        free()  # the previous case's state and graphs
+        result["rows"] += sweep_case(shape, batch, "cuda" if cuda else "cpu", hybrid, grid, inner=args.inner,
+                                     reps=args.reps, bandwidth=bandwidth)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))  # kept if cut off later
+        (out / f"{args.name}.md").write_text(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

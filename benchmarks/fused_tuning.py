@@ -125,7 +125,8 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, grid: list[dict], *,
     cuda = device == "cuda"
     state, kw, inputs = one_layer_step(shape, batch, device, hybrid)
     b, hq, _, d = inputs[0].shape
-    hkv, m, ring = inputs[1].shape[1], inputs[3].shape[-1], state.buf_k.shape[2]
+    hkv, m, ring, ns = inputs[1].shape[1], inputs[3].shape[-1], state.buf_k.shape[2], state.sink_k.shape[2]
+    shape_args = (b, hkv, hq // hkv, d, m, ring, ns, inputs[0].device, inputs[0].dtype)
     nbytes = state.nbytes()
     floor = None if bandwidth is None else memory_floor_ms(nbytes, bandwidth)
     case = dict(shape=shape, batch=b, heads=hq, kv_heads=hkv, head_dim=d, features=m, ring=ring, state_bytes=nbytes,
@@ -147,9 +148,9 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, grid: list[dict], *,
     unfused_ms = rows[0]["ms_per_step"]
     launches: dict[tuple, list[dict]] = {}
     for setting in grid:
-        launch = decode.launch_config(b, hkv, d, m, ring, inputs[0].device, setting)
+        launch = decode.launch_config(*shape_args, setting)
         launches.setdefault(tuple(sorted(launch.items())), []).append(setting)
-    default = tuple(sorted(decode.launch_config(b, hkv, d, m, ring, inputs[0].device).items()))
+    default = tuple(sorted(decode.launch_config(*shape_args).items()))
     saved = dict(decode.TUNING)
     try:
         for launch, settings in launches.items():

@@ -108,17 +108,23 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("contract", ["loop", "dot"])
 @pytest.mark.parametrize("d_tiles", [False, True], ids=["full_d", "d_tiles"])
 @pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,wkind", CASES)
 def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt, steps,
-                                              sinks, num_sinks, wkind, d_tiles):
+                                              sinks, num_sinks, wkind, d_tiles, contract):
     """full_d: one program per (b, kv head), tiles of 2 rows of S / 2 window keys (the online softmax and the S loop
-    take several tiles); d_tiles: head_dim 16 in two programs of 8 columns (the small-batch launch), which share the
-    window's keys, z and the leaving key through the arrival counters."""
-    monkeypatch.setitem(fused.TUNING, "min_tile_d", 8 if d_tiles else 10**6)
+    take several tiles; 'dot': its least, 16); d_tiles: head_dim in two programs of half the columns (the small-batch
+    launch), which share the window's keys, z and the leaving key through the arrival counters. 'loop' meets the heads
+    one at a time (head_dim 16, m 8), 'dot' in one tl.dot (head_dim 32 and m 24, so that tiles of 16 split both)."""
+    d, m = (32, 24) if contract == "dot" else (16, 8)
+    monkeypatch.setitem(fused.TUNING, "contract", contract)
+    monkeypatch.setitem(fused.TUNING, "min_tile_d", d // 2 if d_tiles else 10**6)
     if not d_tiles:
-        monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: tiles of 2
-    _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=16, m=8,
+        monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: tiles of 2 (of 16 with 'dot')
+    launch = fused.launch_config(b, hkv, hq // hkv, d, m, window - 1, num_sinks, torch.device(DEVICE), torch.float32)
+    assert launch["ND"] == (2 if d_tiles else 1) and launch["DOT"] == (contract == "dot")
+    _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,
                            window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, num_sinks=num_sinks,
                            wkind=wkind)
 

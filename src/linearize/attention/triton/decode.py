@@ -46,14 +46,17 @@ FUSED_MAX_BATCH = 4
 
 #: Launch knobs: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
 #: (sets the rows of S and the window keys per tile), and the d-tiles: while B*Hkv programs are fewer than
-#: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. Chosen from ptxas's register counts for sm_90 (not yet timed):
-#: tiles of 8 rows keep the kernel at ~100-130 registers (2-5 programs per SM); 16 rows need ~230.
-TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32}
+#: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. `contract`: how the G query heads
+#: of a KV head meet a tile -- 'loop', one head at a time (broadcast and sum), or 'dot', one tl.dot over the heads
+#: padded to 16 (tiles of >= 16 keys, rows and columns); `dot_precision`: its fp32 products where the inputs are
+#: not fp32 ('tf32', as the forward kernels; 'tf32x3'; 'ieee'); fp32 inputs always take 'ieee'.
+TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "loop",
+          "dot_precision": "tf32"}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here).
 TUNING_CHOICES = {"num_warps": (4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4),
-                  "min_tile_d": (32, 64, 128)}
+                  "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "dot_precision": ("tf32", "tf32x3")}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -65,21 +68,31 @@ if set(_RULE_CODES) != set(COMBINE_RULES) or any(MODES[m].kernel_code != c for m
 
 
 @triton.jit
-def _heads_dot_keys(acc, X, row0, stride, offs, mask, keys, offs_g, G: tl.constexpr):
-    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E) fp32, one head at a
-    time (a (G, K, E) product would hold G times the tile in registers)."""
-    for g in tl.static_range(G):
-        x = tl.load(X + (row0 + g) * stride + offs, mask=mask, other=0.0).to(tl.float32)
-        acc = tl.where(offs_g[:, None] == g, acc + tl.sum(keys * x[None, :], 1)[None, :], acc)
+def _heads_dot_keys(acc, X, row0, stride, offs, mask, keys, offs_g, G: tl.constexpr, DOT: tl.constexpr,
+                    PREC: tl.constexpr):
+    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E) fp32. DOT: one tl.dot
+    of the (GP, E) rows (GP, K, E >= 16); else one head at a time (a (G, K, E) product would hold G times the tile in
+    registers)."""
+    if DOT:
+        x = tl.load(X + (row0 + offs_g)[:, None] * stride + offs[None, :], mask=(offs_g < G)[:, None] & mask[None, :],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(x, tl.trans(keys), acc=acc, input_precision=PREC)
+    else:
+        for g in tl.static_range(G):
+            x = tl.load(X + (row0 + g) * stride + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.where(offs_g[:, None] == g, acc + tl.sum(keys * x[None, :], 1)[None, :], acc)
     return acc
 
 
 @triton.jit
-def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr):
-    """acc (GP, E) + weights (GP, K) @ rows (K, E), one head at a time."""
-    for g in tl.static_range(G):
-        w = tl.sum(tl.where(offs_g[:, None] == g, weights, 0.0), 0)
-        acc += tl.where(offs_g[:, None] == g, tl.sum(w[:, None] * rows, 0)[None, :], 0.0)
+def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc (GP, E) + weights (GP, K) @ rows (K, E): one tl.dot (GP, K, E >= 16), or one head at a time."""
+    if DOT:
+        acc = tl.dot(weights, rows, acc=acc, input_precision=PREC)
+    else:
+        for g in tl.static_range(G):
+            w = tl.sum(tl.where(offs_g[:, None] == g, weights, 0.0), 0)
+            acc += tl.where(offs_g[:, None] == g, tl.sum(w[:, None] * rows, 0)[None, :], 0.0)
     return acc
 
 
@@ -93,6 +106,7 @@ def fused_decode_kernel(
     HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: (B*HKV, ND): ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
@@ -166,13 +180,13 @@ def fused_decode_kernel(
                 mdk = od < D
                 ks = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + od[None, :],
                              mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
-                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G)
+                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G, DOT, PREC)
             ls = ls * scale
             ls = tl.where(sink_left[None, :], ls, float("-inf"))
             c_s = tl.max(ls, 1)
             ps = tl.where(sink_left[None, :], tl.exp(ls - tl.where(c_s == float("-inf"), 0.0, c_s)[:, None]), 0.0)
             den_s = tl.sum(ps, 1)
-            num_s = _heads_weigh_rows(num_s, ps, vsink, offs_g, G)
+            num_s = _heads_weigh_rows(num_s, ps, vsink, offs_g, G, DOT, PREC)
         if HAS_LA and LA_WINDOW:
             asink = tl.zeros([GP, BS], dtype=tl.float32)
             for m0 in range(0, M, BM):
@@ -180,9 +194,9 @@ def fused_decode_kernel(
                 mm = om < M
                 kfs = tl.load(SINKKF + (kv64 * NS + offs_n[:, None]) * M + om[None, :],
                               mask=(offs_n < NSS)[:, None] & mm[None, :], other=0.0).to(tl.float32)
-                asink = _heads_dot_keys(asink, QF, q0, M, om, mm, kfs, offs_g, G)
+                asink = _heads_dot_keys(asink, QF, q0, M, om, mm, kfs, offs_g, G, DOT, PREC)
             asink = tl.where(sink_left[None, :], asink, 0.0)
-            num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G)
+            num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G, DOT, PREC)
             den_l += tl.sum(asink, 1)
     if HAS_SWA or LA_WINDOW:
         for l0 in range(0, L + 1, BLC):
@@ -203,7 +217,7 @@ def fused_decode_kernel(
                                  other=0.0).to(tl.float32)
                     kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :], mask=cc[:, None] & mdk[None, :],
                                   other=0.0).to(tl.float32)
-                    lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G)
+                    lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G, DOT, PREC)
                 lg = lg * scale
                 lg = tl.where(cvalid[None, :], lg, float("-inf"))
                 c_new = tl.maximum(c_s, tl.max(lg, 1))
@@ -211,7 +225,7 @@ def fused_decode_kernel(
                 alpha = tl.exp(c_s - c_safe)  # 0 while no key was seen (c_s = -inf)
                 p = tl.where(cvalid[None, :], tl.exp(lg - c_safe[:, None]), 0.0)
                 den_s = den_s * alpha + tl.sum(p, 1)
-                num_s = _heads_weigh_rows(num_s * alpha[:, None], p, vc, offs_g, G)
+                num_s = _heads_weigh_rows(num_s * alpha[:, None], p, vc, offs_g, G, DOT, PREC)
                 c_s = c_new
             if HAS_LA and LA_WINDOW:
                 a = tl.zeros([GP, BLC], dtype=tl.float32)
@@ -222,9 +236,9 @@ def fused_decode_kernel(
                                   other=0.0).to(tl.float32)
                     kfc += tl.load(KFN + kv64 * M + offs_c[:, None] * 0 + om[None, :], mask=cc[:, None] & mm[None, :],
                                    other=0.0).to(tl.float32)
-                    a = _heads_dot_keys(a, QF, q0, M, om, mm, kfc, offs_g, G)
+                    a = _heads_dot_keys(a, QF, q0, M, om, mm, kfc, offs_g, G, DOT, PREC)
                 a = tl.where(cvalid[None, :], a, 0.0)
-                num_l = _heads_weigh_rows(num_l, a, vc, offs_g, G)
+                num_l = _heads_weigh_rows(num_l, a, vc, offs_g, G, DOT, PREC)
                 den_l += tl.sum(a, 1)
 
     # -- the linear branch reads S, z tile by tile; each tile of S is folded right after it was read (z at the end).
@@ -243,7 +257,7 @@ def fused_decode_kernel(
         z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
         if HAS_LA:
             qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
-            num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G)
+            num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G, DOT, PREC)
             den_l += tl.sum(qf * z[None, :], 1)
         kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
         tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
@@ -347,20 +361,29 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def launch_config(b: int, hkv: int, d: int, m: int, L: int, device, tuning: dict | None = None) -> dict:
-    """The kernel's tiles and warps for a step of this shape under `tuning` (default TUNING): ND d-tiles of BD
-    columns, BLC window keys and BM rows of S per tile, num_warps. Settings that give the same launch run the same
-    code (the sweep times each launch once)."""
+def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, device, dtype,
+                  tuning: dict | None = None) -> dict:
+    """The kernel's tiles, warps and variant for a step of this shape under `tuning` (default TUNING): ND d-tiles of
+    BD columns, GP query rows (the G heads of a KV head, padded), BLC window keys, BM rows of S and BS sink slots per
+    tile, num_warps, DOT / PREC. Settings that give the same launch run the same code (the sweep times each once)."""
     tuning = TUNING if tuning is None else tuning
+    if tuning["contract"] not in ("loop", "dot"):
+        raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
+    dot = tuning["contract"] == "dot"
+    least = 16 if dot else 1  # tl.dot's smallest side
     # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
     bd, nd = _pow2(d, 16), 1
-    while b * hkv * nd < tuning["programs_per_sm"] * _num_sms(device) and bd // 2 >= tuning["min_tile_d"]:
+    while (b * hkv * nd < tuning["programs_per_sm"] * _num_sms(device)
+           and bd // 2 >= max(tuning["min_tile_d"], least)):
         bd, nd = bd // 2, triton.cdiv(d, bd // 2)
     warps = tuning["num_warps"] or (8 if bd >= 256 else 4)
     # rows of S (and keys of the window) per tile: a (rows, bd) tile is ~values_per_thread values per thread
     rows = max(2, tuning["values_per_thread"] * 32 * warps // bd)
     rows = 1 << (rows.bit_length() - 1)
-    return dict(ND=nd, BD=bd, BLC=min(rows, _pow2(L + 1, 2)), BM=min(rows, 64, _pow2(m, 2)), num_warps=warps)
+    prec = "ieee" if not dot or dtype == torch.float32 else tuning["dot_precision"]
+    return dict(ND=nd, BD=bd, GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
+                BM=max(least, min(rows, 64, _pow2(m, 2))), BS=_pow2(ns, max(2, least)), num_warps=warps, DOT=dot,
+                PREC=prec)
 
 
 def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -401,7 +424,7 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     sink_kf = state.sink_kf if nss else state.sink_k
     has_sink_kf = state.sink_kf is not None and ns > 0
-    launch = launch_config(b, hkv, d, m, L, dev)
+    launch = launch_config(b, hkv, hq // hkv, d, m, L, ns, dev, q.dtype)
     fused_decode_kernel[(b * hkv, launch["ND"])](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
@@ -412,7 +435,7 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
         m, d, hq // hkv,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
         HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
-        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, GP=_pow2(hq // hkv), BS=_pow2(ns, 2), **launch,
+        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, **launch,
     )
     state.seen += 1
     return {mode: out}

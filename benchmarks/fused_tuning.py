@@ -2,16 +2,18 @@
 
     python benchmarks/fused_tuning.py [--out-dir benchmarks/results/speed] [--name fused_tuning]
         [--cases gemma3-270m:1024,gemma3-270m:64,llama3-8b:96,llama3-8b:8] [--grid num_warps=4,8 ...]
+        [--search greedy|grid]
     python benchmarks/fused_tuning.py --smoke --out-dir DIR      # a tiny shape; no CUDA: TRITON_INTERPRET=1
 
 Per case (the decode shapes of bench/decode.py, one converted layer, its state filled as at context 32k: the state
 does not depend on the context, the ring is the window), the unfused step (`decode_step_triton` with
-LINEARIZE_FUSED_DECODE=0: the decode kernel + PyTorch ring and sink writes) and the fused step under every setting of
-`decode.TUNING_CHOICES` (or --grid), each launch that the settings give timed once: `inner` steps captured in one CUDA
-graph, replayed after warm-up, CUDA events, the median of --reps replays. Each launch is first checked against the
-unfused step on copies of the state (relative error of the output and of S after one step). The floor is
-bench/decode's: the layer state's bytes read once / the copy bandwidth measured in this run. Writes NAME.json (every
-row, written after each) and NAME.md.
+LINEARIZE_FUSED_DECODE=0: the decode kernel + PyTorch ring and sink writes) and the fused step under settings of
+`decode.TUNING_CHOICES` (or --grid): a coordinate search from the default TUNING (--search greedy, the default: each
+key in turn takes each of its choices, the fastest kept, two passes) or every combination (--search grid). Each
+launch the settings give is timed once: `inner` steps captured in one CUDA graph, replayed after warm-up, CUDA events,
+the median of --reps replays; and first checked against the unfused step on copies of the state (relative error of
+the output and of S after one step). The floor is bench/decode's: the layer state's bytes read once / the copy
+bandwidth measured in this run. Writes NAME.json (every row, rewritten after each case) and NAME.md.
 """
 
 from __future__ import annotations
@@ -112,16 +114,21 @@ def timed_ms(step, *, inner: int, reps: int, cuda: bool) -> float:
 
 
 def settings_grid(choices: dict) -> list[dict]:
+    """Every combination of the choices (the other TUNING keys at their defaults)."""
     from linearize.attention.triton import decode
 
     keys = list(choices)
     return [{**decode.TUNING, **dict(zip(keys, values))} for values in itertools.product(*(choices[k] for k in keys))]
 
 
-def sweep_case(shape: str, batch: int, device: str, hybrid, grid: list[dict], *, inner: int, reps: int,
+def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, search: str, inner: int, reps: int,
                bandwidth: float | None, log=print) -> list[dict]:
+    """The unfused row, then a row per fused launch measured: all of the grid's ('grid'), or those a coordinate
+    search visits ('greedy': from the default, each key in turn takes each of its choices, the fastest kept; two
+    passes)."""
     from linearize.attention.triton import decode, decode_step_triton
     from linearize.bench.decode import fused_decode, memory_floor_ms
+
     cuda = device == "cuda"
     state, kw, inputs = one_layer_step(shape, batch, device, hybrid)
     b, hq, _, d = inputs[0].shape
@@ -132,6 +139,9 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, grid: list[dict], *,
     case = dict(shape=shape, batch=b, heads=hq, kv_heads=hkv, head_dim=d, features=m, ring=ring, state_bytes=nbytes,
                 floor_ms=floor)
 
+    def step():
+        decode_step_triton(state, *inputs, **kw)
+
     def row(kind, ms, **extra):
         r = dict(case, kind=kind, ms_per_step=ms, tokens_per_s=b / (ms * 1e-3),
                  floor_fraction=None if floor is None else floor / ms, **extra)
@@ -140,22 +150,21 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, grid: list[dict], *,
             + " ".join(f"{k}={v}" for k, v in extra.items() if k in ("launch", "max_rel_err")))
         return r
 
-    def step():
-        decode_step_triton(state, *inputs, **kw)
-
     with fused_decode(False):
-        rows = [row("unfused", timed_ms(step, inner=inner, reps=reps, cuda=cuda))]
-    unfused_ms = rows[0]["ms_per_step"]
-    launches: dict[tuple, list[dict]] = {}
-    for setting in grid:
-        launch = decode.launch_config(*shape_args, setting)
-        launches.setdefault(tuple(sorted(launch.items())), []).append(setting)
+        unfused = row("unfused", timed_ms(step, inner=inner, reps=reps, cuda=cuda))
     default = tuple(sorted(decode.launch_config(*shape_args).items()))
-    saved = dict(decode.TUNING)
-    try:
-        for launch, settings in launches.items():
-            decode.TUNING.clear()
-            decode.TUNING.update(settings[0])
+    measured: dict[tuple, dict] = {}  # launch -> its row (settings: every setting seen that gives it)
+
+    def measure(setting: dict) -> float:
+        launch = tuple(sorted(decode.launch_config(*shape_args, setting).items()))
+        shown = {k: setting[k] for k in choices}
+        if launch in measured:
+            if shown not in measured[launch]["settings"]:
+                measured[launch]["settings"].append(shown)
+            return measured[launch].get("ms_per_step", float("inf"))
+        decode.TUNING.clear()
+        decode.TUNING.update(setting)
+        try:
             ref, ours = copy.deepcopy(state), copy.deepcopy(state)
             with fused_decode(False):
                 want = decode_step_triton(ref, *inputs, **kw)
@@ -163,22 +172,37 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, grid: list[dict], *,
                 got = decode.fused_decode_step(ours, *inputs, **kw)
                 if got is None:
                     raise ValueError(f"the fused step does not apply to {shape} at batch {b} (fused_decode_applies)")
-                err = max(_rel(got[k], want[k]) for k in want)
-                err = max(err, _rel(ours.S, ref.S))
+                err = max(max(_rel(got[k], want[k]) for k in want), _rel(ours.S, ref.S))
                 del ref, ours
                 ms = timed_ms(step, inner=inner, reps=reps, cuda=cuda)
-            rows.append(row("fused", ms, launch=dict(launch), default=launch == default, max_rel_err=err,
-                            speedup_vs_unfused=unfused_ms / ms,
-                            settings=[{k: s[k] for k in s if k in settings_keys(grid)} for s in settings]))
+        except Exception as exc:  # a launch that does not compile (resources) or fails: recorded, the sweep goes on
+            measured[launch] = dict(case, kind="fused", launch=dict(launch), settings=[shown],
+                                    error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            log(f"{shape:12s} B={b:5d} fused   {dict(launch)}: {measured[launch]['error']}")
+            return float("inf")
+        measured[launch] = row("fused", ms, launch=dict(launch), default=launch == default, max_rel_err=err,
+                               speedup_vs_unfused=unfused["ms_per_step"] / ms, settings=[shown])
+        return ms
+
+    saved = dict(decode.TUNING)
+    try:
+        if search == "grid":
+            for setting in settings_grid(choices):
+                measure(setting)
+        else:
+            best = dict(decode.TUNING)
+            best_ms = measure(best)
+            for _ in range(2):
+                for key, values in choices.items():
+                    for value in values:
+                        candidate = {**best, key: value}
+                        ms = measure(candidate)
+                        if ms < best_ms:
+                            best, best_ms = candidate, ms
     finally:
         decode.TUNING.clear()
         decode.TUNING.update(saved)
-    return rows
-
-
-def settings_keys(grid: list[dict]) -> list[str]:
-    """The keys the grid varies."""
-    return [k for k in grid[0] if len({repr(s[k]) for s in grid}) > 1] or list(grid[0])
+    return [unfused, *measured.values()]
 
 
 def render_markdown(result: dict) -> str:
@@ -187,7 +211,8 @@ def render_markdown(result: dict) -> str:
              "layer state's bytes read once / the copy bandwidth "
              + ("(not measured: CPU)" if result["copy_bandwidth_bytes_per_s"] is None else
                 f"measured in this run ({result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)")
-             + f"; fused rows: every launch the settings grid gives, fastest first; `inner` = {result['inner']} steps "
+             + f"; fused rows: every launch measured ({result['search']} search), fastest first; `inner` = "
+             f"{result['inner']} steps "
              f"per captured graph, median of {result['reps']} replays.", "",
              "| shape | batch | kind | ms/step | tokens/s | floor % | vs unfused | launch | settings | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -195,8 +220,12 @@ def render_markdown(result: dict) -> str:
     cases = list(dict.fromkeys((r["shape"], r["batch"]) for r in rows))
     for case in cases:
         mine = [r for r in rows if (r["shape"], r["batch"]) == case]
-        mine.sort(key=lambda r: (r["kind"] != "unfused", r["ms_per_step"]))
+        mine.sort(key=lambda r: (r["kind"] != "unfused", r.get("ms_per_step", float("inf"))))
         for r in mine:
+            if "error" in r:
+                lines.append(f"| {r['shape']} | {r['batch']} | fused | {r['error'][:80]} | | | | "
+                             f"{' '.join(f'{k}={v}' for k, v in r['launch'].items())} | | |")
+                continue
             floor = "—" if r["floor_fraction"] is None else f"{100 * r['floor_fraction']:.1f}%"
             fused = r["kind"] == "fused"
             launch = " ".join(f"{k}={v}" for k, v in r.get("launch", {}).items())
@@ -209,11 +238,12 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_grid(items: list[str]) -> dict:
-    """KEY=V1,V2 ... over decode.TUNING_CHOICES (ints, or None)."""
+def parse_grid(items: list[str], only: bool = False) -> dict:
+    """decode.TUNING_CHOICES with KEY=V1,V2 items replacing a key's choices (ints, None or names); `only`: just the
+    given keys."""
     from linearize.attention.triton import decode
 
-    choices = dict(decode.TUNING_CHOICES)
+    choices = {} if only else dict(decode.TUNING_CHOICES)
     for item in items:
         key, _, values = item.partition("=")
         if key not in decode.TUNING:
@@ -228,7 +258,10 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="benchmarks/results/speed")
     p.add_argument("--name", default="fused_tuning")
     p.add_argument("--cases", default=CASES, help="shape:batch,... (shapes of bench/decode.py)")
-    p.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 ... replacing decode.TUNING_CHOICES[KEY]")
+    p.add_argument("--grid", nargs="*", default=None, help="KEY=V1,V2 ... replacing decode.TUNING_CHOICES[KEY]")
+    p.add_argument("--search", choices=("greedy", "grid"), default=None,
+                   help="greedy: a coordinate search from the default (~sum of the choices' counts, twice); grid: "
+                   "every combination (hundreds of launches: one case per run)")
     p.add_argument("--inner", type=int, default=8, help="steps per captured graph")
     p.add_argument("--reps", type=int, default=15, help="timed replays (median)")
     p.add_argument("--commit", default=None)
@@ -255,15 +288,16 @@ def main(argv=None) -> int:
     if args.smoke:
         cases = [("tiny", 2)]
         hybrid = HybridConfig(window=4, softmax_sinks=1)
-        grid = settings_grid(parse_grid(args.grid or ["num_warps=4", "values_per_thread=8", "programs_per_sm=4",
-                                                      "min_tile_d=8,1000000"]))
-        args.reps = min(args.reps, 3)
+        choices = parse_grid(args.grid or ["min_tile_d=8,1000000"], only=True)
+        args.search, args.reps = args.search or "grid", min(args.reps, 3)
     else:
         cases = [(s, int(n)) for s, n in (c.split(":") for c in args.cases.split(","))]
         hybrid = HybridConfig()
-        grid = settings_grid(parse_grid(args.grid))
+        choices = parse_grid(args.grid or [])
+        args.search = args.search or "greedy"
     env["command"] = command
-    result = dict(benchmark_header(env), copy_bandwidth_bytes_per_s=bandwidth, context=CONTEXT, inner=args.inner,
+    result = dict(benchmark_header(env), copy_bandwidth_bytes_per_s=bandwidth, context=CONTEXT, search=args.search,
+                  choices=choices, inner=args.inner,
                   reps=args.reps, hybrid={"window": hybrid.window, "feature_map": hybrid.feature_map,
                                           "softmax_sinks": hybrid.softmax_sinks, "combine": hybrid.combine},
                   rows=[])
@@ -273,8 +307,8 @@ def main(argv=None) -> int:
 
     for shape, batch in cases:
         free()  # the previous case's state and graphs
-        result["rows"] += sweep_case(shape, batch, "cuda" if cuda else "cpu", hybrid, grid, inner=args.inner,
-                                     reps=args.reps, bandwidth=bandwidth)
+        result["rows"] += sweep_case(shape, batch, "cuda" if cuda else "cpu", hybrid, choices, search=args.search,
+                                     inner=args.inner, reps=args.reps, bandwidth=bandwidth)
         (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))  # kept if cut off later
         (out / f"{args.name}.md").write_text(render_markdown(result))
     return 0

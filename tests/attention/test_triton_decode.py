@@ -108,17 +108,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("contract", ["loop", "dot"])
+@pytest.mark.parametrize("contract,stages", [("loop", 0), ("dot", 0), ("dot", 2)], ids=["loop", "dot", "dot_staged"])
 @pytest.mark.parametrize("d_tiles", [False, True], ids=["full_d", "d_tiles"])
 @pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,wkind", CASES)
 def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt, steps,
-                                              sinks, num_sinks, wkind, d_tiles, contract):
+                                              sinks, num_sinks, wkind, d_tiles, contract, stages):
     """full_d: one program per (b, kv head), tiles of 2 rows of S / 2 window keys (the online softmax and the S loop
     take several tiles; 'dot': its least, 16); d_tiles: head_dim in two programs of half the columns (the small-batch
     launch), which share the window's keys, z and the leaving key through the arrival counters. 'loop' meets the heads
-    one at a time (head_dim 16, m 8), 'dot' in one tl.dot (head_dim 32 and m 24, so that tiles of 16 split both)."""
+    one at a time (head_dim 16, m 8), 'dot' in one tl.dot (head_dim 32 and m 24, so that tiles of 16 split both);
+    stages 0 prefetches the next tile of S by hand, 2 leaves the loop to Triton's pipeliner."""
     d, m = (32, 24) if contract == "dot" else (16, 8)
     monkeypatch.setitem(fused.TUNING, "contract", contract)
+    monkeypatch.setitem(fused.TUNING, "stages", stages)
     monkeypatch.setitem(fused.TUNING, "min_tile_d", d // 2 if d_tiles else 10**6)
     if not d_tiles:
         monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: tiles of 2 (of 16 with 'dot')
@@ -186,7 +188,11 @@ def test_tiny_model_greedy_decode_is_the_same_with_and_without_the_fused_step(mo
                                                    ("shared_norm", "complementary", 4)])
 @pytest.mark.parametrize("shape", [(16, 4, 1, 256, 512), (8, 32, 8, 128, 256),  # Gemma 3 270M, Llama 3 8B heads:
                                    (320, 4, 1, 256, 512), (48, 32, 8, 128, 256)])  # d-tiles; one program per (b, hk)
-def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape):
+@pytest.mark.parametrize("variant", [{}, {"contract": "dot"}, {"contract": "dot", "stages": 3, "dot_precision": "tf32x3"},
+                                     {"stages": 2, "programs_per_sm": 16}], ids=["default", "dot", "dot_staged", "staged_tiles"])
+def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape, variant):
+    for key, value in variant.items():
+        monkeypatch.setitem(fused.TUNING, key, value)
     b, hq, hkv, d, m = shape
     _run_against_reference(monkeypatch, mode="hybrid", rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,
                            window=64, prompt=40, steps=30, softmax_sinks=sinks, dtype=torch.bfloat16, tol=2e-2)

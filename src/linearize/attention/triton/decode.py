@@ -51,12 +51,13 @@ FUSED_MAX_BATCH = 4
 #: padded to 16 (tiles of >= 16 keys, rows and columns); `dot_precision`: its fp32 products where the inputs are
 #: not fp32 ('tf32', as the forward kernels; 'tf32x3'; 'ieee'); fp32 inputs always take 'ieee'.
 TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "loop",
-          "dot_precision": "tf32"}
+          "dot_precision": "tf32", "stages": 0}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here).
-TUNING_CHOICES = {"num_warps": (4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4),
-                  "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "dot_precision": ("tf32", "tf32x3")}
+TUNING_CHOICES = {"num_warps": (4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
+                  "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "dot_precision": ("tf32", "tf32x3"),
+                  "stages": (0, 2, 3)}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -97,6 +98,21 @@ def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
+def _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, bh, gm, kv64, slot, L, M, D, om, mm, offs_d, md, v_out, fold_w,
+                    offs_g, G: tl.constexpr, HAS_LA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One tile of S (rows om, columns offs_d) read by the linear branch (num_l += qf S, den_l += qf . z) and folded:
+    S[om, offs_d] = st + fold_w kf_out v_out^T (kf_out: the leaving key's features)."""
+    if HAS_LA:
+        qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
+        num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G, DOT, PREC)
+        den_l += tl.sum(qf * z[None, :], 1)
+    kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+    tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
+             mask=mm[:, None] & md[None, :])
+    return num_l, den_l
+
+
+@triton.jit
 def fused_decode_kernel(
     Q, QF, KN, VN, KFN, VALIDN, W, OUT,
     BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z,
@@ -106,9 +122,9 @@ def fused_decode_kernel(
     HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: (B*HKV, ND): ND > 1
+    """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: B*HKV*ND: ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
     its own columns of S, v). All arithmetic in fp32.
 
@@ -122,8 +138,8 @@ def fused_decode_kernel(
     last (b, hk) of a row, then the last row), the ring and sink rows of the new key and z (by the last d-tile), the
     per-row valid flags, sink count and left_count (by the last of the row), and SLOT = (SLOT + 1) % L.
     """
-    pid = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid = tl.program_id(0) // ND  # the d-tiles of one (b, hk) are neighbours: they share its window keys in L2
+    pid_d = tl.program_id(0) % ND
     b = pid // HKV
     hk = pid % HKV
     kv64 = pid.to(tl.int64)
@@ -199,7 +215,7 @@ def fused_decode_kernel(
             num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G, DOT, PREC)
             den_l += tl.sum(asink, 1)
     if HAS_SWA or LA_WINDOW:
-        for l0 in range(0, L + 1, BLC):
+        for l0 in tl.range(0, L + 1, BLC, num_stages=STAGES if STAGES > 0 else None):
             offs_c = l0 + tl.arange(0, BLC)
             cb = offs_c < L
             cc = offs_c == L
@@ -242,26 +258,32 @@ def fused_decode_kernel(
                 den_l += tl.sum(a, 1)
 
     # -- the linear branch reads S, z tile by tile; each tile of S is folded right after it was read (z at the end).
-    # The next tile's load is issued before this one's arithmetic: two tiles in flight per program (latency bound) --
-    om = tl.arange(0, BM)
-    mm = om < M
-    st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-    z_next = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
-    for m0 in range(0, M, BM):
-        om = m0 + tl.arange(0, BM)
+    # STAGES 0: the next tile's load is issued before this one's arithmetic (two tiles in flight per program);
+    # else Triton's software pipeline keeps STAGES tiles in flight (asynchronous copies into shared memory) ---------
+    if STAGES == 0:
+        om = tl.arange(0, BM)
         mm = om < M
-        st, z = st_next, z_next
-        on = om + BM
-        mn = on < M
-        st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :], other=0.0)
-        z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
-        if HAS_LA:
-            qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
-            num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G, DOT, PREC)
-            den_l += tl.sum(qf * z[None, :], 1)
-        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
-        tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
-                 mask=mm[:, None] & md[None, :])
+        st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+        z_next = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+        for m0 in range(0, M, BM):
+            om = m0 + tl.arange(0, BM)
+            mm = om < M
+            st, z = st_next, z_next
+            on = om + BM
+            mn = on < M
+            st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :],
+                              other=0.0)
+            z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
+            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, bh, gm, kv64, slot, L, M, D, om, mm,
+                                           offs_d, md, v_out, fold_w, offs_g, G, HAS_LA, DOT, PREC)
+    else:
+        for m0 in tl.range(0, M, BM, num_stages=STAGES):
+            om = m0 + tl.arange(0, BM)
+            mm = om < M
+            st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+            z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, bh, gm, kv64, slot, L, M, D, om, mm,
+                                           offs_d, md, v_out, fold_w, offs_g, G, HAS_LA, DOT, PREC)
 
     out = combine_decode(num_s, den_s, num_l, den_l, wrow, RULE)
     tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])
@@ -383,7 +405,7 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     prec = "ieee" if not dot or dtype == torch.float32 else tuning["dot_precision"]
     return dict(ND=nd, BD=bd, GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
                 BM=max(least, min(rows, 64, _pow2(m, 2))), BS=_pow2(ns, max(2, least)), num_warps=warps, DOT=dot,
-                PREC=prec)
+                PREC=prec, STAGES=tuning["stages"])
 
 
 def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -425,7 +447,7 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
     sink_kf = state.sink_kf if nss else state.sink_k
     has_sink_kf = state.sink_kf is not None and ns > 0
     launch = launch_config(b, hkv, hq // hkv, d, m, L, ns, dev, q.dtype)
-    fused_decode_kernel[(b * hkv, launch["ND"])](
+    fused_decode_kernel[(b * hkv * launch["ND"],)](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
         state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,

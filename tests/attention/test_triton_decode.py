@@ -188,7 +188,7 @@ def test_tiny_model_greedy_decode_is_the_same_with_and_without_the_fused_step(mo
                                                    ("shared_norm", "complementary", 4)])
 @pytest.mark.parametrize("shape", [(16, 4, 1, 256, 512), (8, 32, 8, 128, 256),  # Gemma 3 270M, Llama 3 8B heads:
                                    (320, 4, 1, 256, 512), (48, 32, 8, 128, 256)])  # d-tiles; one program per (b, hk)
-@pytest.mark.parametrize("variant", [{}, {"contract": "dot"}, {"contract": "dot", "stages": 3, "dot_precision": "tf32x3"},
+@pytest.mark.parametrize("variant", [{}, {"contract": "dot"}, {"contract": "dot", "stages": 3, "dot_precision": "ieee"},
                                      {"stages": 2, "programs_per_sm": 16}], ids=["default", "dot", "dot_staged", "staged_tiles"])
 def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape, variant):
     for key, value in variant.items():

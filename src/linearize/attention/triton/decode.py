@@ -49,15 +49,17 @@ FUSED_MAX_BATCH = 4
 #: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. `contract`: how the G query heads
 #: of a KV head meet a tile -- 'loop', one head at a time (broadcast and sum), or 'dot', one tl.dot over the heads
 #: padded to 16 (tiles of >= 16 keys, rows and columns); `dot_precision`: its fp32 products where the inputs are
-#: not fp32 ('tf32', as the forward kernels; 'tf32x3'; 'ieee'); fp32 inputs always take 'ieee'.
+#: not fp32 ('tf32', as the forward kernels; 'tf32x3'; 'ieee'); fp32 inputs always take 'ieee'. `stages`: 0, the
+#: next tile of S is loaded by hand while this one is used; n > 0, Triton's software pipeline (n tiles in flight).
+#: `keys_once`: where one tile spans head_dim, the window's keys are loaded in one tile, not column block by block.
 TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "loop",
-          "dot_precision": "tf32", "stages": 0}
+          "dot_precision": "tf32", "stages": 0, "keys_once": True}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here).
 TUNING_CHOICES = {"num_warps": (4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
-                  "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "dot_precision": ("tf32", "tf32x3"),
-                  "stages": (0, 2, 3)}
+                  "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "dot_precision": ("tf32", "ieee"),
+                  "stages": (0, 2, 3), "keys_once": (True, False)}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -122,7 +124,8 @@ def fused_decode_kernel(
     HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, FULL_D: tl.constexpr, MP: tl.constexpr,
+    DP: tl.constexpr,
 ):
     """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: B*HKV*ND: ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
@@ -226,14 +229,21 @@ def fused_decode_kernel(
             vc += tl.where(cc[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
             if HAS_SWA:
                 lg = tl.zeros([GP, BLC], dtype=tl.float32)
-                for d0 in range(0, D, BD):  # the logits over all of head_dim
-                    od = d0 + tl.arange(0, BD)
-                    mdk = od < D
-                    kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + od[None, :], mask=cb[:, None] & mdk[None, :],
-                                 other=0.0).to(tl.float32)
-                    kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :], mask=cc[:, None] & mdk[None, :],
+                if FULL_D:  # this tile's columns are all of head_dim: one load of the keys
+                    kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :],
+                                 mask=cb[:, None] & md[None, :], other=0.0).to(tl.float32)
+                    kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + offs_d[None, :], mask=cc[:, None] & md[None, :],
                                   other=0.0).to(tl.float32)
-                    lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G, DOT, PREC)
+                    lg = _heads_dot_keys(lg, Q, q0, D, offs_d, md, kc, offs_g, G, DOT, PREC)
+                else:
+                    for d0 in range(0, D, BD):  # the logits over all of head_dim
+                        od = d0 + tl.arange(0, BD)
+                        mdk = od < D
+                        kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + od[None, :],
+                                     mask=cb[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+                        kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :],
+                                      mask=cc[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+                        lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G, DOT, PREC)
                 lg = lg * scale
                 lg = tl.where(cvalid[None, :], lg, float("-inf"))
                 c_new = tl.maximum(c_s, tl.max(lg, 1))
@@ -296,29 +306,26 @@ def fused_decode_kernel(
         kv_last = tl.atomic_add(SYNC + kv64, 1) == ND - 1
     else:
         kv_last = pid >= 0
-    for m0 in range(0, M, BM):  # z += the leaving key's features (all d-tiles read z and that key above)
-        om = m0 + tl.arange(0, BM)
-        mm = (om < M) & kv_last
-        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
-        tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm, other=0.0) + kf_out, mask=mm)
+    # each in one vector (a loop of small tiles would wait on memory once per tile): z += the leaving key's features
+    # (all d-tiles read z and that key above), then the new key into the ring (and the sinks)
+    om = tl.arange(0, MP)
+    mm = (om < M) & kv_last
+    kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+    tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm, other=0.0) + kf_out, mask=mm)
     tl.debug_barrier()  # the leaving key's features are read: its slot takes the new key
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        mdk = (od < D) & kv_last
-        krow = tl.load(KN + kv64 * D + od, mask=mdk, other=0.0)
-        vrow = tl.load(VN + kv64 * D + od, mask=mdk, other=0.0)
-        tl.store(BUFK + (kv64 * L + slot) * D + od, krow.to(BUFK.dtype.element_ty), mask=mdk)
-        tl.store(BUFV + (kv64 * L + slot) * D + od, vrow.to(BUFV.dtype.element_ty), mask=mdk)
-        if SINK_SLOTS:
-            tl.store(SINKK + (kv64 * NS + count) * D + od, krow.to(SINKK.dtype.element_ty), mask=mdk & becomes)
-            tl.store(SINKV + (kv64 * NS + count) * D + od, vrow.to(SINKV.dtype.element_ty), mask=mdk & becomes)
-    for m0 in range(0, M, BM):
-        om = m0 + tl.arange(0, BM)
-        mm = (om < M) & kv_last
-        kfn = tl.load(KFN + kv64 * M + om, mask=mm, other=0.0)
-        tl.store(BUFKF + (kv64 * L + slot) * M + om, kfn.to(BUFKF.dtype.element_ty), mask=mm)
-        if SINK_KF:
-            tl.store(SINKKF + (kv64 * NS + count) * M + om, kfn.to(SINKKF.dtype.element_ty), mask=mm & becomes)
+    od = tl.arange(0, DP)
+    mdk = (od < D) & kv_last
+    krow = tl.load(KN + kv64 * D + od, mask=mdk, other=0.0)
+    vrow = tl.load(VN + kv64 * D + od, mask=mdk, other=0.0)
+    tl.store(BUFK + (kv64 * L + slot) * D + od, krow.to(BUFK.dtype.element_ty), mask=mdk)
+    tl.store(BUFV + (kv64 * L + slot) * D + od, vrow.to(BUFV.dtype.element_ty), mask=mdk)
+    kfn = tl.load(KFN + kv64 * M + om, mask=mm, other=0.0)
+    tl.store(BUFKF + (kv64 * L + slot) * M + om, kfn.to(BUFKF.dtype.element_ty), mask=mm)
+    if SINK_SLOTS:
+        tl.store(SINKK + (kv64 * NS + count) * D + od, krow.to(SINKK.dtype.element_ty), mask=mdk & becomes)
+        tl.store(SINKV + (kv64 * NS + count) * D + od, vrow.to(SINKV.dtype.element_ty), mask=mdk & becomes)
+    if SINK_KF:
+        tl.store(SINKKF + (kv64 * NS + count) * M + om, kfn.to(SINKKF.dtype.element_ty), mask=mm & becomes)
     if ND > 1:
         tl.store(SYNC + kv64, 0, mask=kv_last)
     if HKV > 1:
@@ -386,8 +393,9 @@ def _pow2(n: int, lo: int = 1) -> int:
 def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, device, dtype,
                   tuning: dict | None = None) -> dict:
     """The kernel's tiles, warps and variant for a step of this shape under `tuning` (default TUNING): ND d-tiles of
-    BD columns, GP query rows (the G heads of a KV head, padded), BLC window keys, BM rows of S and BS sink slots per
-    tile, num_warps, DOT / PREC. Settings that give the same launch run the same code (the sweep times each once)."""
+    BD columns (FULL_D: one tile covers head_dim), GP query rows (the G heads of a KV head, padded), BLC window keys,
+    BM rows of S and BS sink slots per tile, MP / DP (m, d as powers of two: the closing writes), num_warps, DOT /
+    PREC, STAGES. Settings that give the same launch run the same code (the sweep times each once)."""
     tuning = TUNING if tuning is None else tuning
     if tuning["contract"] not in ("loop", "dot"):
         raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
@@ -403,7 +411,7 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     rows = max(2, tuning["values_per_thread"] * 32 * warps // bd)
     rows = 1 << (rows.bit_length() - 1)
     prec = "ieee" if not dot or dtype == torch.float32 else tuning["dot_precision"]
-    return dict(ND=nd, BD=bd, GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
+    return dict(ND=nd, BD=bd, FULL_D=bool(tuning["keys_once"]) and nd == 1 and bd >= d, MP=_pow2(m), DP=_pow2(d), GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
                 BM=max(least, min(rows, 64, _pow2(m, 2))), BS=_pow2(ns, max(2, least)), num_warps=warps, DOT=dot,
                 PREC=prec, STAGES=tuning["stages"])
 

@@ -133,7 +133,7 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
     state, kw, inputs = one_layer_step(shape, batch, device, hybrid)
     b, hq, _, d = inputs[0].shape
     hkv, m, ring, ns = inputs[1].shape[1], inputs[3].shape[-1], state.buf_k.shape[2], state.sink_k.shape[2]
-    shape_args = (b, hkv, hq // hkv, d, m, ring, ns, inputs[0].device, inputs[0].dtype)
+    shape_args = (b, hkv, hq // hkv, d, m, ring, ns, inputs[0].device, inputs[0].dtype, state.buf_k.dtype)
     nbytes = state.nbytes()
     floor = None if bandwidth is None else memory_floor_ms(nbytes, bandwidth)
     case = dict(shape=shape, batch=b, heads=hq, kv_heads=hkv, head_dim=d, features=m, ring=ring, state_bytes=nbytes,

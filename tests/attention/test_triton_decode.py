@@ -124,7 +124,8 @@ def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement
     monkeypatch.setitem(fused.TUNING, "min_tile_d", d // 2 if d_tiles else 10**6)
     if not d_tiles:
         monkeypatch.setitem(fused.TUNING, "values_per_thread", 0)  # the least: tiles of 2 (of 16 with 'dot')
-    launch = fused.launch_config(b, hkv, hq // hkv, d, m, window - 1, num_sinks, torch.device(DEVICE), torch.float32)
+    launch = fused.launch_config(b, hkv, hq // hkv, d, m, window - 1, num_sinks, torch.device(DEVICE), torch.float32,
+                                 torch.float32)
     assert launch["ND"] == (2 if d_tiles else 1) and launch["DOT"] == (contract == "dot")
     _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,
                            window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, num_sinks=num_sinks,

@@ -72,14 +72,17 @@ if set(_RULE_CODES) != set(COMBINE_RULES) or any(MODES[m].kernel_code != c for m
 
 @triton.jit
 def _heads_dot_keys(acc, X, row0, stride, offs, mask, keys, offs_g, G: tl.constexpr, DOT: tl.constexpr,
-                    PREC: tl.constexpr):
-    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E) fp32. DOT: one tl.dot
-    of the (GP, E) rows (GP, K, E >= 16); else one head at a time (a (G, K, E) product would hold G times the tile in
-    registers)."""
+                    PREC: tl.constexpr, NATIVE: tl.constexpr = False):
+    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E). DOT: one tl.dot of the
+    (GP, E) rows (GP, K, E >= 16); NATIVE: keys and X in their own 16-bit type (exact products, fp32 sums), else
+    keys in fp32. Without DOT one head at a time (a (G, K, E) product would hold G times the tile in registers)."""
     if DOT:
         x = tl.load(X + (row0 + offs_g)[:, None] * stride + offs[None, :], mask=(offs_g < G)[:, None] & mask[None, :],
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(x, tl.trans(keys), acc=acc, input_precision=PREC)
+                    other=0.0)
+        if NATIVE:
+            acc = tl.dot(x, tl.trans(keys), acc=acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), tl.trans(keys), acc=acc, input_precision=PREC)
     else:
         for g in tl.static_range(G):
             x = tl.load(X + (row0 + g) * stride + offs, mask=mask, other=0.0).to(tl.float32)
@@ -125,7 +128,7 @@ def fused_decode_kernel(
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, FULL_D: tl.constexpr, MP: tl.constexpr,
-    DP: tl.constexpr,
+    DP: tl.constexpr, NATIVE_QK: tl.constexpr,
 ):
     """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: B*HKV*ND: ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
@@ -198,8 +201,10 @@ def fused_decode_kernel(
                 od = d0 + tl.arange(0, BD)
                 mdk = od < D
                 ks = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + od[None, :],
-                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
-                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G, DOT, PREC)
+                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0)
+                if not NATIVE_QK:
+                    ks = ks.to(tl.float32)
+                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G, DOT, PREC, NATIVE_QK)
             ls = ls * scale
             ls = tl.where(sink_left[None, :], ls, float("-inf"))
             c_s = tl.max(ls, 1)
@@ -231,19 +236,23 @@ def fused_decode_kernel(
                 lg = tl.zeros([GP, BLC], dtype=tl.float32)
                 if FULL_D:  # this tile's columns are all of head_dim: one load of the keys
                     kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :],
-                                 mask=cb[:, None] & md[None, :], other=0.0).to(tl.float32)
+                                 mask=cb[:, None] & md[None, :], other=0.0)
                     kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + offs_d[None, :], mask=cc[:, None] & md[None, :],
-                                  other=0.0).to(tl.float32)
-                    lg = _heads_dot_keys(lg, Q, q0, D, offs_d, md, kc, offs_g, G, DOT, PREC)
+                                  other=0.0)  # (one of the two is 0: exact in any type)
+                    if not NATIVE_QK:
+                        kc = kc.to(tl.float32)
+                    lg = _heads_dot_keys(lg, Q, q0, D, offs_d, md, kc, offs_g, G, DOT, PREC, NATIVE_QK)
                 else:
                     for d0 in range(0, D, BD):  # the logits over all of head_dim
                         od = d0 + tl.arange(0, BD)
                         mdk = od < D
                         kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + od[None, :],
-                                     mask=cb[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+                                     mask=cb[:, None] & mdk[None, :], other=0.0)
                         kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :],
-                                      mask=cc[:, None] & mdk[None, :], other=0.0).to(tl.float32)
-                        lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G, DOT, PREC)
+                                      mask=cc[:, None] & mdk[None, :], other=0.0)
+                        if not NATIVE_QK:
+                            kc = kc.to(tl.float32)
+                        lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G, DOT, PREC, NATIVE_QK)
                 lg = lg * scale
                 lg = tl.where(cvalid[None, :], lg, float("-inf"))
                 c_new = tl.maximum(c_s, tl.max(lg, 1))
@@ -390,12 +399,14 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, device, dtype,
+def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, device, dtype, key_dtype=None,
                   tuning: dict | None = None) -> dict:
     """The kernel's tiles, warps and variant for a step of this shape under `tuning` (default TUNING): ND d-tiles of
     BD columns (FULL_D: one tile covers head_dim), GP query rows (the G heads of a KV head, padded), BLC window keys,
     BM rows of S and BS sink slots per tile, MP / DP (m, d as powers of two: the closing writes), num_warps, DOT /
-    PREC, STAGES. Settings that give the same launch run the same code (the sweep times each once)."""
+    PREC, STAGES, NATIVE_QK. dtype: q's; key_dtype: the ring's and the new key's (None: both dtype). Settings that
+    give the same launch run the same code (the sweep times each once)."""
+    key_dtype = dtype if key_dtype is None else key_dtype
     tuning = TUNING if tuning is None else tuning
     if tuning["contract"] not in ("loop", "dot"):
         raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
@@ -411,9 +422,12 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     rows = max(2, tuning["values_per_thread"] * 32 * warps // bd)
     rows = 1 << (rows.bit_length() - 1)
     prec = "ieee" if not dot or dtype == torch.float32 else tuning["dot_precision"]
+    # q . k in one 16-bit type: exact products on the tensor cores, fp32 sums (as fp32 arithmetic on those inputs);
+    # not under the interpreter, whose 16-bit tl.dot returns garbage (Triton 3.6)
+    native = dot and dtype in (torch.float16, torch.bfloat16) and key_dtype == dtype and not _interpreting()
     return dict(ND=nd, BD=bd, FULL_D=bool(tuning["keys_once"]) and nd == 1 and bd >= d, MP=_pow2(m), DP=_pow2(d), GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
                 BM=max(least, min(rows, 64, _pow2(m, 2))), BS=_pow2(ns, max(2, least)), num_warps=warps, DOT=dot,
-                PREC=prec, STAGES=tuning["stages"])
+                PREC=prec, STAGES=tuning["stages"], NATIVE_QK=native)
 
 
 def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +468,8 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     sink_kf = state.sink_kf if nss else state.sink_k
     has_sink_kf = state.sink_kf is not None and ns > 0
-    launch = launch_config(b, hkv, hq // hkv, d, m, L, ns, dev, q.dtype)
+    same_keys = state.buf_k.dtype == k.dtype == state.sink_k.dtype
+    launch = launch_config(b, hkv, hq // hkv, d, m, L, ns, dev, q.dtype, k.dtype if same_keys else torch.float32)
     fused_decode_kernel[(b * hkv * launch["ND"],)](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,

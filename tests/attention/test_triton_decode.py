@@ -132,6 +132,16 @@ def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement
                            wkind=wkind)
 
 
+@pytest.mark.parametrize("contract", ["loop", "dot"])
+def test_bf16_state_matches_the_recurrent_step(monkeypatch, contract):
+    """A bf16 ring and inputs (the model's case): the kernel widens them to fp32 as the PyTorch step does. (On the GPU
+    'dot' multiplies q . k in bf16 itself: the gpu tests below.)"""
+    monkeypatch.setitem(fused.TUNING, "contract", contract)
+    _run_against_reference(monkeypatch, mode="hybrid", rule="shared_norm", placement="complementary", b=2, hq=4, hkv=2,
+                           d=32, m=24, window=4, prompt=5, steps=3, softmax_sinks=1, num_sinks=3, wkind="head",
+                           dtype=torch.bfloat16, tol=2e-2)
+
+
 def test_cases_it_does_not_cover_return_none_and_leave_the_state(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     state = _prompt_state(1, 1, 16, 8, 4, 3, gen=gen)

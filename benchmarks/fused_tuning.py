@@ -199,10 +199,46 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
                         ms = measure(candidate)
                         if ms < best_ms:
                             best, best_ms = candidate, ms
+        # where the time of the fastest launch goes: the same launch without the window, without the S loop
+        timed = [r for r in measured.values() if "ms_per_step" in r]
+        if timed:
+            fastest = min(timed, key=lambda r: r["ms_per_step"])
+            decode.TUNING.clear()
+            decode.TUNING.update({**saved, **fastest["settings"][0]})
+            ablations = [ablation_row(step, fastest, skip, inner=inner, reps=reps, cuda=cuda, log=log)
+                         for skip in ABLATIONS]
+        else:
+            ablations = []
     finally:
         decode.TUNING.clear()
         decode.TUNING.update(saved)
-    return [unfused, *measured.values()]
+    return [unfused, *measured.values(), *ablations]
+
+
+#: the kernel's SKIP codes: its fastest launch timed without a part (wrong outputs: timing only)
+ABLATIONS = {1: "window", 2: "state loop"}
+
+
+def ablation_row(step, fastest: dict, skip: int, *, inner: int, reps: int, cuda: bool, log=print) -> dict:
+    """The fastest launch timed with the kernel's SKIP = skip (a part left out): where its time goes."""
+    from linearize.attention.triton import decode
+    from linearize.bench.decode import fused_decode
+
+    real = decode.launch_config
+    decode.launch_config = lambda *a, **k: {**real(*a, **k), "SKIP": skip}
+    try:
+        with fused_decode(True):
+            ms = timed_ms(step, inner=inner, reps=reps, cuda=cuda)
+    finally:
+        decode.launch_config = real
+    keep = ("shape", "batch", "heads", "kv_heads", "head_dim", "features", "ring", "state_bytes", "floor_ms", "launch")
+    r = {k: fastest[k] for k in keep}
+    r.update(kind="ablation", skipped=ABLATIONS[skip], ms_per_step=ms, tokens_per_s=r["batch"] / (ms * 1e-3),
+             floor_fraction=None if r["floor_ms"] is None else r["floor_ms"] / ms,
+             share_of_fastest=1 - ms / fastest["ms_per_step"])
+    log(f"{r['shape']:12s} B={r['batch']:5d} without the {ABLATIONS[skip]}: {ms:8.4f} ms "
+        f"({100 * r['share_of_fastest']:.0f}% of the fastest launch's time is in it)")
+    return r
 
 
 def render_markdown(result: dict) -> str:
@@ -220,7 +256,8 @@ def render_markdown(result: dict) -> str:
     cases = list(dict.fromkeys((r["shape"], r["batch"]) for r in rows))
     for case in cases:
         mine = [r for r in rows if (r["shape"], r["batch"]) == case]
-        mine.sort(key=lambda r: (r["kind"] != "unfused", r.get("ms_per_step", float("inf"))))
+        order = {"unfused": 0, "fused": 1, "ablation": 2}
+        mine.sort(key=lambda r: (order[r["kind"]], r.get("ms_per_step", float("inf"))))
         for r in mine:
             if "error" in r:
                 lines.append(f"| {r['shape']} | {r['batch']} | fused | {r['error'][:80]} | | | | "
@@ -230,6 +267,11 @@ def render_markdown(result: dict) -> str:
             fused = r["kind"] == "fused"
             launch = " ".join(f"{k}={v}" for k, v in r.get("launch", {}).items())
             settings = "; ".join(",".join(f"{k}={v}" for k, v in s.items()) for s in r.get("settings", []))
+            if r["kind"] == "ablation":
+                lines.append(f"| {r['shape']} | {r['batch']} | fastest without the {r['skipped']} | "
+                             f"{r['ms_per_step']:.4f} | {r['tokens_per_s']:.0f} | {floor} | "
+                             f"({100 * r['share_of_fastest']:.0f}% of its time) | | | wrong output |")
+                continue
             speedup = f"{r['speedup_vs_unfused']:.2f}x" if fused else "1.00x"
             err = f"{r['max_rel_err']:.1e}" if fused else "—"
             lines.append(f"| {r['shape']} | {r['batch']} | {r['kind']}{' (default)' if r.get('default') else ''} | "

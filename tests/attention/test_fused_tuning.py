@@ -34,12 +34,15 @@ def test_smoke_sweep_writes_every_launch_checked_against_the_unfused_step(tmp_pa
     result = json.loads((tmp_path / "sweep.json").read_text())
     assert result["commit"] == "abc1234" and result["command"].startswith("python benchmarks/fused_tuning.py --smoke")
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == ["unfused", "fused", "fused"]  # min_tile_d 8 and 10**6: a d-tiled launch and a whole-d one
-    launches = [r["launch"] for r in result["rows"][1:]]
+    # min_tile_d 8 and 10**6: a d-tiled launch and a whole-d one; then the fastest without the window, the S loop
+    assert kinds == ["unfused", "fused", "fused", "ablation", "ablation"]
+    launches = [r["launch"] for r in result["rows"][1:3]]
     assert sorted(x["ND"] for x in launches) == [1, 2]
     tol = 2e-2 if CUDA else 1e-5  # bf16 on the GPU, fp32 interpreted
     for r in result["rows"]:
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] == r["batch"] / (r["ms_per_step"] * 1e-3)
+        if r["kind"] == "ablation":
+            assert r["launch"] == min(result["rows"][1:3], key=lambda x: x["ms_per_step"])["launch"]
         if r["kind"] == "fused":
             assert r["max_rel_err"] < tol
             assert r["speedup_vs_unfused"] == result["rows"][0]["ms_per_step"] / r["ms_per_step"]

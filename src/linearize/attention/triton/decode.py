@@ -128,7 +128,7 @@ def fused_decode_kernel(
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, FULL_D: tl.constexpr, MP: tl.constexpr,
-    DP: tl.constexpr, NATIVE_QK: tl.constexpr,
+    DP: tl.constexpr, NATIVE_QK: tl.constexpr, SKIP: tl.constexpr = 0,
 ):
     """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: B*HKV*ND: ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
@@ -143,6 +143,7 @@ def fused_decode_kernel(
     and, once every program that reads them is done (arrival counters SYNC: the last d-tile of a (b, hk), then the
     last (b, hk) of a row, then the last row), the ring and sink rows of the new key and z (by the last d-tile), the
     per-row valid flags, sink count and left_count (by the last of the row), and SLOT = (SLOT + 1) % L.
+    SKIP (a profiling aid of benchmarks/fused_tuning.py, wrong results): 1 leaves out the window, 2 the S loop.
     """
     pid = tl.program_id(0) // ND  # the d-tiles of one (b, hk) are neighbours: they share its window keys in L2
     pid_d = tl.program_id(0) % ND
@@ -222,7 +223,7 @@ def fused_decode_kernel(
             asink = tl.where(sink_left[None, :], asink, 0.0)
             num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G, DOT, PREC)
             den_l += tl.sum(asink, 1)
-    if HAS_SWA or LA_WINDOW:
+    if (HAS_SWA or LA_WINDOW) and SKIP != 1:
         for l0 in tl.range(0, L + 1, BLC, num_stages=STAGES if STAGES > 0 else None):
             offs_c = l0 + tl.arange(0, BLC)
             cb = offs_c < L
@@ -279,7 +280,9 @@ def fused_decode_kernel(
     # -- the linear branch reads S, z tile by tile; each tile of S is folded right after it was read (z at the end).
     # STAGES 0: the next tile's load is issued before this one's arithmetic (two tiles in flight per program);
     # else Triton's software pipeline keeps STAGES tiles in flight (asynchronous copies into shared memory) ---------
-    if STAGES == 0:
+    if SKIP == 2:
+        pass
+    elif STAGES == 0:
         om = tl.arange(0, BM)
         mm = om < M
         st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)

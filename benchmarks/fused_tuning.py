@@ -126,6 +126,7 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
     """The unfused row, then a row per fused launch measured: all of the grid's ('grid'), or those a coordinate
     search visits ('greedy': from the default, each key in turn takes each of its choices, the fastest kept; two
     passes)."""
+    from linearize.attention.recurrent import linear_sums
     from linearize.attention.triton import decode, decode_step_triton
     from linearize.bench.decode import fused_decode, memory_floor_ms
 
@@ -164,6 +165,7 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
             return measured[launch].get("ms_per_step", float("inf"))
         decode.TUNING.clear()
         decode.TUNING.update(setting)
+        reset_pending(state)
         try:
             ref, ours = copy.deepcopy(state), copy.deepcopy(state)
             with fused_decode(False):
@@ -172,7 +174,7 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
                 got = decode.fused_decode_step(ours, *inputs, **kw)
                 if got is None:
                     raise ValueError(f"the fused step does not apply to {shape} at batch {b} (fused_decode_applies)")
-                err = max(max(_rel(got[k], want[k]) for k in want), _rel(ours.S, ref.S))
+                err = max(max(_rel(got[k], want[k]) for k in want), _rel(linear_sums(ours)[0], ref.S))
                 del ref, ours
                 ms = timed_ms(step, inner=inner, reps=reps, cuda=cuda)
         except Exception as exc:  # a launch that does not compile (resources) or fails: recorded, the sweep goes on
@@ -205,6 +207,7 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
             fastest = min(timed, key=lambda r: r["ms_per_step"])
             decode.TUNING.clear()
             decode.TUNING.update({**saved, **fastest["settings"][0]})
+            reset_pending(state)
             ablations = [ablation_row(step, fastest, skip, inner=inner, reps=reps, cuda=cuda, log=log)
                          for skip in ABLATIONS]
         else:
@@ -213,6 +216,15 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
         decode.TUNING.clear()
         decode.TUNING.update(saved)
     return [unfused, *measured.values(), *ablations]
+
+
+def reset_pending(state) -> None:
+    """Fold a deferred-fold list into S, z and drop it, so that the next setting's fold_every makes its own (a state
+    keeps the list it has: decode.fold_every)."""
+    from linearize.attention.recurrent import flush_pending
+
+    flush_pending(state)
+    state.pend_kf = state.pend_v = state.pend_keep = state.pend_count = None
 
 
 #: the kernel's SKIP codes: its fastest launch timed without a part (wrong outputs: timing only)

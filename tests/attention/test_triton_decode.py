@@ -17,7 +17,7 @@ import test_triton  # noqa: F401  -- sets TRITON_INTERPRET=1 without CUDA, befor
 
 import linearize  # noqa: E402
 import linearize.attention.triton.decode as fused  # noqa: E402
-from linearize.attention.recurrent import decode_step, prefill_state  # noqa: E402
+from linearize.attention.recurrent import decode_step, linear_sums, prefill_state  # noqa: E402
 from spec_kwargs import with_spec  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -74,9 +74,9 @@ def _run_against_reference(monkeypatch, *, mode, rule, placement, b, hq, hkv, d,
     ref = copy.deepcopy(ours)
     weight = _weight(wkind, b, hq)
     kw = with_spec(modes=[mode], scale=d ** -0.5, weight=weight, rule=rule, placement=placement)
+    addresses = [t.data_ptr() for t in ours.tensors()]
     for step in range(steps):
         (q, k, v, qf, kf), valid = _token(b, hq, hkv, d, m, step, dtype, gen)
-        addresses = [t.data_ptr() for t in ours.tensors()]
         got = fused.fused_decode_step(ours, q, k, v, qf, kf, valid=valid, **kw)
         assert got is not None, "the fused step refused a case it covers"
         monkeypatch.setenv(fused.FUSED_ENV, "0")
@@ -84,13 +84,17 @@ def _run_against_reference(monkeypatch, *, mode, rule, placement, b, hq, hkv, d,
         monkeypatch.setenv(fused.FUSED_ENV, "1")
         assert got[mode].dtype == q.dtype and got[mode].shape == q.shape
         assert _rel(got[mode], want[mode]) < tol, f"step {step}: output rel err {_rel(got[mode], want[mode]):.2e}"
-        assert [t.data_ptr() for t in ours.tensors()] == addresses, "the state must advance in place"
+        now = [t.data_ptr() for t in ours.tensors()]
+        if step == 0:  # a deferred fold's pending list is made at the first step (appended to the tensors)
+            addresses += now[len(addresses):]
+        assert now == addresses, "the state must advance in place"
         assert ours.seen == ref.seen and torch.equal(ours.slot, ref.slot)
         for name in ("buf_valid", "sink_valid", "left_count"):
             a, r = getattr(ours, name), getattr(ref, name)
             assert (a is None and r is None) or torch.equal(a, r), f"step {step}: {name}"
+        sums = dict(zip(("S", "z"), linear_sums(ours)))  # with the keys a deferred fold keeps aside
         for name in ("S", "z", "buf_k", "buf_v", "buf_kf", "sink_k", "sink_v", "sink_kf"):
-            a, r = getattr(ours, name), getattr(ref, name)
+            a, r = sums.get(name, getattr(ours, name)), getattr(ref, name)
             if r is None:
                 assert a is None
                 continue
@@ -130,6 +134,47 @@ def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement
     _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,
                            window=window, prompt=prompt, steps=steps, softmax_sinks=sinks, num_sinks=num_sinks,
                            wkind=wkind)
+
+
+@pytest.mark.parametrize("contract,d_tiles", [("loop", False), ("loop", True), ("dot", False)])
+@pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,wkind", CASES)
+def test_deferred_fold_matches_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt,
+                                                  steps, sinks, num_sinks, wkind, contract, d_tiles):
+    """fold_every 3: the leaving keys wait in the state's pending list and enter S, z three at a time; outputs and
+    the linear sums (S, z with the pending keys) equal the step that folds every key at once, over 8 steps (two
+    folds, with the ring wrapping and, in the softmax-sink cases, sinks that never enter S)."""
+    d, m = (32, 24) if contract == "dot" else (16, 8)
+    monkeypatch.setitem(fused.TUNING, "contract", contract)
+    monkeypatch.setitem(fused.TUNING, "fold_every", 3)
+    monkeypatch.setitem(fused.TUNING, "min_tile_d", d // 2 if d_tiles else 10**6)
+    _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,
+                           window=window, prompt=prompt, steps=8, softmax_sinks=sinks, num_sinks=num_sinks,
+                           wkind=wkind)
+
+
+def test_a_deferred_list_is_folded_where_the_fused_step_stops(monkeypatch):
+    """Fused steps leave keys pending; the PyTorch step (switch off) folds them into S, z first (recurrent.fused_step);
+    the fused steps after it go on with the state's list (fold_every changed in between does not change a state's),
+    all equal to a state that never deferred."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ours = _prompt_state(2, 2, 16, 8, 6, 4, gen=gen)
+    ref = copy.deepcopy(ours)
+    kw = with_spec(modes=["hybrid"], scale=0.25, weight=0.4, rule="shared_norm", placement="complementary")
+    monkeypatch.setitem(fused.TUNING, "fold_every", 4)
+    for step, setting in enumerate(["1", "1", "0", "1", "1", "1", "4to8", "1"]):
+        if setting == "4to8":
+            monkeypatch.setitem(fused.TUNING, "fold_every", 8)
+        monkeypatch.setenv(fused.FUSED_ENV, "1" if setting != "0" else "0")
+        (q, k, v, qf, kf), valid = _token(2, 4, 2, 16, 8, step, torch.float32, gen)
+        got = decode_step(ours, q, k, v, qf, kf, valid=valid, **kw)["hybrid"]
+        monkeypatch.setenv(fused.FUSED_ENV, "0")
+        want = decode_step(ref, q, k, v, qf, kf, valid=valid, **kw)["hybrid"]
+        assert _rel(got, want) < 1e-5, f"step {step}"
+        if setting == "0":  # this step ran unfused, after folding the pending keys: nothing pending
+            assert int(ours.pend_count) == 0 and _rel(ours.S, ref.S) < 1e-5
+        for a, r in zip(linear_sums(ours), (ref.S, ref.z)):
+            assert _rel(a, r) < 1e-5, f"step {step}"
+    assert int(ours.pend_count) == 1 and ours.pend_kf.shape[2] == 4  # 4 fused steps since the flush: one fold, one key
 
 
 @pytest.mark.parametrize("contract", ["loop", "dot"])

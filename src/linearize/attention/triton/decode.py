@@ -52,14 +52,17 @@ FUSED_MAX_BATCH = 4
 #: not fp32 ('tf32', as the forward kernels; 'tf32x3'; 'ieee'); fp32 inputs always take 'ieee'. `stages`: 0, the
 #: next tile of S is loaded by hand while this one is used; n > 0, Triton's software pipeline (n tiles in flight).
 #: `keys_once`: where one tile spans head_dim, the window's keys are loaded in one tile, not column block by block.
+#: `fold_every` F > 1: the deferred fold -- the keys leaving the window wait in the state's pending list
+#: (recurrent.HybridState.pend_*) and go into S, z F at a time, so S is written once per F steps instead of every
+#: step (a step otherwise reads and writes all of S); 1: each step folds its leaving key.
 TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "loop",
-          "dot_precision": "tf32", "stages": 0, "keys_once": True}
+          "dot_precision": "tf32", "stages": 0, "keys_once": True, "fold_every": 1}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here).
 TUNING_CHOICES = {"num_warps": (4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
                   "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "dot_precision": ("tf32", "ieee"),
-                  "stages": (0, 2, 3), "keys_once": (True, False)}
+                  "stages": (0, 2, 3), "keys_once": (True, False), "fold_every": (1, 8, 16)}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -103,32 +106,58 @@ def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
-def _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, bh, gm, kv64, slot, L, M, D, om, mm, offs_d, md, v_out, fold_w,
-                    offs_g, G: tl.constexpr, HAS_LA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def _rows_times(acc, left, right, offs_f, F: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc (K, E) + left (K, FP) @ right (FP, E): one tl.dot, or F rank-one updates."""
+    if DOT:
+        acc = tl.dot(left, right, acc=acc, input_precision=PREC)
+    else:
+        for j in tl.static_range(F):
+            col = tl.sum(tl.where(offs_f[None, :] == j, left, 0.0), 1)
+            row = tl.sum(tl.where(offs_f[:, None] == j, right, 0.0), 0)
+            acc += col[:, None] * row[None, :]
+    return acc
+
+
+@triton.jit
+def _read_fold_tile(num_l, den_l, a_p, st, z, QF, S, BUFKF, PKF, bh, gm, kv64, slot, L, M, D, om, mm, offs_d, md,
+                    v_out, fold_w, pv, offs_f, folding, offs_g, G: tl.constexpr, HAS_LA: tl.constexpr,
+                    DOT: tl.constexpr, PREC: tl.constexpr, F: tl.constexpr):
     """One tile of S (rows om, columns offs_d) read by the linear branch (num_l += qf S, den_l += qf . z) and folded:
-    S[om, offs_d] = st + fold_w kf_out v_out^T (kf_out: the leaving key's features)."""
+    S[om, offs_d] = st + fold_w kf_out v_out^T (kf_out: the leaving key's features). With the deferred fold (F > 1):
+    a_p (GP, FP) += qf . the deferred keys' features of these rows, and S is written only when `folding`, then with
+    the deferred keys too (pv: their values, zero where unused)."""
     if HAS_LA:
         qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
         num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G, DOT, PREC)
         den_l += tl.sum(qf * z[None, :], 1)
-    kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
-    tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
-             mask=mm[:, None] & md[None, :])
-    return num_l, den_l
+    if F > 1:
+        pkf = tl.load(PKF + (kv64 * F + offs_f[None, :]) * M + om[:, None], mask=mm[:, None] & (offs_f < F)[None, :],
+                      other=0.0).to(tl.float32)  # (BM, FP)
+        if HAS_LA:
+            a_p = _heads_weigh_rows(a_p, qf, pkf, offs_g, G, DOT, PREC)
+        if folding:
+            kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+            upd = _rows_times(st + kf_out[:, None] * v_out[None, :], pkf, pv, offs_f, F, DOT, PREC)
+            tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], upd, mask=mm[:, None] & md[None, :])
+    else:
+        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+        tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
+                 mask=mm[:, None] & md[None, :])
+    return num_l, den_l, a_p
 
 
 @triton.jit
 def fused_decode_kernel(
     Q, QF, KN, VN, KFN, VALIDN, W, OUT,
     BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z,
-    SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC,
+    SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC, PKF, PV, PKEEP, PCOUNT,
     scale, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, M, D, G: tl.constexpr,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
     HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, FULL_D: tl.constexpr, MP: tl.constexpr,
-    DP: tl.constexpr, NATIVE_QK: tl.constexpr, SKIP: tl.constexpr = 0,
+    DP: tl.constexpr, NATIVE_QK: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, SKIP: tl.constexpr = 0,
 ):
     """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: B*HKV*ND: ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
@@ -185,6 +214,20 @@ def fused_decode_kernel(
         wrow = tl.load(W + b64 * w_sb + (hk * G + offs_g).to(tl.int64) * w_sh, mask=gm, other=0.0).to(tl.float32)
     else:
         wrow = tl.zeros([GP], dtype=tl.float32) + wscalar
+
+    # -- the deferred fold (F > 1): the keys in PKF, PV entries j < count (PKEEP: those that enter S) are part of the
+    # linear sums; this step's leaving key becomes entry `count`, or, when that makes F, all of them go into S, z ---
+    offs_f = tl.arange(0, FP)
+    if F > 1:
+        pcount = tl.load(PCOUNT)
+        folding = pcount + 1 >= F
+        pused = (offs_f < pcount) & (tl.load(PKEEP + b64 * F + offs_f, mask=offs_f < F, other=0) != 0)
+        pv = tl.load(PV + (kv64 * F + offs_f[:, None]) * D + offs_d[None, :], mask=pused[:, None] & md[None, :],
+                     other=0.0).to(tl.float32)  # (FP, BD)
+    else:
+        folding = pid >= 0
+        pv = tl.zeros([FP, BD], dtype=tl.float32)
+    a_p = tl.zeros([GP, FP], dtype=tl.float32)
 
     # -- the softmax keys (the sinks that left, then the window BLC keys at a time: online softmax, so the sums end
     # shifted by the max over all of them, as recurrent's) and, with LA_WINDOW, the same keys' linear terms ---------
@@ -296,16 +339,23 @@ def fused_decode_kernel(
             st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :],
                               other=0.0)
             z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
-            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, bh, gm, kv64, slot, L, M, D, om, mm,
-                                           offs_d, md, v_out, fold_w, offs_g, G, HAS_LA, DOT, PREC)
+            num_l, den_l, a_p = _read_fold_tile(num_l, den_l, a_p, st, z, QF, S, BUFKF, PKF, bh, gm, kv64, slot, L, M, D,
+                                                om, mm, offs_d, md, v_out, fold_w, pv, offs_f, folding, offs_g, G,
+                                                HAS_LA, DOT, PREC, F)
     else:
         for m0 in tl.range(0, M, BM, num_stages=STAGES):
             om = m0 + tl.arange(0, BM)
             mm = om < M
             st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
             z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
-            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, bh, gm, kv64, slot, L, M, D, om, mm,
-                                           offs_d, md, v_out, fold_w, offs_g, G, HAS_LA, DOT, PREC)
+            num_l, den_l, a_p = _read_fold_tile(num_l, den_l, a_p, st, z, QF, S, BUFKF, PKF, bh, gm, kv64, slot, L, M, D,
+                                                om, mm, offs_d, md, v_out, fold_w, pv, offs_f, folding, offs_g, G,
+                                                HAS_LA, DOT, PREC, F)
+
+    if F > 1 and HAS_LA:  # the deferred keys' terms: (qf . kf_j) v_j over the entries in use
+        a_p = tl.where(pused[None, :], a_p, 0.0)
+        num_l = _heads_weigh_rows(num_l, a_p, pv, offs_g, G, DOT, PREC)
+        den_l += tl.sum(a_p, 1)
 
     out = combine_decode(num_s, den_s, num_l, den_l, wrow, RULE)
     tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])
@@ -322,11 +372,20 @@ def fused_decode_kernel(
     # (all d-tiles read z and that key above), then the new key into the ring (and the sinks)
     om = tl.arange(0, MP)
     mm = (om < M) & kv_last
-    kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
-    tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm, other=0.0) + kf_out, mask=mm)
-    tl.debug_barrier()  # the leaving key's features are read: its slot takes the new key
     od = tl.arange(0, DP)
     mdk = (od < D) & kv_last
+    kf_raw = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0)
+    zadd = kf_raw.to(tl.float32) * fold_w
+    if F > 1:
+        for j in tl.static_range(F):  # folding: z takes the deferred keys too
+            used_j = tl.sum(tl.where((offs_f == j) & pused, 1.0, 0.0), 0)
+            zadd += tl.load(PKF + (kv64 * F + j) * M + om, mask=mm & folding, other=0.0).to(tl.float32) * used_j
+        # not folding: the leaving key becomes deferred entry pcount (its keep flag: by the last of the row, below)
+        tl.store(PKF + (kv64 * F + pcount) * M + om, kf_raw, mask=mm & ~folding)
+        vrow_out = tl.load(BUFV + (kv64 * L + slot) * D + od, mask=mdk & ~folding, other=0.0)
+        tl.store(PV + (kv64 * F + pcount) * D + od, vrow_out.to(PV.dtype.element_ty), mask=mdk & ~folding)
+    tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm & folding, other=0.0) + zadd, mask=mm & folding)
+    tl.debug_barrier()  # the leaving key is read: its slot takes the new key
     krow = tl.load(KN + kv64 * D + od, mask=mdk, other=0.0)
     vrow = tl.load(VN + kv64 * D + od, mask=mdk, other=0.0)
     tl.store(BUFK + (kv64 * L + slot) * D + od, krow.to(BUFK.dtype.element_ty), mask=mdk)
@@ -349,10 +408,14 @@ def fused_decode_kernel(
         tl.store(SINKVALID + b64 * NS + count, (pid >= 0).to(tl.int8), mask=row_last & becomes)
     if NSS > 0:
         tl.store(LEFT + b64, left + valid_out.to(tl.int64), mask=row_last)
+    if F > 1:
+        tl.store(PKEEP + b64 * F + pcount, keep_out.to(tl.int8), mask=row_last & ~folding)
     if HKV > 1:
         tl.store(SYNC + base + b64, 0, mask=row_last)
     grid_last = row_last & (tl.atomic_add(SYNC + base + B, 1, mask=row_last) == B - 1)
     tl.store(SLOT, (slot + 1) % L, mask=grid_last)
+    if F > 1:
+        tl.store(PCOUNT, tl.where(folding, 0, pcount + 1), mask=grid_last)
     tl.store(SYNC + base + B, 0, mask=grid_last)
 
 
@@ -379,6 +442,27 @@ def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
     return (len(modes) == 1 and modes[0] in FUSED_MODES and w_ok and fused_decode_enabled(q)
             and state.additive and state.memory is None and state.buf_k.shape[2] > 0
             and state.S.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def fold_every(state) -> int:
+    """F of the deferred fold for this state: its pending list's length once it has one (a state keeps the F it was
+    first stepped with), else TUNING's."""
+    return int(TUNING["fold_every"]) if state.pend_kf is None else state.pend_kf.shape[2]
+
+
+def _pending_list(state, f: int) -> tuple:
+    """The kernel's PKF, PV, PKEEP, PCOUNT: the state's deferred-fold list (recurrent.HybridState.pend_*) of F = f > 1
+    entries (made, empty, at the first step: before a CUDA graph captures one, as its warm-up steps run eagerly), or
+    placeholders for f = 1."""
+    if f == 1:
+        return state.S, state.S, state.slot, state.slot  # never read
+    if state.pend_count is None:
+        b, hkv, _, m = state.buf_kf.shape
+        state.pend_kf = state.buf_kf.new_zeros(b, hkv, f, m)
+        state.pend_v = state.buf_v.new_zeros(b, hkv, f, state.buf_v.shape[-1])
+        state.pend_keep = torch.zeros(b, f, dtype=torch.bool, device=state.buf_kf.device)
+        state.pend_count = torch.zeros(1, dtype=torch.long, device=state.buf_kf.device)
+    return state.pend_kf, state.pend_v, _bool_bytes(state.pend_keep), state.pend_count
 
 
 def _sync_counters(state, n: int, device) -> torch.Tensor:
@@ -414,6 +498,8 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     if tuning["contract"] not in ("loop", "dot"):
         raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
     dot = tuning["contract"] == "dot"
+    if int(tuning["fold_every"]) < 1:
+        raise ValueError(f"TUNING['fold_every'] must be >= 1, not {tuning['fold_every']!r}")
     least = 16 if dot else 1  # tl.dot's smallest side
     # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
     bd, nd = _pow2(d, 16), 1
@@ -430,7 +516,8 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     native = dot and dtype in (torch.float16, torch.bfloat16) and key_dtype == dtype and not _interpreting()
     return dict(ND=nd, BD=bd, FULL_D=bool(tuning["keys_once"]) and nd == 1 and bd >= d, MP=_pow2(m), DP=_pow2(d), GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
                 BM=max(least, min(rows, 64, _pow2(m, 2))), BS=_pow2(ns, max(2, least)), num_warps=warps, DOT=dot,
-                PREC=prec, STAGES=tuning["stages"], NATIVE_QK=native)
+                PREC=prec, STAGES=tuning["stages"], NATIVE_QK=native, F=int(tuning["fold_every"]),
+                FP=_pow2(tuning["fold_every"], least))
 
 
 def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -471,14 +558,17 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     sink_kf = state.sink_kf if nss else state.sink_k
     has_sink_kf = state.sink_kf is not None and ns > 0
+    f = fold_every(state)
+    pending = _pending_list(state, f)
     same_keys = state.buf_k.dtype == k.dtype == state.sink_k.dtype
-    launch = launch_config(b, hkv, hq // hkv, d, m, L, ns, dev, q.dtype, k.dtype if same_keys else torch.float32)
+    launch = launch_config(b, hkv, hq // hkv, d, m, L, ns, dev, q.dtype, k.dtype if same_keys else torch.float32,
+                           {**TUNING, "fold_every": f})
     fused_decode_kernel[(b * hkv * launch["ND"],)](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
         state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,
         state.sink_k, state.sink_v, sink_kf, _bool_bytes(state.sink_valid),
-        state.left_count if nss else state.slot, _sync_counters(state, b * hkv + b + 1, dev),
+        state.left_count if nss else state.slot, _sync_counters(state, b * hkv + b + 1, dev), *pending,
         float(scale), wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
         m, d, hq // hkv,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),

@@ -106,44 +106,47 @@ def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
-def _rows_times(acc, left, right, offs_f, F: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """acc (K, E) + left (K, FP) @ right (FP, E): one tl.dot, or F rank-one updates."""
+def _fold_pending(acc, PKF, PV, kv64, M, D, om, mm, offs_d, md, pused, offs_f, F: tl.constexpr, DOT: tl.constexpr,
+                  PREC: tl.constexpr):
+    """acc (BM, BD) + sum_j pused_j PKF[j, om] PV[j, offs_d]^T over the F deferred keys: one tl.dot of (BM, FP) by
+    (FP, BD), or F rank-one updates (rows loaded one at a time: nothing (FP, .) held in registers)."""
     if DOT:
-        acc = tl.dot(left, right, acc=acc, input_precision=PREC)
+        pkf = tl.load(PKF + (kv64 * F + offs_f[None, :]) * M + om[:, None], mask=mm[:, None] & pused[None, :],
+                      other=0.0).to(tl.float32)
+        pv = tl.load(PV + (kv64 * F + offs_f[:, None]) * D + offs_d[None, :], mask=pused[:, None] & md[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(pkf, pv, acc=acc, input_precision=PREC)
     else:
-        for j in tl.static_range(F):
-            col = tl.sum(tl.where(offs_f[None, :] == j, left, 0.0), 1)
-            row = tl.sum(tl.where(offs_f[:, None] == j, right, 0.0), 0)
-            acc += col[:, None] * row[None, :]
+        for j in range(F):  # (not unrolled: F rows in flight at once would take F times the registers)
+            used_j = tl.sum(tl.where((offs_f == j) & pused, 1.0, 0.0), 0)
+            kf_j = tl.load(PKF + (kv64 * F + j) * M + om, mask=mm, other=0.0).to(tl.float32) * used_j
+            v_j = tl.load(PV + (kv64 * F + j) * D + offs_d, mask=md, other=0.0).to(tl.float32)
+            acc += kf_j[:, None] * v_j[None, :]
     return acc
 
 
 @triton.jit
-def _read_fold_tile(num_l, den_l, a_p, st, z, QF, S, BUFKF, PKF, bh, gm, kv64, slot, L, M, D, om, mm, offs_d, md,
-                    v_out, fold_w, pv, offs_f, folding, offs_g, G: tl.constexpr, HAS_LA: tl.constexpr,
+def _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om, mm, offs_d, md,
+                    v_out, fold_w, pused, offs_f, folding, offs_g, G: tl.constexpr, HAS_LA: tl.constexpr,
                     DOT: tl.constexpr, PREC: tl.constexpr, F: tl.constexpr):
     """One tile of S (rows om, columns offs_d) read by the linear branch (num_l += qf S, den_l += qf . z) and folded:
-    S[om, offs_d] = st + fold_w kf_out v_out^T (kf_out: the leaving key's features). With the deferred fold (F > 1):
-    a_p (GP, FP) += qf . the deferred keys' features of these rows, and S is written only when `folding`, then with
-    the deferred keys too (pv: their values, zero where unused)."""
+    S[om, offs_d] = st + fold_w kf_out v_out^T (kf_out: the leaving key's features). With the deferred fold (F > 1)
+    S is written only when `folding`, then with the deferred keys in use (pused) too."""
     if HAS_LA:
         qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
         num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G, DOT, PREC)
         den_l += tl.sum(qf * z[None, :], 1)
     if F > 1:
-        pkf = tl.load(PKF + (kv64 * F + offs_f[None, :]) * M + om[:, None], mask=mm[:, None] & (offs_f < F)[None, :],
-                      other=0.0).to(tl.float32)  # (BM, FP)
-        if HAS_LA:
-            a_p = _heads_weigh_rows(a_p, qf, pkf, offs_g, G, DOT, PREC)
         if folding:
             kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
-            upd = _rows_times(st + kf_out[:, None] * v_out[None, :], pkf, pv, offs_f, F, DOT, PREC)
+            upd = _fold_pending(st + kf_out[:, None] * v_out[None, :], PKF, PV, kv64, M, D, om, mm, offs_d, md, pused,
+                                offs_f, F, DOT, PREC)
             tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], upd, mask=mm[:, None] & md[None, :])
     else:
         kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
         tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
                  mask=mm[:, None] & md[None, :])
-    return num_l, den_l, a_p
+    return num_l, den_l
 
 
 @triton.jit
@@ -222,12 +225,9 @@ def fused_decode_kernel(
         pcount = tl.load(PCOUNT)
         folding = pcount + 1 >= F
         pused = (offs_f < pcount) & (tl.load(PKEEP + b64 * F + offs_f, mask=offs_f < F, other=0) != 0)
-        pv = tl.load(PV + (kv64 * F + offs_f[:, None]) * D + offs_d[None, :], mask=pused[:, None] & md[None, :],
-                     other=0.0).to(tl.float32)  # (FP, BD)
     else:
         folding = pid >= 0
-        pv = tl.zeros([FP, BD], dtype=tl.float32)
-    a_p = tl.zeros([GP, FP], dtype=tl.float32)
+        pused = offs_f < 0
 
     # -- the softmax keys (the sinks that left, then the window BLC keys at a time: online softmax, so the sums end
     # shifted by the max over all of them, as recurrent's) and, with LA_WINDOW, the same keys' linear terms ---------
@@ -339,21 +339,30 @@ def fused_decode_kernel(
             st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :],
                               other=0.0)
             z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
-            num_l, den_l, a_p = _read_fold_tile(num_l, den_l, a_p, st, z, QF, S, BUFKF, PKF, bh, gm, kv64, slot, L, M, D,
-                                                om, mm, offs_d, md, v_out, fold_w, pv, offs_f, folding, offs_g, G,
-                                                HAS_LA, DOT, PREC, F)
+            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om,
+                                           mm, offs_d, md, v_out, fold_w, pused, offs_f, folding, offs_g, G, HAS_LA,
+                                           DOT, PREC, F)
     else:
         for m0 in tl.range(0, M, BM, num_stages=STAGES):
             om = m0 + tl.arange(0, BM)
             mm = om < M
             st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
             z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
-            num_l, den_l, a_p = _read_fold_tile(num_l, den_l, a_p, st, z, QF, S, BUFKF, PKF, bh, gm, kv64, slot, L, M, D,
-                                                om, mm, offs_d, md, v_out, fold_w, pv, offs_f, folding, offs_g, G,
-                                                HAS_LA, DOT, PREC, F)
+            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om,
+                                           mm, offs_d, md, v_out, fold_w, pused, offs_f, folding, offs_g, G, HAS_LA,
+                                           DOT, PREC, F)
 
     if F > 1 and HAS_LA:  # the deferred keys' terms: (qf . kf_j) v_j over the entries in use
-        a_p = tl.where(pused[None, :], a_p, 0.0)
+        a_p = tl.zeros([GP, FP], dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            om = m0 + tl.arange(0, BM)
+            mm = om < M
+            qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
+            pkf = tl.load(PKF + (kv64 * F + offs_f[None, :]) * M + om[:, None], mask=mm[:, None] & pused[None, :],
+                          other=0.0).to(tl.float32)  # (BM, FP)
+            a_p = _heads_weigh_rows(a_p, qf, pkf, offs_g, G, DOT, PREC)
+        pv = tl.load(PV + (kv64 * F + offs_f[:, None]) * D + offs_d[None, :], mask=pused[:, None] & md[None, :],
+                     other=0.0).to(tl.float32)  # (FP, BD)
         num_l = _heads_weigh_rows(num_l, a_p, pv, offs_g, G, DOT, PREC)
         den_l += tl.sum(a_p, 1)
 
@@ -377,7 +386,7 @@ def fused_decode_kernel(
     kf_raw = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0)
     zadd = kf_raw.to(tl.float32) * fold_w
     if F > 1:
-        for j in tl.static_range(F):  # folding: z takes the deferred keys too
+        for j in range(F):  # folding: z takes the deferred keys too
             used_j = tl.sum(tl.where((offs_f == j) & pused, 1.0, 0.0), 0)
             zadd += tl.load(PKF + (kv64 * F + j) * M + om, mask=mm & folding, other=0.0).to(tl.float32) * used_j
         # not folding: the leaving key becomes deferred entry pcount (its keep flag: by the last of the row, below)

@@ -144,8 +144,12 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
         decode_step_triton(state, *inputs, **kw)
 
     def row(kind, ms, **extra):
-        r = dict(case, kind=kind, ms_per_step=ms, tokens_per_s=b / (ms * 1e-3),
-                 floor_fraction=None if floor is None else floor / ms, **extra)
+        # the floor of the state as the step reads it: with a deferred fold's pending list, that too
+        pend = sum(t.numel() * t.element_size() for t in (state.pend_kf, state.pend_v, state.pend_keep)
+                   if t is not None)
+        row_floor = None if bandwidth is None else memory_floor_ms(nbytes + pend, bandwidth)
+        r = dict(case, kind=kind, ms_per_step=ms, tokens_per_s=b / (ms * 1e-3), pending_bytes=pend,
+                 floor_ms=row_floor, floor_fraction=None if row_floor is None else row_floor / ms, **extra)
         log(f"{shape:12s} B={b:5d} {kind:7s} {ms:8.4f} ms  {r['tokens_per_s']:12.0f} tok/s  "
             + ("" if floor is None else f"floor {100 * r['floor_fraction']:5.1f}%  ")
             + " ".join(f"{k}={v}" for k, v in extra.items() if k in ("launch", "max_rel_err")))
@@ -168,15 +172,19 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
         reset_pending(state)
         try:
             ref, ours = copy.deepcopy(state), copy.deepcopy(state)
-            with fused_decode(False):
-                want = decode_step_triton(ref, *inputs, **kw)
-            with fused_decode(True):
-                got = decode.fused_decode_step(ours, *inputs, **kw)
+            err = 0.0
+            for _ in range(int(setting["fold_every"]) + 1):  # through a deferred fold's whole cycle
+                with fused_decode(False):
+                    want = decode_step_triton(ref, *inputs, **kw)
+                with fused_decode(True):
+                    got = decode.fused_decode_step(ours, *inputs, **kw)
                 if got is None:
                     raise ValueError(f"the fused step does not apply to {shape} at batch {b} (fused_decode_applies)")
-                err = max(max(_rel(got[k], want[k]) for k in want), _rel(linear_sums(ours)[0], ref.S))
-                del ref, ours
-                ms = timed_ms(step, inner=inner, reps=reps, cuda=cuda)
+                err = max(err, *(_rel(got[k], want[k]) for k in want), _rel(linear_sums(ours)[0], ref.S))
+            del ref, ours
+            with fused_decode(True):
+                f = int(setting["fold_every"])  # whole fold cycles per replay: every replay the same work
+                ms = timed_ms(step, inner=-(-inner // f) * f, reps=reps, cuda=cuda)
         except Exception as exc:  # a launch that does not compile (resources) or fails: recorded, the sweep goes on
             measured[launch] = dict(case, kind="fused", launch=dict(launch), settings=[shown],
                                     error=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -239,8 +247,9 @@ def ablation_row(step, fastest: dict, skip: int, *, inner: int, reps: int, cuda:
     real = decode.launch_config
     decode.launch_config = lambda *a, **k: {**real(*a, **k), "SKIP": skip}
     try:
+        f = int(decode.TUNING["fold_every"])
         with fused_decode(True):
-            ms = timed_ms(step, inner=inner, reps=reps, cuda=cuda)
+            ms = timed_ms(step, inner=-(-inner // f) * f, reps=reps, cuda=cuda)
     finally:
         decode.launch_config = real
     keep = ("shape", "batch", "heads", "kv_heads", "head_dim", "features", "ring", "state_bytes", "floor_ms", "launch")

@@ -13,10 +13,17 @@ its existing path; `fused_decode_step` returns None): several modes in one step 
 'none', sparse memory, the other linear-state kinds, window 1 (no ring), an fp64 state, CPU tensors outside
 `TRITON_INTERPRET=1`. The feature maps run before the kernel, in PyTorch (qf, kf are its inputs).
 
-Bytes: a step reads the state once and writes S back (the fold changes every entry of S), so its traffic is the
-state plus S again; against bench/decode's floor (the state's bytes read once) it is capped at state / (state + S),
-~56% for the Gemma-3-270M shape (hedgehog: S is 4/5 of the state). Beyond that needs a state that folds the leaving
-keys into S every F steps (reading them explicitly until then), a change of `recurrent.HybridState`.
+Bytes: a step that folds its leaving key reads the state once and writes S back (the fold changes every entry of
+S), so its traffic is the state plus S again; against bench/decode's floor (the state's bytes read once) it is capped
+at state / (state + S), ~56% for the Gemma-3-270M shape (hedgehog: S is 4/5 of the state). The deferred fold
+(TUNING['fold_every'] = F > 1) lifts the cap: the leaving keys wait in the state's pending list (F keys' features
+and values, read by every step) and S is written once per F steps, ~(state + pending) / (state + pending + S / F),
+~95% at F = 16 for that shape. The outputs are the same sums in another order (tests: against the PyTorch step
+through whole fold cycles); every path that reads S otherwise folds the list first (`recurrent.fused_step`).
+
+Tuning: the launch (`launch_config`: d-tiles, tile sizes, warps, how the G query heads meet a tile, the software
+pipeline, the deferred fold) follows TUNING; benchmarks/fused_tuning.py times its choices (TUNING_CHOICES) against
+the unfused step on the GPU.
 
 Switch: unset, the fused step runs on CUDA tensors at batch <= FUSED_MAX_BATCH only: on the H200 (commit f22d478,
 benchmarks/results/speed/speed_decode_fused.md) it was 1.08x (Gemma 3 270M shape) and 1.11x (Llama-3-8B shape) the

@@ -245,7 +245,9 @@ def test_tiny_model_greedy_decode_is_the_same_with_and_without_the_fused_step(mo
 @pytest.mark.parametrize("shape", [(16, 4, 1, 256, 512), (8, 32, 8, 128, 256),  # Gemma 3 270M, Llama 3 8B heads:
                                    (320, 4, 1, 256, 512), (48, 32, 8, 128, 256)])  # d-tiles; one program per (b, hk)
 @pytest.mark.parametrize("variant", [{}, {"contract": "dot"}, {"contract": "dot", "stages": 3, "dot_precision": "ieee"},
-                                     {"stages": 2, "programs_per_sm": 16}], ids=["default", "dot", "dot_staged", "staged_tiles"])
+                                     {"stages": 2, "programs_per_sm": 16}, {"fold_every": 8},
+                                     {"fold_every": 16, "contract": "dot", "stages": 3}],
+                         ids=["default", "dot", "dot_staged", "staged_tiles", "deferred", "deferred_dot"])
 def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape, variant):
     for key, value in variant.items():
         monkeypatch.setitem(fused.TUNING, key, value)
@@ -256,8 +258,11 @@ def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape, varia
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_fused_step_replays_from_a_cuda_graph():
-    """A captured fused step, replayed, advances the state exactly as eager fused steps do (counters reset too)."""
+@pytest.mark.parametrize("fold_every", [1, 4])
+def test_gpu_fused_step_replays_from_a_cuda_graph(monkeypatch, fold_every):
+    """A captured fused step, replayed, advances the state exactly as eager fused steps do (counters reset too; with
+    the deferred fold, the pending count decides on the device when to fold)."""
+    monkeypatch.setitem(fused.TUNING, "fold_every", fold_every)
     gen = torch.Generator().manual_seed(0)
     b, hq, hkv, d, m = 64, 8, 2, 128, 256
     eager = _prompt_state(b, hkv, d, m, 20, 16, softmax_sinks=2, dtype=torch.bfloat16, gen=gen)
@@ -285,9 +290,12 @@ def test_gpu_fused_step_replays_from_a_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("family,sinks", [("gemma3", 0), ("llama", 2)])
-def test_gpu_converted_model_greedy_decode_fused_equals_unfused(monkeypatch, family, sinks):
+@pytest.mark.parametrize("fold_every", [1, 8])
+def test_gpu_converted_model_greedy_decode_fused_equals_unfused(monkeypatch, family, sinks, fold_every):
     """Captured generate (GraphDecoder) with the fused step vs without it: the same tokens (fp32, as the other
-    token-for-token tests: bf16 roundings of two summation orders could flip a near-tie of a random model)."""
+    token-for-token tests: bf16 roundings of two summation orders could flip a near-tie of a random model); with
+    the deferred fold too (48 tokens: six folds)."""
+    monkeypatch.setitem(fused.TUNING, "fold_every", fold_every)
     model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=6, softmax_sinks=sinks)).cuda()
     prompt = torch.randint(1, 128, (2, 11), device="cuda")
     mask = torch.ones_like(prompt)

@@ -1,7 +1,7 @@
 """Tuning sweep of the fused decode step (attention/triton/decode.py) against the unfused step, one layer, one process.
 
     python benchmarks/fused_tuning.py [--out-dir benchmarks/results/speed] [--name fused_tuning]
-        [--cases gemma3-270m:1024,gemma3-270m:64,llama3-8b:96,llama3-8b:8] [--grid num_warps=4,8 ...]
+        [--cases gemma3-270m:1024,gemma3-270m:64,gemma3-270m:1,llama3-8b:96,llama3-8b:8] [--grid num_warps=4,8 ...]
         [--search greedy|grid]
     python benchmarks/fused_tuning.py --smoke --out-dir DIR      # a tiny shape; no CUDA: TRITON_INTERPRET=1
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-CASES = "gemma3-270m:1024,gemma3-270m:64,llama3-8b:96,llama3-8b:8"
+CASES = "gemma3-270m:1024,gemma3-270m:64,gemma3-270m:1,llama3-8b:96,llama3-8b:8"
 CONTEXT = 32768
 
 
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     if args.smoke:
         cases = [("tiny", 2)]
         hybrid = HybridConfig(window=4, softmax_sinks=1)
-        choices = parse_grid(args.grid or ["min_tile_d=8,1000000"], only=True)
+        choices = parse_grid(args.grid or ["min_tile_d=8,1000000", "contract=loop,dot"], only=True)
         args.search, args.reps = args.search or "grid", min(args.reps, 3)
     else:
         cases = [(s, int(n)) for s, n in (c.split(":") for c in args.cases.split(","))]

@@ -34,17 +34,18 @@ def test_smoke_sweep_writes_every_launch_checked_against_the_unfused_step(tmp_pa
     result = json.loads((tmp_path / "sweep.json").read_text())
     assert result["commit"] == "abc1234" and result["command"].startswith("python benchmarks/fused_tuning.py --smoke")
     kinds = [r["kind"] for r in result["rows"]]
-    # min_tile_d 8 and 10**6: a d-tiled launch and a whole-d one; then the fastest without the window, the S loop
-    assert kinds == ["unfused", "fused", "fused", "ablation", "ablation"]
-    launches = [r["launch"] for r in result["rows"][1:3]]
-    assert sorted(x["ND"] for x in launches) == [1, 2]
+    # contract 'loop' with min_tile_d 8 and 10**6: a d-tiled launch and a whole-d one; 'dot' (tiles >= 16): one
+    # launch for both; then the fastest without the window, without the S loop
+    assert kinds == ["unfused", "fused", "fused", "fused", "ablation", "ablation"]
+    launches = [r["launch"] for r in result["rows"][1:4]]
+    assert sorted((x["DOT"], x["ND"]) for x in launches) == [(False, 1), (False, 2), (True, 1)]
     tol = 2e-2 if CUDA else 1e-5  # bf16 on the GPU, fp32 interpreted
     for r in result["rows"]:
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] == r["batch"] / (r["ms_per_step"] * 1e-3)
         if r["kind"] == "ablation":
-            assert r["launch"] == min(result["rows"][1:3], key=lambda x: x["ms_per_step"])["launch"]
+            assert r["launch"] == min(result["rows"][1:4], key=lambda x: x["ms_per_step"])["launch"]
         if r["kind"] == "fused":
             assert r["max_rel_err"] < tol
             assert r["speedup_vs_unfused"] == result["rows"][0]["ms_per_step"] / r["ms_per_step"]
     md = (tmp_path / "sweep.md").read_text()
-    assert md.startswith("Commit `abc1234`") and md.count("| tiny | 2 | fused") == 2
+    assert md.startswith("Commit `abc1234`") and md.count("| tiny | 2 | fused") == 3

@@ -307,14 +307,19 @@ def test_gpu_converted_model_greedy_decode_fused_equals_unfused(monkeypatch, fam
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("setting,device,batch,runs", [
-    (None, "cuda", 1, True), (None, "cuda", fused.FUSED_MAX_BATCH, True), (None, "cuda", fused.FUSED_MAX_BATCH + 1, False),
-    (None, "cpu", 1, False), ("1", "cuda", 1024, True), ("0", "cuda", 1, False)])
-def test_the_switch_runs_the_fused_step_at_small_batches_unless_told(monkeypatch, setting, device, batch, runs):
-    """Unset: CUDA and batch <= FUSED_MAX_BATCH (it was measured slower at large batches); '1' every batch; '0' never."""
+@pytest.mark.parametrize("setting,device,interpret,batch,runs", [
+    (None, "cuda", False, 1, True), (None, "cuda", False, 1024, True), (None, "cpu", False, 1, False),
+    (None, "cpu", True, 1, False), ("1", "cpu", True, 2, True), ("1", "cpu", False, 2, False),
+    ("0", "cuda", False, 1, False), ("0", "cuda", False, 1024, False)])
+def test_the_switch_runs_the_fused_step_on_cuda_unless_told(monkeypatch, setting, device, interpret, batch, runs):
+    """Unset: every CUDA step (the tuned kernel beat the unfused step at every batch measured); '0' never; '1' CPU
+    tensors too, under the interpreter only."""
     from types import SimpleNamespace
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if setting is None:
         monkeypatch.delenv(fused.FUSED_ENV, raising=False)
     else:

@@ -507,7 +507,7 @@ def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True
 def fused_step(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, modes, weight=0.1,
                valid=None) -> dict[str, torch.Tensor] | None:
     """The whole step in one Triton launch (`attention/triton/decode.py`) where it applies (CUDA, kind 'sum', one
-    kernel mode, no sparse memory, small batches unless `LINEARIZE_FUSED_DECODE` says otherwise), else None: the
+    kernel mode, no sparse memory, unless `LINEARIZE_FUSED_DECODE=0`), else None: the
     caller's path runs, after the keys the fused step deferred are folded into S, z (`flush_pending`)."""
     if state.additive and (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
         try:  # (no Triton import on a plain CPU)

@@ -25,11 +25,12 @@ Tuning: the launch (`launch_config`: d-tiles, tile sizes, warps, how the G query
 pipeline, the deferred fold) follows TUNING; benchmarks/fused_tuning.py times its choices (TUNING_CHOICES) against
 the unfused step on the GPU.
 
-Switch: unset, the fused step runs on CUDA tensors at batch <= FUSED_MAX_BATCH only: on the H200 (commit f22d478,
-benchmarks/results/speed/speed_decode_fused.md) it was 1.08x (Gemma 3 270M shape) and 1.11x (Llama-3-8B shape) the
-previous step at batch 1, but 0.55x at batch 96 (Llama) and 0.15x at batch 1024 (Gemma): untuned, it does not yet
-use the bandwidth a large batch offers. `LINEARIZE_FUSED_DECODE=1` runs it at every batch (and on CPU tensors under
-`TRITON_INTERPRET=1`: the tests); `=0` never.
+Switch: unset, the fused step runs on every CUDA step it covers. The tuning sweep on the H200 (commit 0ce5559,
+benchmarks/results/speed/fused_tuning.md; one layer, captured graphs) measured the TUNING defaults -- the 'dot'
+contract in tf32, 3 pipeline stages, 4 warps -- at 1.67x the unfused step at batch 1024 (Gemma-3-270M shape, 47% of
+the floor), 3.9x at batch 64, 2.55x at batch 96 (Llama-3-8B shape, 44%) and 4.95x at batch 8, where the first,
+untuned version was 0.1-0.3x at those batches (so it ran at batch <= 4 only). `LINEARIZE_FUSED_DECODE=0` turns it
+off; `=1` also lets it take CPU tensors under `TRITON_INTERPRET=1` (the tests).
 """
 
 from __future__ import annotations
@@ -48,10 +49,8 @@ from linearize.config import COMBINE_RULES, MODES, component_mode
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 
-#: Unless the switch says otherwise, the fused step runs up to this batch (measured faster at 1, slower at 96+).
-FUSED_MAX_BATCH = 4
-
-#: Launch knobs: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
+#: Launch knobs (the defaults: the fastest the sweep found at every batch it measured, see the module docstring):
+#: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
 #: (sets the rows of S and the window keys per tile), and the d-tiles: while B*Hkv programs are fewer than
 #: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. `contract`: how the G query heads
 #: of a KV head meet a tile -- 'loop', one head at a time (broadcast and sum), or 'dot', one tl.dot over the heads
@@ -62,8 +61,8 @@ FUSED_MAX_BATCH = 4
 #: `fold_every` F > 1: the deferred fold -- the keys leaving the window wait in the state's pending list
 #: (recurrent.HybridState.pend_*) and go into S, z F at a time, so S is written once per F steps instead of every
 #: step (a step otherwise reads and writes all of S); 1: each step folds its leaving key.
-TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "loop",
-          "dot_precision": "tf32", "stages": 0, "keys_once": True, "fold_every": 1}
+TUNING = {"num_warps": 4, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "dot",
+          "dot_precision": "tf32", "stages": 3, "keys_once": True, "fold_every": 1}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here).
@@ -445,9 +444,7 @@ def fused_decode_enabled(x: torch.Tensor) -> bool:
     setting = os.environ.get(FUSED_ENV, "").strip()
     if setting == "0":
         return False
-    if setting == "1":
-        return x.is_cuda or _interpreting()
-    return x.is_cuda and x.shape[0] <= FUSED_MAX_BATCH
+    return x.is_cuda or (setting == "1" and _interpreting())
 
 
 def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:

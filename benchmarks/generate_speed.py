@@ -1,10 +1,12 @@
 """Batch-1 `generate()` speed of a converted model on the GPU: the captured decode step (the default) against the
 eager step, tokens/s of the new tokens (prompt and warm-up included, as `linearize generate` reports them).
 
-    python benchmarks/generate_speed.py OUT_JSON [--model shape:gemma3-270m | MODEL] [--new-tokens 256]
+    python benchmarks/generate_speed.py OUT_JSON [--model shape:gemma3-270m | MODEL] [--new-tokens 256] [--layers global]
 
 MODEL is anything `linearize.load_base` takes (a .gguf file, say); the default is the Gemma-3-270M shape with random
-weights (speed does not depend on them). Greedy, bf16, a 32-token random prompt, converted with HybridConfig().
+weights (speed does not depend on them). Greedy, bf16, a 32-token random prompt, converted with HybridConfig() on
+`--layers` ('all', the default; 'global': the base's full-attention layers only, its sliding-window layers decoding
+on rings of their window; or comma-separated layer indices).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from linearize.bench.kernels import environment
 from linearize.records import benchmark_header
 
 
-def build(model: str):
+def parse_layers(text: str):
+    return [int(i) for i in text.split(",")] if text[:1].isdigit() else text
+
+
+def build(model: str, layers="all"):
     if model.startswith("shape:"):
         cfg, cls = decode_shape(model.removeprefix("shape:"))
         torch.manual_seed(0)
@@ -32,7 +38,7 @@ def build(model: str):
             base = cls(cfg).to(torch.bfloat16)
     else:
         base, _ = linearize.load_base(model, dtype=torch.bfloat16, device="cuda", check=False)
-    return linearize.convert(base.eval(), linearize.HybridConfig())
+    return linearize.convert(base.eval(), linearize.HybridConfig(layers=layers))
 
 
 def timed(fn, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -48,9 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--model", default="shape:gemma3-270m")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--layers", type=parse_layers, default="all",
+                   help="layers to convert: 'all', 'global' or comma-separated indices (default all)")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    model = build(args.model)
+    model = build(args.model, args.layers)
     prompt = torch.randint(1, 1000, (1, 32), device="cuda")
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     with torch.no_grad():
@@ -61,7 +69,7 @@ def main(argv=None) -> int:
         eager_tps, eager = timed(lambda: GenerationMixin.generate(model, prompt, **kw), args.new_tokens)
     env = environment(args.commit, ["generate_speed"] + sys.argv[1:])
     env["command"] = "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:])
-    res = dict(benchmark_header(env), model=args.model, batch=1,
+    res = dict(benchmark_header(env), model=args.model, layers=args.layers, batch=1,
                prompt_tokens=32, new_tokens=args.new_tokens, captured_tokens_per_s=captured_tps,
                eager_tokens_per_s=eager_tps, speedup=captured_tps / eager_tps, decode_path=path.describe(),
                captured_equals_eager=bool(torch.equal(captured, eager)))

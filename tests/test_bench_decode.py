@@ -32,10 +32,10 @@ def test_static_cache_is_filled_to_its_end_and_a_step_writes_at_the_context(fami
     assert logits.shape == (batch, 1, 128) and torch.isfinite(logits).all()
     assert step.positions.eq(ctx + 1).all()
     for layer, (keys, _) in zip(cache.layers, before):
-        slot = ctx % layer.max_cache_len if layer.is_sliding else ctx
+        slot = ctx % layer.window if layer.is_sliding else ctx
         changed = (layer.keys != keys).any(-1).any(1).any(0).nonzero().flatten().tolist()
         assert changed == [slot]  # the new key went where the next token belongs, nothing else moved
-        assert int(layer.cumulative_length) == ctx + 1
+        assert (layer.seen if layer.is_sliding else int(layer.cumulative_length)) == ctx + 1
     assert any(layer.is_sliding for layer in cache.layers) == (family == "gemma3")
 
 

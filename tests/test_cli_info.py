@@ -18,7 +18,13 @@ def test_info_on_a_converted_directory(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "status          converted" in out
     assert "1 of 2: [1]" in out and "last 16 keys" in out
-    assert "unconverted layers still grow" in out
+    assert "unconverted full-attention layers [0] still grow" in out
+
+
+def test_describe_a_conversion_of_the_global_layers_only_is_constant_in_context():
+    text = describe(tiny_model("gemma3"), linearize.HybridConfig(window=64, layers="global"), 32768, converted=False)
+    assert "1 of 3: [2]" in text
+    assert "constant in context; 2 unconverted sliding-window layers on rings of 512 keys" in text
 
 
 def test_info_unknown_model_is_a_clear_error(capsys):

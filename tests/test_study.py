@@ -149,25 +149,28 @@ def test_execute_trains_diagnoses_and_resumes(tmp_path, monkeypatch):
 
 
 def test_long_context_table_is_the_states_script_comparison():
-    """The runs of scripts/gpu_long_states.sh at window 512 (+ the qk_conv=4 variants), its shared settings and its
-    evaluation settings (LONG_ARGS, the base's baselines)."""
+    """The runs of scripts/gpu_long_states.sh at window 512 (+ the qk_conv=4 variants and the gate starting at 0.9),
+    trained at the measured-best size (4k-token rows, 1.5M tokens per stage), and its evaluation settings (LONG_ARGS,
+    the base's baselines, the 'auto' one matched to the window-512 state)."""
     from linearize.study import LONG_COMMON, LongSettings
 
     table = TABLES["long-context"]
     runs = {r.name: r for r in table.runs}
-    assert list(runs) == ["sum-w512", "gated-w512", "delta-w512", "gated-w512-qkconv4", "delta-w512-qkconv4"]
+    assert list(runs) == ["sum-w512", "gated-w512", "delta-w512", "gated-w512-qkconv4", "delta-w512-qkconv4",
+                          "delta-w512-mix0.9"]
     assert {r.recipe for r in table.runs} == {"ssd"} and all(r.modes == ("hybrid", "swa_only", "la_only") for r in table.runs)
     assert runs["sum-w512"].overrides == LONG_COMMON
     assert {"hybrid.window=512", "hybrid.combine=mix", "hybrid.mix_gate=dynamic", "hybrid.softmax_sinks=8",
-            "data.train_tokens=600000", "data.seq_len=2048"} <= set(LONG_COMMON)
+            "data.train_tokens=1500000", "data.seq_len=4096"} <= set(LONG_COMMON)
     assert runs["gated-w512-qkconv4"].overrides == (*LONG_COMMON, "hybrid.linear_state=gated", "hybrid.qk_conv=4")
     assert runs["delta-w512"].overrides[-2:] == ("hybrid.linear_state=delta", "stage1.objective=hybrid_output")
-    [variant] = table.variants
-    assert (variant.name, variant.run, variant.hybrid, variant.modes) == ("sum-w512-mem", "sum-w512",
-                                                                           (("sparse_memory", 64),), ("hybrid",))
+    assert runs["delta-w512-mix0.9"].overrides == (*runs["delta-w512"].overrides, "hybrid.mix_value=0.9")
+    assert [(v.name, v.run, v.hybrid, v.modes) for v in table.variants] == [
+        ("sum-w512-mem", "sum-w512", (("sparse_memory", 64),), ("hybrid",)),
+        ("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),), ("hybrid",))]
     settings = table.long
-    assert settings == LongSettings()
-    assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 64, ("auto", 512, 64))
+    assert settings == LongSettings(window=512)  # the 'auto' baseline matches the runs' window-512 state
+    assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))
     assert settings.tasks == ("squad", "drop", "passkey", "niah_single", "qa_squad")
     assert (settings.limit, settings.cell_limit, settings.lengths, settings.qa_lengths, settings.depths) == (
         50, 3, (2048, 4096, 8192, 16384), (8192, 16384), (0.0, 0.5, 1.0))
@@ -198,7 +201,7 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     model_dir, tiny = _tiny_study_model(tmp_path, steps=1)
     real = TABLES["long-context"]
     runs = tuple(dataclasses.replace(r, overrides=(*r.overrides, *tiny)) for r in real.runs)
-    monkeypatch.setitem(study.TABLES, "long-context", dataclasses.replace(real, runs=runs))
+    monkeypatch.setitem(study.TABLES, "long-context", dataclasses.replace(real, runs=runs, variants=real.variants[:1]))
     settings = study.LongSettings(tasks=("passkey", "niah_single"), limit=1, cell_limit=1, lengths=(256,), qa_lengths=(),
                                   depths=(0.0,), window=8, baseline_windows=("auto", 8), batch_tokens=4096,
                                   bootstrap=20, dtype="float32", device="cpu")
@@ -258,3 +261,28 @@ def test_long_context_options_change_only_the_given_settings():
     args = build_parser().parse_args(["study", "long-context"])
     assert _long_settings(TABLES["long-context"].long, args, None, None) == TABLES["long-context"].long
     assert _long_settings(None, build_parser().parse_args(["study", "objectives"]), None, None) is None
+
+
+def test_long_context_base_is_evaluated_by_one_process_at_a_time(tmp_path, monkeypatch):
+    """Processes sharing a table (`--runs`): while one holds the base's lock, another goes on to its runs (wait=False)
+    or waits for it, and finds the record written (no second evaluation)."""
+    import fcntl
+
+    from linearize import study
+
+    calls = []
+
+    def evaluate(spec, out, settings, **kw):
+        calls.append(spec)
+        (out / "long.json").write_text("{}")
+
+    monkeypatch.setattr(study, "_long_evaluate", evaluate)
+    root, settings = tmp_path / "long-context", study.LongSettings()
+    (root / "base").mkdir(parents=True)
+    with open(root / "base" / ".lock", "w") as other:  # another process at it
+        fcntl.flock(other, fcntl.LOCK_EX)
+        study._long_base("m", root, settings, None, lambda _msg: None, wait=False)
+        assert calls == [] and not (root / "base" / "long.json").exists()
+    study._long_base("m", root, settings, None, lambda _msg: None)  # the lock is free: evaluated once
+    study._long_base("m", root, settings, None, lambda _msg: None, wait=False)
+    assert calls == ["m"] and (root / "base" / "long.json").is_file()

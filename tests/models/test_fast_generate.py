@@ -1,5 +1,6 @@
 """generate() of a converted model: the captured decode step where it applies, the eager step (and why) elsewhere."""
 
+import functools
 import logging
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from transformers import GenerationMixin
 
 import linearize
-from linearize.compat import cache_kwargs
+from linearize.attention.graph_decode import GraphDecoder
+from linearize.attention.ring import RingWindowLayer
+from linearize.compat import cache_kwargs, output_cache
 from linearize.models import generation
 from tiny_models import tiny_model
 
@@ -19,11 +22,11 @@ def eager_generate(model, *args, **kwargs):
     return GenerationMixin.generate(model, *args, **kwargs)
 
 
-def left_padded_batch(device="cpu"):
+def left_padded_batch(device="cpu", pad=4):
     ids = torch.randint(1, 128, (2, 11), device=device)
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    ids[1, :4] = 0
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
     return ids, mask
 
 
@@ -52,7 +55,12 @@ def test_eager_reasons_name_what_a_captured_step_cannot_do():
     assert "assisted" in generation.eager_reason(model, None, {"prompt_lookup_num_tokens": 3})
     assert "needs CUDA" in generation.eager_reason(model, None, {})
     partial = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4), layers=[0])
-    assert "unconverted layers" in generation.eager_reason(partial, None, {})
+    assert "unconverted full-attention layers [1]" in generation.eager_reason(partial, None, {})
+    # unconverted sliding-window layers decode on rings: only the CPU stops this one
+    local = linearize.convert(tiny_model("gemma3"), linearize.HybridConfig(window=4), layers="global")
+    assert "needs CUDA" in generation.eager_reason(local, None, {})
+    local.config._attn_implementation = "flex_attention"
+    assert "flex_attention" in generation.eager_reason(local, None, {})
     memory = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, sparse_memory=4, memory_block=8))
     assert "sparse memory" in generation.eager_reason(memory, None, {})
     spread = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
@@ -71,7 +79,7 @@ class StandInDecoder:
 
     built = []
 
-    def __init__(self, model, cache, positions, warmup_steps=2):
+    def __init__(self, model, cache, positions, warmup_steps=2, valid=None):
         self.model, self.cache, self.warmup_left = model, cache, warmup_steps
         self.positions = positions.clone()
         self.logits = None
@@ -114,6 +122,48 @@ def test_the_decoder_takes_every_decode_step_of_hf_generate(monkeypatch, samplin
     assert "forward" not in vars(model)  # the wrapper is gone after the call
 
 
+def ring_model(device="cpu"):
+    """Gemma-3-style, its global layer converted, its two local layers (window 8) left to rings."""
+    base = tiny_model("gemma3", sliding_window=8)
+    return linearize.convert(base, linearize.HybridConfig(window=4), layers="global").to(device)
+
+
+def generate_both(model, ids, mask, new_tokens):
+    """(ours, HF's eager loop): greedy, every step's logits returned."""
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              return_dict_in_generate=True, output_logits=True)
+    return model.generate(ids, **kw), eager_generate(model, ids, **kw)
+
+
+def test_generate_decodes_unconverted_sliding_layers_on_rings(monkeypatch):
+    """generate's decoder path with rings on the CPU: GraphDecoder running its step eagerly (the forward the captured
+    graph replays), a left-padded batch (pads in the rings' first window), 24 new tokens (3 turns of the ring): the tokens of HF's own loop, and every
+    step's logits."""
+    monkeypatch.setattr(generation, "DECODER_CLASS", functools.partial(GraphDecoder, capture=False))
+    monkeypatch.setattr(generation, "eager_reason", lambda *a, **k: None)  # as if on CUDA
+    torch.manual_seed(0)
+    model = ring_model()
+    ids, mask = left_padded_batch(pad=6)  # the rings' first window (the prompt's last 7 tokens) holds 2 pads
+    got, want = generate_both(model, ids, mask, 24)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    path = model.decode_path
+    assert path.path == "captured" and path.steps == 23 and path.rings == 2 and path.ring_window == 8
+    assert [type(layer) for layer in output_cache(got).layers[:2]] == [RingWindowLayer] * 2  # the local layers
+    assert "2 unconverted sliding-window layers on rings of 8 keys" in path.describe()
+
+
+def test_generate_without_a_padding_mask_still_fills_the_rings(monkeypatch):
+    monkeypatch.setattr(generation, "DECODER_CLASS", functools.partial(GraphDecoder, capture=False))
+    monkeypatch.setattr(generation, "eager_reason", lambda *a, **k: None)
+    model = ring_model()
+    prompt = torch.randint(1, 128, (1, 5))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, **kw), eager_generate(model, prompt, **kw))
+    assert model.decode_path.rings == 2
+
+
 def test_a_decoder_that_refuses_leaves_the_eager_step_with_its_reason(monkeypatch):
     monkeypatch.setattr(generation, "eager_reason", lambda *a, **k: None)
     model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
@@ -147,3 +197,25 @@ def test_captured_generate_samples_like_eager_generate():
     assert model.decode_path.path == "captured"
     torch.manual_seed(3)
     assert torch.equal(got, eager_generate(model, ids, attention_mask=mask, **sampling))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_captured_generate_with_rings_equals_eager_generate():
+    """The captured step with the local layers on rings (window 8, 64 new tokens: 8 turns): HF's eager loop token for
+    token, every step's logits close."""
+    torch.manual_seed(0)
+    model = ring_model("cuda")
+    ids, mask = left_padded_batch("cuda", pad=6)
+    got, want = generate_both(model, ids, mask, 64)
+    path = model.decode_path
+    assert path.path == "captured" and path.replayed == 64 - 1 - 2 and path.rings == 2, path.describe()
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(3)  # sampling draws the same tokens
+    sampling = dict(attention_mask=mask, do_sample=True, temperature=0.8, top_k=30, max_new_tokens=32)
+    sampled = model.generate(ids, **sampling)
+    assert model.decode_path.path == "captured"
+    torch.manual_seed(3)
+    assert torch.equal(sampled, eager_generate(model, ids, **sampling))

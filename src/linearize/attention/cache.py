@@ -82,10 +82,11 @@ def hybrid_cache_layer(cache: Cache, layer_idx: int) -> HybridCacheLayer:
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by a cache: hybrid states plus any softmax keys/values of unconverted layers."""
+    """Bytes held by a cache: hybrid states (and rings: `attention/ring.py`) by their own count, plus any softmax
+    keys/values of unconverted layers."""
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, HybridCacheLayer):
+        if callable(getattr(layer, "nbytes", None)):
             total += layer.nbytes()
         elif getattr(layer, "keys", None) is not None and torch.is_tensor(layer.keys):
             total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()

@@ -4,7 +4,9 @@ Sliding window: queries in blocks of C attend to a key block of C + w - 1 (a ban
 Linear branch: the `linear_state` kind's `chunked` sums (or its `fla_forward`) with keys entering w steps late for
 'complementary', 0 otherwise (attention.linear).
 Softmax sinks and sparse memory (see `reference`) add key sets to the softmax branch; each set's max-shifted sums
-carry their max, and `merge_softmax` joins them into one softmax.
+carry their max, and `merge_softmax` joins them into one softmax. With sparse memory the complementary linear branch
+is the memory's walk over its state (`attention.memory`, PyTorch whatever `linear_backend` says: the fla kernels
+cannot take the memory).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from linearize.attention.common import (
     sink_positions, ungroup,
 )
 from linearize.attention.linear import linear_state as linear_state_kind
-from linearize.attention.memory import memory_walk
+from linearize.attention.memory import memory_kind, memory_walk
 from linearize.attention.spec import AttentionSpec
 from linearize.config import ComponentMode, component_mode
 
@@ -63,29 +65,34 @@ def sink_sums(q, k, v, valid, *, scale, num_sinks, offset=0, with_max=False):
     return (ungroup(num), ungroup(den)) + ((ungroup(c),) if with_max else ())
 
 
-def memory_sums(q, qf, k, v, kf, candidate, *, scale, window, block, slots):
+def memory_sums(q, qf, k, v, kf, candidate, *, spec: AttentionSpec, log_decay=None, beta=None):
     """Per memory block of queries: softmax sums over the memory in force (num, den, max) and the linear sums over
-    the linear state in force (complementary LA). One pass over the T / block boundaries."""
+    the linear state in force (complementary LA), each query reading the state decayed by its steps since the
+    block's boundary. One pass over the T / block boundaries."""
+    kind = memory_kind(spec)
+    log_decay, beta = (log_decay if kind.needs_log_decay else None), (beta if kind.needs_beta else None)
+    block = spec.memory_block
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     n = -(-t // block)
     qg = group_queries(pad_time(q, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, d)
-    qfg = group_queries(pad_time(qf, 0, n * block - t), hkv).reshape(b, hkv, hq // hkv, n, block, qf.shape[-1])
+    qfb = pad_time(qf, 0, n * block - t).reshape(b, hq, n, block, qf.shape[-1])
+    since = None
+    if log_decay is not None:  # query jC + c reads the state decayed by the steps jC + 1 .. jC + c
+        steps = F.pad(log_decay.float(), (0, n * block - t)).reshape(b, hkv, n, block)
+        since = F.pad(steps[..., 1:].cumsum(-1), (1, 0))
     soft, lin = [], []
-    for j, (S, z, (mk, mv, _, mvalid)) in enumerate(
-            memory_walk(k, v, kf, candidate, window=window, block=block, slots=slots, blocks=n, dtype=q.dtype)):
-        logits = torch.einsum("bhgcd,bhsd->bhgcs", qg[:, :, :, j], mk) * scale
+    walk = memory_walk(k, v, kf, candidate, kind=kind, window=spec.window, block=block, slots=spec.sparse_memory,
+                       blocks=n, log_decay=log_decay, beta=beta, dtype=q.dtype)
+    for j, (state, (mk, mv, _, mvalid, *_)) in enumerate(walk):
+        logits = torch.einsum("bhgcd,bhsd->bhgcs", qg[:, :, :, j], mk) * spec.scale
         soft.append(masked_softmax_sums(logits, mvalid[:, :, None, None, :], mv, "bhgcs,bhsd->bhgcd"))
-        lin.append((torch.einsum("bhgcm,bhmd->bhgcd", qfg[:, :, :, j], S), torch.einsum("bhgcm,bhm->bhgc", qfg[:, :, :, j], z)))
+        lin.append(kind.read(state, qfb[:, :, j]) if since is None else kind.read(state, qfb[:, :, j], log_decay=since[:, :, j]))
 
-    def flat(parts):  # per-block pieces (B, Hkv, G, C, ...) -> (B, Hq, T, ...)
-        out = []
-        for x in zip(*parts):
-            x = torch.stack(x, 3)
-            out.append(ungroup(x.reshape(b, hkv, hq // hkv, n * block, *x.shape[5:]))[:, :, :t])
-        return out
+    def flat(parts):  # per-block pieces (B, Hq, C, ...) -> (B, Hq, T, ...)
+        return [torch.cat(x, 2)[:, :, :t] for x in zip(*parts)]
 
-    return flat(soft), flat(lin)
+    return flat([[ungroup(x) for x in part] for part in soft]), flat(lin)
 
 
 def hybrid_attention_chunked(
@@ -126,8 +133,7 @@ def hybrid_attention_chunked(
         block = spec.memory_block
         parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=block, to_block_start=True, with_max=True)]
         offset = torch.arange(t, device=q.device) % block + window  # sinks older than B(t) - w + 1
-        mem, la_mem = memory_sums(q, qf, k, v, kf, valid & ~sinks, scale=scale, window=window, block=block,
-                                  slots=spec.sparse_memory)
+        mem, la_mem = memory_sums(q, qf, k, v, kf, valid & ~sinks, spec=spec, log_decay=log_decay, beta=beta)
         parts.append(mem)
     else:
         parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk, with_max=True)]

@@ -3,7 +3,9 @@
 Eager decoding of a Hugging Face model is bound by the host (hundreds of small kernel launches per token). Every
 converted layer keeps a fixed-shape `HybridState` that each step updates in place, and nothing in the step reads a
 Python value that changes per token (positions come from a device tensor; the masks Hugging Face builds from the
-cache length are ignored by converted layers), so one forward can be captured once and replayed:
+cache length are ignored by converted layers), so one forward can be captured once and replayed. Layers a conversion
+left unconverted must be sliding-window layers: their keys move into fixed rings (`attention/ring.py`), attended
+through the ring's mask, passed as the model's attention mask; unconverted full-attention layers are refused.
 
     cache = DynamicCache(config=model.config)
     logits = model(prompt, **cache_kwargs(cache), use_cache=True).logits      # prefill, eager
@@ -19,8 +21,9 @@ import torch
 from transformers.cache_utils import Cache
 
 from linearize.attention.cache import HybridCacheLayer
-from linearize.compat import cache_kwargs
 from linearize.attention.module import HybridAttention
+from linearize.attention.ring import RING_ATTENTION, ring_attention_mask, swap_in_rings, unconverted_layers
+from linearize.compat import cache_kwargs
 
 
 class GraphStep:
@@ -28,19 +31,26 @@ class GraphStep:
 
     The first `warmup_steps` calls run eagerly on a side stream (they are real steps: Triton compiles, cuBLAS sets up
     its workspace); the next one captures the forward and replays it. Used by `GraphDecoder` and by the decode
-    benchmark's static-cache base, so both get the same treatment.
+    benchmark's static-cache base, so both get the same treatment. `capture=False` runs every call eagerly (the same
+    forward on the same buffers, on any device).
     """
 
-    def _init_buffers(self, model, cache, positions: torch.Tensor, warmup_steps: int) -> None:
+    def _init_buffers(self, model, cache, positions: torch.Tensor, warmup_steps: int, capture: bool = True) -> None:
         self.model, self.cache, self.positions = model, cache, positions
         self.ids = torch.zeros(positions.shape[0], 1, dtype=torch.long, device=positions.device)
         self.warmup_left = warmup_steps
-        self.side_stream = torch.cuda.Stream(positions.device)
+        self.capture = capture
+        self.side_stream = torch.cuda.Stream(positions.device) if capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
+    def _model_inputs(self) -> dict:
+        """Inputs of the step's forward besides ids, positions and the cache (computed inside the captured region)."""
+        return {}
+
     def _forward(self) -> torch.Tensor:
-        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True).logits
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True,
+                            **self._model_inputs()).logits
         self.positions.add_(1)
         return logits
 
@@ -55,6 +65,8 @@ class GraphStep:
 
     def _run(self) -> tuple[torch.Tensor, bool]:
         """The step's logits, and whether they came from a replay (False: an eager warm-up step)."""
+        if not self.capture:
+            return self._forward(), False
         if self.graph is None and self.warmup_left > 0:
             self.warmup_left -= 1
             self.side_stream.wait_stream(torch.cuda.current_stream())
@@ -75,10 +87,15 @@ class GraphDecoder(GraphStep):
     The first `warmup_steps` steps run eagerly on a side stream (they are real steps: Triton compiles, cuBLAS sets up
     its workspace); the next one captures the forward and replays it. Logits of replayed steps live in one static
     buffer that the next step overwrites: clone them to keep them.
+
+    Unconverted sliding-window layers: their cache layers are replaced by rings (in `cache`, in place) holding the last
+    window of the prompt; `valid` (B, prompt length) bool is the prompt's padding mask (None: no padding).
+    `capture=False` runs every step eagerly through the same forward (what the captured step replays, on any device).
     """
 
     @torch.inference_mode()
-    def __init__(self, model: torch.nn.Module, cache: Cache, positions: int | torch.Tensor, *, warmup_steps: int = 2):
+    def __init__(self, model: torch.nn.Module, cache: Cache, positions: int | torch.Tensor, *, warmup_steps: int = 2,
+                 valid: torch.Tensor | None = None, capture: bool = True):
         if model.training:
             raise ValueError("call model.eval() first: a captured step replays the same dropout masks")
         layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
@@ -90,11 +107,21 @@ class GraphDecoder(GraphStep):
                 raise ValueError("dynamic/longrope RoPE rescales on the host from the positions' values; it cannot be captured")
         if all(layer.get_seq_length() == 0 for layer in cache.layers):
             raise ValueError("the cache is empty: prefill it with an eager forward before capturing the decode step")
-        growing = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, HybridCacheLayer)]
-        if growing or len(cache.layers) < len(layers) or any(layer.state is None for layer in cache.layers):
-            raise ValueError(f"cache layers {growing or 'missing'} are not hybrid states: unconverted layers keep a "
-                             "growing KV cache, which a captured step cannot hold; convert every layer and prefill first")
-        self.states = [layer.state for layer in cache.layers]
+        sliding, full = unconverted_layers(model)
+        if full:
+            raise ValueError(f"unconverted full-attention layers {full} keep a growing KV cache, which a captured step "
+                             "cannot hold; convert them (unconverted sliding-window layers decode on a fixed ring)")
+        hybrid = [m.layer_idx for m in layers]
+        if len(cache.layers) <= max(hybrid + sliding) or any(
+                not isinstance(cache.layers[i], HybridCacheLayer) or cache.layers[i].state is None for i in hybrid):
+            raise ValueError("the cache does not hold a prefilled hybrid state for every converted layer; prefill it "
+                             "with an eager forward of this model first")
+        self.attn_implementation = model.config.get_text_config(decoder=True)._attn_implementation
+        if sliding and self.attn_implementation not in RING_ATTENTION:
+            raise ValueError(f"the unconverted sliding-window layers run attn_implementation "
+                             f"{self.attn_implementation!r}; their ring's mask is built for "
+                             f"{' or '.join(map(repr, RING_ATTENTION))} (model.set_attn_implementation('sdpa'))")
+        self.states = [cache.layers[i].state for i in hybrid]
         if any(st.memory is not None for st in self.states):
             raise ValueError("sparse memory updates its state every memory_block tokens, which a captured step cannot "
                              "replay; decode it eagerly")
@@ -107,23 +134,41 @@ class GraphDecoder(GraphStep):
         self.positions = positions.expand(b, 1).clone() if positions.numel() == 1 else positions.clone()
         if self.positions.shape != (b, 1):
             raise ValueError(f"positions must be an int or a ({b}, 1) tensor, got shape {tuple(positions.shape)}")
-        if not all(t.is_cuda for st in self.states for t in st.tensors()) or not next(model.parameters()).is_cuda:
+        if capture and (not all(t.is_cuda for st in self.states for t in st.tensors())
+                        or not next(model.parameters()).is_cuda):
             raise ValueError("CUDA graphs need the model and its cache on a CUDA device")
+        self.rings = swap_in_rings(cache, sliding, valid)
+        if len({(r.window, r.seen, r.keys.shape[0]) for r in self.rings}) > 1:
+            raise ValueError("the unconverted sliding-window layers differ in window, tokens seen or batch; one mask "
+                             "cannot serve their rings")
+        if self.rings and (self.rings[0].keys.shape[0] != b or self.rings[0].seen != self.states[0].seen):
+            raise ValueError("the rings of the unconverted layers and the hybrid states hold different batches or "
+                             "token counts")
         self.attention_layers = layers
-        self._init_buffers(model, cache, self.positions, warmup_steps)
+        self._init_buffers(model, cache, self.positions, warmup_steps, capture)
         self.captured_with = self._signature()
 
     def _signature(self):
-        """What the captured step baked in: the state objects and each layer's component modes."""
-        return [id(st) for st in (layer.state for layer in self.cache.layers)] + [
+        """What the captured step baked in: the cache's layer objects, the states and each layer's component modes."""
+        return [id(layer) for layer in self.cache.layers] + [
+            id(layer.state) for layer in self.cache.layers if isinstance(layer, HybridCacheLayer)] + [
             (m.mode, tuple(sorted((m.head_modes or {}).items()))) for m in self.attention_layers]
 
+    def _model_inputs(self) -> dict:
+        if not self.rings:
+            return {}
+        # one mask over the ring slots for every unconverted layer (converted layers ignore masks)
+        return {"attention_mask": ring_attention_mask(self.rings[0], self.attn_implementation, self.rings[0].keys.dtype)}
+
+    def _counters(self) -> list:
+        return self.states + self.rings
+
     def _capture(self) -> None:
-        seen = [st.seen for st in self.states]
+        seen = [c.seen for c in self._counters()]
         super()._capture()
         # capturing records the kernels without running them: undo the step's Python-side bookkeeping
-        for st, n in zip(self.states, seen):
-            st.seen = n
+        for c, n in zip(self._counters(), seen):
+            c.seen = n
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,6 +181,6 @@ class GraphDecoder(GraphStep):
             self.positions.copy_(positions.reshape(self.positions.shape))
         logits, replayed = self._run()
         if replayed:  # an eager step counts its tokens itself
-            for st in self.states:
-                st.seen += 1
+            for c in self._counters():
+                c.seen += 1
         return logits

@@ -2,7 +2,8 @@
 
 The definition is in `linearize.attention.reference`. Both fast paths walk the same boundaries through
 `memory_boundary`, in the same order and on the same tensor shapes, so a prompt decoded token by token selects
-exactly the keys the full forward selects.
+exactly the keys the full forward selects. The linear-state kind supplies the score (`recall_error`), how evicted
+keys enter its state (`absorb`) and, for the kinds with a decay, `decayed` (attention.linear).
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from linearize.attention.common import recall_error
+from linearize.attention.linear import LinearState
+from linearize.attention.linear import linear_state as linear_state_kind
+from linearize.attention.spec import AttentionSpec
+
+
+def memory_kind(spec: AttentionSpec) -> LinearState:
+    """The linear-state kind the memory serves; a one-line ValueError for what the memory does not cover."""
+    kind = linear_state_kind(spec.linear_state)
+    if not kind.serves_memory:
+        raise ValueError(f"sparse_memory does not cover linear_state={spec.linear_state!r}; set sparse_memory=0")
+    return kind
 
 
 @dataclass
@@ -20,7 +31,8 @@ class SparseMemory:
     """The m exact keys (time order, per row and KV head) and the pending keys of the current block.
 
     Pending slot i holds the key that left the window i tokens after the last boundary (the candidates of the next
-    one); `pend_valid` marks valid keys outside the softmax sinks.
+    one); `pend_valid` marks valid keys outside the softmax sinks. Kinds with a decay keep each key's log-decay since
+    its entry step (w steps after the key, when it would enter the plain state), kinds with beta its beta.
     """
 
     k: torch.Tensor  # (B, Hkv, m, d)
@@ -31,66 +43,102 @@ class SparseMemory:
     pend_v: torch.Tensor
     pend_kf: torch.Tensor  # (B, Hkv, C, f)
     pend_valid: torch.Tensor  # (B, C)
+    age: torch.Tensor | None = None  # (B, Hkv, m) fp32, kinds with a decay
+    pend_age: torch.Tensor | None = None  # (B, Hkv, C)
+    beta: torch.Tensor | None = None  # (B, Hkv, m) fp32, kinds with beta
+    pend_beta: torch.Tensor | None = None  # (B, Hkv, C)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
 
     def index_select(self, rows: torch.Tensor) -> "SparseMemory":
-        return SparseMemory(*[t.index_select(0, rows.to(t.device)) for t in self.tensors()])
+        pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
+        return SparseMemory(*[pick(getattr(self, f.name)) for f in fields(self)])
 
     @property
     def slots(self):
-        return self.k, self.v, self.kf, self.valid
+        return self.k, self.v, self.kf, self.valid, self.age, self.beta
+
+    @property
+    def pending(self):
+        return self.pend_k, self.pend_v, self.pend_kf, self.pend_valid, self.pend_age, self.pend_beta
 
 
-def empty_slots(k: torch.Tensor, v: torch.Tensor, kf: torch.Tensor, slots: int):
-    """Memory with no key: (k, v, kf, valid) of `slots` empty slots, shaped after k/v/kf (B, Hkv, ., .)."""
+def empty_slots(k: torch.Tensor, v: torch.Tensor, kf: torch.Tensor, slots: int, *, decays: bool = False,
+                betas: bool = False):
+    """Memory with no key: (k, v, kf, valid, age, beta) of `slots` empty slots, shaped after k/v/kf (B, Hkv, ., .);
+    age / beta fp32 zeros where `decays` / `betas`, else None."""
     b, hkv = k.shape[:2]
+    f32 = lambda on: torch.zeros(b, hkv, slots, dtype=torch.float32, device=k.device) if on else None  # noqa: E731
     return (k.new_zeros(b, hkv, slots, k.shape[-1]), v.new_zeros(b, hkv, slots, v.shape[-1]),
-            kf.new_zeros(b, hkv, slots, kf.shape[-1]), torch.zeros(b, hkv, slots, dtype=torch.bool, device=k.device))
+            kf.new_zeros(b, hkv, slots, kf.shape[-1]), torch.zeros(b, hkv, slots, dtype=torch.bool, device=k.device),
+            f32(decays), f32(betas))
 
 
-def memory_boundary(S, z, slots, pending):
-    """One boundary: score memory + pending keys against (S, z), keep the top m, fold the rest into S, z.
+def ages_after_entry(log_decay: torch.Tensor) -> torch.Tensor:
+    """log_decay (..., L) of steps p+1 .. p+L -> (..., L): entry i (the key entering at step p+1+i) gets the sum of
+    the decays after its entry, log_decay[i+1:].sum() (0 for the last)."""
+    return log_decay.flip(-1).cumsum(-1).flip(-1) - log_decay
 
-    slots = (k, v, kf, valid) of the memory; pending = (k, v, kf, valid (B, C)) of the new candidates in time order.
-    Returns the new (S, z, slots). Ties rank the older key first (stable sort over time-ordered keys); the kept keys
-    stay in time order.
+
+def memory_boundary(kind: LinearState, state, slots, pending):
+    """One boundary: score memory + pending keys against the state, keep the top m, let the rest enter the state.
+
+    slots = (k, v, kf, valid, age, beta) of the memory; pending = the same for the new candidates in time order
+    (valid (B, C) or (B, Hkv, C)); age / beta None where the kind has none. Returns the new (state, slots). Ties rank
+    the older key first (stable sort over time-ordered keys); the kept keys stay in time order and the evicted ones
+    enter the state in time order (the delta rule's writes do not commute).
     """
     mvalid = slots[3]
     b, hkv, m = mvalid.shape
-    pool = [torch.cat(pair, 2) for pair in zip(slots[:3], pending[:3])]  # k, v, kf: memory then pending
-    pool_valid = torch.cat([mvalid, pending[3][:, None, :].expand(b, hkv, pending[3].shape[-1])], 2)
+    pvalid = pending[3] if pending[3].dim() == 3 else pending[3][:, None, :].expand(b, hkv, pending[3].shape[-1])
+    pending = (*pending[:3], pvalid, *pending[4:])
+    pool = [None if x is None else torch.cat([x, y], 2) for x, y in zip(slots, pending)]  # memory then pending
     with torch.no_grad():
-        scores = recall_error(pool[2], pool[1], S, z).masked_fill(~pool_valid, float("-inf"))
+        scores = kind.recall_error(state, pool[2], pool[1]).masked_fill(~pool[3], float("-inf"))
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        keep, drop = order[..., :m].sort(-1).values, order[..., m:]
+        keep, drop = order[..., :m].sort(-1).values, order[..., m:].sort(-1).values
 
     def take(x, idx):
-        return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+        if x is None:
+            return None
+        return x.gather(2, idx) if x.dim() == 3 else x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
 
-    # fold only the C dropped keys (invalid ones weigh 0): the update costs C, not m + C, rank-1 terms
-    kf_fold = take(pool[2], drop).to(S.dtype) * pool_valid.gather(2, drop).to(S.dtype).unsqueeze(-1)
-    S = S + torch.einsum("bhlm,bhld->bhmd", kf_fold, take(pool[1], drop).to(S.dtype))
-    z = z + kf_fold.sum(2)
-    return S, z, (*(take(x, keep) for x in pool), pool_valid.gather(2, keep))
+    # only the C evicted keys enter (invalid ones weigh 0): the update costs C, not m + C, keys
+    out = kind.absorb(state, take(pool[2], drop), take(pool[1], drop), take(pool[3], drop),
+                      log_weight=take(pool[4], drop), beta=take(pool[5], drop))
+    return out, tuple(take(x, keep) for x in pool)
 
 
-def memory_walk(k, v, kf, candidate, *, window: int, block: int, slots: int, blocks: int, dtype=torch.float32):
-    """(S, z, memory slots) in force for the queries of blocks 0 .. blocks-1, i.e. after boundaries 0, C, 2C, ...
+def memory_walk(k, v, kf, candidate, *, kind: LinearState, window: int, block: int, slots: int, blocks: int,
+                log_decay=None, beta=None, dtype=torch.float32):
+    """(state, memory slots) in force at the boundaries 0, C, 2C, ... (C = block), one pair per block 0 .. blocks-1:
+    the state at step jC, after its boundary; the queries of block j read it decayed by their steps since jC.
 
-    k/v (B, Hkv, T, d), kf (B, Hkv, T, f); candidate (B, T): valid keys outside the softmax sinks. With the keys
-    shifted right by w - 1 (the pending layout), the candidates of boundary jC are block j - 1.
+    k/v (B, Hkv, T, d), kf (B, Hkv, T, m); candidate (B, T): valid keys outside the softmax sinks; log_decay / beta
+    (B, Hkv, T) for the kinds that use them. With the keys shifted right by w - 1 (the pending layout), the
+    candidates of boundary jC are block j - 1, and the key at shifted position p enters at step p + 1.
     """
     b, hkv, t, _ = k.shape
     back = max((blocks - 1) * block - (t + window - 1), 0)
     shifted = [F.pad(x, (0, 0, window - 1, back)) for x in (k, v, kf)]
     cand = F.pad(candidate, (window - 1, back))
-    S = torch.zeros(b, hkv, kf.shape[-1], v.shape[-1], dtype=dtype, device=k.device)
-    z = torch.zeros(b, hkv, kf.shape[-1], dtype=dtype, device=k.device)
-    mem = empty_slots(k, v, kf, slots)
+    shifted_beta = None if beta is None else F.pad(beta.float(), (window - 1, back))
+    decays = log_decay is not None
+    if decays:  # steps 0 .. (blocks - 1) C, padded with no decay
+        log_decay = F.pad(log_decay.float(), (0, max((blocks - 1) * block + 1 - t, 0)))
+    state = kind.init_state(b, hkv, kf.shape[-1], v.shape[-1], dtype=dtype, device=k.device)
+    mem = empty_slots(k, v, kf, slots, decays=decays, betas=beta is not None)
     for j in range(blocks):
         if j:
             sl = slice((j - 1) * block, j * block)
-            S, z, mem = memory_boundary(S, z, mem, (*(x[:, :, sl] for x in shifted), cand[:, sl]))
-        yield S, z, mem
+            age = None
+            if decays:  # the steps since the last boundary, (j-1)C + 1 .. jC: the state and the memory's keys decay
+                steps = log_decay[..., (j - 1) * block + 1:j * block + 1]
+                state = kind.decayed(state, steps.sum(-1))
+                mem = (*mem[:4], mem[4] + steps.sum(-1, keepdim=True), mem[5])
+                age = ages_after_entry(steps)
+            pending = (*(x[:, :, sl] for x in shifted), cand[:, sl], age,
+                       None if shifted_beta is None else shifted_beta[:, :, sl])
+            state, mem = memory_boundary(kind, state, mem, pending)
+        yield state, mem

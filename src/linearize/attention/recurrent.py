@@ -15,7 +15,11 @@ and, with softmax sinks or sparse memory on,
   left_count  how many valid keys have left the window (the first softmax_sinks of them are the sinks, which
           stay out of S, z: the linear branch adds them one by one where it covers all keys),
   memory  the sparse memory's m exact keys and the pending keys of the current block (`memory.SparseMemory`);
-          then S, z hold only L_B of the reference's definition, and the boundary step runs every memory_block tokens,
+          kind 'sum': S, z hold only L_B of the reference's definition, and the boundary step runs every
+          memory_block tokens at the end of a step (`advance_state`); other kinds (decoding 'hybrid'): the lag-w
+          `LinearSlot` holds the reference's state L with no pending key of its own ('overlap': beside the lag-0
+          state that the linear branch reads), and the boundary step runs in `step_linear` after the decay of the
+          step it starts,
 and, with the q/k convolution (qk_conv = K > 0),
   conv_q, conv_k  the last K - 1 queries and keys (padding as zeros) the convolution reads besides the new token;
           the layer rolls them in place at each step (`HybridAttention.features`).
@@ -50,7 +54,7 @@ from linearize.attention.common import (
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.linear import sum as sum_kind
 from linearize.attention.linear.common import KVState, shift_time
-from linearize.attention.memory import SparseMemory, memory_boundary, memory_walk
+from linearize.attention.memory import SparseMemory, ages_after_entry, memory_boundary, memory_kind, memory_walk
 from linearize.attention.spec import AttentionSpec
 from linearize.config import ComponentMode, component_mode
 
@@ -226,6 +230,37 @@ def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta):
     return tuple(slots)
 
 
+def _pending_block(k, v, kf, candidate, beta, *, start: int, spec: AttentionSpec):
+    """(k, v, kf, valid (B, C), beta or None) of the pending block after a prompt of T tokens: the keys that left
+    the window at the end of tokens start .. T-1 (keys start - w + 1 .. T - w), in slots 0 .., zeros after them."""
+    t, window, block = k.shape[2], spec.window, spec.memory_block
+    count = t - start
+    shifted = lambda x, dim: _pad_slots(F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (window - 1, 0)).narrow(dim, start, count), block, dim)  # noqa: E731
+    return (*(shifted(x, 2) for x in (k, v, kf)), shifted(candidate, 1),
+            None if beta is None else shifted(beta.float(), 2))
+
+
+def _prefill_memory(kind, k, v, kf, candidate, *, spec: AttentionSpec, log_decay, beta, dtype):
+    """The decaying kinds' memory after a prompt of T tokens: (the state L at step T - 1, the SparseMemory). The
+    boundaries up to B(T - 1) ran (the one at T, if T is one, runs in the next `step_linear`, which knows a_T)."""
+    t, block = k.shape[2], spec.memory_block
+    blocks = (t - 1) // block + 1 if t else 1
+    start = (blocks - 1) * block  # the last boundary the prompt crossed
+    log_decay = log_decay if kind.needs_log_decay else None
+    beta = beta if kind.needs_beta else None
+    *_, (state, slots) = memory_walk(k, v, kf, candidate, kind=kind, window=spec.window, block=block,
+                                     slots=spec.sparse_memory, blocks=blocks, log_decay=log_decay, beta=beta, dtype=dtype)
+    pend_k, pend_v, pend_kf, pend_valid, pend_beta = _pending_block(k, v, kf, candidate, beta, start=start, spec=spec)
+    age, pend_age = slots[4], None
+    if log_decay is not None:  # decay through steps start + 1 .. T - 1; a pending key ages from its entry step on
+        steps = log_decay.float()[..., start + 1:t]
+        state = kind.decayed(state, steps.sum(-1))
+        age = age + steps.sum(-1, keepdim=True)
+        pend_age = _pad_slots(ages_after_entry(F.pad(steps, (0, 1)))[..., :t - start], block, 2)
+    return state, SparseMemory(*slots[:4], pend_k, pend_v, pend_kf, pend_valid, age=age, pend_age=pend_age,
+                               beta=slots[5], pend_beta=pend_beta)
+
+
 def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=None, beta=None,
                   conv_history=None) -> HybridState:
     """The state after a whole prompt (k/v (B, Hkv, T, d), kf (B, Hkv, T, m), valid (B, T)).
@@ -243,20 +278,25 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
     n_old = max(t - window + 1, 0)  # keys 0 .. t - w
     sinks = first_valid(valid, softmax_sinks)
     memory = None
+    if sparse_memory:
+        memory_kind(spec)  # refuses what the memory does not cover
     if not kind.additive:
-        if sparse_memory:
-            raise ValueError("sparse_memory needs the 'sum' linear state")
-        linear = _prefill_slots(kind, kf, v, valid, sinks, lags=lags, window=window, log_decay=log_decay, beta=beta)
+        # the memory's state L, held as the lag-w state: where 'hybrid' may be decoded ('complementary': its lag is w;
+        # 'overlap': any lag, 0, as 'la_only' has, so a cache prefilled for 'la_only' alone carries it too)
+        hybrid_decoded = window in lags if spec.placement == "complementary" else bool(lags)
+        memory_lag = window if sparse_memory and hybrid_decoded else None
+        linear = _prefill_slots(kind, kf, v, valid, sinks, lags=set(lags) - {memory_lag}, window=window,
+                                log_decay=log_decay, beta=beta)
+        if memory_lag is not None:
+            state, memory = _prefill_memory(kind, k, v, kf, valid & ~sinks, spec=spec, log_decay=log_decay, beta=beta,
+                                            dtype=f32)
+            linear = tuple(sorted(linear + (LinearSlot(memory_lag, state),), key=lambda slot: slot.lag))
     elif sparse_memory:
-        candidate = valid & ~sinks
-        *_, (S, z, slots) = memory_walk(k, v, kf, candidate, window=window, block=memory_block, slots=sparse_memory,
-                                        blocks=t // memory_block + 1, dtype=f32)
-        # pending: the keys that left the window since the last boundary, shifted layout as in memory_walk
-        start, count = t // memory_block * memory_block, t % memory_block
-        pend = [_pad_slots(F.pad(x, (0, 0, window - 1, 0))[:, :, start:start + count], memory_block, 2) for x in (k, v, kf)]
-        pvalid = _pad_slots(F.pad(candidate, (window - 1, 0))[:, start:start + count], memory_block, 1)
-        memory = SparseMemory(*slots, *pend, pvalid)
-        linear = KVState(S, z)
+        # the boundary at t, if t is one, runs here (`advance_state` would have run it at the end of token t - 1)
+        start = t // memory_block * memory_block
+        *_, (linear, slots) = memory_walk(k, v, kf, valid & ~sinks, kind=kind, window=window, block=memory_block,
+                                          slots=sparse_memory, blocks=start // memory_block + 1, dtype=f32)
+        memory = SparseMemory(*slots[:4], *_pending_block(k, v, kf, valid & ~sinks, None, start=start, spec=spec)[:4])
     else:
         kf_valid = kf.to(f32) * (valid & ~sinks)[:, None, :, None]
         S = torch.einsum("bhsm,bhsd->bhmd", kf_valid[:, :, :n_old], v[:, :, :n_old].to(f32)).contiguous()
@@ -428,6 +468,9 @@ def step_linear(state: HybridState, qf, kf, v, valid, *, log_decay=None, beta=No
     reads = {}
     ld = None if log_decay is None else log_decay[:, :, 0].float()
     for slot in state.linear:
+        if slot.lag and state.memory is not None:
+            reads[slot.lag] = _memory_step(state, slot.state, kind, qf, ld)
+            continue
         if slot.lag:
             kin, vin, bin_, ein = slot.pend_kf, slot.pend_v, slot.pend_beta, slot.pend_enter
         else:
@@ -436,6 +479,31 @@ def step_linear(state: HybridState, qf, kf, v, valid, *, log_decay=None, beta=No
         num, den = kind.step(slot.state, qf[:, :, 0].float(), kin, vin, log_decay_t=ld, beta_in=bin_, enter_in=ein)
         reads[slot.lag] = (num[:, :, None], den[:, :, None])
     return reads
+
+
+def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    for d, x in zip(dst, src):
+        d.copy_(x)
+
+
+def _memory_step(state: HybridState, linear, kind, qf, log_decay):
+    """The decaying kinds with sparse memory, one step (the reference's loop): the state L and every kept or
+    pending key age by this step's decay, the boundary runs if this step starts a block, then qf (B, Hq, 1, m)
+    reads L. In place; returns (num (B, Hq, 1, d), den (B, Hq, 1))."""
+    mem = state.memory
+    block = mem.pend_valid.shape[1]
+    if log_decay is not None and kind.decayed is not None:
+        _copy_into(linear.tensors(), kind.decayed(linear, log_decay).tensors())
+        mem.age.add_(log_decay[..., None])
+        mem.pend_age.add_(log_decay[..., None])
+        if state.seen:  # the key that left the window at the end of the last token enters at this step: age 0
+            mem.pend_age[:, :, (state.seen - 1) % block].zero_()
+    if state.seen and state.seen % block == 0:
+        new, slots = memory_boundary(kind, linear, mem.slots, mem.pending)
+        _copy_into(linear.tensors(), new.tensors())
+        _copy_into([x for x in mem.slots if x is not None], [x for x in slots if x is not None])
+        mem.pend_valid.zero_()
+    return kind.read(linear, qf.float())
 
 
 def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
@@ -455,10 +523,12 @@ def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
     for buf, x in ((mem.pend_k, k), (mem.pend_v, v), (mem.pend_kf, kf)):
         buf[:, :, i:i + 1].copy_(x)
     mem.pend_valid[:, i:i + 1].copy_(keep)
-    if (state.seen + 1) % block == 0:  # the next query starts a block: its boundary step
-        S, z, slots = memory_boundary(state.S, state.z, mem.slots, (mem.pend_k, mem.pend_v, mem.pend_kf, mem.pend_valid))
-        for dst, src in zip((state.S, state.z) + mem.slots, (S, z) + slots):
-            dst.copy_(src)
+    if mem.pend_beta is not None:
+        mem.pend_beta[:, :, i:i + 1].copy_(beta)
+    if state.additive and (state.seen + 1) % block == 0:  # the next query starts a block: its boundary step
+        new, slots = memory_boundary(linear_state_kind(state.kind), state.linear, mem.slots, mem.pending)
+        _copy_into(state.linear.tensors(), new.tensors())
+        _copy_into(list(mem.slots[:4]), list(slots[:4]))
         mem.pend_valid.zero_()
 
 

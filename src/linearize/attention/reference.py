@@ -27,6 +27,23 @@ Sparse exact memory (sparse_memory = m > 0, memory_block = C; 'hybrid' mode only
       LA        L_B ('complementary') or {s <= t} ('overlap')
   so under 'complementary' every valid key s <= t is in exactly one branch. Selection is per (row, KV head) and not
   differentiated (scores and ranking under no_grad).
+
+Sparse memory with the decaying states ('gated', 'delta'). The sets M_b, N_b and the softmax branch are as above;
+what differs is the state L, which is no longer a function of the set L_b. As for 'sum', L is the linear branch
+under 'complementary'; under 'overlap' the linear branch is the plain state over every key and L only scores. With
+a_u = log_decay[u] and entry(s) = s + w (the step at which key s enters the plain lag-w state), key s's age at step
+u is A(s, u) = sum_{entry(s) < u' <= u} a_u'. The state L is carried step by step:
+      at every step u:     L <- exp(a_u) L                                   (the plain state's decay)
+      at a boundary b > 0: score M_{b-C} + N_b against L (as it stands after step b's decay), keep the top m as M_b,
+                           and let the others enter L in time order, each weighed by its age gamma_s = exp(A(s, b)):
+        'gated'  S += gamma_s phi(k_s) v_s^T,  z += gamma_s phi(k_s);      score ||v - phi(k)^T S / phi(k)^T z||^2
+                 (+inf where phi(k)^T z = 0). A key in L at step t thus weighs exp(A(s, t)), the weight it has in the
+                 plain gated state: with m = 0 the memory changes only when keys enter (at the next boundary instead
+                 of at entry(s)), and with m = 0 and C = 1 it is the plain gated state exactly.
+        'delta'  the delta rule's write with strength gamma_s beta_s: S += gamma_s beta_s k^_s (v_s - S^T k^_s)^T;
+                 score ||v - S^T k^||^2 (the state's own recall error; k^ the unit-norm feature). den = 1 once a
+                 valid key has entered L (per row), else 0. With m = 0 and C = 1 it is the plain lag-w delta state.
+  Query t reads L as it stands at step t (after step t's decay and the boundary at t, if any).
 """
 
 from __future__ import annotations
@@ -35,7 +52,9 @@ import torch
 
 from linearize.attention.common import combine, expand_weight, first_valid, group_queries, recall_error, safe_div, ungroup
 from linearize.attention.linear import linear_state as linear_state_kind
+from linearize.attention.linear.delta.inputs import unit_norm
 from linearize.attention.linear.sum import masked_sums
+from linearize.attention.memory import memory_kind
 from linearize.attention.spec import AttentionSpec
 from linearize.config import ComponentMode, component_mode
 
@@ -61,6 +80,58 @@ def memory_sets(kf, v, candidate, *, window: int, block: int, slots: int):
         mems.append(mem)
         las.append(la)
     return torch.stack(mems, 2), torch.stack(las, 2)
+
+
+def decayed_memory_walk(qf, kf, v, candidate, *, kind, window: int, block: int, slots: int, log_decay=None,
+                        beta=None):
+    """The sparse memory of a decaying kind ('gated', 'delta') by a plain loop over the steps of the module
+    docstring: the memory M_B(t) in force for each query as a (B, Hkv, T, S) mask, and the linear sums (num (B, Hq,
+    T, d), den (B, Hq, T)) of each query against the state L."""
+    b, hkv, t, m = kf.shape
+    d = v.shape[-1]
+    pos = torch.arange(t, device=kf.device)
+    ld = torch.zeros(b, hkv, t, dtype=kf.dtype, device=kf.device) if log_decay is None else log_decay
+    cum = ld.cumsum(-1)
+    at_entry = cum.gather(-1, (pos + window).clamp(max=t - 1).expand(b, hkv, t))  # cum[entry(s)] (used where <= t-1)
+    delta = kind.name == "delta"
+    k_hat = unit_norm(kf)
+    state = kind.init_state(b, hkv, m, d, dtype=kf.dtype, device=kf.device)
+    S, second = state.tensors()  # z ('gated') or entered ('delta')
+    mem = torch.zeros(b, hkv, t, dtype=torch.bool, device=kf.device)
+    mems, nums, dens = [], [], []
+    for u in range(t):
+        a = ld[:, :, u].exp()
+        S = S * a[..., None, None]
+        second = second if delta else second * a[..., None]
+        if u and u % block == 0:
+            new = (candidate & (pos > u - block - window) & (pos <= u - window))[:, None].expand(b, hkv, t)
+            pool = mem | new
+            with torch.no_grad():
+                score = kind.recall_error(type(state)(S, second), kf, v)
+                ranked = torch.where(pool, score, torch.full_like(score, float("-inf")))
+                top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :slots]
+                keep = torch.zeros_like(mem).scatter(-1, top, True) & pool
+            dropped = pool & ~keep
+            gamma = torch.exp(cum[..., u, None] - at_entry) * dropped
+            if delta:
+                for s in range(t):  # the writes, oldest key first
+                    strength = gamma[:, :, s] * (1.0 if beta is None else beta[:, :, s])
+                    error = v[:, :, s] - torch.einsum("bhmd,bhm->bhd", S, k_hat[:, :, s])
+                    S = S + strength[..., None, None] * k_hat[:, :, s, :, None] * error[..., None, :]
+                second = second | dropped.flatten(1).any(1)
+            else:
+                S = S + torch.einsum("bhsm,bhsd->bhmd", kf * gamma[..., None], v)
+                second = second + (kf * gamma[..., None]).sum(2)
+            mem = keep
+        mems.append(mem)
+        qg = group_queries(qf[:, :, u], hkv)  # (B, Hkv, G, m)
+        if delta:
+            nums.append(ungroup(torch.einsum("bhgm,bhmd->bhgd", unit_norm(qg), S)))
+            dens.append(second.to(qf.dtype)[:, None].expand(b, qf.shape[1]))
+        else:
+            nums.append(ungroup(torch.einsum("bhgm,bhmd->bhgd", qg, S)))
+            dens.append(ungroup(torch.einsum("bhgm,bhm->bhg", qg, second)))
+    return torch.stack(mems, 2), (torch.stack(nums, 2), torch.stack(dens, 2))
 
 
 def hybrid_attention_reference(
@@ -114,12 +185,19 @@ def hybrid_attention_reference(
     if spec.sparse_memory:
         block = spec.memory_block
         candidate = valid & ~first_valid(valid, spec.softmax_sinks)
+        stretched = causal & (pos[None, :] > ((pos // block) * block - window)[:, None])  # back to B(t) - w
+        if not memory_kind(spec).additive:
+            mem, la = decayed_memory_walk(qf, kf, v, candidate, kind=kind, window=window, block=block,
+                                          slots=spec.sparse_memory, log_decay=log_decay, beta=beta)
+            if not complementary:
+                la = linear_sums(la_enter, 0)
+            return combine(spec.rule, expand_weight(weight, b, hq, t, q),
+                           softmax_sums(window_mask | stretched | mem.unsqueeze(2)), la)
         mem, la_set = memory_sets(kf, v, candidate, window=window, block=block, slots=spec.sparse_memory)
         blk = pos // block  # the sets in force for query t are those of boundary B(t)
         mem, la_set = mem[:, :, blk, :].unsqueeze(2), la_set[:, :, blk, :].unsqueeze(2)  # (B, Hkv, 1, T, S)
-        stretched = causal & (pos[None, :] > (blk * block - window)[:, None])  # back to B(t) - w
         window_mask = window_mask | stretched | mem
-        if complementary:  # the 'sum' state (HybridConfig allows memory with it only)
+        if complementary:  # the 'sum' state: L_B is a set of keys
             return combine(spec.rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask),
                            masked_sums(qf, kf, v, la_set & keymask))
     return combine(spec.rule, expand_weight(weight, b, hq, t, q), softmax_sums(window_mask),

@@ -17,17 +17,19 @@ import time
 import traceback
 
 import torch
-from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
+from transformers.cache_utils import StaticCache
 
 from linearize.attention.cache import cache_nbytes, hybrid_cache_layer
-from linearize.attention.graph_decode import GraphStep, GraphDecoder
+from linearize.attention.graph_decode import GraphDecoder, GraphStep
 from linearize.attention.linear.common import KVState
 from linearize.attention.module import HybridAttention
 from linearize.attention.recurrent import HybridState
+from linearize.attention.ring import RingWindowLayer, ring_bytes
 from linearize.bench.timing import copy_bandwidth, free, sync
 from linearize.compat import cache_kwargs
 from linearize.config import HybridConfig
 from linearize.models.convert import convert
+
 
 def gemma3_270m_config():
     from transformers import Gemma3TextConfig
@@ -215,30 +217,14 @@ def decode_shape(name: str, llama_layers: int = 8):
     raise ValueError(f"unknown decode shape {name!r}: gemma3-270m, llama3-8b")
 
 
-class RingSlidingLayer(StaticSlidingWindowLayer):
-    """HF's static sliding-window cache layer with its one-token update written as a ring-buffer slot (a device
-    index) instead of a roll and two full copies, which a CUDA graph can capture (HF's version builds an index tensor
-    from a Python list every step). Keys are stored after RoPE, so their order in the buffer does not matter to an
-    unmasked attention over a full window; the change only makes the base faster."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.shape[-2] != 1:
-            raise ValueError("the benchmark's ring layer takes one token per step")
-        slot = (self.cumulative_length % self.max_cache_len).view(1)
-        self.keys.index_copy_(2, slot, key_states)
-        self.values.index_copy_(2, slot, value_states)
-        self.cumulative_length.add_(1)
-        return self.keys, self.values
-
-
 def static_cache_bytes_per_seq(cfg, length: int, dtype=torch.bfloat16) -> int:
-    """Key/value bytes of one sequence in a StaticCache of `length` slots (sliding layers hold their window)."""
+    """Bytes of one sequence in a StaticCache of `length` slots (sliding layers: a ring of their window, flags
+    included)."""
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     window = getattr(cfg, "sliding_window", None) or length
-    slots = sum(min(window, length) if kind == "sliding_attention" else length for kind in types)
-    return 2 * slots * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    hkv, d, size = cfg.num_key_value_heads, cfg.head_dim, torch.finfo(dtype).bits // 8
+    return sum(ring_bytes(hkv, d, min(window, length), size) if kind == "sliding_attention" else 2 * length * hkv * d * size
+               for kind in types)
 
 
 #: The base's attention in the fair benchmark: HF's SDPA function under a name without a mask function, so no mask is
@@ -262,15 +248,22 @@ def fill_static_cache(model, batch: int, ctx: int, room: int, dtype=torch.bfloat
     """A StaticCache of ctx + room slots, every slot filled with random keys/values, the next write at `ctx`.
 
     Every slot holds a key so that the step can attend without a mask (`use_unmasked_sdpa`): each step reads
-    ctx + room keys per full layer, at most `room` (a few dozen) more than a step at context `ctx`."""
+    ctx + room keys per full layer, at most `room` (a few dozen) more than a step at context `ctx`. Sliding layers are
+    rings of their window (`RingWindowLayer`, a slot write per step that a CUDA graph can capture, instead of HF's
+    roll and two full copies); keys are stored after RoPE, so attending to the whole ring unmasked is attending to
+    the window."""
     cfg = model.config
     device = next(model.parameters()).device
     cache = StaticCache(config=cfg, max_cache_len=ctx + room)
-    proto = torch.empty(batch, cfg.num_key_value_heads, 1, cfg.head_dim, device=device, dtype=dtype)
+    hkv, d = cfg.num_key_value_heads, cfg.head_dim
+    proto = torch.empty(batch, hkv, 1, d, device=device, dtype=dtype)
     for i, layer in enumerate(cache.layers):
         if layer.is_sliding:
-            layer = cache.layers[i] = RingSlidingLayer(max_cache_len=ctx + room, sliding_window=cfg.sliding_window)
-            layer.cumulative_length_int = ctx
+            window = min(cfg.sliding_window, ctx + room)
+            keys = torch.randn(batch, hkv, window, d, device=device, dtype=dtype)
+            cache.layers[i] = RingWindowLayer(keys, torch.randn_like(keys),
+                                              torch.ones(batch, window, dtype=torch.bool, device=device), seen=ctx)
+            continue
         layer.lazy_initialization(proto, proto)
         layer.keys.normal_()
         layer.values.normal_()

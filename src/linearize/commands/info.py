@@ -58,7 +58,8 @@ def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
     # fp32, as the model loads by default
     base_kv = decode_state_bytes(c, context, dtype_bytes=4)
     converted_bytes = decode_state_bytes(c, context, dtype_bytes=4, hybrid=hybrid, layers=layers)
-    kept = len(layers) < c.num_hidden_layers
+    growing = [i for i in range(c.num_hidden_layers) if i not in layers and kinds[i] != "sliding_attention"]
+    rings = c.num_hidden_layers - len(layers) - len(growing)  # unconverted sliding layers: a ring of their window
     lines = [
         f"model           {type(model).__name__} (model_type {c.model_type}, adapter '{adapter.family}'), {params / 1e6:.1f}M parameters",
         f"layers          {c.num_hidden_layers}: " + ", ".join(f"{n}x {k}" for k, n in sorted({k: kinds.count(k) for k in kinds}.items())),
@@ -73,6 +74,7 @@ def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
         f"  feature map   {hybrid.feature_map}, W {d}x{proj} per head -> {m} features",
         f"  new params    ~{new_params / 1e6:.2f}M feature-map weights (+ mixing parameters)",
         f"  decode cache  at {context} tokens, fp32, batch 1: base {base_kv / 2**20:.1f} MiB -> converted {converted_bytes / 2**20:.1f} MiB"
-        + (" (constant in context)" if not kept else " (unconverted layers still grow)"),
+        + (f" (unconverted full-attention layers {growing} still grow)" if growing else " (constant in context"
+           + (f"; {rings} unconverted sliding-window layers on rings of {c.sliding_window} keys)" if rings else ")")),
     ]
     return "\n".join(lines)

@@ -5,8 +5,10 @@ for the duration of the call the model's `forward` is wrapped so that every one-
 (eager) prefill goes through `linearize.attention.graph_decode.GraphDecoder`: its first steps run eagerly (Triton
 compiles, cuBLAS sets up), the next one is captured, and the rest replay that CUDA graph. Where a captured step
 cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory,
-unconverted layers, no cache -- the eager step runs. Which path ran is on the model after the call
-(`model.decode_path`, a `DecodePath`) and in one log line. `LINEARIZE_EAGER_DECODE=1` keeps the eager step everywhere.
+unconverted full-attention layers, no cache -- the eager step runs. Unconverted sliding-window layers (Gemma 3's local
+layers under `layers="global"`) decode on fixed rings of their window (`attention/ring.py`; the returned cache holds
+those rings). Which path ran is on the model after the call (`model.decode_path`, a `DecodePath`) and in one log
+line. `LINEARIZE_EAGER_DECODE=1` keeps the eager step everywhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from linearize.attention.graph_decode import GraphDecoder
 from linearize.attention.module import HybridAttention
+from linearize.attention.ring import RING_ATTENTION, unconverted_layers
 from linearize.compat import CACHE_KWARG, CACHE_KWARGS
 
 log = logging.getLogger(__name__)
@@ -42,10 +45,14 @@ class DecodePath:
     reason: str | None = None
     steps: int = 0  # decode steps after the prefill
     replayed: int = 0  # of them, replays of the captured graph
+    rings: int = 0  # unconverted sliding-window layers that decoded on a fixed ring of their window
+    ring_window: int | None = None
 
     def describe(self) -> str:
         if self.path == "captured":
-            return f"captured decode step (CUDA graph: {self.replayed} of {self.steps} steps replayed)"
+            rings = (f"; {self.rings} unconverted sliding-window layers on rings of {self.ring_window} keys"
+                     if self.rings else "")
+            return f"captured decode step (CUDA graph: {self.replayed} of {self.steps} steps replayed{rings})"
         return f"eager decode step ({self.reason})"
 
 
@@ -76,8 +83,13 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
         return "the model has no converted layers"
     if any(layer.hybrid.sparse_memory for layer in layers):
         return "sparse memory updates its state every memory_block tokens"
-    if len(layers) != model.config.get_text_config(decoder=True).num_hidden_layers:
-        return "unconverted layers keep a growing KV cache"
+    sliding, full = unconverted_layers(model)
+    if full:
+        return f"unconverted full-attention layers {full} keep a growing KV cache"
+    impl = model.config.get_text_config(decoder=True)._attn_implementation
+    if sliding and impl not in RING_ATTENTION:
+        return (f"the unconverted sliding-window layers run attn_implementation {impl!r}; their ring's mask is built "
+                f"for {' or '.join(map(repr, RING_ATTENTION))}")
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
         return f"the model spans several devices ({', '.join(sorted(map(str, devices)))}); a captured step needs one"
@@ -95,6 +107,16 @@ def _input_ids(args, kwargs):
 
 def _cache(kwargs):
     return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
+
+
+def _prompt_padding(mask, prompt: int) -> torch.Tensor | None:
+    """(B, prompt) bool from generate's 2-D attention mask at the first decode step (None: no mask, no padding)."""
+    if mask is None:
+        return None
+    if not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[1] < prompt:
+        raise ValueError(f"generate passed an attention mask of shape {tuple(getattr(mask, 'shape', ()))}; the rings of "
+                         "the unconverted sliding-window layers need the 2-D padding mask")
+    return mask[:, :prompt].bool()
 
 
 class CapturedStep:
@@ -124,7 +146,9 @@ class CapturedStep:
             positions = torch.full((ids.shape[0], 1), cache.get_seq_length(), device=ids.device, dtype=torch.long)
         if self.decoder is None:
             try:
-                self.decoder = DECODER_CLASS(self.model, cache, positions=positions)
+                rings = bool(unconverted_layers(self.model)[0])  # only rings need the prompt's padding
+                valid = _prompt_padding(kwargs.get("attention_mask"), cache.get_seq_length()) if rings else None
+                self.decoder = DECODER_CLASS(self.model, cache, positions=positions, valid=valid)
             except ValueError as exc:
                 self.failure = str(exc)
                 log.info("linearize generate: eager decode step: %s", exc)
@@ -155,7 +179,9 @@ def generate(model: nn.Module, base_generate, *args, generation_config=None, **k
         if step is not None:
             del model.forward  # the instance attribute; the class's forward shows again
     if step is not None and step.decoder is not None:
-        path = DecodePath("captured", steps=step.steps, replayed=step.replayed)
+        rings = getattr(step.decoder, "rings", [])
+        path = DecodePath("captured", steps=step.steps, replayed=step.replayed, rings=len(rings),
+                          ring_window=rings[0].window if rings else None)
     else:
         path = DecodePath("eager", reason or step.failure or "no decode step after the prefill")
     model.decode_path = path

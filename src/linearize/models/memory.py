@@ -8,15 +8,19 @@ One definition for the three kinds of model that the long-context evaluation put
 * a converted model: on each converted layer the recurrent state of :mod:`linearize.attention.recurrent`
   (the linear state in float32 -- its kind's own `state_bytes`, plus for the non-additive kinds under 'complementary'
   the key waiting to enter it and, with beta, the ring's betas --, the ring of the last w - 1 keys, values and key
-  features, the sink keys and values, with sparse memory its slots and pending block, with the q/k convolution the
-  last K - 1 queries and keys), decoding in 'hybrid' mode
-  (a non-'sum' state prefilled for 'la_only' as well holds a second linear state); other layers as in the base model.
+  features, the sink keys and values, with sparse memory its slots and pending block (for the non-additive kinds
+  with their ages and betas, in place of the waiting key; under 'overlap' with a second state, the memory's), with
+  the q/k convolution the last K - 1 queries and keys), decoding in 'hybrid' mode
+  (a non-'sum' state prefilled for 'la_only' as well holds a second linear state); its unconverted sliding-window
+  layers a ring of their window (keys, values and a flag per slot, `attention/ring.py`: what the captured decode step
+  holds, constant in context); unconverted full-attention layers as in the base model.
 """
 
 from __future__ import annotations
 
 from linearize.attention.adapters import head_dim, layer_types
 from linearize.attention.linear import linear_state
+from linearize.attention.ring import ring_bytes
 from linearize.config import HybridConfig
 from linearize.errors import LinearizeError
 from linearize.feature_maps import num_features
@@ -40,7 +44,11 @@ def _hybrid_layer_bytes(hq: int, hkv: int, d: int, hybrid: HybridConfig, dtype_b
     kind = linear_state(hybrid.linear_state)
     state = kind.state_bytes(hkv, m, d)  # accumulated in float32 whatever the model dtype
     if not kind.additive:
-        if hybrid.placement == "complementary":  # the key entering at the next step (fp32) and its flag (per row)
+        if hybrid.sparse_memory:  # the memory's keys and pending block: their ages (fp32) and, with beta, betas
+            state += hkv * (hybrid.sparse_memory + hybrid.memory_block) * (1 + kind.needs_beta) * F32
+            if hybrid.placement != "complementary":  # the memory's own state beside the one the linear branch reads
+                state += kind.state_bytes(hkv, m, d)
+        elif hybrid.placement == "complementary":  # the key entering at the next step (fp32) and its flag (per row)
             state += hkv * (m + d + (1 if kind.needs_beta else 0)) * F32 + 1
         if kind.needs_beta:  # the ring keys' beta
             state += hkv * (hybrid.window - 1) * F32
@@ -71,6 +79,8 @@ def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: Hy
         own = config.sliding_window if kind == "sliding_attention" else None
         if i in changed and hybrid is not None:
             total += _hybrid_layer_bytes(config.num_attention_heads, hkv, d, hybrid, dtype_bytes)
+        elif hybrid is not None and own is not None:
+            total += ring_bytes(hkv, d, own, dtype_bytes)
         elif i in changed and own is None:  # the baseline leaves a layer with its own window as it is
             w, s = window_sinks
             total += _kv_layer_bytes(hkv, d, min(context, w + s), dtype_bytes)

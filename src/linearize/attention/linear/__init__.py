@@ -7,7 +7,11 @@ A kind's folder (`attention/linear/<kind>/`) exposes plain fp32 torch functions:
     step(state, qf_t, kf_in, v_in, *, log_decay_t=None, beta_in=None, enter_in=None)      one step, in place
     fla_forward(...)                                                                       optional GPU backend
 and, optionally, final_state(kf, v, *, log_decay, beta, enter, lag) -> state (the decode prefill; without it the
-prefill runs `step` over the prompt). Shapes: qf (B, Hq, T, m), kf (B, Hkv, T, m), v (B, Hkv, T, d), log_decay /
+prefill runs `step` over the prompt). A kind that the sparse memory (`attention.memory`) can serve also has
+    read(state, qf[, log_decay=]) -> (num, den)          queries (B, Hq, L, m) against the state (decayed per query)
+    recall_error(state, kf, v) -> (B, Hkv, L)                 the memory's score of keys against the state
+    absorb(state, kf, v, valid, *, log_weight, beta) -> state  keys evicted from the memory enter, in order (not in place)
+    decayed(state, log_decay (B, Hkv)) -> state                kinds with a decay (not in place) Shapes: qf (B, Hq, T, m), kf (B, Hkv, T, m), v (B, Hkv, T, d), log_decay /
 beta (B, Hkv, T), enter (B, T) bool; key s enters the state at step s + lag. At step t the state decays by
 exp(log_decay[t]), key t - lag enters if enter[t - lag], then query t reads it: num (B, Hq, T, d), den (B, Hq, T)
 merge with the softmax window's sums through `attention.common.combine`.
@@ -48,12 +52,23 @@ class LinearState:
     step: Callable
     fla_forward: Callable | None = None
     final_state: Callable | None = None
+    read: Callable | None = None
+    recall_error: Callable | None = None
+    absorb: Callable | None = None
+    decayed: Callable | None = None
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType, **fields) -> "LinearState":
         """The entry of the kind in `module`: its functions by their interface names, unless `fields` name them."""
-        fns = {f: getattr(module, f, None) for f in ("naive", "chunked", "init_state", "step", "fla_forward", "final_state")}
+        names = ("naive", "chunked", "init_state", "step", "fla_forward", "final_state", "read", "recall_error", "absorb",
+                 "decayed")
+        fns = {f: getattr(module, f, None) for f in names}
         return cls(name=name, help=(module.__doc__ or "").strip().split("\n")[0], **{**fns, **fields})
+
+    @property
+    def serves_memory(self) -> bool:
+        """The sparse memory can serve this kind: it has read, recall_error, absorb (and decayed if it decays)."""
+        return None not in (self.read, self.recall_error, self.absorb) and (self.decayed is not None or not self.needs_log_decay)
 
     def state_bytes(self, num_kv_heads: int, m: int, d: int) -> int:
         """Bytes of one row's state (fp32), from the kind's own init_state: what the decode cache holds."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from linearize.attention.common import group_queries
+from linearize.attention.common import group_queries, ungroup
 from linearize.attention.linear.delta.inputs import unit_norm
 
 
@@ -60,7 +60,24 @@ def step(state: DeltaState, qf_t, kf_in, v_in, *, log_decay_t=None, beta_in=None
         state.entered.fill_(True)
     error = v - torch.einsum("bhmd,bhm->bhd", S, k)
     S.add_(k[..., :, None] * (strength[..., None] * error)[..., None, :])
-    q_hat = group_queries(unit_norm(qf_t.to(S.dtype)), hkv)  # (B, Hkv, G, m)
-    num = torch.einsum("bhgm,bhmd->bhgd", q_hat, S).reshape(b, -1, d)
-    den = state.entered.to(S.dtype)[:, None].expand(b, num.shape[1])
+    num, den = read(state, qf_t[:, :, None])
+    return num[:, :, 0], den[:, :, 0]
+
+
+def read(state: DeltaState, qf, *, log_decay=None):
+    """(num (B, Hq, L, d), den (B, Hq, L)) of queries qf (B, Hq, L, m): num = S^T q^, den = 1 once a key entered;
+    with log_decay (B, Hkv, L), query l reads the state decayed by exp(log_decay[l]) (den unchanged)."""
+    S = state.S
+    b, hkv = S.shape[:2]
+    q_hat = group_queries(unit_norm(qf.to(S.dtype)), hkv)  # (B, Hkv, G, L, m)
+    num = torch.einsum("bhglm,bhmd->bhgld", q_hat, S)
+    if log_decay is not None:
+        num = num * torch.exp(log_decay.to(S.dtype))[:, :, None, :, None]
+    num = ungroup(num)
+    den = state.entered.to(S.dtype)[:, None, None].expand(b, num.shape[1], num.shape[2])
     return num, den
+
+
+def decayed(state: DeltaState, log_decay) -> DeltaState:
+    """A new state: S times exp(log_decay) (B, Hkv). Not in place."""
+    return DeltaState(state.S * torch.exp(log_decay.to(state.S.dtype))[..., None, None], state.entered)

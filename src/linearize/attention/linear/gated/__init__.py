@@ -19,9 +19,12 @@ from linearize.attention.linear.common import (
     shift_time,
 )
 
-__all__ = ["chunked", "decay_weights", "final_state", "fla_forward", "init_state", "naive", "step"]
+__all__ = ["absorb", "chunked", "decay_weights", "decayed", "final_state", "fla_forward", "init_state", "naive", "read",
+           "recall_error", "step"]
 
 init_state = init_kv_state
+# sparse memory scores and lets keys in as the 'sum' state does (the decay is in absorb's log_weight)
+recall_error, absorb = sum_kind.recall_error, sum_kind.absorb
 
 
 def _log_decay(log_decay, kf):
@@ -121,3 +124,19 @@ def fla_forward(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
                               g=ld.transpose(1, 2).float(), scale=1.0)
     out = out.transpose(1, 2).float()
     return out[..., :d], out[..., d]
+
+
+def decayed(state: KVState, log_decay) -> KVState:
+    """A new state: S and z times exp(log_decay) (B, Hkv). Not in place."""
+    a = torch.exp(log_decay.to(state.S.dtype))
+    return KVState(state.S * a[..., None, None], state.z * a[..., None])
+
+
+def read(state: KVState, qf, *, log_decay=None):
+    """(num (B, Hq, L, d), den (B, Hq, L)) of queries qf (B, Hq, L, m); with log_decay (B, Hkv, L), query l reads the
+    state decayed by exp(log_decay[l])."""
+    num, den = sum_kind.read(state, qf)
+    if log_decay is None:
+        return num, den
+    a = ungroup(torch.exp(log_decay.to(num.dtype))[:, :, None].expand(-1, -1, qf.shape[1] // log_decay.shape[1], -1))
+    return num * a[..., None], den * a

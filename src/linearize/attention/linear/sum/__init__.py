@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from linearize.attention.common import group_queries, pad_time, ungroup
+from linearize.attention.common import group_queries, pad_time, recall_error as kv_recall_error, ungroup
 from linearize.attention.linear.common import KVState, entering, init_kv_state
 
-__all__ = ["chunked", "fold", "init_state", "masked_sums", "naive", "read", "step"]
+__all__ = ["absorb", "chunked", "fold", "init_state", "masked_sums", "naive", "read", "recall_error", "step"]
 
 init_state = init_kv_state
 
@@ -93,3 +93,21 @@ def step(state: KVState, qf_t, kf_in, v_in, *, log_decay_t=None, beta_in=None, e
     fold(state, kf_in, v_in, enter_in)
     num, den = read(state, qf_t[:, :, None].to(state.S.dtype))
     return num[:, :, 0], den[:, :, 0]
+
+
+# -- sparse memory (attention.memory): score keys against the state, let the evicted ones in -------------------------
+
+def recall_error(state: KVState, kf, v):
+    """How badly the state recalls each key's value, ||v - phi(k)^T S / phi(k)^T z||^2 (+inf where phi(k)^T z = 0):
+    kf (B, Hkv, L, m), v (B, Hkv, L, d) -> (B, Hkv, L)."""
+    return kv_recall_error(kf, v, state.S, state.z)
+
+
+def absorb(state: KVState, kf, v, valid, *, log_weight=None, beta=None) -> KVState:
+    """A new state with the keys kf (B, Hkv, L, m), v (B, Hkv, L, d) added where `valid` (B, Hkv, L), each weighed
+    exp(log_weight) (the decay since its entry step; None: 1). Not in place, so gradients flow through it."""
+    w = valid.to(state.S.dtype)
+    if log_weight is not None:
+        w = w * torch.exp(log_weight.to(state.S.dtype))
+    kw = kf.to(state.S.dtype) * w[..., None]
+    return KVState(state.S + torch.einsum("bhlm,bhld->bhmd", kw, v.to(state.S.dtype)), state.z + kw.sum(2))

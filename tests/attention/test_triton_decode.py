@@ -289,6 +289,37 @@ def test_gpu_fused_step_replays_from_a_cuda_graph(monkeypatch, fold_every):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_a_state_first_stepped_in_a_capture_folds_every_step(monkeypatch):
+    """fold_every 4, but the state's first step is captured: no pending list is made inside the capture (its zeros
+    would replay every step); the state folds every step instead, as an eager fold_every 1 state does."""
+    gen = torch.Generator().manual_seed(0)
+    b, hq, hkv, d, m = 8, 8, 2, 64, 128
+    eager = _prompt_state(b, hkv, d, m, 20, 16, dtype=torch.bfloat16, gen=gen)
+    graphed, warm = copy.deepcopy(eager), copy.deepcopy(eager)
+    (q, k, v, qf, kf), valid = _token(b, hq, hkv, d, m, 0, torch.bfloat16, gen)
+    kw = with_spec(modes=["hybrid"], valid=valid, scale=d ** -0.5, weight=0.3, rule="shared_norm",
+                   placement="complementary")
+    monkeypatch.setitem(fused.TUNING, "fold_every", 1)
+    fused.fused_decode_step(warm, q, k, v, qf, kf, **kw)  # compiles the F = 1 kernel outside the capture
+    monkeypatch.setitem(fused.TUNING, "fold_every", 4)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)["hybrid"]
+    assert graphed.pend_count is None
+    monkeypatch.setitem(fused.TUNING, "fold_every", 1)
+    for _ in range(6):
+        want = fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)["hybrid"]
+        graph.replay()
+        assert torch.equal(out, want)
+    torch.cuda.synchronize()
+    for a, r in zip(graphed.tensors(), eager.tensors()):
+        assert torch.equal(a, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("family,sinks", [("gemma3", 0), ("llama", 2)])
 @pytest.mark.parametrize("fold_every", [1, 8])
 def test_gpu_converted_model_greedy_decode_fused_equals_unfused(monkeypatch, family, sinks, fold_every):

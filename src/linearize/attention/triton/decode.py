@@ -459,8 +459,14 @@ def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
 
 def fold_every(state) -> int:
     """F of the deferred fold for this state: its pending list's length once it has one (a state keeps the F it was
-    first stepped with), else TUNING's."""
-    return int(TUNING["fold_every"]) if state.pend_kf is None else state.pend_kf.shape[2]
+    first stepped with), else TUNING's -- except during CUDA-graph capture, where a new list's zeros would be captured
+    and replayed every step: 1 then (each step folds its key; the list is made by an eager step, as GraphDecoder's
+    warm-up steps are)."""
+    if state.pend_kf is not None:
+        return state.pend_kf.shape[2]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return 1
+    return int(TUNING["fold_every"])
 
 
 def _pending_list(state, f: int) -> tuple:

@@ -178,6 +178,15 @@ def test_a_deferred_list_is_folded_where_the_fused_step_stops(monkeypatch):
 
 
 @pytest.mark.parametrize("contract", ["loop", "dot"])
+def test_head_dim_and_features_not_powers_of_two(monkeypatch, contract):
+    """head_dim 24, m 12: the tiles are masked at the edges (the closing writes too), with a deferred fold."""
+    monkeypatch.setitem(fused.TUNING, "contract", contract)
+    monkeypatch.setitem(fused.TUNING, "fold_every", 2)
+    _run_against_reference(monkeypatch, mode="hybrid", rule="mix", placement="overlap", b=2, hq=4, hkv=2, d=24, m=12,
+                           window=5, prompt=3, steps=6, softmax_sinks=1, num_sinks=2, wkind="rows")
+
+
+@pytest.mark.parametrize("contract", ["loop", "dot"])
 def test_bf16_state_matches_the_recurrent_step(monkeypatch, contract):
     """A bf16 ring and inputs (the model's case): the kernel widens them to fp32 as the PyTorch step does. (On the GPU
     'dot' multiplies q . k in bf16 itself: the gpu tests below.)"""

@@ -67,7 +67,7 @@ TUNING = {"num_warps": 4, "values_per_thread": 8, "programs_per_sm": 2, "min_til
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here). dot_precision ('ieee': 42% of the floor against tf32's 47% at Gemma batch 1024) and keys_once
 #: (False: never faster) were measured at 0ce5559 and left out; `--grid KEY=...` brings them back.
-TUNING_CHOICES = {"num_warps": (4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
+TUNING_CHOICES = {"num_warps": (2, 4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
                   "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "stages": (0, 2, 3),
                   "fold_every": (1, 8, 16)}
 
@@ -523,6 +523,8 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     least = 16 if dot else 1  # tl.dot's smallest side
     # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
     bd, nd = _pow2(d, 16), 1
+    while bd > 256:  # wider tiles than the kernels were built and measured for: d-tiles
+        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
     while (b * hkv * nd < tuning["programs_per_sm"] * _num_sms(device)
            and bd // 2 >= max(tuning["min_tile_d"], least)):
         bd, nd = bd // 2, triton.cdiv(d, bd // 2)

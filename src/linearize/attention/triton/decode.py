@@ -25,12 +25,15 @@ Tuning: the launch (`launch_config`: d-tiles, tile sizes, warps, how the G query
 pipeline, the deferred fold) follows TUNING; benchmarks/fused_tuning.py times its choices (TUNING_CHOICES) against
 the unfused step on the GPU.
 
-Switch: unset, the fused step runs on every CUDA step it covers. The tuning sweep on the H200 (commit 0ce5559,
-benchmarks/results/speed/fused_tuning.md; one layer, captured graphs) measured the TUNING defaults -- the 'dot'
+Switch: unset, the fused step runs on every CUDA step it covers. The tuning sweep on the H200
+(benchmarks/results/speed/fused_tuning.md; one layer, captured graphs; its header says commit 0ce5559, but its
+launches and ablation rows are those of 1d9fc94, before the deferred fold) measured the TUNING defaults -- the 'dot'
 contract in tf32, 3 pipeline stages, 4 warps -- at 1.67x the unfused step at batch 1024 (Gemma-3-270M shape, 47% of
 the floor), 3.9x at batch 64, 2.55x at batch 96 (Llama-3-8B shape, 44%) and 4.95x at batch 8, where the first,
-untuned version was 0.1-0.3x at those batches (so it ran at batch <= 4 only). `LINEARIZE_FUSED_DECODE=0` turns it
-off; `=1` also lets it take CPU tensors under `TRITON_INTERPRET=1` (the tests).
+untuned version was 0.1-0.3x at those batches (so it ran at batch <= 4 only). With bf16 inputs its tf32 products
+put the outputs ~1e-3 (relative) from the unfused step's (bf16's own rounding is 4e-3; 'ieee': 4e-5, 10% slower);
+the state's fold stays exact fp32. `LINEARIZE_FUSED_DECODE=0` turns it off; `=1` also lets it take CPU tensors under
+`TRITON_INTERPRET=1` (the tests).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ TUNING = {"num_warps": 4, "values_per_thread": 8, "programs_per_sm": 2, "min_til
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here). dot_precision ('ieee': 42% of the floor against tf32's 47% at Gemma batch 1024) and keys_once
-#: (False: never faster) were measured at 0ce5559 and left out; `--grid KEY=...` brings them back.
+#: (False: never faster) were measured in that sweep and left out; `--grid KEY=...` brings them back.
 TUNING_CHOICES = {"num_warps": (2, 4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
                   "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "stages": (0, 2, 3),
                   "fold_every": (1, 8, 16)}

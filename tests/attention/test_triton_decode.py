@@ -136,15 +136,18 @@ def test_fused_steps_match_the_recurrent_step(monkeypatch, mode, rule, placement
                            wkind=wkind)
 
 
-@pytest.mark.parametrize("contract,d_tiles", [("loop", False), ("loop", True), ("dot", False)])
+@pytest.mark.parametrize("contract,d_tiles,fold_pass", [("loop", False, "inline"), ("loop", True, "after"),
+                                                        ("dot", False, "inline"), ("dot", False, "after")])
 @pytest.mark.parametrize("mode,rule,placement,b,hq,hkv,window,prompt,steps,sinks,num_sinks,wkind", CASES)
 def test_deferred_fold_matches_the_recurrent_step(monkeypatch, mode, rule, placement, b, hq, hkv, window, prompt,
-                                                  steps, sinks, num_sinks, wkind, contract, d_tiles):
-    """fold_every 3: the leaving keys wait in the state's pending list and enter S, z three at a time; outputs and
-    the linear sums (S, z with the pending keys) equal the step that folds every key at once, over 8 steps (two
-    folds, with the ring wrapping and, in the softmax-sink cases, sinks that never enter S)."""
+                                                  steps, sinks, num_sinks, wkind, contract, d_tiles, fold_pass):
+    """fold_every 3: the leaving keys wait in the state's pending list and enter S, z three at a time (S written as
+    the readout reads it, or in a pass of its own); outputs and the linear sums (S, z with the pending keys) equal
+    the step that folds every key at once, over 8 steps (two folds, with the ring wrapping and, in the softmax-sink
+    cases, sinks that never enter S)."""
     d, m = (32, 24) if contract == "dot" else (16, 8)
     monkeypatch.setitem(fused.TUNING, "contract", contract)
+    monkeypatch.setitem(fused.TUNING, "fold_pass", fold_pass)
     monkeypatch.setitem(fused.TUNING, "fold_every", 3)
     monkeypatch.setitem(fused.TUNING, "min_tile_d", d // 2 if d_tiles else 10**6)
     _run_against_reference(monkeypatch, mode=mode, rule=rule, placement=placement, b=b, hq=hq, hkv=hkv, d=d, m=m,
@@ -253,10 +256,12 @@ def test_tiny_model_greedy_decode_is_the_same_with_and_without_the_fused_step(mo
                                                    ("shared_norm", "complementary", 4)])
 @pytest.mark.parametrize("shape", [(16, 4, 1, 256, 512), (8, 32, 8, 128, 256),  # Gemma 3 270M, Llama 3 8B heads:
                                    (320, 4, 1, 256, 512), (48, 32, 8, 128, 256)])  # d-tiles; one program per (b, hk)
-@pytest.mark.parametrize("variant", [{}, {"contract": "dot"}, {"contract": "dot", "stages": 3, "dot_precision": "ieee"},
-                                     {"stages": 2, "programs_per_sm": 16}, {"fold_every": 8},
-                                     {"fold_every": 16, "contract": "dot", "stages": 3}],
-                         ids=["default", "dot", "dot_staged", "staged_tiles", "deferred", "deferred_dot"])
+@pytest.mark.parametrize("variant", [{}, {"contract": "loop", "stages": 0, "num_warps": None}, {"dot_precision": "ieee"},
+                                     {"stages": 0, "programs_per_sm": 16}, {"fold_every": 8},
+                                     {"fold_every": 16, "contract": "loop", "stages": 2},
+                                     {"fold_every": 16, "fold_pass": "after"}],
+                         ids=["default", "loop", "ieee", "hand_prefetch_tiles", "deferred", "deferred_loop",
+                              "deferred_pass"])
 def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape, variant):
     for key, value in variant.items():
         monkeypatch.setitem(fused.TUNING, key, value)

@@ -63,16 +63,18 @@ FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 #: `keys_once`: where one tile spans head_dim, the window's keys are loaded in one tile, not column block by block.
 #: `fold_every` F > 1: the deferred fold -- the keys leaving the window wait in the state's pending list
 #: (recurrent.HybridState.pend_*) and go into S, z F at a time, so S is written once per F steps instead of every
-#: step (a step otherwise reads and writes all of S); 1: each step folds its leaving key.
+#: step (a step otherwise reads and writes all of S); 1: each step folds its leaving key. `fold_pass`: where a
+#: deferred fold writes S -- 'inline', each tile as the readout reads it, or 'after', a pass of its own in narrow
+#: tiles (reads S again once per F steps; the main loop holds fewer registers).
 TUNING = {"num_warps": 4, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "dot",
-          "dot_precision": "tf32", "stages": 3, "keys_once": True, "fold_every": 1}
+          "dot_precision": "tf32", "stages": 3, "keys_once": True, "fold_every": 1, "fold_pass": "inline"}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here). dot_precision ('ieee': 42% of the floor against tf32's 47% at Gemma batch 1024) and keys_once
 #: (False: never faster) were measured in that sweep and left out; `--grid KEY=...` brings them back.
 TUNING_CHOICES = {"num_warps": (2, 4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
                   "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "stages": (0, 2, 3),
-                  "fold_every": (1, 8, 16)}
+                  "fold_every": (1, 8, 16), "fold_pass": ("inline", "after")}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -138,7 +140,7 @@ def _fold_pending(acc, PKF, PV, kv64, M, D, om, mm, offs_d, md, pused, offs_f, F
 @triton.jit
 def _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om, mm, offs_d, md,
                     v_out, fold_w, pused, offs_f, folding, offs_g, G: tl.constexpr, HAS_LA: tl.constexpr,
-                    DOT: tl.constexpr, PREC: tl.constexpr, F: tl.constexpr):
+                    DOT: tl.constexpr, PREC: tl.constexpr, F: tl.constexpr, FOLD_AFTER: tl.constexpr):
     """One tile of S (rows om, columns offs_d) read by the linear branch (num_l += qf S, den_l += qf . z) and folded:
     S[om, offs_d] = st + fold_w kf_out v_out^T (kf_out: the leaving key's features). With the deferred fold (F > 1)
     S is written only when `folding`, then with the deferred keys in use (pused) too."""
@@ -147,7 +149,7 @@ def _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, sl
         num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G, DOT, PREC)
         den_l += tl.sum(qf * z[None, :], 1)
     if F > 1:
-        if folding:
+        if folding and not FOLD_AFTER:
             kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
             upd = _fold_pending(st + kf_out[:, None] * v_out[None, :], PKF, PV, kv64, M, D, om, mm, offs_d, md, pused,
                                 offs_f, F, DOT, PREC)
@@ -170,7 +172,8 @@ def fused_decode_kernel(
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, FULL_D: tl.constexpr, MP: tl.constexpr,
-    DP: tl.constexpr, NATIVE_QK: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, SKIP: tl.constexpr = 0,
+    DP: tl.constexpr, NATIVE_QK: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, FOLD_AFTER: tl.constexpr,
+    BDF: tl.constexpr, SKIP: tl.constexpr = 0,
 ):
     """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: B*HKV*ND: ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
@@ -351,7 +354,7 @@ def fused_decode_kernel(
             z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
             num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om,
                                            mm, offs_d, md, v_out, fold_w, pused, offs_f, folding, offs_g, G, HAS_LA,
-                                           DOT, PREC, F)
+                                           DOT, PREC, F, FOLD_AFTER)
     else:
         for m0 in tl.range(0, M, BM, num_stages=STAGES):
             om = m0 + tl.arange(0, BM)
@@ -360,7 +363,24 @@ def fused_decode_kernel(
             z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
             num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om,
                                            mm, offs_d, md, v_out, fold_w, pused, offs_f, folding, offs_g, G, HAS_LA,
-                                           DOT, PREC, F)
+                                           DOT, PREC, F, FOLD_AFTER)
+
+    if F > 1 and FOLD_AFTER:  # the fold in a pass of its own, in narrow tiles (few registers; S read again)
+        tl.debug_barrier()  # every thread has read its S tiles above before any of them changes
+        if folding:
+            for m0 in range(0, M, BM):
+                om = m0 + tl.arange(0, BM)
+                mm = om < M
+                kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+                for d1 in range(0, BD, BDF):
+                    od1 = pid_d * BD + d1 + tl.arange(0, BDF)
+                    md1 = od1 < D
+                    st = tl.load(S + (kv64 * M + om[:, None]) * D + od1[None, :], mask=mm[:, None] & md1[None, :],
+                                 other=0.0)
+                    vo = tl.load(BUFV + (kv64 * L + slot) * D + od1, mask=md1, other=0.0).to(tl.float32)
+                    upd = _fold_pending(st + kf_out[:, None] * vo[None, :], PKF, PV, kv64, M, D, om, mm, od1, md1,
+                                        pused, offs_f, F, False, PREC)
+                    tl.store(S + (kv64 * M + om[:, None]) * D + od1[None, :], upd, mask=mm[:, None] & md1[None, :])
 
     if F > 1 and HAS_LA:  # the deferred keys' terms: (qf . kf_j) v_j over the entries in use
         a_p = tl.zeros([GP, FP], dtype=tl.float32)
@@ -521,6 +541,8 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     if tuning["contract"] not in ("loop", "dot"):
         raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
     dot = tuning["contract"] == "dot"
+    if tuning["fold_pass"] not in ("inline", "after"):
+        raise ValueError(f"TUNING['fold_pass'] must be 'inline' or 'after', not {tuning['fold_pass']!r}")
     if int(tuning["fold_every"]) < 1:
         raise ValueError(f"TUNING['fold_every'] must be >= 1, not {tuning['fold_every']!r}")
     least = 16 if dot else 1  # tl.dot's smallest side
@@ -542,7 +564,8 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     return dict(ND=nd, BD=bd, FULL_D=bool(tuning["keys_once"]) and nd == 1 and bd >= d, MP=_pow2(m), DP=_pow2(d), GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
                 BM=max(least, min(rows, 64, _pow2(m, 2))), BS=_pow2(ns, max(2, least)), num_warps=warps, DOT=dot,
                 PREC=prec, STAGES=tuning["stages"], NATIVE_QK=native, F=int(tuning["fold_every"]),
-                FP=_pow2(tuning["fold_every"], least))
+                FP=_pow2(tuning["fold_every"], least),
+                FOLD_AFTER=int(tuning["fold_every"]) > 1 and tuning["fold_pass"] == "after", BDF=min(bd, 64))
 
 
 def _bool_bytes(x: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,12 @@ does not depend on the context, the ring is the window), the unfused step (`deco
 LINEARIZE_FUSED_DECODE=0: the decode kernel + PyTorch ring and sink writes) and the fused step under settings of
 `decode.TUNING_CHOICES` (or --grid): a coordinate search from the default TUNING (--search greedy, the default: each
 key in turn takes each of its choices, the fastest kept, two passes) or every combination (--search grid). Each
-launch the settings give is timed once: `inner` steps captured in one CUDA graph, replayed after warm-up, CUDA events,
-the median of --reps replays; and first checked against the unfused step on copies of the state (relative error of
-the output and of S after one step). The floor is bench/decode's: the layer state's bytes read once / the copy
-bandwidth measured in this run. Writes NAME.json (every row, rewritten after each case) and NAME.md.
+launch the settings give is timed once: `inner` steps (a multiple of fold_every) captured in one CUDA graph, replayed
+after warm-up, CUDA events, the median of --reps replays; and first checked against the unfused step on copies of
+the state (largest relative error of the output and of S, with a deferred fold's pending keys, over fold_every + 1
+steps). Then the fastest launch is timed without the window and without the S loop (the kernel's SKIP): where its
+time goes. The floor is bench/decode's: the layer state's bytes (with a pending list) read once / the copy bandwidth
+measured in this run. Writes NAME.json (every row, rewritten after each case) and NAME.md.
 """
 
 from __future__ import annotations

@@ -224,6 +224,27 @@ def _greedy(model, prompt, mask, new_tokens):
                                         min_new_tokens=new_tokens, do_sample=False)
 
 
+def test_beam_search_reorders_the_pending_list(monkeypatch):
+    """Beam search with the deferred fold (fold_every 2): reordering the cache picks the pending keys' rows with the
+    rest of the state (HybridState.index_select); the same beams as without the fused step."""
+    from transformers import GenerationMixin
+
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4)).to(DEVICE)
+    prompt = torch.randint(1, 128, (1, 5), device=DEVICE)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5, num_beams=2,
+              do_sample=False)
+    monkeypatch.setitem(fused.TUNING, "fold_every", 2)
+    folds = []
+    real = fused.launch_config
+    monkeypatch.setattr(fused, "launch_config", lambda *a, **k: folds.append(real(*a, **k)["F"]) or real(*a, **k))
+    with torch.no_grad():
+        got = GenerationMixin.generate(model, prompt, **kw)
+        monkeypatch.setenv(fused.FUSED_ENV, "0")
+        want = GenerationMixin.generate(model, prompt, **kw)
+    assert folds and set(folds) == {2}  # the fused steps ran, deferring
+    assert torch.equal(got, want)
+
+
 def test_tiny_model_greedy_decode_is_the_same_with_and_without_the_fused_step(monkeypatch):
     """A converted model (GQA, softmax sinks, a left-padded row) decodes the same tokens fused and unfused."""
     model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, softmax_sinks=1)).to(DEVICE)

@@ -15,7 +15,8 @@ after warm-up, CUDA events, the median of --reps replays; and first checked agai
 the state (largest relative error of the output and of S, with a deferred fold's pending keys, over fold_every + 1
 steps). Then the fastest launch is timed without the window and without the S loop (the kernel's SKIP): where its
 time goes. The floor is bench/decode's: the layer state's bytes (with a pending list) read once / the copy bandwidth
-measured in this run. Writes NAME.json (every row, rewritten after each case) and NAME.md.
+measured in this run. Writes NAME.json (every row, rewritten after each case) and NAME.md. --minutes (default 7)
+bounds the searches, so that the whole run stays within a 10-minute GPU call.
 """
 
 from __future__ import annotations
@@ -124,10 +125,10 @@ def settings_grid(choices: dict) -> list[dict]:
 
 
 def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, search: str, inner: int, reps: int,
-               bandwidth: float | None, log=print) -> list[dict]:
+               bandwidth: float | None, deadline: float = float("inf"), log=print) -> list[dict]:
     """The unfused row, then a row per fused launch measured: all of the grid's ('grid'), or those a coordinate
     search visits ('greedy': from the default, each key in turn takes each of its choices, the fastest kept; two
-    passes)."""
+    passes); no new launch after `deadline` (time.perf_counter()), so that a run keeps to its time limit."""
     from linearize.attention.recurrent import linear_sums
     from linearize.attention.triton import decode, decode_step_triton
     from linearize.bench.decode import fused_decode, memory_floor_ms
@@ -169,6 +170,8 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
             if shown not in measured[launch]["settings"]:
                 measured[launch]["settings"].append(shown)
             return measured[launch].get("ms_per_step", float("inf"))
+        if time.perf_counter() > deadline and measured:
+            return float("inf")  # out of time: launches not yet seen are skipped
         decode.TUNING.clear()
         decode.TUNING.update(setting)
         reset_pending(state)
@@ -327,6 +330,9 @@ def main(argv=None) -> int:
     p.add_argument("--search", choices=("greedy", "grid"), default=None,
                    help="greedy: a coordinate search from the default (~sum of the choices' counts, twice); grid: "
                    "every combination (hundreds of launches: one case per run)")
+    p.add_argument("--minutes", type=float, default=7.0,
+                   help="time for the searches, shared by the cases (each stops measuring new launches at its share; "
+                   "model set-up and the ablations come on top)")
     p.add_argument("--inner", type=int, default=8, help="steps per captured graph")
     p.add_argument("--reps", type=int, default=15, help="timed replays (median)")
     p.add_argument("--commit", default=None)
@@ -362,6 +368,7 @@ def main(argv=None) -> int:
         args.search = args.search or "greedy"
     env["command"] = command
     result = dict(benchmark_header(env), copy_bandwidth_bytes_per_s=bandwidth, context=CONTEXT, search=args.search,
+                  minutes=args.minutes,
                   choices=choices, inner=args.inner,
                   reps=args.reps, hybrid={"window": hybrid.window, "feature_map": hybrid.feature_map,
                                           "softmax_sinks": hybrid.softmax_sinks, "combine": hybrid.combine},
@@ -370,10 +377,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from linearize.bench.timing import free
 
-    for shape, batch in cases:
+    end = time.perf_counter() + 60 * args.minutes
+    for i, (shape, batch) in enumerate(cases):
         free()  # the previous case's state and graphs
+        deadline = time.perf_counter() + (end - time.perf_counter()) / (len(cases) - i)  # an equal share of what is left
         result["rows"] += sweep_case(shape, batch, "cuda" if cuda else "cpu", hybrid, choices, search=args.search,
-                                     inner=args.inner, reps=args.reps, bandwidth=bandwidth)
+                                     inner=args.inner, reps=args.reps, bandwidth=bandwidth, deadline=deadline)
         (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))  # kept if cut off later
         (out / f"{args.name}.md").write_text(render_markdown(result))
     return 0

@@ -13,7 +13,10 @@ from linearize.attention.cache import cache_nbytes
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import first_valid
 from linearize.attention.recurrent import decode_step, prefill_selecting, prefill_state
-from linearize.attention.reference import hybrid_attention_reference, query_memory_reference
+from linearize.attention.reference import (
+    hybrid_attention_reference,
+    query_memory_reference,
+)
 from linearize.compat import cache_kwargs
 from linearize.models.memory import decode_state_bytes
 

@@ -49,7 +49,7 @@ class AttentionSpec:
         """The sparse memory is chosen once, at the end of a prefill, by the prompt's last queries ('query')."""
         return self.sparse_memory > 0 and self.memory_select == "query"
 
-    def full_forward(self) -> "AttentionSpec":
+    def full_forward(self) -> AttentionSpec:
         """The spec a full (teacher-forced) forward runs: this one, but without the sparse memory under 'query',
         which acts at prefill only (`recurrent.prefill_selecting`)."""
         return replace(self, sparse_memory=0) if self.selects_at_prefill else self

@@ -2,6 +2,8 @@
 plain-loop reference (every kind, rule, placement, mode), padding, a planted key, the full forward without memory,
 whole tiny models (the layer's prefill, generate, decode bytes, save/load) and the config's checks."""
 
+import os
+
 import pytest
 import torch
 from spec_kwargs import with_spec
@@ -272,11 +274,58 @@ def test_config_checks_and_set_hybrid():
     assert model.model.layers[0].self_attn.spec.selects_at_prefill
 
 
+def graph_decoded(model, prompt, mask, tokens, capture):
+    """Logits of `tokens` stepped after a padded prompt: eagerly through the model, and through a GraphDecoder."""
+    from linearize.attention.graph_decode import GraphDecoder
+
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = []
+    for _ in range(2):
+        caches.append(DynamicCache(config=model.config))
+        with torch.no_grad():
+            model(prompt, attention_mask=mask, position_ids=positions, **cache_kwargs(caches[-1]), use_cache=True)
+    decoder = GraphDecoder(model, caches[1], positions=positions[:, -1:] + 1, capture=capture)
+    eager, graphed = [], []
+    for i in range(tokens.shape[1]):
+        with torch.no_grad():
+            eager.append(model(tokens[:, i:i + 1], **cache_kwargs(caches[0]), use_cache=True,
+                               position_ids=positions[:, -1:] + 1 + i).logits)
+        graphed.append(decoder.step(tokens[:, i:i + 1]).clone())
+    return torch.cat(eager, 1), torch.cat(graphed, 1), decoder
+
+
+def test_the_graph_decoder_takes_a_fixed_memory():
+    """The memory chosen at prefill is fixed, so the graph decoder's step (here eager, on CPU: what a capture
+    records) decodes it as the model's own cached step does, past several windows; 'recall' is refused. (The graph
+    decoder holds the 'sum' state only.)"""
+    model = converted("sum")
+    prompt, tokens = torch.randint(1, 128, (2, 15)), torch.randint(1, 128, (2, 12))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    eager, graphed, _ = graph_decoded(model, prompt, mask, tokens, capture=False)
+    torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
+    linearize.set_hybrid(model, memory_select="recall")
+    with pytest.raises(ValueError, match="memory_block"):
+        graph_decoded(model, prompt, mask, tokens, capture=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cuda_graph_replay_of_a_fixed_memory_equals_eager_stepping(family):
+    model = converted("sum", family).cuda()
+    prompt, tokens = torch.randint(1, 128, (2, 15), device="cuda"), torch.randint(1, 128, (2, 20), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    eager, graphed, decoder = graph_decoded(model, prompt, mask, tokens, capture=True)
+    assert decoder.captured
+    torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_auto_backend_matches_torch():
     """On CUDA in bf16, backend 'auto' runs the prompt's full forward on the Triton kernels (it has no memory) and the
     selection and decoding in PyTorch: layer 0 keeps the keys backend 'torch' keeps, the prefill and decoded logits
-    agree to bf16 precision, and generate runs the eager step."""
+    agree to bf16 precision, and generate replays a captured step with the same tokens as the eager one."""
     settings = dict(window=16, sparse_memory=8, memory_observe=8, softmax_sinks=0)
     model = converted("sum", **settings).cuda().to(torch.bfloat16)
     torch_model = converted("sum", backend="torch", **settings).cuda().to(torch.bfloat16)
@@ -292,5 +341,11 @@ def test_cuda_bf16_auto_backend_matches_torch():
             states.append(cache.layers[0].state)
     assert states[0].memory_fixed and torch.equal(states[0].memory.k, states[1].memory.k)
     assert (logits[0] - logits[1]).abs().max() < 0.1
-    model.generate(ids[:, :260], max_new_tokens=8, do_sample=False)
-    assert model.decode_path.path == "eager"
+    captured = model.generate(ids[:, :260], max_new_tokens=12, do_sample=False)
+    assert model.decode_path.path == "captured", model.decode_path.describe()
+    os.environ["LINEARIZE_EAGER_DECODE"] = "1"
+    try:
+        eager = model.generate(ids[:, :260], max_new_tokens=12, do_sample=False)
+    finally:
+        del os.environ["LINEARIZE_EAGER_DECODE"]
+    assert model.decode_path.path == "eager" and torch.equal(captured, eager)

@@ -122,7 +122,8 @@ class GraphDecoder(GraphStep):
                              f"{self.attn_implementation!r}; their ring's mask is built for "
                              f"{' or '.join(map(repr, RING_ATTENTION))} (model.set_attn_implementation('sdpa'))")
         self.states = [cache.layers[i].state for i in hybrid]
-        if any(st.memory is not None for st in self.states):
+        # a memory chosen at prefill ('query') is fixed: its step has fixed shapes like the rest of the state
+        if any(st.memory is not None and not st.memory_fixed for st in self.states):
             raise ValueError("sparse memory updates its state every memory_block tokens, which a captured step cannot "
                              "replay; decode it eagerly")
         batch = {st.S.shape[0] for st in self.states}

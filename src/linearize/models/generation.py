@@ -4,7 +4,8 @@ Hugging Face's `generate` drives the loop as usual (logits processors, sampling,
 for the duration of the call the model's `forward` is wrapped so that every one-token decode step after the
 (eager) prefill goes through `linearize.attention.graph_decode.GraphDecoder`: its first steps run eagerly (Triton
 compiles, cuBLAS sets up), the next one is captured, and the rest replay that CUDA graph. Where a captured step
-cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory,
+cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory
+chosen online ('recall'; a memory chosen at prefill, 'query', is fixed and captured with the rest),
 unconverted full-attention layers, no cache -- the eager step runs. Unconverted sliding-window layers (Gemma 3's local
 layers under `layers="global"`) decode on fixed rings of their window (`attention/ring.py`; the returned cache holds
 those rings). Which path ran is on the model after the call (`model.decode_path`, a `DecodePath`) and in one log
@@ -81,8 +82,8 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
     layers = _hybrid_layers(model)
     if not layers:
         return "the model has no converted layers"
-    if any(layer.hybrid.sparse_memory for layer in layers):
-        return "sparse memory: its decode step runs eagerly (the graph decoder does not hold it)"
+    if any(layer.hybrid.sparse_memory and layer.hybrid.memory_select == "recall" for layer in layers):
+        return "sparse memory (memory_select 'recall') updates its state every memory_block tokens"
     sliding, full = unconverted_layers(model)
     if full:
         return f"unconverted full-attention layers {full} keep a growing KV cache"

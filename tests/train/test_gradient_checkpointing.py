@@ -1,0 +1,107 @@
+"""Gradient checkpointing in stage 2 (`stage2.gradient_checkpointing`): the same loss and gradients as the plain run,
+far fewer tensors kept for the backward pass, and a resumed run that ends bit for bit where the plain run does."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from linearize import HybridConfig, convert
+from linearize.train import finetune, loop, run_recipe
+from linearize.train.ssd import SSDSchedule
+from lz_train_helpers import random_data, tiny_llama, tiny_recipe
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def _stage2_model(**hybrid):
+    model = tiny_llama(num_hidden_layers=3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # rows of 6 chunks take the chunked path; sinks and the dynamic gate add the softmax merge and a trained gate
+    convert(model, HybridConfig(window=8, chunk_size=8, softmax_sinks=2, combine="mix", mix_gate="dynamic", **hybrid))
+    _, params = finetune.add_lora(model, LORA, train_feature_maps=True, train_mixing=True)
+    model.train()
+    return model, params
+
+
+def _loss_and_grads(model, params, rows, ssd, checkpointed: bool):
+    for p in params.values():
+        p.grad = None
+    loss_fn = finetune.finetune_loss_fn(model, chunk=16, ssd=ssd)
+    ctx = {"step": 0, "micro": 0, "epoch": 0, "total_steps": 4, "rows_per_step": len(rows),
+           "positions": torch.arange(len(rows))}
+    if checkpointed:
+        with finetune.layer_checkpointing(model):
+            loss, _ = loss_fn(rows, ctx)
+            loss.backward()  # after loss_fn returned: SSD has cleared its draws, the recomputation must not see that
+    else:
+        loss, _ = loss_fn(rows, ctx)
+        loss.backward()
+    # a layer that dropped its window leaves its gate unused (no gradient): as the loop does, that is a zero
+    return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("granularity, state", [("layer", "sum"), ("sample", "delta")])
+def test_checkpointed_layers_give_the_same_loss_and_gradients(granularity, state):
+    model, params = _stage2_model(linear_state=state)
+    rows = random_data(rows=2, seq_len=48, seed=3).train
+    ssd = SSDSchedule(schedule=[(0.0, 0.5)], granularity=granularity, seed=2)
+    drops = ssd.draw(0.5, 0, 3, 2)[:3 if granularity == "layer" else 2]
+    assert drops.any() and not drops.all()  # some layers (rows) drop the window, others keep it: modes differ
+    plain_loss, plain = _loss_and_grads(model, params, rows, ssd, checkpointed=False)
+    loss, grads = _loss_and_grads(model, params, rows, ssd, checkpointed=True)
+    assert torch.equal(loss, plain_loss)
+    assert plain.keys() == grads.keys() and any(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], rtol=1e-6, atol=1e-9, msg=name)
+    # the layers are whole again: no forward of ours left on them
+    assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
+
+
+def _kept_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass while `fn` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_checkpointed_layers_keep_a_fraction_of_the_activations():
+    model, _ = _stage2_model()
+    rows = random_data(rows=2, seq_len=48, seed=3).train
+    plain = _kept_bytes(lambda: finetune.lm_loss(model, rows, chunk=16))
+    with finetune.layer_checkpointing(model):
+        checkpointed = _kept_bytes(lambda: finetune.lm_loss(model, rows, chunk=16))
+        with torch.no_grad():  # validation: the layers run as they are
+            assert torch.equal(finetune.lm_loss(model, rows, chunk=16), finetune.lm_loss(model.eval(), rows, chunk=16))
+    assert checkpointed < plain / 10, (checkpointed, plain)
+
+
+SETS = tiny_recipe(**{"stage2.ssd.granularity": "layer", "stage1.max_steps": 2, "stage2.max_steps": 4})
+
+
+def _weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_resume_with_checkpointing_ends_where_the_plain_run_ends(tmp_path):
+    plain = tmp_path / "plain"
+    run_recipe(tiny_llama(), "ssd", plain, overrides=SETS, data=random_data())
+    out = tmp_path / "run"
+    with pytest.raises(loop.RunInterrupted):  # killed in stage 2, then resumed with checkpointing on
+        run_recipe(tiny_llama(), "ssd", out, overrides=SETS, data=random_data(), interrupt_after=4)
+    run_recipe(tiny_llama(), None, out, overrides=["stage2.gradient_checkpointing=true"], data=random_data(),
+               resume=True)
+    ref, got = _weights(plain), _weights(out)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+    changes = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"stage2.gradient_checkpointing": [False, True]} in [r.get("changes") for r in changes]

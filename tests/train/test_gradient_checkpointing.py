@@ -1,5 +1,6 @@
-"""Gradient checkpointing in stage 2 (`stage2.gradient_checkpointing`): the same loss and gradients as the plain run,
-far fewer tensors kept for the backward pass, and a resumed run that ends bit for bit where the plain run does."""
+"""Gradient checkpointing (`stage1.gradient_checkpointing`: each layer's transfer loss; `stage2.gradient_checkpointing`:
+each decoder layer): the same loss and gradients as the plain run, far fewer tensors kept for the backward pass, and
+a resumed run that ends bit for bit where the plain run does."""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from linearize import HybridConfig, convert
-from linearize.train import finetune, loop, run_recipe
+from linearize.train import finetune, loop, run_recipe, stage1_parts
 from linearize.train.ssd import SSDSchedule
 from lz_train_helpers import random_data, tiny_llama, tiny_recipe
 
@@ -84,7 +85,35 @@ def test_checkpointed_layers_keep_a_fraction_of_the_activations():
     assert checkpointed < plain / 10, (checkpointed, plain)
 
 
-SETS = tiny_recipe(**{"stage2.ssd.granularity": "layer", "stage1.max_steps": 2, "stage2.max_steps": 4})
+@pytest.mark.parametrize("objective, state", [("hybrid_output", "delta"), ("weights", "sum")])
+def test_recomputed_transfer_losses_give_the_same_loss_and_gradients(objective, state):
+    model = tiny_llama(num_hidden_layers=3)
+    convert(model, HybridConfig(window=8, chunk_size=8, softmax_sinks=2, combine="mix", mix_gate="dynamic",
+                                linear_state=state))
+    rows = random_data(rows=2, seq_len=48, seed=3).train
+    runs = []
+    for recompute in (False, True):
+        params, xfer, _ = stage1_parts(model, {"objective": objective, "train_mixing": True, "query_block": 16,
+                                               "gradient_checkpointing": recompute})
+        for p in params.values():
+            p.grad = None
+        losses = []
+        with xfer:
+            kept = _kept_bytes(lambda: losses.append(xfer.loss(rows)))
+            losses[0].backward()
+        # the 'weights' objective never reads the gate: no gradient, a zero as in the loop
+        runs.append((losses[0].detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                          for n, p in params.items()}, kept))
+    (plain_loss, plain, plain_kept), (loss, grads, kept) = runs
+    assert torch.equal(loss, plain_loss)
+    assert any(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], rtol=1e-6, atol=1e-9, msg=name)
+    assert kept < plain_kept / 2, (kept, plain_kept)
+
+
+SETS = tiny_recipe(**{"stage2.ssd.granularity": "layer", "stage1.max_steps": 2, "stage1.checkpoint_every": 1,
+                      "stage2.max_steps": 4})
 
 
 def _weights(out):
@@ -95,13 +124,13 @@ def test_resume_with_checkpointing_ends_where_the_plain_run_ends(tmp_path):
     plain = tmp_path / "plain"
     run_recipe(tiny_llama(), "ssd", plain, overrides=SETS, data=random_data())
     out = tmp_path / "run"
-    with pytest.raises(loop.RunInterrupted):  # killed in stage 2, then resumed with checkpointing on
-        run_recipe(tiny_llama(), "ssd", out, overrides=SETS, data=random_data(), interrupt_after=4)
-    run_recipe(tiny_llama(), None, out, overrides=["stage2.gradient_checkpointing=true"], data=random_data(),
-               resume=True)
+    with pytest.raises(loop.RunInterrupted):  # killed after stage 1's first step, then resumed with checkpointing on
+        run_recipe(tiny_llama(), "ssd", out, overrides=SETS, data=random_data(), interrupt_after=1)
+    on = ["stage1.gradient_checkpointing=true", "stage2.gradient_checkpointing=true"]
+    run_recipe(tiny_llama(), None, out, overrides=on, data=random_data(), resume=True)
     ref, got = _weights(plain), _weights(out)
     assert ref.keys() == got.keys()
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
-    changes = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert {"stage2.gradient_checkpointing": [False, True]} in [r.get("changes") for r in changes]
+    changes = [json.loads(line).get("changes") for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"stage1.gradient_checkpointing": [False, True], "stage2.gradient_checkpointing": [False, True]} in changes

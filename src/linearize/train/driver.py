@@ -291,7 +291,8 @@ def stage1_parts(model: Any, s1: Stage1Config | dict) -> tuple[dict, Any, Any]:
 
     s1 = Stage1Config.of(s1)
     params = transfer_mod.trainable_transfer_params(model, s1.train_feature_maps, s1.train_mixing)
-    xfer = transfer_mod.AttentionTransfer(model, s1.objective, s1.loss_scale, s1.query_block)
+    xfer = transfer_mod.AttentionTransfer(model, s1.objective, s1.loss_scale, s1.query_block,
+                                          recompute=s1.gradient_checkpointing)
     return params, xfer, transfer_mod.transfer_loss_fn(xfer)
 
 

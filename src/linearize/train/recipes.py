@@ -287,6 +287,10 @@ class Stage1Config(LoopConfig):
     train_feature_maps: bool = _field(True, "Train the feature maps.")
     train_mixing: bool = _field(False, "Train gamma (shared_norm) or the learned / dynamic gate (mix).")
     query_block: int = _field(256, "Query rows per block of the `weights` objective (no T x T tensor).")
+    gradient_checkpointing: bool = _field(False, "Keep only each converted layer's inputs for the backward pass and "
+                                                 "compute its transfer loss again there (activation checkpointing): "
+                                                 "the same loss and gradients, the student's intermediates of one "
+                                                 "layer at a time.")
 
     def check(self) -> None:
         super().check()

@@ -45,11 +45,11 @@ from linearize.train.recipes import (
     Recipe, Stage1Config, Stage2Config, dump_recipe, load_recipe, resolve_recipe,
 )
 
-#: What ``--resume`` may change (per stage): learning rates, their schedule and step counts, and gradient
-#: checkpointing (memory only: the same gradients). Anything else
+#: What ``--resume`` may change (per stage): learning rates, their schedule and step counts, and how memory is
+#: saved (gradient checkpointing: the same gradients; splitting micro-batches on out of memory). Anything else
 #: (model, data, hybrid layer, batch shapes, LoRA, seeds) would make the resumed run a different run.
 RESUMABLE = ("lr", "mixing_lr", "lr_schedule", "warmup_steps", "max_steps", "epochs", "checkpoint_every", "log_every",
-             "grad_clip", "gradient_checkpointing")
+             "grad_clip", "gradient_checkpointing", "split_on_oom")
 
 
 @dataclass

@@ -222,6 +222,10 @@ class LoopConfig(Section):
     grad_accum: int = _field(8, "Micro-batches per optimizer step (LoLCATs: batch 1 x accumulation 8).")
     epochs: int = _field(2, "Passes over the training rows.")
     max_steps: int | None = _field(None, "Optimizer steps; caps `epochs` when set.")
+    split_on_oom: bool = _field(True, "When a training step runs out of GPU memory, split its micro-batches (halve "
+                                      "batch_size, double grad_accum: the same rows and effective batch per step) and "
+                                      "run the step again, down to 1 row; one process only. false: stop with the "
+                                      "error.")
     checkpoint_every: int = _field(100, "Optimizer steps between resumable checkpoints.")
     log_every: int = _field(1, "Optimizer steps between training-log records.")
     # Stage 2's LoRA rate (1e-4) moves a per-head gate logit by at most ~0.012 in 122 steps

@@ -466,6 +466,10 @@ class Recipe(Section):
         if s1.enabled and not s1.train_feature_maps and not s1.train_mixing:
             raise RecipeError("stage1 trains nothing: set stage1.train_feature_maps or stage1.train_mixing, "
                               "or stage1.enabled=false")
+        if s1.enabled and s1.gradient_checkpointing and self.runtime.distributed == "fsdp":
+            # FSDP2 gathers a layer's weights around its forward only; stage 1's recomputed losses run outside it
+            raise RecipeError("stage1.gradient_checkpointing does not work with runtime.distributed=fsdp (the "
+                              "recomputed transfer loss would read the layer's sharded weights); use allreduce or ddp")
         window, sinks = self.layer_selection.cut(self.hybrid)
         if measured_keep(self.hybrid.layers) is not None and self.layer_selection.seq_len <= window + sinks:
             raise RecipeError(f"layer_selection.seq_len={self.layer_selection.seq_len} must exceed the measured cut's "

@@ -167,7 +167,8 @@ def test_long_context_table_is_the_states_script_comparison():
     assert runs["delta-w512-mix0.9"].overrides == (*runs["delta-w512"].overrides, "hybrid.mix_value=0.9")
     assert [(v.name, v.run, v.hybrid, v.modes) for v in table.variants] == [
         ("sum-w512-mem", "sum-w512", (("sparse_memory", 64),), ("hybrid",)),
-        ("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),), ("hybrid",))]
+        ("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),), ("hybrid",)),
+        ("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),), ("hybrid",))]
     settings = table.long
     assert settings == LongSettings(window=512)  # the 'auto' baseline matches the runs' window-512 state
     assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))

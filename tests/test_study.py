@@ -167,7 +167,8 @@ def test_long_context_table_is_the_states_script_comparison():
     assert runs["delta-w512-mix0.9"].overrides == (*runs["delta-w512"].overrides, "hybrid.mix_value=0.9")
     assert [(v.name, v.run, v.hybrid, v.modes) for v in table.variants] == [
         ("sum-w512-mem", "sum-w512", (("sparse_memory", 64),), ("hybrid",)),
-        ("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),), ("hybrid",))]
+        ("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),), ("hybrid",)),
+        ("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),), ("hybrid",))]
     settings = table.long
     assert settings == LongSettings(window=512)  # the 'auto' baseline matches the runs' window-512 state
     assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))
@@ -286,3 +287,26 @@ def test_long_context_base_is_evaluated_by_one_process_at_a_time(tmp_path, monke
     study._long_base("m", root, settings, None, lambda _msg: None)  # the lock is free: evaluated once
     study._long_base("m", root, settings, None, lambda _msg: None, wait=False)
     assert calls == ["m"] and (root / "base" / "long.json").is_file()
+
+
+def test_set_applies_to_every_run_and_a_run_of_other_settings_is_refused(tmp_path, capsys):
+    """`--set KEY=VALUE` extends every run's overrides (dry run lists them); a run directory whose stored recipe
+    differs (here: trained without the override) is refused in one line before anything runs."""
+    from linearize import study
+    from linearize.train.recipes import dump_recipe, load_recipe
+
+    jobs = study.plan("long-context", (0,), ("delta-w512-seed*",), ("stage2.batch_size=2",)).jobs
+    [(run, seed)] = jobs
+    assert run.overrides[-1] == "stage2.batch_size=2" and run.overrides[:-1] == TABLES["long-context"].runs[2].overrides
+    assert main(["study", "long-context", "--runs", "delta-w512-seed*", "--set", "stage2.batch_size=2",
+                 "--seeds", "0", "--dry-run"]) == 0
+    assert "stage2.batch_size=2 -> modes" in capsys.readouterr().out
+    plain = TABLES["long-context"].runs[2]
+    path = tmp_path / "long-context" / "delta-w512-seed0"
+    path.mkdir(parents=True)
+    dump_recipe(load_recipe(plain.recipe, [*plain.overrides, "seed=0"], "gpu-small"), path / "recipe.yaml")
+    study._check_same_recipe(path, plain, 0, "gpu-small")  # the same settings: accepted
+    assert main(["study", "long-context", "--runs", "delta-w512-seed*", "--set", "stage2.batch_size=2", "--seeds", "0",
+                 "--out", str(tmp_path), "--model", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another recipe: stage2.batch_size (8 -> 2)" in err and err.count("\n") == 1

@@ -13,6 +13,8 @@ Run sizes come from the recipe preset (`gpu-small` by default); `--seeds` repeat
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -145,10 +147,12 @@ TABLES["long-context"] = StudyTable(
     # the gate starting at 0.9 (softmax's weight): the LA half at 0.5 cost reading on short prompts
     + (StudyRun("delta-w512-mix0.9", "ssd", (*LONG_COMMON, *LONG_STATES["delta"], "hybrid.mix_value=0.9"), LONG_MODES),),
     "Each run in its component modes on the long-context tasks (bits per byte of the answer, retrieval accuracy); "
-    "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training). "
+    "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training); "
+    "delta-w512-mem256: the same memory on the delta state. "
     "merged/long.md: all of them paired over the same items.",
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
-              StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),))),
+              StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
+              StudyVariant("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),))),
     long=LongSettings(window=512))
 
 
@@ -166,21 +170,42 @@ class StudyPlan:
     jobs: list[tuple[StudyRun, int]] = field(default_factory=list)  # (run, seed)
 
 
-def plan(table: str, seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None = None) -> StudyPlan:
+def plan(table: str, seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None = None,
+         extra: tuple[str, ...] = ()) -> StudyPlan:
     """The (run, seed) jobs of `table`; `runs`: shell patterns on ``<run>-seed<seed>`` selecting some of them
-    (processes running disjoint parts of one table side by side)."""
+    (processes running disjoint parts of one table side by side); `extra`: recipe overrides ("key=value") applied to
+    every run after its own (e.g. a smaller micro-batch for a larger model)."""
     if table not in TABLES:
         raise UnknownStudyError(f"unknown study table {table!r}; known: {sorted(TABLES)}")
     result = StudyPlan(table)
+    table_runs = [dataclasses.replace(run, overrides=(*run.overrides, *extra)) if extra else run
+                  for run in TABLES[table].runs]
     # every run once first, then the headline runs' extra seeds: a budget cut short still covers the table
-    result.jobs = [(run, seeds[0]) for run in TABLES[table].runs]
-    result.jobs += [(run, seed) for seed in seeds[1:] for run in TABLES[table].runs if run.headline]
+    result.jobs = [(run, seeds[0]) for run in table_runs]
+    result.jobs += [(run, seed) for seed in seeds[1:] for run in table_runs if run.headline]
     if runs:
         result.jobs = [(run, seed) for run, seed in result.jobs
                        if any(fnmatch(f"{run.name}-seed{seed}", pattern) for pattern in runs)]
         if not result.jobs:
             raise UnknownStudyError(f"no run of table {table!r} matches {list(runs)}")
     return result
+
+
+def _check_same_recipe(path: Path, run: StudyRun, seed: int, preset) -> None:
+    """Refuse a run directory whose stored recipe is not what `run` resolves to now (another `--set`, another table
+    version): its records would be labelled with settings they were not made with."""
+    from linearize.train.driver import _comparable
+    from linearize.train.recipes import load_recipe
+
+    stored = path / "recipe.yaml"
+    if not stored.is_file():
+        return
+    old = _comparable(load_recipe(str(stored)))
+    new = _comparable(load_recipe(run.recipe, [*run.overrides, f"seed={seed}"], preset))
+    changed = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        raise LinearizeError(f"{path} holds a run of another recipe: {', '.join(changed[:4])}"
+                             f"{' ...' if len(changed) > 4 else ''}; use another --out (or remove the run)")
 
 
 #: Where a run is trained again when its probes are missing and its weights did not come back with its records.
@@ -249,11 +274,13 @@ def _release_gpu_memory() -> None:
 
 def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "results/study", preset: str | None = "gpu-small",
             seeds: tuple[int, ...] = (0,), runs: tuple[str, ...] | None = None, limit=None, tasks=None, data_dir=None,
-            batch_size: int = 8, dtype=None, long: LongSettings | None = None, say=print) -> Path:
+            batch_size: int = 8, dtype=None, long: LongSettings | None = None, extra: tuple[str, ...] = (),
+            say=print) -> Path:
     """Train (or resume) every run of `table`, diagnose it, and write `<out>/<table>/table.md`.
 
     The base model is benchmarked once per (model, tasks, limit) and its report reused by every run and
-    table under `out`. `runs` selects jobs by name (see :func:`plan`); `table.md` lists every diagnosed run of
+    table under `out`. `extra`: recipe overrides for every run (see :func:`plan`); a run directory that holds a run
+    of another resolved recipe is refused before anything runs. `runs` selects jobs by name (see :func:`plan`); `table.md` lists every diagnosed run of
     the table, whichever process ran it.
 
     A table with long-context settings (`StudyTable.long`, or `long` here, e.g. smaller ones) is evaluated with the
@@ -270,13 +297,15 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
     plan(table, seeds, runs)  # an unknown table or run: one-line error before anything runs
     root = Path(out) / table
     spec = TABLES[table]
+    jobs, selected = plan(table, seeds, extra=extra).jobs, plan(table, seeds, runs, extra).jobs
+    for run, seed in selected:
+        _check_same_recipe(run_dir(root, run, seed), run, seed, preset)
     long = long or spec.long
     if long is not None:  # now, unless another process of the table is at it (then before the merge)
         _long_base(model, root, long, data_dir, say, wait=False)
     tasks = list(tasks or TASKS)
     base_key = json.dumps({"model": str(model), "tasks": tasks, "limit": limit})
     trained: dict[str, Path] = {}  # resolved recipe -> its run directory
-    jobs, selected = plan(table, seeds).jobs, plan(table, seeds, runs).jobs
     for run, seed in jobs:  # all of them: a duplicate is one of the whole table
         path = run_dir(root, run, seed)
         resolved = json.dumps(load_recipe(run.recipe, [*run.overrides, f"seed={seed}"], preset), sort_keys=True,

@@ -103,6 +103,13 @@ class HybridState:
     buf_beta: torch.Tensor | None = None  # (B, Hkv, w - 1) fp32: the ring keys' beta, kinds with beta
     conv_q: torch.Tensor | None = None  # (B, Hq, K - 1, d), with qk_conv = K
     conv_k: torch.Tensor | None = None  # (B, Hkv, K - 1, d)
+    # the deferred fold of the fused decode step (attention/triton/decode.py, TUNING['fold_every'] = F > 1): keys that
+    # left the window but are not yet in S, z; the linear sums are S, z plus these (`linear_sums`). Every other path
+    # folds them first (`flush_pending`, in `fused_step`).
+    pend_kf: torch.Tensor | None = None  # (B, Hkv, F, m)
+    pend_v: torch.Tensor | None = None  # (B, Hkv, F, d)
+    pend_keep: torch.Tensor | None = None  # (B, F) bool: the entry enters S, z (not an empty slot or a softmax sink)
+    pend_count: torch.Tensor | None = None  # (1,) long: entries in use (0 .. F-1), shared by the rows as `slot` is
 
     @property
     def additive(self) -> bool:
@@ -129,7 +136,8 @@ class HybridState:
         return [t for slot in self.linear for t in slot.tensors()] + ([self.buf_beta] if self.buf_beta is not None else [])
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.sink_kf, self.left_count, self.conv_q, self.conv_k) if t is not None]
+        extra = [t for t in (self.sink_kf, self.left_count, self.conv_q, self.conv_k, self.pend_kf, self.pend_v,
+                             self.pend_keep, self.pend_count) if t is not None]
         return (self.linear_tensors() + [self.buf_k, self.buf_v, self.buf_kf, self.buf_valid, self.sink_k, self.sink_v, self.sink_valid]
                 + extra + (self.memory.tensors() if self.memory is not None else []))
 
@@ -140,10 +148,41 @@ class HybridState:
         """Rows of the batch (beam search reordering, batch selection); all rows share the ring position."""
         pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
         names = ("buf_k", "buf_v", "buf_kf", "buf_valid", "sink_k", "sink_v", "sink_valid", "sink_kf", "left_count", "buf_beta",
-                 "conv_q", "conv_k")
+                 "conv_q", "conv_k", "pend_kf", "pend_v", "pend_keep")
         linear = self.linear.index_select(rows) if self.additive else tuple(s.index_select(rows) for s in self.linear)
         return replace(self, linear=linear, **{n: pick(getattr(self, n)) for n in names}, slot=self.slot.clone(),
+                       pend_count=None if self.pend_count is None else self.pend_count.clone(),
                        memory=None if self.memory is None else self.memory.index_select(rows))
+
+
+def _pending_terms(state: HybridState):
+    """The deferred keys' sum terms (kf_j, v_j) with kf zeroed where an entry is unused or stays out of S, z."""
+    f = state.pend_keep.shape[1]
+    used = (torch.arange(f, device=state.pend_keep.device)[None, :] < state.pend_count) & state.pend_keep  # (B, F)
+    S = state.S
+    return state.pend_kf.to(S.dtype) * used[:, None, :, None].to(S.dtype), state.pend_v.to(S.dtype)
+
+
+def linear_sums(state: HybridState) -> tuple[torch.Tensor, torch.Tensor]:
+    """S, z of the 'sum' state as the definition has them: with the deferred keys folded in (new tensors), or the
+    state's own S, z where nothing is deferred."""
+    if state.pend_count is None:
+        return state.S, state.z
+    kf, v = _pending_terms(state)
+    return state.S + torch.einsum("bhfm,bhfd->bhmd", kf, v), state.z + kf.sum(2)
+
+
+def flush_pending(state: HybridState) -> None:
+    """Fold the deferred keys (see HybridState) into S, z in place and empty the list; shapes only decide what runs,
+    so a CUDA graph can capture it. Nothing where nothing is deferred."""
+    if state.pend_count is None:
+        return
+    kf, v = _pending_terms(state)
+    b, hkv, f, m = kf.shape
+    S = state.S
+    S.view(b * hkv, m, -1).baddbmm_(kf.reshape(b * hkv, f, m).transpose(1, 2), v.reshape(b * hkv, f, -1))
+    state.z.add_(kf.sum(2))
+    state.pend_count.zero_()
 
 
 def _pad_slots(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -538,15 +577,19 @@ def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True
 def fused_step(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, modes, weight=0.1,
                valid=None) -> dict[str, torch.Tensor] | None:
     """The whole step in one Triton launch (`attention/triton/decode.py`) where it applies (CUDA, kind 'sum', one
-    kernel mode, no sparse memory, small batches unless `LINEARIZE_FUSED_DECODE` says otherwise), else None: the
-    caller's path runs."""
-    if not state.additive or not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-        return None  # (no Triton import on a plain CPU)
-    try:
-        from linearize.attention.triton.decode import fused_decode_step
-    except ImportError:  # no Triton
-        return None
-    return fused_decode_step(state, q, k, v, qf, kf, spec=spec, modes=modes, weight=weight, valid=valid)
+    kernel mode, no sparse memory, unless `LINEARIZE_FUSED_DECODE=0`), else None: the
+    caller's path runs, after the keys the fused step deferred are folded into S, z (`flush_pending`)."""
+    if state.additive and (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        try:  # (no Triton import on a plain CPU)
+            from linearize.attention.triton.decode import fused_decode_step
+        except ImportError:  # no Triton
+            fused_decode_step = None
+        if fused_decode_step is not None:
+            out = fused_decode_step(state, q, k, v, qf, kf, spec=spec, modes=modes, weight=weight, valid=valid)
+            if out is not None:
+                return out
+    flush_pending(state)
+    return None
 
 
 def decode_step(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, modes, weight=0.1, valid=None,

@@ -300,6 +300,12 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
+def memory_floor_ms(nbytes: int, bandwidth: float) -> float:
+    """The memory floor of a step that reads `nbytes` (weights, cache or state), in ms: each byte read once at the
+    copy bandwidth (bytes/s, `bench.timing.copy_bandwidth`)."""
+    return nbytes / bandwidth * 1e3
+
+
 def _timed_steps(step, batch: int, warm: int, steps: int) -> tuple[float, float]:
     """tokens/s and ms/step of `steps` calls of step(i) (i: the step's index) after `warm` untimed ones (wall clock
     around the loop, the device synchronised at both ends: what a generation loop sees)."""
@@ -390,7 +396,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 with fused_decode(kind == "converted_graph"):
                     tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True)
             nbytes = cache_nbytes(cache)
-            floor_ms = (weights + nbytes) / bandwidth * 1e3
+            floor_ms = memory_floor_ms(weights + nbytes, bandwidth)
             row.update(tokens_per_s=tps, ms_per_step=ms, cache_bytes=nbytes, cache_bytes_per_seq=nbytes / batch,
                        weight_bytes=weights, floor_ms=floor_ms, floor_fraction=floor_ms / ms,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30)

@@ -16,6 +16,10 @@ def register(subparsers) -> None:
     p.add_argument("--runs", default=None,
                    help="comma-separated shell patterns on <run>-seed<seed> (e.g. 'ssd-0.75*,hedgecats-seed1'): run only "
                         "these jobs of the table, so that several processes can share one table")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for every run of the table, after the run's own (repeatable; e.g. "
+                        "'stage2.batch_size=2' for a larger model); a run directory trained with other settings is "
+                        "refused")
     p.add_argument("--limit", type=float, default=None,
                    help="questions per benchmark (default: all); long-context tables: questions per task (default: the "
                         "table's, 50)")
@@ -40,8 +44,9 @@ def run(args) -> int:
 
     seeds = tuple(int(s) for s in args.seeds.split(",") if s)
     runs = tuple(r for r in args.runs.split(",") if r) if args.runs else None
+    extra = tuple(args.overrides)
     if args.dry_run:
-        for study_run, seed in plan(args.table, seeds, runs).jobs:
+        for study_run, seed in plan(args.table, seeds, runs, extra).jobs:
             print(f"{study_run.name}-seed{seed}: recipe {study_run.recipe} {' '.join(study_run.overrides)} "
                   f"-> modes {','.join(study_run.modes)}")
         for variant in TABLES[args.table].variants:
@@ -56,7 +61,7 @@ def run(args) -> int:
     long = _long_settings(TABLES[args.table].long, args, limit, tasks)
     path = execute(args.table, model=args.model, out=args.out, preset=None if args.preset == "none" else args.preset,
                    seeds=seeds, runs=runs, limit=limit, tasks=tasks, data_dir=args.data_dir,
-                   batch_size=args.batch_size, dtype=dtype, long=long)
+                   batch_size=args.batch_size, dtype=dtype, long=long, extra=extra)
     print(path.read_text())
     print(f"[study] {TABLES[args.table].title}: {path}")
     return 0

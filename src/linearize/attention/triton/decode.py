@@ -13,16 +13,27 @@ its existing path; `fused_decode_step` returns None): several modes in one step 
 'none', sparse memory, the other linear-state kinds, window 1 (no ring), an fp64 state, CPU tensors outside
 `TRITON_INTERPRET=1`. The feature maps run before the kernel, in PyTorch (qf, kf are its inputs).
 
-Bytes: a step reads the state once and writes S back (the fold changes every entry of S), so its traffic is the
-state plus S again; against bench/decode's floor (the state's bytes read once) it is capped at state / (state + S),
-~56% for the Gemma-3-270M shape (hedgehog: S is 4/5 of the state). Beyond that needs a state that folds the leaving
-keys into S every F steps (reading them explicitly until then), a change of `recurrent.HybridState`.
+Bytes: a step that folds its leaving key reads the state once and writes S back (the fold changes every entry of
+S), so its traffic is the state plus S again; against bench/decode's floor (the state's bytes read once) it is capped
+at state / (state + S), ~56% for the Gemma-3-270M shape (hedgehog: S is 4/5 of the state). The deferred fold
+(TUNING['fold_every'] = F > 1) lifts the cap: the leaving keys wait in the state's pending list (F keys' features
+and values, read by every step) and S is written once per F steps, ~(state + pending) / (state + pending + S / F),
+~95% at F = 16 for that shape. The outputs are the same sums in another order (tests: against the PyTorch step
+through whole fold cycles); every path that reads S otherwise folds the list first (`recurrent.fused_step`).
 
-Switch: unset, the fused step runs on CUDA tensors at batch <= FUSED_MAX_BATCH only: on the H200 (commit f22d478,
-benchmarks/results/speed/speed_decode_fused.md) it was 1.08x (Gemma 3 270M shape) and 1.11x (Llama-3-8B shape) the
-previous step at batch 1, but 0.55x at batch 96 (Llama) and 0.15x at batch 1024 (Gemma): untuned, it does not yet
-use the bandwidth a large batch offers. `LINEARIZE_FUSED_DECODE=1` runs it at every batch (and on CPU tensors under
-`TRITON_INTERPRET=1`: the tests); `=0` never.
+Tuning: the launch (`launch_config`: d-tiles, tile sizes, warps, how the G query heads meet a tile, the software
+pipeline, the deferred fold) follows TUNING; benchmarks/fused_tuning.py times its choices (TUNING_CHOICES) against
+the unfused step on the GPU.
+
+Switch: unset, the fused step runs on every CUDA step it covers. The tuning sweep on the H200
+(benchmarks/results/speed/fused_tuning.md; one layer, captured graphs; its header says commit 0ce5559, but its
+launches and ablation rows are those of 1d9fc94, before the deferred fold) measured the TUNING defaults -- the 'dot'
+contract in tf32, 3 pipeline stages, 4 warps -- at 1.67x the unfused step at batch 1024 (Gemma-3-270M shape, 47% of
+the floor), 3.9x at batch 64, 2.55x at batch 96 (Llama-3-8B shape, 44%) and 4.95x at batch 8, where the first,
+untuned version was 0.1-0.3x at those batches (so it ran at batch <= 4 only). With bf16 inputs its tf32 products
+put the outputs ~1e-3 (relative) from the unfused step's (bf16's own rounding is 4e-3; 'ieee': 4e-5, 10% slower);
+the state's fold stays exact fp32. `LINEARIZE_FUSED_DECODE=0` turns it off; `=1` also lets it take CPU tensors under
+`TRITON_INTERPRET=1` (the tests).
 """
 
 from __future__ import annotations
@@ -41,14 +52,29 @@ from linearize.config import COMBINE_RULES, MODES, component_mode
 #: The environment switch (see the module docstring).
 FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 
-#: Unless the switch says otherwise, the fused step runs up to this batch (measured faster at 1, slower at 96+).
-FUSED_MAX_BATCH = 4
-
-#: Launch knobs: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
+#: Launch knobs (the defaults: the fastest the sweep found at every batch it measured, see the module docstring):
+#: warps per program (None: 8 at a 256-column tile, else 4), the fp32 values per thread of one tile
 #: (sets the rows of S and the window keys per tile), and the d-tiles: while B*Hkv programs are fewer than
-#: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. Chosen from ptxas's register counts for sm_90 (not yet timed):
-#: tiles of 8 rows keep the kernel at ~100-130 registers (2-5 programs per SM); 16 rows need ~230.
-TUNING = {"num_warps": None, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32}
+#: programs_per_sm per SM, head_dim is split in halves down to min_tile_d columns. `contract`: how the G query heads
+#: of a KV head meet a tile -- 'loop', one head at a time (broadcast and sum), or 'dot', one tl.dot over the heads
+#: padded to 16 (tiles of >= 16 keys, rows and columns); `dot_precision`: its fp32 products where the inputs are
+#: not fp32 ('tf32', as the forward kernels; 'tf32x3'; 'ieee'); fp32 inputs always take 'ieee'. `stages`: 0, the
+#: next tile of S is loaded by hand while this one is used; n > 0, Triton's software pipeline (n tiles in flight).
+#: `keys_once`: where one tile spans head_dim, the window's keys are loaded in one tile, not column block by block.
+#: `fold_every` F > 1: the deferred fold -- the keys leaving the window wait in the state's pending list
+#: (recurrent.HybridState.pend_*) and go into S, z F at a time, so S is written once per F steps instead of every
+#: step (a step otherwise reads and writes all of S); 1: each step folds its leaving key. `fold_pass`: where a
+#: deferred fold writes S -- 'inline', each tile as the readout reads it, or 'after', a pass of its own in narrow
+#: tiles (reads S again once per F steps; the main loop holds fewer registers).
+TUNING = {"num_warps": 4, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "dot",
+          "dot_precision": "tf32", "stages": 3, "keys_once": True, "fold_every": 1, "fold_pass": "inline"}
+
+#: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
+#: its choices here). dot_precision ('ieee': 42% of the floor against tf32's 47% at Gemma batch 1024) and keys_once
+#: (False: never faster) were measured in that sweep and left out; `--grid KEY=...` brings them back.
+TUNING_CHOICES = {"num_warps": (2, 4, 8), "values_per_thread": (4, 8, 16), "programs_per_sm": (1, 2, 4, 8, 16),
+                  "min_tile_d": (32, 64, 128), "contract": ("loop", "dot"), "stages": (0, 2, 3),
+                  "fold_every": (1, 8, 16), "fold_pass": ("inline", "after")}
 
 # the kernel's RULE codes: the hybrid mode's combine rules, then the single-branch modes
 _RULE_CODES = {"shared_norm": 0, "mix": 1}
@@ -60,36 +86,96 @@ if set(_RULE_CODES) != set(COMBINE_RULES) or any(MODES[m].kernel_code != c for m
 
 
 @triton.jit
-def _heads_dot_keys(acc, X, row0, stride, offs, mask, keys, offs_g, G: tl.constexpr):
-    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E) fp32, one head at a
-    time (a (G, K, E) product would hold G times the tile in registers)."""
-    for g in tl.static_range(G):
-        x = tl.load(X + (row0 + g) * stride + offs, mask=mask, other=0.0).to(tl.float32)
-        acc = tl.where(offs_g[:, None] == g, acc + tl.sum(keys * x[None, :], 1)[None, :], acc)
+def _heads_dot_keys(acc, X, row0, stride, offs, mask, keys, offs_g, G: tl.constexpr, DOT: tl.constexpr,
+                    PREC: tl.constexpr, NATIVE: tl.constexpr = False):
+    """acc (GP, K) + [X[row0 + g, offs] . keys[k, :] for each head g < G, key k]: keys (K, E). DOT: one tl.dot of the
+    (GP, E) rows (GP, K, E >= 16); NATIVE: keys and X in their own 16-bit type (exact products, fp32 sums), else
+    keys in fp32. Without DOT one head at a time (a (G, K, E) product would hold G times the tile in registers)."""
+    if DOT:
+        x = tl.load(X + (row0 + offs_g)[:, None] * stride + offs[None, :], mask=(offs_g < G)[:, None] & mask[None, :],
+                    other=0.0)
+        if NATIVE:
+            acc = tl.dot(x, tl.trans(keys), acc=acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), tl.trans(keys), acc=acc, input_precision=PREC)
+    else:
+        for g in tl.static_range(G):
+            x = tl.load(X + (row0 + g) * stride + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.where(offs_g[:, None] == g, acc + tl.sum(keys * x[None, :], 1)[None, :], acc)
     return acc
 
 
 @triton.jit
-def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr):
-    """acc (GP, E) + weights (GP, K) @ rows (K, E), one head at a time."""
-    for g in tl.static_range(G):
-        w = tl.sum(tl.where(offs_g[:, None] == g, weights, 0.0), 0)
-        acc += tl.where(offs_g[:, None] == g, tl.sum(w[:, None] * rows, 0)[None, :], 0.0)
+def _heads_weigh_rows(acc, weights, rows, offs_g, G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc (GP, E) + weights (GP, K) @ rows (K, E): one tl.dot (GP, K, E >= 16), or one head at a time."""
+    if DOT:
+        acc = tl.dot(weights, rows, acc=acc, input_precision=PREC)
+    else:
+        for g in tl.static_range(G):
+            w = tl.sum(tl.where(offs_g[:, None] == g, weights, 0.0), 0)
+            acc += tl.where(offs_g[:, None] == g, tl.sum(w[:, None] * rows, 0)[None, :], 0.0)
     return acc
+
+
+@triton.jit
+def _fold_pending(acc, PKF, PV, kv64, M, D, om, mm, offs_d, md, pused, offs_f, F: tl.constexpr, DOT: tl.constexpr,
+                  PREC: tl.constexpr):
+    """acc (BM, BD) + sum_j pused_j PKF[j, om] PV[j, offs_d]^T over the F deferred keys: one tl.dot of (BM, FP) by
+    (FP, BD), or F rank-one updates (rows loaded one at a time: nothing (FP, .) held in registers)."""
+    if DOT:
+        pkf = tl.load(PKF + (kv64 * F + offs_f[None, :]) * M + om[:, None], mask=mm[:, None] & pused[None, :],
+                      other=0.0).to(tl.float32)
+        pv = tl.load(PV + (kv64 * F + offs_f[:, None]) * D + offs_d[None, :], mask=pused[:, None] & md[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(pkf, pv, acc=acc, input_precision=PREC)
+    else:
+        for j in range(F):  # (not unrolled: F rows in flight at once would take F times the registers)
+            used_j = tl.sum(tl.where((offs_f == j) & pused, 1.0, 0.0), 0)
+            kf_j = tl.load(PKF + (kv64 * F + j) * M + om, mask=mm, other=0.0).to(tl.float32) * used_j
+            v_j = tl.load(PV + (kv64 * F + j) * D + offs_d, mask=md, other=0.0).to(tl.float32)
+            acc += kf_j[:, None] * v_j[None, :]
+    return acc
+
+
+@triton.jit
+def _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om, mm, offs_d, md,
+                    v_out, fold_w, pused, offs_f, folding, offs_g, G: tl.constexpr, HAS_LA: tl.constexpr,
+                    DOT: tl.constexpr, PREC: tl.constexpr, F: tl.constexpr, FOLD_AFTER: tl.constexpr):
+    """One tile of S (rows om, columns offs_d) read by the linear branch (num_l += qf S, den_l += qf . z) and folded:
+    S[om, offs_d] = st + fold_w kf_out v_out^T (kf_out: the leaving key's features). With the deferred fold (F > 1)
+    S is written only when `folding`, then with the deferred keys in use (pused) too."""
+    if HAS_LA:
+        qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
+        num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G, DOT, PREC)
+        den_l += tl.sum(qf * z[None, :], 1)
+    if F > 1:
+        if folding and not FOLD_AFTER:
+            kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+            upd = _fold_pending(st + kf_out[:, None] * v_out[None, :], PKF, PV, kv64, M, D, om, mm, offs_d, md, pused,
+                                offs_f, F, DOT, PREC)
+            tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], upd, mask=mm[:, None] & md[None, :])
+    else:
+        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+        tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
+                 mask=mm[:, None] & md[None, :])
+    return num_l, den_l
 
 
 @triton.jit
 def fused_decode_kernel(
     Q, QF, KN, VN, KFN, VALIDN, W, OUT,
     BUFK, BUFV, BUFKF, BUFVALID, SLOT, S, Z,
-    SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC,
+    SINKK, SINKV, SINKKF, SINKVALID, LEFT, SYNC, PKF, PV, PKEEP, PCOUNT,
     scale, wscalar, w_sb, w_sh, B, L, NS, HQ, HKV, M, D, G: tl.constexpr,
     RULE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_LA: tl.constexpr, LA_WINDOW: tl.constexpr,
     HAS_VALIDN: tl.constexpr, W_TENSOR: tl.constexpr, NSS: tl.constexpr,
     SINK_SLOTS: tl.constexpr, SINK_KF: tl.constexpr, ND: tl.constexpr,
     GP: tl.constexpr, BLC: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, FULL_D: tl.constexpr, MP: tl.constexpr,
+    DP: tl.constexpr, NATIVE_QK: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, FOLD_AFTER: tl.constexpr,
+    BDF: tl.constexpr, SKIP: tl.constexpr = 0,
 ):
-    """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: (B*HKV, ND): ND > 1
+    """One decode step of the G query heads of one (b, hk), output columns [pid_d*BD, +BD). Grid: B*HKV*ND: ND > 1
     d-tiles where the batch alone would leave SMs idle (each tile reads all of z, the window's keys and features, and
     its own columns of S, v). All arithmetic in fp32.
 
@@ -102,9 +188,10 @@ def fused_decode_kernel(
     and, once every program that reads them is done (arrival counters SYNC: the last d-tile of a (b, hk), then the
     last (b, hk) of a row, then the last row), the ring and sink rows of the new key and z (by the last d-tile), the
     per-row valid flags, sink count and left_count (by the last of the row), and SLOT = (SLOT + 1) % L.
+    SKIP (a profiling aid of benchmarks/fused_tuning.py, wrong results): 1 leaves out the window, 2 the S loop.
     """
-    pid = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid = tl.program_id(0) // ND  # the d-tiles of one (b, hk) are neighbours: they share its window keys in L2
+    pid_d = tl.program_id(0) % ND
     b = pid // HKV
     hk = pid % HKV
     kv64 = pid.to(tl.int64)
@@ -144,6 +231,17 @@ def fused_decode_kernel(
     else:
         wrow = tl.zeros([GP], dtype=tl.float32) + wscalar
 
+    # -- the deferred fold (F > 1): the keys in PKF, PV entries j < count (PKEEP: those that enter S) are part of the
+    # linear sums; this step's leaving key becomes entry `count`, or, when that makes F, all of them go into S, z ---
+    offs_f = tl.arange(0, FP)
+    if F > 1:
+        pcount = tl.load(PCOUNT)
+        folding = pcount + 1 >= F
+        pused = (offs_f < pcount) & (tl.load(PKEEP + b64 * F + offs_f, mask=offs_f < F, other=0) != 0)
+    else:
+        folding = pid >= 0
+        pused = offs_f < 0
+
     # -- the softmax keys (the sinks that left, then the window BLC keys at a time: online softmax, so the sums end
     # shifted by the max over all of them, as recurrent's) and, with LA_WINDOW, the same keys' linear terms ---------
     num_s = tl.zeros([GP, BD], dtype=tl.float32)
@@ -160,14 +258,16 @@ def fused_decode_kernel(
                 od = d0 + tl.arange(0, BD)
                 mdk = od < D
                 ks = tl.load(SINKK + (kv64 * NS + offs_n[:, None]) * D + od[None, :],
-                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
-                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G)
+                             mask=(offs_n < NSS)[:, None] & mdk[None, :], other=0.0)
+                if not NATIVE_QK:
+                    ks = ks.to(tl.float32)
+                ls = _heads_dot_keys(ls, Q, q0, D, od, mdk, ks, offs_g, G, DOT, PREC, NATIVE_QK)
             ls = ls * scale
             ls = tl.where(sink_left[None, :], ls, float("-inf"))
             c_s = tl.max(ls, 1)
             ps = tl.where(sink_left[None, :], tl.exp(ls - tl.where(c_s == float("-inf"), 0.0, c_s)[:, None]), 0.0)
             den_s = tl.sum(ps, 1)
-            num_s = _heads_weigh_rows(num_s, ps, vsink, offs_g, G)
+            num_s = _heads_weigh_rows(num_s, ps, vsink, offs_g, G, DOT, PREC)
         if HAS_LA and LA_WINDOW:
             asink = tl.zeros([GP, BS], dtype=tl.float32)
             for m0 in range(0, M, BM):
@@ -175,12 +275,12 @@ def fused_decode_kernel(
                 mm = om < M
                 kfs = tl.load(SINKKF + (kv64 * NS + offs_n[:, None]) * M + om[None, :],
                               mask=(offs_n < NSS)[:, None] & mm[None, :], other=0.0).to(tl.float32)
-                asink = _heads_dot_keys(asink, QF, q0, M, om, mm, kfs, offs_g, G)
+                asink = _heads_dot_keys(asink, QF, q0, M, om, mm, kfs, offs_g, G, DOT, PREC)
             asink = tl.where(sink_left[None, :], asink, 0.0)
-            num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G)
+            num_l = _heads_weigh_rows(num_l, asink, vsink, offs_g, G, DOT, PREC)
             den_l += tl.sum(asink, 1)
-    if HAS_SWA or LA_WINDOW:
-        for l0 in range(0, L + 1, BLC):
+    if (HAS_SWA or LA_WINDOW) and SKIP != 1:
+        for l0 in tl.range(0, L + 1, BLC, num_stages=STAGES if STAGES > 0 else None):
             offs_c = l0 + tl.arange(0, BLC)
             cb = offs_c < L
             cc = offs_c == L
@@ -191,14 +291,25 @@ def fused_decode_kernel(
             vc += tl.where(cc[:, None], vnew_d.to(tl.float32)[None, :], 0.0)
             if HAS_SWA:
                 lg = tl.zeros([GP, BLC], dtype=tl.float32)
-                for d0 in range(0, D, BD):  # the logits over all of head_dim
-                    od = d0 + tl.arange(0, BD)
-                    mdk = od < D
-                    kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + od[None, :], mask=cb[:, None] & mdk[None, :],
-                                 other=0.0).to(tl.float32)
-                    kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :], mask=cc[:, None] & mdk[None, :],
-                                  other=0.0).to(tl.float32)
-                    lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G)
+                if FULL_D:  # this tile's columns are all of head_dim: one load of the keys
+                    kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + offs_d[None, :],
+                                 mask=cb[:, None] & md[None, :], other=0.0)
+                    kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + offs_d[None, :], mask=cc[:, None] & md[None, :],
+                                  other=0.0)  # (one of the two is 0: exact in any type)
+                    if not NATIVE_QK:
+                        kc = kc.to(tl.float32)
+                    lg = _heads_dot_keys(lg, Q, q0, D, offs_d, md, kc, offs_g, G, DOT, PREC, NATIVE_QK)
+                else:
+                    for d0 in range(0, D, BD):  # the logits over all of head_dim
+                        od = d0 + tl.arange(0, BD)
+                        mdk = od < D
+                        kc = tl.load(BUFK + (kv64 * L + offs_c[:, None]) * D + od[None, :],
+                                     mask=cb[:, None] & mdk[None, :], other=0.0)
+                        kc += tl.load(KN + kv64 * D + offs_c[:, None] * 0 + od[None, :],
+                                      mask=cc[:, None] & mdk[None, :], other=0.0)
+                        if not NATIVE_QK:
+                            kc = kc.to(tl.float32)
+                        lg = _heads_dot_keys(lg, Q, q0, D, od, mdk, kc, offs_g, G, DOT, PREC, NATIVE_QK)
                 lg = lg * scale
                 lg = tl.where(cvalid[None, :], lg, float("-inf"))
                 c_new = tl.maximum(c_s, tl.max(lg, 1))
@@ -206,7 +317,7 @@ def fused_decode_kernel(
                 alpha = tl.exp(c_s - c_safe)  # 0 while no key was seen (c_s = -inf)
                 p = tl.where(cvalid[None, :], tl.exp(lg - c_safe[:, None]), 0.0)
                 den_s = den_s * alpha + tl.sum(p, 1)
-                num_s = _heads_weigh_rows(num_s * alpha[:, None], p, vc, offs_g, G)
+                num_s = _heads_weigh_rows(num_s * alpha[:, None], p, vc, offs_g, G, DOT, PREC)
                 c_s = c_new
             if HAS_LA and LA_WINDOW:
                 a = tl.zeros([GP, BLC], dtype=tl.float32)
@@ -217,32 +328,73 @@ def fused_decode_kernel(
                                   other=0.0).to(tl.float32)
                     kfc += tl.load(KFN + kv64 * M + offs_c[:, None] * 0 + om[None, :], mask=cc[:, None] & mm[None, :],
                                    other=0.0).to(tl.float32)
-                    a = _heads_dot_keys(a, QF, q0, M, om, mm, kfc, offs_g, G)
+                    a = _heads_dot_keys(a, QF, q0, M, om, mm, kfc, offs_g, G, DOT, PREC)
                 a = tl.where(cvalid[None, :], a, 0.0)
-                num_l = _heads_weigh_rows(num_l, a, vc, offs_g, G)
+                num_l = _heads_weigh_rows(num_l, a, vc, offs_g, G, DOT, PREC)
                 den_l += tl.sum(a, 1)
 
     # -- the linear branch reads S, z tile by tile; each tile of S is folded right after it was read (z at the end).
-    # The next tile's load is issued before this one's arithmetic: two tiles in flight per program (latency bound) --
-    om = tl.arange(0, BM)
-    mm = om < M
-    st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-    z_next = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
-    for m0 in range(0, M, BM):
-        om = m0 + tl.arange(0, BM)
+    # STAGES 0: the next tile's load is issued before this one's arithmetic (two tiles in flight per program);
+    # else Triton's software pipeline keeps STAGES tiles in flight (asynchronous copies into shared memory) ---------
+    if SKIP == 2:
+        pass
+    elif STAGES == 0:
+        om = tl.arange(0, BM)
         mm = om < M
-        st, z = st_next, z_next
-        on = om + BM
-        mn = on < M
-        st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :], other=0.0)
-        z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
-        if HAS_LA:
+        st_next = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+        z_next = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+        for m0 in range(0, M, BM):
+            om = m0 + tl.arange(0, BM)
+            mm = om < M
+            st, z = st_next, z_next
+            on = om + BM
+            mn = on < M
+            st_next = tl.load(S + (kv64 * M + on[:, None]) * D + offs_d[None, :], mask=mn[:, None] & md[None, :],
+                              other=0.0)
+            z_next = tl.load(Z + kv64 * M + on, mask=mn, other=0.0)
+            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om,
+                                           mm, offs_d, md, v_out, fold_w, pused, offs_f, folding, offs_g, G, HAS_LA,
+                                           DOT, PREC, F, FOLD_AFTER)
+    else:
+        for m0 in tl.range(0, M, BM, num_stages=STAGES):
+            om = m0 + tl.arange(0, BM)
+            mm = om < M
+            st = tl.load(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+            z = tl.load(Z + kv64 * M + om, mask=mm, other=0.0)
+            num_l, den_l = _read_fold_tile(num_l, den_l, st, z, QF, S, BUFKF, PKF, PV, bh, gm, kv64, slot, L, M, D, om,
+                                           mm, offs_d, md, v_out, fold_w, pused, offs_f, folding, offs_g, G, HAS_LA,
+                                           DOT, PREC, F, FOLD_AFTER)
+
+    if F > 1 and FOLD_AFTER:  # the fold in a pass of its own, in narrow tiles (few registers; S read again)
+        tl.debug_barrier()  # every thread has read its S tiles above before any of them changes
+        if folding:
+            for m0 in range(0, M, BM):
+                om = m0 + tl.arange(0, BM)
+                mm = om < M
+                kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
+                for d1 in range(0, BD, BDF):
+                    od1 = pid_d * BD + d1 + tl.arange(0, BDF)
+                    md1 = od1 < D
+                    st = tl.load(S + (kv64 * M + om[:, None]) * D + od1[None, :], mask=mm[:, None] & md1[None, :],
+                                 other=0.0)
+                    vo = tl.load(BUFV + (kv64 * L + slot) * D + od1, mask=md1, other=0.0).to(tl.float32)
+                    upd = _fold_pending(st + kf_out[:, None] * vo[None, :], PKF, PV, kv64, M, D, om, mm, od1, md1,
+                                        pused, offs_f, F, False, PREC)
+                    tl.store(S + (kv64 * M + om[:, None]) * D + od1[None, :], upd, mask=mm[:, None] & md1[None, :])
+
+    if F > 1 and HAS_LA:  # the deferred keys' terms: (qf . kf_j) v_j over the entries in use
+        a_p = tl.zeros([GP, FP], dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            om = m0 + tl.arange(0, BM)
+            mm = om < M
             qf = tl.load(QF + bh[:, None] * M + om[None, :], mask=gm[:, None] & mm[None, :], other=0.0).to(tl.float32)
-            num_l = _heads_weigh_rows(num_l, qf, st, offs_g, G)
-            den_l += tl.sum(qf * z[None, :], 1)
-        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
-        tl.store(S + (kv64 * M + om[:, None]) * D + offs_d[None, :], st + kf_out[:, None] * v_out[None, :],
-                 mask=mm[:, None] & md[None, :])
+            pkf = tl.load(PKF + (kv64 * F + offs_f[None, :]) * M + om[:, None], mask=mm[:, None] & pused[None, :],
+                          other=0.0).to(tl.float32)  # (BM, FP)
+            a_p = _heads_weigh_rows(a_p, qf, pkf, offs_g, G, DOT, PREC)
+        pv = tl.load(PV + (kv64 * F + offs_f[:, None]) * D + offs_d[None, :], mask=pused[:, None] & md[None, :],
+                     other=0.0).to(tl.float32)  # (FP, BD)
+        num_l = _heads_weigh_rows(num_l, a_p, pv, offs_g, G, DOT, PREC)
+        den_l += tl.sum(a_p, 1)
 
     out = combine_decode(num_s, den_s, num_l, den_l, wrow, RULE)
     tl.store(OUT + bh[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None] & md[None, :])
@@ -255,29 +407,35 @@ def fused_decode_kernel(
         kv_last = tl.atomic_add(SYNC + kv64, 1) == ND - 1
     else:
         kv_last = pid >= 0
-    for m0 in range(0, M, BM):  # z += the leaving key's features (all d-tiles read z and that key above)
-        om = m0 + tl.arange(0, BM)
-        mm = (om < M) & kv_last
-        kf_out = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0).to(tl.float32) * fold_w
-        tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm, other=0.0) + kf_out, mask=mm)
-    tl.debug_barrier()  # the leaving key's features are read: its slot takes the new key
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        mdk = (od < D) & kv_last
-        krow = tl.load(KN + kv64 * D + od, mask=mdk, other=0.0)
-        vrow = tl.load(VN + kv64 * D + od, mask=mdk, other=0.0)
-        tl.store(BUFK + (kv64 * L + slot) * D + od, krow.to(BUFK.dtype.element_ty), mask=mdk)
-        tl.store(BUFV + (kv64 * L + slot) * D + od, vrow.to(BUFV.dtype.element_ty), mask=mdk)
-        if SINK_SLOTS:
-            tl.store(SINKK + (kv64 * NS + count) * D + od, krow.to(SINKK.dtype.element_ty), mask=mdk & becomes)
-            tl.store(SINKV + (kv64 * NS + count) * D + od, vrow.to(SINKV.dtype.element_ty), mask=mdk & becomes)
-    for m0 in range(0, M, BM):
-        om = m0 + tl.arange(0, BM)
-        mm = (om < M) & kv_last
-        kfn = tl.load(KFN + kv64 * M + om, mask=mm, other=0.0)
-        tl.store(BUFKF + (kv64 * L + slot) * M + om, kfn.to(BUFKF.dtype.element_ty), mask=mm)
-        if SINK_KF:
-            tl.store(SINKKF + (kv64 * NS + count) * M + om, kfn.to(SINKKF.dtype.element_ty), mask=mm & becomes)
+    # each in one vector (a loop of small tiles would wait on memory once per tile): z += the leaving key's features
+    # (all d-tiles read z and that key above), then the new key into the ring (and the sinks)
+    om = tl.arange(0, MP)
+    mm = (om < M) & kv_last
+    od = tl.arange(0, DP)
+    mdk = (od < D) & kv_last
+    kf_raw = tl.load(BUFKF + (kv64 * L + slot) * M + om, mask=mm, other=0.0)
+    zadd = kf_raw.to(tl.float32) * fold_w
+    if F > 1:
+        for j in range(F):  # folding: z takes the deferred keys too
+            used_j = tl.sum(tl.where((offs_f == j) & pused, 1.0, 0.0), 0)
+            zadd += tl.load(PKF + (kv64 * F + j) * M + om, mask=mm & folding, other=0.0).to(tl.float32) * used_j
+        # not folding: the leaving key becomes deferred entry pcount (its keep flag: by the last of the row, below)
+        tl.store(PKF + (kv64 * F + pcount) * M + om, kf_raw, mask=mm & ~folding)
+        vrow_out = tl.load(BUFV + (kv64 * L + slot) * D + od, mask=mdk & ~folding, other=0.0)
+        tl.store(PV + (kv64 * F + pcount) * D + od, vrow_out.to(PV.dtype.element_ty), mask=mdk & ~folding)
+    tl.store(Z + kv64 * M + om, tl.load(Z + kv64 * M + om, mask=mm & folding, other=0.0) + zadd, mask=mm & folding)
+    tl.debug_barrier()  # the leaving key is read: its slot takes the new key
+    krow = tl.load(KN + kv64 * D + od, mask=mdk, other=0.0)
+    vrow = tl.load(VN + kv64 * D + od, mask=mdk, other=0.0)
+    tl.store(BUFK + (kv64 * L + slot) * D + od, krow.to(BUFK.dtype.element_ty), mask=mdk)
+    tl.store(BUFV + (kv64 * L + slot) * D + od, vrow.to(BUFV.dtype.element_ty), mask=mdk)
+    kfn = tl.load(KFN + kv64 * M + om, mask=mm, other=0.0)
+    tl.store(BUFKF + (kv64 * L + slot) * M + om, kfn.to(BUFKF.dtype.element_ty), mask=mm)
+    if SINK_SLOTS:
+        tl.store(SINKK + (kv64 * NS + count) * D + od, krow.to(SINKK.dtype.element_ty), mask=mdk & becomes)
+        tl.store(SINKV + (kv64 * NS + count) * D + od, vrow.to(SINKV.dtype.element_ty), mask=mdk & becomes)
+    if SINK_KF:
+        tl.store(SINKKF + (kv64 * NS + count) * M + om, kfn.to(SINKKF.dtype.element_ty), mask=mm & becomes)
     if ND > 1:
         tl.store(SYNC + kv64, 0, mask=kv_last)
     if HKV > 1:
@@ -289,10 +447,14 @@ def fused_decode_kernel(
         tl.store(SINKVALID + b64 * NS + count, (pid >= 0).to(tl.int8), mask=row_last & becomes)
     if NSS > 0:
         tl.store(LEFT + b64, left + valid_out.to(tl.int64), mask=row_last)
+    if F > 1:
+        tl.store(PKEEP + b64 * F + pcount, keep_out.to(tl.int8), mask=row_last & ~folding)
     if HKV > 1:
         tl.store(SYNC + base + b64, 0, mask=row_last)
     grid_last = row_last & (tl.atomic_add(SYNC + base + B, 1, mask=row_last) == B - 1)
     tl.store(SLOT, (slot + 1) % L, mask=grid_last)
+    if F > 1:
+        tl.store(PCOUNT, tl.where(folding, 0, pcount + 1), mask=grid_last)
     tl.store(SYNC + base + B, 0, mask=grid_last)
 
 
@@ -306,9 +468,7 @@ def fused_decode_enabled(x: torch.Tensor) -> bool:
     setting = os.environ.get(FUSED_ENV, "").strip()
     if setting == "0":
         return False
-    if setting == "1":
-        return x.is_cuda or _interpreting()
-    return x.is_cuda and x.shape[0] <= FUSED_MAX_BATCH
+    return x.is_cuda or (setting == "1" and _interpreting())
 
 
 def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
@@ -319,6 +479,33 @@ def fused_decode_applies(state, q, modes, *, weight=0.1) -> bool:
     return (len(modes) == 1 and modes[0] in FUSED_MODES and w_ok and fused_decode_enabled(q)
             and state.additive and state.memory is None and state.buf_k.shape[2] > 0
             and state.S.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def fold_every(state) -> int:
+    """F of the deferred fold for this state: its pending list's length once it has one (a state keeps the F it was
+    first stepped with), else TUNING's -- except during CUDA-graph capture, where a new list's zeros would be captured
+    and replayed every step: 1 then (each step folds its key; the list is made by an eager step, as GraphDecoder's
+    warm-up steps are)."""
+    if state.pend_kf is not None:
+        return state.pend_kf.shape[2]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return 1
+    return int(TUNING["fold_every"])
+
+
+def _pending_list(state, f: int) -> tuple:
+    """The kernel's PKF, PV, PKEEP, PCOUNT: the state's deferred-fold list (recurrent.HybridState.pend_*) of F = f > 1
+    entries (made, empty, at the first step: before a CUDA graph captures one, as its warm-up steps run eagerly), or
+    placeholders for f = 1."""
+    if f == 1:
+        return state.S, state.S, state.slot, state.slot  # never read
+    if state.pend_count is None:
+        b, hkv, _, m = state.buf_kf.shape
+        state.pend_kf = state.buf_kf.new_zeros(b, hkv, f, m)
+        state.pend_v = state.buf_v.new_zeros(b, hkv, f, state.buf_v.shape[-1])
+        state.pend_keep = torch.zeros(b, f, dtype=torch.bool, device=state.buf_kf.device)
+        state.pend_count = torch.zeros(1, dtype=torch.long, device=state.buf_kf.device)
+    return state.pend_kf, state.pend_v, _bool_bytes(state.pend_keep), state.pend_count
 
 
 def _sync_counters(state, n: int, device) -> torch.Tensor:
@@ -340,6 +527,45 @@ def _num_sms(device) -> int:
 
 def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
+
+
+def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, device, dtype, key_dtype=None,
+                  tuning: dict | None = None) -> dict:
+    """The kernel's tiles, warps and variant for a step of this shape under `tuning` (default TUNING): ND d-tiles of
+    BD columns (FULL_D: one tile covers head_dim), GP query rows (the G heads of a KV head, padded), BLC window keys,
+    BM rows of S and BS sink slots per tile, MP / DP (m, d as powers of two: the closing writes), num_warps, DOT /
+    PREC, STAGES, NATIVE_QK. dtype: q's; key_dtype: the ring's and the new key's (None: both dtype). Settings that
+    give the same launch run the same code (the sweep times each once)."""
+    key_dtype = dtype if key_dtype is None else key_dtype
+    tuning = TUNING if tuning is None else tuning
+    if tuning["contract"] not in ("loop", "dot"):
+        raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
+    dot = tuning["contract"] == "dot"
+    if tuning["fold_pass"] not in ("inline", "after"):
+        raise ValueError(f"TUNING['fold_pass'] must be 'inline' or 'after', not {tuning['fold_pass']!r}")
+    if int(tuning["fold_every"]) < 1:
+        raise ValueError(f"TUNING['fold_every'] must be >= 1, not {tuning['fold_every']!r}")
+    least = 16 if dot else 1  # tl.dot's smallest side
+    # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
+    bd, nd = _pow2(d, 16), 1
+    while bd > 256:  # wider tiles than the kernels were built and measured for: d-tiles
+        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
+    while (b * hkv * nd < tuning["programs_per_sm"] * _num_sms(device)
+           and bd // 2 >= max(tuning["min_tile_d"], least)):
+        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
+    warps = tuning["num_warps"] or (8 if bd >= 256 else 4)
+    # rows of S (and keys of the window) per tile: a (rows, bd) tile is ~values_per_thread values per thread
+    rows = max(2, tuning["values_per_thread"] * 32 * warps // bd)
+    rows = 1 << (rows.bit_length() - 1)
+    prec = "ieee" if not dot or dtype == torch.float32 else tuning["dot_precision"]
+    # q . k in one 16-bit type: exact products on the tensor cores, fp32 sums (as fp32 arithmetic on those inputs);
+    # not under the interpreter, whose 16-bit tl.dot returns garbage (Triton 3.6)
+    native = dot and dtype in (torch.float16, torch.bfloat16) and key_dtype == dtype and not _interpreting()
+    return dict(ND=nd, BD=bd, FULL_D=bool(tuning["keys_once"]) and nd == 1 and bd >= d, MP=_pow2(m), DP=_pow2(d), GP=_pow2(g, least), BLC=max(least, min(rows, _pow2(L + 1, 2))),
+                BM=max(least, min(rows, 64, _pow2(m, 2))), BS=_pow2(ns, max(2, least)), num_warps=warps, DOT=dot,
+                PREC=prec, STAGES=tuning["stages"], NATIVE_QK=native, F=int(tuning["fold_every"]),
+                FP=_pow2(tuning["fold_every"], least),
+                FOLD_AFTER=int(tuning["fold_every"]) > 1 and tuning["fold_pass"] == "after", BDF=min(bd, 64))
 
 
 def _bool_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -380,27 +606,22 @@ def fused_decode_step(state, q, k, v, qf, kf, *, spec: AttentionSpec, modes, wei
     out = torch.empty(b, hq, 1, d, device=dev, dtype=q.dtype)
     sink_kf = state.sink_kf if nss else state.sink_k
     has_sink_kf = state.sink_kf is not None and ns > 0
-    gp = _pow2(hq // hkv)
-    # d-tiles while the (b, kv head) programs alone would leave SMs idle (small batches), down to min_tile_d columns
-    bd, nd = _pow2(d, 16), 1
-    while b * hkv * nd < TUNING["programs_per_sm"] * _num_sms(dev) and bd // 2 >= TUNING["min_tile_d"]:
-        bd, nd = bd // 2, triton.cdiv(d, bd // 2)
-    warps = TUNING["num_warps"] or (8 if bd >= 256 else 4)
-    # rows of S (and keys of the window) per tile: a (rows, bd) tile is ~TUNING values per thread
-    rows = max(2, TUNING["values_per_thread"] * 32 * warps // bd)
-    rows = 1 << (rows.bit_length() - 1)
-    fused_decode_kernel[(b * hkv, nd)](
+    f = fold_every(state)
+    pending = _pending_list(state, f)
+    same_keys = state.buf_k.dtype == k.dtype == state.sink_k.dtype
+    launch = launch_config(b, hkv, hq // hkv, d, m, L, ns, dev, q.dtype, k.dtype if same_keys else torch.float32,
+                           {**TUNING, "fold_every": f})
+    fused_decode_kernel[(b * hkv * launch["ND"],)](
         q.contiguous(), qf.contiguous(), k.contiguous(), v.contiguous(), kf.contiguous(),
         q if valid is None else _bool_bytes(valid.to(torch.bool).contiguous()), w, out,
         state.buf_k, state.buf_v, state.buf_kf, _bool_bytes(state.buf_valid), state.slot, state.S, state.z,
         state.sink_k, state.sink_v, sink_kf, _bool_bytes(state.sink_valid),
-        state.left_count if nss else state.slot, _sync_counters(state, b * hkv + b + 1, dev),
+        state.left_count if nss else state.slot, _sync_counters(state, b * hkv + b + 1, dev), *pending,
         float(scale), wscalar, w_sb, w_sh, b, L, ns, hq, hkv,
         m, d, hq // hkv,
         RULE=code, HAS_SWA=code != 3, HAS_LA=code != 2, LA_WINDOW=code == 3 or (code < 2 and placement != "complementary"),
         HAS_VALIDN=valid is not None, W_TENSOR=torch.is_tensor(weight), NSS=nss,
-        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, ND=nd,
-        GP=gp, BLC=min(rows, _pow2(L + 1, 2)), BS=_pow2(ns, 2), BM=min(rows, 64, _pow2(m, 2)), BD=bd, num_warps=warps,
+        SINK_SLOTS=ns > 0, SINK_KF=has_sink_kf, **launch,
     )
     state.seen += 1
     return {mode: out}

@@ -4,7 +4,8 @@
 #   1. `linearize select-layers`: each layer's loss increase on 4k-token rows when it alone is cut to its window +
 #      sinks (the measured criterion for which layers keep full softmax), with the ranking and plot;
 #   2. scripts/gpu_long_context.sh with these RUNS: the `ssd` recipe at window 512 with 8 softmax sinks, the `mix`
-#      rule with an input-dependent gate, 4k-token rows; every layer converted (`all`) or all but the KEEP layers
+#      rule with an input-dependent gate, 4k-token rows (8 per step in micro-batches of 2, gradient checkpointing,
+#      SSD drawn per layer); every layer converted (`all`) or all but the KEEP layers
 #      the measurement ranks highest (`measured:KEEP`), with the delta-rule state (the best reader on Gemma) and
 #      the plain sum; the base and its window+sinks baselines cut every layer (`--layers all`).
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
@@ -25,6 +26,15 @@ common="--set hybrid.window=512 --set hybrid.combine=mix --set hybrid.mix_gate=d
 common+=" --set hybrid.feature_size=half --set stage2.train_mixing=true --set stage2.mixing_lr=1e-3"
 common+=" --set data.seq_len=4096 --set data.sources=[sharegpt,dolly,wikitext2,c4,wiki]"
 common+=" --set data.train_tokens=${TRAIN_TOKENS:-1000000}"
+# Memory: 8 rows of 4k tokens in one micro-batch ran out of the H200's 139 GiB in stage 2 (the softmax sums and the
+# MLP activations of 28 layers); the same 8 rows per step as 2 x 4 micro-batches, with each layer recomputed in the
+# backward pass (stage 1: its transfer loss; stage 2: the decoder layer), keep a conversion to a fraction of that, so
+# the MAX_TRAIN conversions share the GPU.
+common+=" --set stage1.batch_size=2 --set stage1.grad_accum=4 --set stage2.batch_size=2 --set stage2.grad_accum=4"
+common+=" --set stage1.gradient_checkpointing=true --set stage2.gradient_checkpointing=true"
+# SSD draws per layer: dropping the window in all 28 layers at once (one draw per step) trains an la_only model whose
+# loss sat at ~10 nats (results/long/qwen2.5-coder-1.5b/logs/delta-all-train_log.jsonl); per-layer draws are gentler.
+common+=" --set stage2.ssd.granularity=layer"
 delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
 export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
 delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\

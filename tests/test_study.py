@@ -168,6 +168,7 @@ def test_long_context_table_is_the_states_script_comparison():
     assert [(v.name, v.run, v.hybrid, v.modes) for v in table.variants] == [
         ("sum-w512-mem", "sum-w512", (("sparse_memory", 64),), ("hybrid",)),
         ("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),), ("hybrid",)),
+        ("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),), ("hybrid",)),
         ("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")), ("hybrid",))]
     settings = table.long
     assert settings == LongSettings(window=512)  # the 'auto' baseline matches the runs' window-512 state

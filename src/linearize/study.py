@@ -147,10 +147,12 @@ TABLES["long-context"] = StudyTable(
     # the gate starting at 0.9 (softmax's weight): the LA half at 0.5 cost reading on short prompts
     + (StudyRun("delta-w512-mix0.9", "ssd", (*LONG_COMMON, *LONG_STATES["delta"], "hybrid.mix_value=0.9"), LONG_MODES),),
     "Each run in its component modes on the long-context tasks (bits per byte of the answer, retrieval accuracy); "
-    "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training). "
+    "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training); "
+    "delta-w512-mem256: the same memory on the delta state. "
     "merged/long.md: all of them paired over the same items.",
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
               StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
+              StudyVariant("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),)),
               StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")))),
     long=LongSettings(window=512))
 

@@ -21,9 +21,11 @@ CONFIGS = {
     # early stopping validates inside stage 2 and restores the best parameters
     "split_batch": tiny_recipe(**{"stage1.max_steps": 3, "stage2.max_steps": 3, "stage2.ssd.granularity": "sample",
                                   "stage2.early_stopping.enabled": True, "eval.batch_size": 1, **MIXING}),
-    # LoLCATs shape: batch 1 x accumulation 4 -> two micro-batches per process (DDP reduces after the second)
+    # LoLCATs shape: batch 1 x accumulation 4 -> two micro-batches per process (DDP reduces after the second); every
+    # layer recomputed in the backward pass (under FSDP2 the checkpoint sits inside the layer's gather hooks)
     "split_accum": tiny_recipe(**{"stage1.max_steps": 3, "stage2.max_steps": 3, "stage1.batch_size": 1,
                                   "stage1.grad_accum": 4, "stage2.batch_size": 1, "stage2.grad_accum": 4,
+                                  "stage2.gradient_checkpointing": True,
                                   "eval.batch_size": 1, **MIXING}),
 }
 # strategy -> the module a step runs through

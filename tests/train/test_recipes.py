@@ -63,10 +63,11 @@ def test_overrides_are_yaml_typed():
 
 @pytest.mark.parametrize("bad", ["stage2.lora.rank=4", "stage3.lr=1", "hybrid.windw=3", "stage1.objective=mse",
                                  "stage2.ssd.granularity=head", "stage2.ssd.schedule=[[0.5, 0.9]]", "hybrid.combine=x",
-                                 "stage1.batch_size=0", "nonsense"])
+                                 "stage1.batch_size=0", "nonsense",
+                                 ("stage1.gradient_checkpointing=true", "runtime.distributed=fsdp")])
 def test_invalid_recipes_are_rejected(bad):
     with pytest.raises(RecipeError):
-        load_recipe("ssd", [bad])
+        load_recipe("ssd", [bad] if isinstance(bad, str) else list(bad))
 
 
 def test_unknown_recipe_lists_the_known_ones():

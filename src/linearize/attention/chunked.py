@@ -7,12 +7,19 @@ Softmax sinks and sparse memory (see `reference`) add key sets to the softmax br
 carry their max, and `merge_softmax` joins them into one softmax. With sparse memory the complementary linear branch
 is the memory's walk over its state (`attention.memory`, PyTorch whatever `linear_backend` says: the fla kernels
 cannot take the memory).
+
+Training memory: the softmax sums build (B, Hkv, G, T / C, C, C + w - 1) weights (at Qwen2.5-1.5B's shape, window 512,
+chunk 64, 4k-token rows of 8: 0.84 GiB each, three kept per layer for the backward pass); under autograd they are
+recomputed in the backward pass instead of kept (`_recomputed`): the same values, only q, k, v held.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from linearize.attention.common import (
     combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, pad_time, safe_div,
@@ -22,6 +29,15 @@ from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.memory import memory_kind, memory_walk
 from linearize.attention.spec import AttentionSpec
 from linearize.config import ComponentMode, component_mode
+
+
+def _recomputed(fn, *args, **kwargs):
+    """fn(*args, **kwargs); when a gradient will flow through the tensors in `args`, its intermediates are not kept
+    for the backward pass but recomputed there (non-reentrant checkpoint: bit-identical values, so the same
+    gradients)."""
+    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+        return checkpoint(functools.partial(fn, **kwargs), *args, use_reentrant=False)
+    return fn(*args, **kwargs)
 
 
 def window_sums(q, k, v, valid, *, scale, window, chunk, to_block_start=False, with_max=False):
@@ -124,7 +140,7 @@ def hybrid_attention_chunked(
         return safe_div(*linear_sums(valid, lag))
     memory = spec.sparse_memory > 0 and mode.combines
     if not (spec.softmax_sinks or memory):
-        swa = window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk)
+        swa = _recomputed(window_sums, q, k, v, valid, scale=scale, window=window, chunk=chunk)
         if not mode.uses_linear:
             return safe_div(*swa)
         return combine(spec.rule, expand_weight(weight, b, hq, t, q), swa, linear_sums(valid, lag))
@@ -132,15 +148,17 @@ def hybrid_attention_chunked(
     sinks = first_valid(valid, spec.softmax_sinks)
     if memory:
         block = spec.memory_block
-        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=block, to_block_start=True, with_max=True)]
+        parts = [_recomputed(window_sums, q, k, v, valid, scale=scale, window=window, chunk=block, to_block_start=True,
+                             with_max=True)]
         offset = torch.arange(t, device=q.device) % block + window  # sinks older than B(t) - w + 1
         mem, la_mem = memory_sums(q, qf, k, v, kf, valid & ~sinks, spec=spec, log_decay=log_decay, beta=beta)
         parts.append(mem)
     else:
-        parts = [window_sums(q, k, v, valid, scale=scale, window=window, chunk=chunk, with_max=True)]
+        parts = [_recomputed(window_sums, q, k, v, valid, scale=scale, window=window, chunk=chunk, with_max=True)]
         offset = window
     if spec.softmax_sinks:
-        parts.append(sink_sums(q, k, v, valid, scale=scale, num_sinks=spec.softmax_sinks, offset=offset, with_max=True))
+        parts.append(_recomputed(sink_sums, q, k, v, valid, scale=scale, num_sinks=spec.softmax_sinks, offset=offset,
+                                 with_max=True))
     swa = merge_softmax(*parts)
     if not mode.uses_linear:
         return safe_div(*swa)

@@ -22,6 +22,7 @@ Output directory of a run::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -44,10 +45,11 @@ from linearize.train.recipes import (
     Recipe, Stage1Config, Stage2Config, dump_recipe, load_recipe, resolve_recipe,
 )
 
-#: What ``--resume`` may change (per stage): learning rates, their schedule and step counts. Anything else
+#: What ``--resume`` may change (per stage): learning rates, their schedule and step counts, and how memory is
+#: saved (gradient checkpointing: the same gradients; splitting micro-batches on out of memory). Anything else
 #: (model, data, hybrid layer, batch shapes, LoRA, seeds) would make the resumed run a different run.
 RESUMABLE = ("lr", "mixing_lr", "lr_schedule", "warmup_steps", "max_steps", "epochs", "checkpoint_every", "log_every",
-             "grad_clip")
+             "grad_clip", "gradient_checkpointing", "split_on_oom")
 
 
 @dataclass
@@ -289,7 +291,8 @@ def stage1_parts(model: Any, s1: Stage1Config | dict) -> tuple[dict, Any, Any]:
 
     s1 = Stage1Config.of(s1)
     params = transfer_mod.trainable_transfer_params(model, s1.train_feature_maps, s1.train_mixing)
-    xfer = transfer_mod.AttentionTransfer(model, s1.objective, s1.loss_scale, s1.query_block)
+    xfer = transfer_mod.AttentionTransfer(model, s1.objective, s1.loss_scale, s1.query_block,
+                                          recompute=s1.gradient_checkpointing)
     return params, xfer, transfer_mod.transfer_loss_fn(xfer)
 
 
@@ -345,10 +348,13 @@ def finetune(run: Run) -> None:
     es = s2.early_stopping
     spec = loop.LoopSpec.from_recipe("stage2", s2, recipe.seed, eval_every=es.eval_every, early_stopping=es,
                                      distributed=recipe.runtime.distributed)
-    trainer = loop.Trainer(model=run.model, params=params, data=run.train_rows, loss_fn=loss_fn, spec=spec,
-                           ckpt_dir=run.out / "checkpoints" / "stage2", accelerator=run.acc, log=run.log,
-                           eval_fn=lambda step: run.evaluate(), show_progress=run.show_progress, counter=run.counter)
-    result = trainer.run(resume=run.resume)
+    from linearize.train.finetune import layer_checkpointing
+
+    with layer_checkpointing(run.model) if s2.gradient_checkpointing else contextlib.nullcontext():
+        trainer = loop.Trainer(model=run.model, params=params, data=run.train_rows, loss_fn=loss_fn, spec=spec,
+                               ckpt_dir=run.out / "checkpoints" / "stage2", accelerator=run.acc, log=run.log,
+                               eval_fn=lambda step: run.evaluate(), show_progress=run.show_progress, counter=run.counter)
+        result = trainer.run(resume=run.resume)
     _finish_stage(run, "stage2", result, params, ssd=s2.ssd.to_dict() if ssd else None)
 
 

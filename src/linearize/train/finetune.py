@@ -7,6 +7,8 @@
   batch never exist (Gemma's vocabulary has 262k entries).
 - Validation: LM loss of the held-out rows under each component mode (`hybrid`, `swa_only`, `la_only`
   by default), so a collapse (hybrid ~ swa_only, la_only bad) is visible during training.
+- Gradient checkpointing (`stage2.gradient_checkpointing`, :func:`layer_checkpointing`): each decoder layer keeps only
+  its input for the backward pass and is run again there; the loss and the gradients are those of the plain run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import warnings
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from linearize.attention.module import hybrid_param_kind
-from linearize.models.convert import components, hybrid_modules, is_converted
+from linearize.attention.module import HybridAttention, hybrid_param_kind
+from linearize.models.convert import components, decoder_layers, hybrid_modules, is_converted
 from linearize.models.lm_head import chunk_loss_sum, final_softcap
 from linearize.train.ssd import SSDSchedule, clear_drops, dropped_fraction, set_drops
 
@@ -69,6 +71,67 @@ def add_lora(model, lora: dict, *, train_feature_maps: bool = False, train_mixin
         if p.requires_grad:
             params[name] = p
     return peft_model, params
+
+
+#: What a hybrid layer's forward reads besides its inputs and weights that training changes between the forward and
+#: the backward pass: the component modes and the SSD draws (cleared once the loss is computed).
+_CALL_STATE = ("mode", "head_modes", "drop_swa")
+
+
+def _call_state(modules: list[HybridAttention]) -> list[tuple[HybridAttention, dict, torch.Tensor | None]]:
+    return [(m, {a: getattr(m, a) for a in _CALL_STATE}, m.padding.mask) for m in modules]
+
+
+def _set_call_state(state) -> None:
+    for module, values, mask in state:
+        for name, value in values.items():
+            setattr(module, name, value)
+        module.padding.mask = mask
+
+
+def _replay_as_in_forward(layer: torch.nn.Module):
+    """`checkpoint`'s context_fn for one decoder layer, called at its forward: the recomputation in the backward pass
+    runs with the hybrid layers' modes, SSD draws and padding mask of that forward, whatever they are by then."""
+    at_forward = _call_state([m for m in layer.modules() if isinstance(m, HybridAttention)])
+
+    @contextlib.contextmanager
+    def replay():
+        now = _call_state([m for m, _, _ in at_forward])
+        _set_call_state(at_forward)
+        try:
+            yield
+        finally:
+            _set_call_state(now)
+
+    return contextlib.nullcontext(), replay()
+
+
+@contextlib.contextmanager
+def layer_checkpointing(model):
+    """Inside: every decoder layer of `model` trains under activation checkpointing (torch's non-reentrant
+    `checkpoint`, so LoRA weights get gradients without input grads): its forward keeps only the layer's inputs, and
+    the backward pass runs the layer again (with the same RNG, autocast, component modes and SSD draws) to get the
+    tensors its gradients need. Layers run unchanged without gradients (validation) or in eval mode."""
+    layers = list(decoder_layers(model))
+    for layer in layers:
+        if "forward" in vars(layer):
+            raise RuntimeError(f"{type(layer).__name__} already has its forward replaced; nested layer_checkpointing?")
+    for layer in layers:
+        layer.forward = _checkpointed_forward(layer, layer.forward)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
+def _checkpointed_forward(layer: torch.nn.Module, forward):
+    def checkpointed(*args, **kwargs):
+        if not (layer.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: _replay_as_in_forward(layer), **kwargs)
+
+    return checkpointed
 
 
 def finetune_loss_fn(model, *, chunk: int, ssd: SSDSchedule | None = None):

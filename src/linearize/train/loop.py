@@ -15,14 +15,19 @@
 - Resuming with a changed learning rate, schedule or step count (see linearize.train.RESUMABLE) continues
   from the checkpoint with the new values.
 - Every step is logged to a JSONL file; validations too (``event: eval``).
+- A step that runs out of GPU memory is run again with its micro-batches split (``split_on_oom``; the same rows per
+  step, so the same data order and effective batch), logged as ``event: micro_batch_split``; a micro-batch of one row
+  that does not fit stops the run with a one-line error that says what to change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -315,23 +320,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, dict]:
         spec = self.spec
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, infos = [], {}
-        micro_batches, epoch = self.local_micro_batches(step)
-        share = sum(len(p) for _, p in micro_batches)
-        for micro, (rows, positions) in enumerate(micro_batches):
-            ctx = {"step": step, "micro": micro, "epoch": epoch, "total_steps": self.total, "rows": rows,
-                   "positions": positions, "rows_per_step": spec.rows_per_step}
-            batch = self.data[rows].to(self.acc.device)
-            with self.processes.accumulating(self.runner, micro == len(micro_batches) - 1):
-                with self.acc.autocast():
-                    loss, info = self.runner(partial(self.loss_fn, batch, ctx))
-                # each micro loss is a mean over its rows: weight by its share of this process's rows, so the
-                # gradient (averaged over processes) is that of the mean over the step's rows
-                (loss * (len(rows) / share)).backward()
-            losses.append(float(loss.detach()) * len(rows) / share)
-            for k, v in (info or {}).items():
-                infos.setdefault(k, []).append(float(v))
+        losses, infos, epoch = self._gradients(step)
         plist = list(self.params.values())
         for p in plist:
             # a parameter no row of the step used gets a zero gradient, so the optimizer treats it the same
@@ -354,6 +343,73 @@ class Trainer:
         info = {k: sum(v) / len(v) for k, v in infos.items()}
         info.update(grad_norm=gnorm, epoch=epoch)
         return loss, info
+
+    def _gradients(self, step: int) -> tuple[list[float], dict, int]:
+        """The step's gradients accumulated over its micro-batches; on CUDA out of memory in a forward or backward
+        pass, again with smaller micro-batches (`split_on_oom`). Nothing is updated before they are complete."""
+        while True:
+            try:
+                return self._accumulate(step)
+            except torch.OutOfMemoryError as exc:
+                error = self._unsplittable(exc)
+                if error is not None:
+                    raise error from exc
+            # out of the except block: the traceback's frames, and the activations they hold, are gone
+            self._split_micro_batches(step)
+
+    def _unsplittable(self, exc: BaseException) -> LinearizeError | None:
+        """Why an out-of-memory step cannot be retried with smaller micro-batches (None: it can)."""
+        spec, seq_len = self.spec, self.data.shape[1]
+        what = f"{spec.name}: a micro-batch of {spec.batch_size} row(s) of {seq_len} tokens does not fit in GPU memory"
+        fixes = (f"set {spec.name}.gradient_checkpointing=true, or fewer tokens per row (data.seq_len)"
+                 if spec.batch_size == 1 else
+                 f"split it: --set {spec.name}.batch_size=<smaller> --set {spec.name}.grad_accum=<larger> (the same "
+                 f"product), or set {spec.name}.gradient_checkpointing=true")
+        if not spec.split_on_oom:
+            return LinearizeError(f"{what} ({spec.name}.split_on_oom is off); {fixes}")
+        if self.processes.world > 1:
+            return LinearizeError(f"{what}; with several processes the micro-batches are not split automatically: {fixes}")
+        if spec.batch_size == 1:
+            return LinearizeError(f"{what}; {fixes}")
+        return None
+
+    def _split_micro_batches(self, step: int) -> None:
+        """batch_size divided by its smallest factor, grad_accum multiplied by it: the step's rows stay the same."""
+        spec = self.spec
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        factor = next(f for f in range(2, spec.batch_size + 1) if spec.batch_size % f == 0)
+        before = (spec.batch_size, spec.grad_accum)
+        spec.batch_size, spec.grad_accum = spec.batch_size // factor, spec.grad_accum * factor
+        message = (f"{spec.name} step {step + 1}: out of GPU memory with micro-batches of {before[0]} rows; running "
+                   f"{spec.batch_size} rows x {spec.grad_accum} micro-batches per step instead (the same rows)")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if self.acc.is_main_process:
+            self.log.write({"stage": spec.name, "step": step, "event": "micro_batch_split", "batch_size": spec.batch_size,
+                            "grad_accum": spec.grad_accum, "was": list(before)})
+
+    def _accumulate(self, step: int) -> tuple[list[float], dict, int]:
+        spec = self.spec
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, infos = [], {}
+        micro_batches, epoch = self.local_micro_batches(step)
+        share = sum(len(p) for _, p in micro_batches)
+        for micro, (rows, positions) in enumerate(micro_batches):
+            ctx = {"step": step, "micro": micro, "epoch": epoch, "total_steps": self.total, "rows": rows,
+                   "positions": positions, "rows_per_step": spec.rows_per_step}
+            batch = self.data[rows].to(self.acc.device)
+            with self.processes.accumulating(self.runner, micro == len(micro_batches) - 1):
+                with self.acc.autocast():
+                    loss, info = self.runner(partial(self.loss_fn, batch, ctx))
+                # each micro loss is a mean over its rows: weight by its share of this process's rows, so the
+                # gradient (averaged over processes) is that of the mean over the step's rows
+                (loss * (len(rows) / share)).backward()
+            losses.append(float(loss.detach()) * len(rows) / share)
+            for k, v in (info or {}).items():
+                infos.setdefault(k, []).append(float(v))
+        return losses, infos, epoch
 
     def evaluate(self, step: int) -> bool:
         """Run eval_fn; returns True when early stopping says stop."""

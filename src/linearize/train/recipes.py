@@ -222,6 +222,10 @@ class LoopConfig(Section):
     grad_accum: int = _field(8, "Micro-batches per optimizer step (LoLCATs: batch 1 x accumulation 8).")
     epochs: int = _field(2, "Passes over the training rows.")
     max_steps: int | None = _field(None, "Optimizer steps; caps `epochs` when set.")
+    split_on_oom: bool = _field(True, "When a training step runs out of GPU memory, split its micro-batches (halve "
+                                      "batch_size, double grad_accum: the same rows and effective batch per step) and "
+                                      "run the step again, down to 1 row; one process only. false: stop with the "
+                                      "error.")
     checkpoint_every: int = _field(100, "Optimizer steps between resumable checkpoints.")
     log_every: int = _field(1, "Optimizer steps between training-log records.")
     # Stage 2's LoRA rate (1e-4) moves a per-head gate logit by at most ~0.012 in 122 steps
@@ -287,6 +291,10 @@ class Stage1Config(LoopConfig):
     train_feature_maps: bool = _field(True, "Train the feature maps.")
     train_mixing: bool = _field(False, "Train gamma (shared_norm) or the learned / dynamic gate (mix).")
     query_block: int = _field(256, "Query rows per block of the `weights` objective (no T x T tensor).")
+    gradient_checkpointing: bool = _field(False, "Keep only each converted layer's inputs for the backward pass and "
+                                                 "compute its transfer loss again there (activation checkpointing): "
+                                                 "the same loss and gradients, the student's intermediates of one "
+                                                 "layer at a time.")
 
     def check(self) -> None:
         super().check()
@@ -354,6 +362,10 @@ class Stage2Config(LoopConfig):
     train_feature_maps: bool = _field(False, "Train the feature maps too.")
     train_mixing: bool = _field(False, "Train gamma (shared_norm) or the learned / dynamic gate (mix) too.")
     loss_chunk: int = _field(1024, "Tokens per LM-head chunk (the vocabulary logits of a whole batch never exist).")
+    gradient_checkpointing: bool = _field(False, "Keep only each decoder layer's input for the backward pass and run "
+                                                 "the layer again there (activation checkpointing): the same loss and "
+                                                 "gradients, a fraction of the activation memory (4k-token rows of a "
+                                                 "1.5B model), about a third more compute.")
     ssd: SSDConfig = _field(SSDConfig(), "Scheduled Sliding-window Dropout.")
     early_stopping: EarlyStoppingConfig = _field(EarlyStoppingConfig(), "Validation during stage 2, early stopping.")
 
@@ -454,6 +466,10 @@ class Recipe(Section):
         if s1.enabled and not s1.train_feature_maps and not s1.train_mixing:
             raise RecipeError("stage1 trains nothing: set stage1.train_feature_maps or stage1.train_mixing, "
                               "or stage1.enabled=false")
+        if s1.enabled and s1.gradient_checkpointing and self.runtime.distributed == "fsdp":
+            # FSDP2 gathers a layer's weights around its forward only; stage 1's recomputed losses run outside it
+            raise RecipeError("stage1.gradient_checkpointing does not work with runtime.distributed=fsdp (the "
+                              "recomputed transfer loss would read the layer's sharded weights); use allreduce or ddp")
         window, sinks = self.layer_selection.cut(self.hybrid)
         if measured_keep(self.hybrid.layers) is not None and self.layer_selection.seq_len <= window + sinks:
             raise RecipeError(f"layer_selection.seq_len={self.layer_selection.seq_len} must exceed the measured cut's "

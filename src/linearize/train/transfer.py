@@ -174,9 +174,12 @@ def hybrid_output_objective(module, q, k, v, valid, weight, teacher, *, window, 
 
 
 class AttentionTransfer:
-    """Installs the transfer hooks on every converted layer and collects the per-layer losses."""
+    """Installs the transfer hooks on every converted layer and collects the per-layer losses. `recompute`: each
+    layer's loss keeps only its inputs for the backward pass and is computed again there (activation
+    checkpointing: the same loss and gradients, the student's intermediate tensors of one layer at a time)."""
 
-    def __init__(self, model, objective: str = "weights", loss_scale: float = 1.0, query_block: int = 256):
+    def __init__(self, model, objective: str = "weights", loss_scale: float = 1.0, query_block: int = 256,
+                 recompute: bool = False):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown transfer objective {objective!r}; expected one of {tuple(OBJECTIVES)}")
         self.model = model
@@ -184,6 +187,7 @@ class AttentionTransfer:
         self._layer_loss = OBJECTIVES[objective]
         self.loss_scale = float(loss_scale)
         self.query_block = query_block
+        self.recompute = recompute
         self.modules = hybrid_modules(model)
         if not self.modules:
             raise ValueError("attention transfer needs a converted model (linearize.convert)")
@@ -197,9 +201,18 @@ class AttentionTransfer:
         window = module.base_sliding_window
         with torch.no_grad():
             teacher = teacher_attention(q, k, v, scale=module.scale, window=window, valid=valid)
-        self.losses.append(self._layer_loss(module, q, k, v, valid, weight, teacher, window=window,
-                                            query_block=self.query_block, gates=module.state_inputs(hidden_states, valid)))
+        args = (q, k, v, valid, weight, teacher, hidden_states)
+        if self.recompute and torch.is_grad_enabled():
+            loss = checkpoint(self._student_loss, *args, module=module, window=window, use_reentrant=False)
+        else:
+            loss = self._student_loss(*args, module=module, window=window)
+        self.losses.append(loss)
         return teacher
+
+    def _student_loss(self, q, k, v, valid, weight, teacher, hidden_states, *, module, window):
+        """One layer's loss against its teacher (the gates inside: the decay/beta projections train with it)."""
+        return self._layer_loss(module, q, k, v, valid, weight, teacher, window=window, query_block=self.query_block,
+                                gates=module.state_inputs(hidden_states, valid))
 
     def __enter__(self):
         for m in self.modules:

@@ -44,6 +44,19 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+def converted_off_init(family: str, hybrid) -> "torch.nn.Module":
+    """`tiny_model(family)` converted with `hybrid`, its state parameters (decay and beta projections, feature maps)
+    moved off their initial values, so a test sees a state that decays and writes unevenly."""
+    import linearize
+
+    model = linearize.convert(tiny_model(family), hybrid)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "decay_proj" in name or "beta_proj" in name or "feature_map" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def bpe_tokenizer(vocab_size: int = 512):
     """A byte-level BPE (BOS added like Llama/Gemma) trained on PIQA text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

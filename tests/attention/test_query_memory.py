@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from spec_kwargs import with_spec
-from tiny_models import left_padded_batch, tiny_model
+from tiny_models import converted_off_init, left_padded_batch
 from transformers import DynamicCache
 
 import linearize
@@ -171,13 +171,8 @@ SETTINGS = dict(window=4, sparse_memory=3, memory_select="query", memory_observe
 
 
 def converted(kind="sum", family="llama", **settings):
-    hybrid = linearize.HybridConfig(linear_state=kind, decay_init=0.8, **{**SETTINGS, **settings})
-    model = linearize.convert(tiny_model(family), hybrid)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "decay_proj" in name or "beta_proj" in name or "feature_map" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return converted_off_init(family, linearize.HybridConfig(linear_state=kind, decay_init=0.8,
+                                                             **{**SETTINGS, **settings}))
 
 
 @pytest.mark.parametrize("kind,settings", [("sum", {}), ("gated", {}), ("delta", {}), ("gated", {"qk_conv": 3}),

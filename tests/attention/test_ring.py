@@ -81,6 +81,17 @@ def prefill(model, ids, mask, positions):
     return cache
 
 
+def assert_steps_match(decoder, model, hf, full, ids, mask, positions, p):
+    """Every step from token p on: the decoder's logits equal the full forward's and HF's own cached step's (`hf`)."""
+    for i in range(p, ids.shape[1]):
+        got = decoder.step(ids[:, i:i + 1]).clone()
+        with torch.no_grad():
+            want = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=positions[:, i:i + 1],
+                         **cache_kwargs(hf), use_cache=True).logits
+        torch.testing.assert_close(got, full[:, i:i + 1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family,impl", [("gemma3", "sdpa"), ("gemma3", "eager"), ("mistral", "sdpa")])
 def test_ring_decoding_equals_the_full_forward_and_hf_cached_steps(family, impl):
     """GraphDecoder's step (eager here: the forward the captured graph replays), the sliding layers on rings of 8, a
@@ -97,13 +108,7 @@ def test_ring_decoding_equals_the_full_forward_and_hf_cached_steps(family, impl)
     decoder = GraphDecoder(model, ringed, positions=positions[:, p:p + 1], valid=mask[:, :p].bool(), capture=False)
     sliding = unconverted_layers(model)[0]
     assert [type(ringed.layers[i]) for i in sliding] == [RingWindowLayer] * len(sliding) and decoder.rings
-    for i in range(p, ids.shape[1]):
-        got = decoder.step(ids[:, i:i + 1]).clone()
-        with torch.no_grad():
-            want = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=positions[:, i:i + 1],
-                         **cache_kwargs(hf), use_cache=True).logits
-        torch.testing.assert_close(got, full[:, i:i + 1], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_steps_match(decoder, model, hf, full, ids, mask, positions, p)
     assert ringed.get_seq_length() == hf.get_seq_length() == ids.shape[1]
     assert not decoder.captured
 
@@ -163,12 +168,6 @@ def test_captured_ring_step_equals_the_full_forward(family, impl):
     hf = prefill(model, ids[:, :p], mask[:, :p], positions[:, :p])
     ringed = prefill(model, ids[:, :p], mask[:, :p], positions[:, :p])
     decoder = GraphDecoder(model, ringed, positions=positions[:, p:p + 1], valid=mask[:, :p].bool())
-    for i in range(p, ids.shape[1]):
-        got = decoder.step(ids[:, i:i + 1]).clone()
-        with torch.no_grad():
-            want = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=positions[:, i:i + 1],
-                         **cache_kwargs(hf), use_cache=True).logits
-        torch.testing.assert_close(got, full[:, i:i + 1], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_steps_match(decoder, model, hf, full, ids, mask, positions, p)
     assert decoder.captured
     assert all(r.seen == ids.shape[1] for r in decoder.rings) and ringed.get_seq_length() == ids.shape[1]

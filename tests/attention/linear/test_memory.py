@@ -6,7 +6,8 @@ import pytest
 import torch
 from kinds import B, D, HKV, HQ, M, random_inputs
 from spec_kwargs import with_spec
-from tiny_models import assert_beam_scores_equal_forward, assert_decode_equals_forward, left_padded_batch, tiny_model
+from tiny_models import (assert_beam_scores_equal_forward, assert_decode_equals_forward, converted_off_init,
+                         left_padded_batch)
 from transformers import DynamicCache
 
 import linearize
@@ -156,13 +157,8 @@ MODEL_SETTINGS = dict(window=4, sparse_memory=3, memory_block=4, softmax_sinks=2
 
 def converted(kind, family="llama", **settings):
     """A tiny model with `kind` and sparse memory, its state parameters moved off their init (strong decay)."""
-    hybrid = linearize.HybridConfig(linear_state=kind, decay_init=0.8, **{**MODEL_SETTINGS, **settings})
-    model = linearize.convert(tiny_model(family), hybrid)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "decay_proj" in name or "beta_proj" in name or "feature_map" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return converted_off_init(family, linearize.HybridConfig(linear_state=kind, decay_init=0.8,
+                                                             **{**MODEL_SETTINGS, **settings}))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -143,6 +143,9 @@ class HybridConfig:
         if self.memory_observe < 1 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
             raise ValueError(f"memory_observe must be >= 1 and memory_pool an odd number >= 1; got {self.memory_observe} "
                              f"and {self.memory_pool}")
+        if self.memory_select != "recall" and not self.sparse_memory:
+            raise ValueError(f"memory_select={self.memory_select!r} chooses the sparse memory's keys, but sparse_memory "
+                             f"is 0: set sparse_memory > 0 (or leave memory_select 'recall')")
         if self.backend == "triton" and self.softmax_extras:
             raise ValueError("softmax_sinks and sparse_memory run on the PyTorch paths only; the Triton kernels do not "
                              "implement them: use backend 'auto' or 'torch'")

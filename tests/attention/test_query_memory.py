@@ -264,6 +264,8 @@ def test_config_checks_and_set_hybrid():
         linearize.HybridConfig(memory_pool=4)
     with pytest.raises(ValueError, match="memory_observe"):
         linearize.HybridConfig(memory_observe=0)
+    with pytest.raises(ValueError, match="sparse_memory is 0"):  # a rule with nothing to choose is a mistake, said
+        linearize.HybridConfig(memory_select="query")
     model = converted("sum", memory_select="recall")
     linearize.set_hybrid(model, memory_select="query")  # a training-free change of a conversion
     assert model.model.layers[0].self_attn.spec.selects_at_prefill

@@ -314,7 +314,7 @@ def test_a_memory_chosen_at_prefill_is_scored_through_the_cache(family):
         bits = -sum(float(lp[i, x]) for i, x in enumerate(it.target)) / math.log(2)
         assert s["bits"] == pytest.approx(bits, rel=1e-4)
         assert s["greedy_exact"] == float(all(int(lp[i].argmax()) == x for i, x in enumerate(it.target)))
-    linearize.set_hybrid(model, sparse_memory=0)
+    linearize.set_hybrid(model, sparse_memory=0, memory_select="recall")
     plain = _teacher_forced(model, items, [0, 1, 2], 0)
     for a, b in zip(_prefilled(model, items, [0, 1, 2], 0), plain):
         assert a["bits"] == pytest.approx(b["bits"], rel=1e-4) and a["greedy_exact"] == b["greedy_exact"]

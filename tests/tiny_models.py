@@ -57,6 +57,24 @@ def converted_off_init(family: str, hybrid) -> "torch.nn.Module":
     return model
 
 
+def assert_decode_bytes_are_the_cache(model, tokens: int = 50):
+    """Prefill `tokens` random tokens into a cache: the decode bytes `linearize.models.memory` counts (fp32) are the
+    bytes the cache holds. Returns the cache."""
+    import linearize
+    from transformers import DynamicCache
+
+    from linearize.attention.cache import cache_nbytes
+    from linearize.compat import cache_kwargs
+    from linearize.models.memory import decode_state_bytes
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, tokens)), **cache_kwargs(cache), use_cache=True)
+    hybrid = linearize.hybrid_config_of(model)
+    assert decode_state_bytes(model.config, tokens, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+    return cache
+
+
 def bpe_tokenizer(vocab_size: int = 512):
     """A byte-level BPE (BOS added like Llama/Gemma) trained on PIQA text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from spec_kwargs import with_spec
-from tiny_models import converted_off_init, left_padded_batch
+from tiny_models import assert_decode_bytes_are_the_cache, converted_off_init, left_padded_batch
 from transformers import DynamicCache
 
 import linearize
@@ -233,15 +233,11 @@ def test_decode_bytes_are_what_the_cache_holds(kind, placement):
     """The fixed memory holds its m slots and no pending block: the bytes are the cache's, below the 'recall' rule's
     by memory_block keys (and, for the decaying kinds, the ages and the scoring state)."""
     model = converted(kind, placement=placement)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(torch.randint(1, 128, (1, 40)), **cache_kwargs(cache), use_cache=True)
-    hybrid = linearize.hybrid_config_of(model)
-    assert decode_state_bytes(model.config, 40, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+    cache = assert_decode_bytes_are_the_cache(model, 40)
     state = cache.layers[0].state
     assert state.memory_fixed and state.memory.valid.all()
     assert state.index_select(torch.tensor([0, 0])).memory_fixed  # beam search keeps the rule
-    recall = linearize.HybridConfig(**{**hybrid.to_dict(), "memory_select": "recall"})
+    recall = linearize.HybridConfig(**{**linearize.hybrid_config_of(model).to_dict(), "memory_select": "recall"})
     assert decode_state_bytes(model.config, 40, dtype_bytes=4, hybrid=recall) > cache_nbytes(cache)
 
 

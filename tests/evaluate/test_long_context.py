@@ -6,18 +6,17 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 
 import pytest
 import torch
 
 import linearize
 from linearize.evaluate.long_score import bootstrap, exact_match, normalize_answer, paired, score_items, token_f1
-from linearize.evaluate.long_tasks import (Haystack, Item, build_items, long_qa_item, place_needles, reading_items,
+from linearize.evaluate.long_tasks import (Haystack, Item, long_qa_item, place_needles, reading_items,
                                            retrieval_item)
 from linearize.models.memory import decode_state_bytes, matching_window
 from linearize.models.window_sinks import target_layers, window_sinks, window_sinks_mask
-from tiny_models import tiny_model
+from tiny_models import assert_decode_bytes_are_the_cache, tiny_model
 
 TEXTS = ["Alpha beta gamma. Delta epsilon zeta eta. Theta iota kappa lambda mu. Nu xi omicron pi rho sigma. " * 40,
          "The quick brown fox jumps. Over the lazy dog it goes. A river runs through the valley. " * 40]
@@ -93,16 +92,9 @@ def test_decode_memory_by_hand():
 @pytest.mark.parametrize("extra", [{}, {"softmax_sinks": 4}, {"sparse_memory": 6, "memory_block": 8, "softmax_sinks": 2}])
 def test_decode_memory_is_what_the_cache_holds(extra):
     """The formula against the bytes a real cache holds after a prompt, for every layer converted (fp32 model)."""
-    from linearize.attention.cache import cache_nbytes
-    from linearize.compat import cache_kwargs
-    from transformers import DynamicCache
 
     model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=8, **extra))
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(torch.randint(1, 128, (1, 50)), **cache_kwargs(cache), use_cache=True)
-    hybrid = linearize.hybrid_config_of(model)
-    assert decode_state_bytes(model.config, 50, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+    cache = assert_decode_bytes_are_the_cache(model)
 
 
 # ----------------------------------------------------------------------------- prompts

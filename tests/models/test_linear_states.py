@@ -3,15 +3,13 @@ decode memory, stage-1 training of the state's parameters."""
 
 import pytest
 import torch
-from tiny_models import assert_beam_scores_equal_forward, assert_decode_equals_forward, assert_left_padding_invisible, tiny_model
+from tiny_models import assert_decode_bytes_are_the_cache, assert_beam_scores_equal_forward, assert_decode_equals_forward, assert_left_padding_invisible, tiny_model
 from transformers import DynamicCache
 
 import linearize
-from linearize.attention.cache import cache_nbytes
 from linearize.attention.linear import linear_state
 from linearize.compat import cache_kwargs
 from linearize.models.convert import hybrid_modules
-from linearize.models.memory import decode_state_bytes
 
 KINDS = ["gated", "delta"]
 
@@ -107,11 +105,7 @@ def test_ssd_drop_swa_is_la_only_per_row(kind):
 @pytest.mark.parametrize("settings", [{}, {"softmax_sinks": 3}, {"placement": "overlap"}])
 def test_decode_memory_is_what_the_cache_holds(kind, settings):
     model = converted(kind=kind, window=8, **settings)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(torch.randint(1, 128, (1, 50)), **cache_kwargs(cache), use_cache=True)
-    hybrid = linearize.hybrid_config_of(model)
-    assert decode_state_bytes(model.config, 50, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+    cache = assert_decode_bytes_are_the_cache(model)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -4,21 +4,19 @@ padding; whole tiny models (decode == forward, left padding, save/load, decode b
 
 import pytest
 import torch
-from kinds import B, D, HKV, HQ, M, random_inputs
+from kinds import B, D, HKV, HQ, random_inputs
 from spec_kwargs import with_spec
-from tiny_models import (assert_beam_scores_equal_forward, assert_decode_equals_forward, converted_off_init,
+from tiny_models import (assert_decode_bytes_are_the_cache, assert_beam_scores_equal_forward, assert_decode_equals_forward, converted_off_init,
                          left_padded_batch)
 from transformers import DynamicCache
 
 import linearize
-from linearize.attention.cache import cache_nbytes
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.linear import linear_state
 from linearize.attention.memory import memory_walk
 from linearize.attention.recurrent import decode_step, prefill_state
 from linearize.attention.reference import decayed_memory_walk, hybrid_attention_reference
 from linearize.compat import cache_kwargs
-from linearize.models.memory import decode_state_bytes
 
 KINDS = ["gated", "delta"]
 
@@ -216,11 +214,7 @@ def test_left_padding_by_whole_blocks_is_invisible(kind):
 @pytest.mark.parametrize("settings", [{}, {"softmax_sinks": 0}, {"window": 1, "memory_block": 3}, {"placement": "overlap"}])
 def test_decode_bytes_are_what_the_cache_holds(kind, settings):
     model = converted(kind, **settings)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(torch.randint(1, 128, (1, 50)), **cache_kwargs(cache), use_cache=True)
-    hybrid = linearize.hybrid_config_of(model)
-    assert decode_state_bytes(model.config, 50, dtype_bytes=4, hybrid=hybrid) == cache_nbytes(cache)
+    cache = assert_decode_bytes_are_the_cache(model)
     state = cache.layers[0].state
     assert state.memory is not None and state.memory.age is not None and (state.memory.beta is not None) == (kind == "delta")
 

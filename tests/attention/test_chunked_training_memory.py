@@ -3,6 +3,7 @@ backward pass, not kept; outputs and gradients are those of the plain computatio
 
 import pytest
 import torch
+from autograd_memory import largest_saved
 
 import linearize.attention.chunked as chunked
 from spec_kwargs import with_spec
@@ -30,18 +31,11 @@ def _grads_and_biggest_saved(case, seed=0):
     tensors = [q, k, v, weight, *gates.values()]
     for x in tensors:
         x.requires_grad_(True)
-    biggest = [0]
-
-    def pack(x):
-        biggest[0] = max(biggest[0], x.numel())
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = chunked.hybrid_attention_chunked(q, k, v, fq(q), fk(k), **gates, **with_spec(
-            valid=valid, weight=weight, scale=0.3, window=WINDOW, chunk_size=CHUNK, **case))
+    out, biggest = largest_saved(lambda: chunked.hybrid_attention_chunked(q, k, v, fq(q), fk(k), **gates, **with_spec(
+        valid=valid, weight=weight, scale=0.3, window=WINDOW, chunk_size=CHUNK, **case)))
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     grads = [x.grad for x in tensors] + [fq.weight.grad, fk.weight.grad]
-    return out.detach(), grads, biggest[0]
+    return out.detach(), grads, biggest
 
 
 def _plain(fn, *args, **kwargs):

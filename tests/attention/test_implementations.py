@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from autograd_memory import largest_saved
 
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.recurrent import advance_state, decode_output, prefill_state
@@ -147,15 +148,8 @@ def test_chunked_memory_is_linear_in_length():
     for t in (256, 512):
         q, k, v, fq, fk, valid, weight = make_inputs(t, padded=False)
         q.requires_grad_(True)
-        biggest = [0]
-
-        def pack(x):
-            biggest[0] = max(biggest[0], x.numel())
-            return x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            run(hybrid_attention_chunked, q, k, v, fq, fk, valid, weight, window=16, chunk_size=32)
-        sizes[t] = biggest[0]
+        _, sizes[t] = largest_saved(lambda: run(hybrid_attention_chunked, q, k, v, fq, fk, valid, weight, window=16,
+                                                chunk_size=32))
     assert sizes[512] <= 2.2 * sizes[256]
 
 

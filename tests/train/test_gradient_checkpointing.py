@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from autograd_memory import kept_bytes
 from safetensors.torch import load_file
 
 from linearize import HybridConfig, convert
@@ -62,25 +63,14 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients(granularity, state
     assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
 
 
-def _kept_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward pass while `fn` runs."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_checkpointed_layers_keep_a_fraction_of_the_activations():
     model, _ = _stage2_model()
     rows = random_data(rows=2, seq_len=48, seed=3).train
-    plain = _kept_bytes(lambda: finetune.lm_loss(model, rows, chunk=16))
+    plain = kept_bytes(lambda: finetune.lm_loss(model, rows, chunk=16))
     with finetune.layer_checkpointing(model):
-        checkpointed = _kept_bytes(lambda: finetune.lm_loss(model, rows, chunk=16))
+        checkpointed = kept_bytes(lambda: finetune.lm_loss(model, rows, chunk=16))
         with torch.no_grad():  # validation: the layers run as they are
             assert torch.equal(finetune.lm_loss(model, rows, chunk=16), finetune.lm_loss(model.eval(), rows, chunk=16))
     assert checkpointed < plain / 10, (checkpointed, plain)
@@ -100,7 +90,7 @@ def test_recomputed_transfer_losses_give_the_same_loss_and_gradients(objective, 
             p.grad = None
         losses = []
         with xfer:
-            kept = _kept_bytes(lambda: losses.append(xfer.loss(rows)))
+            kept = kept_bytes(lambda: losses.append(xfer.loss(rows)))
             losses[0].backward()
         # the 'weights' objective never reads the gate: no gradient, a zero as in the loop
         runs.append((losses[0].detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()

@@ -291,6 +291,22 @@ def test_gpu_bf16_model_shapes(monkeypatch, rule, placement, sinks, shape, varia
                            window=64, prompt=40, steps=30, softmax_sinks=sinks, dtype=torch.bfloat16, tol=2e-2)
 
 
+def _captured_step(state, q, k, v, qf, kf, kw):
+    """One fused step of `state` captured in a CUDA graph on a side stream: (graph, its 'hybrid' output tensor)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fused.fused_decode_step(state, q, k, v, qf, kf, **kw)["hybrid"]
+    return graph, out
+
+
+def _assert_same_state(a, b):
+    torch.cuda.synchronize()
+    for x, y in zip(a.tensors(), b.tensors()):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("fold_every", [1, 4])
@@ -306,20 +322,14 @@ def test_gpu_fused_step_replays_from_a_cuda_graph(monkeypatch, fold_every):
     kw = with_spec(modes=["hybrid"], valid=valid, scale=d ** -0.5, weight=torch.rand(hq, device="cuda"), rule="shared_norm",
               placement="complementary")
     fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)  # warm-up (compiles), then capture the next step
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)["hybrid"]
+    graph, out = _captured_step(graphed, q, k, v, qf, kf, kw)
     graphed.seen -= 1  # capture records, it does not run
     fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)
     for _ in range(20):  # the same token again and again: the ring (15 slots) wraps
         want = fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)["hybrid"]
         graph.replay()
         assert torch.equal(out, want)
-    torch.cuda.synchronize()
-    for a, r in zip(graphed.tensors(), eager.tensors()):
-        assert torch.equal(a, r)
+    _assert_same_state(graphed, eager)
 
 
 @pytest.mark.gpu
@@ -337,20 +347,14 @@ def test_gpu_a_state_first_stepped_in_a_capture_folds_every_step(monkeypatch):
     monkeypatch.setitem(fused.TUNING, "fold_every", 1)
     fused.fused_decode_step(warm, q, k, v, qf, kf, **kw)  # compiles the F = 1 kernel outside the capture
     monkeypatch.setitem(fused.TUNING, "fold_every", 4)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = fused.fused_decode_step(graphed, q, k, v, qf, kf, **kw)["hybrid"]
+    graph, out = _captured_step(graphed, q, k, v, qf, kf, kw)
     assert graphed.pend_count is None
     monkeypatch.setitem(fused.TUNING, "fold_every", 1)
     for _ in range(6):
         want = fused.fused_decode_step(eager, q, k, v, qf, kf, **kw)["hybrid"]
         graph.replay()
         assert torch.equal(out, want)
-    torch.cuda.synchronize()
-    for a, r in zip(graphed.tensors(), eager.tensors()):
-        assert torch.equal(a, r)
+    _assert_same_state(graphed, eager)
 
 
 @pytest.mark.gpu

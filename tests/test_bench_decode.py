@@ -102,6 +102,36 @@ def test_fused_and_unfused_converted_rows_side_by_side():
     assert "| converted_graph_unfused | 4 | 4096 |" in table and "| 3.00x | 12% |" in table
 
 
+def test_deferred_fold_rows_give_their_own_ratio_to_the_captured_base():
+    def row(kind, tps, floor):
+        return dict(shape="gemma3-270m", kind=kind, batch=1024, context=32768, tokens_per_s=tps,
+                    ms_per_step=1024e3 / tps, cache_bytes=100, cache_bytes_per_seq=0.1, weight_bytes=1, floor_ms=floor,
+                    floor_fraction=floor / (1024e3 / tps))
+
+    rows = [row("base_static_graph", 1000.0, 2.0), row("converted_graph", 3000.0, 0.5),
+            row("converted_graph_fold16", 5000.0, 100.0)]
+    (ratio,) = decode.fair_ratios(rows)
+    assert ratio["speedup_vs_static_graph_base"] == pytest.approx(3.0)
+    assert ratio["fold16_speedup_vs_static_graph_base"] == pytest.approx(5.0)
+    assert ratio["fold16_floor_fraction"] == pytest.approx(100.0 / (1024e3 / 5000.0))
+    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
+                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
+    assert "| converted_graph_fold16 | 1024 | 32768 |" in table and "| 5.00x | 49% |" in table
+
+
+def test_fold_every_sets_and_restores_the_tuning():
+    pytest.importorskip("triton")
+    from linearize.attention.triton.decode import TUNING
+
+    before = TUNING["fold_every"]
+    with decode.fold_every(decode.FOLD_ROWS):
+        assert TUNING["fold_every"] == 16
+    assert TUNING["fold_every"] == before
+    with pytest.raises(RuntimeError), decode.fold_every(8):
+        raise RuntimeError("a failing row")
+    assert TUNING["fold_every"] == before
+
+
 def test_fused_decode_switch_sets_and_restores_the_environment(monkeypatch):
     pytest.importorskip("triton")
     from linearize.attention.triton.decode import FUSED_ENV

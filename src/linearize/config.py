@@ -104,6 +104,7 @@ class HybridConfig:
     gamma_trainable: bool = field(default=True, metadata={"help": "shared_norm: whether gamma is a trainable parameter."})
     mix_gate: str = field(default="fixed", metadata={"help": "mix: 'fixed' g, 'learned' per-head g = sigmoid(theta), or 'dynamic' input-dependent g = sigmoid(w.x + b) per head."})
     mix_value: float = field(default=0.5, metadata={"help": "mix: g (fixed) or its initial value (learned, dynamic)."})
+    mix_shift: float = field(default=0.0, metadata={"help": "mix with a 'learned' or 'dynamic' gate, at inference: added to the gate's logit, g = sigmoid(logit + mix_shift), so a trained conversion can lean towards its window (> 0) or its linear branch (< 0) without training: the measured trade-off between reading inside the window and reading past it. Computation only (set_hybrid, `--hybrid mix_shift=1`); 0 = the trained gate."})
     placement: str = field(default="complementary", metadata={"help": "Keys the linear branch covers in 'hybrid' mode: 'complementary' = only keys older than the window (LoLCATs), 'overlap' = all past keys."})
     num_sinks: int = field(default=8, metadata={"help": "Number of leading tokens attended in the 'sinks_only' diagnostic mode."})
     softmax_sinks: int = field(default=0, metadata={"help": "Attention sinks kept in the softmax branch (StreamingLLM): in 'hybrid' and 'swa_only' modes softmax covers the window plus the first n valid tokens of the row; with placement 'complementary' the linear branch leaves them out. 0 = off. Not the same as num_sinks (the 'sinks_only' diagnostic)."})
@@ -138,6 +139,9 @@ class HybridConfig:
             raise ValueError(f"HybridConfig.window must be >= 1, got {self.window}")
         if not 0.0 < self.gamma_init < 1.0 or not 0.0 <= self.mix_value <= 1.0:
             raise ValueError("gamma_init must be in (0, 1) and mix_value in [0, 1]")
+        if self.mix_shift and (self.combine != "mix" or self.mix_gate == "fixed"):
+            raise ValueError(f"mix_shift={self.mix_shift} moves a learned or dynamic mix gate; this config has "
+                             f"combine={self.combine!r}, mix_gate={self.mix_gate!r} (a fixed g is mix_value)")
         if self.softmax_sinks < 0 or self.sparse_memory < 0 or self.memory_block < 1:
             raise ValueError("softmax_sinks and sparse_memory must be >= 0 and memory_block >= 1")
         if self.memory_observe < 1 or self.memory_pool < 1 or self.memory_pool % 2 == 0:

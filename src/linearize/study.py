@@ -148,12 +148,17 @@ TABLES["long-context"] = StudyTable(
     + (StudyRun("delta-w512-mix0.9", "ssd", (*LONG_COMMON, *LONG_STATES["delta"], "hybrid.mix_value=0.9"), LONG_MODES),),
     "Each run in its component modes on the long-context tasks (bits per byte of the answer, retrieval accuracy); "
     "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training); "
-    "delta-w512-mem256: the same memory on the delta state. "
-    "merged/long.md: all of them paired over the same items.",
+    "delta-w512-mem256: the same memory on the delta state; -shift1 / -shift2: the trained gate moved towards the "
+    "window at load (mix_shift: g = sigmoid(logit + 1 or 2), no training): reading inside the window against reading "
+    "past it. merged/long.md: all of them paired over the same items.",
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
               StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
               StudyVariant("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),)),
-              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")))),
+              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"))),
+              StudyVariant("sum-w512-shift1", "sum-w512", (("mix_shift", 1.0),)),
+              StudyVariant("sum-w512-shift2", "sum-w512", (("mix_shift", 2.0),)),
+              StudyVariant("delta-w512-shift1", "delta-w512", (("mix_shift", 1.0),)),
+              StudyVariant("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0)))),
     long=LongSettings(window=512))
 
 

@@ -237,9 +237,9 @@ class HybridAttention(nn.Module):
         if h.combine == "shared_norm":
             return torch.sigmoid(self.gamma_logit)
         if h.mix_gate == "learned":
-            return torch.sigmoid(self.gate_logit)
+            return torch.sigmoid(self.gate_logit + h.mix_shift)
         if h.mix_gate == "dynamic":
-            return torch.sigmoid(self.gate(hidden_states)).transpose(1, 2)
+            return torch.sigmoid(self.gate(hidden_states) + h.mix_shift).transpose(1, 2)
         return h.mix_value
 
     def state_inputs(self, hidden_states, valid) -> dict:

@@ -328,10 +328,32 @@ FAIR_KINDS = {
                        "attention/triton/decode.py, captured in a CUDA graph)",
     "converted_graph_unfused": "the same with LINEARIZE_FUSED_DECODE=0 (the previous step: the decode kernel plus "
                                "PyTorch ring and sink updates), in the same run",
+    "converted_graph_fold16": "converted_graph with the fused step's deferred fold (TUNING['fold_every'] = 16: the keys "
+                              "leaving the window wait in a list of 16 and S is written once per 16 steps instead of "
+                              "every step), in the same run (its floor counts the state without that list)",
     "base_eager_dynamic": "extra: base in HF's eager loop with a DynamicCache (the old, host-bound baseline)",
 }
 
 FAIR_BATCHES = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
+
+
+#: F of the deferred-fold rows (converted_graph_fold16); time a multiple of it (--decode-steps 32) so every
+#: measurement covers whole fold cycles
+FOLD_ROWS = 16
+
+
+@contextlib.contextmanager
+def fold_every(f: int):
+    """The fused step's deferred fold at F = f (attention/triton/decode.TUNING['fold_every'], read when a state is
+    first stepped: GraphDecoder's eager warm-up steps make its list before the capture); restored afterwards."""
+    from linearize.attention.triton.decode import TUNING
+
+    saved = TUNING["fold_every"]
+    TUNING["fold_every"] = f
+    try:
+        yield
+    finally:
+        TUNING["fold_every"] = saved
 
 
 @contextlib.contextmanager
@@ -362,11 +384,12 @@ def base_batches(cfg, ctx: int, room: int, weights: int, *, max_batch: int, dtyp
 
 def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 32768, 131072), *, steps: int = 12,
                     llama_layers: int = 8, max_batch: int = 1024, eager_extra_context: int | None = 32768,
-                    log=print, on_row=None) -> dict:
+                    fold_rows: bool = True, log=print, on_row=None) -> dict:
     """Per shape, context and batch (1 and the largest the base fits): the captured static-cache base and the
     converted model's captured step at the same batch (with the fused decode kernel, then without it), each with its
     memory floor; plus the old eager base at
-    `eager_extra_context` (Gemma shape) as a labelled extra. Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
+    `eager_extra_context` (Gemma shape) as a labelled extra; with `fold_rows`, the fused step with its deferred fold
+    (converted_graph_fold16) too. Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
     `on_row(result so far)` after every row (so that a run cut off by a time limit keeps its rows)."""
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
@@ -393,7 +416,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=False)
             else:
                 cache = _fill_hybrid_cache(model, batch, ctx, dtype)
-                with fused_decode(kind == "converted_graph"):
+                fold = FOLD_ROWS if kind == "converted_graph_fold16" else 1
+                with fused_decode(kind != "converted_graph_unfused"), fold_every(fold):
                     tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True)
             nbytes = cache_nbytes(cache)
             floor_ms = memory_floor_ms(weights + nbytes, bandwidth)
@@ -444,6 +468,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
             for batch in batches:
                 measure(shape, "converted_graph", batch, ctx, model, weights)
                 measure(shape, "converted_graph_unfused", batch, ctx, model, weights)
+                if fold_rows:
+                    measure(shape, "converted_graph_fold16", batch, ctx, model, weights)
         del model
         free()
     return result
@@ -471,6 +497,10 @@ def fair_ratios(rows) -> list[dict]:
         if unfused:
             entry["fused_speedup_over_unfused"] = ours["tokens_per_s"] / unfused["tokens_per_s"]
             entry["unfused_floor_fraction"] = unfused["floor_fraction"]
+        fold = by.get((shape, "converted_graph_fold16", batch, ctx))
+        if fold:
+            entry["fold16_speedup_vs_static_graph_base"] = fold["tokens_per_s"] / base["tokens_per_s"]
+            entry["fold16_floor_fraction"] = fold["floor_fraction"]
         out.append(entry)
     return out
 
@@ -492,14 +522,17 @@ def render_fair_markdown(fair: dict) -> list[str]:
         lines.append(f"{head} {r['tokens_per_s']:.0f} | {r['ms_per_step']:.2f} | {r['cache_bytes_per_seq'] / 2**20:.2f} | "
                      f"{r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% |")
     lines += ["", "| shape | batch | context | converted / captured base tokens/s | base state / ours | base floor / ours "
-              "| base floor % | ours floor % | extra: vs eager base | fused / unfused step | unfused floor % |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| base floor % | ours floor % | extra: vs eager base | fused / unfused step | unfused floor % "
+              "| deferred fold (F=16) / captured base | its floor % |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in fair["ratios"]:
         extra, fused = e.get("extra_speedup_vs_eager_dynamic_base"), e.get("fused_speedup_over_unfused")
         unfused = "—" if fused is None else f"{100 * e['unfused_floor_fraction']:.0f}%"
+        fold = e.get("fold16_speedup_vs_static_graph_base")
+        fold_cells = ("— | —" if fold is None else f"{fold:.2f}x | {100 * e['fold16_floor_fraction']:.0f}%")
         lines.append(f"| {e['shape']} | {e['batch']} | {e['context']} | **{e['speedup_vs_static_graph_base']:.2f}x** | "
                      f"{e['state_bytes_ratio_base_over_ours']:.1f}x | {e['floor_ratio_base_over_ours']:.1f}x | "
                      f"{100 * e['base_floor_fraction']:.0f}% | {100 * e['ours_floor_fraction']:.0f}% | "
                      f"{'—' if extra is None else f'{extra:.1f}x'} | {'—' if fused is None else f'{fused:.2f}x'} | "
-                     f"{unfused} |")
+                     f"{unfused} | {fold_cells} |")
     return lines + [""]

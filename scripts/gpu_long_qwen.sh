@@ -10,7 +10,9 @@
 #      the plain sum; the base and its window+sinks baselines cut every layer (`--layers all`).
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
 # Settings (environment): KEEP (4), TRAIN_TOKENS (1000000 per stage), RUN_NAMES (a comma-separated subset of
-# delta-all, delta-keep, sum-all), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below).
+# delta-all, delta-keep, sum-all), SSD_SCHEDULE (the stage-2 p(drop the window) per layer, below), and those of
+# gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
+# objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 model=$1 out=$2 seconds=$3
@@ -33,13 +35,15 @@ common+=" --set data.train_tokens=${TRAIN_TOKENS:-1000000}"
 common+=" --set stage1.batch_size=2 --set stage1.grad_accum=4 --set stage2.batch_size=2 --set stage2.grad_accum=4"
 common+=" --set stage1.gradient_checkpointing=true --set stage2.gradient_checkpointing=true"
 # SSD draws per layer: dropping the window in all 28 layers at once (one draw per step) trains an la_only model whose
-# loss sat at ~10 nats (results/long/qwen2.5-coder-1.5b/logs/delta-all-train_log.jsonl); per-layer draws are gentler.
-common+=" --set stage2.ssd.granularity=layer"
+# loss sat at ~10 nats (results/long/qwen2.5-coder-1.5b/logs/delta-all-train_log.jsonl); per-layer draws are gentler,
+# and at the recipe's p = 0.9 they would still drop ~25 of 28 windows a step: SSD_SCHEDULE (p 0.3, then 0.15) here.
+common+=" --set stage2.ssd.granularity=layer --set stage2.ssd.schedule=${SSD_SCHEDULE:-[[0.0,0.3],[0.5,0.15]]}"
 delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
 export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
 delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\
-sum-all|ssd|$common --set hybrid.layers=all"
-export VARIANTS_OVERRIDE="${VARIANTS_OVERRIDE-delta-all-mem|sum-all|--hybrid sparse_memory=64 --long-modes hybrid}"
+sum-all|ssd|$common --set hybrid.layers=all --set stage1.objective=hybrid_output"
+export VARIANTS_OVERRIDE="${VARIANTS_OVERRIDE-sum-all-mem256|sum-all|--hybrid sparse_memory=256 --long-modes hybrid;\
+delta-all-mem256|delta-all|--hybrid sparse_memory=256 --long-modes hybrid}"
 export BASE_ARGS="${BASE_ARGS:---layers all --window 512}" BASELINE_WINDOWS="${BASELINE_WINDOWS:-auto,512}"
 export MAX_TRAIN="${MAX_TRAIN:-3}" PARALLEL_EVALS="${PARALLEL_EVALS:-3}"
 export LONG_ARGS="${LONG_ARGS:---limit 50 --cell-limit 3 --long-tasks squad,drop,passkey,niah_single,qa_squad \

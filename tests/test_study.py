@@ -157,7 +157,7 @@ def test_long_context_table_is_the_states_script_comparison():
     table = TABLES["long-context"]
     runs = {r.name: r for r in table.runs}
     assert list(runs) == ["sum-w512", "gated-w512", "delta-w512", "gated-w512-qkconv4", "delta-w512-qkconv4",
-                          "delta-w512-mix0.9"]
+                          "delta-w512-mix0.9", "sum-w512-3m"]
     assert {r.recipe for r in table.runs} == {"ssd"} and all(r.modes == ("hybrid", "swa_only", "la_only") for r in table.runs)
     assert runs["sum-w512"].overrides == LONG_COMMON
     assert {"hybrid.window=512", "hybrid.combine=mix", "hybrid.mix_gate=dynamic", "hybrid.softmax_sinks=8",
@@ -165,6 +165,11 @@ def test_long_context_table_is_the_states_script_comparison():
     assert runs["gated-w512-qkconv4"].overrides == (*LONG_COMMON, "hybrid.linear_state=gated", "hybrid.qk_conv=4")
     assert runs["delta-w512"].overrides[-2:] == ("hybrid.linear_state=delta", "stage1.objective=hybrid_output")
     assert runs["delta-w512-mix0.9"].overrides == (*runs["delta-w512"].overrides, "hybrid.mix_value=0.9")
+    from linearize.train.recipes import load_recipe
+
+    longer = load_recipe("ssd", list(runs["sum-w512-3m"].overrides), "gpu-small")
+    assert longer["data"]["train_tokens"] == 3_000_000 and longer["hybrid"]["window"] == 512
+    assert len(runs["sum-w512-3m"].overrides) == len(LONG_COMMON)  # train_tokens replaced, not repeated
     assert [(v.name, v.run, v.hybrid, v.modes) for v in table.variants] == [
         ("sum-w512-mem", "sum-w512", (("sparse_memory", 64),), ("hybrid",)),
         ("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),), ("hybrid",)),
@@ -173,7 +178,9 @@ def test_long_context_table_is_the_states_script_comparison():
         ("sum-w512-shift1", "sum-w512", (("mix_shift", 1.0),), ("hybrid",)),
         ("sum-w512-shift2", "sum-w512", (("mix_shift", 2.0),), ("hybrid",)),
         ("delta-w512-shift1", "delta-w512", (("mix_shift", 1.0),), ("hybrid",)),
-        ("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0)), ("hybrid",))]
+        ("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0)), ("hybrid",)),
+        ("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),), ("hybrid",)),
+        ("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),), ("hybrid",))]
     settings = table.long
     assert settings == LongSettings(window=512)  # the 'auto' baseline matches the runs' window-512 state
     assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))

@@ -145,7 +145,10 @@ TABLES["long-context"] = StudyTable(
     + tuple(StudyRun(f"{state}-w512-qkconv4", "ssd", (*LONG_COMMON, *LONG_STATES[state], "hybrid.qk_conv=4"), LONG_MODES)
             for state in ("gated", "delta"))
     # the gate starting at 0.9 (softmax's weight): the LA half at 0.5 cost reading on short prompts
-    + (StudyRun("delta-w512-mix0.9", "ssd", (*LONG_COMMON, *LONG_STATES["delta"], "hybrid.mix_value=0.9"), LONG_MODES),),
+    + (StudyRun("delta-w512-mix0.9", "ssd", (*LONG_COMMON, *LONG_STATES["delta"], "hybrid.mix_value=0.9"), LONG_MODES),
+       # twice the tokens per stage (the 500k -> 1.5M step helped every state kind)
+       StudyRun("sum-w512-3m", "ssd", tuple("data.train_tokens=3000000" if o.startswith("data.train_tokens=") else o
+                                             for o in LONG_COMMON), LONG_MODES)),
     "Each run in its component modes on the long-context tasks (bits per byte of the answer, retrieval accuracy); "
     "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training); "
     "delta-w512-mem256: the same memory on the delta state; -shift1 / -shift2: the trained gate moved towards the "
@@ -158,7 +161,9 @@ TABLES["long-context"] = StudyTable(
               StudyVariant("sum-w512-shift1", "sum-w512", (("mix_shift", 1.0),)),
               StudyVariant("sum-w512-shift2", "sum-w512", (("mix_shift", 2.0),)),
               StudyVariant("delta-w512-shift1", "delta-w512", (("mix_shift", 1.0),)),
-              StudyVariant("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0)))),
+              StudyVariant("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0))),
+              StudyVariant("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),)),
+              StudyVariant("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),))),
     long=LongSettings(window=512))
 
 

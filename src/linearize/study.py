@@ -157,13 +157,13 @@ TABLES["long-context"] = StudyTable(
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
               StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
               StudyVariant("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),)),
-              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"))),
               StudyVariant("sum-w512-shift1", "sum-w512", (("mix_shift", 1.0),)),
               StudyVariant("sum-w512-shift2", "sum-w512", (("mix_shift", 2.0),)),
               StudyVariant("delta-w512-shift1", "delta-w512", (("mix_shift", 1.0),)),
               StudyVariant("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0))),
               StudyVariant("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),)),
-              StudyVariant("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),))),
+              StudyVariant("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),)),
+              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")))),
     long=LongSettings(window=512))
 
 

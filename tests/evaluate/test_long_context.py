@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import linearize
+from linearize.errors import LinearizeError
 from linearize.evaluate.long_score import bootstrap, exact_match, normalize_answer, paired, score_items, token_f1
 from linearize.evaluate.long_tasks import (Haystack, Item, long_qa_item, place_needles, reading_items,
                                            retrieval_item)
@@ -311,3 +312,33 @@ def test_a_memory_chosen_at_prefill_is_scored_through_the_cache(family):
     for a, b in zip(_prefilled(model, items, [0, 1, 2], 0), plain):
         assert a["bits"] == pytest.approx(b["bits"], rel=1e-4) and a["greedy_exact"] == b["greedy_exact"]
     assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(scores, plain))  # the memory was read
+
+
+def _record(names, items, seed=0):
+    """A `--what long` record of `items` (qid, task, length) with random per-item scores for `names`."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for qid, task, length in items:
+        scores = {n: {"bits": float(torch.rand(1, generator=g)) * 10, "bytes": 10,
+                      "greedy_exact": float(torch.rand(1, generator=g) > 0.5)} for n in names}
+        rows.append({"qid": qid, "task": task, "length": length, "depth": None if length is None else 0.5,
+                     "prompt_tokens": length or 900, **scores})
+    return {"meta": {"commit": "abc1234"}, "settings": {"train_len": 4096},
+            "variants": {n: {"decode_bytes_32k": 2**20, "note": n} for n in names}, "items": rows}
+
+
+def test_records_of_more_lengths_merge_over_the_items_every_record_has():
+    from linearize.evaluate.long_context import merge_long_records
+
+    short = [(f"s{i}", "squad", None) for i in range(4)] + [(f"p{i}-{n}", "passkey", n) for i in range(3) for n in (4096, 8192)]
+    longer = short + [(f"p{i}-32768", "passkey", 32768) for i in range(3)]
+    base = _record(["base", "window+sinks w=512 s=8"], longer, seed=1)
+    conv = _record(["hybrid", "swa_only"], short, seed=2)
+    merged = merge_long_records({"base": base, "conv": conv}, reps=20)
+    assert [it["qid"] for it in merged["items"]] == [q for q, _, _ in short]  # the base's order, its 32k items out
+    assert merged["meta"]["items_left_out"] == {"base": 3}
+    for got, b, c in zip(merged["items"], base["items"], conv["items"]):
+        assert got["base"] == b["base"] and got["conv hybrid"] == c["hybrid"]  # each item's own scores
+    assert {c["length"] for c in merged["cells"]} == {None, 4096, 8192}
+    with pytest.raises(LinearizeError, match="no item in common"):
+        merge_long_records({"base": base, "other": _record(["hybrid"], [("x", "squad", None)])}, reps=20)

@@ -206,9 +206,17 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
     """One record from several ``--what long`` records of the same items (same tokenizer, seed and settings): the
     base and its window+sinks rows once (from the records that have them), each converted model's modes as
     ``<label> <mode>``. Intervals and paired differences are computed again over the joined items, so several
-    conversions evaluated in separate runs (or on separate machines) are compared exactly as in one run."""
+    conversions evaluated in separate runs (or on separate machines) are compared exactly as in one run. Records
+    that scored more items than the others (more lengths) join over the items every record has; how many each
+    left out is in ``meta["items_left_out"]``."""
     if not records:
         raise LinearizeError("no long-context records to merge")
+    # records of fewer lengths (a shorter evaluation of a larger model, say) join over the items all of them scored
+    common = set.intersection(*({it["qid"] for it in rec["items"]} for rec in records.values()))
+    if not common:
+        raise LinearizeError(f"{' + '.join(records)}: no item in common (other tasks, limits or seed)")
+    dropped = {label: len(rec["items"]) - len(common) for label, rec in records.items() if len(rec["items"]) > len(common)}
+    records = {label: {**rec, "items": [it for it in rec["items"] if it["qid"] in common]} for label, rec in records.items()}
     first = next(iter(records.values()))
     qids = [it["qid"] for it in first["items"]]
     variants: dict[str, dict[str, Any]] = {}
@@ -216,7 +224,7 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
     converted_labels = []
     for label, rec in records.items():
         if [it["qid"] for it in rec["items"]] != qids:
-            raise LinearizeError(f"{label}: its items differ from {next(iter(records))}'s (other tasks, limits or seed)")
+            raise LinearizeError(f"{label}: its items come in another order than {next(iter(records))}'s")
         hybrid_modes = [n for n in rec["variants"] if n in ("hybrid", "swa_only", "la_only", "sinks_only", "none")]
         for name, info in rec["variants"].items():
             new = f"{label} {name}" if name in hybrid_modes else name
@@ -241,7 +249,7 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
     body = summarize(items, {n: [c for c in col] for n, col in columns.items()}, reps=reps, seed=seed, pairs=pairs)
     return {"meta": {**first.get("meta", {}), "model": " + ".join(records), "merged_from": {
                 label: {k: rec.get("meta", {}).get(k) for k in ("model", "commit", "dirty", "command", "gpu", "device")}
-                for label, rec in records.items()}},
+                for label, rec in records.items()}, "items_left_out": dropped},
             "variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
             "settings": {**first["settings"], "train_len": max((r["settings"].get("train_len") or 0) for r in records.values()) or None},
             "items": [{**{k: it[k] for k in ("qid", "task", "length", "depth", "prompt_tokens")},

@@ -82,21 +82,29 @@ def goals(layer, decode, conversion, generate) -> list[dict]:
 def main(argv=None) -> int:
     out = Path((argv or sys.argv[1:])[0])
     layer, decode = _load(out, "speed_layer.json"), _load(out, "speed_decode.json")
-    conversion, generate = _load(out, "speed_conversion.json"), _load(out, "generate_speed.json")
+    # generate: scripts/gpu_speed.sh's name, or the converted Gemma's file written by generate_speed.py by hand
+    conversion = _load(out, "speed_conversion.json")
+    generate = _load(out, "generate_speed.json") or _load(out, "generate_speed_gemma3-270m.json")
     first = next((r for r in (layer, decode, conversion, generate) if r), None)
     if first is None:
         raise SystemExit(f"{out}: no results files of scripts/gpu_speed.sh")
     table = goals(layer, decode, conversion, generate)
     tests = out / "logs" / "gpu_tests.log"
     test_line = tests.read_text().strip().splitlines()[-1] if tests.is_file() and tests.read_text().strip() else "not run"
-    res = dict(commit=first.get("commit") or first["environment"]["git_commit"], device=first.get("device"),
-               commands={name: r.get("command") for name, r in (("layer", layer), ("decode", decode),
-                                                                 ("conversion", conversion), ("generate", generate)) if r},
-               goals=table, gpu_tests=test_line)
+    parts = [(name, r) for name, r in (("layer", layer), ("decode", decode), ("conversion", conversion),
+                                       ("generate", generate)) if r]
+    # the parts may come from separate runs (a later decode run beside an earlier layer run): each keeps its commit
+    commit_of = lambda r: r.get("commit") or r.get("environment", {}).get("git_commit")  # noqa: E731
+    res = dict(commit=commit_of(first), device=first.get("device"),
+               commits={name: commit_of(r) for name, r in parts},
+               commands={name: r.get("command") for name, r in parts}, goals=table, gpu_tests=test_line)
     (out / "speed.json").write_text(json.dumps(res, indent=1))
+    commits = sorted({str(c)[:12] for c in res["commits"].values() if c})
     lines = ["# Speed against what a user would run instead (issue 21)", "",
-             f"Device **{res['device']}**, commit `{str(res['commit'])[:12]}`. Commands:", ""]
-    lines += [f"- {name}: `{cmd}`" for name, cmd in res["commands"].items()]
+             f"Device **{res['device']}**, commit{'s' if len(commits) > 1 else ''} "
+             + ", ".join(f"`{c}`" for c in commits) + ". Commands (each part's commit):", ""]
+    lines += [f"- {name}" + (f" (`{str(res['commits'][name])[:12]}`)" if res["commits"][name] else "") + f": `{cmd}`"
+              for name, cmd in res["commands"].items()]
     lines += ["", f"GPU tests of this issue: `{test_line}`.", "", "| goal | measured (this run) | met? |", "|---|---|---|"]
     for g in table:
         met = "—" if g["met"] is None else ("**yes**" if g["met"] else "no")

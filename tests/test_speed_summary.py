@@ -34,7 +34,7 @@ def write_run(out: Path) -> None:
                                   floor_ms=0.7 * ms, floor_fraction=0.7))
     fair = dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8, steps=12, kinds=decode.FAIR_KINDS, rows=fair_rows,
                 ratios=decode.fair_ratios(fair_rows))
-    (out / "speed_decode.json").write_text(json.dumps(dict(commit="abc123", device="GPU X", command="linearize bench d",
+    (out / "speed_decode.json").write_text(json.dumps(dict(commit="def456", device="GPU X", command="linearize bench d",
                                                            environment=ENV, decode_fair=fair)))
     layer = [dict(config="gemma3-270m", T=t, impl=impl, fwd_ms=ms / 3, fwd_bwd_ms=ms, peak_mib=1.0, fwd_tflops=1.0,
                   fwd_bwd_tflops=1.0)
@@ -71,6 +71,9 @@ def test_goals_are_read_from_the_rows(tmp_path):
     assert any(g["goal"].startswith("conversion") for g in res["goals"])
     md = (tmp_path / "speed.md").read_text()
     assert res["commit"] == "abc123" and "16 passed" in md and "| decode, Gemma shape, 32k" in md
+    # a decode run at another commit beside the layer run: each part names its own
+    assert res["commits"] == {"layer": "abc123", "decode": "def456", "generate": None}
+    assert "commits `abc123`, `def456`" in md and "- decode (`def456`): `linearize bench d`" in md
     assert "not measured" in md and "**8.00x**" in md
 
 

@@ -180,7 +180,8 @@ def test_long_context_table_is_the_states_script_comparison():
         ("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0)), ("hybrid",)),
         ("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),), ("hybrid",)),
         ("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),), ("hybrid",)),
-        ("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")), ("hybrid",))]
+        ("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")), ("hybrid",)),
+        ("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)), ("hybrid",))]
     settings = table.long
     assert settings == LongSettings(window=512)  # the 'auto' baseline matches the runs' window-512 state
     assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))

@@ -153,7 +153,8 @@ TABLES["long-context"] = StudyTable(
     "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training); "
     "delta-w512-mem256: the same memory on the delta state; -shift1 / -shift2: the trained gate moved towards the "
     "window at load (mix_shift: g = sigmoid(logit + 1 or 2), no training): reading inside the window against reading "
-    "past it. merged/long.md: all of them paired over the same items.",
+    "past it; -la-off: mix_shift 30, the linear readout off with the memory kept (is the linear part used?). "
+    "merged/long.md: all of them paired over the same items.",
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
               StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
               StudyVariant("delta-w512-mem256", "delta-w512", (("sparse_memory", 256),)),
@@ -163,7 +164,10 @@ TABLES["long-context"] = StudyTable(
               StudyVariant("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0))),
               StudyVariant("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),)),
               StudyVariant("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),)),
-              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")))),
+              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"))),
+              # the component-mode question for the memory rows (sparse memory runs in 'hybrid' only): the gate at
+              # g = 1 - 1e-13, so the linear branch's readout weighs nothing while its state still chooses the keys
+              StudyVariant("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)))),
     long=LongSettings(window=512))
 
 

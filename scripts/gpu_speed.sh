@@ -15,7 +15,8 @@
 # Gemma-3-270M shape (speed does not depend on the weights). Dequantizing a GGUF takes about 80 s, so with MODEL
 # the conversion step gets 120 s (CONVERSION_SECONDS) and the run ~6.5 minutes. Settings
 # (environment): SKIP_TESTS (set: no step 1), LAYER_SECONDS (110) and GENERATE_SECONDS (60: at 55 and 25 s both steps
-# were cut on an H200 at 44d6733, by compile and capture time), LAYER_CONFIGS (gemma3-270m), CONTEXTS (1024,32768,131072), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
+# were cut on an H200 at 44d6733, by compile and capture time), LAYER_CONFIGS (gemma3-270m), CONTEXTS (16,32768,131072: the 16-token base rows time the step outside attention, the ceiling of any
+# attention speed-up), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
 # A step that fails is logged and the next one runs; each step has its own time limit.
 set -uo pipefail
 out=$1 model=${2:-shape:gemma3-270m}
@@ -36,7 +37,7 @@ step layer "${LAYER_SECONDS:-110}" "$py" -m linearize bench --name speed_layer -
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \
   --budget 0.15
 step decode 140 "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
-  --skip-peak --contexts "${CONTEXTS:-1024,32768,131072}" --decode-steps 8
+  --skip-peak --contexts "${CONTEXTS:-16,32768,131072}" --decode-steps 32
 step generate "${GENERATE_SECONDS:-60}" "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
 step conversion "$conversion_seconds" "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats}" \
   --name speed_conversion --out-dir "$out" --commit "$commit" --steps 4 --warmup 1 --no-progress

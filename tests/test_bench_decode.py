@@ -119,6 +119,20 @@ def test_deferred_fold_rows_give_their_own_ratio_to_the_captured_base():
     assert "| converted_graph_fold16 | 1024 | 32768 |" in table and "| 5.00x | 49% |" in table
 
 
+def test_the_base_at_a_short_context_gives_the_ceiling_of_any_attention_speedup():
+    def row(kind, ctx, ms):
+        return dict(shape="gemma3-270m", kind=kind, batch=1024, context=ctx, tokens_per_s=1024e3 / ms, ms_per_step=ms,
+                    cache_bytes=100, cache_bytes_per_seq=0.1, weight_bytes=1, floor_ms=1.0, floor_fraction=1.0 / ms)
+
+    rows = [row("base_static_graph", 32768, 36.0), row("base_static_graph", 16, 6.0), row("converted_graph", 32768, 12.0)]
+    (ratio,) = decode.fair_ratios(rows)  # the short-context base row has no converted row of its own
+    assert ratio["context"] == 32768 and ratio["speedup_vs_static_graph_base"] == pytest.approx(3.0)
+    assert ratio["outside_attention_ms"] == 6.0 and ratio["ceiling_speedup_vs_static_graph_base"] == pytest.approx(6.0)
+    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
+                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
+    assert "| 6.00 | 6.0x |" in table
+
+
 def test_fold_every_sets_and_restores_the_tuning():
     pytest.importorskip("triton")
     from linearize.attention.triton.decode import TUNING

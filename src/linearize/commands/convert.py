@@ -8,7 +8,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a model with a training recipe (attention transfer + LoRA / SSD)",
         description="Convert a pretrained model into a linear + sliding-window hybrid with a recipe: lolcats, la-only, "
-                    "hedgecats, ssd (or a YAML file). Writes the converted model (LoRA merged), the adapter, the "
+                    "hedgecats, ssd, long-context (or a YAML file; --list-recipes). Writes the converted model (LoRA merged), the adapter, the "
                     "resolved recipe, the training log, a loss plot and summary.json to --out. Exit status: 0 done, "
                     "2 bad input, 3 done but the validation loss shows a diverged run (see summary.json 'warnings').")
     p.add_argument("--model", help="short name (gemma3-270m, smollm2-135m), HF directory or .gguf file")
@@ -38,8 +38,10 @@ def run(args) -> int:
     if args.list_recipes:
         from linearize.train.recipes import load_recipe
 
-        for name in available_recipes():
-            print(f"{name:10s} {load_recipe(name)['description']}")
+        names = available_recipes()
+        width = max(map(len, names))
+        for name in names:
+            print(f"{name:{width}s} {load_recipe(name)['description']}")
         return 0
     if args.print_recipe:
         from linearize.train.recipes import recipe_yaml, resolve_recipe

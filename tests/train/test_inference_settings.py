@@ -59,6 +59,10 @@ def test_validation_is_the_trained_models_and_the_summary_records_the_settings(r
     root, plain, with_settings = runs
     assert with_settings["inference_hybrid"] == INFERENCE and plain["inference_hybrid"] == {}
     assert json.loads((root / "inference" / "summary.json").read_text())["inference_hybrid"] == INFERENCE
+    from linearize.commands.convert import format_summary
+
+    assert "the saved model runs with sparse_memory=4, memory_block=8, mix_shift=1.0" in format_summary(with_settings)
+    assert "runs with" not in format_summary(plain)
     assert with_settings["val"] == plain["val"]
     assert {k: v["val"] for k, v in with_settings["stages"].items()} == {k: v["val"] for k, v in plain["stages"].items()}
 

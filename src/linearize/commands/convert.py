@@ -74,5 +74,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {stage}: {info['steps']} steps, {info['tokens']} tokens, {info['tokens_per_s']:.0f} tokens/s"
                      + (f", early-stopped (best step {info['best_step']})" if info.get("stopped_early") else ""))
     lines.append(f"  wall time {summary['wall_seconds']:.1f} s")
+    if summary.get("inference_hybrid"):
+        settings = ", ".join(f"{k}={v}" for k, v in summary["inference_hybrid"].items())
+        lines.append(f"  the saved model runs with {settings} (recipe section inference; the losses above are "
+                     f"without them)")
     return "\n".join(lines)
 

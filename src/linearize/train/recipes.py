@@ -1,9 +1,9 @@
 """Conversion recipes: the typed schema (:class:`Recipe`), its YAML files in ``linearize/train/recipes/``, presets.
 
 A recipe is a :class:`Recipe`: one dataclass per section (``data``, ``stage1``, ``stage2``, ``eval``, ``output``,
-``runtime``, ``inference``, ...; ``hybrid`` is :class:`linearize.HybridConfig` itself). Each field's help text (its ``metadata``) is
-its documentation, and each section checks its values in ``__post_init__``. A YAML recipe file sets some fields;
-unknown keys are an error that lists the known ones. Resolution order (later wins):
+``runtime``, ``layer_selection``, ``inference``; ``hybrid`` is :class:`linearize.HybridConfig` itself). Each field's
+help text (its ``metadata``) is its documentation, and each section checks its values in ``__post_init__``. A YAML
+recipe file sets some fields; unknown keys are an error that lists the known ones. Resolution order (later wins):
 
 1. the dataclasses' defaults (the paper / LoLCATs sizes: seq_len 1024, LR 1e-2 stage 1, 1e-4 stage 2, ...);
 2. the recipe file (a name such as ``ssd`` or a path to a ``.yaml`` file);

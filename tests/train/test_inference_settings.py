@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import linearize
 from linearize.train import run_recipe
 from linearize.train.recipes import RecipeError, load_recipe
-from lz_train_helpers import VOCAB, random_data, tiny_llama, tiny_recipe
+from lz_train_helpers import VOCAB, random_data, tiny_gemma3, tiny_llama, tiny_recipe
 
 # a dynamic mix gate (trained in stage 2), so mix_shift has a gate to move
 SETS = tiny_recipe(**{"hybrid.combine": "mix", "hybrid.mix_gate": "dynamic", "stage2.train_mixing": "true"})
@@ -98,6 +98,19 @@ def test_a_run_without_stage2_saves_the_settings_too(tmp_path):
     assert linearize.hybrid_config_of(saved).window == 16
     stored = load_recipe(str(out / "recipe.yaml"))  # trained at window 8, saved at 16
     assert stored["hybrid"]["window"] == 8 and stored["inference"]["hybrid"] == {"window": 16}
+
+
+def test_the_long_context_recipe_runs_and_saves_its_settings(tmp_path):
+    """The shipped recipe end to end at tiny sizes (its memory at this scale): the global layer only, saved with the
+    sparse memory and the gate shift."""
+    out = tmp_path / "run"
+    sizes = ["inference.hybrid.sparse_memory=4", "inference.hybrid.memory_block=8"]
+    summary = run_recipe(tiny_gemma3(), "long-context", out, overrides=[*tiny_recipe(), *sizes], data=random_data())
+    assert summary["inference_hybrid"] == {"sparse_memory": 4, "mix_shift": 1.0, "memory_block": 8}
+    saved = linearize.load(out)
+    config = linearize.hybrid_config_of(saved)
+    assert (config.sparse_memory, config.mix_shift, config.softmax_sinks, config.mix_gate) == (4, 1.0, 8, "dynamic")
+    assert config.layers == [2]  # tiny_gemma3's one full-attention layer
 
 
 @pytest.mark.parametrize("bad", ["inference.hybrid.combine=shared_norm", "inference.hybrid.windw=3",

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from linearize.cli import main
+from linearize.errors import LinearizeError
 from linearize.study import TABLES, plan
 from linearize.train.recipes import load_recipe
 
@@ -323,3 +324,23 @@ def test_set_applies_to_every_run_and_a_run_of_other_settings_is_refused(tmp_pat
                  "--out", str(tmp_path), "--model", "x"]) == 2
     err = capsys.readouterr().err
     assert "holds a run of another recipe: stage2.batch_size (8 -> 2)" in err and err.count("\n") == 1
+
+
+def test_a_run_directory_from_before_the_inference_section_is_the_same_recipe(tmp_path):
+    """A stored recipe.yaml written before recipes had an `inference` section (its default: no settings) is the run
+    the table resolves to now; one with inference settings is not."""
+    from linearize import study
+    from linearize.train.recipes import recipe_yaml
+
+    run = TABLES["long-context"].runs[0]
+    path = tmp_path / run.name
+    path.mkdir()
+    old = load_recipe(run.recipe, [*run.overrides, "seed=0"], "gpu-small")
+    assert old.pop("inference") == {"hybrid": {}}
+    (path / "recipe.yaml").write_text(recipe_yaml(old))
+    assert "inference" not in (path / "recipe.yaml").read_text()
+    study._check_same_recipe(path, run, 0, "gpu-small")  # accepted
+    changed = load_recipe(run.recipe, [*run.overrides, "seed=0", "inference.hybrid.sparse_memory=256"], "gpu-small")
+    (path / "recipe.yaml").write_text(recipe_yaml(changed))
+    with pytest.raises(LinearizeError, match=r"holds a run of another recipe: inference.hybrid \(\{'sparse_memory'"):
+        study._check_same_recipe(path, run, 0, "gpu-small")

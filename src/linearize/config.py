@@ -93,6 +93,12 @@ def measured_keep(layers: Any) -> int | None:
     return int(k)
 
 
+#: HybridConfig fields that decide which parameters a converted layer has (and their initial values); the others only
+#: steer its computation, so they may change after conversion (linearize.set_hybrid, a recipe's inference.hybrid).
+STRUCTURAL_FIELDS = ("feature_map", "feature_size", "init_noise", "combine", "gamma_init", "gamma_trainable", "mix_gate",
+                     "mix_value", "qk_conv", "linear_state", "decay_init", "delta_beta_init", "layers")
+
+
 @dataclass
 class HybridConfig:
     window: int = field(default=64, metadata={"help": "Sliding-window size w: softmax covers the w most recent keys, the query's own included."})

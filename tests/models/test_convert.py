@@ -209,5 +209,8 @@ def test_set_hybrid_changes_computation_settings_and_refuses_structural_ones(tmp
     assert linearize.hybrid_config_of(linearize.load(tmp_path)).window == 64
     with pytest.raises(ValueError, match="parameters"):
         linearize.set_hybrid(model, combine="mix")
+    for field, value in (("linear_state", "gated"), ("decay_init", 0.9), ("delta_beta_init", 0.3)):
+        with pytest.raises(ValueError, match="parameters"):  # the gated / delta state's own layers and their init
+            linearize.set_hybrid(model, **{field: value})
     with pytest.raises(ValueError, match="window"):
         linearize.set_hybrid(model, window=0)

@@ -29,13 +29,14 @@ class _Sketch(Section):
 
 
 def test_shipped_recipes():
-    assert set(available_recipes()) >= {"lolcats", "la-only", "hedgecats", "ssd"}
+    assert set(available_recipes()) >= {"lolcats", "la-only", "hedgecats", "ssd", "long-context"}
     for name in available_recipes():
         text = (RECIPE_DIR / f"{name}.yaml").read_text()
         assert text.startswith("#"), f"{name}.yaml needs a header comment saying what it reproduces"
         r = load_recipe(name)
-        assert r["reproduces"] and r["name"] == name
-        assert r["data"]["seq_len"] == 1024 and r["stage1"]["lr"] == 1e-2
+        assert r["reproduces"] and r["name"] == name and r["stage1"]["lr"] == 1e-2
+        if name != "long-context":  # the paper recipes: LoLCATs' 1024-token rows, no inference settings
+            assert r["data"]["seq_len"] == 1024 and r["inference"] == {"hybrid": {}}
     lol = load_recipe("lolcats")
     assert lol["stage1"]["objective"] == "hybrid_output" and lol["stage1"]["loss_scale"] == 1000
     assert lol["hybrid"]["combine"] == "shared_norm" and lol["hybrid"]["gamma_trainable"] and lol["stage1"]["train_mixing"]
@@ -196,3 +197,65 @@ def test_recipe_values_are_checked_against_their_annotations():
             _Sketch(**bad)
     with pytest.raises(RecipeError, match=r"unknown recipe key 'sketch.knd'; known keys here: \['count', 'extra'"):
         _Sketch.from_dict({"knd": "a"})
+
+
+# -- the long-context recipe and the inference section ---------------------------------------------------
+
+def test_long_context_recipe_is_ssd_with_the_study_settings():
+    """long-context.yaml is the `ssd` recipe with study.LONG_COMMON's overrides (the measured sum-w512 run) plus its
+    inference settings: nothing else differs, so the file and the study cannot drift apart."""
+    from linearize.study import LONG_COMMON
+
+    long, ssd = load_recipe("long-context"), load_recipe("ssd", list(LONG_COMMON))
+    own = ("name", "description", "reproduces", "inference")
+    assert {k: v for k, v in long.items() if k not in own} == {k: v for k, v in ssd.items() if k not in own}
+    assert long["inference"] == {"hybrid": {"sparse_memory": 256, "mix_shift": 1.0}}
+    assert ssd["inference"] == {"hybrid": {}}
+    assert long["hybrid"]["layers"] == "global" and long["data"]["seq_len"] == 4096
+    with_preset = resolve_recipe("long-context", preset="gpu-small")  # the preset of the measured run applies
+    assert with_preset.stage1.epochs == 1 and with_preset.inference.hybrid == {"sparse_memory": 256, "mix_shift": 1.0}
+
+
+def test_long_context_is_listed_where_recipes_are_listed(capsys):
+    from linearize.cli import build_parser, main
+
+    assert main(["convert", "--list-recipes"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert listed == set(available_recipes()) and "long-context" in listed
+    convert = build_parser()._subparsers._group_actions[0].choices["convert"]
+    assert all(name in convert.description for name in available_recipes())  # the help names every recipe
+
+
+def test_inference_settings_are_set_typed_and_merged():
+    r = resolve_recipe("long-context", ["inference.hybrid.sparse_memory=64.0", "inference.hybrid.memory_block=32"])
+    assert r.inference.hybrid == {"sparse_memory": 64, "mix_shift": 1.0, "memory_block": 32}
+    assert type(r.inference.hybrid["sparse_memory"]) is int
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert resolve_recipe("ssd", ["inference.hybrid.window=128"]).inference.hybrid == {"window": 128}
+    assert resolve_recipe("ssd").inference.hybrid == {}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("inference.hybrid.feature_map=relu", "inference.hybrid cannot set ['feature_map']: they decide the converted"),
+    ("inference.hybrid.linear_state=gated", "inference.hybrid cannot set ['linear_state']"),
+    ("inference.hybrid.windw=3", "unknown HybridConfig fields ['windw'] in 'inference.hybrid'"),
+    ("inference.hybrid.window=0", "inference.hybrid: HybridConfig.window must be >= 1"),
+    ("inference.hybrid.sparse_memory=x", "inference.hybrid.sparse_memory must be an integer"),
+    ("inference.hybrid=3", "inference.hybrid is a section, not a value"),
+    ("inference.hybrid.mix_shift=1.0", "inference.hybrid: mix_shift=1.0 moves a learned or dynamic mix gate"),
+])
+def test_bad_inference_settings_are_refused_in_one_line(bad, message, capsys):
+    from linearize.cli import main
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe("ssd", [bad])  # ssd's shared_norm has no gate to shift
+    assert main(["convert", "--print-recipe", "--set", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_inference_settings_need_a_saved_model():
+    with pytest.raises(RecipeError, match="output.merge_lora=false saves only the LoRA adapter"):
+        load_recipe("long-context", ["output.merge_lora=false"])
+    assert load_recipe("long-context", ["output.merge_lora=false", "inference.hybrid.sparse_memory=0",
+                                        "inference.hybrid.mix_shift=0"])["output"]["merge_lora"] is False

@@ -8,8 +8,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a model with a training recipe (attention transfer + LoRA / SSD)",
         description="Convert a pretrained model into a linear + sliding-window hybrid with a recipe: lolcats, la-only, "
-                    "hedgecats, ssd (or a YAML file). Writes the converted model (LoRA merged), the adapter, the "
-                    "resolved recipe, the training log, a loss plot and summary.json to --out. Exit status: 0 done, "
+                    "hedgecats, ssd, long-context (or a YAML file; --list-recipes). Writes the converted model (LoRA "
+                    "merged), the adapter, the resolved recipe, the training log, a loss plot and summary.json to "
+                    "--out. Exit status: 0 done, "
                     "2 bad input, 3 done but the validation loss shows a diverged run (see summary.json 'warnings').")
     p.add_argument("--model", help="short name (gemma3-270m, smollm2-135m), HF directory or .gguf file")
     p.add_argument("--recipe", default=None, help="recipe name or YAML path (default: ssd; with --resume: the run's)")
@@ -38,8 +39,10 @@ def run(args) -> int:
     if args.list_recipes:
         from linearize.train.recipes import load_recipe
 
-        for name in available_recipes():
-            print(f"{name:10s} {load_recipe(name)['description']}")
+        names = available_recipes()
+        width = max(map(len, names))
+        for name in names:
+            print(f"{name:{width}s} {load_recipe(name)['description']}")
         return 0
     if args.print_recipe:
         from linearize.train.recipes import recipe_yaml, resolve_recipe
@@ -72,5 +75,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {stage}: {info['steps']} steps, {info['tokens']} tokens, {info['tokens_per_s']:.0f} tokens/s"
                      + (f", early-stopped (best step {info['best_step']})" if info.get("stopped_early") else ""))
     lines.append(f"  wall time {summary['wall_seconds']:.1f} s")
+    if summary.get("inference_hybrid"):
+        settings = ", ".join(f"{k}={v}" for k, v in summary["inference_hybrid"].items())
+        lines.append(f"  the saved model runs with {settings} (recipe section inference; the losses above are "
+                     f"without them)")
     return "\n".join(lines)
 

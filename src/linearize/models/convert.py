@@ -30,7 +30,7 @@ from transformers import (
 
 from linearize.attention.adapters import adapter_for, layer_types
 from linearize.attention.module import HybridAttention, PaddingContext, hybrid_param_kind
-from linearize.config import HybridConfig, measured_keep
+from linearize.config import STRUCTURAL_FIELDS, HybridConfig, measured_keep
 from linearize.errors import LinearizeError, ModelFileError
 from linearize.models import generation
 from linearize.models.rundir import check_complete
@@ -139,11 +139,6 @@ def components(model: nn.Module, modes):
     finally:
         for i, (mode, heads) in saved.items():
             modules[i].mode, modules[i].head_modes = mode, heads
-
-
-#: HybridConfig fields that decide which parameters a converted layer has; the others only steer its computation.
-STRUCTURAL_FIELDS = ("feature_map", "feature_size", "init_noise", "combine", "gamma_init", "gamma_trainable", "mix_gate",
-                     "mix_value", "qk_conv", "layers")
 
 
 def set_hybrid(model: nn.Module, **changes) -> HybridConfig:

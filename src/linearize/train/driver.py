@@ -14,7 +14,8 @@ Output directory of a run::
     train_log.jsonl                                   one record per step and per validation
     loss.png                                          training / validation loss curves
     summary.json                                      validation losses per mode and stage, tokens/s, wall time,
-                                                      where the mixing weights ended (gamma or g per layer and head)
+                                                      where the mixing weights ended (gamma or g per layer and head),
+                                                      the inference settings the saved model carries (inference_hybrid)
     checkpoints/stage1/, checkpoints/stage2/          resumable checkpoints (see linearize.train.checkpoint)
     .linearize-run, .linearize-complete               run marker (written first) and completion marker (written
                                                       last, once the model files are in place): linearize.models.rundir
@@ -358,9 +359,22 @@ def finetune(run: Run) -> None:
     _finish_stage(run, "stage2", result, params, ssd=s2.ssd.to_dict() if ssd else None)
 
 
+def apply_inference_settings(run: Run) -> None:
+    """The recipe's ``inference.hybrid`` set on the trained model (linearize.set_hybrid), so the saved config carries
+    them; recorded in the summary as ``inference_hybrid``. Called after the last validation: the run's losses are
+    the trained model's without them."""
+    from linearize.models.convert import set_hybrid
+
+    settings = dict(run.recipe.inference.hybrid)
+    if settings:
+        set_hybrid(run.model, **settings)
+    run.summary["inference_hybrid"] = settings
+
+
 def save(run: Run, wall_start: float) -> dict:
-    """The model (LoRA merged unless the recipe says otherwise), the adapter, the tokenizer, the loss plot and the
-    summary: staged, moved into place, then the completion marker (linearize.models.rundir). Returns the summary."""
+    """The model (LoRA merged unless the recipe says otherwise) with the recipe's inference settings, the adapter,
+    the tokenizer, the loss plot and the summary: staged, moved into place, then the completion marker
+    (linearize.models.rundir). Returns the summary."""
     from linearize.models.convert import hybrid_modules, mixing_report
     from linearize.train.ssd import clear_drops
 
@@ -371,6 +385,7 @@ def save(run: Run, wall_start: float) -> dict:
     final_val = stages["stage2"]["val"] if "stage2" in stages else stages["stage1"]["val"] if "stage1" in stages \
         else run.evaluate()
     warnings = _divergence_warnings(final_val, model.get_output_embeddings().weight.shape[0])
+    apply_inference_settings(run)
     staging = rundir.begin_publish(run.out) if acc.is_main_process else None
     if acc.is_main_process:
         peft_model = run.peft_model

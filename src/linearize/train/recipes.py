@@ -1,9 +1,9 @@
 """Conversion recipes: the typed schema (:class:`Recipe`), its YAML files in ``linearize/train/recipes/``, presets.
 
 A recipe is a :class:`Recipe`: one dataclass per section (``data``, ``stage1``, ``stage2``, ``eval``, ``output``,
-``runtime``; ``hybrid`` is :class:`linearize.HybridConfig` itself). Each field's help text (its ``metadata``) is
-its documentation, and each section checks its values in ``__post_init__``. A YAML recipe file sets some fields;
-unknown keys are an error that lists the known ones. Resolution order (later wins):
+``runtime``, ``layer_selection``, ``inference``; ``hybrid`` is :class:`linearize.HybridConfig` itself). Each field's
+help text (its ``metadata``) is its documentation, and each section checks its values in ``__post_init__``. A YAML
+recipe file sets some fields; unknown keys are an error that lists the known ones. Resolution order (later wins):
 
 1. the dataclasses' defaults (the paper / LoLCATs sizes: seq_len 1024, LR 1e-2 stage 1, 1e-4 stage 2, ...);
 2. the recipe file (a name such as ``ssd`` or a path to a ``.yaml`` file);
@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from linearize.config import COMPONENT_MODES, HybridConfig, measured_keep
+from linearize.config import COMPONENT_MODES, STRUCTURAL_FIELDS, HybridConfig, measured_keep
 from linearize.errors import LinearizeError
 from linearize.train.transfer import OBJECTIVES
 
@@ -415,6 +415,40 @@ class RuntimeConfig(Section):
         _one_of("runtime.mixed_precision", self.mixed_precision, MIXED_PRECISION)
 
 
+def _hybrid_field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(HybridConfig)]
+
+
+@dataclass
+class InferenceConfig(Section):
+    """Computation-only settings the saved model runs with (set on it after training, before it is saved)."""
+
+    where: ClassVar[str] = "inference"
+    hybrid: dict = _field({}, "Computation-only HybridConfig fields (those linearize.set_hybrid accepts, e.g. "
+                              "{sparse_memory: 256, mix_shift: 1.0}) applied with set_hybrid to the converted model "
+                              "once training has ended and before it is saved: its config.json carries them, so "
+                              "linearize.load(out), from_pretrained and `linearize eval` run with them by default "
+                              "(eval's --hybrid still overrides them). Inference settings: training and every "
+                              "validation loss of the run (train_log.jsonl, summary.json 'val' and 'stages') are those "
+                              "of the trained model WITHOUT them; summary.json records them as 'inference_hybrid'. "
+                              "Structural fields (linearize.config.STRUCTURAL_FIELDS: feature maps, combine rule, "
+                              "gate, linear state, layers) are refused: they belong in `hybrid`. To switch off one a "
+                              "recipe sets, set it to its HybridConfig default (sparse_memory: 0, mix_shift: 0.0). "
+                              "{} (the default): the saved model is the trained one.")
+
+    def check(self) -> None:
+        known = _hybrid_field_names()
+        unknown = sorted(set(self.hybrid) - set(known))
+        if unknown:
+            raise RecipeError(f"unknown HybridConfig fields {unknown} in 'inference.hybrid'; known: {sorted(known)}")
+        structural = sorted(set(self.hybrid) & set(STRUCTURAL_FIELDS))
+        if structural:
+            raise RecipeError(f"inference.hybrid cannot set {structural}: they decide the converted layers' parameters "
+                              f"(set them in `hybrid`); only computation-only fields can change after training")
+        hints = typing.get_type_hints(HybridConfig)
+        self.hybrid = {k: _coerce(f"inference.hybrid.{k}", v, hints[k]) for k, v in self.hybrid.items()}
+
+
 @dataclass
 class LayerSelectionConfig(Section):
     """How ``hybrid.layers='measured:K'`` measures (linearize.models.layer_select); read only then."""
@@ -457,6 +491,7 @@ class Recipe(Section):
     runtime: RuntimeConfig = _field(RuntimeConfig(), "Device, precision, processes.")
     layer_selection: LayerSelectionConfig = _field(LayerSelectionConfig(), "The measurement behind "
                                                    "hybrid.layers='measured:K'.")
+    inference: InferenceConfig = _field(InferenceConfig(), "Settings the saved model runs with, not trained with.")
 
     def check(self) -> None:
         es = self.stage2.early_stopping
@@ -470,6 +505,15 @@ class Recipe(Section):
             # FSDP2 gathers a layer's weights around its forward only; stage 1's recomputed losses run outside it
             raise RecipeError("stage1.gradient_checkpointing does not work with runtime.distributed=fsdp (the "
                               "recomputed transfer loss would read the layer's sharded weights); use allreduce or ddp")
+        if self.inference.hybrid:
+            try:  # the values in the context of the trained layer (e.g. mix_shift needs a learned or dynamic gate)
+                saved = HybridConfig(**{**self.hybrid.to_dict(), **self.inference.hybrid})
+            except ValueError as exc:
+                raise RecipeError(f"inference.hybrid: {exc}") from exc
+            if saved != self.hybrid and self.stage2.enabled and not self.output.merge_lora:
+                raise RecipeError("inference.hybrid sets the saved model's config, but output.merge_lora=false saves "
+                                  "only the LoRA adapter; merge it, or apply them with linearize.set_hybrid after "
+                                  "loading")
         window, sinks = self.layer_selection.cut(self.hybrid)
         if measured_keep(self.hybrid.layers) is not None and self.layer_selection.seq_len <= window + sinks:
             raise RecipeError(f"layer_selection.seq_len={self.layer_selection.seq_len} must exceed the measured cut's "
@@ -545,18 +589,20 @@ def _merge(base: dict, update: dict, where: str, schema: dict) -> dict:
         if key not in schema:
             raise RecipeError(f"unknown recipe key {path!r}; known keys here: {sorted(schema)}")
         sub = schema[key]
-        if isinstance(sub, dict) and not isinstance(value, dict):
+        # `hybrid` (the recipe's, and inference's) is a mapping of HybridConfig fields, merged key by key
+        keys = _hybrid_field_names() if key == "hybrid" else list(sub) if isinstance(sub, dict) else None
+        if keys is not None and not isinstance(value, dict):
             raise RecipeError(f"{path} is a section, not a value (got {value!r}); set one of its keys, e.g. "
-                              f"--set {path}.{next(iter(sub))}=...; keys: {sorted(sub)}")
-        if not isinstance(sub, dict) and isinstance(value, dict):
+                              f"--set {path}.{keys[0]}=...; keys: {sorted(keys)}")
+        if keys is None and isinstance(value, dict):
             raise RecipeError(f"{path} is a value, not a section (got keys {sorted(value)})")
-        if isinstance(sub, dict) and key != "hybrid":
-            out[key] = _merge(out.get(key) or {}, value, path, sub)
-        elif key == "hybrid":
-            bad = set(value) - set(sub)
+        if key == "hybrid":
+            bad = set(value) - set(keys)
             if bad:
-                raise RecipeError(f"unknown HybridConfig fields {sorted(bad)} in 'hybrid'; known: {sorted(sub)}")
+                raise RecipeError(f"unknown HybridConfig fields {sorted(bad)} in {path!r}; known: {sorted(keys)}")
             out[key] = {**(out.get(key) or {}), **copy.deepcopy(value)}
+        elif keys is not None:
+            out[key] = _merge(out.get(key) or {}, value, path, sub)
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -130,8 +130,7 @@ def test_state_size_is_constant_and_counts_memory():
         if i + 1 in (100, 400, 1000):
             sizes[i + 1] = state.nbytes()
     per_key = (2 * D + 2 * D) * 4  # k, v and 2D key features in fp32
-    # memory, pending, sink_kf, count, the pending block's slot (one long for all rows)
-    extra = B * HKV * ((5 + 8) * per_key + 5) + B * 8 + B * HKV * 8 * 2 * D * 4 + B * 8 + 8
+    extra = B * HKV * ((5 + 8) * per_key + 5) + B * 8 + B * HKV * 8 * 2 * D * 4 + B * 8  # memory, pending, sink_kf, count
     assert sizes[100] == sizes[400] == sizes[1000] == plain + extra
     assert state.memory.valid.all()
     swapped = state.index_select(torch.tensor([1, 0]))  # beam search reorders rows of every part of the state

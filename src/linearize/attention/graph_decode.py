@@ -3,7 +3,9 @@
 Eager decoding of a Hugging Face model is bound by the host (hundreds of small kernel launches per token). Every
 converted layer keeps a fixed-shape `HybridState` that each step updates in place, and nothing in the step reads a
 Python value that changes per token (positions come from a device tensor; the masks Hugging Face builds from the
-cache length are ignored by converted layers), so one forward can be captured once and replayed. Layers a conversion
+cache length are ignored by converted layers), so one forward can be captured once and replayed. A sparse memory
+chosen online ('recall', kind 'sum') runs its boundary step on every replayed token and commits it only where its
+device-side block position ends a block (`HybridState.boundary_every_step`). Layers a conversion
 left unconverted must be sliding-window layers: their keys move into fixed rings (`attention/ring.py`), attended
 through the ring's mask, passed as the model's attention mask; unconverted full-attention layers are refused.
 

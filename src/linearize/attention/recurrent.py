@@ -125,7 +125,7 @@ class HybridState:
     memory_select: str = "recall"  # the rule that chose `memory`; 'query': fixed since the prefill
     # kind 'sum' with a 'recall' memory: the pending slot of the next key to leave (seen % memory_block) on the device,
     # so a captured step finds its slot and its boundary without the host counter
-    memory_slot: torch.Tensor | None = None  # (1,) long, shared by the rows as `slot` is
+    memory_slot: torch.Tensor | None = None  # (1,) long, shared by the rows and, as `slot`, left out of tensors()
     # run the memory's boundary step on every token and commit it where `memory_slot` says a block ends (what a
     # captured step replays; set by GraphDecoder); False: only on the tokens the host counter names (cheaper eagerly)
     boundary_every_step: bool = False
@@ -161,7 +161,7 @@ class HybridState:
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [t for t in (self.sink_kf, self.left_count, self.conv_q, self.conv_k, self.pend_kf, self.pend_v,
-                             self.pend_keep, self.pend_count, self.memory_slot) if t is not None]
+                             self.pend_keep, self.pend_count) if t is not None]
         return (self.linear_tensors() + [self.buf_k, self.buf_v, self.buf_kf, self.buf_valid, self.sink_k, self.sink_v, self.sink_valid]
                 + extra + (self.memory.tensors() if self.memory is not None else []))
 

@@ -77,3 +77,92 @@ def test_changed_modes_after_capture_are_refused():
         decoder.step(ids)
     with linearize.components(model, "la_only"), pytest.raises(ValueError, match="changed"):
         decoder.step(ids)
+
+
+# sparse memory chosen online ('recall') on kind 'sum': memory_block 4 and window 4, so a prompt of 9 and 16 new
+# tokens cross four block boundaries inside the decoder's steps; the padded row's boundaries are the other row's
+MEMORY = dict(window=4, sparse_memory=3, memory_block=4)
+
+
+def padded_prompt(device="cpu"):
+    prompt = torch.randint(1, 128, (2, 9), device=device)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    return prompt, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def memory_model(family, softmax_sinks, device="cpu"):
+    config = linearize.HybridConfig(combine="mix", softmax_sinks=softmax_sinks, **MEMORY)
+    return linearize.convert(tiny_model(family), config).to(device)
+
+
+def assert_states_equal(got_cache, want_cache, atol):
+    for got, want in zip(got_cache.layers, want_cache.layers):
+        assert got.state.seen == want.state.seen
+        for a, b in zip(got.state.tensors(), want.state.tensors(), strict=True):
+            torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+
+
+def decode_both(model, prompt, tokens, *, capture):
+    """Steps the decoder (capture-safe memory step) and the model's eager step side by side after the prompt
+    `padded_prompt` gave: yields (decoder logits, eager logits, decoder cache, eager cache) per token."""
+    prompt, mask, positions = prompt
+    eager = prefilled(model, prompt, attention_mask=mask, position_ids=positions)
+    graphed = prefilled(model, prompt, attention_mask=mask, position_ids=positions)
+    decoder = GraphDecoder(model, graphed, positions=positions[:, -1:] + 1, capture=capture)
+    assert all(layer.state.boundary_every_step for layer in graphed.layers)
+    assert not any(layer.state.boundary_every_step for layer in eager.layers)
+    for i in range(tokens.shape[1]):
+        with torch.no_grad():
+            want = model(tokens[:, i:i + 1], **cache_kwargs(eager), use_cache=True,
+                         position_ids=positions[:, -1:] + 1 + i).logits
+        yield decoder.step(tokens[:, i:i + 1]), want, graphed, eager
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("softmax_sinks", [0, 2])
+def test_capture_safe_memory_step_equals_the_eager_step(family, softmax_sinks):
+    """GraphDecoder(capture=False) runs what a capture replays: the memory's boundary step on every token, committed
+    by masked copies where the device counter ends a block; logits and every state tensor equal the eager step's."""
+    torch.manual_seed(0)
+    model = memory_model(family, softmax_sinks)
+    for got, want, graphed, eager in decode_both(model, padded_prompt(), torch.randint(1, 128, (2, 16)), capture=False):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        assert_states_equal(graphed, eager, atol=1e-6)
+    state = graphed.layers[0].state
+    assert state.seen == 25 and int(state.memory_slot) == 25 % 4
+    assert state.memory.valid.any()  # the memory holds keys: the boundaries ran
+
+
+def test_capture_safe_memory_decoding_equals_the_full_forward():
+    torch.manual_seed(1)
+    model = memory_model("llama", 2)
+    prompt, mask, positions = padded_prompt()
+    tokens = torch.randint(1, 128, (2, 16))
+    logits = [got.clone() for got, *_ in decode_both(model, (prompt, mask, positions), tokens, capture=False)]
+    ids = torch.cat([prompt, tokens], 1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+    with torch.no_grad():
+        full = model(ids, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    # the step fed token i predicts position 9 + i + 1; the full forward's logits at position 9 + i
+    torch.testing.assert_close(torch.cat(logits, 1), full[:, 9:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_memory_on_other_linear_states_is_refused():
+    model = linearize.convert(tiny_model("llama"), linearize.HybridConfig(linear_state="gated", **MEMORY))
+    cache = prefilled(model, torch.randint(1, 128, (1, 9)))
+    with pytest.raises(ValueError, match="other than 'sum'"):
+        GraphDecoder(model, cache, positions=9, capture=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_captured_memory_replay_equals_eager_stepping(family):
+    torch.manual_seed(0)
+    model = memory_model(family, 2, device="cuda")
+    steps = decode_both(model, padded_prompt("cuda"), torch.randint(1, 128, (2, 20), device="cuda"), capture=True)
+    for got, want, graphed, eager in steps:  # 20 tokens: 2 warm-up steps, then > 4 blocks of replays
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_states_equal(graphed, eager, atol=1e-5)
+    assert graphed.layers[0].state.memory.valid.any()

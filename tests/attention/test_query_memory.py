@@ -289,7 +289,7 @@ def graph_decoded(model, prompt, mask, tokens, capture):
 
 def test_the_graph_decoder_takes_a_fixed_memory():
     """The memory chosen at prefill is fixed, so the graph decoder's step (here eager, on CPU: what a capture
-    records) decodes it as the model's own cached step does, past several windows; 'recall' is refused. (The graph
+    records) decodes it as the model's own cached step does, past several windows; so does 'recall'. (The graph
     decoder holds the 'sum' state only.)"""
     model = converted("sum")
     prompt, tokens = torch.randint(1, 128, (2, 15)), torch.randint(1, 128, (2, 12))
@@ -297,9 +297,9 @@ def test_the_graph_decoder_takes_a_fixed_memory():
     mask[1, :4] = 0
     eager, graphed, _ = graph_decoded(model, prompt, mask, tokens, capture=False)
     torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
-    linearize.set_hybrid(model, memory_select="recall")
-    with pytest.raises(ValueError, match="memory_block"):
-        graph_decoded(model, prompt, mask, tokens, capture=False)
+    linearize.set_hybrid(model, memory_select="recall")  # chosen online: its boundary step is captured too
+    eager, graphed, _ = graph_decoded(model, prompt, mask, tokens, capture=False)
+    torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

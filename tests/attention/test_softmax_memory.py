@@ -196,5 +196,8 @@ def test_triton_is_refused_and_auto_falls_back(monkeypatch):
         model(ids[:, :-1], **cache_kwargs(cache), use_cache=True)
         step = model(ids[:, -1:], **cache_kwargs(cache), use_cache=True).logits
     torch.testing.assert_close(step[:, -1], expected[:, -1], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="memory_block tokens"):
+    # the online memory is captured (tests/attention/test_graph_decode.py); here only the CPU stops it, and the
+    # refused decoder leaves the states on their eager boundary step
+    with pytest.raises(ValueError, match="CUDA"):
         GraphDecoder(model, cache, positions=12)
+    assert not any(layer.state.boundary_every_step for layer in cache.layers)

@@ -61,8 +61,12 @@ def test_eager_reasons_name_what_a_captured_step_cannot_do():
     assert "needs CUDA" in generation.eager_reason(local, None, {})
     local.config._attn_implementation = "flex_attention"
     assert "flex_attention" in generation.eager_reason(local, None, {})
+    # an online ('recall') memory is captured on kind 'sum' (only the CPU stops this one), not on the other kinds
     memory = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, sparse_memory=4, memory_block=8))
-    assert "sparse memory" in generation.eager_reason(memory, None, {})
+    assert "needs CUDA" in generation.eager_reason(memory, None, {})
+    gated = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, sparse_memory=4, memory_block=8,
+                                                                         linear_state="gated"))
+    assert "sparse memory" in generation.eager_reason(gated, None, {})
     spread = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4))
     spread.lm_head.weight = torch.nn.Parameter(torch.empty(128, 64, device="meta"))
     assert "several devices" in generation.eager_reason(spread, None, {})
@@ -184,6 +188,21 @@ def test_captured_generate_equals_eager_generate_token_for_token(family):
     want = eager_generate(model, ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False)
     assert got.shape == (2, 11 + 64)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_captured_generate_with_an_online_memory_equals_eager_generate(family):
+    """Sparse memory chosen online ('recall', kind 'sum') with softmax sinks: 64 new tokens cross 16 block boundaries
+    inside the replays; greedy tokens and every step's logits equal HF's eager loop."""
+    hybrid = linearize.HybridConfig(window=6, sparse_memory=4, memory_block=4, softmax_sinks=2, combine="mix")
+    model = linearize.convert(tiny_model(family), hybrid).cuda()
+    ids, mask = left_padded_batch("cuda")
+    got, want = generate_both(model, ids, mask, 64)
+    assert model.decode_path.path == "captured" and model.decode_path.replayed == 64 - 1 - 2
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

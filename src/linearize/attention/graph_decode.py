@@ -3,7 +3,9 @@
 Eager decoding of a Hugging Face model is bound by the host (hundreds of small kernel launches per token). Every
 converted layer keeps a fixed-shape `HybridState` that each step updates in place, and nothing in the step reads a
 Python value that changes per token (positions come from a device tensor; the masks Hugging Face builds from the
-cache length are ignored by converted layers), so one forward can be captured once and replayed. Layers a conversion
+cache length are ignored by converted layers), so one forward can be captured once and replayed. A sparse memory
+chosen online ('recall', kind 'sum') runs its boundary step on every replayed token and commits it only where its
+device-side block position ends a block (`HybridState.boundary_every_step`). Layers a conversion
 left unconverted must be sliding-window layers: their keys move into fixed rings (`attention/ring.py`), attended
 through the ring's mask, passed as the model's attention mask; unconverted full-attention layers are refused.
 
@@ -122,10 +124,12 @@ class GraphDecoder(GraphStep):
                              f"{self.attn_implementation!r}; their ring's mask is built for "
                              f"{' or '.join(map(repr, RING_ATTENTION))} (model.set_attn_implementation('sdpa'))")
         self.states = [cache.layers[i].state for i in hybrid]
-        # a memory chosen at prefill ('query') is fixed: its step has fixed shapes like the rest of the state
-        if any(st.memory is not None and not st.memory_fixed for st in self.states):
-            raise ValueError("sparse memory updates its state every memory_block tokens, which a captured step cannot "
-                             "replay; decode it eagerly")
+        # a memory chosen at prefill ('query') is fixed: its step has fixed shapes like the rest of the state; one
+        # chosen online ('recall') on kind 'sum' runs its boundary step on every token, committed where a block ends
+        online = [st for st in self.states if st.memory is not None and not st.memory_fixed]
+        if any(not st.additive for st in online):
+            raise ValueError("sparse memory ('recall') on a linear state other than 'sum' runs its boundary step on "
+                             "the host's token count, which a captured step cannot replay; decode it eagerly")
         batch = {st.S.shape[0] for st in self.states}
         if len(batch) != 1:
             raise ValueError(f"the layers' states hold different batch sizes {sorted(batch)}")
@@ -146,6 +150,8 @@ class GraphDecoder(GraphStep):
             raise ValueError("the rings of the unconverted layers and the hybrid states hold different batches or "
                              "token counts")
         self.attention_layers = layers
+        for st in online:  # after every check: a refused decoder leaves the states as they were
+            st.boundary_every_step = True
         self._init_buffers(model, cache, self.positions, warmup_steps, capture)
         self.captured_with = self._signature()
 

@@ -26,8 +26,10 @@ and, with the q/k convolution (qk_conv = K > 0),
   conv_q, conv_k  the last K - 1 queries and keys (padding as zeros) the convolution reads besides the new token;
           the layer rolls them in place at each step (`HybridAttention.features`).
 Neither its size nor its tensors' addresses depend on n, and no step reads a Python value that changes with n,
-so one decoding step can be captured in a CUDA graph and replayed (`linearize.attention.graph_decode`) -- except
-with sparse memory, whose boundary step runs on some tokens only.
+so one decoding step can be captured in a CUDA graph and replayed (`linearize.attention.graph_decode`). Kind 'sum'
+with a 'recall' memory keeps its block position on the device (`memory_slot`); with `boundary_every_step` the
+boundary step runs on every token and is committed by masked copies only where a block ends, so it is captured too
+(the other kinds' memory step still branches on the host counter).
 Every component mode can be computed from it, so switching modes between generate calls needs no re-prefill.
 
 A step (`decode_step`) is `decode_output` for each component mode needed (reads the state), then `advance_state`
@@ -121,6 +123,12 @@ class HybridState:
     pend_keep: torch.Tensor | None = None  # (B, F) bool: the entry enters S, z (not an empty slot or a softmax sink)
     pend_count: torch.Tensor | None = None  # (1,) long: entries in use (0 .. F-1), shared by the rows as `slot` is
     memory_select: str = "recall"  # the rule that chose `memory`; 'query': fixed since the prefill
+    # kind 'sum' with a 'recall' memory: the pending slot of the next key to leave (seen % memory_block) on the device,
+    # so a captured step finds its slot and its boundary without the host counter
+    memory_slot: torch.Tensor | None = None  # (1,) long, shared by the rows and, as `slot`, left out of tensors()
+    # run the memory's boundary step on every token and commit it where `memory_slot` says a block ends (what a
+    # captured step replays; set by GraphDecoder); False: only on the tokens the host counter names (cheaper eagerly)
+    boundary_every_step: bool = False
 
     @property
     def memory_fixed(self) -> bool:
@@ -168,6 +176,7 @@ class HybridState:
         linear = self.linear.index_select(rows) if self.additive else tuple(s.index_select(rows) for s in self.linear)
         return replace(self, linear=linear, **{n: pick(getattr(self, n)) for n in names}, slot=self.slot.clone(),
                        pend_count=None if self.pend_count is None else self.pend_count.clone(),
+                       memory_slot=None if self.memory_slot is None else self.memory_slot.clone(),
                        memory=None if self.memory is None else self.memory.index_select(rows))
 
 
@@ -306,7 +315,7 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
     extras = softmax_sinks > 0 or sparse_memory > 0
     n_old = max(t - window + 1, 0)  # keys 0 .. t - w
     sinks = first_valid(valid, softmax_sinks)
-    memory = None
+    memory, memory_slot = None, None
     if spec.selects_at_prefill:
         if selected is None:
             raise ValueError("memory_select='query' chooses the memory from the prompt's queries: prefill with "
@@ -337,6 +346,7 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         *_, (linear, slots) = memory_walk(k, v, kf, valid & ~sinks, kind=kind, window=window, block=memory_block,
                                           slots=sparse_memory, blocks=start // memory_block + 1, dtype=f32)
         memory = SparseMemory(*slots[:4], *_pending_block(k, v, kf, valid & ~sinks, None, start=start, spec=spec)[:4])
+        memory_slot = torch.tensor([t - start], device=k.device)
     else:
         kf_valid = lagged_kf.to(f32) * (valid & ~sinks)[:, None, :, None]
         S = torch.einsum("bhsm,bhsd->bhmd", kf_valid[:, :, :n_old], v[:, :, :n_old].to(f32)).contiguous()
@@ -361,7 +371,7 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         sink_valid=_pad_slots(sink_valid, n_sinks, 1), slot=torch.tensor([keep % ring if ring else 0], device=k.device), seen=t,
         num_sinks=num_sinks, softmax_sinks=softmax_sinks, sink_kf=take(kf) if softmax_sinks else None,
         left_count=valid[:, :n_old].sum(1, keepdim=True) if extras else None, memory=memory,
-        kind=linear_state, buf_beta=buf_beta, memory_select=spec.memory_select,
+        kind=linear_state, buf_beta=buf_beta, memory_select=spec.memory_select, memory_slot=memory_slot,
         conv_q=None if conv_history is None else conv_history[0].clone(memory_format=torch.contiguous_format),
         conv_k=None if conv_history is None else conv_history[1].clone(memory_format=torch.contiguous_format),
     )
@@ -559,17 +569,34 @@ def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
         _fold(state, kf, v, keep, beta)
         return
     block = mem.pend_valid.shape[1]
+    if state.additive:
+        _leave_sum_memory(state, k, v, kf, keep)
+        return
     i = state.seen % block  # the pending slot of the key leaving as token `seen` arrives
     for buf, x in ((mem.pend_k, k), (mem.pend_v, v), (mem.pend_kf, kf)):
         buf[:, :, i:i + 1].copy_(x)
     mem.pend_valid[:, i:i + 1].copy_(keep)
     if mem.pend_beta is not None:
         mem.pend_beta[:, :, i:i + 1].copy_(beta)
-    if state.additive and (state.seen + 1) % block == 0:  # the next query starts a block: its boundary step
+
+
+def _leave_sum_memory(state: HybridState, k, v, kf, keep) -> None:
+    """Kind 'sum', 'recall' memory: the leaving key takes pending slot `memory_slot`; after the block's last slot (the
+    next query starts a block) the boundary step runs. Slot and boundary come from the device counter, and the
+    boundary is committed by masked copies, so with `boundary_every_step` no Python branch depends on the token."""
+    mem = state.memory
+    block = mem.pend_valid.shape[1]
+    i = state.memory_slot
+    for buf, x in ((mem.pend_k, k), (mem.pend_v, v), (mem.pend_kf, kf)):
+        buf.index_copy_(2, i, x.to(buf.dtype))
+    mem.pend_valid.index_copy_(1, i, keep)
+    if state.boundary_every_step or (state.seen + 1) % block == 0:
+        ends = i == block - 1  # (1,): this key fills the block's last slot
         new, slots = memory_boundary(linear_state_kind(state.kind), state.linear, mem.slots, mem.pending)
-        _copy_into(state.linear.tensors(), new.tensors())
-        _copy_into(list(mem.slots[:4]), list(slots[:4]))
-        mem.pend_valid.zero_()
+        for dst, src in zip(state.linear.tensors() + list(mem.slots[:4]), new.tensors() + list(slots[:4])):
+            dst.copy_(torch.where(ends, src.to(dst.dtype), dst))
+        mem.pend_valid.masked_fill_(ends, False)
+    state.memory_slot.copy_((i + 1) % block)
 
 
 def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True, beta=None) -> None:
@@ -578,7 +605,7 @@ def advance_state(state: HybridState, k, v, kf, valid=None, *, fold: bool = True
 
     The key in the write slot leaves the window: it is folded into S, z (an empty slot adds zero; `fold=False` when a
     fused kernel already did), then the new key takes its place. Only shapes decide the Python control flow, so this
-    can run inside a captured CUDA graph (not with sparse memory: its boundary step runs every memory_block tokens).
+    can run inside a captured CUDA graph (with a 'recall' memory: kind 'sum' and `boundary_every_step` set).
     """
     if valid is None:
         valid = _ones_valid(k)

@@ -5,7 +5,8 @@ for the duration of the call the model's `forward` is wrapped so that every one-
 (eager) prefill goes through `linearize.attention.graph_decode.GraphDecoder`: its first steps run eagerly (Triton
 compiles, cuBLAS sets up), the next one is captured, and the rest replay that CUDA graph. Where a captured step
 cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory
-chosen online ('recall'; a memory chosen at prefill, 'query', is fixed and captured with the rest),
+chosen online ('recall') on the linear states other than 'sum' (on 'sum' its boundary step is captured; a memory
+chosen at prefill, 'query', is fixed and captured with the rest),
 unconverted full-attention layers, no cache -- the eager step runs. Unconverted sliding-window layers (Gemma 3's local
 layers under `layers="global"`) decode on fixed rings of their window (`attention/ring.py`; the returned cache holds
 those rings). Which path ran is on the model after the call (`model.decode_path`, a `DecodePath`) and in one log
@@ -24,6 +25,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from linearize.attention.graph_decode import GraphDecoder
+from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.module import HybridAttention
 from linearize.attention.ring import RING_ATTENTION, unconverted_layers
 from linearize.compat import CACHE_KWARG, CACHE_KWARGS
@@ -82,8 +84,9 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
     layers = _hybrid_layers(model)
     if not layers:
         return "the model has no converted layers"
-    if any(layer.hybrid.sparse_memory and layer.hybrid.memory_select == "recall" for layer in layers):
-        return "sparse memory (memory_select 'recall') updates its state every memory_block tokens"
+    if any(layer.hybrid.sparse_memory and layer.hybrid.memory_select == "recall"
+           and not linear_state_kind(layer.hybrid.linear_state).additive for layer in layers):
+        return "sparse memory (memory_select 'recall') on a linear state other than 'sum' branches on the host's token count"
     sliding, full = unconverted_layers(model)
     if full:
         return f"unconverted full-attention layers {full} keep a growing KV cache"

@@ -342,3 +342,28 @@ def test_records_of_more_lengths_merge_over_the_items_every_record_has():
     assert {c["length"] for c in merged["cells"]} == {None, 4096, 8192}
     with pytest.raises(LinearizeError, match="no item in common"):
         merge_long_records({"base": base, "other": _record(["hybrid"], [("x", "squad", None)])}, reps=20)
+
+
+def test_a_change_at_load_is_paired_with_the_same_weights_without_it():
+    from linearize.evaluate.long_context import merge_long_records
+
+    items = [(f"s{i}", "squad", None) for i in range(6)]
+    run = _record(["hybrid", "swa_only"], items, seed=1)
+    run["meta"].update(model="/runs/a", trained_run=None)
+    run["settings"]["hybrid"] = {"mix_shift": 0.0}
+    shifted = _record(["hybrid"], items, seed=2)  # `diagnose RUN --hybrid mix_shift=1 --long-modes hybrid`
+    shifted["meta"].update(model="/runs/a")
+    shifted["settings"]["hybrid"] = {"mix_shift": 1.0}
+    study_variant = _record(["hybrid"], items, seed=3)  # a study variant names its run; its weights' path differs
+    study_variant["meta"].update(model="/elsewhere/retrained", trained_run="run")
+    other = _record(["hybrid", "swa_only"], items, seed=4)
+    other["meta"].update(model="/runs/b")
+    merged = merge_long_records({"run": run, "shift": shifted, "variant": study_variant, "other": other}, reps=20)
+    assert {"shift hybrid - run hybrid", "shift hybrid - run swa_only", "variant hybrid - run hybrid",
+            "variant hybrid - run swa_only"} <= set(merged["pairs"])
+    assert not any(p.startswith(("run hybrid - shift", "other hybrid - run", "run hybrid - other")) for p in merged["pairs"])
+    assert "shift hybrid - shift swa_only" not in merged["pairs"] and "run hybrid - run swa_only" in merged["pairs"]
+    (cell,) = merged["cells"]
+    got = cell["paired"]["shift hybrid - run hybrid"]["bpb"]["diff"]
+    bpb = lambda rec, name: sum(i[name]["bits"] for i in rec["items"]) / sum(i[name]["bytes"] for i in rec["items"])  # noqa: E731
+    assert got == pytest.approx(bpb(shifted, "hybrid") - bpb(run, "hybrid"))

@@ -202,13 +202,33 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
                       for i, it in enumerate(items)]}
 
 
+def _trained_parent(label: str, records: dict[str, dict[str, Any]], variants: dict) -> str | None:
+    """The record of the same trained weights that `label` changes at load (a study variant names its run,
+    `meta.trained_run`; otherwise the record of the same model path evaluated in its modes -- swa_only among them --
+    with other hybrid settings), or None."""
+    rec = records[label]
+    meta = rec.get("meta", {})
+    if meta.get("trained_run") in records and meta["trained_run"] != label:
+        return meta["trained_run"]
+    if f"{label} swa_only" in variants:  # evaluated in its modes itself: a run, not a change at load
+        return None
+    for other, orec in records.items():
+        if (other != label and f"{other} swa_only" in variants and meta.get("model") is not None
+                and orec.get("meta", {}).get("model") == meta.get("model")
+                and orec.get("settings", {}).get("hybrid") != rec.get("settings", {}).get("hybrid")):
+            return other
+    return None
+
+
 def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
     """One record from several ``--what long`` records of the same items (same tokenizer, seed and settings): the
     base and its window+sinks rows once (from the records that have them), each converted model's modes as
     ``<label> <mode>``. Intervals and paired differences are computed again over the joined items, so several
     conversions evaluated in separate runs (or on separate machines) are compared exactly as in one run. Records
     that scored more items than the others (more lengths) join over the items every record has; how many each
-    left out is in ``meta["items_left_out"]``."""
+    left out is in ``meta["items_left_out"]``. A record of a training-free change at load (a study variant, or the
+    same model path with other hybrid settings and no modes of its own) is paired with its weights' hybrid and
+    swa_only rows."""
     if not records:
         raise LinearizeError("no long-context records to merge")
     # records of fewer lengths (a shorter evaluation of a larger model, say) join over the items all of them scored
@@ -237,10 +257,16 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
     baselines = [n for n in variants if n.startswith("window+sinks")]
     pairs = []
     for label in converted_labels:
-        pairs.append((f"{label} hybrid", f"{label} swa_only"))
+        if f"{label} swa_only" in variants:  # a change at load evaluated in hybrid alone has no LA-off row
+            pairs.append((f"{label} hybrid", f"{label} swa_only"))
         pairs += [(f"{label} hybrid", b) for b in baselines]
         if "base" in variants:
             pairs.append((f"{label} hybrid", "base"))
+    for label in converted_labels:  # a training-free change at load against the same weights without it
+        parent = _trained_parent(label, records, variants)
+        if parent is not None:
+            pairs += [(f"{label} hybrid", f"{parent} {mode}") for mode in ("hybrid", "swa_only")
+                      if f"{parent} {mode}" in variants]
     if not converted_labels:
         pairs = [(b, "base") for b in baselines if "base" in variants]
     from types import SimpleNamespace

@@ -68,11 +68,22 @@ def test_weight_bytes_count_a_tied_embedding_once_and_skip_an_untied_input_table
     assert decode.weight_bytes_per_step(untied) == every(untied) - emb.numel() * emb.element_size()
 
 
+def _fair_row(kind, *, shape="gemma3-270m", batch, context, tps, floor, cache=100):
+    """One measured row of the fair decode benchmark: `tps` tokens/s at `batch`, a memory floor of `floor` ms."""
+    ms = batch * 1e3 / tps
+    return dict(shape=shape, kind=kind, batch=batch, context=context, tokens_per_s=tps, ms_per_step=ms,
+                cache_bytes=cache, cache_bytes_per_seq=cache / batch, weight_bytes=1, floor_ms=floor,
+                floor_fraction=floor / ms)
+
+
+def _fair_table(rows, ratios) -> str:
+    return "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
+                                                     kinds=decode.FAIR_KINDS, rows=rows, ratios=ratios)))
+
+
 def test_fair_ratios_and_table_come_from_the_rows():
     def row(kind, tps, cache, floor):
-        return dict(shape="gemma3-270m", kind=kind, batch=8, context=1024, tokens_per_s=tps, ms_per_step=8e3 / tps,
-                    cache_bytes=cache, cache_bytes_per_seq=cache / 8, weight_bytes=1, floor_ms=floor,
-                    floor_fraction=floor / (8e3 / tps))
+        return _fair_row(kind, batch=8, context=1024, tps=tps, floor=floor, cache=cache)
 
     rows = [row("base_static_graph", 1000.0, 900, 2.0), row("converted_graph", 4000.0, 100, 0.5),
             row("base_eager_dynamic", 100.0, 900, 2.0),
@@ -82,31 +93,26 @@ def test_fair_ratios_and_table_come_from_the_rows():
     assert ratio["state_bytes_ratio_base_over_ours"] == pytest.approx(9.0)
     assert ratio["extra_speedup_vs_eager_dynamic_base"] == pytest.approx(40.0)
     assert ratio["ours_floor_fraction"] == pytest.approx(0.5 / 2.0)
-    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
-                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
+    table = _fair_table(rows, [ratio])
     assert "**4.00x**" in table and "4.00 TB/s" in table and "out of memory" in table and "40.0x" in table
 
 
 def test_fused_and_unfused_converted_rows_side_by_side():
     def row(kind, tps, floor):
-        return dict(shape="llama3-8b", kind=kind, batch=4, context=4096, tokens_per_s=tps, ms_per_step=4e3 / tps,
-                    cache_bytes=100, cache_bytes_per_seq=25, weight_bytes=1, floor_ms=floor, floor_fraction=floor / (4e3 / tps))
+        return _fair_row(kind, shape="llama3-8b", batch=4, context=4096, tps=tps, floor=floor)
 
     rows = [row("base_static_graph", 1000.0, 2.0), row("converted_graph", 3000.0, 0.5), row("converted_graph_unfused", 1000.0, 0.5)]
     (ratio,) = decode.fair_ratios(rows)
     assert ratio["fused_speedup_over_unfused"] == pytest.approx(3.0)
     assert ratio["unfused_floor_fraction"] == pytest.approx(0.5 / 4.0)
     assert ratio["ours_floor_fraction"] == pytest.approx(0.5 / (4e3 / 3000.0))
-    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
-                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
+    table = _fair_table(rows, [ratio])
     assert "| converted_graph_unfused | 4 | 4096 |" in table and "| 3.00x | 12% |" in table
 
 
 def test_deferred_fold_rows_give_their_own_ratio_to_the_captured_base():
     def row(kind, tps, floor):
-        return dict(shape="gemma3-270m", kind=kind, batch=1024, context=32768, tokens_per_s=tps,
-                    ms_per_step=1024e3 / tps, cache_bytes=100, cache_bytes_per_seq=0.1, weight_bytes=1, floor_ms=floor,
-                    floor_fraction=floor / (1024e3 / tps))
+        return _fair_row(kind, batch=1024, context=32768, tps=tps, floor=floor)
 
     rows = [row("base_static_graph", 1000.0, 2.0), row("converted_graph", 3000.0, 0.5),
             row("converted_graph_fold16", 5000.0, 100.0)]
@@ -114,23 +120,20 @@ def test_deferred_fold_rows_give_their_own_ratio_to_the_captured_base():
     assert ratio["speedup_vs_static_graph_base"] == pytest.approx(3.0)
     assert ratio["fold16_speedup_vs_static_graph_base"] == pytest.approx(5.0)
     assert ratio["fold16_floor_fraction"] == pytest.approx(100.0 / (1024e3 / 5000.0))
-    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
-                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
+    table = _fair_table(rows, [ratio])
     assert "| converted_graph_fold16 | 1024 | 32768 |" in table and "| 5.00x | 49% |" in table
 
 
 def test_the_base_at_a_short_context_gives_the_ceiling_of_any_attention_speedup():
     def row(kind, ctx, ms):
-        return dict(shape="gemma3-270m", kind=kind, batch=1024, context=ctx, tokens_per_s=1024e3 / ms, ms_per_step=ms,
-                    cache_bytes=100, cache_bytes_per_seq=0.1, weight_bytes=1, floor_ms=1.0, floor_fraction=1.0 / ms)
+        return _fair_row(kind, batch=1024, context=ctx, tps=1024e3 / ms, floor=1.0)
 
     rows = [row("base_static_graph", 32768, 36.0), row("base_static_graph", 16, 6.0), row("converted_graph", 32768, 12.0)]
     (ratio,) = decode.fair_ratios(rows)  # the short-context base row has no converted row of its own
     assert ratio["context"] == 32768 and ratio["speedup_vs_static_graph_base"] == pytest.approx(3.0)
-    assert ratio["outside_attention_ms"] == 6.0 and ratio["ceiling_speedup_vs_static_graph_base"] == pytest.approx(6.0)
-    table = "\n".join(decode.render_fair_markdown(dict(copy_bandwidth_bytes_per_s=4e12, llama_layers=8,
-                                                       kinds=decode.FAIR_KINDS, rows=rows, ratios=[ratio])))
-    assert "| 6.00 | 6.0x |" in table
+    assert ratio["outside_attention_ms"] == pytest.approx(6.0)
+    assert ratio["ceiling_speedup_vs_static_graph_base"] == pytest.approx(6.0)
+    assert "| 6.00 | 6.0x |" in _fair_table(rows, [ratio])
 
 
 def test_fold_every_sets_and_restores_the_tuning():

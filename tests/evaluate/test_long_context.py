@@ -323,8 +323,8 @@ def _record(names, items, seed=0):
                       "greedy_exact": float(torch.rand(1, generator=g) > 0.5)} for n in names}
         rows.append({"qid": qid, "task": task, "length": length, "depth": None if length is None else 0.5,
                      "prompt_tokens": length or 900, **scores})
-    return {"meta": {"commit": "abc1234"}, "settings": {"train_len": 4096},
-            "variants": {n: {"decode_bytes_32k": 2**20, "note": n} for n in names}, "items": rows}
+    return {"meta": {"commit": "abc1234"}, "settings": {"train_len": 4096, "limit": 4, "memory_context": 32768},
+            "variants": {n: {"decode_bytes_32k": 2**20, "note": n, "seconds": 1.0} for n in names}, "items": rows}
 
 
 def test_records_of_more_lengths_merge_over_the_items_every_record_has():
@@ -337,6 +337,11 @@ def test_records_of_more_lengths_merge_over_the_items_every_record_has():
     merged = merge_long_records({"base": base, "conv": conv}, reps=20)
     assert [it["qid"] for it in merged["items"]] == [q for q, _, _ in short]  # the base's order, its 32k items out
     assert merged["meta"]["items_left_out"] == {"base": 3}
+    from linearize.evaluate.long_context import long_markdown
+
+    base["meta"]["commit"], conv["meta"]["commit"] = "aaaa111", "bbbb222"
+    header = long_markdown(merge_long_records({"base": base, "conv": conv}, reps=20)).splitlines()[2]
+    assert "base: aaaa111" in header and "conv: bbbb222" in header  # each source's commit, not the first's alone
     for got, b, c in zip(merged["items"], base["items"], conv["items"]):
         assert got["base"] == b["base"] and got["conv hybrid"] == c["hybrid"]  # each item's own scores
     assert {c["length"] for c in merged["cells"]} == {None, 4096, 8192}

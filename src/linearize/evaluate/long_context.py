@@ -351,10 +351,17 @@ def long_markdown(record: dict[str, Any]) -> str:
     meta, st = record.get("meta", {}), record["settings"]
     names = list(record["variants"])
     train_len = st.get("train_len")
-    lines = [f"# long context: {meta.get('model')}", "",
-             f"commit {str(meta.get('commit'))[:10]}{' (dirty)' if meta.get('dirty') else ''} · device "
-             f"{meta.get('gpu') or meta.get('device')} · seed {meta.get('seed')} · {st['limit']} questions per task/cell",
-             f"`{meta.get('command')}`", ""]
+    merged = meta.get("merged_from") or {}
+    if merged:  # a merged record: each source keeps its own commit and device
+        sources = "; ".join(f"{label}: {str(m.get('commit'))[:10]}{' (dirty)' if m.get('dirty') else ''} on "
+                            f"{m.get('gpu') or m.get('device')}" for label, m in merged.items())
+        provenance = [f"merged from (commit on device): {sources} · seed {meta.get('seed')} · {st['limit']} "
+                      f"questions per task/cell", ""]
+    else:
+        provenance = [f"commit {str(meta.get('commit'))[:10]}{' (dirty)' if meta.get('dirty') else ''} · device "
+                      f"{meta.get('gpu') or meta.get('device')} · seed {meta.get('seed')} · {st['limit']} questions "
+                      f"per task/cell", f"`{meta.get('command')}`", ""]
+    lines = [f"# long context: {meta.get('model')}", "", *provenance]
     rows = [[n, f"{v['decode_bytes_32k'] / 2**20:.2f}", v.get("note", ""), f"{v['seconds']:.0f}"]
             for n, v in record["variants"].items()]
     lines += ["## Rows", "", markdown_table(["variant", f"decode MiB/seq @{st['memory_context']}", "what", "s"], rows), ""]

@@ -67,6 +67,9 @@ class LongSettings:
     layers: str = "global"  # the layers the baselines cut
     window: int = 64  # the window of the conversion the 'auto' baseline matches
     baseline_windows: tuple = ("auto", 512, 64)
+    # more cuts, each matched to the state of the conversion with these HybridConfig changes (a variant's memory
+    # counted), in their own records (`<table>/base-<changes>/`), so adding one does not score the base again
+    more_baselines: tuple[tuple[tuple[str, object], ...], ...] = ()
     sinks: int = 8
     batch_tokens: int = 65536
     position_docs: int = 0
@@ -153,7 +156,9 @@ TABLES["long-context"] = StudyTable(
     "sum-w512-mem / -mem256: the sum run with a sparse memory of 64 / 256 exact keys added at load (no training); "
     "delta-w512-mem256: the same memory on the delta state; -shift1 / -shift2: the trained gate moved towards the "
     "window at load (mix_shift: g = sigmoid(logit + 1 or 2), no training): reading inside the window against reading "
-    "past it; -la-off: mix_shift 30, the linear readout off with the memory kept (is the linear part used?). "
+    "past it; -la-off: mix_shift 30, the linear readout off with the memory kept (is the linear part used?); "
+    "-mem1024 / -mem2048: larger memories (-query: chosen by the prompt's last queries), each beside the cut whose "
+    "window weighs as much as its state (base-sparse_memory=.../). "
     "merged/long.md: all of them paired over the same items.",
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
               StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
@@ -167,8 +172,16 @@ TABLES["long-context"] = StudyTable(
               StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"))),
               # the component-mode question for the memory rows (sparse memory runs in 'hybrid' only): the gate at
               # g = 1 - 1e-13, so the linear branch's readout weighs nothing while its state still chooses the keys
-              StudyVariant("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)))),
-    long=LongSettings(window=512))
+              StudyVariant("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0))),
+              # a larger memory chosen by the prompt's queries (the best long QA at 256 keys), within a quarter of the
+              # base's decode memory; each against the cut of equal bytes (more_baselines) and with its readout off
+              *(StudyVariant(f"sum-w512-mem{m}-query-shift1", "sum-w512",
+                             (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0))) for m in (1024, 2048)),
+              StudyVariant("sum-w512-mem2048-query-la-off", "sum-w512",
+                           (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0))),
+              StudyVariant("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)))),
+    long=LongSettings(window=512, more_baselines=tuple((("sparse_memory", m), ("memory_select", "query"))
+                                                       for m in (1024, 2048))))
 
 
 #: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on), in bf16 like
@@ -385,7 +398,7 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
         say(md)
     if long is not None:
         _long_base(model, root, long, data_dir, say)
-        return _long_merge(table, root, jobs, say)
+        return _long_merge(table, root, jobs, long, say)
     records = [run_dir(root, run, seed) / "diagnose" for run, seed in jobs]
     table_md = root / "table.md"
     table_md.write_text(f"# {spec.title}\n\n{spec.notes}\n\n" + side_by_side([r for r in records if (r / "diagnose.json").is_file()]) + "\n")
@@ -396,7 +409,7 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
 
 
 def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid: dict | None = None, base_only=False,
-                   data_dir=None, meta: dict | None = None, say=print) -> None:
+                   windows=None, data_dir=None, meta: dict | None = None, say=print) -> None:
     """`linearize diagnose SPEC --what long [--no-base]` through the library: ``out/long.json``, ``long.md``, figures."""
     import torch
 
@@ -411,7 +424,9 @@ def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid:
     try:
         body = run_long(model, tokenizer, base=None, modes=list(modes), tasks=list(settings.tasks), limit=settings.limit,
                         cell_limit=settings.cell_limit, lengths=list(settings.lengths), qa_lengths=list(settings.qa_lengths),
-                        depths=list(settings.depths), sinks=settings.sinks, baseline_windows=list(settings.baseline_windows),
+                        depths=list(settings.depths), sinks=settings.sinks,
+                        baseline_windows=list(settings.baseline_windows if windows is None else windows),
+                        base_row=windows is None,
                         layers=settings.layers, window=settings.window, batch_tokens=settings.batch_tokens,
                         position_docs=settings.position_docs, train_len=None if base_only else training_seq_len(spec),
                         reps=settings.bootstrap, seed=settings.seed, data_dir=data_dir, progress=say)
@@ -425,26 +440,36 @@ def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid:
     plot_retrieval(record, out / "long_retrieval.png")
 
 
+def _more_baseline_dir(root: Path, changes) -> Path:
+    """``<table>/base-sparse_memory=2048+memory_select=query/``: the record of a cut matched to those changes."""
+    return root / ("base-" + "+".join(f"{k}={v}" for k, v in changes))
+
+
 def _long_base(model: str, root: Path, settings: LongSettings, data_dir, say, wait: bool = True) -> None:
-    """The base model and its window+sinks baselines, once per table (``<table>/base/``), by one process at a time
-    (processes sharing a table through `runs`): with `wait` False, return at once while another process evaluates it."""
+    """The base model and its window+sinks baselines, once per table (``<table>/base/``), and each of
+    ``settings.more_baselines`` in its own record, by one process at a time (processes sharing a table through
+    `runs`): with `wait` False, return at once while another process evaluates them."""
     import fcntl
 
-    out = root / "base"
-    if (out / "long.json").is_file():
+    todo = [(root / "base", None)] + [(_more_baseline_dir(root, ch), ch) for ch in settings.more_baselines]
+    if all((out / "long.json").is_file() for out, _ in todo):
         return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:  # released when the file closes, or when its process dies
+    (root / "base").mkdir(parents=True, exist_ok=True)
+    with open(root / "base" / ".lock", "w") as lock:  # released when the file closes, or when its process dies
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             say(f"[study] {root.name}: another process is evaluating the base; its runs first")
             return
-        if (out / "long.json").is_file():  # written while this process waited
-            return
-        say(f"[study] {root.name}: long-context evaluation of the base {model} and its window+sinks baselines")
-        _long_evaluate(model, out, settings, base_only=True, data_dir=data_dir, meta=dict(study=root.name, run="base"),
-                       say=say)
+        for out, changes in todo:
+            if (out / "long.json").is_file():  # written before, or while this process waited
+                continue
+            if changes is None:
+                say(f"[study] {root.name}: long-context evaluation of the base {model} and its window+sinks baselines")
+            else:
+                say(f"[study] {root.name}: the window+sinks cut matched to a conversion with {dict(changes)}")
+            _long_evaluate(model, out, settings, base_only=True, windows=None if changes is None else [dict(changes)],
+                           data_dir=data_dir, meta=dict(study=root.name, run=out.name), say=say)
 
 
 def _long_run(weights: Path, out: Path, settings: LongSettings, modes, hybrid: dict, data_dir, meta: dict, say) -> None:
@@ -458,7 +483,7 @@ def _variant_dir(root: Path, variant: StudyVariant, seed: int) -> Path:
     return root / f"{variant.name}-seed{seed}" / "long"
 
 
-def _long_merge(table: str, root: Path, jobs, say) -> Path:
+def _long_merge(table: str, root: Path, jobs, settings: LongSettings, say) -> Path:
     """Every long-context record of the table merged into ``<table>/merged/``; again only when a record was added
     or written since."""
     from linearize.evaluate.long_context import write_merged_long
@@ -469,7 +494,9 @@ def _long_merge(table: str, root: Path, jobs, say) -> Path:
     label_of = lambda name, seed: name if seed == first else f"{name}-seed{seed}"  # noqa: E731
     paths = {label_of(run.name, seed): run_dir(root, run, seed) / "long" / "long.json" for run, seed in jobs}
     paths |= {v.name: _variant_dir(root, v, first) / "long.json" for v in spec.variants}
-    paths = {label: path for label, path in ({"base": root / "base" / "long.json"} | paths).items() if path.is_file()}
+    bases = {"base": root / "base" / "long.json"} | {
+        d.name: d / "long.json" for d in (_more_baseline_dir(root, ch) for ch in settings.more_baselines)}
+    paths = {label: path for label, path in (bases | paths).items() if path.is_file()}
     merged = root / "merged"
     done = merged / "long.json"
     if (not done.is_file() or list(json.loads(done.read_text())["meta"].get("merged_from", {})) != list(paths)

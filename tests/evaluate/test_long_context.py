@@ -265,9 +265,27 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
                "--qa-lengths", "768", "--depths", "0,1", "--position-docs", "0", "--bootstrap", "50",
                "--out", str(tmp_path / "conv_only")])
     assert rc == 0
-    assert main(["report", str(tmp_path / "base_only"), str(tmp_path / "conv_only"), "--long-out", str(tmp_path / "merged")]) == 0
+    # one more cut in its own record, matched to the conversion with a 16-key memory: the base is not scored again
+    short = ["--what", "long", "--limit", "2", "--no-check", "--device", "cpu", "--dtype", "float32", "--long-tasks",
+             "squad,niah_single,qa_drop", "--lengths", "384,512", "--qa-lengths", "768", "--depths", "0,1",
+             "--window", "8", "--position-docs", "0", "--bootstrap", "50"]
+    rc = main(["diagnose", str(base_dir), *short, "--baselines-only", "--baseline-windows", "auto+sparse_memory=16",
+               "--out", str(tmp_path / "more")])
+    assert rc == 0
+    more = json.loads((tmp_path / "more" / "long.json").read_text())
+    (w_more,) = more["settings"]["baseline_windows"]
+    assert list(more["variants"]) == [f"window+sinks w={w_more} s=8"] and w_more > w
+    # bad input: one line, before a model loads or anything is written
+    for bad in (["--baseline-windows", "auto+no_such_field=1"], ["--baseline-windows", "-3"]):
+        assert main(["diagnose", str(base_dir), *short, *bad, "--out", str(tmp_path / "bad")]) == 2
+    assert main(["diagnose", str(conv_dir), *short, "--no-base", "--baselines-only", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert main(["report", str(tmp_path / "base_only"), str(tmp_path / "more"), str(tmp_path / "conv_only"),
+                 "--long-out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "long.json").read_text())
-    assert list(merged["variants"]) == ["base", "window+sinks w=8 s=8", "conv_only hybrid", "conv_only swa_only", "conv_only la_only"]
+    assert list(merged["variants"]) == ["base", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8",
+                                        "conv_only hybrid", "conv_only swa_only", "conv_only la_only"]
+    assert f"conv_only hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
     for got, want in zip(merged["items"], record["items"]):  # one run or two: the same per-item scores
         assert got["conv_only hybrid"] == want["hybrid"] and got["window+sinks w=8 s=8"] == want["window+sinks w=8 s=8"]
     one = {c["task"] + str(c["length"]): c["paired"]["hybrid - window+sinks w=8 s=8"]["bpb"]["diff"] for c in record["cells"]}

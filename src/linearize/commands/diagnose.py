@@ -50,7 +50,12 @@ def register(subparsers) -> None:
     g.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle / gold-passage depths (0 = start, 1 = end)")
     g.add_argument("--sinks", type=int, default=8, help="sink tokens of the window+sinks baseline")
     g.add_argument("--baseline-windows", default="auto",
-                   help="windows of the baseline: 'auto' (decode state matched to the conversion) and/or integers")
+                   help="windows of the baseline: 'auto' (decode state matched to the conversion), 'auto+FIELD=VALUE+...' "
+                        "(matched to the conversion with these HybridConfig changes: auto+sparse_memory=2048 counts a "
+                        "2048-key memory) and/or integers")
+    g.add_argument("--baselines-only", action="store_true",
+                   help="base model only: its window+sinks baselines without the base itself (more baselines beside a "
+                        "record that has it, merged by `linearize report --long-out`)")
     g.add_argument("--layers", default="global", help="base model only: the layers a conversion would convert "
                                                       "('all', 'global' or indices); the baseline cuts those")
     g.add_argument("--long-modes", default="hybrid,swa_only,la_only", help="component modes of a converted model")
@@ -60,6 +65,24 @@ def register(subparsers) -> None:
     g.add_argument("--position-docs", type=int, default=2, help="long documents for the per-position loss (0: skip)")
     g.add_argument("--position-len", type=int, default=None, help="their length (default: the longest prompt length)")
     p.set_defaults(func=run)
+
+
+def baseline_windows(text: str) -> list:
+    """``--baseline-windows``: "auto,512,auto+sparse_memory=2048" -> ["auto", 512, {"sparse_memory": 2048}] (see
+    linearize.evaluate.long_context.run_long); a one-line error on a bad entry."""
+    from linearize.errors import LinearizeError
+
+    out = []
+    for w in (w.strip() for w in text.split(",") if w.strip()):
+        if w == "auto":
+            out.append(w)
+        elif w.startswith("auto+"):
+            out.append(hybrid_overrides([w[len("auto+"):].replace("+", ",")]))
+        elif w.isdigit() and int(w) > 0:
+            out.append(int(w))
+        else:
+            raise LinearizeError(f"--baseline-windows {w!r}: expected 'auto', 'auto+FIELD=VALUE+...' or a positive integer")
+    return out
 
 
 def run(args) -> int:
@@ -83,6 +106,7 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     window = args.window
+    windows = baseline_windows(args.baseline_windows)  # a bad one stops here, before the model loads
     records = {}
 
     model, tokenizer, info = load_model(spec, device=args.device, dtype=torch_dtype(args.dtype, args.device),
@@ -126,7 +150,8 @@ def run(args) -> int:
 
         ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
         tasks_long = list(DEFAULT_TASKS) if args.long_tasks == "all" else [t.strip() for t in args.long_tasks.split(",") if t.strip()]
-        windows = [w.strip() if w.strip() == "auto" else int(w) for w in args.baseline_windows.split(",") if w.strip()]
+        if args.baselines_only and is_converted(model):
+            raise LinearizeError("--baselines-only is for a base model (its window+sinks baselines); this one is converted")
         converted = is_converted(model)
         base = None if args.no_base or not converted else (args.base or info.get("base"))
         if converted and base is None and not args.no_base:
@@ -139,7 +164,8 @@ def run(args) -> int:
                         sinks=args.sinks, baseline_windows=windows, layers=layers, window=window,
                         generate=args.generate, max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens,
                         position_docs=args.position_docs, position_len=args.position_len, train_len=train_len,
-                        reps=args.bootstrap, seed=args.seed, check=not args.no_check, data_dir=data_dir, progress=say)
+                        reps=args.bootstrap, seed=args.seed, check=not args.no_check, data_dir=data_dir,
+                        base_row=not args.baselines_only, progress=say)
         meta = run_metadata(**{**common, "model_info": {**info, "base": base or info.get("base")}})
         record = {"meta": meta, **body}
         md = long_markdown(record)

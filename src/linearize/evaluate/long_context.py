@@ -21,6 +21,7 @@ would not fit), and bits per byte of a continuation, which lm-eval's loglikeliho
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
@@ -120,12 +121,16 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
              sinks: int = 8, baseline_windows=("auto",), layers=None, window: int | None = None,
              generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
              position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
-             check: bool = True, data_dir=None, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+             check: bool = True, data_dir=None, base_row: bool = True,
+             progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """The record body of `linearize diagnose --what long` (see the module doc).
 
     ``model``: a converted model (its base is loaded from ``base``, a spec, or skipped when None) or a base model
     (then only the base and the baselines, for a conversion of ``layers`` with window ``window``). ``baseline_windows``:
-    'auto' (matched to the decode state) and/or ints. ``train_len``: training row length, marked in the output.
+    'auto' (matched to the decode state), a dict of HybridConfig changes (matched to the state of the conversion with
+    them: ``{"sparse_memory": 2048}`` counts a memory's keys too) and/or ints. ``base_row`` False: a base model's
+    baselines without the base itself (more baselines for a record that has it). ``train_len``: training row length,
+    marked in the output.
     """
     say = progress or (lambda _m: None)
     converted = is_converted(model)
@@ -143,9 +148,11 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
 
     windows = []
     for w in baseline_windows:
-        w = matching_window(config, hybrid, sinks=sinks, dtype_bytes=dbytes) if w == "auto" else int(w)
-        if w not in windows:
-            windows.append(w)
+        if w == "auto" or isinstance(w, dict):  # matched to a converted layer's state (with these changes)
+            w = matching_window(config, dataclasses.replace(hybrid, **(w if isinstance(w, dict) else {})),
+                                sinks=sinks, dtype_bytes=dbytes)
+        if int(w) not in windows:
+            windows.append(int(w))
     cut = target_layers(model, hybrid.layers) if not converted else None
 
     variants: dict[str, dict[str, Any]] = {}
@@ -164,7 +171,8 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
 
     def base_rows(bmodel):
         bconf = text_config(bmodel)
-        run_variant("base", bmodel, nullcontext(), decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes), "")
+        if base_row:
+            run_variant("base", bmodel, nullcontext(), decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes), "")
         for w in windows:
             mem = decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes, window_sinks=(w, sinks), layers=hybrid.layers)
             run_variant(f"window+sinks w={w} s={sinks}", bmodel, window_sinks(bmodel, w, sinks, layers=hybrid.layers),
@@ -189,7 +197,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     baselines = [n for n in names if n.startswith("window+sinks")]
     pairs = [("hybrid", "swa_only")] + [(m, b) for m in modes for b in baselines]
     if not converted:
-        pairs = [(b, "base") for b in baselines]
+        pairs = [(b, "base") for b in baselines] if base_row else []
     body = summarize(items, scores, reps=reps, seed=seed, pairs=pairs)
     return {"variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
             "settings": {"tasks": list(tasks), "limit": limit, "cell_limit": cell_limit, "lengths": list(lengths), "qa_lengths": list(qa_lengths),

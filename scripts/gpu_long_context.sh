@@ -10,7 +10,8 @@
 # the same OUT continues where a time limit stopped it. Nothing runs past SECONDS.
 #   usage: scripts/gpu_long_context.sh MODEL OUT SECONDS
 # Settings (environment): PRESET (gpu-small), MAX_TRAIN (4 conversions at a time), PARALLEL_EVALS (3),
-# BASELINE_WINDOWS (auto,512,64), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
+# BASELINE_WINDOWS (auto,512,64), MORE_BASELINES (';'-separated HybridConfig changes, e.g. sparse_memory=2048+memory_select=query:
+# a cut of the bytes of the conversion with them, each in long/base-<changes>/), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
 # RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below), RUN_NAMES (a
 # comma-separated subset of the runs' names). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
@@ -68,6 +69,12 @@ evaluate() {  # name, model dir or spec, options...
 
 # shellcheck disable=SC2086
 evaluate base "$model" ${BASE_ARGS:---layers global --window 64} --baseline-windows "${BASELINE_WINDOWS:-auto,512,64}" &
+# more cuts, each matched to the conversion with these changes (a memory's keys counted), in its own record
+[ -n "${MORE_BASELINES:-}" ] && IFS=';' read -ra more <<< "$MORE_BASELINES" && for changes in "${more[@]}"; do
+  # shellcheck disable=SC2086
+  evaluate "base-$changes" "$model" ${BASE_ARGS:---layers global --window 64} --baselines-only \
+    --baseline-windows "auto+$changes" &
+done
 pending=("${RUNS[@]%%|*}") variants=("${VARIANTS[@]}")
 while [ "$(left)" -gt 20 ]; do
   for i in "${!pending[@]}"; do

@@ -42,14 +42,20 @@ delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
 export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
 delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\
 sum-all|ssd|$common --set hybrid.layers=all --set stage1.objective=hybrid_output"
-# training-free variants at load: 256 memory keys, the gate moved towards the window (mix_shift; on Gemma +1 with 256
+# training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
+# mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both
 export VARIANTS_OVERRIDE="${VARIANTS_OVERRIDE-sum-all-mem256|sum-all|--hybrid sparse_memory=256 --long-modes hybrid;\
 delta-all-mem256|delta-all|--hybrid sparse_memory=256 --long-modes hybrid;\
 sum-all-shift1|sum-all|--hybrid mix_shift=1 --long-modes hybrid;\
 delta-all-shift1|delta-all|--hybrid mix_shift=1 --long-modes hybrid;\
 sum-all-mem256-shift1|sum-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid;\
-delta-all-mem256-shift1|delta-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid}"
+delta-all-mem256-shift1|delta-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid;\
+delta-all-mem2048-query-shift1|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1 --long-modes hybrid;\
+delta-all-mem2048-query-la-off|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30 --long-modes hybrid;\
+delta-all-mem2048-shift1|delta-all|--hybrid sparse_memory=2048,mix_shift=1 --long-modes hybrid}"
+# the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
+export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 export BASE_ARGS="${BASE_ARGS:---layers all --window 512}" BASELINE_WINDOWS="${BASELINE_WINDOWS:-auto,512}"
 export MAX_TRAIN="${MAX_TRAIN:-3}" PARALLEL_EVALS="${PARALLEL_EVALS:-3}"
 export LONG_ARGS="${LONG_ARGS:---limit 50 --cell-limit 3 --long-tasks squad,drop,passkey,niah_single,qa_squad \

@@ -43,7 +43,9 @@ def combine(rule: str, weight: torch.Tensor, swa: tuple[torch.Tensor, torch.Tens
 
 def expand_weight(weight, b: int, hq: int, t: int, like: torch.Tensor) -> torch.Tensor:
     """A float, a per-head (Hq,) tensor or a (B, Hq, T) tensor -> (B, Hq, T)."""
-    w = torch.as_tensor(weight, dtype=like.dtype, device=like.device)
+    if not torch.is_tensor(weight):  # filled on the device: a host-to-device copy cannot be captured in a CUDA graph
+        return like.new_full((b, hq, t), float(weight))
+    w = weight.to(dtype=like.dtype, device=like.device)
     if w.dim() == 1:
         w = w.view(1, -1, 1)
     return w.expand(b, hq, t)

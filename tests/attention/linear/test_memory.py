@@ -245,4 +245,5 @@ def test_cuda_auto_backend_runs_the_memory_in_pytorch(kind):
     ids = torch.randint(1, 128, (2, 300), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, torch_model(ids).logits, atol=1e-4, rtol=1e-4)
-    assert_decode_equals_forward(model, "hybrid", ids[:, :200], prompt=130)
+    # fp32 on cuBLAS: 70 sequential delta-rule updates of the state reorder its sums (max 3e-4 on the logits, H200)
+    assert_decode_equals_forward(model, "hybrid", ids[:, :200], prompt=130, atol=1e-3 if kind == "delta" else 1e-4)

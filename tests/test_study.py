@@ -258,6 +258,7 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
         "base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8", "sum-w512 hybrid",
         "sum-w512 swa_only", "sum-w512 la_only", "sum-w512-mem hybrid"]
     assert f"sum-w512-mem hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
+    assert {"sum-w512-mem hybrid - sum-w512 hybrid", "sum-w512-mem hybrid - sum-w512 swa_only"} <= set(merged["pairs"])
     assert "sum-w512-mem hybrid - window+sinks w=8 s=8" in merged["pairs"]
     stamp = (root / "merged" / "long.json").stat().st_mtime_ns
     trainings.clear()

@@ -51,6 +51,7 @@ class StudyVariant:
     run: str  # the StudyRun it loads
     hybrid: tuple[tuple[str, object], ...]  # (field, value) pairs
     modes: tuple[str, ...] = ("hybrid",)
+    paired_with: tuple[str, ...] = ()  # other variants of the table compared with it item by item in the merge
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,15 @@ TABLES["long-context"] = StudyTable(
               StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"))),
               # the component-mode question for the memory rows (sparse memory runs in 'hybrid' only): the gate at
               # g = 1 - 1e-13, so the linear branch's readout weighs nothing while its state still chooses the keys
-              StudyVariant("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0))),
+              StudyVariant("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)),
+                           paired_with=("sum-w512-mem256-shift1",)),
               # a larger memory chosen by the prompt's queries (the best long QA at 256 keys), within a quarter of the
               # base's decode memory; each against the cut of equal bytes (more_baselines) and with its readout off
               *(StudyVariant(f"sum-w512-mem{m}-query-shift1", "sum-w512",
                              (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0))) for m in (1024, 2048)),
               StudyVariant("sum-w512-mem2048-query-la-off", "sum-w512",
-                           (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0))),
+                           (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0)),
+                           paired_with=("sum-w512-mem2048-query-shift1",)),
               StudyVariant("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)))),
     long=LongSettings(window=512, more_baselines=tuple((("sparse_memory", m), ("memory_select", "query"))
                                                        for m in (1024, 2048))))
@@ -503,5 +506,7 @@ def _long_merge(table: str, root: Path, jobs, settings: LongSettings, say) -> Pa
             or any(path.stat().st_mtime_ns > done.stat().st_mtime_ns for path in paths.values())):
         records = {label: json.loads(path.read_text()) for label, path in paths.items()}
         say(f"[study] {table}: merging {', '.join(records)}")
-        write_merged_long(records, merged)
+        extra = [(f"{v.name} hybrid", f"{other} hybrid") for v in spec.variants for other in v.paired_with
+                 if v.name in records and other in records]
+        write_merged_long(records, merged, parents={v.name: v.run for v in spec.variants}, extra_pairs=extra)
     return merged / "long.md"

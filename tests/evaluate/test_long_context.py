@@ -390,3 +390,38 @@ def test_a_change_at_load_is_paired_with_the_same_weights_without_it():
     got = cell["paired"]["shift hybrid - run hybrid"]["bpb"]["diff"]
     bpb = lambda rec, name: sum(i[name]["bits"] for i in rec["items"]) / sum(i[name]["bytes"] for i in rec["items"])  # noqa: E731
     assert got == pytest.approx(bpb(shifted, "hybrid") - bpb(run, "hybrid"))
+
+
+def test_the_merge_takes_parents_and_more_pairs_it_is_told(tmp_path):
+    """A record whose meta names neither its run nor the run's model path (evaluated elsewhere, by `diagnose`) is
+    paired with its weights when ``parents`` says which; ``extra_pairs`` (and `report --pair`) add row-to-row
+    differences, e.g. the same memory with the linear readout on and off; an unknown row is a one-line error."""
+    from linearize.cli import main
+    from linearize.evaluate.long_context import merge_long_records
+
+    items = [(f"s{i}", "squad", None) for i in range(6)]
+    run = _record(["hybrid", "swa_only"], items, seed=1)
+    run["meta"].update(model="/runs/a")
+    on, off = _record(["hybrid"], items, seed=2), _record(["hybrid"], items, seed=3)
+    on["meta"].update(model="/tmp/x/retrained")
+    off["meta"].update(model="/tmp/x/retrained")
+    records = {"run": run, "mem": on, "mem-off": off}
+    plain = merge_long_records(records, reps=20)
+    assert "mem hybrid - run hybrid" not in plain["pairs"]
+    merged = merge_long_records(records, reps=20, parents={"mem": "run", "mem-off": "run"},
+                                extra_pairs=[("mem-off hybrid", "mem hybrid")])
+    assert {"mem hybrid - run hybrid", "mem hybrid - run swa_only", "mem-off hybrid - run hybrid",
+            "mem-off hybrid - mem hybrid"} <= set(merged["pairs"])
+    (cell,) = merged["cells"]
+    bpb = lambda rec: sum(i["hybrid"]["bits"] for i in rec["items"]) / sum(i["hybrid"]["bytes"] for i in rec["items"])  # noqa: E731
+    assert cell["paired"]["mem-off hybrid - mem hybrid"]["bpb"]["diff"] == pytest.approx(bpb(off) - bpb(on))
+    with pytest.raises(LinearizeError, match="no row 'nope hybrid'"):
+        merge_long_records(records, reps=20, extra_pairs=[("nope hybrid", "mem hybrid")])
+    for label, rec in records.items():
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "long.json").write_text(json.dumps(rec))
+    dirs = [str(tmp_path / label) for label in records]
+    assert main(["report", *dirs, "--long-out", str(tmp_path / "merged"), "--pair", "mem-off hybrid:mem hybrid"]) == 0
+    assert "mem-off hybrid - mem hybrid" in json.loads((tmp_path / "merged" / "long.json").read_text())["pairs"]
+    assert main(["report", *dirs, "--long-out", str(tmp_path / "bad"), "--pair", "mem-off hybrid"]) == 2
+    assert not (tmp_path / "bad").exists()

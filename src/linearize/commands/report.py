@@ -14,6 +14,9 @@ def register(subparsers) -> None:
     p.add_argument("--long-out", default=None, metavar="DIR",
                    help="long-context records (long.json) of the DIRs merged into one comparison, paired over their "
                         "shared items: DIR/long.json, long.md (with an overview table) and the figures")
+    p.add_argument("--pair", action="append", default=[], metavar="ROW_A:ROW_B",
+                   help="--long-out: one more paired difference, by merged row names (repeatable), e.g. "
+                        "'run-x hybrid:run-y hybrid' (the same weights with and without a change)")
     p.set_defaults(func=run)
 
 
@@ -24,7 +27,13 @@ def run(args) -> int:
     from linearize.evaluate.report import side_by_side
 
     if args.long_out:
-        _merge_long(args.dirs, Path(args.long_out))
+        pairs = []
+        for text in args.pair:
+            a, sep, b = text.partition(":")
+            if not sep or not a.strip() or not b.strip():
+                raise LinearizeError(f"--pair {text!r}: expected ROW_A:ROW_B (merged row names)")
+            pairs.append((a.strip(), b.strip()))
+        _merge_long(args.dirs, Path(args.long_out), pairs)
         return 0
     try:
         md = side_by_side(args.dirs)
@@ -37,7 +46,7 @@ def run(args) -> int:
     return 0
 
 
-def _merge_long(dirs, out) -> None:
+def _merge_long(dirs, out, pairs=()) -> None:
     import json
     from pathlib import Path
 
@@ -53,4 +62,4 @@ def _merge_long(dirs, out) -> None:
         if label in records:
             raise LinearizeError(f"two records are named {label!r}: give their directories distinct names")
         records[label] = json.loads(path.read_text())
-    print(write_merged_long(records, out))
+    print(write_merged_long(records, out, extra_pairs=pairs))

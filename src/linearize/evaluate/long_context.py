@@ -210,12 +210,14 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
                       for i, it in enumerate(items)]}
 
 
-def _trained_parent(label: str, records: dict[str, dict[str, Any]], variants: dict) -> str | None:
-    """The record of the same trained weights that `label` changes at load (a study variant names its run,
-    `meta.trained_run`; otherwise the record of the same model path evaluated in its modes -- swa_only among them --
-    with other hybrid settings), or None."""
+def _trained_parent(label: str, records: dict[str, dict[str, Any]], variants: dict, parents: dict) -> str | None:
+    """The record of the same trained weights that `label` changes at load (``parents`` names it, or a study variant
+    names its run, `meta.trained_run`; otherwise the record of the same model path evaluated in its modes --
+    swa_only among them -- with other hybrid settings), or None."""
     rec = records[label]
     meta = rec.get("meta", {})
+    if parents.get(label) in records and parents[label] != label:
+        return parents[label]
     if meta.get("trained_run") in records and meta["trained_run"] != label:
         return meta["trained_run"]
     if f"{label} swa_only" in variants:  # evaluated in its modes itself: a run, not a change at load
@@ -228,7 +230,8 @@ def _trained_parent(label: str, records: dict[str, dict[str, Any]], variants: di
     return None
 
 
-def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
+def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, seed: int = 0,
+                       parents: dict[str, str] | None = None, extra_pairs=()) -> dict[str, Any]:
     """One record from several ``--what long`` records of the same items (same tokenizer, seed and settings): the
     base and its window+sinks rows once (from the records that have them), each converted model's modes as
     ``<label> <mode>``. Intervals and paired differences are computed again over the joined items, so several
@@ -236,7 +239,8 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
     that scored more items than the others (more lengths) join over the items every record has; how many each
     left out is in ``meta["items_left_out"]``. A record of a training-free change at load (a study variant, or the
     same model path with other hybrid settings and no modes of its own) is paired with its weights' hybrid and
-    swa_only rows."""
+    swa_only rows (``parents``: label -> the label of its trained weights, where the records do not say it).
+    ``extra_pairs``: more (row, row) pairs by merged row name, e.g. ("a hybrid", "b hybrid")."""
     if not records:
         raise LinearizeError("no long-context records to merge")
     # records of fewer lengths (a shorter evaluation of a larger model, say) join over the items all of them scored
@@ -271,12 +275,18 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
         if "base" in variants:
             pairs.append((f"{label} hybrid", "base"))
     for label in converted_labels:  # a training-free change at load against the same weights without it
-        parent = _trained_parent(label, records, variants)
+        parent = _trained_parent(label, records, variants, parents or {})
         if parent is not None:
             pairs += [(f"{label} hybrid", f"{parent} {mode}") for mode in ("hybrid", "swa_only")
                       if f"{parent} {mode}" in variants]
     if not converted_labels:
         pairs = [(b, "base") for b in baselines if "base" in variants]
+    for a, b in extra_pairs:
+        missing = [n for n in (a, b) if n not in variants]
+        if missing:
+            raise LinearizeError(f"pair {a!r} - {b!r}: no row {missing[0]!r} among {sorted(variants)}")
+        if (a, b) not in pairs:
+            pairs.append((a, b))
     from types import SimpleNamespace
 
     items = [SimpleNamespace(task=it["task"], length=it["length"], depth=it["depth"]) for it in first["items"]]
@@ -462,13 +472,14 @@ def plot_bpb(record: dict[str, Any], path) -> Path:
     return save_figure(fig, path)
 
 
-def write_merged_long(records: dict[str, dict[str, Any]], out) -> str:
+def write_merged_long(records: dict[str, dict[str, Any]], out, *, parents: dict[str, str] | None = None,
+                      extra_pairs=()) -> str:
     """Merge ``records`` (label -> ``--what long`` record, see :func:`merge_long_records`) and write ``out/long.json``,
     ``long.md`` (the overview table first) and the figures; returns the Markdown."""
     from linearize.records import write_record
 
     out = Path(out)
-    merged = merge_long_records(records)
+    merged = merge_long_records(records, parents=parents, extra_pairs=extra_pairs)
     md = "## Overview\n\n" + overview_markdown(merged) + "\n" + long_markdown(merged)
     write_record(out, "long", merged, md)
     plot_bpb(merged, out / "long_bpb.png")

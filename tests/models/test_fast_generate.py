@@ -61,11 +61,9 @@ def test_eager_reasons_name_what_a_captured_step_cannot_do(monkeypatch):
     assert "needs CUDA" in generation.eager_reason(local, None, {})
     local.config._attn_implementation = "flex_attention"
     assert "flex_attention" in generation.eager_reason(local, None, {})
-    # an online ('recall') memory is captured on kind 'sum' once opted in (only the CPU then stops this one), never on
-    # the other kinds
+    # an online ('recall') memory is captured on kind 'sum' (only the CPU stops this one; its GPU replay equals the
+    # eager loop: test_captured_generate_with_an_online_memory_equals_eager_generate), never on the other kinds
     memory = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, sparse_memory=4, memory_block=8))
-    assert generation.CAPTURED_MEMORY_ENV in generation.eager_reason(memory, None, {})
-    monkeypatch.setenv(generation.CAPTURED_MEMORY_ENV, "1")
     assert "needs CUDA" in generation.eager_reason(memory, None, {})
     gated = linearize.convert(tiny_model("llama"), linearize.HybridConfig(window=4, sparse_memory=4, memory_block=8,
                                                                          linear_state="gated"))
@@ -199,7 +197,6 @@ def test_captured_generate_equals_eager_generate_token_for_token(family):
 def test_captured_generate_with_an_online_memory_equals_eager_generate(family, monkeypatch):
     """Sparse memory chosen online ('recall', kind 'sum') with softmax sinks: 64 new tokens cross 16 block boundaries
     inside the replays; greedy tokens and every step's logits equal HF's eager loop."""
-    monkeypatch.setenv(generation.CAPTURED_MEMORY_ENV, "1")
     hybrid = linearize.HybridConfig(window=6, sparse_memory=4, memory_block=4, softmax_sinks=2, combine="mix")
     model = linearize.convert(tiny_model(family), hybrid).cuda()
     ids, mask = left_padded_batch("cuda")

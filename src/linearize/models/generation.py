@@ -5,9 +5,8 @@ for the duration of the call the model's `forward` is wrapped so that every one-
 (eager) prefill goes through `linearize.attention.graph_decode.GraphDecoder`: its first steps run eagerly (Triton
 compiles, cuBLAS sets up), the next one is captured, and the rest replay that CUDA graph. Where a captured step
 cannot apply -- beam search (the cache is reordered every step), assisted decoding, CPU models, sparse memory
-chosen online ('recall') on the linear states other than 'sum' (on 'sum' its boundary step is captured, for now only
-with `LINEARIZE_CAPTURED_MEMORY=1`: not yet run on a GPU; a memory chosen at prefill, 'query', is fixed and captured
-with the rest),
+chosen online ('recall') on the linear states other than 'sum' (on 'sum' its boundary step is captured: it runs every
+token and is kept at block ends; a memory chosen at prefill, 'query', is fixed and captured with the rest),
 unconverted full-attention layers, no cache -- the eager step runs. Unconverted sliding-window layers (Gemma 3's local
 layers under `layers="global"`) decode on fixed rings of their window (`attention/ring.py`; the returned cache holds
 those rings). Which path ran is on the model after the call (`model.decode_path`, a `DecodePath`) and in one log
@@ -35,10 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Set (to 1) to keep every generate call on the eager step: a way out should a captured step ever misbehave.
 EAGER_ENV = "LINEARIZE_EAGER_DECODE"
-#: Opt-in for the captured step of a sparse memory chosen online ('recall', kind 'sum'): its capture-safe step equals
-#: the eager one on the CPU (tests/attention/test_graph_decode.py), but it has not yet run inside a CUDA graph on a
-#: GPU; until it has (its GPU-marked tests), generate keeps such models on the eager step unless this is "1".
-CAPTURED_MEMORY_ENV = "LINEARIZE_CAPTURED_MEMORY"
 
 #: The class that captures and replays the step (tests on CPU put a stand-in here to exercise the plumbing).
 DECODER_CLASS = GraphDecoder
@@ -92,10 +87,6 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
     if any(layer.hybrid.sparse_memory and layer.hybrid.memory_select == "recall"
            and not linear_state_kind(layer.hybrid.linear_state).additive for layer in layers):
         return "sparse memory (memory_select 'recall') on a linear state other than 'sum' branches on the host's token count"
-    if (any(layer.hybrid.sparse_memory and layer.hybrid.memory_select == "recall" for layer in layers)
-            and os.environ.get(CAPTURED_MEMORY_ENV, "").strip() != "1"):
-        return (f"sparse memory chosen online ('recall'): its captured step is not yet verified on a GPU "
-                f"({CAPTURED_MEMORY_ENV}=1 uses it)")
     sliding, full = unconverted_layers(model)
     if full:
         return f"unconverted full-attention layers {full} keep a growing KV cache"

@@ -214,6 +214,12 @@ def test_long_context_recipe_is_ssd_with_the_study_settings():
     assert long["hybrid"]["layers"] == "global" and long["data"]["seq_len"] == 4096
     with_preset = resolve_recipe("long-context", preset="gpu-small")  # the preset of the measured run applies
     assert with_preset.stage1.epochs == 1 and with_preset.inference.hybrid == {"sparse_memory": 256, "mix_shift": 1.0}
+    # the command the file documents resolves to the study's run exactly (the study sets its overrides after the
+    # preset, so the preset's 1M tokens do not replace its 1.5M)
+    study_run = load_recipe("ssd", list(LONG_COMMON), "gpu-small")
+    documented = load_recipe("long-context", ["data.train_tokens=1500000"], "gpu-small")
+    assert {k: v for k, v in documented.items() if k not in own} == {k: v for k, v in study_run.items() if k not in own}
+    assert "--preset gpu-small --set data.train_tokens=1500000" in (RECIPE_DIR / "long-context.yaml").read_text()
 
 
 def test_long_context_is_listed_where_recipes_are_listed(capsys):

@@ -87,6 +87,7 @@ while [ "$(left)" -gt 20 ]; do
   for i in "${!variants[@]}"; do
     IFS='|' read -r name run opts <<< "${variants[$i]}"
     if [ -f "$out/runs/$run/summary.json" ]; then
+      while [ "$(jobs -rp | wc -l)" -ge $(( 1 + ${PARALLEL_EVALS:-3} )) ]; do sleep 5; done  # as the runs' evaluations
       # shellcheck disable=SC2086
       evaluate "$name" "$out/runs/$run" --no-base $opts & unset "variants[$i]"
     fi

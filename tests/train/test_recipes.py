@@ -214,12 +214,28 @@ def test_long_context_recipe_is_ssd_with_the_study_settings():
     assert long["hybrid"]["layers"] == "global" and long["data"]["seq_len"] == 4096
     with_preset = resolve_recipe("long-context", preset="gpu-small")  # the preset of the measured run applies
     assert with_preset.stage1.epochs == 1 and with_preset.inference.hybrid == {"sparse_memory": 256, "mix_shift": 1.0}
-    # the command the file documents resolves to the study's run exactly (the study sets its overrides after the
-    # preset, so the preset's 1M tokens do not replace its 1.5M)
+    # the command the file documents resolves to the study's run exactly: the study sets its overrides after the
+    # preset, the file's `presets` entry keeps its 1.5M tokens over the preset's 1M
     study_run = load_recipe("ssd", list(LONG_COMMON), "gpu-small")
-    documented = load_recipe("long-context", ["data.train_tokens=1500000"], "gpu-small")
+    documented = load_recipe("long-context", preset="gpu-small")
     assert {k: v for k, v in documented.items() if k not in own} == {k: v for k, v in study_run.items() if k not in own}
-    assert "--preset gpu-small --set data.train_tokens=1500000" in (RECIPE_DIR / "long-context.yaml").read_text()
+    assert documented["data"]["train_tokens"] == 1_500_000 and "presets" not in documented
+    assert "--recipe long-context --preset gpu-small --out" in (RECIPE_DIR / "long-context.yaml").read_text()
+    # --set still comes last; the cpu preset is the cpu preset's
+    assert load_recipe("long-context", ["data.train_tokens=2000"], "gpu-small")["data"]["train_tokens"] == 2000
+    assert load_recipe("long-context", preset="cpu")["data"]["train_tokens"] == PRESETS["cpu"]["data"]["train_tokens"]
+
+
+def test_a_recipe_files_preset_entries_are_checked(tmp_path):
+    """A `presets` entry names a known preset and known keys, checked whichever preset is chosen: one line."""
+    base = yaml.safe_load((RECIPE_DIR / "ssd.yaml").read_text())
+    for bad, match in (({"nope": {"data": {"train_tokens": 1}}}, "presets: a mapping of preset names"),
+                       ({"gpu-small": {"data": {"no_such_key": 1}}}, "unknown recipe key 'presets.gpu-small.data.no_such_key'"),
+                       ([1, 2], "presets: a mapping")):
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({**base, "presets": bad}))
+        with pytest.raises(RecipeError, match=re.escape(match)):
+            resolve_recipe(str(path))
 
 
 def test_long_context_is_listed_where_recipes_are_listed(capsys):

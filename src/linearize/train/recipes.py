@@ -633,7 +633,8 @@ def _nest(parts: list[str], value: Any) -> dict:
 
 def resolve_recipe(name_or_path: str | Path | dict | Recipe = "ssd", overrides: list[str] | None = None,
                    preset: str | None = None) -> Recipe:
-    """The resolved, checked recipe: defaults <- recipe file <- preset <- overrides."""
+    """The resolved, checked recipe: defaults <- recipe file <- preset <- the file's `presets` entry for that preset
+    <- overrides."""
     if isinstance(name_or_path, Recipe):
         raw = name_or_path.to_dict()
     elif isinstance(name_or_path, dict):
@@ -646,8 +647,15 @@ def resolve_recipe(name_or_path: str | Path | dict | Recipe = "ssd", overrides: 
             raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    # a recipe file's own adjustments to a size preset (`presets: {gpu-small: {data: {train_tokens: ...}}}`), applied
+    # over the preset when it is chosen: the sizes a recipe was measured at survive the preset's generic ones
+    adjust = raw.pop("presets", None) or {}
+    if not isinstance(adjust, dict) or set(adjust) - set(PRESETS) or not all(isinstance(v, dict) for v in adjust.values()):
+        raise RecipeError(f"presets: a mapping of preset names ({sorted(PRESETS)}) to recipe keys, got {adjust!r}")
     defaults = _defaults()
     recipe = _merge(defaults, raw, "", defaults)
+    for name, keys in adjust.items():  # checked now, whichever preset is chosen
+        _merge(recipe, keys, f"presets.{name}", defaults)
     parsed = [parse_override(o) for o in overrides or []]
     for parts, value in parsed:  # a preset can also be chosen with --set preset=cpu
         if parts == ["preset"]:
@@ -659,6 +667,7 @@ def resolve_recipe(name_or_path: str | Path | dict | Recipe = "ssd", overrides: 
         if preset not in PRESETS:
             raise RecipeError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
         recipe = _merge(recipe, PRESETS[preset], "", defaults)
+        recipe = _merge(recipe, adjust.get(preset, {}), "", defaults)
         recipe["preset"] = preset
     for parts, value in parsed:
         recipe = _merge(recipe, _nest(parts, value), "", defaults)

@@ -29,13 +29,13 @@ class _Sketch(Section):
 
 
 def test_shipped_recipes():
-    assert set(available_recipes()) >= {"lolcats", "la-only", "hedgecats", "ssd", "long-context"}
+    assert set(available_recipes()) >= {"lolcats", "la-only", "hedgecats", "ssd", "long-context", "long-context-all"}
     for name in available_recipes():
         text = (RECIPE_DIR / f"{name}.yaml").read_text()
         assert text.startswith("#"), f"{name}.yaml needs a header comment saying what it reproduces"
         r = load_recipe(name)
         assert r["reproduces"] and r["name"] == name and r["stage1"]["lr"] == 1e-2
-        if name != "long-context":  # the paper recipes: LoLCATs' 1024-token rows, no inference settings
+        if not name.startswith("long-context"):  # the paper recipes: LoLCATs' 1024-token rows, no inference settings
             assert r["data"]["seq_len"] == 1024 and r["inference"] == {"hybrid": {}}
     lol = load_recipe("lolcats")
     assert lol["stage1"]["objective"] == "hybrid_output" and lol["stage1"]["loss_scale"] == 1000
@@ -224,6 +224,22 @@ def test_long_context_recipe_is_ssd_with_the_study_settings():
     # --set still comes last; the cpu preset is the cpu preset's
     assert load_recipe("long-context", ["data.train_tokens=2000"], "gpu-small")["data"]["train_tokens"] == 2000
     assert load_recipe("long-context", preset="cpu")["data"]["train_tokens"] == PRESETS["cpu"]["data"]["train_tokens"]
+
+
+def test_long_context_all_recipe_is_the_measured_qwen_run():
+    """long-context-all.yaml with its documented preset resolves to the recipe the measured Qwen run wrote
+    (results/long/qwen2.5-coder-1.5b/runs/delta-all/recipe.yaml, scripts/gpu_long_qwen.sh's delta-all), key for key,
+    plus the inference settings its best row was measured with."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    measured = load_recipe(yaml.safe_load((repo / "results/long/qwen2.5-coder-1.5b/runs/delta-all/recipe.yaml").read_text()))
+    documented = load_recipe("long-context-all", preset="gpu-small")
+    own = ("name", "description", "reproduces", "inference", "resolved")
+    assert {k: v for k, v in documented.items() if k not in own} == {k: v for k, v in measured.items() if k not in own}
+    assert documented["inference"] == {"hybrid": {"sparse_memory": 2048, "memory_select": "query", "mix_shift": 1.0}}
+    assert (documented["hybrid"]["layers"], documented["hybrid"]["linear_state"]) == ("all", "delta")
+    assert "--recipe long-context-all --preset gpu-small --out" in (RECIPE_DIR / "long-context-all.yaml").read_text()
 
 
 def test_a_recipe_files_preset_entries_are_checked(tmp_path):

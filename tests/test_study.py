@@ -191,7 +191,8 @@ def test_long_context_table_is_the_states_script_comparison():
     settings = table.long
     # the 'auto' baseline matches the runs' window-512 state; two more, the states with the larger query memories
     assert settings == LongSettings(window=512, more_baselines=(
-        (("sparse_memory", 1024), ("memory_select", "query")), (("sparse_memory", 2048), ("memory_select", "query"))))
+        (("sparse_memory", 1024), ("memory_select", "query")), (("sparse_memory", 2048), ("memory_select", "query"))),
+        memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query"))))
     assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))
     assert settings.tasks == ("squad", "drop", "passkey", "niah_single", "qa_squad")
     assert (settings.limit, settings.cell_limit, settings.lengths, settings.qa_lengths, settings.depths) == (
@@ -226,7 +227,8 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setitem(study.TABLES, "long-context", dataclasses.replace(real, runs=runs, variants=real.variants[:1]))
     settings = study.LongSettings(tasks=("passkey", "niah_single"), limit=1, cell_limit=1, lengths=(256,), qa_lengths=(),
                                   depths=(0.0,), window=8, baseline_windows=("auto", 8), batch_tokens=4096,
-                                  bootstrap=20, dtype="float32", device="cpu", more_baselines=((("sparse_memory", 16),),))
+                                  bootstrap=20, dtype="float32", device="cpu", more_baselines=((("sparse_memory", 16),),),
+                                  memory_baselines=(4,))
     trainings, evaluations = [], []
     from linearize import train as train_mod
 
@@ -239,8 +241,11 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     root = tmp_path / "study" / "long-context"
     assert md == root / "merged" / "long.md" and md.read_text().startswith("## Overview")
     assert [p.name for p in trainings] == ["sum-w512-seed0"]  # the other runs are not selected
-    # the base and its baselines, the cut matched to a 16-key memory (in its own record), the run, its variant
-    assert evaluations == [[], [], ["hybrid", "swa_only", "la_only"], ["hybrid"]]
+    # the base and its baselines, the cut matched to a 16-key memory and the 4-key query-memory baseline (each in its
+    # own record), the run, its variant
+    assert evaluations == [[], [], [], ["hybrid", "swa_only", "la_only"], ["hybrid"]]
+    snap = json.loads((root / "base-memory-4" / "long.json").read_text())
+    assert list(snap["variants"]) == ["window+sinks+memory w=8 s=8 m=4"]
     more = json.loads((root / "base-sparse_memory=16" / "long.json").read_text())
     (w_more,) = more["settings"]["baseline_windows"]
     assert list(more["variants"]) == [f"window+sinks w={w_more} s=8"]  # the base itself is not scored again
@@ -255,7 +260,8 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     w = merged["settings"]["baseline_windows"][0]
     assert w_more > w  # 16 exact keys (with their features) weigh more keys of the cut
     assert list(merged["variants"]) == [
-        "base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8", "sum-w512 hybrid",
+        "base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8",
+        "window+sinks+memory w=8 s=8 m=4", "sum-w512 hybrid",
         "sum-w512 swa_only", "sum-w512 la_only", "sum-w512-mem hybrid"]
     assert f"sum-w512-mem hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
     assert {"sum-w512-mem hybrid - sum-w512 hybrid", "sum-w512-mem hybrid - sum-w512 swa_only"} <= set(merged["pairs"])

@@ -71,6 +71,11 @@ class LongSettings:
     # more cuts, each matched to the state of the conversion with these HybridConfig changes (a variant's memory
     # counted), in their own records (`<table>/base-<changes>/`), so adding one does not score the base again
     more_baselines: tuple[tuple[tuple[str, object], ...], ...] = ()
+    # the query-memory baselines (the base with `window` + sinks + a memory chosen by the prompt's last queries,
+    # softmax alone, no training: linearize.models.window_sinks.query_memory_baseline), each in its own record
+    # (`<table>/base-memory-<spec>/`): a number of memory keys, or HybridConfig changes whose matched cut's keys
+    # beyond the window it fills
+    memory_baselines: tuple = ()
     sinks: int = 8
     batch_tokens: int = 65536
     position_docs: int = 0
@@ -184,7 +189,10 @@ TABLES["long-context"] = StudyTable(
                            paired_with=("sum-w512-mem2048-query-shift1",)),
               StudyVariant("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)))),
     long=LongSettings(window=512, more_baselines=tuple((("sparse_memory", m), ("memory_select", "query"))
-                                                       for m in (1024, 2048))))
+                                                       for m in (1024, 2048)),
+                      # the memory without the linear state or training: 256 / 2048 keys as the variants hold, and
+                      # as many as the bytes of the 2048-key query variant's state
+                      memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query")))))
 
 
 #: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on), in bf16 like
@@ -412,7 +420,7 @@ def execute(table: str, *, model: str = "gemma3-270m", out: str | Path = "result
 
 
 def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid: dict | None = None, base_only=False,
-                   windows=None, data_dir=None, meta: dict | None = None, say=print) -> None:
+                   windows=None, memories=(), data_dir=None, meta: dict | None = None, say=print) -> None:
     """`linearize diagnose SPEC --what long [--no-base]` through the library: ``out/long.json``, ``long.md``, figures."""
     import torch
 
@@ -429,7 +437,7 @@ def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid:
                         cell_limit=settings.cell_limit, lengths=list(settings.lengths), qa_lengths=list(settings.qa_lengths),
                         depths=list(settings.depths), sinks=settings.sinks,
                         baseline_windows=list(settings.baseline_windows if windows is None else windows),
-                        base_row=windows is None,
+                        base_row=windows is None, memory_baselines=list(memories),
                         layers=settings.layers, window=settings.window, batch_tokens=settings.batch_tokens,
                         position_docs=settings.position_docs, train_len=None if base_only else training_seq_len(spec),
                         reps=settings.bootstrap, seed=settings.seed, data_dir=data_dir, progress=say)
@@ -448,14 +456,26 @@ def _more_baseline_dir(root: Path, changes) -> Path:
     return root / ("base-" + "+".join(f"{k}={v}" for k, v in changes))
 
 
+def _memory_baseline_dir(root: Path, spec) -> Path:
+    """``<table>/base-memory-2048/`` (or ``base-memory-sparse_memory=2048+…/``): a query-memory baseline's record."""
+    return root / ("base-memory-" + (str(spec) if isinstance(spec, int) else "+".join(f"{k}={v}" for k, v in spec)))
+
+
+def _extra_baselines(root: Path, settings: LongSettings) -> list:
+    """(record directory, cut windows, memory baselines) of each baseline beyond the base's own record."""
+    return ([(_more_baseline_dir(root, ch), [dict(ch)], []) for ch in settings.more_baselines]
+            + [(_memory_baseline_dir(root, m), [], [m if isinstance(m, int) else dict(m)])
+               for m in settings.memory_baselines])
+
+
 def _long_base(model: str, root: Path, settings: LongSettings, data_dir, say, wait: bool = True) -> None:
     """The base model and its window+sinks baselines, once per table (``<table>/base/``), and each of
     ``settings.more_baselines`` in its own record, by one process at a time (processes sharing a table through
     `runs`): with `wait` False, return at once while another process evaluates them."""
     import fcntl
 
-    todo = [(root / "base", None)] + [(_more_baseline_dir(root, ch), ch) for ch in settings.more_baselines]
-    if all((out / "long.json").is_file() for out, _ in todo):
+    todo = [(root / "base", None, [])] + _extra_baselines(root, settings)
+    if all((out / "long.json").is_file() for out, _, _ in todo):
         return
     (root / "base").mkdir(parents=True, exist_ok=True)
     with open(root / "base" / ".lock", "w") as lock:  # released when the file closes, or when its process dies
@@ -464,14 +484,14 @@ def _long_base(model: str, root: Path, settings: LongSettings, data_dir, say, wa
         except BlockingIOError:
             say(f"[study] {root.name}: another process is evaluating the base; its runs first")
             return
-        for out, changes in todo:
+        for out, windows, memories in todo:
             if (out / "long.json").is_file():  # written before, or while this process waited
                 continue
-            if changes is None:
+            if windows is None:
                 say(f"[study] {root.name}: long-context evaluation of the base {model} and its window+sinks baselines")
             else:
-                say(f"[study] {root.name}: the window+sinks cut matched to a conversion with {dict(changes)}")
-            _long_evaluate(model, out, settings, base_only=True, windows=None if changes is None else [dict(changes)],
+                say(f"[study] {root.name}: the baseline {out.name}")
+            _long_evaluate(model, out, settings, base_only=True, windows=windows, memories=memories,
                            data_dir=data_dir, meta=dict(study=root.name, run=out.name), say=say)
 
 
@@ -497,8 +517,7 @@ def _long_merge(table: str, root: Path, jobs, settings: LongSettings, say) -> Pa
     label_of = lambda name, seed: name if seed == first else f"{name}-seed{seed}"  # noqa: E731
     paths = {label_of(run.name, seed): run_dir(root, run, seed) / "long" / "long.json" for run, seed in jobs}
     paths |= {v.name: _variant_dir(root, v, first) / "long.json" for v in spec.variants}
-    bases = {"base": root / "base" / "long.json"} | {
-        d.name: d / "long.json" for d in (_more_baseline_dir(root, ch) for ch in settings.more_baselines)}
+    bases = {"base": root / "base" / "long.json"} | {d.name: d / "long.json" for d, _, _ in _extra_baselines(root, settings)}
     paths = {label: path for label, path in (bases | paths).items() if path.is_file()}
     merged = root / "merged"
     done = merged / "long.json"

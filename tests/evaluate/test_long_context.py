@@ -270,21 +270,28 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
              "squad,niah_single,qa_drop", "--lengths", "384,512", "--qa-lengths", "768", "--depths", "0,1",
              "--window", "8", "--position-docs", "0", "--bootstrap", "50"]
     rc = main(["diagnose", str(base_dir), *short, "--baselines-only", "--baseline-windows", "auto+sparse_memory=16",
-               "--out", str(tmp_path / "more")])
+               "--memory-baselines", "16,auto+sparse_memory=16", "--out", str(tmp_path / "more")])
     assert rc == 0
     more = json.loads((tmp_path / "more" / "long.json").read_text())
     (w_more,) = more["settings"]["baseline_windows"]
-    assert list(more["variants"]) == [f"window+sinks w={w_more} s=8"] and w_more > w
+    snap = "window+sinks+memory w=8 s=8 m=16"  # the query-memory (SnapKV-style) baseline: 8 + 8 + 16 keys
+    # ... and one whose memory fills the keys of the cut matched to that conversion beyond its window
+    assert list(more["variants"]) == [f"window+sinks w={w_more} s=8", snap, f"window+sinks+memory w=8 s=8 m={w_more - 8}"]
+    assert w_more > w and more["settings"]["memory_baselines"] == [16, w_more - 8]
+    assert more["variants"][snap]["decode_bytes_32k"] == decode_state_bytes(
+        linearize.models.convert.text_config(base), 32768, window_sinks=(24, 8), layers="global", dtype_bytes=4)
     # bad input: one line, before a model loads or anything is written
-    for bad in (["--baseline-windows", "auto+no_such_field=1"], ["--baseline-windows", "-3"]):
+    for bad in (["--baseline-windows", "auto+no_such_field=1"], ["--baseline-windows", "-3"], ["--memory-baselines", "x"]):
         assert main(["diagnose", str(base_dir), *short, *bad, "--out", str(tmp_path / "bad")]) == 2
     assert main(["diagnose", str(conv_dir), *short, "--no-base", "--baselines-only", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
     assert main(["report", str(tmp_path / "base_only"), str(tmp_path / "more"), str(tmp_path / "conv_only"),
                  "--long-out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "long.json").read_text())
-    assert list(merged["variants"]) == ["base", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8",
-                                        "conv_only hybrid", "conv_only swa_only", "conv_only la_only"]
+    assert list(merged["variants"]) == ["base", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8", snap,
+                                        f"window+sinks+memory w=8 s=8 m={w_more - 8}", "conv_only hybrid",
+                                        "conv_only swa_only", "conv_only la_only"]
+    assert f"conv_only hybrid - {snap}" in merged["pairs"]
     assert f"conv_only hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
     for got, want in zip(merged["items"], record["items"]):  # one run or two: the same per-item scores
         assert got["conv_only hybrid"] == want["hybrid"] and got["window+sinks w=8 s=8"] == want["window+sinks w=8 s=8"]
@@ -425,3 +432,45 @@ def test_the_merge_takes_parents_and_more_pairs_it_is_told(tmp_path):
     assert "mem-off hybrid - mem hybrid" in json.loads((tmp_path / "merged" / "long.json").read_text())["pairs"]
     assert main(["report", *dirs, "--long-out", str(tmp_path / "bad"), "--pair", "mem-off hybrid"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
+    """The training-free query-memory baseline (window + sinks + keys chosen by the prompt's last queries, softmax
+    alone, its prefill streaming like the cut's): its full forward is the window+sinks cut's, logit for logit (the
+    linear branch weighs exactly 0); through a cached prefill with a window that holds everything it scores every
+    item as the base does; with a small window its memory changes the scores; the base stays unconverted."""
+    from types import SimpleNamespace
+
+    from linearize.models.window_sinks import query_memory_baseline
+
+    extra = {"sliding_window": 8} if family == "gemma3" else {}
+    layers = "global" if family == "gemma3" else "all"
+    base = tiny_model(family, **extra).eval()
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    snap = query_memory_baseline(base, 6, 2, 4, layers=layers)
+    assert not linearize.is_converted(base) and linearize.is_converted(snap)
+    with torch.no_grad(), window_sinks(base, 6, 2, layers=layers):
+        cut = base(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(snap(ids, use_cache=False).logits, cut, atol=1e-4, rtol=1e-4)
+        prefill = snap(ids).logits  # a cached forward is a prefill: its last token reads the memory it chose
+    torch.testing.assert_close(prefill[:, :-1], cut[:, :-1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(prefill[:, -1], cut[:, -1], atol=1e-3)
+    g = torch.Generator().manual_seed(0)
+    items = [Item("t", str(i), torch.randint(1, 128, (n,), generator=g).tolist(),
+                  torch.randint(1, 128, (m,), generator=g).tolist(), "x" * m, ["x"]) for i, (n, m) in
+             enumerate([(31, 3), (17, 2), (25, 4)])]
+    tok = SimpleNamespace(pad_token_id=0)
+    want = score_items(base, tok, items, batch_tokens=120)
+    wide = score_items(query_memory_baseline(base, 64, 1, 4, layers=layers), tok, items, batch_tokens=120)
+    for a, b in zip(wide, want):
+        assert a["bits"] == pytest.approx(b["bits"], rel=1e-4, abs=1e-4)
+    with window_sinks(base, 6, 2, layers=layers):
+        plain_cut = score_items(base, tok, items, batch_tokens=120)
+    with_memory = score_items(snap, tok, items, batch_tokens=120)
+    assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(with_memory, plain_cut))
+    with pytest.raises(LinearizeError, match="memory >= 1"):
+        query_memory_baseline(base, 4, 1, 0, layers=layers)
+    with pytest.raises(LinearizeError, match="base model"):
+        query_memory_baseline(snap, 4, 1, 8, layers=layers)

@@ -53,6 +53,10 @@ def register(subparsers) -> None:
                    help="windows of the baseline: 'auto' (decode state matched to the conversion), 'auto+FIELD=VALUE+...' "
                         "(matched to the conversion with these HybridConfig changes: auto+sparse_memory=2048 counts a "
                         "2048-key memory) and/or integers")
+    g.add_argument("--memory-baselines", default="",
+                   help="more training-free baselines: the base with the conversion's window (--window) + sinks + a "
+                        "memory of M keys chosen by each prompt's last queries, softmax alone (SnapKV-style): M, or "
+                        "'auto' / 'auto+FIELD=VALUE+...' (the memory fills the matched cut's keys beyond the window)")
     g.add_argument("--baselines-only", action="store_true",
                    help="base model only: its window+sinks baselines without the base itself (more baselines beside a "
                         "record that has it, merged by `linearize report --long-out`)")
@@ -67,7 +71,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def baseline_windows(text: str) -> list:
+def baseline_windows(text: str, option: str = "--baseline-windows") -> list:
     """``--baseline-windows``: "auto,512,auto+sparse_memory=2048" -> ["auto", 512, {"sparse_memory": 2048}] (see
     linearize.evaluate.long_context.run_long); a one-line error on a bad entry."""
     from linearize.errors import LinearizeError
@@ -81,7 +85,7 @@ def baseline_windows(text: str) -> list:
         elif w.isdigit() and int(w) > 0:
             out.append(int(w))
         else:
-            raise LinearizeError(f"--baseline-windows {w!r}: expected 'auto', 'auto+FIELD=VALUE+...' or a positive integer")
+            raise LinearizeError(f"{option} {w!r}: expected 'auto', 'auto+FIELD=VALUE+...' or a positive integer")
     return out
 
 
@@ -107,6 +111,7 @@ def run(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     window = args.window
     windows = baseline_windows(args.baseline_windows)  # a bad one stops here, before the model loads
+    memories = baseline_windows(args.memory_baselines, "--memory-baselines")
     records = {}
 
     model, tokenizer, info = load_model(spec, device=args.device, dtype=torch_dtype(args.dtype, args.device),
@@ -165,7 +170,7 @@ def run(args) -> int:
                         generate=args.generate, max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens,
                         position_docs=args.position_docs, position_len=args.position_len, train_len=train_len,
                         reps=args.bootstrap, seed=args.seed, check=not args.no_check, data_dir=data_dir,
-                        base_row=not args.baselines_only, progress=say)
+                        base_row=not args.baselines_only, memory_baselines=memories, progress=say)
         meta = run_metadata(**{**common, "model_info": {**info, "base": base or info.get("base")}})
         record = {"meta": meta, **body}
         md = long_markdown(record)

@@ -39,7 +39,7 @@ from linearize.evaluate.long_tasks import LONG_QA, READING, RETRIEVAL, TASKS, bu
 from linearize.evaluate.probes import long_document_batch, position_losses
 from linearize.models.convert import components, hybrid_config_of, is_converted, text_config
 from linearize.models.memory import decode_state_bytes, matching_window
-from linearize.models.window_sinks import target_layers, window_sinks
+from linearize.models.window_sinks import query_memory_baseline, target_layers, window_sinks
 from linearize.records import fmt_pct, markdown_table, save_figure
 
 __all__ = ["run_long", "long_markdown", "plot_retrieval", "plot_bpb", "summarize", "training_seq_len",
@@ -121,7 +121,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
              sinks: int = 8, baseline_windows=("auto",), layers=None, window: int | None = None,
              generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
              position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
-             check: bool = True, data_dir=None, base_row: bool = True,
+             check: bool = True, data_dir=None, base_row: bool = True, memory_baselines=(),
              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """The record body of `linearize diagnose --what long` (see the module doc).
 
@@ -129,8 +129,11 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     (then only the base and the baselines, for a conversion of ``layers`` with window ``window``). ``baseline_windows``:
     'auto' (matched to the decode state), a dict of HybridConfig changes (matched to the state of the conversion with
     them: ``{"sparse_memory": 2048}`` counts a memory's keys too) and/or ints. ``base_row`` False: a base model's
-    baselines without the base itself (more baselines for a record that has it). ``train_len``: training row length,
-    marked in the output.
+    baselines without the base itself (more baselines for a record that has it). ``memory_baselines``: the base with
+    a window of ``window`` (the conversion's) + sinks + a memory chosen by the prompt's queries, softmax alone
+    (:func:`linearize.models.window_sinks.query_memory_baseline`); each entry the memory's keys, or 'auto' / a dict
+    of HybridConfig changes as in ``baseline_windows`` (then the memory fills the keys of that matched cut beyond the
+    window). ``train_len``: training row length, marked in the output.
     """
     say = progress or (lambda _m: None)
     converted = is_converted(model)
@@ -146,13 +149,23 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     pos_len = (position_len or max([*lengths, *qa_lengths])) if position_docs else 0
     pos_ids = long_document_batch(tokenizer, num_docs=position_docs, seq_len=pos_len, data_dir=data_dir) if position_docs else None
 
+    def matched(w):  # 'auto' or a dict of changes: the window of a converted layer's state (with those changes)
+        if w == "auto" or isinstance(w, dict):
+            return matching_window(config, dataclasses.replace(hybrid, **(w if isinstance(w, dict) else {})),
+                                   sinks=sinks, dtype_bytes=dbytes)
+        return int(w)
+
     windows = []
     for w in baseline_windows:
-        if w == "auto" or isinstance(w, dict):  # matched to a converted layer's state (with these changes)
-            w = matching_window(config, dataclasses.replace(hybrid, **(w if isinstance(w, dict) else {})),
-                                sinks=sinks, dtype_bytes=dbytes)
-        if int(w) not in windows:
-            windows.append(int(w))
+        if matched(w) not in windows:
+            windows.append(matched(w))
+    memories = []
+    for m in memory_baselines:
+        m = matched(m) - hybrid.window if (m == "auto" or isinstance(m, dict)) else int(m)
+        if m < 1:
+            raise LinearizeError(f"memory baseline {m}: the matched state holds no keys beyond the window {hybrid.window}")
+        if m not in memories:
+            memories.append(m)
     cut = target_layers(model, hybrid.layers) if not converted else None
 
     variants: dict[str, dict[str, Any]] = {}
@@ -177,6 +190,15 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
             mem = decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes, window_sinks=(w, sinks), layers=hybrid.layers)
             run_variant(f"window+sinks w={w} s={sinks}", bmodel, window_sinks(bmodel, w, sinks, layers=hybrid.layers),
                         mem, f"softmax over the last {w} + first {sinks} keys on layers {target_layers(bmodel, hybrid.layers)}")
+        for m in memories:  # the same keys and values as a cut of window + m
+            w = hybrid.window
+            mem = decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes, window_sinks=(w + m, sinks),
+                                     layers=hybrid.layers)
+            snap = query_memory_baseline(bmodel, w, sinks, m, layers=hybrid.layers)
+            run_variant(f"window+sinks+memory w={w} s={sinks} m={m}", snap, nullcontext(), mem,
+                        f"softmax over the last {w} + first {sinks} keys and {m} chosen by the prompt's last queries "
+                        f"(SnapKV-style, no training) on layers {target_layers(bmodel, hybrid.layers)}")
+            del snap
 
     if not converted:
         base_rows(model)
@@ -201,7 +223,8 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     body = summarize(items, scores, reps=reps, seed=seed, pairs=pairs)
     return {"variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
             "settings": {"tasks": list(tasks), "limit": limit, "cell_limit": cell_limit, "lengths": list(lengths), "qa_lengths": list(qa_lengths),
-                         "depths": list(depths), "sinks": sinks, "baseline_windows": windows, "cut_layers": cut,
+                         "depths": list(depths), "sinks": sinks, "baseline_windows": windows, "memory_baselines": memories,
+                         "cut_layers": cut,
                          "hybrid": hybrid.to_dict(), "train_len": train_len, "generate": generate,
                          "memory_context": MEMORY_CONTEXT, "dtype_bytes": dbytes, "position_len": pos_len,
                          "position_docs": position_docs},

@@ -29,7 +29,7 @@ from linearize.attention.adapters import layer_types
 from linearize.errors import LinearizeError
 from linearize.models.convert import decoder_layers, is_converted, resolve_layers, text_config
 
-__all__ = ["window_sinks", "target_layers", "window_sinks_mask"]
+__all__ = ["window_sinks", "target_layers", "window_sinks_mask", "query_memory_baseline"]
 
 NAME = "linearize_window_sinks_"
 ATTR = "_linearize_window_sinks"  # (window, sinks, query chunk) on a cut layer's attention module
@@ -128,3 +128,26 @@ def window_sinks(model: nn.Module, window: int, sinks: int, *, layers="global", 
         for i in cut:
             if hasattr(blocks[i].self_attn, ATTR):
                 delattr(blocks[i].self_attn, ATTR)
+
+
+def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int, *, layers="global") -> nn.Module:
+    """The training-free baseline of a conversion with a memory chosen by the prompt's queries: a copy of the base
+    model whose cut layers (:func:`target_layers`) attend, by softmax alone, to the last ``window`` keys, the first
+    ``sinks`` and ``memory`` keys chosen at the end of each prompt by its last queries and kept for the generation
+    (SnapKV-style; linearize's sparse memory with ``memory_select='query'``), nothing else: the hybrid layer with its
+    linear branch weighed 0 (``mix`` with a fixed g = 1), no training. A full (teacher-forced) forward has no end of
+    prompt and runs as the window+sinks cut; long-context scoring reads each item through a cached prefill. Its decode
+    state is ``window + sinks + memory`` keys and values per cut layer (the untrained linear branch it carries is not
+    part of what it stands for). ``model`` is left as it is."""
+    import copy
+
+    from linearize.config import HybridConfig
+    from linearize.models.convert import convert
+
+    if window < 1 or sinks < 0 or memory < 1:
+        raise LinearizeError(f"query-memory baseline: need window >= 1, sinks >= 0, memory >= 1 (got {window}, {sinks}, {memory})")
+    if is_converted(model):
+        raise LinearizeError("the query-memory baseline runs on a base model, not a converted one")
+    hybrid = HybridConfig(window=window, softmax_sinks=sinks, sparse_memory=memory, memory_select="query",
+                          combine="mix", mix_gate="fixed", mix_value=1.0, layers=target_layers(model, layers))
+    return convert(copy.deepcopy(model), hybrid).eval()

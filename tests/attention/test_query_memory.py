@@ -64,7 +64,10 @@ CASES = [(kind, rule, placement, window, prompt, extra)
          if not (kind == "delta" and rule == "shared_norm")
          for window, prompt, extra in ((4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5)),
                                        (1, 14, dict(memory_pool=1, memory_observe=40)),
-                                       (1, 2, dict(memory_pool=5)))]  # fewer prompt keys than slots
+                                       (1, 2, dict(memory_pool=5)),  # fewer prompt keys than slots
+                                       # the prompt's last 6 tokens read again against the memory (the question)
+                                       (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5, memory_reread=6)),
+                                       (1, 3, dict(memory_reread=8)))]  # more than the prompt: all of it
 
 
 @pytest.mark.parametrize("kind,rule,placement,window,prompt,extra", CASES)
@@ -86,7 +89,9 @@ def test_prefill_and_decoding_equal_the_plain_loop_reference(kind, rule, placeme
             want, chosen = query_memory_reference(q, k, v, qf, kf, prompt=prompt, mode=mode, weight=weight, valid=valid,
                                                   **gates, **with_spec(**spec_kw))
             torch.testing.assert_close(got[mode], want, atol=1e-5, rtol=1e-5)
-    candidates = (valid & ~first_valid(valid, spec_kw.get("softmax_sinks", 0)))[:, :max(prompt - window, 0)].sum(1)
+    reread = min(extra.get("memory_reread", 1), prompt)  # outside the window of the first re-read token
+    assert got["hybrid"].shape[2] == t - prompt + reread
+    candidates = (valid & ~first_valid(valid, spec_kw.get("softmax_sinks", 0)))[:, :max(prompt - reread - window + 1, 0)].sum(1)
     assert torch.equal(chosen.sum(-1), candidates.clamp(max=3)[:, None].expand(B, HKV))
     kept = state.memory
     for row in range(B):
@@ -176,11 +181,12 @@ def converted(kind="sum", family="llama", **settings):
 
 
 @pytest.mark.parametrize("kind,settings", [("sum", {}), ("gated", {}), ("delta", {}), ("gated", {"qk_conv": 3}),
-                                            ("sum", {"mix_gate": "dynamic"})])
+                                            ("sum", {"mix_gate": "dynamic"}), ("sum", {"memory_reread": 5}),
+                                            ("delta", {"memory_reread": 5, "qk_conv": 3})])
 def test_the_layer_prefills_and_decodes_as_the_reference(kind, settings):
-    """A converted layer called with a cache: the prompt's outputs but the last are the full forward's (no memory),
-    the last prompt token and every decoded one are the reference's (memory chosen at the prefill); with the q/k
-    convolution and a per-token gate too."""
+    """A converted layer called with a cache: the prompt's outputs but the last (the last memory_reread) are the full
+    forward's (no memory), the re-read prompt tokens and every decoded one are the reference's (memory chosen at the
+    prefill); with the q/k convolution and a per-token gate too."""
     model = converted(kind, **settings)
     layer = model.model.layers[0].self_attn
     with torch.no_grad():
@@ -202,16 +208,18 @@ def test_the_layer_prefills_and_decodes_as_the_reference(kind, settings):
         got = [layer(hidden[:, :prompt], tuple(x[:, :prompt] for x in pe), **cache_kwargs(cache))[0]]
         got += [layer(hidden[:, i:i + 1], tuple(x[:, i:i + 1] for x in pe), **cache_kwargs(cache))[0] for i in range(prompt, t)]
     got = torch.cat(got, 1)
-    torch.testing.assert_close(got[:, :prompt - 1], full[:, :prompt - 1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[:, prompt - 1:], layer.o_proj(want.transpose(1, 2).reshape(1, t - prompt + 1, -1)),
+    first = prompt - settings.get("memory_reread", 1)
+    torch.testing.assert_close(got[:, :first], full[:, :first], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, first:], layer.o_proj(want.transpose(1, 2).reshape(1, t - first, -1)),
                                atol=1e-5, rtol=1e-5)
-    plain = torch.cat([full[:, :prompt - 1], full[:, prompt - 1:]], 1)
-    assert not torch.allclose(got, plain, atol=1e-4)  # the memory changes the decoded outputs
+    assert not torch.allclose(got, full, atol=1e-4)  # the memory changes the decoded outputs
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_generate_of_a_left_padded_batch_equals_each_row_alone(family):
-    model = converted("sum", family)
+@pytest.mark.parametrize("family,reread", [("llama", 1), ("gemma3", 1), ("llama", 16)])
+def test_generate_of_a_left_padded_batch_equals_each_row_alone(family, reread):
+    """Left padding changes no row's tokens; with memory_reread 16 the shorter row (14 tokens) is read again whole,
+    its padding included in the re-read steps."""
+    model = converted("sum", family, memory_reread=reread)
     row = torch.randint(1, 128, (1, 14))
     batch, mask = left_padded_batch(row, pad=5, other=19)
     together = model.generate(batch, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
@@ -260,6 +268,8 @@ def test_config_checks_and_set_hybrid():
         linearize.HybridConfig(memory_pool=4)
     with pytest.raises(ValueError, match="memory_observe"):
         linearize.HybridConfig(memory_observe=0)
+    with pytest.raises(ValueError, match="memory_reread"):
+        linearize.HybridConfig(memory_reread=0)
     with pytest.raises(ValueError, match="sparse_memory is 0"):  # a rule with nothing to choose is a mistake, said
         linearize.HybridConfig(memory_select="query")
     model = converted("sum", memory_select="recall")

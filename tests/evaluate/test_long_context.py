@@ -301,8 +301,8 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
     assert "| conv_only hybrid |" in (tmp_path / "merged" / "long.md").read_text()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_a_memory_chosen_at_prefill_is_scored_through_the_cache(family):
+@pytest.mark.parametrize("family,reread", [("llama", 1), ("gemma3", 1), ("llama", 6)])
+def test_a_memory_chosen_at_prefill_is_scored_through_the_cache(family, reread):
     """memory_select='query' (no memory in a full forward): items are scored through a cached prefill of the prompt
     and the gold continuation after it, batched with left padding -- each item's scores equal its own prefill and
     steps; with no memory that path equals the full forward's."""
@@ -316,7 +316,7 @@ def test_a_memory_chosen_at_prefill_is_scored_through_the_cache(family):
     # Gemma: its local layers stay the base's, on a window of 8 that the prompts outgrow (HF's sliding cache, padded)
     layers, extra = ("global", {"sliding_window": 8}) if family == "gemma3" else ("all", {})
     hybrid = linearize.HybridConfig(window=4, sparse_memory=3, memory_select="query", memory_observe=4, softmax_sinks=1,
-                                    layers=layers)
+                                    layers=layers, memory_reread=reread)
     model = linearize.convert(tiny_model(family, **extra), hybrid)
     g = torch.Generator().manual_seed(0)
     items = [Item("t", str(i), torch.randint(1, 128, (n,), generator=g).tolist(),

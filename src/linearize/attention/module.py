@@ -358,10 +358,12 @@ class HybridAttention(nn.Module):
             if not spec.selects_at_prefill:
                 layer.state = prefill_state(k, v, kf, valid, spec=spec, lags=lags, conv_history=conv_history, **gates)
                 return out
-            # memory_select 'query': the memory is chosen now, and the prompt's last token is decoded against it
+            # memory_select 'query': the memory is chosen now, and the prompt's last memory_reread tokens are
+            # decoded against it (their outputs replace the full forward's)
             layer.state, per_mode = prefill_selecting(q, k, v, qf, kf, valid, spec=spec, modes=sorted(set(modes)),
                                                       weight=weight, lags=lags, conv_history=conv_history, **gates)
-            return torch.cat([out[:, :, :-1], _by_mode(per_mode, modes).to(out.dtype)], dim=2)
+            reread = _by_mode(per_mode, modes).to(out.dtype)
+            return torch.cat([out[:, :, :out.shape[2] - reread.shape[2]], reread], dim=2)
         modes = self.head_mode_list()
         state = layer.state
         if (state.conv_q is not None) != bool(self.hybrid.qk_conv):
@@ -389,7 +391,7 @@ class HybridAttention(nn.Module):
 
 
 def _by_mode(per_mode: dict[str, torch.Tensor], modes: list[str]) -> torch.Tensor:
-    """One step's output (B, Hq, 1, d): head h from the output of its mode modes[h]."""
+    """Outputs (B, Hq, n, d): head h from the output of its mode modes[h]."""
     if len(per_mode) == 1:
         return per_mode[modes[0]]
     return torch.stack([per_mode[m][:, head] for head, m in enumerate(modes)], dim=1)

@@ -251,10 +251,12 @@ def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta, 
         slot = LinearSlot(lag, state)
         if lag:  # key t - lag enters at the next step (none yet: an empty key that may not enter)
             i = t - lag
-            slot.pend_kf, slot.pend_v = (x[:, :, i].clone() if i >= 0 else torch.zeros_like(x[:, :, 0]) for x in (feats, v))
+            # (shapes without indexing: a prefill may hold no token at all, e.g. a prompt read again whole)
+            slot.pend_kf, slot.pend_v = (x[:, :, i].clone() if i >= 0 else x.new_zeros(x.shape[:2] + x.shape[3:])
+                                         for x in (feats, v))
             if beta is not None:
-                slot.pend_beta = beta[:, :, i].float().clone() if i >= 0 else torch.zeros_like(beta[:, :, 0], dtype=torch.float32)
-            slot.pend_enter = enter[:, i].clone() if i >= 0 else torch.zeros_like(valid[:, 0])
+                slot.pend_beta = beta[:, :, i].float().clone() if i >= 0 else beta.new_zeros(beta.shape[:2], dtype=torch.float32)
+            slot.pend_enter = enter[:, i].clone() if i >= 0 else valid.new_zeros(valid.shape[:1])
         slots.append(slot)
     return tuple(slots)
 
@@ -680,26 +682,32 @@ def decode_step(state: HybridState, q, k, v, qf, kf, *, spec: AttentionSpec, mod
 def prefill_selecting(q, k, v, qf, kf, valid, *, spec: AttentionSpec, modes, weight=0.1, lags=(), log_decay=None,
                       beta=None, conv_history=None) -> tuple[HybridState, dict[str, torch.Tensor]]:
     """memory_select 'query' at the end of a prefill of T >= 1 tokens (q/k/v/qf/kf as in `decode_step`, over the
-    prompt): the state after the prompt, and each mode's output for its last token {mode: (B, Hq, 1, d)}.
+    prompt): the state after the prompt, and each mode's outputs for its last R = min(spec.memory_reread, T) tokens
+    {mode: (B, Hq, R, d)}.
 
-    The memory keeps the `memory.select_by_query` keys among those outside the last token's window (valid keys
-    0 .. T - 1 - w, not softmax sinks), scored by the prompt's last queries (the last token's included). The state of
-    the first T - 1 tokens is built around it (`prefill_state`), then the last token is decoded against it, so the
-    prediction of the first new token reads the memory (`reference.query_memory_reference` is the definition)."""
+    The memory keeps the `memory.select_by_query` keys among those outside the window of the first of those R tokens
+    (valid keys 0 .. T - R - w, not softmax sinks), scored by the prompt's last queries (the last token's included).
+    The state of the first T - R tokens is built around it (`prefill_state`), then the last R tokens are decoded
+    against it one by one, so they -- and the prediction of the first new token -- read the memory
+    (`reference.query_memory_reference` is the definition)."""
     t = k.shape[2]
     if t < 1:
         raise ValueError("memory_select='query': a prefill needs at least one token")
-    n = t - 1
+    n = t - min(spec.memory_reread, t)
     pos = torch.arange(t, device=k.device)
     candidate = valid & ~first_valid(valid, spec.softmax_sinks) & (pos <= n - spec.window)
     selected = select_by_query(q, k, valid, candidate, spec=spec)
-    head, last = slice(0, n), slice(n, t)
+    head = slice(0, n)
     cut = lambda x, sl: None if x is None else x[:, :, sl]  # noqa: E731
     state = prefill_state(k[:, :, head], v[:, :, head], kf[:, :, head], valid[:, head], spec=spec, lags=lags,
                           log_decay=cut(log_decay, head), beta=cut(beta, head), conv_history=conv_history,
                           selected=selected[..., head])
-    w = weight[..., last] if torch.is_tensor(weight) and weight.dim() == 3 else weight
-    outs = decode_step(state, q[:, :, last], k[:, :, last], v[:, :, last], qf[:, :, last], kf[:, :, last], spec=spec,
-                       modes=modes, weight=w, valid=valid[:, last], log_decay=cut(log_decay, last),
-                       beta=cut(beta, last))
-    return state, outs
+    outs = {mode: [] for mode in modes}
+    for i in range(n, t):  # each re-read token reads the state before it, then enters it (decode_step)
+        sl = slice(i, i + 1)
+        w = weight[..., sl] if torch.is_tensor(weight) and weight.dim() == 3 else weight
+        step = decode_step(state, q[:, :, sl], k[:, :, sl], v[:, :, sl], qf[:, :, sl], kf[:, :, sl], spec=spec,
+                           modes=modes, weight=w, valid=valid[:, sl], log_decay=cut(log_decay, sl), beta=cut(beta, sl))
+        for mode in modes:
+            outs[mode].append(step[mode])
+    return state, {mode: torch.cat(x, 2) for mode, x in outs.items()}

@@ -47,13 +47,14 @@ u is A(s, u) = sum_{entry(s) < u' <= u} a_u'. The state L is carried step by ste
 
 Sparse memory chosen by the prompt's question (memory_select = 'query', SnapKV-style; any kind). A full forward has
 no end of prompt: it runs without the memory (the definitions above with m = 0). A prefill of a prompt of P tokens
-(positions 0 .. P - 1 of the row, padding included) chooses the memory once, for its last token and all later ones:
+(positions 0 .. P - 1 of the row, padding included) chooses the memory once, for its last R = min(memory_reread, P)
+tokens and all later ones (they are read again against it):
   observers  O = the last memory_observe valid positions < P (all of them if fewer), the last token's included;
   score_s  = sum over o in O and the G query heads of s's KV head of softmax_{s' valid, s' <= o}(scale q_o . k_s')[s];
-  N        = {s valid, s not in Z : s <= P - 1 - w} (outside the last token's window); pooled_s = max of score_s' * [s'
-             in N] over |s' - s| <= memory_pool // 2;  M = the m keys of N with the highest pooled scores (equal:
-             the older first), per (row, KV head).
-For every query t >= P - 1 (the last prompt token and the decoded ones):
+  N        = {s valid, s not in Z : s <= P - R - w} (outside the window of the first re-read token); pooled_s = max of
+             score_s' * [s' in N] over |s' - s| <= memory_pool // 2;  M = the m keys of N with the highest pooled
+             scores (equal: the older first), per (row, KV head).
+For every query t >= P - R (the prompt's last R tokens and the decoded ones):
       softmax   {s : t - w < s <= t} + {s in Z : s <= t} + M                              ('hybrid' only)
       LA        'complementary': the kind's state over {s valid, s not in Z : s <= t - w, s not in M}, i.e. the kind's
                 naive sums with lag w where the keys of M have zero features: 'sum' and 'gated' add phi(k) v^T, the
@@ -234,7 +235,7 @@ def query_memory_selection(q, k, valid, *, spec: AttentionSpec, prompt: int) -> 
     for row in range(b):
         keys = [s for s in range(t) if valid[row, s]]
         observers = [o for o in range(prompt) if valid[row, o]][-spec.memory_observe:]
-        candidates = [s for s in keys if not sinks[row, s] and s <= prompt - 1 - spec.window]
+        candidates = [s for s in keys if not sinks[row, s] and s <= prompt - min(spec.memory_reread, prompt) - spec.window]
         for h in range(hkv):
             score = [0.0] * t
             for o in observers:
@@ -251,8 +252,9 @@ def query_memory_selection(q, k, valid, *, spec: AttentionSpec, prompt: int) -> 
 
 def query_memory_reference(q, k, v, qf, kf, *, spec: AttentionSpec, prompt: int, mode: str | ComponentMode = "hybrid",
                            weight: torch.Tensor | float = 0.1, valid=None, log_decay=None, beta=None):
-    """memory_select 'query' (module docstring): the outputs (B, Hq, T - prompt + 1, d) of the prompt's last token
-    and every later one, after a prefill of `prompt` >= 1 tokens, query by query; and the memory M (B, Hkv, T)."""
+    """memory_select 'query' (module docstring): the outputs (B, Hq, T - prompt + R, d) of the prompt's last R =
+    min(memory_reread, prompt) tokens and every later one, after a prefill of `prompt` >= 1 tokens, query by query;
+    and the memory M (B, Hkv, T)."""
     mode = component_mode(mode)
     kind = linear_state_kind(spec.linear_state)
     b, hq, t, _ = q.shape
@@ -269,7 +271,7 @@ def query_memory_reference(q, k, v, qf, kf, *, spec: AttentionSpec, prompt: int,
     elif lag == 0:
         la = kind.naive(qf, kf, v, log_decay=log_decay, beta=beta, enter=valid, lag=0)
     outs = []
-    for t_ in range(prompt - 1, t):
+    for t_ in range(prompt - min(spec.memory_reread, prompt), t):
         if mode.no_branch:
             outs.append(torch.zeros_like(q[:, :, t_]))
             continue

@@ -457,6 +457,10 @@ def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
         prefill = snap(ids).logits  # a cached forward is a prefill: its last token reads the memory it chose
     torch.testing.assert_close(prefill[:, :-1], cut[:, :-1], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(prefill[:, -1], cut[:, -1], atol=1e-3)
+    with torch.no_grad():  # the prompt's last 5 tokens read the memory again (memory_reread): they alone change
+        reread = query_memory_baseline(base, 6, 2, 4, layers=layers, reread=5)(ids).logits
+    torch.testing.assert_close(reread[:, :-5], cut[:, :-5], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(reread[:, -5:-1], cut[:, -5:-1], atol=1e-3)
     g = torch.Generator().manual_seed(0)
     items = [Item("t", str(i), torch.randint(1, 128, (n,), generator=g).tolist(),
                   torch.randint(1, 128, (m,), generator=g).tolist(), "x" * m, ["x"]) for i, (n, m) in

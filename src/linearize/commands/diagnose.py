@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                    help="more training-free baselines: the base with the conversion's window (--window) + sinks + a "
                         "memory of M keys chosen by each prompt's last queries, softmax alone (SnapKV-style): M, or "
                         "'auto' / 'auto+FIELD=VALUE+...' (the memory fills the matched cut's keys beyond the window)")
+    g.add_argument("--memory-reread", type=int, default=1,
+                   help="the query-memory baselines: the prompt's last tokens read again against the chosen memory "
+                        "(HybridConfig.memory_reread; 1 = the last token)")
     g.add_argument("--baselines-only", action="store_true",
                    help="base model only: its window+sinks baselines without the base itself (more baselines beside a "
                         "record that has it, merged by `linearize report --long-out`)")
@@ -112,6 +115,8 @@ def run(args) -> int:
     window = args.window
     windows = baseline_windows(args.baseline_windows)  # a bad one stops here, before the model loads
     memories = baseline_windows(args.memory_baselines, "--memory-baselines")
+    if args.memory_reread < 1:
+        raise LinearizeError(f"--memory-reread {args.memory_reread}: must be >= 1 (the prompt's last token)")
     records = {}
 
     model, tokenizer, info = load_model(spec, device=args.device, dtype=torch_dtype(args.dtype, args.device),
@@ -170,7 +175,8 @@ def run(args) -> int:
                         generate=args.generate, max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens,
                         position_docs=args.position_docs, position_len=args.position_len, train_len=train_len,
                         reps=args.bootstrap, seed=args.seed, check=not args.no_check, data_dir=data_dir,
-                        base_row=not args.baselines_only, memory_baselines=memories, progress=say)
+                        base_row=not args.baselines_only, memory_baselines=memories,
+                        memory_reread=args.memory_reread, progress=say)
         meta = run_metadata(**{**common, "model_info": {**info, "base": base or info.get("base")}})
         record = {"meta": meta, **body}
         md = long_markdown(record)

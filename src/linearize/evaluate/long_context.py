@@ -121,7 +121,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
              sinks: int = 8, baseline_windows=("auto",), layers=None, window: int | None = None,
              generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
              position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
-             check: bool = True, data_dir=None, base_row: bool = True, memory_baselines=(),
+             check: bool = True, data_dir=None, base_row: bool = True, memory_baselines=(), memory_reread: int = 1,
              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """The record body of `linearize diagnose --what long` (see the module doc).
 
@@ -133,7 +133,8 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     a window of ``window`` (the conversion's) + sinks + a memory chosen by the prompt's queries, softmax alone
     (:func:`linearize.models.window_sinks.query_memory_baseline`); each entry the memory's keys, or 'auto' / a dict
     of HybridConfig changes as in ``baseline_windows`` (then the memory fills the keys of that matched cut beyond the
-    window). ``train_len``: training row length, marked in the output.
+    window; ``memory_reread``: the prompt's last tokens they read again against it). ``train_len``: training row
+    length, marked in the output.
     """
     say = progress or (lambda _m: None)
     converted = is_converted(model)
@@ -194,10 +195,12 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
             w = hybrid.window
             mem = decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes, window_sinks=(w + m, sinks),
                                      layers=hybrid.layers)
-            snap = query_memory_baseline(bmodel, w, sinks, m, layers=hybrid.layers)
-            run_variant(f"window+sinks+memory w={w} s={sinks} m={m}", snap, nullcontext(), mem,
+            snap = query_memory_baseline(bmodel, w, sinks, m, layers=hybrid.layers, reread=memory_reread)
+            run_variant(f"window+sinks+memory w={w} s={sinks} m={m}" + (f" r={memory_reread}" if memory_reread > 1 else ""),
+                        snap, nullcontext(), mem,
                         f"softmax over the last {w} + first {sinks} keys and {m} chosen by the prompt's last queries "
-                        f"(SnapKV-style, no training) on layers {target_layers(bmodel, hybrid.layers)}")
+                        f"(SnapKV-style, no training; the last {memory_reread} prompt tokens read them) on layers "
+                        f"{target_layers(bmodel, hybrid.layers)}")
             del snap
 
     if not converted:
@@ -224,6 +227,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     return {"variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
             "settings": {"tasks": list(tasks), "limit": limit, "cell_limit": cell_limit, "lengths": list(lengths), "qa_lengths": list(qa_lengths),
                          "depths": list(depths), "sinks": sinks, "baseline_windows": windows, "memory_baselines": memories,
+                         "memory_reread": memory_reread,
                          "cut_layers": cut,
                          "hybrid": hybrid.to_dict(), "train_len": train_len, "generate": generate,
                          "memory_context": MEMORY_CONTEXT, "dtype_bytes": dbytes, "position_len": pos_len,

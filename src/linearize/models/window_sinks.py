@@ -130,7 +130,8 @@ def window_sinks(model: nn.Module, window: int, sinks: int, *, layers="global", 
                 delattr(blocks[i].self_attn, ATTR)
 
 
-def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int, *, layers="global") -> nn.Module:
+def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int, *, layers="global",
+                          reread: int = 1) -> nn.Module:
     """The training-free baseline of a conversion with a memory chosen by the prompt's queries: a copy of the base
     model whose cut layers (:func:`target_layers`) attend, by softmax alone, to the last ``window`` keys, the first
     ``sinks`` and ``memory`` keys chosen at the end of each prompt by its last queries and kept for the generation
@@ -138,7 +139,8 @@ def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int
     linear branch weighed 0 (``mix`` with a fixed g = 1), no training. A full (teacher-forced) forward has no end of
     prompt and runs as the window+sinks cut; long-context scoring reads each item through a cached prefill. Its decode
     state is ``window + sinks + memory`` keys and values per cut layer (the untrained linear branch it carries is not
-    part of what it stands for). ``model`` is left as it is."""
+    part of what it stands for). ``reread``: the prompt's last tokens read again against the memory (HybridConfig.
+    memory_reread). ``model`` is left as it is."""
     import copy
 
     from linearize.config import HybridConfig
@@ -149,5 +151,6 @@ def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int
     if is_converted(model):
         raise LinearizeError("the query-memory baseline runs on a base model, not a converted one")
     hybrid = HybridConfig(window=window, softmax_sinks=sinks, sparse_memory=memory, memory_select="query",
-                          combine="mix", mix_gate="fixed", mix_value=1.0, layers=target_layers(model, layers))
+                          memory_reread=reread, combine="mix", mix_gate="fixed", mix_value=1.0,
+                          layers=target_layers(model, layers))
     return convert(copy.deepcopy(model), hybrid).eval()

@@ -53,11 +53,15 @@ sum-all-mem256-shift1|sum-all|--hybrid sparse_memory=256,mix_shift=1 --long-mode
 delta-all-mem256-shift1|delta-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid;\
 delta-all-mem2048-query-shift1|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1 --long-modes hybrid;\
 delta-all-mem2048-query-la-off|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30 --long-modes hybrid;\
-delta-all-mem2048-shift1|delta-all|--hybrid sparse_memory=2048,mix_shift=1 --long-modes hybrid}"
+delta-all-mem2048-shift1|delta-all|--hybrid sparse_memory=2048,mix_shift=1 --long-modes hybrid;\
+delta-all-mem2048-query-shift1-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-mem256-query-shift1-reread32|delta-all|--hybrid sparse_memory=256,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-mem2048-query-la-off-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold
 export MEMORY_BASELINES="${MEMORY_BASELINES-2048;auto+sparse_memory=2048+memory_select=query}"
+export MEMORY_REREAD="${MEMORY_REREAD-32}"  # they read the question again against the memory, as the reread variants
 export BASE_ARGS="${BASE_ARGS:---layers all --window 512}" BASELINE_WINDOWS="${BASELINE_WINDOWS:-auto,512}"
 export MAX_TRAIN="${MAX_TRAIN:-3}" PARALLEL_EVALS="${PARALLEL_EVALS:-3}"
 export LONG_ARGS="${LONG_ARGS:---limit 50 --cell-limit 3 --long-tasks squad,drop,passkey,niah_single,qa_squad \

@@ -187,12 +187,19 @@ def test_long_context_table_is_the_states_script_comparison():
            (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0)), ("hybrid",)) for m in (1024, 2048)),
         ("sum-w512-mem2048-query-la-off", "sum-w512",
          (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0)), ("hybrid",)),
-        ("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)), ("hybrid",))]
+        ("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)), ("hybrid",)),
+        *((f"sum-w512-mem{m}-query-shift1-reread32", "sum-w512",
+           (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 32)), ("hybrid",))
+          for m in (256, 2048)),
+        ("sum-w512-mem256-query-la-off-reread32", "sum-w512",
+         (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 30.0), ("memory_reread", 32)), ("hybrid",)),
+        ("delta-w512-mem256-query-shift1-reread32", "delta-w512",
+         (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 32)), ("hybrid",))]
     settings = table.long
     # the 'auto' baseline matches the runs' window-512 state; two more, the states with the larger query memories
     assert settings == LongSettings(window=512, more_baselines=(
         (("sparse_memory", 1024), ("memory_select", "query")), (("sparse_memory", 2048), ("memory_select", "query"))),
-        memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query"))))
+        memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query"))), memory_reread=32)
     assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))
     assert settings.tasks == ("squad", "drop", "passkey", "niah_single", "qa_squad")
     assert (settings.limit, settings.cell_limit, settings.lengths, settings.qa_lengths, settings.depths) == (

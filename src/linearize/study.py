@@ -76,6 +76,7 @@ class LongSettings:
     # (`<table>/base-memory-<spec>/`): a number of memory keys, or HybridConfig changes whose matched cut's keys
     # beyond the window it fills
     memory_baselines: tuple = ()
+    memory_reread: int = 1  # the memory baselines: the prompt's last tokens read again against the memory
     sinks: int = 8
     batch_tokens: int = 65536
     position_docs: int = 0
@@ -187,12 +188,24 @@ TABLES["long-context"] = StudyTable(
               StudyVariant("sum-w512-mem2048-query-la-off", "sum-w512",
                            (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0)),
                            paired_with=("sum-w512-mem2048-query-shift1",)),
-              StudyVariant("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)))),
+              StudyVariant("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0))),
+              # the question read again against the query-chosen memory (memory_reread 32): on the CPU at 8k it took
+              # long QA from 0.910 to 0.723-0.740 bpb (cpu-query-memory-qa/)
+              *(StudyVariant(f"sum-w512-mem{m}-query-shift1-reread32", "sum-w512",
+                             (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0),
+                              ("memory_reread", 32))) for m in (256, 2048)),
+              StudyVariant("sum-w512-mem256-query-la-off-reread32", "sum-w512",
+                           (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 30.0),
+                            ("memory_reread", 32)), paired_with=("sum-w512-mem256-query-shift1-reread32",)),
+              StudyVariant("delta-w512-mem256-query-shift1-reread32", "delta-w512",
+                           (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 1.0),
+                            ("memory_reread", 32)))),
     long=LongSettings(window=512, more_baselines=tuple((("sparse_memory", m), ("memory_select", "query"))
                                                        for m in (1024, 2048)),
                       # the memory without the linear state or training: 256 / 2048 keys as the variants hold, and
                       # as many as the bytes of the 2048-key query variant's state
-                      memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query")))))
+                      memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query"))),
+                      memory_reread=32))
 
 
 #: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on), in bf16 like
@@ -438,6 +451,7 @@ def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid:
                         depths=list(settings.depths), sinks=settings.sinks,
                         baseline_windows=list(settings.baseline_windows if windows is None else windows),
                         base_row=windows is None, memory_baselines=list(memories),
+                        memory_reread=settings.memory_reread,
                         layers=settings.layers, window=settings.window, batch_tokens=settings.batch_tokens,
                         position_docs=settings.position_docs, train_len=None if base_only else training_seq_len(spec),
                         reps=settings.bootstrap, seed=settings.seed, data_dir=data_dir, progress=say)
@@ -456,15 +470,17 @@ def _more_baseline_dir(root: Path, changes) -> Path:
     return root / ("base-" + "+".join(f"{k}={v}" for k, v in changes))
 
 
-def _memory_baseline_dir(root: Path, spec) -> Path:
-    """``<table>/base-memory-2048/`` (or ``base-memory-sparse_memory=2048+…/``): a query-memory baseline's record."""
-    return root / ("base-memory-" + (str(spec) if isinstance(spec, int) else "+".join(f"{k}={v}" for k, v in spec)))
+def _memory_baseline_dir(root: Path, spec, reread: int = 1) -> Path:
+    """``<table>/base-memory-2048/`` (or ``base-memory-sparse_memory=2048+…/``, ``…-reread32`` when the prompt's last
+    32 tokens read the memory again): a query-memory baseline's record."""
+    name = str(spec) if isinstance(spec, int) else "+".join(f"{k}={v}" for k, v in spec)
+    return root / (f"base-memory-{name}" + (f"-reread{reread}" if reread > 1 else ""))
 
 
 def _extra_baselines(root: Path, settings: LongSettings) -> list:
     """(record directory, cut windows, memory baselines) of each baseline beyond the base's own record."""
     return ([(_more_baseline_dir(root, ch), [dict(ch)], []) for ch in settings.more_baselines]
-            + [(_memory_baseline_dir(root, m), [], [m if isinstance(m, int) else dict(m)])
+            + [(_memory_baseline_dir(root, m, settings.memory_reread), [], [m if isinstance(m, int) else dict(m)])
                for m in settings.memory_baselines])
 
 

@@ -1,0 +1,2 @@
+python3 -m linearize diagnose RUN --what long --long-tasks squad,drop --limit 20 --device cpu --dtype bfloat16 --position-docs 0 --no-base --long-modes hybrid --hybrid sparse_memory=256,mix_shift=1 --out OUT/mem256-shift1
+python3 -m linearize diagnose RUN --what long --long-tasks squad,drop --limit 20 --device cpu --dtype bfloat16 --position-docs 0 --no-base --long-modes hybrid --hybrid sparse_memory=256,memory_select=query,mix_shift=1,memory_reread=32 --out OUT/mem256-query-shift1-reread32

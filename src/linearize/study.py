@@ -165,7 +165,9 @@ TABLES["long-context"] = StudyTable(
     "window at load (mix_shift: g = sigmoid(logit + 1 or 2), no training): reading inside the window against reading "
     "past it; -la-off: mix_shift 30, the linear readout off with the memory kept (is the linear part used?); "
     "-mem1024 / -mem2048: larger memories (-query: chosen by the prompt's last queries), each beside the cut whose "
-    "window weighs as much as its state (base-sparse_memory=.../). "
+    "window weighs as much as its state (base-sparse_memory=.../); -reread32: the prompt's last 32 tokens read again "
+    "against the query-chosen memory (memory_reread), beside the memory alone on the untrained base "
+    "(base-memory-.../: window + sinks + that memory, softmax only). "
     "merged/long.md: all of them paired over the same items.",
     variants=(StudyVariant("sum-w512-mem", "sum-w512", (("sparse_memory", 64),)),
               StudyVariant("sum-w512-mem256", "sum-w512", (("sparse_memory", 256),)),
@@ -486,7 +488,7 @@ def _extra_baselines(root: Path, settings: LongSettings) -> list:
 
 def _long_base(model: str, root: Path, settings: LongSettings, data_dir, say, wait: bool = True) -> None:
     """The base model and its window+sinks baselines, once per table (``<table>/base/``), and each of
-    ``settings.more_baselines`` in its own record, by one process at a time (processes sharing a table through
+    ``settings.more_baselines`` and ``settings.memory_baselines`` in its own record, by one process at a time (processes sharing a table through
     `runs`): with `wait` False, return at once while another process evaluates them."""
     import fcntl
 

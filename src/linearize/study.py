@@ -467,15 +467,21 @@ def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid:
     plot_retrieval(record, out / "long_retrieval.png")
 
 
+def _slug(changes) -> str:
+    """(("sparse_memory", 2048), ("memory_select", "query")) -> "sparse_memory=2048+memory_select=query" (the form
+    `--baseline-windows auto+…` and `--memory-baselines auto+…` take)."""
+    return "+".join(f"{k}={v}" for k, v in changes)
+
+
 def _more_baseline_dir(root: Path, changes) -> Path:
     """``<table>/base-sparse_memory=2048+memory_select=query/``: the record of a cut matched to those changes."""
-    return root / ("base-" + "+".join(f"{k}={v}" for k, v in changes))
+    return root / f"base-{_slug(changes)}"
 
 
 def _memory_baseline_dir(root: Path, spec, reread: int = 1) -> Path:
     """``<table>/base-memory-2048/`` (or ``base-memory-sparse_memory=2048+…/``, ``…-reread32`` when the prompt's last
     32 tokens read the memory again): a query-memory baseline's record."""
-    name = str(spec) if isinstance(spec, int) else "+".join(f"{k}={v}" for k, v in spec)
+    name = str(spec) if isinstance(spec, int) else _slug(spec)
     return root / (f"base-memory-{name}" + (f"-reread{reread}" if reread > 1 else ""))
 
 

@@ -160,9 +160,9 @@ def run(args) -> int:
 
         ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
         tasks_long = list(DEFAULT_TASKS) if args.long_tasks == "all" else [t.strip() for t in args.long_tasks.split(",") if t.strip()]
-        if args.baselines_only and is_converted(model):
-            raise LinearizeError("--baselines-only is for a base model (its window+sinks baselines); this one is converted")
         converted = is_converted(model)
+        if args.baselines_only and converted:
+            raise LinearizeError("--baselines-only is for a base model (its window+sinks baselines); this one is converted")
         base = None if args.no_base or not converted else (args.base or info.get("base"))
         if converted and base is None and not args.no_base:
             raise LinearizeError("--what long: the converted model records no base model; pass --base or --no-base")

@@ -157,12 +157,12 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
         return int(w)
 
     windows = []
-    for w in baseline_windows:
-        if matched(w) not in windows:
-            windows.append(matched(w))
+    for w in map(matched, baseline_windows):
+        if w not in windows:
+            windows.append(w)
     memories = []
     for m in memory_baselines:
-        m = matched(m) - hybrid.window if (m == "auto" or isinstance(m, dict)) else int(m)
+        m = matched(m) - hybrid.window if (m == "auto" or isinstance(m, dict)) else int(m)  # keys beyond the window
         if m < 1:
             raise LinearizeError(f"memory baseline {m}: the matched state holds no keys beyond the window {hybrid.window}")
         if m not in memories:

@@ -102,15 +102,19 @@ def test_a_run_without_stage2_saves_the_settings_too(tmp_path):
 
 def test_the_long_context_recipe_runs_and_saves_its_settings(tmp_path):
     """The shipped recipe end to end at tiny sizes (its memory at this scale): the global layer only, saved with the
-    sparse memory and the gate shift."""
+    query-chosen sparse memory, its re-read and the gate shift, and the saved model generates with them."""
     out = tmp_path / "run"
-    sizes = ["inference.hybrid.sparse_memory=4", "inference.hybrid.memory_block=8"]
+    sizes = ["inference.hybrid.sparse_memory=4", "inference.hybrid.memory_reread=3"]
     summary = run_recipe(tiny_gemma3(), "long-context", out, overrides=[*tiny_recipe(), *sizes], data=random_data())
-    assert summary["inference_hybrid"] == {"sparse_memory": 4, "mix_shift": 1.0, "memory_block": 8}
+    assert summary["inference_hybrid"] == {"sparse_memory": 4, "memory_select": "query", "mix_shift": 1.0,
+                                           "memory_reread": 3}
     saved = linearize.load(out)
     config = linearize.hybrid_config_of(saved)
-    assert (config.sparse_memory, config.mix_shift, config.softmax_sinks, config.mix_gate) == (4, 1.0, 8, "dynamic")
-    assert config.layers == [2]  # tiny_gemma3's one full-attention layer
+    assert (config.sparse_memory, config.memory_select, config.memory_reread, config.mix_shift) == (4, "query", 3, 1.0)
+    assert (config.softmax_sinks, config.mix_gate, config.layers) == (8, "dynamic", [2])  # tiny_gemma3's global layer
+    prompt = torch.randint(0, saved.config.vocab_size, (1, 3 * (config.window + config.softmax_sinks)))
+    new = saved.generate(prompt, max_new_tokens=3, do_sample=False)[0, prompt.shape[1]:]
+    assert new.shape == (3,)
 
 
 @pytest.mark.parametrize("bad", ["inference.hybrid.combine=shared_norm", "inference.hybrid.windw=3",

@@ -202,18 +202,23 @@ def test_recipe_values_are_checked_against_their_annotations():
 # -- the long-context recipe and the inference section ---------------------------------------------------
 
 def test_long_context_recipe_is_ssd_with_the_study_settings():
-    """long-context.yaml is the `ssd` recipe with study.LONG_COMMON's overrides (the measured sum-w512 run) plus its
-    inference settings: nothing else differs, so the file and the study cannot drift apart."""
-    from linearize.study import LONG_COMMON
+    """long-context.yaml is the `ssd` recipe with study.LONG_COMMON's overrides (the measured sum-w512 run) plus the
+    settings of its measured variant as inference settings: nothing else differs, so the file and the study cannot
+    drift apart."""
+    from linearize.study import LONG_COMMON, TABLES
+
+    variant = {v.name: v for v in TABLES["long-context"].variants}["sum-w512-mem256-query-shift1-reread32"]
+    measured = {"hybrid": dict(variant.hybrid)}
 
     long, ssd = load_recipe("long-context"), load_recipe("ssd", list(LONG_COMMON))
     own = ("name", "description", "reproduces", "inference")
     assert {k: v for k, v in long.items() if k not in own} == {k: v for k, v in ssd.items() if k not in own}
-    assert long["inference"] == {"hybrid": {"sparse_memory": 256, "mix_shift": 1.0}}
+    assert variant.run == "sum-w512" and long["inference"] == measured
+    assert measured["hybrid"]["memory_reread"] == 32 and measured["hybrid"]["memory_select"] == "query"
     assert ssd["inference"] == {"hybrid": {}}
     assert long["hybrid"]["layers"] == "global" and long["data"]["seq_len"] == 4096
     with_preset = resolve_recipe("long-context", preset="gpu-small")  # the preset of the measured run applies
-    assert with_preset.stage1.epochs == 1 and with_preset.inference.hybrid == {"sparse_memory": 256, "mix_shift": 1.0}
+    assert with_preset.stage1.epochs == 1 and with_preset.inference.hybrid == measured["hybrid"]
     # the command the file documents resolves to the study's run exactly: the study sets its overrides after the
     # preset, the file's `presets` entry keeps its 1.5M tokens over the preset's 1M
     study_run = load_recipe("ssd", list(LONG_COMMON), "gpu-small")
@@ -266,7 +271,8 @@ def test_long_context_is_listed_where_recipes_are_listed(capsys):
 
 def test_inference_settings_are_set_typed_and_merged():
     r = resolve_recipe("long-context", ["inference.hybrid.sparse_memory=64.0", "inference.hybrid.memory_block=32"])
-    assert r.inference.hybrid == {"sparse_memory": 64, "mix_shift": 1.0, "memory_block": 32}
+    assert r.inference.hybrid == {"sparse_memory": 64, "memory_select": "query", "mix_shift": 1.0, "memory_reread": 32,
+                                  "memory_block": 32}
     assert type(r.inference.hybrid["sparse_memory"]) is int
     assert Recipe.from_dict(r.to_dict()) == r
     assert resolve_recipe("ssd", ["inference.hybrid.window=128"]).inference.hybrid == {"window": 128}
@@ -295,5 +301,9 @@ def test_bad_inference_settings_are_refused_in_one_line(bad, message, capsys):
 def test_inference_settings_need_a_saved_model():
     with pytest.raises(RecipeError, match="output.merge_lora=false saves only the LoRA adapter"):
         load_recipe("long-context", ["output.merge_lora=false"])
+    # a query memory without keys is refused in one line; with every inference setting at its default it loads
+    with pytest.raises(RecipeError, match="inference.hybrid: memory_select='query' chooses the sparse memory's keys"):
+        load_recipe("long-context", ["output.merge_lora=false", "inference.hybrid.sparse_memory=0"])
     assert load_recipe("long-context", ["output.merge_lora=false", "inference.hybrid.sparse_memory=0",
+                                        "inference.hybrid.memory_select=recall", "inference.hybrid.memory_reread=1",
                                         "inference.hybrid.mix_shift=0"])["output"]["merge_lora"] is False

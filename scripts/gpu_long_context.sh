@@ -6,6 +6,7 @@
 #   3. `linearize diagnose RUN --what long --no-base` for every finished conversion, and for the training-free
 #      VARIANTS of a trained one (`--hybrid FIELD=VALUE`), a few at a time;
 #   4. `linearize report --long-out`: every record merged into one comparison, paired over the same items.
+# A finished conversion is packed at once into OUT/packs/<name>/ (`linearize pack-run`): copy that off the machine.
 # Every step is skipped when its output exists and a cut-off conversion resumes, so calling the script again with
 # the same OUT continues where a time limit stopped it. Nothing runs past SECONDS.
 #   usage: scripts/gpu_long_context.sh MODEL OUT SECONDS
@@ -54,8 +55,12 @@ train_all() {  # MAX_TRAIN conversions at a time (each holds a few GB of activat
     resume=(); [ -d "$dir" ] && resume=(--resume)
     say "training $name ($recipe $opts)"
     # shellcheck disable=SC2086
-    timeout -s INT -k 20 "$(left)" "${PYTHON:-python3}" -m linearize convert --model "$model" --recipe "$recipe" \
-      --preset "${PRESET:-gpu-small}" --out "$dir" "${resume[@]}" $opts >> "$out/logs/convert-$name.log" 2>&1 &
+    # then its trained parameters packed into OUT/packs/NAME (a few files of <= 15 MiB; `linearize unpack-run` +
+    # `convert --resume` rebuild the model on a fresh machine, whose disk the run does not outlive)
+    { timeout -s INT -k 20 "$(left)" "${PYTHON:-python3}" -m linearize convert --model "$model" --recipe "$recipe" \
+        --preset "${PRESET:-gpu-small}" --out "$dir" "${resume[@]}" $opts >> "$out/logs/convert-$name.log" 2>&1 \
+      && mkdir -p "$out/packs/$name" && "${PYTHON:-python3}" -m linearize pack-run "$dir" "$out/packs/$name/$name" \
+        --model "$model" >> "$out/logs/convert-$name.log" 2>&1 && say "packed $name into packs/$name"; } &
   done
   wait
 }

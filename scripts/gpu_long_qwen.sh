@@ -9,7 +9,8 @@
 #      the measurement ranks highest (`measured:KEEP`), with the delta-rule state (the best reader on Gemma) and
 #      the plain sum; the base and its window+sinks baselines cut every layer (`--layers all`).
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
-# Settings (environment): KEEP (4), TRAIN_TOKENS (1000000 per stage), RUN_NAMES (a comma-separated subset of
+# Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run and the
+# long-context-all recipe; about 11 min for both stages on an H200), RUN_NAMES (a comma-separated subset of
 # delta-all, delta-keep, sum-all), SSD_SCHEDULE (the stage-2 p(drop the window) per layer, below), and those of
 # gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
@@ -27,7 +28,7 @@ fi
 common="--set hybrid.window=512 --set hybrid.combine=mix --set hybrid.mix_gate=dynamic --set hybrid.softmax_sinks=8"
 common+=" --set hybrid.feature_size=half --set stage2.train_mixing=true --set stage2.mixing_lr=1e-3"
 common+=" --set data.seq_len=4096 --set data.sources=[sharegpt,dolly,wikitext2,c4,wiki]"
-common+=" --set data.train_tokens=${TRAIN_TOKENS:-1000000}"
+common+=" --set data.train_tokens=${TRAIN_TOKENS:-500000}"
 # Memory: 8 rows of 4k tokens in one micro-batch ran out of the H200's 139 GiB in stage 2 (the softmax sums and the
 # MLP activations of 28 layers); the same 8 rows per step as 2 x 4 micro-batches, with each layer recomputed in the
 # backward pass (stage 1: its transfer loss; stage 2: the decoder layer), keep a conversion to a fraction of that, so

@@ -58,19 +58,35 @@ def _scan(qf, kf, v, log_decay, beta, enter, lag, chunk):
     solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # unit diagonal: I + A
     U_v, W = solved.split([d, m], dim=-1)
     to_end = (G[..., -1:] - G).exp()  # e^{G_C - G_j}
+
+    # The only sequential part: the state carried across chunks. Each step is two batched matrix products on
+    # (B * Hkv)-batched operands laid out chunk-first once, so a chunk costs three kernels (a step's launches, not its
+    # arithmetic, bound a 28-layer model's training step on a GPU); what the queries read is computed for all
+    # chunks at once afterwards, from the states entering each chunk.
+    def chunk_first(x):  # (B, Hkv, N, ...) -> (N, B * Hkv, ...)
+        return x.movedim(2, 0).reshape(n, b * hkv, *x.shape[3:])
+
+    # unbind, not indexing in the loop: one backward (a stack) instead of a full-size zero tensor per chunk
+    U_v_n, W_n = chunk_first(U_v).unbind(0), chunk_first(W).unbind(0)
+    K_to_end_t = chunk_first(K * to_end[..., None]).transpose(-1, -2).unbind(0)  # N x (B * Hkv, m, C)
+    decay_n = chunk_first(G[..., -1].exp())[..., None, None].unbind(0)  # N x (B * Hkv, 1, 1): e^{G_C}
+    S = kf.new_zeros(b * hkv, m, d)
+    entering, updates = [], []
+    for c in range(n):
+        entering.append(S)
+        U = torch.baddbmm(U_v_n[c], W_n[c], S, alpha=-1)  # U_v - W S0
+        updates.append(U)
+        S = torch.baddbmm(decay_n[c] * S, K_to_end_t[c], U)
+    num = None
     if qf is not None:
+        def per_head(xs):  # N x (B * Hkv, r, d) -> (B, Hkv, 1, N, r, d): broadcast over the query groups
+            return torch.stack(xs, 1).reshape(b, hkv, 1, n, *xs[0].shape[1:])
+
         Q = group_queries(_chunks(unit_norm(qf), chunk, n), hkv)  # (B, Hkv, G, N, C, m)
         reads = (Q @ K[:, :, None].transpose(-1, -2)) * _pair_decay(G, strict=False)[:, :, None]  # (B, Hkv, G, N, C, C)
-
-    S = kf.new_zeros(b, hkv, m, d)
-    nums = []
-    for c in range(n):
-        U = U_v[:, :, c] - W[:, :, c] @ S
-        if qf is not None:
-            from_state = G[:, :, None, c, :, None].exp() * (Q[:, :, :, c] @ S[:, :, None])
-            nums.append(from_state + reads[:, :, :, c] @ U[:, :, None])
-        S = G[:, :, c, -1, None, None].exp() * S + (K[:, :, c] * to_end[:, :, c, :, None]).transpose(-1, -2) @ U
-    num = None if qf is None else torch.stack(nums, dim=3).flatten(3, 4)[:, :, :, :t]
+        from_state = G[:, :, None, ..., None].exp() * (Q @ per_head(entering))
+        num = (from_state + reads @ per_head(updates)).flatten(3, 4)[:, :, :, :t]
+    S = S.reshape(b, hkv, m, d)
     return num, S, enters
 
 

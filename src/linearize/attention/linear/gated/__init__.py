@@ -68,22 +68,28 @@ def chunked(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64
     vc = F.pad(v, (0, 0, 0, pad)).reshape(b, hkv, n, chunk, d)
     cum = F.pad(ld, (0, pad)).reshape(b, hkv, n, chunk).cumsum(-1)  # decay from the chunk start through step i
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=qf.device).tril()
-    S = qf.new_zeros(b, hkv, m, d)
-    z = qf.new_zeros(b, hkv, m)
-    nums, dens = [], []
-    for j in range(n):
-        c = cum[:, :, j]  # (B, Hkv, C)
-        inside = torch.exp((c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")))
-        scores = torch.einsum("bhgcm,bhsm->bhgcs", qc[:, :, :, j], kc[:, :, j]) * inside[:, :, None]
-        carry = torch.exp(c)[:, :, None, :, None]  # the state entering the chunk, decayed to step i
-        nums.append(torch.einsum("bhgcs,bhsd->bhgcd", scores, vc[:, :, j])
-                    + torch.einsum("bhgcm,bhmd->bhgcd", qc[:, :, :, j], S) * carry)
-        dens.append(scores.sum(-1) + torch.einsum("bhgcm,bhm->bhgc", qc[:, :, :, j], z) * carry[..., 0])
-        to_end = torch.exp(c[..., -1:] - c)[..., None]  # each key's decay to the chunk's last step
-        S = S * torch.exp(c[..., -1])[..., None, None] + torch.einsum("bhsm,bhsd->bhmd", kc[:, :, j] * to_end, vc[:, :, j])
-        z = z * torch.exp(c[..., -1])[..., None] + (kc[:, :, j] * to_end).sum(2)
-    num = ungroup(torch.stack(nums, 3).reshape(b, hkv, g, n * chunk, d))[:, :, :t]
-    den = ungroup(torch.stack(dens, 3).reshape(b, hkv, g, n * chunk))[:, :, :t]
+    # inside each chunk, all chunks at once: exact decayed products
+    inside = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")))
+    scores = torch.einsum("bhgncm,bhnsm->bhgncs", qc, kc) * inside[:, :, None]  # (B, Hkv, G, N, C, C)
+    to_end = torch.exp(cum[..., -1:] - cum)[..., None]  # each key's decay to its chunk's last step
+    kv_chunk = torch.einsum("bhnsm,bhnsd->bhnmd", kc * to_end, vc)  # what a chunk adds to the state, at its end
+    k_chunk = (kc * to_end).sum(3)  # (B, Hkv, N, m)
+    decay = torch.exp(cum[..., -1])  # (B, Hkv, N): the whole chunk's decay
+    # the only sequential part, two kernels a chunk (unbind once: one backward, not a zero tensor per chunk); the
+    # states entering each chunk are read by its queries afterwards, for all chunks at once
+    S, z = qf.new_zeros(b, hkv, m, d), qf.new_zeros(b, hkv, m)
+    states, norms = [], []
+    for kv_j, k_j, decay_j in zip(kv_chunk.unbind(2), k_chunk.unbind(2), decay.unbind(2)):
+        states.append(S)
+        norms.append(z)
+        S = torch.addcmul(kv_j, S, decay_j[..., None, None])
+        z = torch.addcmul(k_j, z, decay_j[..., None])
+    carry = torch.exp(cum)[:, :, None, :, :, None]  # (B, Hkv, 1, N, C, 1): the entering state decayed to step i
+    nums = torch.einsum("bhgncs,bhnsd->bhgncd", scores, vc) \
+        + torch.einsum("bhgncm,bhnmd->bhgncd", qc, torch.stack(states, 2)) * carry
+    dens = scores.sum(-1) + torch.einsum("bhgncm,bhnm->bhgnc", qc, torch.stack(norms, 2)) * carry[..., 0]
+    num = ungroup(nums.reshape(b, hkv, g, n * chunk, d))[:, :, :t]
+    den = ungroup(dens.reshape(b, hkv, g, n * chunk))[:, :, :t]
     return num, den
 
 

@@ -52,8 +52,8 @@ sum-all-shift1|sum-all|--hybrid mix_shift=1 --long-modes hybrid;\
 delta-all-shift1|delta-all|--hybrid mix_shift=1 --long-modes hybrid;\
 sum-all-mem256-shift1|sum-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid;\
 delta-all-mem256-shift1|delta-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid;\
-delta-all-mem2048-query-shift1|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1 --long-modes hybrid;\
-delta-all-mem2048-query-la-off|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30 --long-modes hybrid;\
+delta-all-mem2048-query-shift1|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=1 --long-modes hybrid;\
+delta-all-mem2048-query-la-off|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=1 --long-modes hybrid;\
 delta-all-mem2048-shift1|delta-all|--hybrid sparse_memory=2048,mix_shift=1 --long-modes hybrid;\
 delta-all-mem2048-query-shift1-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
 delta-all-mem256-query-shift1-reread32|delta-all|--hybrid sparse_memory=256,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\

@@ -181,12 +181,15 @@ def test_long_context_table_is_the_states_script_comparison():
         ("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0)), ("hybrid",)),
         ("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),), ("hybrid",)),
         ("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),), ("hybrid",)),
-        ("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query")), ("hybrid",)),
+        # measured before memory_reread existed: the last prompt token only (HybridConfig's default is now 32)
+        ("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"), ("memory_reread", 1)),
+         ("hybrid",)),
         ("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)), ("hybrid",)),
         *((f"sum-w512-mem{m}-query-shift1", "sum-w512",
-           (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0)), ("hybrid",)) for m in (1024, 2048)),
+           (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 1)), ("hybrid",))
+          for m in (1024, 2048)),
         ("sum-w512-mem2048-query-la-off", "sum-w512",
-         (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0)), ("hybrid",)),
+         (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0), ("memory_reread", 1)), ("hybrid",)),
         ("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)), ("hybrid",)),
         *((f"sum-w512-mem{m}-query-shift1-reread32", "sum-w512",
            (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 32)), ("hybrid",))

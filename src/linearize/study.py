@@ -178,7 +178,9 @@ TABLES["long-context"] = StudyTable(
               StudyVariant("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0))),
               StudyVariant("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),)),
               StudyVariant("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),)),
-              StudyVariant("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"))),
+              # (the query-memory rows measured before memory_reread existed read the last prompt token only: 1)
+              StudyVariant("sum-w512-mem256-query", "sum-w512",
+                           (("sparse_memory", 256), ("memory_select", "query"), ("memory_reread", 1))),
               # the component-mode question for the memory rows (sparse memory runs in 'hybrid' only): the gate at
               # g = 1 - 1e-13, so the linear branch's readout weighs nothing while its state still chooses the keys
               StudyVariant("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)),
@@ -186,9 +188,10 @@ TABLES["long-context"] = StudyTable(
               # a larger memory chosen by the prompt's queries (the best long QA at 256 keys), within a quarter of the
               # base's decode memory; each against the cut of equal bytes (more_baselines) and with its readout off
               *(StudyVariant(f"sum-w512-mem{m}-query-shift1", "sum-w512",
-                             (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0))) for m in (1024, 2048)),
+                             (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 1)))
+                for m in (1024, 2048)),
               StudyVariant("sum-w512-mem2048-query-la-off", "sum-w512",
-                           (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0)),
+                           (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0), ("memory_reread", 1)),
                            paired_with=("sum-w512-mem2048-query-shift1",)),
               StudyVariant("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0))),
               # the question read again against the query-chosen memory (memory_reread 32): on the CPU at 8k it took

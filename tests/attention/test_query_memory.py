@@ -171,8 +171,9 @@ def test_prefill_state_refuses_a_query_memory_without_its_selection():
 
 # -- whole tiny models ---------------------------------------------------------------------------------------------
 
+# memory_reread 1 unless a test sets it (HybridConfig's default, 32, re-reads these short prompts whole)
 SETTINGS = dict(window=4, sparse_memory=3, memory_select="query", memory_observe=4, memory_pool=3, softmax_sinks=1,
-                combine="mix")
+                combine="mix", memory_reread=1)
 
 
 def converted(kind="sum", family="llama", **settings):

@@ -79,7 +79,7 @@ def test_prefill_and_decoding_equal_the_plain_loop_reference(kind, rule, placeme
     gates = gates_of(kind, log_decay, beta)
     weight = torch.rand(HQ) * 0.8 + 0.1
     spec_kw = dict(scale=D**-0.5, window=window, rule=rule, placement=placement, linear_state=kind, sparse_memory=3,
-                   memory_select="query", **extra)
+                   memory_select="query", **{"memory_reread": 1, **extra})  # 1 unless the case re-reads
     modes = ["hybrid", "la_only", "swa_only"]
     lags = {mode: 0 if mode == "la_only" or placement == "overlap" else window for mode in modes}
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_left_padding_is_never_scored_or_kept():
     k[1, :, :pad] = 1e3 * torch.randn_like(k[1, :, :pad])  # padding the queries would attend most, if it could
     v[1, :, :pad] = 1e3
     spec_kw = dict(scale=D**-0.5, window=3, rule="mix", sparse_memory=4, memory_select="query", memory_observe=6,
-                   softmax_sinks=1)
+                   softmax_sinks=1, memory_reread=1)  # a padded batch re-read: the generate test below
     with torch.no_grad():
         padded, state = prefill_and_decode(q, k, v, qf, kf, valid, {}, prompt + pad, modes=["hybrid"], weight=0.4,
                                            lags=set(), **spec_kw)

@@ -254,8 +254,8 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     # the base and its baselines, the cut matched to a 16-key memory and the 4-key query-memory baseline (each in its
     # own record), the run, its variant
     assert evaluations == [[], [], [], ["hybrid", "swa_only", "la_only"], ["hybrid"]]
-    snap = json.loads((root / "base-memory-4" / "long.json").read_text())
-    assert list(snap["variants"]) == ["window+sinks+memory w=8 s=8 m=4"]
+    snap = json.loads((root / "base-memory-4-reread32" / "long.json").read_text())  # the default re-read
+    assert list(snap["variants"]) == ["window+sinks+memory w=8 s=8 m=4 r=32"]
     more = json.loads((root / "base-sparse_memory=16" / "long.json").read_text())
     (w_more,) = more["settings"]["baseline_windows"]
     assert list(more["variants"]) == [f"window+sinks w={w_more} s=8"]  # the base itself is not scored again
@@ -271,7 +271,7 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     assert w_more > w  # 16 exact keys (with their features) weigh more keys of the cut
     assert list(merged["variants"]) == [
         "base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8",
-        "window+sinks+memory w=8 s=8 m=4", "sum-w512 hybrid",
+        "window+sinks+memory w=8 s=8 m=4 r=32", "sum-w512 hybrid",
         "sum-w512 swa_only", "sum-w512 la_only", "sum-w512-mem hybrid"]
     assert f"sum-w512-mem hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
     assert {"sum-w512-mem hybrid - sum-w512 hybrid", "sum-w512-mem hybrid - sum-w512 swa_only"} <= set(merged["pairs"])

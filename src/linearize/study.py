@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from linearize.config import COMPONENT_MODES
+from linearize.config import COMPONENT_MODES, MEMORY_REREAD
 from linearize.errors import LinearizeError
 
 # Gemma's global layers only (its sliding layers stay softmax): 'none' here drops only those layers' attention
@@ -76,7 +76,7 @@ class LongSettings:
     # (`<table>/base-memory-<spec>/`): a number of memory keys, or HybridConfig changes whose matched cut's keys
     # beyond the window it fills
     memory_baselines: tuple = ()
-    memory_reread: int = 1  # the memory baselines: the prompt's last tokens read again against the memory
+    memory_reread: int = MEMORY_REREAD  # the memory baselines: the prompt's last tokens read again against the memory
     sinks: int = 8
     batch_tokens: int = 65536
     position_docs: int = 0
@@ -481,7 +481,7 @@ def _more_baseline_dir(root: Path, changes) -> Path:
     return root / f"base-{_slug(changes)}"
 
 
-def _memory_baseline_dir(root: Path, spec, reread: int = 1) -> Path:
+def _memory_baseline_dir(root: Path, spec, reread: int = MEMORY_REREAD) -> Path:
     """``<table>/base-memory-2048/`` (or ``base-memory-sparse_memory=2048+…/``, ``…-reread32`` when the prompt's last
     32 tokens read the memory again): a query-memory baseline's record."""
     name = str(spec) if isinstance(spec, int) else _slug(spec)

@@ -274,9 +274,10 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
     assert rc == 0
     more = json.loads((tmp_path / "more" / "long.json").read_text())
     (w_more,) = more["settings"]["baseline_windows"]
-    snap = "window+sinks+memory w=8 s=8 m=16"  # the query-memory (SnapKV-style) baseline: 8 + 8 + 16 keys
+    snap = "window+sinks+memory w=8 s=8 m=16 r=32"  # the query-memory (SnapKV-style) baseline: 8 + 8 + 16 keys,
+    # the prompt's last 32 tokens re-read (--memory-reread's default, HybridConfig.memory_reread's)
     # ... and one whose memory fills the keys of the cut matched to that conversion beyond its window
-    assert list(more["variants"]) == [f"window+sinks w={w_more} s=8", snap, f"window+sinks+memory w=8 s=8 m={w_more - 8}"]
+    assert list(more["variants"]) == [f"window+sinks w={w_more} s=8", snap, f"window+sinks+memory w=8 s=8 m={w_more - 8} r=32"]
     assert w_more > w and more["settings"]["memory_baselines"] == [16, w_more - 8]
     assert more["variants"][snap]["decode_bytes_32k"] == decode_state_bytes(
         linearize.models.convert.text_config(base), 32768, window_sinks=(24, 8), layers="global", dtype_bytes=4)
@@ -289,7 +290,7 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
                  "--long-out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "long.json").read_text())
     assert list(merged["variants"]) == ["base", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8", snap,
-                                        f"window+sinks+memory w=8 s=8 m={w_more - 8}", "conv_only hybrid",
+                                        f"window+sinks+memory w=8 s=8 m={w_more - 8} r=32", "conv_only hybrid",
                                         "conv_only swa_only", "conv_only la_only"]
     assert f"conv_only hybrid - {snap}" in merged["pairs"]
     assert f"conv_only hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
@@ -448,7 +449,7 @@ def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
     layers = "global" if family == "gemma3" else "all"
     base = tiny_model(family, **extra).eval()
     ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(1))
-    snap = query_memory_baseline(base, 6, 2, 4, layers=layers)
+    snap = query_memory_baseline(base, 6, 2, 4, layers=layers, reread=1)  # the last token only
     assert not linearize.is_converted(base) and linearize.is_converted(snap)
     with torch.no_grad(), window_sinks(base, 6, 2, layers=layers):
         cut = base(ids).logits

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from linearize.config import HybridConfig
+from linearize.config import MEMORY_REREAD, HybridConfig
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class AttentionSpec:
     memory_select: str = field(default="recall", metadata={"help": "How the sparse memory chooses its keys (HybridConfig.memory_select)."})
     memory_observe: int = field(default=32, metadata={"help": "'query': the prompt's last queries that score the keys."})
     memory_pool: int = field(default=7, metadata={"help": "'query': max-pooling width of the keys' scores (1 = none)."})
-    memory_reread: int = field(default=32, metadata={"help": "'query': the prompt's last tokens read again against the memory (HybridConfig.memory_reread)."})
+    memory_reread: int = field(default=MEMORY_REREAD, metadata={"help": "'query': the prompt's last tokens read again against the memory (HybridConfig.memory_reread)."})
     chunk_size: int = field(default=64, metadata={"help": "Block size of the chunked implementations and the kernels."})
     linear_state: str = field(default="sum", metadata={"help": "Kind of the linear branch's state (attention.linear)."})
     backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})

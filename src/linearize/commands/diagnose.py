@@ -7,7 +7,7 @@ import time
 
 from linearize.commands.eval import (add_bench_args, add_model_args, hybrid_overrides, model_spec, parse_batch, parse_limit,
                                      torch_dtype)
-from linearize.config import COMPONENT_MODES
+from linearize.config import COMPONENT_MODES, MEMORY_REREAD
 
 WHAT = ("benchmarks", "attribution", "probes", "long")
 
@@ -57,9 +57,9 @@ def register(subparsers) -> None:
                    help="more training-free baselines: the base with the conversion's window (--window) + sinks + a "
                         "memory of M keys chosen by each prompt's last queries, softmax alone (SnapKV-style): M, or "
                         "'auto' / 'auto+FIELD=VALUE+...' (the memory fills the matched cut's keys beyond the window)")
-    g.add_argument("--memory-reread", type=int, default=1,
+    g.add_argument("--memory-reread", type=int, default=MEMORY_REREAD,
                    help="the query-memory baselines: the prompt's last tokens read again against the chosen memory "
-                        "(HybridConfig.memory_reread; 1 = the last token)")
+                        "(HybridConfig.memory_reread, the same default; 1 = the last token)")
     g.add_argument("--baselines-only", action="store_true",
                    help="base model only: its window+sinks baselines without the base itself (more baselines beside a "
                         "record that has it, merged by `linearize report --long-out`)")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from linearize.config import HybridConfig
+from linearize.config import MEMORY_REREAD, HybridConfig
 from linearize.errors import LinearizeError
 from linearize.evaluate.lm_eval_model import load_model
 from linearize.evaluate.long_score import bootstrap, paired, score_items
@@ -121,7 +121,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
              sinks: int = 8, baseline_windows=("auto",), layers=None, window: int | None = None,
              generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
              position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
-             check: bool = True, data_dir=None, base_row: bool = True, memory_baselines=(), memory_reread: int = 1,
+             check: bool = True, data_dir=None, base_row: bool = True, memory_baselines=(), memory_reread: int = MEMORY_REREAD,
              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """The record body of `linearize diagnose --what long` (see the module doc).
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from linearize.attention.adapters import layer_types
+from linearize.config import MEMORY_REREAD
 from linearize.errors import LinearizeError
 from linearize.models.convert import decoder_layers, is_converted, resolve_layers, text_config
 
@@ -131,7 +132,7 @@ def window_sinks(model: nn.Module, window: int, sinks: int, *, layers="global", 
 
 
 def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int, *, layers="global",
-                          reread: int = 1) -> nn.Module:
+                          reread: int = MEMORY_REREAD) -> nn.Module:
     """The training-free baseline of a conversion with a memory chosen by the prompt's queries: a copy of the base
     model whose cut layers (:func:`target_layers`) attend, by softmax alone, to the last ``window`` keys, the first
     ``sinks`` and ``memory`` keys chosen at the end of each prompt by its last queries and kept for the generation

@@ -71,11 +71,12 @@ def _scan(qf, kf, v, log_decay, beta, enter, lag, chunk):
     K_to_end_t = chunk_first(K * to_end[..., None]).transpose(-1, -2).unbind(0)  # N x (B * Hkv, m, C)
     decay_n = chunk_first(G[..., -1].exp())[..., None, None].unbind(0)  # N x (B * Hkv, 1, 1): e^{G_C}
     S = kf.new_zeros(b * hkv, m, d)
-    entering, updates = [], []
+    entering, updates = [], []  # kept for the queries only (a decode prefill needs the last state alone)
     for c in range(n):
-        entering.append(S)
         U = torch.baddbmm(U_v_n[c], W_n[c], S, alpha=-1)  # U_v - W S0
-        updates.append(U)
+        if qf is not None:
+            entering.append(S)
+            updates.append(U)
         S = torch.baddbmm(decay_n[c] * S, K_to_end_t[c], U)
     num = None
     if qf is not None:

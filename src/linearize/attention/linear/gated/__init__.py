@@ -71,9 +71,9 @@ def chunked(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, chunk=64
     # inside each chunk, all chunks at once: exact decayed products
     inside = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")))
     scores = torch.einsum("bhgncm,bhnsm->bhgncs", qc, kc) * inside[:, :, None]  # (B, Hkv, G, N, C, C)
-    to_end = torch.exp(cum[..., -1:] - cum)[..., None]  # each key's decay to its chunk's last step
-    kv_chunk = torch.einsum("bhnsm,bhnsd->bhnmd", kc * to_end, vc)  # what a chunk adds to the state, at its end
-    k_chunk = (kc * to_end).sum(3)  # (B, Hkv, N, m)
+    k_at_end = kc * torch.exp(cum[..., -1:] - cum)[..., None]  # each key decayed to its chunk's last step
+    kv_chunk = torch.einsum("bhnsm,bhnsd->bhnmd", k_at_end, vc)  # what a chunk adds to the state, at its end
+    k_chunk = k_at_end.sum(3)  # (B, Hkv, N, m)
     decay = torch.exp(cum[..., -1])  # (B, Hkv, N): the whole chunk's decay
     # the only sequential part, two kernels a chunk (unbind once: one backward, not a zero tensor per chunk); the
     # states entering each chunk are read by its queries afterwards, for all chunks at once

@@ -14,7 +14,7 @@
 # BASELINE_WINDOWS (auto,512,64), MORE_BASELINES (';'-separated HybridConfig changes, e.g. sparse_memory=2048+memory_select=query:
 # a cut of the bytes of the conversion with them, each in long/base-<changes>/), MEMORY_BASELINES (';'-separated: 2048 or
 # auto+CHANGES, each a query-memory baseline in long/base-memory-<...>/; MEMORY_REREAD: the prompt tokens they read
-# again against it, default 32 as HybridConfig.memory_reread), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
+# again against it, default linearize.config.MEMORY_REREAD), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
 # RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below), RUN_NAMES (a
 # comma-separated subset of the runs' names). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
@@ -86,7 +86,8 @@ done
 # training): a number of keys, or auto+CHANGES (the memory fills the matched cut's keys beyond the window)
 [ -n "${MEMORY_BASELINES:-}" ] && IFS=';' read -ra memories <<< "$MEMORY_BASELINES" && for m in "${memories[@]}"; do
   # shellcheck disable=SC2086
-  r=${MEMORY_REREAD:-32}; suffix=""; [ "$r" -gt 1 ] && suffix="-reread$r"
+  r=${MEMORY_REREAD:-$("${PYTHON:-python3}" -c 'from linearize.config import MEMORY_REREAD; print(MEMORY_REREAD)')}
+  suffix=""; [ "$r" -gt 1 ] && suffix="-reread$r"
   evaluate "base-memory-${m#auto+}$suffix" "$model" ${BASE_ARGS:---layers global --window 64} --baselines-only \
     --baseline-windows "" --memory-baselines "$m" --memory-reread "$r" &
 done

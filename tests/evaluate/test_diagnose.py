@@ -119,3 +119,25 @@ def test_diagnose_cli_all_parts(tokenizer, tmp_path, capsys):
     for name in ("diagnose.md", "probes.md", "attribution.md", "attribution.png", "position_loss.png"):
         assert (out / name).is_file(), name
     assert "SWA + Linear" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(DATA is None, reason="benchmark data directory not found")
+def test_diagnose_cli_converted_dir_scores_its_base(tokenizer, tmp_path):
+    """`linearize diagnose RUN` on a converted directory: the base recorded in its summary.json is scored too (the
+    recoveries need it), and the record says the model is a conversion of it."""
+    from linearize.cli import main
+
+    base_dir, run_dir = tmp_path / "base", tmp_path / "run"
+    base = tiny_llama(tokenizer, max_pos=512)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    linearize.convert(base, linearize.HybridConfig(window=8)).save_pretrained(run_dir)
+    tokenizer.save_pretrained(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({"model": str(base_dir), "recipe": "lolcats"}))
+    out = tmp_path / "out"
+    assert main(["diagnose", str(run_dir), "--tasks", "piqa", "--limit", "3", "--no-check", "--bootstrap", "10",
+                 "--device", "cpu", "--modes", "hybrid", "--out", str(out)]) == 0
+    diag = json.loads((out / "diagnose.json").read_text())
+    assert list(diag["runs"]) == ["base", "hybrid"]
+    assert diag["info"]["kind"] == "converted" and diag["info"]["base"] == str(base_dir)
+    assert diag["table"]["hybrid"]["recovery"]["average"] is not None

@@ -127,7 +127,8 @@ def run(args) -> int:
     if "benchmarks" in what:
         from linearize.evaluate.diagnose import diagnose, diagnose_markdown
 
-        base = False if args.no_base else args.base
+        # the model is loaded above, so diagnose() cannot read a run's base from its directory: pass it on
+        base = False if args.no_base else (args.base or info.get("base"))
         result = diagnose(model, tokenizer, tasks=tasks, limit=parse_limit(args.limit), modes=modes, base=base,
                           window=window, batch_size=parse_batch(args.batch_size), data_dir=data_dir, seed=args.seed,
                           bootstrap=args.bootstrap, max_length=args.max_length, check=not args.no_check, progress=say)

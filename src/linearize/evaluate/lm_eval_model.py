@@ -103,6 +103,7 @@ def load_model(
             raise LinearizeError("load_model(model_object) needs tokenizer=")
         model = spec.to(device)
         info["model"] = getattr(model.config, "_name_or_path", None) or type(model).__name__
+        info["kind"] = "converted" if is_converted(model) else "base"
     else:
         conv = converted_dir_info(spec)
         if conv is not None:

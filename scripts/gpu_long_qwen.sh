@@ -10,8 +10,8 @@
 #      the plain sum; the base and its window+sinks baselines cut every layer (`--layers all`).
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
 # Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run and the
-# long-context-all recipe; about 11 min for both stages on an H200), RUN_NAMES (a comma-separated subset of
-# delta-all, delta-keep, sum-all), SSD_SCHEDULE (the stage-2 p(drop the window) per layer, below), and those of
+# long-context-all recipe; 388 s for both stages on an H200 at 0444c9a), RUN_NAMES (a comma-separated subset of
+# delta-all, delta-keep, sum-all, delta-all-memtrain), SSD_SCHEDULE (the stage-2 p(drop the window) per layer, below), and those of
 # gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
@@ -42,7 +42,11 @@ common+=" --set stage2.ssd.granularity=layer --set stage2.ssd.schedule=${SSD_SCH
 delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
 export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
 delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\
-sum-all|ssd|$common --set hybrid.layers=all --set stage1.objective=hybrid_output"
+sum-all|ssd|$common --set hybrid.layers=all --set stage1.objective=hybrid_output;\
+delta-all-memtrain|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048"
+# delta-all-memtrain: delta-all trained with 2048 exact keys in the loop (the online 'recall' memory: a teacher-forced
+# row has no prompt end to choose them by its queries), so that the gate and the linear state learn beside an exact
+# memory what they add to it (on delta-all, trained without one, the readout off reads better: RESULTS.md, session 14).
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both
@@ -57,7 +61,10 @@ delta-all-mem2048-query-la-off|delta-all|--hybrid sparse_memory=2048,memory_sele
 delta-all-mem2048-shift1|delta-all|--hybrid sparse_memory=2048,mix_shift=1 --long-modes hybrid;\
 delta-all-mem2048-query-shift1-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
 delta-all-mem256-query-shift1-reread32|delta-all|--hybrid sparse_memory=256,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-mem2048-query-la-off-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid}"
+delta-all-mem2048-query-la-off-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid;\
+delta-all-mem2048-query-shift3-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=3,memory_reread=32 --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold

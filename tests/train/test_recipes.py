@@ -231,14 +231,15 @@ def test_long_context_recipe_is_ssd_with_the_study_settings():
     assert load_recipe("long-context", preset="cpu")["data"]["train_tokens"] == PRESETS["cpu"]["data"]["train_tokens"]
 
 
-def test_long_context_all_recipe_is_the_measured_qwen_run():
-    """long-context-all.yaml with its documented preset resolves to the recipe the measured Qwen run wrote
-    (results/long/qwen2.5-coder-1.5b/runs/delta-all/recipe.yaml, scripts/gpu_long_qwen.sh's delta-all), key for key,
-    plus the inference settings its best row was measured with."""
+@pytest.mark.parametrize("run", ["runs/delta-all", "s14/runs/delta-all"])
+def test_long_context_all_recipe_is_the_measured_qwen_run(run):
+    """long-context-all.yaml with its documented preset resolves to the recipe the measured Qwen runs wrote
+    (results/long/qwen2.5-coder-1.5b/RUN/recipe.yaml, scripts/gpu_long_qwen.sh's delta-all at 82bca26 and 0444c9a),
+    key for key, plus the inference settings its best row was measured with."""
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    measured = load_recipe(yaml.safe_load((repo / "results/long/qwen2.5-coder-1.5b/runs/delta-all/recipe.yaml").read_text()))
+    measured = load_recipe(yaml.safe_load((repo / "results/long/qwen2.5-coder-1.5b" / run / "recipe.yaml").read_text()))
     documented = load_recipe("long-context-all", preset="gpu-small")
     own = ("name", "description", "reproduces", "inference", "resolved")
     assert {k: v for k, v in documented.items() if k not in own} == {k: v for k, v in measured.items() if k not in own}

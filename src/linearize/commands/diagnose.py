@@ -123,12 +123,14 @@ def run(args) -> int:
                                         check=not args.no_check, seed=args.seed,
                                         hybrid=hybrid_overrides(args.hybrid))
     common = dict(model_info=info, data_dir=data_dir, device=str(model.device), seed=args.seed)
+    # the base to compare with: --base, else the one a run's summary.json records (the model is loaded here, so the
+    # parts below cannot read it from the directory themselves)
+    recorded_base = args.base or info.get("base")
 
     if "benchmarks" in what:
         from linearize.evaluate.diagnose import diagnose, diagnose_markdown
 
-        # the model is loaded above, so diagnose() cannot read a run's base from its directory: pass it on
-        base = False if args.no_base else (args.base or info.get("base"))
+        base = False if args.no_base else recorded_base
         result = diagnose(model, tokenizer, tasks=tasks, limit=parse_limit(args.limit), modes=modes, base=base,
                           window=window, batch_size=parse_batch(args.batch_size), data_dir=data_dir, seed=args.seed,
                           bootstrap=args.bootstrap, max_length=args.max_length, check=not args.no_check, progress=say)
@@ -145,7 +147,7 @@ def run(args) -> int:
         from linearize.evaluate.probes import probes_record
 
         was_converted = is_converted(model)
-        base = None if args.no_base else (args.base or info.get("base"))
+        base = None if args.no_base else recorded_base
         record, md = probes_record(model, tokenizer, info, out=args.out, title=f"{spec}: per-position loss",
                                    data_dir=data_dir, seed=args.seed, docs=args.docs, doc_len=args.doc_len, base=base,
                                    modes=[m.strip() for m in args.probe_modes.split(",") if m.strip()], window=window,
@@ -164,7 +166,7 @@ def run(args) -> int:
         converted = is_converted(model)
         if args.baselines_only and converted:
             raise LinearizeError("--baselines-only is for a base model (its window+sinks baselines); this one is converted")
-        base = None if args.no_base or not converted else (args.base or info.get("base"))
+        base = None if args.no_base or not converted else recorded_base
         if converted and base is None and not args.no_base:
             raise LinearizeError("--what long: the converted model records no base model; pass --base or --no-base")
         train_len = training_seq_len(spec) if converted else None

@@ -479,3 +479,21 @@ def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
         query_memory_baseline(base, 4, 1, 0, layers=layers)
     with pytest.raises(LinearizeError, match="base model"):
         query_memory_baseline(snap, 4, 1, 8, layers=layers)
+
+
+def test_the_query_memory_baseline_is_a_model_to_keep(tmp_path):
+    """The training-free query-memory model (the README's no-training option: on Qwen2.5-Coder-1.5B the best
+    constant-memory reader measured) saves and loads like a conversion: the same settings (the linear branch
+    weighed 0 by a fixed gate, the re-read default) and the same generated tokens."""
+    from linearize.models.window_sinks import query_memory_baseline
+
+    model = query_memory_baseline(tiny_model("llama").eval(), 6, 2, 4, layers="all")
+    model.save_pretrained(tmp_path)
+    loaded = linearize.load(tmp_path)
+    hybrid = linearize.hybrid_config_of(loaded)
+    assert hybrid.to_dict() == linearize.hybrid_config_of(model).to_dict()
+    assert (hybrid.combine, hybrid.mix_gate, hybrid.mix_value, hybrid.memory_select, hybrid.memory_reread) == \
+        ("mix", "fixed", 1.0, "query", linearize.config.MEMORY_REREAD)
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                       loaded.generate(ids, max_new_tokens=8, do_sample=False))

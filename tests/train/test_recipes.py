@@ -248,6 +248,29 @@ def test_long_context_all_recipe_is_the_measured_qwen_run(run):
     assert "--recipe long-context-all --preset gpu-small --out" in (RECIPE_DIR / "long-context-all.yaml").read_text()
 
 
+def test_long_context_memory_recipe_is_the_training_free_query_memory_model(tmp_path):
+    """long-context-memory trains nothing and saves query_memory_baseline's model: the same settings, and through a
+    cached prefill (where the memory is chosen and re-read) the same logits; its validation is the cut's."""
+    import torch
+
+    import linearize
+    from linearize.models.window_sinks import query_memory_baseline
+
+    r = load_recipe("long-context-memory")
+    assert not r["stage1"]["enabled"] and not r["stage2"]["enabled"]
+    assert r["inference"]["hybrid"] == {"sparse_memory": 2048, "memory_select": "query", "memory_reread": 32}
+    small = ["hybrid.window=6", "hybrid.softmax_sinks=2", "inference.hybrid.sparse_memory=4", "data.seq_len=32",
+             "eval.batch_size=2", "runtime.cpu=true", "runtime.show_progress=false"]
+    summary = run_recipe(tiny_llama(), "long-context-memory", tmp_path / "run", overrides=small, data=random_data())
+    assert summary["stages"] == {} and summary["val"]["hybrid"] == summary["val"]["swa_only"]
+    saved = linearize.load(tmp_path / "run")
+    want = query_memory_baseline(tiny_llama(), 6, 2, 4, layers="global")
+    assert linearize.hybrid_config_of(saved).to_dict() == linearize.hybrid_config_of(want).to_dict()
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, want(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_a_recipe_files_preset_entries_are_checked(tmp_path):
     """A `presets` entry names a known preset and known keys, checked whichever preset is chosen: one line."""
     base = yaml.safe_load((RECIPE_DIR / "ssd.yaml").read_text())

@@ -8,8 +8,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a model with a training recipe (attention transfer + LoRA / SSD)",
         description="Convert a pretrained model into a linear + sliding-window hybrid with a recipe: lolcats, la-only, "
-                    "hedgecats, ssd, long-context, long-context-all (or a YAML file; --list-recipes). Writes the converted model (LoRA "
-                    "merged), the adapter, the resolved recipe, the training log, a loss plot and summary.json to "
+                    "hedgecats, ssd, long-context, long-context-all, long-context-memory (no training) (or a YAML "
+                    "file; --list-recipes). Writes the converted model (LoRA merged), the adapter, the resolved recipe, the training log, a loss plot and summary.json to "
                     "--out. Exit status: 0 done, "
                     "2 bad input, 3 done but the validation loss shows a diverged run (see summary.json 'warnings').")
     p.add_argument("--model", help="short name (gemma3-270m, smollm2-135m), HF directory or .gguf file")

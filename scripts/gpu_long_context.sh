@@ -15,6 +15,7 @@
 # a cut of the bytes of the conversion with them, each in long/base-<changes>/), MEMORY_BASELINES (';'-separated: 2048 or
 # auto+CHANGES, each a query-memory baseline in long/base-memory-<...>/; MEMORY_REREAD: the prompt tokens they read
 # again against it, default linearize.config.MEMORY_REREAD), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
+# RUN_EVALS (1; 0: evaluate only the VARIANTS of a trained run, not the run itself in every component mode),
 # RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below), RUN_NAMES (a
 # comma-separated subset of the runs' names). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
@@ -95,6 +96,7 @@ pending=("${RUNS[@]%%|*}") variants=("${VARIANTS[@]}")
 while [ "$(left)" -gt 20 ]; do
   for i in "${!pending[@]}"; do
     name=${pending[$i]}
+    if [ "${RUN_EVALS:-1}" = 0 ]; then unset "pending[$i]"; continue; fi
     if [ -f "$out/runs/$name/summary.json" ]; then
       while [ "$(jobs -rp | wc -l)" -ge $(( 1 + ${PARALLEL_EVALS:-3} )) ]; do sleep 5; done  # + the trainer
       evaluate "$name" "$out/runs/$name" --no-base & unset "pending[$i]"

@@ -2,6 +2,7 @@
 online 'recall' memory, since a teacher-forced row has no prompt end for the query-chosen one): the recipe runs end
 to end with it, saves it in the model's config, and the memory changes what the trained layers compute."""
 
+import pytest
 import torch
 
 from linearize import load, set_hybrid
@@ -18,13 +19,15 @@ MEMTRAIN = tiny_recipe(**{"hybrid.linear_state": "delta", "hybrid.softmax_sinks"
                           "stage1.max_steps": 2, "stage2.max_steps": 2})
 
 
-def test_a_run_trains_with_the_memory_and_keeps_it(tmp_path):
+@pytest.mark.parametrize("qk_conv", [0, 3])  # 3: delta-all-memtrain-conv4's short q/k convolution, at tiny size
+def test_a_run_trains_with_the_memory_and_keeps_it(tmp_path, qk_conv):
     out = tmp_path / "run"
-    summary = run_recipe(tiny_llama(), "ssd", out, overrides=MEMTRAIN, data=random_data(seq_len=48))
+    summary = run_recipe(tiny_llama(), "ssd", out, overrides=MEMTRAIN + [f"hybrid.qk_conv={qk_conv}"],
+                         data=random_data(seq_len=48))
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["val"].values())
     model = load(out)
     cfg = hybrid_config_of(model)
-    assert (cfg.sparse_memory, cfg.memory_select, cfg.linear_state) == (4, "recall", "delta")
+    assert (cfg.sparse_memory, cfg.memory_select, cfg.linear_state, cfg.qk_conv) == (4, "recall", "delta", qk_conv)
     rows = random_data(rows=2, seq_len=48, seed=5).train
     with torch.no_grad():
         with_memory = model(input_ids=rows).logits

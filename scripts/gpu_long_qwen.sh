@@ -11,7 +11,7 @@
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
 # Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run and the
 # long-context-all recipe; 388 s for both stages on an H200 at 0444c9a), RUN_NAMES (a comma-separated subset of
-# delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-memtrain-conv4), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
+# delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
 # below), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
@@ -43,12 +43,18 @@ delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
 export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
 delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\
 sum-all|ssd|$common --set hybrid.layers=all --set stage1.objective=hybrid_output;\
-delta-all-memtrain|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048;\
-delta-all-memtrain-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.qk_conv=4"
+delta-all-memtrain|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512;\
+delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=4"
 # delta-all-memtrain: delta-all trained with 2048 exact keys in the loop (the online 'recall' memory: a teacher-forced
 # row has no prompt end to choose them by its queries), so that the gate and the linear state learn beside an exact
 # memory what they add to it (on delta-all, trained without one, the readout off reads better: RESULTS.md, session 14).
-# delta-all-memtrain-conv4: the same with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k.
+# Its memory is updated every 512 tokens (memory_block; between updates the keys that left the window stay in the
+# softmax branch): at the default 64 the memory's walk over a 4k row is 64 sequential boundaries per layer, and stage
+# 1 ran at 485-600 tokens/s on the H200 against 3644 without memory (session 15, results/long/qwen2.5-coder-1.5b/s15/
+# logs/convert-delta-all-memtrain*.log; one Qwen-shaped layer's forward + backward on the CPU: 70k aten calls against
+# 6.6k without memory, 9.8k with memory_block 512).
+# delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
+# no measurable change, RESULTS.md).
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both
@@ -68,8 +74,9 @@ delta-all-mem2048-query-shift3-reread32|delta-all|--hybrid sparse_memory=2048,me
 delta-all-memtrain-mem2048-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
 delta-all-memtrain-mem2048-query-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid;\
 delta-all-memtrain-mem4096-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-memtrain-conv4-mem2048-query-shift1-reread32|delta-all-memtrain-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-memtrain-conv4-mem2048-query-la-off-reread32|delta-all-memtrain-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid}"
+delta-all-conv4-mem2048-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-conv4-mem2048-query-la-off-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid;\
+delta-all-conv4-mem4096-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold

@@ -224,3 +224,27 @@ def test_compiled_layer_ratios_against_eager_and_compiled_sdpa():
     md = render_markdown(dict(environment=dict(device="d", torch="t", triton="t", git_commit="c", command="x"),
                               layer=rows, layer_ratios=[entry]))
     assert "| gemma3-270m | 2048 | **1.10x** | 2.20 |" in md
+
+
+def test_a_chain_of_layers_feeds_each_output_into_the_next_queries_and_reports_per_layer():
+    from linearize.bench.kernels import chained, per_layer, render_markdown
+
+    calls = []
+
+    def layer(q, k):  # records what each call saw
+        calls.append(q.clone())
+        return torch.tanh(q @ k)
+
+    q, k = torch.randn(2, 3, 3), torch.randn(3, 3)
+    out = chained(layer, 3)(q, k)
+    x = q
+    for i in range(3):
+        torch.testing.assert_close(calls[i], x)
+        x = x + torch.tanh(x @ k)
+    torch.testing.assert_close(out, x)
+    assert chained(layer, 1) is layer
+    times = per_layer(dict(fwd_ms=6.0, fwd_bwd_ms=9.0, graph_fwd_ms=None, peak_mib=30.0), 3)
+    assert times == dict(fwd_ms=2.0, fwd_bwd_ms=3.0, graph_fwd_ms=None, peak_mib=30.0)  # the chain's memory
+    rows = [dict(config="gemma3-270m", T=2048, impl="sdpa", layers=3, fwd_ms=2.0, fwd_bwd_ms=3.0, peak_mib=30.0)]
+    md = render_markdown(dict(environment=dict(device="d", torch="t", triton="t", git_commit="c", command="x"), layer=rows))
+    assert "3 layers chained in one step, time / 3" in md and "| 2048 | 2.000 | 3.000 | 30 |" in md

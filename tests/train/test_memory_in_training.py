@@ -19,7 +19,7 @@ MEMTRAIN = tiny_recipe(**{"hybrid.linear_state": "delta", "hybrid.softmax_sinks"
                           "stage1.max_steps": 2, "stage2.max_steps": 2})
 
 
-@pytest.mark.parametrize("qk_conv", [0, 3])  # 3: delta-all-memtrain-conv4's short q/k convolution, at tiny size
+@pytest.mark.parametrize("qk_conv", [0, 3])  # 3: a short q/k convolution beside the memory, at tiny size
 def test_a_run_trains_with_the_memory_and_keeps_it(tmp_path, qk_conv):
     out = tmp_path / "run"
     summary = run_recipe(tiny_llama(), "ssd", out, overrides=MEMTRAIN + [f"hybrid.qk_conv={qk_conv}"],

@@ -19,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", default="sdpa,swa,chunked,triton,fla_swa", help="implementations: sdpa, swa, chunked, triton, fla_swa")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timed repetitions per measurement")
+    p.add_argument("--stack", type=int, default=1,
+                   help="layer benchmark: each implementation called this many times in a chain (the next call's "
+                   "queries = the last queries + its output), one step as a model's attention layers take it; times "
+                   "are per layer. A compiled step pays its fixed cost (graph launch, input copies, autograd) once "
+                   "per step, so at 2k a single layer measures that cost more than the kernels")
     p.add_argument("--max-chunked-t", type=int, default=65536, help="skip the chunked PyTorch path above this length")
     p.add_argument("--contexts", default="1024,4096,32768,131072",
                    help="decode context lengths: at each, batch 1 and the largest batch the captured static-cache base fits")

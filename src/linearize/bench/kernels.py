@@ -176,11 +176,26 @@ def impl_triton(cfg, t, window, scale, weight, rule="shared_norm", placement="co
     return Impl("triton", fn, (0, 1, 2, 3, 4))
 
 
-def impl_compiled(name, fn, grads):
-    """`fn` under torch.compile as a compiled training step runs it: inductor with CUDA graphs (mode
-    "reduce-overhead"), fullgraph, static shapes. The Triton layer goes through its custom ops
-    (linearize.attention.triton.ops); nothing is captured again around it (no graph_* keys)."""
-    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+def chained(fn, layers: int):
+    """fn(q, ...) called `layers` times, each call's queries the first queries plus the last output (the residual
+    stream of a model's attention layers, other inputs shared): one step through that many layers."""
+    if layers == 1:
+        return fn
+
+    def stack(q, *rest):
+        x = q
+        for _ in range(layers):
+            x = x + fn(x, *rest)
+        return x
+
+    return stack
+
+
+def impl_compiled(name, fn, grads, layers: int = 1):
+    """`fn` (chained over `layers`) under torch.compile as a compiled training step runs it: inductor with CUDA graphs
+    (mode "reduce-overhead"), fullgraph, static shapes, the whole chain one graph. The Triton layer goes through its
+    custom ops (linearize.attention.triton.ops); nothing is captured again around it (no graph_* keys)."""
+    compiled = torch.compile(chained(fn, layers), mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def step(*args):
         torch.compiler.cudagraph_mark_step_begin()  # each call a new step: the previous outputs may be overwritten
@@ -191,15 +206,15 @@ def impl_compiled(name, fn, grads):
     return impl
 
 
-def impl_sdpa_compiled(cfg, t, window, scale):
+def impl_sdpa_compiled(cfg, t, window, scale, layers: int = 1):
     def fn(q, k, v, qf, kf):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
-    return impl_compiled("sdpa_compiled", fn, (0, 1, 2))
+    return impl_compiled("sdpa_compiled", fn, (0, 1, 2), layers)
 
 
-def impl_triton_compiled(cfg, t, window, scale, weight):
-    return impl_compiled("triton_compiled", impl_triton(cfg, t, window, scale, weight).fn, (0, 1, 2, 3, 4))
+def impl_triton_compiled(cfg, t, window, scale, weight, layers: int = 1):
+    return impl_compiled("triton_compiled", impl_triton(cfg, t, window, scale, weight).fn, (0, 1, 2, 3, 4), layers)
 
 
 def _trim_fla_autotune(max_configs: int = 4) -> int:
@@ -335,8 +350,17 @@ def bench_layer(impl: Impl, inputs, *, budget_s: float):
     return res
 
 
+def per_layer(times: dict, layers: int) -> dict:
+    """bench_layer's times of a chain of `layers` calls -> per call (the peak memory stays the chain's)."""
+    return {k: (v / layers if k.endswith("_ms") and v is not None else v) for k, v in times.items()}
+
+
 def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=print, max_chunked_t=65536, rows=None,
-                    on_row=None):
+                    on_row=None, stack: int = 1):
+    """Rows of per-layer times; with `stack` > 1 each implementation runs as a chain of that many calls (`chained`,
+    compiled ones as one graph) and its times are divided by it (rows record `layers`)."""
+    if stack < 1:
+        raise ValueError(f"stack must be >= 1, got {stack}")
     rows = [] if rows is None else rows
     weight = None
     for cname in configs:
@@ -351,7 +375,7 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                 _free()
                 continue
             for name in impls:
-                row = dict(config=cname, T=t, impl=name, **cfg)
+                row = dict(config=cname, T=t, impl=name, **cfg, **({"layers": stack} if stack > 1 else {}))
                 if name == "chunked" and t > max_chunked_t:
                     row["error"] = f"skipped above T={max_chunked_t}"
                     rows.append(row)
@@ -366,13 +390,15 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                     elif name == "triton":
                         impl = impl_triton(cfg, t, window, scale, weight)
                     elif name == "sdpa_compiled":
-                        impl = impl_sdpa_compiled(cfg, t, window, scale)
+                        impl = impl_sdpa_compiled(cfg, t, window, scale, stack)
                     elif name == "triton_compiled":
-                        impl = impl_triton_compiled(cfg, t, window, scale, weight)
+                        impl = impl_triton_compiled(cfg, t, window, scale, weight, stack)
                     elif name == "fla_swa":
                         impl = impl_fla_swa(cfg, t, window, scale, 0.5)
                     else:
                         raise ValueError(name)
+                    if not name.endswith("_compiled"):  # the compiled ones chain inside their graph
+                        impl.fn = chained(impl.fn, stack)
                     t0 = time.perf_counter()
                     try:
                         times = bench_layer(impl, inputs, budget_s=budget_s)
@@ -382,7 +408,9 @@ def run_layer_bench(lengths, configs, impls, *, window=64, budget_s=0.3, log=pri
                         _FLEX["broken"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                         log(f"FlexAttention failed ({_FLEX['broken'][:120]}); window baselines use Triton swa_only")
                         impl = impl_swa(cfg, t, window, scale) if name == "swa" else impl_fla_swa(cfg, t, window, scale, 0.5)
+                        impl.fn = chained(impl.fn, stack)
                         times = bench_layer(impl, inputs, budget_s=budget_s)
+                    times = per_layer(times, stack)
                     if hasattr(impl, "window_impl"):
                         row["window_impl"] = impl.window_impl
                     flops = useful_flops(name, cfg, t, window)
@@ -485,7 +513,9 @@ def render_markdown(res: dict) -> str:
         lines += [f"Measured bf16 matmul peak (8192³): **{res['matmul_peak_tflops']:.0f} TFLOP/s**.", ""]
     rows = res.get("layer", [])
     if rows:
-        lines += ["### Per-layer time (ms, median) and peak extra memory (MiB), B=1, bf16", ""]
+        stacked = max(r.get("layers", 1) for r in rows)
+        lines += ["### Per-layer time (ms, median) and peak extra memory (MiB), B=1, bf16"
+                  + (f": {stacked} layers chained in one step, time / {stacked}, memory of the whole chain" if stacked > 1 else ""), ""]
         for cname in dict.fromkeys(r["config"] for r in rows):
             cfg = HEAD_CONFIGS[cname]
             lines += [f"**{cname}** (Hq={cfg['hq']}, Hkv={cfg['hkv']}, d={cfg['d']}, m={cfg['m']})", ""]
@@ -609,7 +639,7 @@ def run(args: argparse.Namespace, argv=None) -> dict:
         res["layer"] = []
         run_layer_bench(lengths, [c for c in args.configs.split(",") if c], impls, window=args.window,
                         budget_s=args.budget, log=lambda s: print(s, flush=True), max_chunked_t=args.max_chunked_t,
-                        rows=res["layer"], on_row=save)
+                        rows=res["layer"], on_row=save, stack=args.stack)
         if _FLEX.get("broken"):
             res["flex_attention_error"] = _FLEX["broken"]
         res["layer_ratios"] = layer_ratios(res["layer"])

@@ -55,6 +55,8 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # 6.6k without memory, 9.8k with memory_block 512).
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
+# memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which
+# never had a query memory), with the gate shifted by 1 or as trained (-reread32-instate: mix_shift 0).
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both
@@ -76,7 +78,10 @@ delta-all-memtrain-mem2048-query-la-off-reread32|delta-all-memtrain|--hybrid spa
 delta-all-memtrain-mem4096-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
 delta-all-conv4-mem2048-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
 delta-all-conv4-mem2048-query-la-off-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid;\
-delta-all-conv4-mem4096-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid}"
+delta-all-conv4-mem4096-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-conv4-mem2048-query-shift1-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
+delta-all-conv4-mem2048-query-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_in_state=true --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-shift1-reread32-instate|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold

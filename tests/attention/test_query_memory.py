@@ -67,7 +67,9 @@ CASES = [(kind, rule, placement, window, prompt, extra)
                                        (1, 2, dict(memory_pool=5)),  # fewer prompt keys than slots
                                        # the prompt's last 6 tokens read again against the memory (the question)
                                        (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5, memory_reread=6)),
-                                       (1, 3, dict(memory_reread=8)))]  # more than the prompt: all of it
+                                       (1, 3, dict(memory_reread=8)),  # more than the prompt: all of it
+                                       # the kept keys stay in the linear state too
+                                       (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_reread=6, memory_in_state=True)))]
 
 
 @pytest.mark.parametrize("kind,rule,placement,window,prompt,extra", CASES)
@@ -183,7 +185,8 @@ def converted(kind="sum", family="llama", **settings):
 
 @pytest.mark.parametrize("kind,settings", [("sum", {}), ("gated", {}), ("delta", {}), ("gated", {"qk_conv": 3}),
                                             ("sum", {"mix_gate": "dynamic"}), ("sum", {"memory_reread": 5}),
-                                            ("delta", {"memory_reread": 5, "qk_conv": 3})])
+                                            ("delta", {"memory_reread": 5, "qk_conv": 3}),
+                                            ("delta", {"memory_reread": 5, "memory_in_state": True})])
 def test_the_layer_prefills_and_decodes_as_the_reference(kind, settings):
     """A converted layer called with a cache: the prompt's outputs but the last (the last memory_reread) are the full
     forward's (no memory), the re-read prompt tokens and every decoded one are the reference's (memory chosen at the
@@ -273,9 +276,13 @@ def test_config_checks_and_set_hybrid():
         linearize.HybridConfig(memory_reread=0)
     with pytest.raises(ValueError, match="sparse_memory is 0"):  # a rule with nothing to choose is a mistake, said
         linearize.HybridConfig(memory_select="query")
+    with pytest.raises(ValueError, match="memory_in_state"):
+        linearize.HybridConfig(sparse_memory=4, memory_in_state=True)  # the 'recall' rule decides what enters
     model = converted("sum", memory_select="recall")
     linearize.set_hybrid(model, memory_select="query")  # a training-free change of a conversion
     assert model.model.layers[0].self_attn.spec.selects_at_prefill
+    linearize.set_hybrid(model, memory_in_state=True)
+    assert model.model.layers[0].self_attn.spec.memory_in_state
 
 
 def graph_decoded(model, prompt, mask, tokens, capture):
@@ -353,3 +360,36 @@ def test_cuda_bf16_auto_backend_matches_torch():
     finally:
         del os.environ["LINEARIZE_EAGER_DECODE"]
     assert model.decode_path.path == "eager" and torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("kind", ["sum", "gated", "delta"])
+def test_memory_in_state_keeps_the_linear_state_of_the_full_forward(kind):
+    """With memory_in_state the linear state after the prefill is the one a prompt without any memory builds (every
+    key outside the window enters, as in training); without it the kept keys are missing from it. The memory is the
+    same either way."""
+    t = 24
+    q, k, v, qf, kf, valid, log_decay, beta = layer_inputs(t)
+    gates = gates_of(kind, log_decay, beta)
+    spec_kw = dict(scale=D**-0.5, window=4, rule="mix", linear_state=kind, sparse_memory=3, memory_select="query",
+                   softmax_sinks=2, memory_reread=1)
+    lags = set() if kind == "sum" else {4}
+    n = t - 1  # the prompt's last token is decoded against the memory
+    head, last = slice(0, n), slice(n, t)
+    cut = lambda sl: {name: x[:, :, sl] for name, x in gates.items()}  # noqa: E731
+
+    def linear(state):
+        parts = state.linear.tensors() if kind == "sum" else [x for slot in state.linear for x in slot.tensors()]
+        return torch.cat([x.flatten().float() for x in parts])
+
+    with torch.no_grad():
+        states = {flag: prefill_selecting(q, k, v, qf, kf, valid, modes=["hybrid"], weight=0.5, lags=lags, **gates,
+                                          **with_spec(**spec_kw, memory_in_state=flag))[0] for flag in (False, True)}
+        no_memory = with_spec(**{**spec_kw, "sparse_memory": 0, "memory_select": "recall"})
+        plain = prefill_state(k[:, :, head], v[:, :, head], kf[:, :, head], valid[:, head], lags=lags, **cut(head),
+                              **no_memory)
+        decode_step(plain, q[:, :, last], k[:, :, last], v[:, :, last], qf[:, :, last], kf[:, :, last],
+                    modes=["hybrid"], weight=0.5, valid=valid[:, last], **cut(last), **no_memory)
+    kept, dropped = states[True], states[False]
+    assert torch.equal(kept.memory.k, dropped.memory.k) and kept.memory.valid.any()
+    torch.testing.assert_close(linear(kept), linear(plain), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(linear(dropped), linear(plain))  # the kept keys' writes are missing

@@ -329,8 +329,9 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         memory = SparseMemory(*frozen_slots(k, v, kf, selected, sparse_memory), *_no_pending(k, v, kf))
     elif sparse_memory:
         memory_kind(spec)  # refuses what the memory does not cover
-    # the features the complementary state takes in: under 'query' the kept keys' are zero (they never enter)
-    lagged_kf = kf * ~selected[..., None] if memory is not None else kf
+    # the features the complementary state takes in: under 'query' the kept keys' are zero (they never enter), unless
+    # memory_in_state keeps them in it too (the state as trained, which had no query memory)
+    lagged_kf = kf * ~selected[..., None] if memory is not None and not spec.memory_in_state else kf
     if not kind.additive:
         # the memory's state L, held as the lag-w state: where 'hybrid' may be decoded ('complementary': its lag is w;
         # 'overlap': any lag, 0, as 'la_only' has, so a cache prefilled for 'la_only' alone carries it too)
@@ -439,8 +440,9 @@ def _extended_output(state: HybridState, qc, qfc, k, v, kf, valid, spec: Attenti
     exact = [] if mem is None else [(mem.k, mem.v, mem.kf, mem.valid), (mem.pend_k, mem.pend_v, mem.pend_kf, mem.pend_valid)]
     la = None
     lag = mode.linear_lag(spec.placement, state.buf_k.shape[2] + 1)
-    if lag == 0:
-        _, av, akf, amask = _join(sinks + exact + window, f32)  # every key so far: S + these
+    if lag == 0:  # every key so far: S + these (a query memory kept in the state is in S already)
+        in_state = mem is not None and state.memory_fixed and spec.memory_in_state
+        _, av, akf, amask = _join(sinks + ([] if in_state else exact) + window, f32)
         la = _linear_read(state, qfc, (akf, av, amask), 0, reads)
         if not mode.uses_window:
             return safe_div(*la)

@@ -59,7 +59,9 @@ For every query t >= P - R (the prompt's last R tokens and the decoded ones):
       LA        'complementary': the kind's state over {s valid, s not in Z : s <= t - w, s not in M}, i.e. the kind's
                 naive sums with lag w where the keys of M have zero features: 'sum' and 'gated' add phi(k) v^T, the
                 delta rule writes k^ = phi(k) / ||phi(k)|| and k^ = 0 writes nothing (den: 1 once any valid key
-                outside Z has entered, kept or not); 'overlap' and 'la_only': every valid key (unchanged).
+                outside Z has entered, kept or not); 'overlap' and 'la_only': every valid key (unchanged). With
+                memory_in_state the keys of M keep their features: the state over {s valid, s not in Z : s <= t - w},
+                as a full forward (and training) has it.
   So the memory is fixed after the prefill and keys leaving the window later enter the linear state as usual.
   `query_memory_reference` is this definition as plain loops.
 """
@@ -266,8 +268,9 @@ def query_memory_reference(q, k, v, qf, kf, *, spec: AttentionSpec, prompt: int,
     sinks = first_valid(valid, spec.softmax_sinks)
     weight = expand_weight(weight, b, hq, t, q)
     lag = mode.linear_lag(spec.placement, window)
-    if lag:  # the complementary state: the kept keys never enter (zero features), nor do the sinks
-        la = kind.naive(qf, kf * ~chosen[..., None], v, log_decay=log_decay, beta=beta, enter=valid & ~sinks, lag=lag)
+    if lag:  # the complementary state: the kept keys never enter (zero features; memory_in_state: they do), nor do the sinks
+        kept_out = kf if spec.memory_in_state else kf * ~chosen[..., None]
+        la = kind.naive(qf, kept_out, v, log_decay=log_decay, beta=beta, enter=valid & ~sinks, lag=lag)
     elif lag == 0:
         la = kind.naive(qf, kf, v, log_decay=log_decay, beta=beta, enter=valid, lag=0)
     outs = []

@@ -28,6 +28,7 @@ class AttentionSpec:
     memory_observe: int = field(default=32, metadata={"help": "'query': the prompt's last queries that score the keys."})
     memory_pool: int = field(default=7, metadata={"help": "'query': max-pooling width of the keys' scores (1 = none)."})
     memory_reread: int = field(default=MEMORY_REREAD, metadata={"help": "'query': the prompt's last tokens read again against the memory (HybridConfig.memory_reread)."})
+    memory_in_state: bool = field(default=False, metadata={"help": "'query': the kept keys also enter the linear state (HybridConfig.memory_in_state)."})
     chunk_size: int = field(default=64, metadata={"help": "Block size of the chunked implementations and the kernels."})
     linear_state: str = field(default="sum", metadata={"help": "Kind of the linear branch's state (attention.linear)."})
     backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})
@@ -38,7 +39,8 @@ class AttentionSpec:
                    num_sinks=hybrid.num_sinks, softmax_sinks=hybrid.softmax_sinks, sparse_memory=hybrid.sparse_memory,
                    memory_block=hybrid.memory_block, memory_select=hybrid.memory_select,
                    memory_observe=hybrid.memory_observe, memory_pool=hybrid.memory_pool,
-                   memory_reread=hybrid.memory_reread, chunk_size=hybrid.chunk_size,
+                   memory_reread=hybrid.memory_reread, memory_in_state=hybrid.memory_in_state,
+                   chunk_size=hybrid.chunk_size,
                    linear_state=hybrid.linear_state, backend=hybrid.backend)
 
     @property

@@ -105,6 +105,29 @@ def test_torch_compile_traces_the_op_without_a_graph_break():
         torch.testing.assert_close(x.grad, y.grad)
 
 
+def test_a_chain_of_layers_compiles_as_one_graph():
+    """`linearize bench --stack`: the chained calls trace into one graph (fullgraph), the same loss and gradients."""
+    from linearize.bench.kernels import chained
+
+    tensors, valid = _inputs("cpu", torch.float32, pad=True)
+    args = _op_args(tensors, valid, "hybrid_shared_norm_complementary", torch.full((4,), 0.2))
+
+    def layer(q, k, v, qf, kf):
+        return hybrid_attention_op(q, k, v, qf, kf, *args[5:7], scale=args[7], window=args[8], wscalar=args[9],
+                                   code=args[10], shift=args[11], chunk_size=args[12])
+
+    stack = chained(layer, 3)
+    compiled = torch.compile(stack, backend="aot_eager", fullgraph=True)
+    a = [x.clone().requires_grad_() for x in tensors]
+    b = [x.clone().requires_grad_() for x in tensors]
+    out_c, out_e = compiled(*a), stack(*b)
+    (out_c * out_c).sum().backward()
+    (out_e * out_e).sum().backward()
+    torch.testing.assert_close(out_c, out_e)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # the two residual layouts (both branches; the linear branch alone); the other modes' kernel bodies are checked by

@@ -140,4 +140,5 @@ def test_diagnose_cli_converted_dir_scores_its_base(tokenizer, tmp_path):
     diag = json.loads((out / "diagnose.json").read_text())
     assert list(diag["runs"]) == ["base", "hybrid"]
     assert diag["info"]["kind"] == "converted" and diag["info"]["base"] == str(base_dir)
+    assert diag["info"]["recipe"] == "lolcats" and "recipe lolcats" in (out / "diagnose.md").read_text()
     assert diag["table"]["hybrid"]["recovery"]["average"] is not None

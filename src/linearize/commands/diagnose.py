@@ -134,6 +134,9 @@ def run(args) -> int:
         result = diagnose(model, tokenizer, tasks=tasks, limit=parse_limit(args.limit), modes=modes, base=base,
                           window=window, batch_size=parse_batch(args.batch_size), data_dir=data_dir, seed=args.seed,
                           bootstrap=args.bootstrap, max_length=args.max_length, check=not args.no_check, progress=say)
+        # diagnose() saw a model object: what only the directory says (the recipe, the base) comes from its load
+        result["info"] = {**result["info"], **{k: info[k] for k in ("base", "recipe")
+                                               if result["info"].get(k) is None and info.get(k) is not None}}
         info = {**info, **{k: v for k, v in result["info"].items() if v is not None}, "model": spec}
         meta = run_metadata(**{**common, "model_info": info}, tasks=tasks, limit=args.limit, modes=modes)
         record = {"meta": meta, **result}

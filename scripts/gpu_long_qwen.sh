@@ -56,7 +56,8 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which
-# never had a query memory), with the gate shifted by 1 or as trained (-reread32-instate: mix_shift 0).
+# never had a query memory), with the gate shifted by 1 or as trained (-reread32-instate: mix_shift 0); on SQuAD
+# (CPU, 12 items, s15/cpu-memory-in-state) no change: these variants ask the same of the long QA.
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both

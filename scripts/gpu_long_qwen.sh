@@ -52,7 +52,8 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # softmax branch): at the default 64 the memory's walk over a 4k row is 64 sequential boundaries per layer, and stage
 # 1 ran at 485-600 tokens/s on the H200 against 3644 without memory (session 15, results/long/qwen2.5-coder-1.5b/s15/
 # logs/convert-delta-all-memtrain*.log; one Qwen-shaped layer's forward + backward on the CPU: 70k aten calls against
-# 6.6k without memory, 9.8k with memory_block 512).
+# 6.6k without memory, 9.8k with memory_block 512). At 512: 3146 / 2377 tokens/s, 456 s for both stages; long QA at 16k /
+# 32k 0.179 / 0.273 against delta-all's 0.243 / 0.345, short tasks 99.0% of the base (session 16, RESULTS.md).
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which

@@ -9,8 +9,8 @@
 #      the measurement ranks highest (`measured:KEEP`), with the delta-rule state (the best reader on Gemma) and
 #      the plain sum; the base and its window+sinks baselines cut every layer (`--layers all`).
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
-# Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run and the
-# long-context-all recipe; 388 s for both stages on an H200 at 0444c9a), RUN_NAMES (a comma-separated subset of
+# Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run; 388 s
+# for both stages on an H200 at 0444c9a; delta-all-memtrain is the long-context-all recipe), RUN_NAMES (a comma-separated subset of
 # delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
 # below), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).

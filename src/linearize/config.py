@@ -70,6 +70,9 @@ PLACEMENTS = ("complementary", "overlap")
 MEMORY_REREAD = 32
 #: How the sparse memory chooses its keys (HybridConfig.memory_select).
 MEMORY_SELECTS = ("recall", "query")
+#: What a query-memory prompt's tokens before the re-read ones read besides window, sinks and linear state
+#: (HybridConfig.memory_prefill).
+MEMORY_PREFILLS = ("none", "recall")
 MIX_GATES = ("fixed", "learned", "dynamic")
 FEATURE_SIZES = ("full", "half")
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -123,6 +126,7 @@ class HybridConfig:
     memory_observe: int = field(default=32, metadata={"help": "memory_select 'query': how many of the prompt's last valid queries score the keys (SnapKV's observation window, the last prompt token included); a shorter prompt uses all of its queries."})
     memory_pool: int = field(default=7, metadata={"help": "memory_select 'query': the keys' scores are max-pooled over this many neighbouring positions (odd; SnapKV uses 7), so the tokens next to a key the question looks for come with it; 1 = no pooling."})
     memory_in_state: bool = field(default=False, metadata={"help": "memory_select 'query': the kept keys also enter the complementary linear state, as every key outside the window does during training (which runs without the query memory), instead of leaving it (False, the default: the state holds what it would hold had they never entered). With it a conversion trained without a memory reads the linear state it was trained to read, and the memory's keys come in addition, exact, in the softmax branch. Measured on Qwen2.5-Coder-1.5B's delta conversion, SQuAD reading: no change (RESULTS.md, session 15). Computation only (set_hybrid); the decode state is the same size."})
+    memory_prefill: str = field(default="none", metadata={"help": "memory_select 'query': what the prompt's tokens before the re-read ones read besides the window, the sinks and the linear state -- in a prefill and in a full (teacher-forced) forward. 'none' (the default): nothing; the memory is chosen only at the prompt's end. 'recall': the online recall memory of the same size (sparse_memory keys, updated every memory_block tokens), as in the training of a conversion trained with sparse_memory (memory_select 'recall'), so a gate trained beside that memory reads the prompt as it learned to; a prompt no longer than window + sinks + sparse_memory is then read exactly. The decode memory is still the query-chosen one (the re-read tokens and every later one read it). Computation only (set_hybrid); the prefill walks the recall memory too (its cost), the decode state is the same."})
     memory_reread: int = field(default=MEMORY_REREAD, metadata={"help": "memory_select 'query': how many of the prompt's last tokens are read again against the chosen memory (decoded one by one after it is chosen, in every converted layer, so the upper layers see tokens that have read it): 1 = the last token only; 32 (the default) = the question too, when it is among the last 32 tokens (a prefill streams: without this the question's own tokens never read the memory; measured on Gemma 3 270M at 8k / 16k, 256 keys: long QA 0.877 / 0.854 -> 0.727 / 0.762 bits per byte, the base 0.691 / 0.770, RESULTS.md). The memory is chosen among the keys outside the window of the first re-read token. Computation only (set_hybrid); costs that many decode steps per converted layer at each prefill."})
     linear_state: str = field(default="sum", metadata={"help": "State of the linear branch (linearize.attention.linear): 'sum' (normalised linear attention, LoLCATs), 'gated' (the same with a learned per-head, per-token decay, GLA-style; log_decay = -softplus(x W + b)), 'delta' (gated delta rule, Gated DeltaNet; unnormalised: combine 'mix' only)."})
     decay_init: float = field(default=0.999, metadata={"help": "linear_state 'gated' (and 'delta'): the initial per-token decay exp(log_decay) of every head (W = 0, b set from it); 0.999 forgets over ~1000 tokens, close to 'sum' at conversion."})
@@ -140,6 +144,7 @@ class HybridConfig:
             "feature_size": (self.feature_size, FEATURE_SIZES),
             "backend": (self.backend, BACKENDS),
             "memory_select": (self.memory_select, MEMORY_SELECTS),
+            "memory_prefill": (self.memory_prefill, MEMORY_PREFILLS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -164,6 +169,10 @@ class HybridConfig:
             raise ValueError("memory_in_state keeps the query memory's keys in the linear state too; the 'recall' memory "
                              "chooses keys by how badly that state recalls them and lets only the others enter: set "
                              "memory_select='query' (or memory_in_state=False)")
+        if self.memory_prefill != "none" and self.memory_select != "query":
+            raise ValueError(f"memory_prefill={self.memory_prefill!r} sets what a query memory's prompt reads before the memory "
+                             f"is chosen; the 'recall' memory is read by every token already: set memory_select='query' "
+                             f"(or memory_prefill='none')")
         if self.memory_select != "recall" and not self.sparse_memory:
             raise ValueError(f"memory_select={self.memory_select!r} chooses the sparse memory's keys, but sparse_memory "
                              f"is 0: set sparse_memory > 0 (or leave memory_select 'recall')")

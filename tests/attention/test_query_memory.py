@@ -157,7 +157,11 @@ def test_the_full_forward_runs_without_the_memory(fn):
         plain = fn(q, k, v, qf, kf, **with_spec(**kw))
         query = fn(q, k, v, qf, kf, **with_spec(**kw, sparse_memory=4, memory_select="query"))
         recall = fn(q, k, v, qf, kf, **with_spec(**kw, sparse_memory=4, memory_block=4))
+        # memory_prefill 'recall': the full forward reads the online recall memory instead
+        prefilled = fn(q, k, v, qf, kf, **with_spec(**kw, sparse_memory=4, memory_block=4, memory_select="query",
+                                                    memory_prefill="recall"))
     assert torch.equal(query, plain) and not torch.allclose(recall, plain)
+    assert torch.equal(prefilled, recall)
 
 
 def test_prefill_state_refuses_a_query_memory_without_its_selection():
@@ -278,11 +282,77 @@ def test_config_checks_and_set_hybrid():
         linearize.HybridConfig(memory_select="query")
     with pytest.raises(ValueError, match="memory_in_state"):
         linearize.HybridConfig(sparse_memory=4, memory_in_state=True)  # the 'recall' rule decides what enters
+    with pytest.raises(ValueError, match="memory_prefill"):
+        linearize.HybridConfig(sparse_memory=4, memory_prefill="recall")  # the 'recall' memory is read by every token
+    with pytest.raises(ValueError, match="memory_prefill"):
+        linearize.HybridConfig(sparse_memory=4, memory_select="query", memory_prefill="exact")
     model = converted("sum", memory_select="recall")
     linearize.set_hybrid(model, memory_select="query")  # a training-free change of a conversion
     assert model.model.layers[0].self_attn.spec.selects_at_prefill
     linearize.set_hybrid(model, memory_in_state=True)
     assert model.model.layers[0].self_attn.spec.memory_in_state
+    linearize.set_hybrid(model, memory_prefill="recall")
+    assert model.model.layers[0].self_attn.spec.full_forward().memory_select == "recall"
+
+
+def layer_outputs(model, hidden, prompt, *, cached=True):
+    """Layer 0's outputs for `hidden`: a cached prefill of the first `prompt` tokens, then one token at a time (or one
+    full forward, cached=False)."""
+    layer = model.model.layers[0].self_attn
+    t = hidden.shape[1]
+    pe = model.model.rotary_emb(hidden, torch.arange(t)[None])
+    with torch.no_grad():
+        if not cached:
+            return layer(hidden, pe)[0]
+        cache = DynamicCache(config=model.config)
+        got = [layer(hidden[:, :prompt], tuple(x[:, :prompt] for x in pe), **cache_kwargs(cache))[0]]
+        got += [layer(hidden[:, i:i + 1], tuple(x[:, i:i + 1] for x in pe), **cache_kwargs(cache))[0] for i in range(prompt, t)]
+    return torch.cat(got, 1)
+
+
+@pytest.mark.parametrize("kind", ["sum", "delta"])
+def test_memory_prefill_recall_reads_the_prompt_with_the_recall_memory(kind):
+    """memory_prefill='recall': the prompt's tokens before the re-read ones are the recall memory's full forward (as a
+    conversion trained with that memory reads them); the re-read tokens and every decoded one are the query memory's,
+    as without it (one layer: its outputs do not feed its own keys)."""
+    import copy
+
+    model = converted(kind, memory_reread=5, memory_block=4, memory_prefill="recall")
+    with torch.no_grad():
+        for name, p in model.model.layers[0].self_attn.named_parameters():
+            if "gate." in name:
+                p.add_(0.2 * torch.randn_like(p))
+    t, prompt, reread = 24, 15, 5
+    torch.manual_seed(4)
+    hidden = torch.randn(1, t, 64)
+    got = layer_outputs(model, hidden, prompt)
+    recall = copy.deepcopy(model)
+    linearize.set_hybrid(recall, memory_select="recall", memory_prefill="none")
+    plain = copy.deepcopy(model)
+    linearize.set_hybrid(plain, memory_prefill="none")
+    first = prompt - reread
+    torch.testing.assert_close(got[:, :first], layer_outputs(recall, hidden, prompt, cached=False)[:, :first],
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer_outputs(model, hidden, prompt, cached=False), layer_outputs(recall, hidden, prompt, cached=False))
+    without = layer_outputs(plain, hidden, prompt)
+    torch.testing.assert_close(got[:, first:], without[:, first:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[:, :first], without[:, :first], atol=1e-4)  # the recall memory changes the prompt's
+
+
+def test_memory_prefill_reads_a_short_prompt_exactly():
+    """A prompt no longer than window + sinks + memory: with memory_prefill='recall' and the linear branch on, every
+    prompt token reads all of its past exactly (the linear state stays empty), as the same layer with a window
+    covering the prompt."""
+    import copy
+
+    model = converted("delta", memory_reread=1, memory_block=4, sparse_memory=12, memory_prefill="recall")
+    t = 14  # window 4 + 1 sink + 12 memory keys >= 14 - 1
+    torch.manual_seed(5)
+    hidden = torch.randn(1, t, 64)
+    wide = copy.deepcopy(model)
+    linearize.set_hybrid(wide, window=t, sparse_memory=0, memory_select="recall", memory_prefill="none")
+    torch.testing.assert_close(layer_outputs(model, hidden, t)[:, :t - 1], layer_outputs(wide, hidden, t, cached=False)[:, :t - 1],
+                               atol=1e-5, rtol=1e-5)
 
 
 def graph_decoded(model, prompt, mask, tokens, capture):

@@ -29,6 +29,7 @@ class AttentionSpec:
     memory_pool: int = field(default=7, metadata={"help": "'query': max-pooling width of the keys' scores (1 = none)."})
     memory_reread: int = field(default=MEMORY_REREAD, metadata={"help": "'query': the prompt's last tokens read again against the memory (HybridConfig.memory_reread)."})
     memory_in_state: bool = field(default=False, metadata={"help": "'query': the kept keys also enter the linear state (HybridConfig.memory_in_state)."})
+    memory_prefill: str = field(default="none", metadata={"help": "'query': what the prompt reads before the memory is chosen (HybridConfig.memory_prefill)."})
     chunk_size: int = field(default=64, metadata={"help": "Block size of the chunked implementations and the kernels."})
     linear_state: str = field(default="sum", metadata={"help": "Kind of the linear branch's state (attention.linear)."})
     backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})
@@ -40,6 +41,7 @@ class AttentionSpec:
                    memory_block=hybrid.memory_block, memory_select=hybrid.memory_select,
                    memory_observe=hybrid.memory_observe, memory_pool=hybrid.memory_pool,
                    memory_reread=hybrid.memory_reread, memory_in_state=hybrid.memory_in_state,
+                   memory_prefill=hybrid.memory_prefill,
                    chunk_size=hybrid.chunk_size,
                    linear_state=hybrid.linear_state, backend=hybrid.backend)
 
@@ -54,6 +56,11 @@ class AttentionSpec:
         return self.sparse_memory > 0 and self.memory_select == "query"
 
     def full_forward(self) -> AttentionSpec:
-        """The spec a full (teacher-forced) forward runs: this one, but without the sparse memory under 'query',
-        which acts at prefill only (`recurrent.prefill_selecting`)."""
-        return replace(self, sparse_memory=0) if self.selects_at_prefill else self
+        """The spec a full (teacher-forced) forward runs, and a query-memory prefill for the tokens before the re-read
+        ones: this one, but under 'query' without the sparse memory, which is chosen at the prompt's end
+        (`recurrent.prefill_selecting`) -- or, with memory_prefill 'recall', with the online recall memory instead."""
+        if not self.selects_at_prefill:
+            return self
+        if self.memory_prefill == "recall":
+            return replace(self, memory_select="recall", memory_prefill="none")
+        return replace(self, sparse_memory=0)

@@ -59,6 +59,10 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which
 # never had a query memory), with the gate shifted by 1 or as trained (-reread32-instate: mix_shift 0); on SQuAD
 # (CPU, 12 items, s15/cpu-memory-in-state) no change: these variants ask the same of the long QA.
+# memory_prefill (-prefill): the prompt read with the online recall memory, as delta-all-memtrain was trained, the
+# decode memory still chosen by the prompt's queries (on the CPU, 12 SQuAD items, the recall memory read them at
+# 0.079 bpb against 0.102 with the query memory: prompts within window + memory are then read exactly); -recall: the
+# memory as trained, at inference too.
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both
@@ -83,7 +87,10 @@ delta-all-conv4-mem2048-query-la-off-reread32|delta-all-conv4|--hybrid sparse_me
 delta-all-conv4-mem4096-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
 delta-all-conv4-mem2048-query-shift1-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
 delta-all-conv4-mem2048-query-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_in_state=true --long-modes hybrid;\
-delta-all-memtrain-mem2048-query-shift1-reread32-instate|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid}"
+delta-all-memtrain-mem2048-query-shift1-reread32-instate|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-prefill-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-prefill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
+delta-all-memtrain-mem2048-recall-shift1|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=recall,mix_shift=1 --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold

@@ -211,11 +211,8 @@ def test_the_layer_prefills_and_decodes_as_the_reference(kind, settings):
         gates = layer.state_inputs(hidden, None)
         want, _ = query_memory_reference(q, k, v, qf, kf, spec=layer.spec, prompt=prompt,
                                          weight=layer.mixing_weight(hidden), **gates)
-        full = layer(hidden, pe)[0]
-        cache = DynamicCache(config=model.config)
-        got = [layer(hidden[:, :prompt], tuple(x[:, :prompt] for x in pe), **cache_kwargs(cache))[0]]
-        got += [layer(hidden[:, i:i + 1], tuple(x[:, i:i + 1] for x in pe), **cache_kwargs(cache))[0] for i in range(prompt, t)]
-    got = torch.cat(got, 1)
+    full = layer_outputs(model, hidden, prompt, cached=False)
+    got = layer_outputs(model, hidden, prompt)
     first = prompt - settings.get("memory_reread", 1)
     torch.testing.assert_close(got[:, :first], full[:, :first], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[:, first:], layer.o_proj(want.transpose(1, 2).reshape(1, t - first, -1)),

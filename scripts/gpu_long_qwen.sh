@@ -9,9 +9,9 @@
 #      the measurement ranks highest (`measured:KEEP`), with the delta-rule state (the best reader on Gemma) and
 #      the plain sum; the base and its window+sinks baselines cut every layer (`--layers all`).
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
-# Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run; 388 s
-# for both stages on an H200 at 0444c9a; delta-all-memtrain is the long-context-all recipe), RUN_NAMES (a comma-separated subset of
-# delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
+# Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run, 388 s for both
+# stages on an H200 at 0444c9a; delta-all-memtrain is the long-context-all recipe), RUN_NAMES (a comma-separated
+# subset of delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
 # below), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
@@ -60,9 +60,10 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # never had a query memory), with the gate shifted by 1 or as trained (-reread32-instate: mix_shift 0); on SQuAD
 # (CPU, 12 items, s15/cpu-memory-in-state) no change: these variants ask the same of the long QA.
 # memory_prefill (-prefill): the prompt read with the online recall memory, as delta-all-memtrain was trained, the
-# decode memory still chosen by the prompt's queries (on the CPU, 12 SQuAD items, the recall memory read them at
-# 0.079 bpb against 0.102 with the query memory: prompts within window + memory are then read exactly); -recall: the
-# memory as trained, at inference too.
+# decode memory still chosen by the prompt's queries; -recall: the memory as trained, at inference too. On the CPU
+# (12 SQuAD items, s16/cpu-memory-prefill): query memory 0.102 bpb, -prefill 0.089, -recall 0.079 (a prompt within
+# window + memory is read exactly; -prefill's answer tokens still read keys that left the window after the choice
+# through the linear state).
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both

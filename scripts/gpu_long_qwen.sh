@@ -64,6 +64,9 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # (12 SQuAD items, s16/cpu-memory-prefill): query memory 0.102 bpb, -prefill 0.089, -recall 0.079 (a prompt within
 # window + memory is read exactly; -prefill's answer tokens still read keys that left the window after the choice
 # through the linear state).
+# memory_fill (-fill): besides, the keys that leave the window after the query memory is chosen take its free slots
+# before the linear state, so a prompt and answer within window + sinks + memory are read exactly (with MEMORY_FILL=1
+# the training-free memory baselines too).
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both
@@ -91,7 +94,9 @@ delta-all-conv4-mem2048-query-reread32-instate|delta-all-conv4|--hybrid sparse_m
 delta-all-memtrain-mem2048-query-shift1-reread32-instate|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
 delta-all-memtrain-mem2048-query-prefill-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
 delta-all-memtrain-mem2048-query-prefill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
-delta-all-memtrain-mem2048-recall-shift1|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=recall,mix_shift=1 --long-modes hybrid}"
+delta-all-memtrain-mem2048-recall-shift1|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=recall,mix_shift=1 --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-prefill-fill-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-prefill-fill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold

@@ -69,7 +69,12 @@ CASES = [(kind, rule, placement, window, prompt, extra)
                                        (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5, memory_reread=6)),
                                        (1, 3, dict(memory_reread=8)),  # more than the prompt: all of it
                                        # the kept keys stay in the linear state too
-                                       (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_reread=6, memory_in_state=True)))]
+                                       (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_reread=6, memory_in_state=True)),
+                                       # free slots taken by the keys that leave the window later, until full
+                                       (4, 12, dict(softmax_sinks=2, memory_reread=4, sparse_memory=8, memory_fill=True)),
+                                       (1, 2, dict(memory_pool=5, memory_fill=True)),  # no ring: keys leave at once
+                                       (4, 12, dict(softmax_sinks=2, memory_reread=4, sparse_memory=8, memory_fill=True,
+                                                    memory_in_state=True)))]
 
 
 @pytest.mark.parametrize("kind,rule,placement,window,prompt,extra", CASES)
@@ -80,8 +85,8 @@ def test_prefill_and_decoding_equal_the_plain_loop_reference(kind, rule, placeme
     q, k, v, qf, kf, valid, log_decay, beta = layer_inputs(t)
     gates = gates_of(kind, log_decay, beta)
     weight = torch.rand(HQ) * 0.8 + 0.1
-    spec_kw = dict(scale=D**-0.5, window=window, rule=rule, placement=placement, linear_state=kind, sparse_memory=3,
-                   memory_select="query", **{"memory_reread": 1, **extra})  # 1 unless the case re-reads
+    spec_kw = dict(scale=D**-0.5, window=window, rule=rule, placement=placement, linear_state=kind,
+                   memory_select="query", **{"memory_reread": 1, "sparse_memory": 3, **extra})  # 1 unless the case re-reads
     modes = ["hybrid", "la_only", "swa_only"]
     lags = {mode: 0 if mode == "la_only" or placement == "overlap" else window for mode in modes}
     with torch.no_grad():
@@ -93,12 +98,17 @@ def test_prefill_and_decoding_equal_the_plain_loop_reference(kind, rule, placeme
             torch.testing.assert_close(got[mode], want, atol=1e-5, rtol=1e-5)
     reread = min(extra.get("memory_reread", 1), prompt)  # outside the window of the first re-read token
     assert got["hybrid"].shape[2] == t - prompt + reread
-    candidates = (valid & ~first_valid(valid, spec_kw.get("softmax_sinks", 0)))[:, :max(prompt - reread - window + 1, 0)].sum(1)
-    assert torch.equal(chosen.sum(-1), candidates.clamp(max=3)[:, None].expand(B, HKV))
+    slots = spec_kw["sparse_memory"]
+    outside = valid & ~first_valid(valid, spec_kw.get("softmax_sinks", 0))
+    candidates = outside[:, :max(prompt - reread - window + 1, 0)].sum(1)
+    if extra.get("memory_fill"):  # and then every key that left the window since, while slots were free
+        candidates = outside[:, :max(t - window + 1, 0)].sum(1)
+    assert torch.equal(chosen.sum(-1), candidates.clamp(max=slots)[:, None].expand(B, HKV))
     kept = state.memory
     for row in range(B):
         for h in range(HKV):
-            assert torch.equal(kept.k[row, h][kept.valid[row, h]], k[row, h][chosen[row, h]])  # in time order
+            left = chosen[row, h] & (torch.arange(t) <= t - window)  # (memory_fill: the keys still in the window not yet)
+            assert torch.equal(kept.k[row, h][kept.valid[row, h]], k[row, h][left])  # in time order
     plain, _ = query_memory_reference(q, k, v, qf, kf, prompt=prompt, weight=weight, valid=valid, **gates,
                                       **with_spec(**{**spec_kw, "sparse_memory": 0}))
     assert not torch.allclose(plain, got["hybrid"]) or not chosen.any()  # the memory is read
@@ -352,6 +362,26 @@ def test_memory_prefill_reads_a_short_prompt_exactly():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sum", "delta"])
+def test_memory_fill_reads_a_short_prompt_and_its_continuation_exactly(kind):
+    """memory_fill with memory_prefill='recall': a prompt and the tokens decoded after it, no longer than window +
+    sinks + memory, are read exactly at every step -- the re-read and decoded tokens too, whose window-leaving keys
+    take the query memory's free slots -- as by the layer with a window covering them all; without memory_fill those
+    keys enter the linear state and the decoded outputs differ."""
+    import copy
+
+    model = converted(kind, memory_reread=3, memory_block=4, sparse_memory=12, memory_prefill="recall", memory_fill=True)
+    t, prompt = 17, 12  # window 4 + 1 sink + 12 memory keys >= 17
+    torch.manual_seed(6)
+    hidden = torch.randn(1, t, 64)
+    wide = copy.deepcopy(model)
+    linearize.set_hybrid(wide, window=t, sparse_memory=0, memory_select="recall", memory_prefill="none", memory_fill=False)
+    exact = layer_outputs(wide, hidden, prompt, cached=False)
+    torch.testing.assert_close(layer_outputs(model, hidden, prompt), exact, atol=1e-5, rtol=1e-5)
+    linearize.set_hybrid(model, memory_fill=False)
+    assert not torch.allclose(layer_outputs(model, hidden, prompt)[:, prompt:], exact[:, prompt:], atol=1e-4)
+
+
 def graph_decoded(model, prompt, mask, tokens, capture):
     """Logits of `tokens` stepped after a padded prompt: eagerly through the model, and through a GraphDecoder."""
     from linearize.attention.graph_decode import GraphDecoder
@@ -382,7 +412,10 @@ def test_the_graph_decoder_takes_a_fixed_memory():
     mask[1, :4] = 0
     eager, graphed, _ = graph_decoded(model, prompt, mask, tokens, capture=False)
     torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
-    linearize.set_hybrid(model, memory_select="recall")  # chosen online: its boundary step is captured too
+    linearize.set_hybrid(model, sparse_memory=16, memory_fill=True)  # free slots filled as keys leave: masked writes
+    eager, graphed, _ = graph_decoded(model, prompt, mask, tokens, capture=False)
+    torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
+    linearize.set_hybrid(model, sparse_memory=3, memory_fill=False, memory_select="recall")  # chosen online: its boundary step is captured too
     eager, graphed, _ = graph_decoded(model, prompt, mask, tokens, capture=False)
     torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
 
@@ -394,6 +427,10 @@ def test_cuda_graph_replay_of_a_fixed_memory_equals_eager_stepping(family):
     prompt, tokens = torch.randint(1, 128, (2, 15), device="cuda"), torch.randint(1, 128, (2, 20), device="cuda")
     mask = torch.ones_like(prompt)
     mask[1, :4] = 0
+    eager, graphed, decoder = graph_decoded(model, prompt, mask, tokens, capture=True)
+    assert decoder.captured
+    torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+    linearize.set_hybrid(model, sparse_memory=24, memory_fill=True)  # the free slots' masked writes, replayed
     eager, graphed, decoder = graph_decoded(model, prompt, mask, tokens, capture=True)
     assert decoder.captured
     torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)

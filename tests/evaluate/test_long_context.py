@@ -475,6 +475,13 @@ def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
         plain_cut = score_items(base, tok, items, batch_tokens=120)
     with_memory = score_items(snap, tok, items, batch_tokens=120)
     assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(with_memory, plain_cut))
+    # memory_fill: the keys that leave the window while the prompt is read again and the answer is scored take the
+    # free slots, so items no longer than window + sinks + memory are scored as the base scores them
+    filled = score_items(query_memory_baseline(base, 6, 2, 32, layers=layers, fill=True), tok, items, batch_tokens=120)
+    for a, b in zip(filled, want):
+        assert a["bits"] == pytest.approx(b["bits"], rel=1e-4, abs=1e-4)
+    unfilled = score_items(query_memory_baseline(base, 6, 2, 32, layers=layers), tok, items, batch_tokens=120)
+    assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(unfilled, want))
     with pytest.raises(LinearizeError, match="memory >= 1"):
         query_memory_baseline(base, 4, 1, 0, layers=layers)
     with pytest.raises(LinearizeError, match="base model"):

@@ -21,7 +21,8 @@ and, with softmax sinks or sparse memory on,
           state that the linear branch reads), and the boundary step runs in `step_linear` after the decay of the
           step it starts. Under memory_select 'query' the memory is chosen once by `prefill_selecting` and stays
           fixed (no pending block: zero slots); the complementary state (S, z, or the lag-w slot) never took the
-          kept keys in, and keys leaving the window later enter it as they do without memory,
+          kept keys in, and keys leaving the window later enter it as they do without memory (memory_fill: they take the
+          memory's free slots first, `_fill_free_slot`),
 and, with the q/k convolution (qk_conv = K > 0),
   conv_q, conv_k  the last K - 1 queries and keys (padding as zeros) the convolution reads besides the new token;
           the layer rolls them in place at each step (`HybridAttention.features`).
@@ -123,6 +124,10 @@ class HybridState:
     pend_keep: torch.Tensor | None = None  # (B, F) bool: the entry enters S, z (not an empty slot or a softmax sink)
     pend_count: torch.Tensor | None = None  # (1,) long: entries in use (0 .. F-1), shared by the rows as `slot` is
     memory_select: str = "recall"  # the rule that chose `memory`; 'query': fixed since the prefill
+    # 'query' with memory_fill: a leaving key takes the memory's first free slot (if any) before the linear state;
+    # fill_in_state (memory_in_state): it enters the state as well, as the kept keys did
+    memory_fill: bool = False
+    fill_in_state: bool = False
     # kind 'sum' with a 'recall' memory: the pending slot of the next key to leave (seen % memory_block) on the device,
     # so a captured step finds its slot and its boundary without the host counter
     memory_slot: torch.Tensor | None = None  # (1,) long, shared by the rows and, as `slot`, left out of tensors()
@@ -235,9 +240,10 @@ def _kind_final_state(kind, kf, v, *, log_decay, beta, enter, lag):
     return state
 
 
-def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta, lagged_kf=None):
+def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta, lagged_kf=None, lagged_enter=None):
     """`lagged_kf`: the features the lag-w (complementary) state reads, where they differ from kf (the memory's
-    kept keys zeroed under 'query')."""
+    kept keys zeroed under 'query'); `lagged_enter`: the keys that enter it, where they are not the valid non-sink
+    ones (under 'query', not those every KV head keeps)."""
     kf, v = kf.float(), v.float()
     lagged_kf = kf if lagged_kf is None else lagged_kf.float()
     t = kf.shape[2]
@@ -245,7 +251,7 @@ def _prefill_slots(kind, kf, v, valid, sinks, *, lags, window, log_decay, beta, 
     for lag in sorted(lags):
         if lag not in (0, window):
             raise ValueError(f"linear-state lag {lag}: expected 0 or the window {window}")
-        enter = valid & ~sinks if lag else valid  # 'complementary' leaves the softmax sinks out of the state
+        enter = (valid & ~sinks if lagged_enter is None else lagged_enter) if lag else valid  # 'complementary' leaves the softmax sinks out
         feats = lagged_kf if lag else kf
         state = _kind_final_state(kind, feats, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
         slot = LinearSlot(lag, state)
@@ -331,14 +337,16 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         memory_kind(spec)  # refuses what the memory does not cover
     # the features the complementary state takes in: under 'query' the kept keys' are zero (they never enter), unless
     # memory_in_state keeps them in it too (the state as trained, which had no query memory)
-    lagged_kf = kf * ~selected[..., None] if memory is not None and not spec.memory_in_state else kf
+    kept_out = memory is not None and not spec.memory_in_state
+    lagged_kf = kf * ~selected[..., None] if kept_out else kf
+    lagged_enter = valid & ~sinks & ~selected.all(1) if kept_out else None
     if not kind.additive:
         # the memory's state L, held as the lag-w state: where 'hybrid' may be decoded ('complementary': its lag is w;
         # 'overlap': any lag, 0, as 'la_only' has, so a cache prefilled for 'la_only' alone carries it too)
         hybrid_decoded = window in lags if spec.placement == "complementary" else bool(lags)
         memory_lag = window if sparse_memory and hybrid_decoded and not spec.selects_at_prefill else None
         linear = _prefill_slots(kind, kf, v, valid, sinks, lags=set(lags) - {memory_lag}, window=window,
-                                log_decay=log_decay, beta=beta, lagged_kf=lagged_kf)
+                                log_decay=log_decay, beta=beta, lagged_kf=lagged_kf, lagged_enter=lagged_enter)
         if memory_lag is not None:
             state, memory = _prefill_memory(kind, k, v, kf, valid & ~sinks, spec=spec, log_decay=log_decay, beta=beta,
                                             dtype=f32)
@@ -375,6 +383,7 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         num_sinks=num_sinks, softmax_sinks=softmax_sinks, sink_kf=take(kf) if softmax_sinks else None,
         left_count=valid[:, :n_old].sum(1, keepdim=True) if extras else None, memory=memory,
         kind=linear_state, buf_beta=buf_beta, memory_select=spec.memory_select, memory_slot=memory_slot,
+        memory_fill=spec.memory_fill and spec.selects_at_prefill, fill_in_state=spec.memory_in_state,
         conv_q=None if conv_history is None else conv_history[0].clone(memory_format=torch.contiguous_format),
         conv_k=None if conv_history is None else conv_history[1].clone(memory_format=torch.contiguous_format),
     )
@@ -569,6 +578,8 @@ def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
         keep = valid & (state.left_count >= state.softmax_sinks)
     state.left_count.add_(valid.to(state.left_count.dtype))
     mem = state.memory
+    if mem is not None and state.memory_fill:
+        kf, keep = _fill_free_slot(state, k, v, kf, keep)
     if mem is None or state.memory_fixed:
         _fold(state, kf, v, keep, beta)
         return
@@ -582,6 +593,24 @@ def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
     mem.pend_valid[:, i:i + 1].copy_(keep)
     if mem.pend_beta is not None:
         mem.pend_beta[:, :, i:i + 1].copy_(beta)
+
+
+def _fill_free_slot(state: HybridState, k, v, kf, keep) -> torch.Tensor:
+    """memory_fill: the leaving key (k, v, kf (B, Hkv, 1, .), keep (B, 1)) takes the fixed memory's first free slot
+    where it has one, per row and KV head, in place (masked writes: no branch on values, so a captured step replays
+    it). Returns the features the linear state takes in -- zero where the key went to the memory -- and whether it
+    enters (not where every KV head keeps it), unless the kept keys stay in the state (`fill_in_state`)."""
+    mem = state.memory
+    free = ~mem.valid  # (B, Hkv, m)
+    into = free.any(-1, keepdim=True) & keep[:, :, None]  # (B, Hkv, 1)
+    first = torch.arange(free.shape[-1], device=free.device) == free.to(torch.int8).argmax(-1, keepdim=True)
+    at = first & into  # (B, Hkv, m): the slot this key takes
+    for buf, x in ((mem.k, k), (mem.v, v), (mem.kf, kf)):
+        buf.copy_(torch.where(at[..., None], x.to(buf.dtype), buf))
+    mem.valid.logical_or_(at)
+    if state.fill_in_state:
+        return kf, keep
+    return kf * ~into[..., None], keep & ~into.all(1)
 
 
 def _leave_sum_memory(state: HybridState, k, v, kf, keep) -> None:

@@ -58,11 +58,15 @@ For every query t >= P - R (the prompt's last R tokens and the decoded ones):
       softmax   {s : t - w < s <= t} + {s in Z : s <= t} + M                              ('hybrid' only)
       LA        'complementary': the kind's state over {s valid, s not in Z : s <= t - w, s not in M}, i.e. the kind's
                 naive sums with lag w where the keys of M have zero features: 'sum' and 'gated' add phi(k) v^T, the
-                delta rule writes k^ = phi(k) / ||phi(k)|| and k^ = 0 writes nothing (den: 1 once any valid key
-                outside Z has entered, kept or not); 'overlap' and 'la_only': every valid key (unchanged). With
+                delta rule writes k^ = phi(k) / ||phi(k)|| and k^ = 0 writes nothing (den: 1 once a valid key
+                outside Z that not every KV head of the row keeps has entered -- a state that took nothing in is
+                not mixed in as an empty readout); 'overlap' and 'la_only': every valid key (unchanged). With
                 memory_in_state the keys of M keep their features: the state over {s valid, s not in Z : s <= t - w},
                 as a full forward (and training) has it.
-  So the memory is fixed after the prefill and keys leaving the window later enter the linear state as usual.
+  So the memory is fixed after the prefill and keys leaving the window later enter the linear state as usual --
+  unless memory_fill: then M also holds, per (row, KV head), the first m - |M| keys of {s valid, s not in Z :
+  s > P - R - w} in time order (those that leave the window after the selection take its free slots; query t reads
+  only those with s <= t), and they stay out of the complementary state as the chosen ones do.
   `query_memory_reference` is this definition as plain loops.
 """
 
@@ -249,6 +253,10 @@ def query_memory_selection(q, k, valid, *, spec: AttentionSpec, prompt: int) -> 
             pooled = {s: max(score[u] for u in candidates if abs(u - s) <= reach) for s in candidates}
             for s in sorted(candidates, key=lambda s: (-pooled[s], s))[:spec.sparse_memory]:
                 chosen[row, h, s] = True
+            if spec.memory_fill:  # the keys leaving the window later take the free slots, oldest first
+                later = [s for s in keys if not sinks[row, s] and s > prompt - min(spec.memory_reread, prompt) - spec.window]
+                for s in later[:spec.sparse_memory - int(chosen[row, h].sum())]:
+                    chosen[row, h, s] = True
     return chosen
 
 
@@ -270,7 +278,8 @@ def query_memory_reference(q, k, v, qf, kf, *, spec: AttentionSpec, prompt: int,
     lag = mode.linear_lag(spec.placement, window)
     if lag:  # the complementary state: the kept keys never enter (zero features; memory_in_state: they do), nor do the sinks
         kept_out = kf if spec.memory_in_state else kf * ~chosen[..., None]
-        la = kind.naive(qf, kept_out, v, log_decay=log_decay, beta=beta, enter=valid & ~sinks, lag=lag)
+        enter = valid & ~sinks if spec.memory_in_state else valid & ~sinks & ~chosen.all(1)
+        la = kind.naive(qf, kept_out, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
     elif lag == 0:
         la = kind.naive(qf, kf, v, log_decay=log_decay, beta=beta, enter=valid, lag=0)
     outs = []
@@ -283,7 +292,8 @@ def query_memory_reference(q, k, v, qf, kf, *, spec: AttentionSpec, prompt: int,
             soft = valid & first_valid(valid, spec.num_sinks) & (pos <= t_)
         else:
             soft = (pos > t_ - window) & (pos <= t_) | (sinks & (pos <= t_))
-        soft = valid[:, None] & (soft[:, None] | (chosen if mode.combines else False))  # (B, Hkv, T)
+        seen = chosen & (pos <= t_) if mode.combines else False  # (memory_fill: the later keys once they exist)
+        soft = valid[:, None] & (soft[:, None] | seen)  # (B, Hkv, T)
         logits = torch.einsum("bhgd,bhsd->bhgs", group_queries(q[:, :, t_], hkv), k) * spec.scale
         logits = logits.masked_fill(~soft[:, :, None], float("-inf"))
         c = logits.amax(-1, keepdim=True)

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     g.add_argument("--memory-reread", type=int, default=MEMORY_REREAD,
                    help="the query-memory baselines: the prompt's last tokens read again against the chosen memory "
                         "(HybridConfig.memory_reread, the same default; 1 = the last token)")
+    g.add_argument("--memory-fill", action="store_true",
+                   help="the query-memory baselines: keys leaving the window after the memory is chosen take its free "
+                        "slots (HybridConfig.memory_fill), as a conversion run with memory_fill does")
     g.add_argument("--baselines-only", action="store_true",
                    help="base model only: its window+sinks baselines without the base itself (more baselines beside a "
                         "record that has it, merged by `linearize report --long-out`)")
@@ -182,7 +185,7 @@ def run(args) -> int:
                         position_docs=args.position_docs, position_len=args.position_len, train_len=train_len,
                         reps=args.bootstrap, seed=args.seed, check=not args.no_check, data_dir=data_dir,
                         base_row=not args.baselines_only, memory_baselines=memories,
-                        memory_reread=args.memory_reread, progress=say)
+                        memory_reread=args.memory_reread, memory_fill=args.memory_fill, progress=say)
         meta = run_metadata(**{**common, "model_info": {**info, "base": base or info.get("base")}})
         record = {"meta": meta, **body}
         md = long_markdown(record)

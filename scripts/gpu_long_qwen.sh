@@ -64,9 +64,9 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # (12 SQuAD items, s16/cpu-memory-prefill): query memory 0.102 bpb, -prefill 0.089, -recall 0.079 (a prompt within
 # window + memory is read exactly; -prefill's answer tokens still read keys that left the window after the choice
 # through the linear state).
-# memory_fill (-fill): besides, the keys that leave the window after the query memory is chosen take its free slots
-# before the linear state, so a prompt and answer within window + sinks + memory are read exactly (with MEMORY_FILL=1
-# the training-free memory baselines too).
+# memory_fill (-fill; the default since session 17, the variants before it ran without): the keys that leave the window
+# after the query memory is chosen take its free slots before the linear state, so a prompt and answer within window
+# + sinks + memory are read exactly (the training-free memory baselines too, MEMORY_FILL).
 # training-free variants at load: 256 memory keys (or 2048, chosen by the prompt's queries; with the readout off:
 # mix_shift 30), the gate moved towards the window (mix_shift; on Gemma +1 with 256
 # keys read as well as the window+sinks cuts), and both
@@ -76,24 +76,24 @@ sum-all-shift1|sum-all|--hybrid mix_shift=1 --long-modes hybrid;\
 delta-all-shift1|delta-all|--hybrid mix_shift=1 --long-modes hybrid;\
 sum-all-mem256-shift1|sum-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid;\
 delta-all-mem256-shift1|delta-all|--hybrid sparse_memory=256,mix_shift=1 --long-modes hybrid;\
-delta-all-mem2048-query-shift1|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=1 --long-modes hybrid;\
-delta-all-mem2048-query-la-off|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=1 --long-modes hybrid;\
+delta-all-mem2048-query-shift1|delta-all|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=1 --long-modes hybrid;\
+delta-all-mem2048-query-la-off|delta-all|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=30,memory_reread=1 --long-modes hybrid;\
 delta-all-mem2048-shift1|delta-all|--hybrid sparse_memory=2048,mix_shift=1 --long-modes hybrid;\
-delta-all-mem2048-query-shift1-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-mem256-query-shift1-reread32|delta-all|--hybrid sparse_memory=256,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-mem2048-query-la-off-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid;\
-delta-all-mem2048-query-shift3-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,mix_shift=3,memory_reread=32 --long-modes hybrid;\
-delta-all-memtrain-mem2048-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-memtrain-mem2048-query-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid;\
-delta-all-memtrain-mem4096-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-conv4-mem2048-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-conv4-mem2048-query-la-off-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32 --long-modes hybrid;\
-delta-all-conv4-mem4096-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=4096,memory_select=query,mix_shift=1,memory_reread=32 --long-modes hybrid;\
-delta-all-conv4-mem2048-query-shift1-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
-delta-all-conv4-mem2048-query-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_in_state=true --long-modes hybrid;\
-delta-all-memtrain-mem2048-query-shift1-reread32-instate|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
-delta-all-memtrain-mem2048-query-prefill-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
-delta-all-memtrain-mem2048-query-prefill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
+delta-all-mem2048-query-shift1-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-mem256-query-shift1-reread32|delta-all|--hybrid sparse_memory=256,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-mem2048-query-la-off-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=30,memory_reread=32 --long-modes hybrid;\
+delta-all-mem2048-query-shift3-reread32|delta-all|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=3,memory_reread=32 --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=30,memory_reread=32 --long-modes hybrid;\
+delta-all-memtrain-mem4096-query-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=4096,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-conv4-mem2048-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-conv4-mem2048-query-la-off-reread32|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=30,memory_reread=32 --long-modes hybrid;\
+delta-all-conv4-mem4096-query-shift1-reread32|delta-all-conv4|--hybrid sparse_memory=4096,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32 --long-modes hybrid;\
+delta-all-conv4-mem2048-query-shift1-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
+delta-all-conv4-mem2048-query-reread32-instate|delta-all-conv4|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,memory_reread=32,memory_in_state=true --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-shift1-reread32-instate|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32,memory_in_state=true --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-prefill-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=1,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
+delta-all-memtrain-mem2048-query-prefill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=30,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
 delta-all-memtrain-mem2048-recall-shift1|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=recall,mix_shift=1 --long-modes hybrid;\
 delta-all-memtrain-mem2048-query-prefill-fill-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
 delta-all-memtrain-mem2048-query-prefill-fill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid}"

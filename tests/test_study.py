@@ -181,28 +181,30 @@ def test_long_context_table_is_the_states_script_comparison():
         ("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0)), ("hybrid",)),
         ("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),), ("hybrid",)),
         ("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),), ("hybrid",)),
-        # measured before memory_reread existed: the last prompt token only (HybridConfig's default is now 32)
-        ("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"), ("memory_reread", 1)),
+        # measured before memory_reread existed: the last prompt token only (HybridConfig's default is now 32); every
+        # query-memory row before memory_fill existed (its default is now on)
+        ("sum-w512-mem256-query", "sum-w512", (("sparse_memory", 256), ("memory_select", "query"), ("memory_fill", False), ("memory_reread", 1)),
          ("hybrid",)),
         ("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)), ("hybrid",)),
         *((f"sum-w512-mem{m}-query-shift1", "sum-w512",
-           (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 1)), ("hybrid",))
+           (("sparse_memory", m), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 1.0), ("memory_reread", 1)), ("hybrid",))
           for m in (1024, 2048)),
         ("sum-w512-mem2048-query-la-off", "sum-w512",
-         (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0), ("memory_reread", 1)), ("hybrid",)),
+         (("sparse_memory", 2048), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 30.0), ("memory_reread", 1)), ("hybrid",)),
         ("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0)), ("hybrid",)),
         *((f"sum-w512-mem{m}-query-shift1-reread32", "sum-w512",
-           (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 32)), ("hybrid",))
+           (("sparse_memory", m), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 1.0), ("memory_reread", 32)), ("hybrid",))
           for m in (256, 2048)),
         ("sum-w512-mem256-query-la-off-reread32", "sum-w512",
-         (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 30.0), ("memory_reread", 32)), ("hybrid",)),
+         (("sparse_memory", 256), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 30.0), ("memory_reread", 32)), ("hybrid",)),
         ("delta-w512-mem256-query-shift1-reread32", "delta-w512",
-         (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 32)), ("hybrid",))]
+         (("sparse_memory", 256), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 1.0), ("memory_reread", 32)), ("hybrid",))]
     settings = table.long
     # the 'auto' baseline matches the runs' window-512 state; two more, the states with the larger query memories
     assert settings == LongSettings(window=512, more_baselines=(
         (("sparse_memory", 1024), ("memory_select", "query")), (("sparse_memory", 2048), ("memory_select", "query"))),
-        memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query"))), memory_reread=32)
+        memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query"))), memory_reread=32,
+        memory_fill=False)
     assert (settings.layers, settings.window, settings.baseline_windows) == ("global", 512, ("auto", 512, 64))
     assert settings.tasks == ("squad", "drop", "passkey", "niah_single", "qa_squad")
     assert (settings.limit, settings.cell_limit, settings.lengths, settings.qa_lengths, settings.depths) == (
@@ -255,7 +257,7 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     # own record), the run, its variant
     assert evaluations == [[], [], [], ["hybrid", "swa_only", "la_only"], ["hybrid"]]
     snap = json.loads((root / "base-memory-4-reread32" / "long.json").read_text())  # the default re-read
-    assert list(snap["variants"]) == ["window+sinks+memory w=8 s=8 m=4 r=32"]
+    assert list(snap["variants"]) == ["window+sinks+memory w=8 s=8 m=4 r=32 fill"]
     more = json.loads((root / "base-sparse_memory=16" / "long.json").read_text())
     (w_more,) = more["settings"]["baseline_windows"]
     assert list(more["variants"]) == [f"window+sinks w={w_more} s=8"]  # the base itself is not scored again
@@ -271,7 +273,7 @@ def test_long_context_table_end_to_end_and_resumable(tmp_path, monkeypatch):
     assert w_more > w  # 16 exact keys (with their features) weigh more keys of the cut
     assert list(merged["variants"]) == [
         "base", f"window+sinks w={w} s=8", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8",
-        "window+sinks+memory w=8 s=8 m=4 r=32", "sum-w512 hybrid",
+        "window+sinks+memory w=8 s=8 m=4 r=32 fill", "sum-w512 hybrid",
         "sum-w512 swa_only", "sum-w512 la_only", "sum-w512-mem hybrid"]
     assert f"sum-w512-mem hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
     assert {"sum-w512-mem hybrid - sum-w512 hybrid", "sum-w512-mem hybrid - sum-w512 swa_only"} <= set(merged["pairs"])

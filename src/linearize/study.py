@@ -77,6 +77,7 @@ class LongSettings:
     # beyond the window it fills
     memory_baselines: tuple = ()
     memory_reread: int = MEMORY_REREAD  # the memory baselines: the prompt's last tokens read again against the memory
+    memory_fill: bool = True  # the memory baselines: later keys take the memory's free slots (HybridConfig.memory_fill)
     sinks: int = 8
     batch_tokens: int = 65536
     position_docs: int = 0
@@ -178,9 +179,10 @@ TABLES["long-context"] = StudyTable(
               StudyVariant("sum-w512-mem256-shift1", "sum-w512", (("sparse_memory", 256), ("mix_shift", 1.0))),
               StudyVariant("sum-w512-3m-mem256", "sum-w512-3m", (("sparse_memory", 256),)),
               StudyVariant("sum-w512-3m-shift1", "sum-w512-3m", (("mix_shift", 1.0),)),
-              # (the query-memory rows measured before memory_reread existed read the last prompt token only: 1)
+              # (the query-memory rows measured before memory_reread existed read the last prompt token only: 1; every
+              # query-memory row here was measured before memory_fill, so each sets it off)
               StudyVariant("sum-w512-mem256-query", "sum-w512",
-                           (("sparse_memory", 256), ("memory_select", "query"), ("memory_reread", 1))),
+                           (("sparse_memory", 256), ("memory_select", "query"), ("memory_fill", False), ("memory_reread", 1))),
               # the component-mode question for the memory rows (sparse memory runs in 'hybrid' only): the gate at
               # g = 1 - 1e-13, so the linear branch's readout weighs nothing while its state still chooses the keys
               StudyVariant("sum-w512-mem256-la-off", "sum-w512", (("sparse_memory", 256), ("mix_shift", 30.0)),
@@ -188,29 +190,29 @@ TABLES["long-context"] = StudyTable(
               # a larger memory chosen by the prompt's queries (the best long QA at 256 keys), within a quarter of the
               # base's decode memory; each against the cut of equal bytes (more_baselines) and with its readout off
               *(StudyVariant(f"sum-w512-mem{m}-query-shift1", "sum-w512",
-                             (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0), ("memory_reread", 1)))
+                             (("sparse_memory", m), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 1.0), ("memory_reread", 1)))
                 for m in (1024, 2048)),
               StudyVariant("sum-w512-mem2048-query-la-off", "sum-w512",
-                           (("sparse_memory", 2048), ("memory_select", "query"), ("mix_shift", 30.0), ("memory_reread", 1)),
+                           (("sparse_memory", 2048), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 30.0), ("memory_reread", 1)),
                            paired_with=("sum-w512-mem2048-query-shift1",)),
               StudyVariant("sum-w512-mem2048-shift1", "sum-w512", (("sparse_memory", 2048), ("mix_shift", 1.0))),
               # the question read again against the query-chosen memory (memory_reread 32): on the CPU at 8k it took
               # long QA from 0.910 to 0.723-0.740 bpb (cpu-query-memory-qa/)
               *(StudyVariant(f"sum-w512-mem{m}-query-shift1-reread32", "sum-w512",
-                             (("sparse_memory", m), ("memory_select", "query"), ("mix_shift", 1.0),
+                             (("sparse_memory", m), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 1.0),
                               ("memory_reread", 32))) for m in (256, 2048)),
               StudyVariant("sum-w512-mem256-query-la-off-reread32", "sum-w512",
-                           (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 30.0),
+                           (("sparse_memory", 256), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 30.0),
                             ("memory_reread", 32)), paired_with=("sum-w512-mem256-query-shift1-reread32",)),
               StudyVariant("delta-w512-mem256-query-shift1-reread32", "delta-w512",
-                           (("sparse_memory", 256), ("memory_select", "query"), ("mix_shift", 1.0),
+                           (("sparse_memory", 256), ("memory_select", "query"), ("memory_fill", False), ("mix_shift", 1.0),
                             ("memory_reread", 32)))),
     long=LongSettings(window=512, more_baselines=tuple((("sparse_memory", m), ("memory_select", "query"))
                                                        for m in (1024, 2048)),
                       # the memory without the linear state or training: 256 / 2048 keys as the variants hold, and
                       # as many as the bytes of the 2048-key query variant's state
                       memory_baselines=(256, 2048, (("sparse_memory", 2048), ("memory_select", "query"))),
-                      memory_reread=32))
+                      memory_reread=32, memory_fill=False))
 
 
 #: Long-context probe sizes of the study (GPU-sized; beyond 4x the window of 64 from position 256 on), in bf16 like
@@ -456,7 +458,7 @@ def _long_evaluate(spec, out: Path, settings: LongSettings, *, modes=(), hybrid:
                         depths=list(settings.depths), sinks=settings.sinks,
                         baseline_windows=list(settings.baseline_windows if windows is None else windows),
                         base_row=windows is None, memory_baselines=list(memories),
-                        memory_reread=settings.memory_reread,
+                        memory_reread=settings.memory_reread, memory_fill=settings.memory_fill,
                         layers=settings.layers, window=settings.window, batch_tokens=settings.batch_tokens,
                         position_docs=settings.position_docs, train_len=None if base_only else training_seq_len(spec),
                         reps=settings.bootstrap, seed=settings.seed, data_dir=data_dir, progress=say)

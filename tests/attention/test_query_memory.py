@@ -101,7 +101,7 @@ def test_prefill_and_decoding_equal_the_plain_loop_reference(kind, rule, placeme
     slots = spec_kw["sparse_memory"]
     outside = valid & ~first_valid(valid, spec_kw.get("softmax_sinks", 0))
     candidates = outside[:, :max(prompt - reread - window + 1, 0)].sum(1)
-    if extra.get("memory_fill"):  # and then every key that left the window since, while slots were free
+    if with_spec(**spec_kw)["spec"].memory_fill:  # and then every key that left the window since, while slots were free
         candidates = outside[:, :max(t - window + 1, 0)].sum(1)
     assert torch.equal(chosen.sum(-1), candidates.clamp(max=slots)[:, None].expand(B, HKV))
     kept = state.memory

@@ -274,11 +274,12 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
     assert rc == 0
     more = json.loads((tmp_path / "more" / "long.json").read_text())
     (w_more,) = more["settings"]["baseline_windows"]
-    snap = "window+sinks+memory w=8 s=8 m=16 r=32"  # the query-memory (SnapKV-style) baseline: 8 + 8 + 16 keys,
-    # the prompt's last 32 tokens re-read (--memory-reread's default, HybridConfig.memory_reread's)
+    snap = "window+sinks+memory w=8 s=8 m=16 r=32 fill"  # the query-memory (SnapKV-style) baseline: 8 + 8 + 16 keys,
+    # the prompt's last 32 tokens re-read (--memory-reread's default, HybridConfig.memory_reread's), later keys taking
+    # its free slots (--memory-fill's default, HybridConfig.memory_fill's)
     # ... and one whose memory fills the keys of the cut matched to that conversion beyond its window
-    assert list(more["variants"]) == [f"window+sinks w={w_more} s=8", snap, f"window+sinks+memory w=8 s=8 m={w_more - 8} r=32"]
-    assert w_more > w and more["settings"]["memory_baselines"] == [16, w_more - 8]
+    assert list(more["variants"]) == [f"window+sinks w={w_more} s=8", snap, f"window+sinks+memory w=8 s=8 m={w_more - 8} r=32 fill"]
+    assert w_more > w and more["settings"]["memory_baselines"] == [16, w_more - 8] and more["settings"]["memory_fill"]
     assert more["variants"][snap]["decode_bytes_32k"] == decode_state_bytes(
         linearize.models.convert.text_config(base), 32768, window_sinks=(24, 8), layers="global", dtype_bytes=4)
     # bad input: one line, before a model loads or anything is written
@@ -290,7 +291,7 @@ def test_diagnose_long_end_to_end(tmp_path, tokenizer, capsys):
                  "--long-out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "long.json").read_text())
     assert list(merged["variants"]) == ["base", "window+sinks w=8 s=8", f"window+sinks w={w_more} s=8", snap,
-                                        f"window+sinks+memory w=8 s=8 m={w_more - 8} r=32", "conv_only hybrid",
+                                        f"window+sinks+memory w=8 s=8 m={w_more - 8} r=32 fill", "conv_only hybrid",
                                         "conv_only swa_only", "conv_only la_only"]
     assert f"conv_only hybrid - {snap}" in merged["pairs"]
     assert f"conv_only hybrid - window+sinks w={w_more} s=8" in merged["pairs"]
@@ -480,7 +481,7 @@ def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
     filled = score_items(query_memory_baseline(base, 6, 2, 32, layers=layers, fill=True), tok, items, batch_tokens=120)
     for a, b in zip(filled, want):
         assert a["bits"] == pytest.approx(b["bits"], rel=1e-4, abs=1e-4)
-    unfilled = score_items(query_memory_baseline(base, 6, 2, 32, layers=layers), tok, items, batch_tokens=120)
+    unfilled = score_items(query_memory_baseline(base, 6, 2, 32, layers=layers, fill=False), tok, items, batch_tokens=120)
     assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(unfilled, want))
     with pytest.raises(LinearizeError, match="memory >= 1"):
         query_memory_baseline(base, 4, 1, 0, layers=layers)

@@ -50,7 +50,10 @@ def test_a_tiny_conversion_reproduces_the_numbers_of_the_code_before_the_restruc
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     losses = [(r["stage"], r["step"], r["loss"]) for r in records if "loss" in r]
     assert [x[:2] for x in losses] == [x[:2] for x in GOLDEN_LOSSES]
-    assert [x[2] for x in losses] == pytest.approx([x[2] for x in GOLDEN_LOSSES], rel=1e-5)
+    # stage 1's losses (~1e-4) are mean squares of the difference of two nearly equal fp32 outputs: a CPU with other
+    # vector units rounds them ~5e-9 apart (1e-5 relative after the cancellation); stage 2's cross-entropies as before
+    assert [x[2] for x in losses[:6]] == pytest.approx([x[2] for x in GOLDEN_LOSSES[:6]], rel=1e-5, abs=2e-8)
+    assert [x[2] for x in losses[6:]] == pytest.approx([x[2] for x in GOLDEN_LOSSES[6:]], rel=1e-5)
     validations = [(r["stage"], r["step"], r["val"]["hybrid"], r["val"]["swa_only"], r["val"]["la_only"])
                    for r in records if r.get("event") == "eval" and r["stage"] != "base"]
     assert [x[:2] for x in validations] == [x[:2] for x in GOLDEN_VALIDATIONS]

@@ -248,7 +248,8 @@ def test_long_context_all_recipe_is_the_measured_qwen_run(run):
             documented["hybrid"][key] = defaults[key]
     own = ("name", "description", "reproduces", "inference", "resolved")
     assert {k: v for k, v in documented.items() if k not in own} == {k: v for k, v in measured.items() if k not in own}
-    assert documented["inference"] == {"hybrid": {"sparse_memory": 2048, "memory_select": "query", "mix_shift": 1.0}}
+    assert documented["inference"] == {"hybrid": {"sparse_memory": 2048, "memory_select": "query", "mix_shift": 1.0,
+                                                  "memory_fill": False}}  # (measured before memory_fill existed)
     assert (documented["hybrid"]["layers"], documented["hybrid"]["linear_state"]) == ("all", "delta")
     assert "--recipe long-context-all --preset gpu-small --out" in (RECIPE_DIR / "long-context-all.yaml").read_text()
 
@@ -301,7 +302,7 @@ def test_long_context_is_listed_where_recipes_are_listed(capsys):
 def test_inference_settings_are_set_typed_and_merged():
     r = resolve_recipe("long-context", ["inference.hybrid.sparse_memory=64.0", "inference.hybrid.memory_block=32"])
     assert r.inference.hybrid == {"sparse_memory": 64, "memory_select": "query", "mix_shift": 1.0, "memory_reread": 32,
-                                  "memory_block": 32}
+                                  "memory_fill": False, "memory_block": 32}
     assert type(r.inference.hybrid["sparse_memory"]) is int
     assert Recipe.from_dict(r.to_dict()) == r
     assert resolve_recipe("ssd", ["inference.hybrid.window=128"]).inference.hybrid == {"window": 128}

@@ -30,7 +30,7 @@ class AttentionSpec:
     memory_reread: int = field(default=MEMORY_REREAD, metadata={"help": "'query': the prompt's last tokens read again against the memory (HybridConfig.memory_reread)."})
     memory_in_state: bool = field(default=False, metadata={"help": "'query': the kept keys also enter the linear state (HybridConfig.memory_in_state)."})
     memory_prefill: str = field(default="none", metadata={"help": "'query': what the prompt reads before the memory is chosen (HybridConfig.memory_prefill)."})
-    memory_fill: bool = field(default=False, metadata={"help": "'query': keys leaving the window later take the memory's free slots (HybridConfig.memory_fill)."})
+    memory_fill: bool = field(default=True, metadata={"help": "'query': keys leaving the window later take the memory's free slots (HybridConfig.memory_fill)."})
     chunk_size: int = field(default=64, metadata={"help": "Block size of the chunked implementations and the kernels."})
     linear_state: str = field(default="sum", metadata={"help": "Kind of the linear branch's state (attention.linear)."})
     backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -60,9 +61,10 @@ def register(subparsers) -> None:
     g.add_argument("--memory-reread", type=int, default=MEMORY_REREAD,
                    help="the query-memory baselines: the prompt's last tokens read again against the chosen memory "
                         "(HybridConfig.memory_reread, the same default; 1 = the last token)")
-    g.add_argument("--memory-fill", action="store_true",
+    g.add_argument("--memory-fill", action=argparse.BooleanOptionalAction, default=True,
                    help="the query-memory baselines: keys leaving the window after the memory is chosen take its free "
-                        "slots (HybridConfig.memory_fill), as a conversion run with memory_fill does")
+                        "slots (HybridConfig.memory_fill, the same default; --no-memory-fill: they are dropped, the "
+                        "baselines of the records before session 17)")
     g.add_argument("--baselines-only", action="store_true",
                    help="base model only: its window+sinks baselines without the base itself (more baselines beside a "
                         "record that has it, merged by `linearize report --long-out`)")

@@ -122,7 +122,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
              generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
              position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
              check: bool = True, data_dir=None, base_row: bool = True, memory_baselines=(), memory_reread: int = MEMORY_REREAD,
-             memory_fill: bool = False, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+             memory_fill: bool = True, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """The record body of `linearize diagnose --what long` (see the module doc).
 
     ``model``: a converted model (its base is loaded from ``base``, a spec, or skipped when None) or a base model

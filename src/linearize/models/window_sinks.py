@@ -132,7 +132,7 @@ def window_sinks(model: nn.Module, window: int, sinks: int, *, layers="global", 
 
 
 def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int, *, layers="global",
-                          reread: int = MEMORY_REREAD, fill: bool = False) -> nn.Module:
+                          reread: int = MEMORY_REREAD, fill: bool = True) -> nn.Module:
     """The training-free baseline of a conversion with a memory chosen by the prompt's queries: a copy of the base
     model whose cut layers (:func:`target_layers`) attend, by softmax alone, to the last ``window`` keys, the first
     ``sinks`` and ``memory`` keys chosen at the end of each prompt by its last queries and kept for the generation

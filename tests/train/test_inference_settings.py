@@ -107,10 +107,11 @@ def test_the_long_context_recipe_runs_and_saves_its_settings(tmp_path):
     sizes = ["inference.hybrid.sparse_memory=4", "inference.hybrid.memory_reread=3"]
     summary = run_recipe(tiny_gemma3(), "long-context", out, overrides=[*tiny_recipe(), *sizes], data=random_data())
     assert summary["inference_hybrid"] == {"sparse_memory": 4, "memory_select": "query", "mix_shift": 1.0,
-                                           "memory_reread": 3}
+                                           "memory_fill": False, "memory_reread": 3}
     saved = linearize.load(out)
     config = linearize.hybrid_config_of(saved)
     assert (config.sparse_memory, config.memory_select, config.memory_reread, config.mix_shift) == (4, "query", 3, 1.0)
+    assert not config.memory_fill  # as the recipe's measured variant ran
     assert (config.softmax_sinks, config.mix_gate, config.layers) == (8, "dynamic", [2])  # tiny_gemma3's global layer
     prompt = torch.randint(0, saved.config.vocab_size, (1, 3 * (config.window + config.softmax_sinks)))
     new = saved.generate(prompt, max_new_tokens=3, do_sample=False)[0, prompt.shape[1]:]

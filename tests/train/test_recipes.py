@@ -336,4 +336,5 @@ def test_inference_settings_need_a_saved_model():
         load_recipe("long-context", ["output.merge_lora=false", "inference.hybrid.sparse_memory=0"])
     assert load_recipe("long-context", ["output.merge_lora=false", "inference.hybrid.sparse_memory=0",
                                         "inference.hybrid.memory_select=recall", "inference.hybrid.memory_reread=32",
-                                        "inference.hybrid.mix_shift=0"])["output"]["merge_lora"] is False
+                                        "inference.hybrid.mix_shift=0", "inference.hybrid.memory_fill=true"]
+                       )["output"]["merge_lora"] is False

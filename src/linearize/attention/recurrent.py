@@ -595,7 +595,7 @@ def _leave(state: HybridState, k, v, kf, valid, beta=None) -> None:
         mem.pend_beta[:, :, i:i + 1].copy_(beta)
 
 
-def _fill_free_slot(state: HybridState, k, v, kf, keep) -> torch.Tensor:
+def _fill_free_slot(state: HybridState, k, v, kf, keep) -> tuple[torch.Tensor, torch.Tensor]:
     """memory_fill: the leaving key (k, v, kf (B, Hkv, 1, .), keep (B, 1)) takes the fixed memory's first free slot
     where it has one, per row and KV head, in place (masked writes: no branch on values, so a captured step replays
     it). Returns the features the linear state takes in -- zero where the key went to the memory -- and whether it

@@ -436,6 +436,16 @@ def test_the_merge_takes_parents_and_more_pairs_it_is_told(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_memory_fill_flag_follows_the_config_default():
+    """`diagnose --memory-fill` is on unless --no-memory-fill, as HybridConfig.memory_fill (the baselines before
+    session 17 ran without it)."""
+    from linearize.cli import build_parser
+
+    parse = lambda *extra: build_parser().parse_args(["diagnose", "m", "--what", "long", *extra])  # noqa: E731
+    assert parse().memory_fill is linearize.HybridConfig().memory_fill is True
+    assert parse("--no-memory-fill").memory_fill is False and parse("--memory-fill").memory_fill is True
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
     """The training-free query-memory baseline (window + sinks + keys chosen by the prompt's last queries, softmax

@@ -192,3 +192,10 @@ def frozen_slots(k, v, kf, selected, slots: int):
     idx = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[..., :slots]  # selected first, in order
     gather = lambda x: x.gather(2, idx[..., None].expand(b, hkv, slots, x.shape[-1]))  # noqa: E731
     return gather(k), gather(v), gather(kf), selected.gather(2, idx)
+
+
+def kept_out(kf: torch.Tensor, enter: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the complementary linear state takes in of keys a fixed ('query') memory keeps: kf (B, Hkv, L, m) with
+    the kept keys' features zeroed (kept (B, Hkv, L)), and enter (B, L) off where every KV head keeps the key -- a
+    state that took nothing in is not read (`reference.query_memory_reference` is the definition)."""
+    return kf * ~kept[..., None], enter & ~kept.all(1)

@@ -63,6 +63,7 @@ from linearize.attention.memory import (
     SparseMemory,
     ages_after_entry,
     frozen_slots,
+    kept_out,
     memory_boundary,
     memory_kind,
     memory_walk,
@@ -337,9 +338,9 @@ def prefill_state(k, v, kf, valid, *, spec: AttentionSpec, lags=(), log_decay=No
         memory_kind(spec)  # refuses what the memory does not cover
     # the features the complementary state takes in: under 'query' the kept keys' are zero (they never enter), unless
     # memory_in_state keeps them in it too (the state as trained, which had no query memory)
-    kept_out = memory is not None and not spec.memory_in_state
-    lagged_kf = kf * ~selected[..., None] if kept_out else kf
-    lagged_enter = valid & ~sinks & ~selected.all(1) if kept_out else None
+    lagged_kf, lagged_enter = kf, None
+    if memory is not None and not spec.memory_in_state:
+        lagged_kf, lagged_enter = kept_out(kf, valid & ~sinks, selected)
     if not kind.additive:
         # the memory's state L, held as the lag-w state: where 'hybrid' may be decoded ('complementary': its lag is w;
         # 'overlap': any lag, 0, as 'la_only' has, so a cache prefilled for 'la_only' alone carries it too)
@@ -608,9 +609,7 @@ def _fill_free_slot(state: HybridState, k, v, kf, keep) -> tuple[torch.Tensor, t
     for buf, x in ((mem.k, k), (mem.v, v), (mem.kf, kf)):
         buf.copy_(torch.where(at[..., None], x.to(buf.dtype), buf))
     mem.valid.logical_or_(at)
-    if state.fill_in_state:
-        return kf, keep
-    return kf * ~into[..., None], keep & ~into.all(1)
+    return (kf, keep) if state.fill_in_state else kept_out(kf, keep, into)
 
 
 def _leave_sum_memory(state: HybridState, k, v, kf, keep) -> None:

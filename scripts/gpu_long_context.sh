@@ -15,7 +15,9 @@
 # a cut of the bytes of the conversion with them, each in long/base-<changes>/), MEMORY_BASELINES (';'-separated: 2048 or
 # auto+CHANGES, each a query-memory baseline in long/base-memory-<...>/; MEMORY_REREAD: the prompt tokens they read
 # again against it, default linearize.config.MEMORY_REREAD; MEMORY_FILL (1, the default: keys leaving the window later take
-# its free slots, in long/base-memory-<...>-fill/; 0: --no-memory-fill, as the records before session 17)), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
+# its free slots, in long/base-memory-<...>-fill/; 0: --no-memory-fill, as the records before session 17); MEMORY_PREFILL
+# (none, the default; recall: the prompt before the re-read tokens read with the online recall memory, in
+# long/base-memory-<...>-prefill/)), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
 # RUN_EVALS (1; 0: evaluate only the VARIANTS of a trained run, not the run itself in every component mode),
 # RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below), RUN_NAMES (a
 # comma-separated subset of the runs' names). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
@@ -91,8 +93,9 @@ done
   r=${MEMORY_REREAD:-$("${PYTHON:-python3}" -c 'from linearize.config import MEMORY_REREAD; print(MEMORY_REREAD)')}
   suffix=""; [ "$r" -gt 1 ] && suffix="-reread$r"
   fill=(--no-memory-fill); [ "${MEMORY_FILL:-1}" = 1 ] && fill=(--memory-fill) && suffix+="-fill"
+  prefill=${MEMORY_PREFILL:-none}; [ "$prefill" != none ] && suffix+="-prefill"
   evaluate "base-memory-${m#auto+}$suffix" "$model" ${BASE_ARGS:---layers global --window 64} --baselines-only \
-    --baseline-windows "" --memory-baselines "$m" --memory-reread "$r" "${fill[@]}" &
+    --baseline-windows "" --memory-baselines "$m" --memory-reread "$r" "${fill[@]}" --memory-prefill "$prefill" &
 done
 pending=("${RUNS[@]%%|*}") variants=("${VARIANTS[@]}")
 while [ "$(left)" -gt 20 ]; do

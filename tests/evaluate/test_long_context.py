@@ -444,6 +444,8 @@ def test_the_memory_fill_flag_follows_the_config_default():
     parse = lambda *extra: build_parser().parse_args(["diagnose", "m", "--what", "long", *extra])  # noqa: E731
     assert parse().memory_fill is linearize.HybridConfig().memory_fill is True
     assert parse("--no-memory-fill").memory_fill is False and parse("--memory-fill").memory_fill is True
+    assert parse().memory_prefill == linearize.HybridConfig().memory_prefill == "none"
+    assert parse("--memory-prefill", "recall").memory_prefill == "recall"
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -493,6 +495,15 @@ def test_the_query_memory_baseline_is_the_cut_plus_a_memory(family):
         assert a["bits"] == pytest.approx(b["bits"], rel=1e-4, abs=1e-4)
     unfilled = score_items(query_memory_baseline(base, 6, 2, 32, layers=layers, fill=False), tok, items, batch_tokens=120)
     assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(unfilled, want))
+    # memory_prefill 'recall': the prompt before its re-read tokens reads the online recall memory, so with fill an
+    # item within window + sinks + memory is scored as the base scores it even when only its last token is re-read
+    recall = query_memory_baseline(base, 6, 2, 32, layers=layers, reread=1, prefill="recall")
+    assert all(m.hybrid.memory_prefill == "recall" for m in linearize.models.convert.hybrid_modules(recall))
+    for a, b in zip(score_items(recall, tok, items, batch_tokens=120), want):
+        assert a["bits"] == pytest.approx(b["bits"], rel=1e-4, abs=1e-4)
+    if family == "llama":  # (the tiny Gemma's one cut layer is its last: what its prompt tokens read reaches no answer)
+        streamed = score_items(query_memory_baseline(base, 6, 2, 32, layers=layers, reread=1), tok, items, batch_tokens=120)
+        assert any(abs(a["bits"] - b["bits"]) > 1e-3 for a, b in zip(streamed, want))
     with pytest.raises(LinearizeError, match="memory >= 1"):
         query_memory_baseline(base, 4, 1, 0, layers=layers)
     with pytest.raises(LinearizeError, match="base model"):

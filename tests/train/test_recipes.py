@@ -48,7 +48,7 @@ def test_shipped_recipes():
     ssd = load_recipe("ssd")
     assert ssd["stage2"]["ssd"]["enabled"] and ssd["stage2"]["lr"] == 1e-4
     assert [p for _, p in ssd["stage2"]["ssd"]["schedule"]] == [0.9, 0.75, 0.5]
-    assert ssd["stage2"]["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0,
+    assert ssd["stage2"]["lora"] == {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0,
                                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 

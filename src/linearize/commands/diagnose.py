@@ -8,7 +8,7 @@ import time
 
 from linearize.commands.eval import (add_bench_args, add_model_args, hybrid_overrides, model_spec, parse_batch, parse_limit,
                                      torch_dtype)
-from linearize.config import COMPONENT_MODES, MEMORY_REREAD
+from linearize.config import COMPONENT_MODES, MEMORY_PREFILLS, MEMORY_REREAD
 
 WHAT = ("benchmarks", "attribution", "probes", "long")
 
@@ -65,6 +65,10 @@ def register(subparsers) -> None:
                    help="the query-memory baselines: keys leaving the window after the memory is chosen take its free "
                         "slots (HybridConfig.memory_fill, the same default; --no-memory-fill: they are dropped, the "
                         "baselines of the records before session 17)")
+    g.add_argument("--memory-prefill", choices=MEMORY_PREFILLS, default="none",
+                   help="the query-memory baselines: what the prompt's tokens before the re-read ones read besides the "
+                        "window and sinks (HybridConfig.memory_prefill, the same default; 'recall': the online recall "
+                        "memory of the same size, so a prompt within window + sinks + memory is read exactly)")
     g.add_argument("--baselines-only", action="store_true",
                    help="base model only: its window+sinks baselines without the base itself (more baselines beside a "
                         "record that has it, merged by `linearize report --long-out`)")
@@ -187,7 +191,8 @@ def run(args) -> int:
                         position_docs=args.position_docs, position_len=args.position_len, train_len=train_len,
                         reps=args.bootstrap, seed=args.seed, check=not args.no_check, data_dir=data_dir,
                         base_row=not args.baselines_only, memory_baselines=memories,
-                        memory_reread=args.memory_reread, memory_fill=args.memory_fill, progress=say)
+                        memory_reread=args.memory_reread, memory_fill=args.memory_fill,
+                        memory_prefill=args.memory_prefill, progress=say)
         meta = run_metadata(**{**common, "model_info": {**info, "base": base or info.get("base")}})
         record = {"meta": meta, **body}
         md = long_markdown(record)

@@ -122,7 +122,8 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
              generate: bool = False, max_new_tokens: int = 32, batch_tokens: int = 16384, position_docs: int = 2,
              position_len: int | None = None, train_len: int | None = None, reps: int = 1000, seed: int = 0,
              check: bool = True, data_dir=None, base_row: bool = True, memory_baselines=(), memory_reread: int = MEMORY_REREAD,
-             memory_fill: bool = True, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+             memory_fill: bool = True, memory_prefill: str = "none",
+             progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """The record body of `linearize diagnose --what long` (see the module doc).
 
     ``model``: a converted model (its base is loaded from ``base``, a spec, or skipped when None) or a base model
@@ -134,7 +135,8 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     (:func:`linearize.models.window_sinks.query_memory_baseline`); each entry the memory's keys, or 'auto' / a dict
     of HybridConfig changes as in ``baseline_windows`` (then the memory fills the keys of that matched cut beyond the
     window; ``memory_reread``: the prompt's last tokens they read again against it; ``memory_fill``: the keys leaving
-    the window later take its free slots, HybridConfig.memory_fill). ``train_len``: training row
+    the window later take its free slots, HybridConfig.memory_fill; ``memory_prefill``: 'recall' reads the prompt
+    before them with the online recall memory, HybridConfig.memory_prefill). ``train_len``: training row
     length, marked in the output.
     """
     say = progress or (lambda _m: None)
@@ -196,13 +198,16 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
             w = hybrid.window
             mem = decode_state_bytes(bconf, MEMORY_CONTEXT, dtype_bytes=dbytes, window_sinks=(w + m, sinks),
                                      layers=hybrid.layers)
-            snap = query_memory_baseline(bmodel, w, sinks, m, layers=hybrid.layers, reread=memory_reread, fill=memory_fill)
+            snap = query_memory_baseline(bmodel, w, sinks, m, layers=hybrid.layers, reread=memory_reread,
+                                         fill=memory_fill, prefill=memory_prefill)
+            recall = memory_prefill == "recall"
             run_variant(f"window+sinks+memory w={w} s={sinks} m={m}" + (f" r={memory_reread}" if memory_reread > 1 else "")
-                        + (" fill" if memory_fill else ""),
+                        + (" fill" if memory_fill else "") + (" prefill" if recall else ""),
                         snap, nullcontext(), mem,
                         f"softmax over the last {w} + first {sinks} keys and {m} chosen by the prompt's last queries "
                         f"(SnapKV-style, no training; the last {memory_reread} prompt tokens read them"
-                        f"{'; later keys fill its free slots' if memory_fill else ''}) on layers "
+                        f"{'; later keys fill its free slots' if memory_fill else ''}"
+                        f"{'; the prompt before them read with the online recall memory' if recall else ''}) on layers "
                         f"{target_layers(bmodel, hybrid.layers)}")
             del snap
 
@@ -230,7 +235,7 @@ def run_long(model, tokenizer, *, base=None, modes=("hybrid", "swa_only", "la_on
     return {"variants": variants, **body, "pairs": [f"{a} - {b}" for a, b in pairs],
             "settings": {"tasks": list(tasks), "limit": limit, "cell_limit": cell_limit, "lengths": list(lengths), "qa_lengths": list(qa_lengths),
                          "depths": list(depths), "sinks": sinks, "baseline_windows": windows, "memory_baselines": memories,
-                         "memory_reread": memory_reread, "memory_fill": memory_fill,
+                         "memory_reread": memory_reread, "memory_fill": memory_fill, "memory_prefill": memory_prefill,
                          "cut_layers": cut,
                          "hybrid": hybrid.to_dict(), "train_len": train_len, "generate": generate,
                          "memory_context": MEMORY_CONTEXT, "dtype_bytes": dbytes, "position_len": pos_len,

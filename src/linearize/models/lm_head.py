@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["final_softcap", "final_logits", "final_logits_fn", "chunk_loss_sum"]
+__all__ = ["final_softcap", "final_logits", "final_logits_fn", "chunk_loss_sum", "chunk_kl_sum"]
 
 
 def final_softcap(model) -> float | None:
@@ -40,3 +40,13 @@ def chunk_loss_sum(head, softcap: float | None, h: torch.Tensor, y: torch.Tensor
     """Summed cross-entropy of targets `y` (N,) under hidden states `h` (N, D); one slice of a chunked loss
     (a plain function of its tensors, so the training loss can recompute it under activation checkpointing)."""
     return F.cross_entropy(final_logits(head, softcap, h), y, reduction="sum")
+
+
+def chunk_kl_sum(head, softcap: float | None, h: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
+    """Summed KL(teacher || model) of the next-token distributions of hidden states `h` and the teacher's
+    `h_teacher` (N, D), through the same head; gradients reach `h` only. A plain function of its tensors, like
+    `chunk_loss_sum`, so the training loss can recompute it under activation checkpointing."""
+    logp = F.log_softmax(final_logits(head, softcap, h), dim=-1)
+    with torch.no_grad():
+        logq = F.log_softmax(final_logits(head, softcap, h_teacher), dim=-1)
+    return F.kl_div(logp, logq, reduction="sum", log_target=True)

@@ -132,7 +132,7 @@ def window_sinks(model: nn.Module, window: int, sinks: int, *, layers="global", 
 
 
 def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int, *, layers="global",
-                          reread: int = MEMORY_REREAD, fill: bool = True) -> nn.Module:
+                          reread: int = MEMORY_REREAD, fill: bool = True, prefill: str = "none") -> nn.Module:
     """The training-free baseline of a conversion with a memory chosen by the prompt's queries: a copy of the base
     model whose cut layers (:func:`target_layers`) attend, by softmax alone, to the last ``window`` keys, the first
     ``sinks`` and ``memory`` keys chosen at the end of each prompt by its last queries and kept for the generation
@@ -142,7 +142,9 @@ def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int
     state is ``window + sinks + memory`` keys and values per cut layer (the untrained linear branch it carries is not
     part of what it stands for). ``reread``: the prompt's last tokens read again against the memory (HybridConfig.
     memory_reread). ``fill``: keys leaving the window after the memory is chosen take its free slots (HybridConfig.
-    memory_fill). ``model`` is left as it is."""
+    memory_fill). ``prefill``: 'recall' reads the prompt's tokens before the re-read ones with the online recall memory
+    of the same size (HybridConfig.memory_prefill), so a prompt within window + sinks + memory is read exactly.
+    ``model`` is left as it is."""
     import copy
 
     from linearize.config import HybridConfig
@@ -153,6 +155,6 @@ def query_memory_baseline(model: nn.Module, window: int, sinks: int, memory: int
     if is_converted(model):
         raise LinearizeError("the query-memory baseline runs on a base model, not a converted one")
     hybrid = HybridConfig(window=window, softmax_sinks=sinks, sparse_memory=memory, memory_select="query",
-                          memory_reread=reread, memory_fill=fill, combine="mix", mix_gate="fixed", mix_value=1.0,
+                          memory_reread=reread, memory_fill=fill, memory_prefill=prefill, combine="mix", mix_gate="fixed", mix_value=1.0,
                           layers=target_layers(model, layers))
     return convert(copy.deepcopy(model), hybrid).eval()

@@ -6,7 +6,7 @@ of a :class:`Run` (what the steps share), so a caller can run them one by one.
 Output directory of a run::
 
     config.json, model.safetensors, tokenizer files   the converted model, LoRA merged (linearize.load(out))
-    adapter/                                          the LoRA adapter alone (peft format)
+    adapter/                                          the LoRA adapter alone (peft format; none without LoRA)
     recipe.yaml                                       the resolved recipe
     layer_selection.json                              hybrid.layers='measured:K' only: each layer's measured loss
                                                       increase and the layers kept / converted
@@ -298,15 +298,18 @@ def stage1_parts(model: Any, s1: Stage1Config | dict) -> tuple[dict, Any, Any]:
 
 
 def stage2_parts(model: Any, s2: Stage2Config | dict, seed: int) -> tuple[Any, dict, Any, Any]:
-    """Stage 2 of a recipe: LoRA added to `model` in place; the peft model, the trainable parameters, the
-    SSD schedule (None when the recipe disables it) and the training loop's loss function."""
+    """Stage 2 of a recipe: LoRA added to `model` in place (unless stage2.lora.enabled is false); the peft model (or
+    None), the trainable parameters, the SSD schedule (None when the recipe disables it) and the training loop's loss
+    function (the recipe's objective)."""
     from linearize.train import finetune as finetune_mod, ssd as ssd_mod
 
     s2 = Stage2Config.of(s2)
     peft_model, params = finetune_mod.add_lora(model, s2.lora.to_dict(), train_feature_maps=s2.train_feature_maps,
                                                train_mixing=s2.train_mixing)
     ssd = ssd_mod.SSDSchedule.from_recipe(s2.ssd.to_dict(), seed) if s2.ssd.enabled else None
-    return peft_model, params, ssd, finetune_mod.finetune_loss_fn(model, chunk=s2.loss_chunk, ssd=ssd)
+    loss_fn = finetune_mod.finetune_loss_fn(model, chunk=s2.loss_chunk, ssd=ssd, objective=s2.objective,
+                                            peft_model=peft_model)
+    return peft_model, params, ssd, loss_fn
 
 
 def _finish_stage(run: Run, name: str, result, params: dict, **extra) -> None:
@@ -341,7 +344,8 @@ def transfer(run: Run) -> None:
 
 
 def finetune(run: Run) -> None:
-    """Stage 2: LoRA fine-tuning (with SSD when the recipe enables it), validated every ``eval_every`` steps."""
+    """Stage 2: fine-tuning (LoRA unless the recipe disables it; the lm or kl objective; SSD when the recipe enables
+    it), validated every ``eval_every`` steps."""
     recipe = run.recipe
     s2 = recipe.stage2
     loop.seed_everything(recipe.seed + 3)
@@ -518,7 +522,7 @@ def plot_log(log_path: Path, png_path: Path) -> None:
         for mode in sorted({m for r in evals for m in r["val"]}):
             pts = [(r["step"], r["val"][mode]) for r in evals if mode in r["val"]]
             vax.plot(*zip(*pts), marker="o", lw=1, label=f"val LM loss, {mode}")
-        ax.set_title({"stage1": "stage 1: attention transfer", "stage2": "stage 2: LoRA fine-tuning"}[stage])
+        ax.set_title({"stage1": "stage 1: attention transfer", "stage2": "stage 2: fine-tuning"}[stage])
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("transfer loss" if stage == "stage1" else "LM loss")
         if vax is not ax:

@@ -1,10 +1,14 @@
 """Stage 2: LoRA fine-tuning of the converted model with the next-token loss (optionally with SSD).
 
 - peft LoRA (defaults r=8, alpha=16, dropout 0 on q/k/v/o_proj); feature maps and mixing parameters
-  frozen unless the recipe says otherwise.
-- The LM loss is computed in chunks of `loss_chunk` tokens: hidden states -> lm_head -> cross-entropy
-  per chunk, each chunk recomputed in the backward pass, so the (tokens x vocabulary) logits of a whole
-  batch never exist (Gemma's vocabulary has 262k entries).
+  frozen unless the recipe says otherwise. Without LoRA (`stage2.lora.enabled: false`) only the feature maps and
+  mixing parameters train: the base's weights, and so the softmax branch, stay the base's.
+- The objective (`FINETUNE_OBJECTIVES`): `lm`, the next-token cross-entropy of the data; or `kl`, the KL divergence
+  from the base model's next-token distribution (self-distillation: the teacher is the same forward with every
+  converted layer's attention computed as the base layer's own softmax attention and LoRA off, :func:`base_teacher`).
+- Both are computed in chunks of `loss_chunk` tokens: hidden states -> lm_head -> loss per chunk, each chunk
+  recomputed in the backward pass, so the (tokens x vocabulary) logits of a whole batch never exist (Gemma's
+  vocabulary has 262k entries).
 - Validation: LM loss of the held-out rows under each component mode (`hybrid`, `swa_only`, `la_only`
   by default), so a collapse (hybrid ~ swa_only, la_only bad) is visible during training.
 - Gradient checkpointing (`stage2.gradient_checkpointing`, :func:`layer_checkpointing`): each decoder layer keeps only
@@ -23,8 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 from linearize.attention.module import HybridAttention, hybrid_param_kind
 from linearize.models.convert import components, decoder_layers, hybrid_modules, is_converted
-from linearize.models.lm_head import chunk_loss_sum, final_softcap
+from linearize.models.lm_head import chunk_kl_sum, chunk_loss_sum, final_softcap
 from linearize.train.ssd import SSDSchedule, clear_drops, dropped_fraction, set_drops
+from linearize.train.transfer import teacher_attention
+
+#: Stage 2's losses (`stage2.objective`).
+FINETUNE_OBJECTIVES = ("lm", "kl")
 
 
 def lm_loss_sum(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> tuple[torch.Tensor, int]:
@@ -48,17 +56,71 @@ def lm_loss(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tenso
     return total / max(n, 1)
 
 
+def _base_attention_hook(module, q, k, v, valid, weight, hidden_states):
+    """A converted layer's attention as its base layer computes it (its own window, if any): the teacher."""
+    return teacher_attention(q, k, v, scale=module.scale, window=module.base_sliding_window, valid=valid)
+
+
+@contextlib.contextmanager
+def base_teacher(model, peft_model=None):
+    """Inside: `model` computes the base model's forward. Every converted layer returns the base layer's own softmax
+    attention of its q/k/v (the `transfer_hook` stage 1's teacher uses), with `peft_model`'s adapters switched off, so
+    the q/k/v and every other weight are the base's. Full-sequence forwards without a cache only."""
+    modules = hybrid_modules(model)
+    if not modules:
+        raise ValueError("base_teacher needs a converted model (linearize.convert)")
+    if any(m.transfer_hook is not None for m in modules):
+        raise RuntimeError("a converted layer already has a transfer hook (stage 1's attention transfer?)")
+    with peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext():
+        for m in modules:
+            m.transfer_hook = _base_attention_hook
+        try:
+            yield model
+        finally:
+            for m in modules:
+                m.transfer_hook = None
+
+
+def kl_loss_sum(model, input_ids: torch.Tensor, teacher_hidden: torch.Tensor, *,
+                chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || model) of the next-token distributions at the positions `lm_loss_sum` scores, and their
+    number; `teacher_hidden`: the teacher's last hidden states for the same rows (:func:`base_teacher`)."""
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    ht = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).detach()
+    head = model.get_output_embeddings()
+    softcap = final_softcap(model)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(chunk_kl_sum, head, softcap, h[i:i + chunk], ht[i:i + chunk], use_reentrant=False)
+        else:
+            total = total + chunk_kl_sum(head, softcap, h[i:i + chunk], ht[i:i + chunk])
+    return total, int(h.shape[0])
+
+
+def kl_loss(model, input_ids: torch.Tensor, *, peft_model=None, chunk: int = 1024) -> torch.Tensor:
+    """Mean KL(base || converted) per predicted token of `input_ids` (the teacher computed here, without gradients)."""
+    with torch.no_grad(), base_teacher(model, peft_model):
+        teacher = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    total, n = kl_loss_sum(model, input_ids, teacher, chunk=chunk)
+    return total / max(n, 1)
+
+
 def add_lora(model, lora: dict, *, train_feature_maps: bool = False, train_mixing: bool = False):
     """Wrap `model` with peft LoRA (in place: the original object gets the adapters); returns
-    (peft_model, {name: trainable parameter}) with names as in `model.named_parameters()`."""
-    from peft import LoraConfig, get_peft_model
+    (peft_model, {name: trainable parameter}) with names as in `model.named_parameters()`. With
+    ``lora["enabled"]`` false no adapters are added: (None, the feature maps and / or mixing parameters)."""
+    peft_model = None
+    if lora.get("enabled", True):
+        from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                        target_modules=list(lora["target_modules"]), bias="none")
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning from transformers 5.24 on)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, config)
+        config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                            target_modules=list(lora["target_modules"]), bias="none")
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning from transformers 5.24 on)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     params = {}
     for name, p in model.named_parameters():
         kind = hybrid_param_kind(name)
@@ -134,11 +196,18 @@ def _checkpointed_forward(layer: torch.nn.Module, forward):
     return checkpointed
 
 
-def finetune_loss_fn(model, *, chunk: int, ssd: SSDSchedule | None = None):
-    """The loop's loss function for stage 2: LM loss, with SSD draws set on the layers before the forward."""
+def finetune_loss_fn(model, *, chunk: int, ssd: SSDSchedule | None = None, objective: str = "lm", peft_model=None):
+    """The loop's loss function for stage 2: the `objective` (lm or kl; kl's teacher with `peft_model`'s adapters
+    off), with SSD draws set on the layers before the forward (the teacher's forward runs before them)."""
+    if objective not in FINETUNE_OBJECTIVES:
+        raise ValueError(f"unknown stage-2 objective {objective!r}; expected one of {FINETUNE_OBJECTIVES}")
     modules = hybrid_modules(model)
 
     def loss_fn(batch, ctx):
+        teacher = None
+        if objective == "kl":
+            with torch.no_grad(), base_teacher(model, peft_model):
+                teacher = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
         info = {}
         if ssd is not None:
             p = ssd.probability(ctx["step"], ctx["total_steps"], ctx["epoch"])
@@ -149,7 +218,11 @@ def finetune_loss_fn(model, *, chunk: int, ssd: SSDSchedule | None = None):
             set_drops(modules, drops, ssd.granularity)
             info = {"ssd_p": p, "swa_dropped": dropped_fraction(drops)}
         try:
-            loss = lm_loss(model, batch, chunk=chunk)
+            if teacher is None:
+                loss = lm_loss(model, batch, chunk=chunk)
+            else:
+                total, n = kl_loss_sum(model, batch, teacher, chunk=chunk)
+                loss = total / max(n, 1)
         finally:
             if ssd is not None:
                 clear_drops(modules)

@@ -32,6 +32,7 @@ import yaml
 
 from linearize.config import COMPONENT_MODES, STRUCTURAL_FIELDS, HybridConfig, measured_keep
 from linearize.errors import LinearizeError
+from linearize.train.finetune import FINETUNE_OBJECTIVES
 from linearize.train.transfer import OBJECTIVES
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -306,13 +307,16 @@ class Stage1Config(LoopConfig):
 @dataclass
 class LoraConfig(Section):
     where: ClassVar[str] = "stage2.lora"
+    enabled: bool = _field(True, "Add LoRA adapters. false: stage 2 trains only what train_feature_maps / "
+                                 "train_mixing name, so the base model's weights (and with them the softmax branch: "
+                                 "window, sinks, memory) stay exactly the base's.")
     r: int = _field(8, "LoRA rank.")
     alpha: float = _field(16, "LoRA alpha (the update is scaled by alpha / r).")
     dropout: float = _field(0.0, "LoRA dropout.")
     target_modules: list[str] = _field(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
 
     def check(self) -> None:
-        if self.r < 1 or not self.target_modules:
+        if self.enabled and (self.r < 1 or not self.target_modules):
             raise RecipeError("stage2.lora.r must be >= 1 and stage2.lora.target_modules a non-empty list")
 
 
@@ -358,6 +362,11 @@ class Stage2Config(LoopConfig):
     where: ClassVar[str] = "stage2"
     lr: float = _field(1e-4, "AdamW learning rate.")
     enabled: bool = _field(True, "Run stage 2 (LoRA fine-tuning of the converted model).")
+    objective: str = _field("lm", "Loss, a name in linearize.train.finetune.FINETUNE_OBJECTIVES: lm (next-token "
+                                  "cross-entropy of the data) or kl (KL divergence from the base model's next-token "
+                                  "distribution, the base being the same forward with every converted layer's "
+                                  "attention computed as the base layer's own softmax attention and LoRA switched "
+                                  "off; about a third more compute per step).")
     lora: LoraConfig = _field(LoraConfig(), "The LoRA adapters (peft).")
     train_feature_maps: bool = _field(False, "Train the feature maps too.")
     train_mixing: bool = _field(False, "Train gamma (shared_norm) or the learned / dynamic gate (mix) too.")
@@ -371,6 +380,10 @@ class Stage2Config(LoopConfig):
 
     def check(self) -> None:
         super().check()
+        _one_of("stage2.objective", self.objective, FINETUNE_OBJECTIVES)
+        if self.enabled and not (self.lora.enabled or self.train_feature_maps or self.train_mixing):
+            raise RecipeError("stage2 trains nothing: stage2.lora.enabled, stage2.train_feature_maps and "
+                              "stage2.train_mixing are all false (set stage2.enabled=false to skip it)")
         if self.loss_chunk < 1:
             raise RecipeError("stage2.loss_chunk must be >= 1")
 

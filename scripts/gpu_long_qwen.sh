@@ -11,7 +11,7 @@
 #   usage: scripts/gpu_long_qwen.sh MODEL OUT SECONDS      (call again with the same OUT to continue)
 # Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run, 388 s for both
 # stages on an H200 at 0444c9a; delta-all-memtrain is the long-context-all recipe), RUN_NAMES (a comma-separated
-# subset of delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
+# subset of delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4, delta-all-kl), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
 # below), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
@@ -40,11 +40,15 @@ common+=" --set stage1.gradient_checkpointing=true --set stage2.gradient_checkpo
 # and at the recipe's p = 0.9 they would still drop ~25 of 28 windows a step: SSD_SCHEDULE (p 0.3, then 0.15) here.
 common+=" --set stage2.ssd.granularity=layer --set stage2.ssd.schedule=${SSD_SCHEDULE:-[[0.0,0.3],[0.5,0.15]]}"
 delta="--set hybrid.linear_state=delta --set stage1.objective=hybrid_output"
+# stage 2 as self-distillation: no LoRA, the KL divergence from the base's next-token distribution, the feature maps
+# (and the delta rule's beta) trained beside the gate at 1e-3
+kl="--set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
 export RUNS_OVERRIDE="delta-all|ssd|$common --set hybrid.layers=all $delta;\
 delta-keep|ssd|$common --set hybrid.layers=measured:$keep $delta;\
 sum-all|ssd|$common --set hybrid.layers=all --set stage1.objective=hybrid_output;\
 delta-all-memtrain|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512;\
-delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=4"
+delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=4;\
+delta-all-kl|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl"
 # delta-all-memtrain: delta-all trained with 2048 exact keys in the loop (the online 'recall' memory: a teacher-forced
 # row has no prompt end to choose them by its queries), so that the gate and the linear state learn beside an exact
 # memory what they add to it (on delta-all, trained without one, the readout off reads better: RESULTS.md, session 14).
@@ -54,6 +58,11 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 # logs/convert-delta-all-memtrain*.log; one Qwen-shaped layer's forward + backward on the CPU: 70k aten calls against
 # 6.6k without memory, 9.8k with memory_block 512). At 512: 3146 / 2377 tokens/s, 456 s for both stages; long QA at 16k /
 # 32k 0.179 / 0.273 against delta-all's 0.243 / 0.345, short tasks 99.0% of the base (session 16, RESULTS.md).
+# delta-all-kl: delta-all-memtrain with stage 2 as self-distillation (stage2.objective kl, stage2.lora.enabled false):
+# every base weight stays the base's, so the softmax branch (window, sinks, memory) is the training-free memory's
+# exactly, the readout off IS the training-free baseline (MEMORY_BASELINES with MEMORY_PREFILL=recall), a prompt within
+# window + sinks + memory is read as the base reads it, and the linear state and its gate learn from the base's full
+# attention what the memory does not hold (scripts/cpu_distill_pilot.sh: the same question on SmolLM2-135M, CPU).
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which
@@ -96,7 +105,8 @@ delta-all-memtrain-mem2048-query-prefill-shift1-reread32|delta-all-memtrain|--hy
 delta-all-memtrain-mem2048-query-prefill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,memory_fill=false,mix_shift=30,memory_reread=32,memory_prefill=recall --long-modes hybrid;\
 delta-all-memtrain-mem2048-recall-shift1|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=recall,mix_shift=1 --long-modes hybrid;\
 delta-all-memtrain-mem2048-query-prefill-fill-shift1-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=1,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
-delta-all-memtrain-mem2048-query-prefill-fill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid}"
+delta-all-memtrain-mem2048-query-prefill-fill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
+delta-all-kl-mem2048-query-prefill-fill-reread32|delta-all-kl|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A CPU pilot of stage 2 as self-distillation, before the GPU run on Qwen2.5-Coder-1.5B (scripts/gpu_long_qwen.sh,
+# delta-all-kl): SmolLM2-135M-Instruct (llama: 30 layers, every one full attention), every layer converted as
+# delta-all-memtrain converts Qwen, scaled to what a 2-core CPU trains in minutes -- a window of 64 (+ 8 sinks) and a
+# 256-key recall memory beside 1024-token rows (Qwen: 512 + 8 + 2048 beside 4096), 15 optimizer steps of 4 rows per
+# stage (Qwen: 15 of 8). Two runs that differ only in stage 2:
+#   lm-lora  stage 2 as delta-all-memtrain: LoRA on q/k/v/o, next-token loss of the data, the gate trained too;
+#   kl-maps  stage 2 as delta-all-kl: no LoRA (every base weight, and so the softmax branch, stays the base's), the
+#            KL divergence from the base model's next-token distribution, the feature maps (with beta) and the gate
+#            trained.
+# Each run's summary.json holds the held-out loss per component mode: hybrid, swa_only (the window + sinks + memory
+# without the linear branch; for kl-maps exactly the untrained base with that memory) and la_only; the base's own loss
+# is in the log. The question: does the linear branch earn its bytes over the memory alone (hybrid below swa_only),
+# and which stage 2 reads closer to the base?
+#   usage: scripts/cpu_distill_pilot.sh OUT     (calling it again resumes the runs that stopped)
+set -uo pipefail
+out=$1
+mkdir -p "$out"
+common=(--model smollm2-135m --recipe ssd
+  --set hybrid.layers=all --set hybrid.window=64 --set hybrid.softmax_sinks=8 --set hybrid.combine=mix
+  --set hybrid.mix_gate=dynamic --set hybrid.feature_size=half --set hybrid.linear_state=delta
+  --set hybrid.sparse_memory=256 --set hybrid.memory_block=64
+  --set data.seq_len=1024 "--set" "data.sources=[sharegpt,dolly,wikitext2,c4,wiki]" --set data.train_tokens=61440
+  --set data.val_tokens=8192
+  --set stage1.objective=hybrid_output --set stage1.epochs=1 --set stage1.batch_size=2 --set stage1.grad_accum=2
+  --set stage1.checkpoint_every=5
+  --set stage2.epochs=1 --set stage2.batch_size=2 --set stage2.grad_accum=2 --set stage2.checkpoint_every=5
+  --set stage2.train_mixing=true --set stage2.mixing_lr=1e-3 --set stage2.loss_chunk=1024
+  --set stage2.ssd.granularity=layer "--set" "stage2.ssd.schedule=[[0.0,0.3],[0.5,0.15]]"
+  --set stage2.early_stopping.eval_every=0
+  --set eval.batch_size=2 --set runtime.cpu=true --set runtime.show_progress=false)
+declare -A extra=(
+  [lm-lora]=""
+  [kl-maps]="--set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
+)
+for name in lm-lora kl-maps; do
+  [ -f "$out/$name/summary.json" ] && continue
+  resume=(); [ -d "$out/$name" ] && resume=(--resume)
+  # shellcheck disable=SC2086
+  "${PYTHON:-python3}" -m linearize convert "${common[@]}" ${extra[$name]} --out "$out/$name" "${resume[@]}" \
+    > "$out/$name.log" 2>&1 || { echo "$name failed (see $out/$name.log)"; exit 1; }
+  echo "$name done"
+done

@@ -3,16 +3,17 @@
 # delta-all-kl): SmolLM2-135M-Instruct (llama: 30 layers, every one full attention), every layer converted as
 # delta-all-memtrain converts Qwen, scaled to what a 2-core CPU trains in minutes -- a window of 64 (+ 8 sinks) and a
 # 256-key recall memory beside 1024-token rows (Qwen: 512 + 8 + 2048 beside 4096), 15 optimizer steps of 4 rows per
-# stage (Qwen: 15 of 8). Two runs that differ only in stage 2:
-#   lm-lora  stage 2 as delta-all-memtrain: LoRA on q/k/v/o, next-token loss of the data, the gate trained too;
-#   kl-maps  stage 2 as delta-all-kl: no LoRA (every base weight, and so the softmax branch, stays the base's), the
-#            KL divergence from the base model's next-token distribution, the feature maps (with beta) and the gate
-#            trained.
+# stage (Qwen: 15 of 8). Four runs with the same stage 1 that differ only in stage 2 (objective x what trains):
+#   lm-lora  as delta-all-memtrain: LoRA on q/k/v/o, the next-token loss of the data, the gate trained too;
+#   kl-maps  as delta-all-kl: no LoRA (every base weight, and so the softmax branch, stays the base's), the KL
+#            divergence from the base model's next-token distribution, the feature maps (with beta) and the gate;
+#   lm-maps  no LoRA, the next-token loss (the objective alone changed from kl-maps);
+#   kl-lora  LoRA as lm-lora, the KL objective (the objective alone changed from lm-lora).
 # Each run's summary.json holds the held-out loss per component mode: hybrid, swa_only (the window + sinks + memory
-# without the linear branch; for kl-maps exactly the untrained base with that memory) and la_only; the base's own loss
-# is in the log. The question: does the linear branch earn its bytes over the memory alone (hybrid below swa_only),
-# and which stage 2 reads closer to the base?
-#   usage: scripts/cpu_distill_pilot.sh OUT     (calling it again resumes the runs that stopped)
+# without the linear branch; for the runs without LoRA exactly the untrained base with that memory) and la_only; the
+# base's own loss is in the log. The question: does the linear branch earn its bytes over the memory alone (hybrid
+# below swa_only), and which stage 2 reads closer to the base?
+#   usage: scripts/cpu_distill_pilot.sh OUT     (calling it again resumes the runs that stopped; RUNS: a subset)
 set -uo pipefail
 out=$1
 mkdir -p "$out"
@@ -32,8 +33,10 @@ common=(--model smollm2-135m --recipe ssd
 declare -A extra=(
   [lm-lora]=""
   [kl-maps]="--set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
+  [lm-maps]="--set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
+  [kl-lora]="--set stage2.objective=kl"
 )
-for name in lm-lora kl-maps; do
+for name in ${RUNS:-lm-lora kl-maps lm-maps kl-lora}; do
   [ -f "$out/$name/summary.json" ] && continue
   resume=(); [ -d "$out/$name" ] && resume=(--resume)
   # shellcheck disable=SC2086

@@ -24,15 +24,16 @@ def _stage2_model(**hybrid):
         p.requires_grad_(False)
     # rows of 6 chunks take the chunked path; sinks and the dynamic gate add the softmax merge and a trained gate
     convert(model, HybridConfig(window=8, chunk_size=8, softmax_sinks=2, combine="mix", mix_gate="dynamic", **hybrid))
-    _, params = finetune.add_lora(model, LORA, train_feature_maps=True, train_mixing=True)
+    peft_model, params = finetune.add_lora(model, LORA, train_feature_maps=True, train_mixing=True)
     model.train()
-    return model, params
+    return model, params, peft_model
 
 
-def _loss_and_grads(model, params, rows, ssd, checkpointed: bool):
+def _loss_and_grads(model, params, rows, ssd, checkpointed: bool, objective: str = "lm", peft_model=None):
     for p in params.values():
         p.grad = None
-    loss_fn = finetune.finetune_loss_fn(model, chunk=16, ssd=ssd)
+    loss_fn = finetune.finetune_loss_fn(model, chunk=16, ssd=ssd, objective=objective,
+                                       peft_model=peft_model)
     ctx = {"step": 0, "micro": 0, "epoch": 0, "total_steps": 4, "rows_per_step": len(rows),
            "positions": torch.arange(len(rows))}
     if checkpointed:
@@ -46,15 +47,19 @@ def _loss_and_grads(model, params, rows, ssd, checkpointed: bool):
     return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("granularity, state", [("layer", "sum"), ("sample", "delta")])
-def test_checkpointed_layers_give_the_same_loss_and_gradients(granularity, state):
-    model, params = _stage2_model(linear_state=state)
+@pytest.mark.parametrize("granularity, state, objective", [("layer", "sum", "lm"), ("sample", "delta", "lm"),
+                                                             ("layer", "delta", "kl")])
+def test_checkpointed_layers_give_the_same_loss_and_gradients(granularity, state, objective):
+    """(kl: the teacher's forward, without gradients, runs through the checkpointed layers too)"""
+    model, params, peft_model = _stage2_model(linear_state=state)
     rows = random_data(rows=2, seq_len=48, seed=3).train
     ssd = SSDSchedule(schedule=[(0.0, 0.5)], granularity=granularity, seed=2)
     drops = ssd.draw(0.5, 0, 3, 2)[:3 if granularity == "layer" else 2]
     assert drops.any() and not drops.all()  # some layers (rows) drop the window, others keep it: modes differ
-    plain_loss, plain = _loss_and_grads(model, params, rows, ssd, checkpointed=False)
-    loss, grads = _loss_and_grads(model, params, rows, ssd, checkpointed=True)
+    plain_loss, plain = _loss_and_grads(model, params, rows, ssd, checkpointed=False, objective=objective,
+                                        peft_model=peft_model)
+    loss, grads = _loss_and_grads(model, params, rows, ssd, checkpointed=True, objective=objective,
+                                    peft_model=peft_model)
     assert torch.equal(loss, plain_loss)
     assert plain.keys() == grads.keys() and any(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
@@ -66,7 +71,7 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients(granularity, state
 
 
 def test_checkpointed_layers_keep_a_fraction_of_the_activations():
-    model, _ = _stage2_model()
+    model, _, _ = _stage2_model()
     rows = random_data(rows=2, seq_len=48, seed=3).train
     plain = kept_bytes(lambda: finetune.lm_loss(model, rows, chunk=16))
     with finetune.layer_checkpointing(model):

@@ -1,0 +1,107 @@
+"""Per-position reading of held-out long documents by the conversions of scripts/cpu_distill_pilot.sh and by their
+base: each run in `hybrid` and `swa_only` (window + sinks + memory without the linear branch), the base model alone,
+on the first long documents (../shared/data, not among the training sources) at a length beyond the training rows.
+The next-token loss is averaged per document within bands of positions -- inside window + sinks + memory (read
+exactly by the softmax branch of a conversion without LoRA), up to the training length, beyond it -- and compared in
+pairs over the documents (95% bootstrap intervals): each variant against the base, and hybrid against swa_only (does
+the linear branch earn its bytes over the memory alone?).
+
+    python scripts/cpu_distill_eval.py --runs OUT/lm-lora OUT/kl-maps ... --model smollm2-135m --out RESULTS_DIR
+
+Writes RESULTS_DIR/reading.json (commit, device, command, each document's band means per variant, the pairs) and
+RESULTS_DIR/reading.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import linearize
+from linearize.evaluate.lm_eval_model import load_model
+from linearize.evaluate.long_score import bootstrap
+from linearize.evaluate.probes import long_document_batch, position_losses
+from linearize.records import run_metadata, write_json_with_provenance
+from linearize.train.recipes import load_recipe
+
+
+def band_means(loss: torch.Tensor, edges: list[int]) -> dict[str, list[float]]:
+    """(docs, T-1) losses -> {"a-b": per-document mean over positions a..b-1}."""
+    return {f"{a}-{b}": loss[:, a:b].mean(1).tolist() for a, b in zip(edges, edges[1:]) if b > a}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="finished conversion runs")
+    p.add_argument("--model", required=True, help="their base model spec")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--docs", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=4, help="documents per forward pass")
+    args = p.parse_args()
+    for run in args.runs:
+        if not (run / ".linearize-complete").is_file():
+            p.error(f"{run} is not a finished run")
+    torch.manual_seed(0)
+    base, tok, info = load_model(args.model, device="cpu", dtype=torch.float32)
+    ids = long_document_batch(tok, num_docs=args.docs, seq_len=args.seq_len)
+
+    def losses(model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([position_losses(model, ids[i:i + args.batch]) for i in range(0, len(ids), args.batch)])
+
+    t0 = time.perf_counter()
+    per_variant = {"base": losses(base)}
+    print(f"base {time.perf_counter() - t0:.0f} s", flush=True)
+    hybrid = None
+    for run in args.runs:
+        model = linearize.load(run, device="cpu")
+        hybrid = linearize.hybrid_config_of(model)
+        for mode in ("hybrid", "swa_only"):
+            t1 = time.perf_counter()
+            with linearize.components(model, mode):
+                per_variant[f"{run.name} {mode}"] = losses(model)
+            print(f"{run.name} {mode} {time.perf_counter() - t1:.0f} s", flush=True)
+        del model
+    exact = hybrid.window + hybrid.softmax_sinks + hybrid.sparse_memory  # the softmax branch holds every key before it
+    train_len = int(load_recipe(str(args.runs[0] / "recipe.yaml"))["data"]["seq_len"])
+    edges = sorted({0, exact, train_len, args.seq_len - 1})
+    bands = {name: band_means(loss, edges) for name, loss in per_variant.items()}
+    names = list(bands)
+    pairs = [(n, "base") for n in names if n != "base"]
+    pairs += [(f"{r.name} hybrid", f"{r.name} swa_only") for r in args.runs]
+    table = {}
+    for band in bands["base"]:
+        table[band] = {"variants": {n: bootstrap(bands[n][band]) for n in names},
+                       "paired": {f"{a} - {b}": bootstrap(list(np.subtract(bands[a][band], bands[b][band])))
+                                  for a, b in pairs}}
+    record = {"meta": run_metadata(model_info=info, device="cpu", seed=0, argv=["python", *sys.argv]),
+              "settings": {"runs": [str(r) for r in args.runs], "docs": args.docs, "seq_len": args.seq_len,
+                           "edges": edges, "hybrid": hybrid.to_dict()},
+              "bands": table, "per_document": bands, "seconds": time.perf_counter() - t0}
+    write_json_with_provenance(args.out / "reading.json", record, "cpu")
+
+    def ci(b):
+        return f"{b['mean']:.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]" if b["ci95"] else f"{b['mean']:.3f}"
+
+    lines = [f"# Next-token loss (nats) on {args.docs} held-out long documents of {args.seq_len} tokens, by position",
+             "", f"Positions below {exact} lie within window + sinks + memory; the runs trained on rows of {train_len}.",
+             "", "| variant | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
+    lines += [f"| {n} | " + " | ".join(f"{table[b]['variants'][n]['mean']:.3f}" for b in table) + " |" for n in names]
+    lines += ["", "Paired differences (mean [95% interval] over documents; below 0: the first reads better)", "",
+              "| pair | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
+    lines += [f"| {a} - {b} | " + " | ".join(ci(table[band]["paired"][f"{a} - {b}"]) for band in table) + " |"
+              for a, b in pairs]
+    lines += ["", f"commit {record['meta']['commit']}, CPU, fp32, {record['seconds']:.0f} s"]
+    (args.out / "reading.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

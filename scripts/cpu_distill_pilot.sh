@@ -11,7 +11,8 @@
 #   kl-lora  LoRA as lm-lora, the KL objective (the objective alone changed from lm-lora);
 #   kl-maps-g09     kl-maps with the gate starting at g = 0.9 (mix_value; 0.5 elsewhere): stage 1 trains the linear
 #                   branch to supply a tenth of each output, not half, and the untrained hybrid starts near the memory;
-#   kl-maps-s1gate  kl-maps with the gate trained in stage 1 too (at stage 1's rate, 1e-2), beside the feature maps.
+#   kl-maps-s1gate  kl-maps with the gate trained in stage 1 too (at stage 1's rate, 1e-2), beside the feature maps;
+#   lm-lora-g09     lm-lora with the gate starting at g = 0.9 (the gate start alone changed from lm-lora).
 # Each run's summary.json holds the held-out loss per component mode: hybrid, swa_only (the window + sinks + memory
 # without the linear branch; for the runs without LoRA exactly the untrained base with that memory) and la_only; the
 # base's own loss is in the log. The question: does the linear branch earn its bytes over the memory alone (hybrid
@@ -39,6 +40,7 @@ declare -A extra=(
   [lm-maps]="--set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
   [kl-lora]="--set stage2.objective=kl"
   [kl-maps-g09]="--set hybrid.mix_value=0.9 --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
+  [lm-lora-g09]="--set hybrid.mix_value=0.9"
   [kl-maps-s1gate]="--set stage1.train_mixing=true --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
 )
 for name in ${RUNS:-lm-lora kl-maps lm-maps kl-lora}; do

@@ -1,10 +1,13 @@
 """Per-position reading of held-out long documents by the conversions of scripts/cpu_distill_pilot.sh and by their
-base: each run in `hybrid` and `swa_only` (window + sinks + memory without the linear branch), the base model alone,
+base: each run in `hybrid`, `swa_only` (the window + sinks alone: this component mode leaves out the memory too) and
+`readout_off` (the hybrid with its gate pushed to the softmax branch, mix_shift 30: window + sinks + memory; for a run
+without LoRA exactly the untrained base with that memory), the base model alone,
 on the first long documents (../shared/data, not among the training sources) at a length beyond the training rows.
 The next-token loss is averaged per document within bands of positions -- inside window + sinks + memory (read
 exactly by the softmax branch of a conversion without LoRA), up to the training length, beyond it -- and compared in
-pairs over the documents (95% bootstrap intervals): each variant against the base, and hybrid against swa_only (does
-the linear branch earn its bytes over the memory alone?).
+pairs over the documents (95% bootstrap intervals): each variant against the base, and hybrid against swa_only and
+against readout_off (does the linear branch earn its bytes over the memory alone?). `--merge` adds the variants of an
+earlier record of the same documents (not computed again).
 
     python scripts/cpu_distill_eval.py --runs OUT/lm-lora OUT/kl-maps ... --model smollm2-135m --out RESULTS_DIR
 
@@ -15,6 +18,7 @@ RESULTS_DIR/reading.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +47,16 @@ def main() -> int:
     p.add_argument("--docs", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4, help="documents per forward pass")
+    p.add_argument("--modes", default="hybrid,swa_only,readout_off", help="what to run of each run (comma-separated)")
+    p.add_argument("--merge", type=Path, help="an earlier reading.json of the same documents: its variants join")
     args = p.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"hybrid", "swa_only", "readout_off"}:
+        p.error(f"--modes {args.modes!r}: expected hybrid, swa_only and / or readout_off")
+    earlier = json.loads(args.merge.read_text()) if args.merge else None
+    if earlier and (earlier["settings"]["docs"], earlier["settings"]["seq_len"]) != (args.docs, args.seq_len):
+        p.error(f"--merge {args.merge}: another set of documents ({earlier['settings']['docs']} x "
+                f"{earlier['settings']['seq_len']} tokens)")
     for run in args.runs:
         if not (run / ".linearize-complete").is_file():
             p.error(f"{run} is not a finished run")
@@ -62,19 +75,33 @@ def main() -> int:
     for run in args.runs:
         model = linearize.load(run, device="cpu")
         hybrid = linearize.hybrid_config_of(model)
-        for mode in ("hybrid", "swa_only"):
+        for mode in modes:
             t1 = time.perf_counter()
-            with linearize.components(model, mode):
+            if mode == "readout_off":
+                linearize.set_hybrid(model, mix_shift=hybrid.mix_shift + 30.0)
                 per_variant[f"{run.name} {mode}"] = losses(model)
+                linearize.set_hybrid(model, mix_shift=hybrid.mix_shift)
+            else:
+                with linearize.components(model, mode):
+                    per_variant[f"{run.name} {mode}"] = losses(model)
             print(f"{run.name} {mode} {time.perf_counter() - t1:.0f} s", flush=True)
         del model
     exact = hybrid.window + hybrid.softmax_sinks + hybrid.sparse_memory  # the softmax branch holds every key before it
     train_len = int(load_recipe(str(args.runs[0] / "recipe.yaml"))["data"]["seq_len"])
     edges = sorted({0, exact, train_len, args.seq_len - 1})
     bands = {name: band_means(loss, edges) for name, loss in per_variant.items()}
-    names = list(bands)
+    if earlier:
+        if earlier["settings"]["edges"] != edges:
+            raise SystemExit(f"--merge {args.merge}: other position bands {earlier['settings']['edges']} vs {edges}")
+        for name, value in earlier["per_document"].items():
+            if name == "base":  # the same model on the same documents: recomputed here, must agree
+                assert np.allclose(sum(value.values(), []), sum(bands["base"].values(), []), atol=1e-5), "base differs"
+            bands.setdefault(name, value)
+    names = sorted(bands, key=lambda n: (n != "base", n))
     pairs = [(n, "base") for n in names if n != "base"]
-    pairs += [(f"{r.name} hybrid", f"{r.name} swa_only") for r in args.runs]
+    for r in args.runs:
+        pairs += [(f"{r.name} hybrid", f"{r.name} {m}") for m in ("swa_only", "readout_off")
+                  if f"{r.name} hybrid" in bands and f"{r.name} {m}" in bands]
     table = {}
     for band in bands["base"]:
         table[band] = {"variants": {n: bootstrap(bands[n][band]) for n in names},
@@ -82,7 +109,8 @@ def main() -> int:
                                   for a, b in pairs}}
     record = {"meta": run_metadata(model_info=info, device="cpu", seed=0, argv=["python", *sys.argv]),
               "settings": {"runs": [str(r) for r in args.runs], "docs": args.docs, "seq_len": args.seq_len,
-                           "edges": edges, "hybrid": hybrid.to_dict()},
+                           "edges": edges, "hybrid": hybrid.to_dict(), "modes": modes,
+                           "merged": str(args.merge) if args.merge else None},
               "bands": table, "per_document": bands, "seconds": time.perf_counter() - t0}
     write_json_with_provenance(args.out / "reading.json", record, "cpu")
 

@@ -13,9 +13,10 @@
 #                   branch to supply a tenth of each output, not half, and the untrained hybrid starts near the memory;
 #   kl-maps-s1gate  kl-maps with the gate trained in stage 1 too (at stage 1's rate, 1e-2), beside the feature maps;
 #   lm-lora-g09     lm-lora with the gate starting at g = 0.9 (the gate start alone changed from lm-lora).
-# Each run's summary.json holds the held-out loss per component mode: hybrid, swa_only (the window + sinks + memory
-# without the linear branch; for the runs without LoRA exactly the untrained base with that memory) and la_only; the
-# base's own loss is in the log. The question: does the linear branch earn its bytes over the memory alone (hybrid
+# Each run's summary.json holds the held-out loss per component mode: hybrid, swa_only (the window + sinks alone:
+# this mode leaves the memory out too) and la_only; the base's own loss is in the log. scripts/cpu_distill_eval.py
+# adds the readout switched off (window + sinks + memory; for the runs without LoRA exactly the untrained base with
+# that memory) on held-out long documents. The question: does the linear branch earn its bytes over the memory alone (hybrid
 # below swa_only), and which stage 2 reads closer to the base?
 #   usage: scripts/cpu_distill_pilot.sh OUT     (calling it again resumes the runs that stopped; RUNS: a subset)
 set -uo pipefail

@@ -67,8 +67,8 @@ delta-all-memtrain-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.s
 # window + sinks + memory is read as the base reads it, and the linear state and its gate learn from the base's full
 # attention what the memory does not hold (scripts/cpu_distill_pilot.sh: the same question on SmolLM2-135M, CPU).
 # -g09: the gate starts at g = 0.9 (hybrid.mix_value; 0.5 elsewhere), so stage 1 trains the linear branch to supply a
-# tenth of each output rather than half (on SmolLM2, CPU: held-out loss after stage 1 2.986 against 3.560 at 0.5 and
-# 3.230 for the memory alone; results/long/smollm2-135m/s18-distill-pilot).
+# tenth of each output rather than half (on SmolLM2, CPU: held-out loss after stage 1 2.986 nats against 3.560 at 0.5,
+# the base 2.925; results/long/smollm2-135m/s18-distill-pilot).
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which

@@ -35,20 +35,26 @@ from linearize.train.transfer import teacher_attention
 FINETUNE_OBJECTIVES = ("lm", "kl")
 
 
+def _sum_over_slices(slice_sum, model, h: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+    """sum of slice_sum(head, softcap, h[i:i+chunk], target[i:i+chunk]) over slices of `chunk` positions, each slice
+    recomputed in the backward pass when gradients flow: the vocabulary-sized logits never exist for the whole row."""
+    head = model.get_output_embeddings()
+    softcap = final_softcap(model)
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(slice_sum, head, softcap, h[i:i + chunk], target[i:i + chunk], use_reentrant=False)
+        else:
+            total = total + slice_sum(head, softcap, h[i:i + chunk], target[i:i + chunk])
+    return total
+
+
 def lm_loss_sum(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over a batch of packed rows, and the number of predicted tokens."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = input_ids[:, 1:].reshape(-1)
-    head = model.get_output_embeddings()
-    softcap = final_softcap(model)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk):
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(chunk_loss_sum, head, softcap, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-        else:
-            total = total + chunk_loss_sum(head, softcap, h[i:i + chunk], y[i:i + chunk])
-    return total, int(y.numel())
+    return _sum_over_slices(chunk_loss_sum, model, h, y, chunk), int(y.numel())
 
 
 def lm_loss(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
@@ -88,15 +94,7 @@ def kl_loss_sum(model, input_ids: torch.Tensor, teacher_hidden: torch.Tensor, *,
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     ht = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).detach()
-    head = model.get_output_embeddings()
-    softcap = final_softcap(model)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk):
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(chunk_kl_sum, head, softcap, h[i:i + chunk], ht[i:i + chunk], use_reentrant=False)
-        else:
-            total = total + chunk_kl_sum(head, softcap, h[i:i + chunk], ht[i:i + chunk])
-    return total, int(h.shape[0])
+    return _sum_over_slices(chunk_kl_sum, model, h, ht, chunk), int(h.shape[0])
 
 
 def kl_loss(model, input_ids: torch.Tensor, *, peft_model=None, chunk: int = 1024) -> torch.Tensor:

@@ -12,7 +12,8 @@
 #   kl-maps-g09     kl-maps with the gate starting at g = 0.9 (mix_value; 0.5 elsewhere): stage 1 trains the linear
 #                   branch to supply a tenth of each output, not half, and the untrained hybrid starts near the memory;
 #   kl-maps-s1gate  kl-maps with the gate trained in stage 1 too (at stage 1's rate, 1e-2), beside the feature maps;
-#   lm-lora-g09     lm-lora with the gate starting at g = 0.9 (the gate start alone changed from lm-lora).
+#   lm-lora-g09     lm-lora with the gate starting at g = 0.9 (the gate start alone changed from lm-lora);
+#   lm-lora-s1gate  lm-lora with the gate trained in stage 1 too (what trains in stage 1 alone changed from lm-lora).
 # Each run's summary.json holds the held-out loss per component mode: hybrid, swa_only (the window + sinks alone:
 # this mode leaves the memory out too) and la_only; the base's own loss is in the log. scripts/cpu_distill_eval.py
 # adds the readout switched off (window + sinks + memory; for the runs without LoRA exactly the untrained base with
@@ -43,6 +44,7 @@ declare -A extra=(
   [kl-maps-g09]="--set hybrid.mix_value=0.9 --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
   [lm-lora-g09]="--set hybrid.mix_value=0.9"
   [kl-maps-s1gate]="--set stage1.train_mixing=true --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
+  [lm-lora-s1gate]="--set stage1.train_mixing=true"
 )
 for name in ${RUNS:-lm-lora kl-maps lm-maps kl-lora}; do
   [ -f "$out/$name/summary.json" ] && continue

@@ -12,7 +12,7 @@
 # Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run, 388 s for both
 # stages on an H200 at 0444c9a; delta-all-memtrain is the long-context-all recipe), RUN_NAMES (a comma-separated
 # subset of delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4, delta-all-kl, delta-all-kl-g09,
-# delta-all-memtrain-g09), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
+# delta-all-memtrain-g09, delta-all-kl-s1gate), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
 # below), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
@@ -51,7 +51,8 @@ delta-all-memtrain|ssd|$common --set hybrid.layers=all $delta --set hybrid.spars
 delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=4;\
 delta-all-kl|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl;\
 delta-all-kl-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set hybrid.mix_value=0.9;\
-delta-all-memtrain-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 --set hybrid.mix_value=0.9"
+delta-all-memtrain-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 --set hybrid.mix_value=0.9;\
+delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set stage1.train_mixing=true"
 # delta-all-memtrain: delta-all trained with 2048 exact keys in the loop (the online 'recall' memory: a teacher-forced
 # row has no prompt end to choose them by its queries), so that the gate and the linear state learn beside an exact
 # memory what they add to it (on delta-all, trained without one, the readout off reads better: RESULTS.md, session 14).
@@ -69,6 +70,9 @@ delta-all-memtrain-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.s
 # -g09: the gate starts at g = 0.9 (hybrid.mix_value; 0.5 elsewhere), so stage 1 trains the linear branch to supply a
 # tenth of each output rather than half (on SmolLM2, CPU: held-out loss after stage 1 2.986 nats against 3.560 at 0.5,
 # the base 2.925; results/long/smollm2-135m/s18-distill-pilot).
+# -s1gate: the gate trained in stage 1 too (at stage 1's rate, 1e-2), from 0.5, beside the feature maps: on SmolLM2
+# (CPU) the best of the pilot's stage-1 and final losses and of its reading past the training length
+# (results/long/smollm2-135m/s19-distill-pilot).
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which
@@ -114,7 +118,8 @@ delta-all-memtrain-mem2048-query-prefill-fill-shift1-reread32|delta-all-memtrain
 delta-all-memtrain-mem2048-query-prefill-fill-la-off-reread32|delta-all-memtrain|--hybrid sparse_memory=2048,memory_select=query,mix_shift=30,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
 delta-all-kl-mem2048-query-prefill-fill-reread32|delta-all-kl|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
 delta-all-kl-g09-mem2048-query-prefill-fill-reread32|delta-all-kl-g09|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
-delta-all-memtrain-g09-mem2048-query-prefill-fill-reread32|delta-all-memtrain-g09|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid}"
+delta-all-memtrain-g09-mem2048-query-prefill-fill-reread32|delta-all-memtrain-g09|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid;\
+delta-all-kl-s1gate-mem2048-query-prefill-fill-reread32|delta-all-kl-s1gate|--hybrid sparse_memory=2048,memory_select=query,memory_reread=32,memory_prefill=recall,memory_fill=true --long-modes hybrid}"
 # the cut of the bytes of the 2048-key query memory's state (within a quarter of the base's at 32k)
 export MORE_BASELINES="${MORE_BASELINES-sparse_memory=2048+memory_select=query}"
 # the same memory on the base, no linear state and no training: 2048 keys, and as many as those bytes hold

@@ -71,8 +71,8 @@ delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.spar
 # tenth of each output rather than half (on SmolLM2, CPU: held-out loss after stage 1 2.986 nats against 3.560 at 0.5,
 # the base 2.925; results/long/smollm2-135m/s18-distill-pilot).
 # -s1gate: the gate trained in stage 1 too (at stage 1's rate, 1e-2), from 0.5, beside the feature maps: on SmolLM2
-# (CPU) the best of the pilot's stage-1 and final losses and of its reading past the training length
-# (results/long/smollm2-135m/s19-distill-pilot).
+# (CPU) the pilot's best final loss (2.970 nats), and its linear readout lowers the loss past the exact memory on long
+# documents, beyond the training length too (results/long/smollm2-135m/s19-distill-pilot/reading).
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which

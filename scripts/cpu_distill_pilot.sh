@@ -3,7 +3,7 @@
 # delta-all-kl): SmolLM2-135M-Instruct (llama: 30 layers, every one full attention), every layer converted as
 # delta-all-memtrain converts Qwen, scaled to what a 2-core CPU trains in minutes -- a window of 64 (+ 8 sinks) and a
 # 256-key recall memory beside 1024-token rows (Qwen: 512 + 8 + 2048 beside 4096), 15 optimizer steps of 4 rows per
-# stage (Qwen: 15 of 8). Four runs with the same stage 1 that differ only in stage 2 (objective x what trains):
+# stage (Qwen: 15 of 8). The first four share stage 1 and differ only in stage 2 (objective x what trains):
 #   lm-lora  as delta-all-memtrain: LoRA on q/k/v/o, the next-token loss of the data, the gate trained too;
 #   kl-maps  as delta-all-kl: no LoRA (every base weight, and so the softmax branch, stays the base's), the KL
 #            divergence from the base model's next-token distribution, the feature maps (with beta) and the gate;

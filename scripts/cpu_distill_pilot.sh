@@ -18,7 +18,7 @@
 # this mode leaves the memory out too) and la_only; the base's own loss is in the log. scripts/cpu_distill_eval.py
 # adds the readout switched off (window + sinks + memory; for the runs without LoRA exactly the untrained base with
 # that memory) on held-out long documents. The question: does the linear branch earn its bytes over the memory alone (hybrid
-# below swa_only), and which stage 2 reads closer to the base?
+# below the readout off), and which stage 2 reads closer to the base?
 #   usage: scripts/cpu_distill_pilot.sh OUT     (calling it again resumes the runs that stopped; RUNS: a subset)
 set -uo pipefail
 out=$1

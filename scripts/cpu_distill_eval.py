@@ -60,6 +60,17 @@ def main() -> int:
     for run in args.runs:
         if not (run / ".linearize-complete").is_file():
             p.error(f"{run} is not a finished run")
+    # the bands, from the recipes (before any model is loaded, so a --merge that cannot join fails at once): the
+    # softmax branch holds every key before window + sinks + memory; the training length
+    recipes = [load_recipe(str(run / "recipe.yaml")) for run in args.runs]
+    cuts = {(r["hybrid"]["window"] + r["hybrid"]["softmax_sinks"] + r["hybrid"]["sparse_memory"],
+             int(r["data"]["seq_len"])) for r in recipes}
+    if len(cuts) > 1:
+        p.error(f"the runs differ in window + sinks + memory or training length ({sorted(cuts)}): one table needs one set of bands")
+    exact, train_len = cuts.pop()
+    edges = sorted({0, exact, train_len, args.seq_len - 1})
+    if earlier and earlier["settings"]["edges"] != edges:
+        p.error(f"--merge {args.merge}: other position bands {earlier['settings']['edges']} vs {edges}")
     torch.manual_seed(0)
     base, tok, info = load_model(args.model, device="cpu", dtype=torch.float32)
     ids = long_document_batch(tok, num_docs=args.docs, seq_len=args.seq_len)
@@ -71,7 +82,6 @@ def main() -> int:
     t0 = time.perf_counter()
     per_variant = {"base": losses(base)}
     print(f"base {time.perf_counter() - t0:.0f} s", flush=True)
-    hybrid = None
     for run in args.runs:
         model = linearize.load(run, device="cpu")
         hybrid = linearize.hybrid_config_of(model)
@@ -86,13 +96,8 @@ def main() -> int:
                     per_variant[f"{run.name} {mode}"] = losses(model)
             print(f"{run.name} {mode} {time.perf_counter() - t1:.0f} s", flush=True)
         del model
-    exact = hybrid.window + hybrid.softmax_sinks + hybrid.sparse_memory  # the softmax branch holds every key before it
-    train_len = int(load_recipe(str(args.runs[0] / "recipe.yaml"))["data"]["seq_len"])
-    edges = sorted({0, exact, train_len, args.seq_len - 1})
     bands = {name: band_means(loss, edges) for name, loss in per_variant.items()}
     if earlier:
-        if earlier["settings"]["edges"] != edges:
-            raise SystemExit(f"--merge {args.merge}: other position bands {earlier['settings']['edges']} vs {edges}")
         for name, value in earlier["per_document"].items():
             if name == "base":  # the same model on the same documents: recomputed here, must agree
                 assert np.allclose(sum(value.values(), []), sum(bands["base"].values(), []), atol=1e-5), "base differs"

@@ -72,7 +72,9 @@ delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.spar
 # the base 2.925; results/long/smollm2-135m/s18-distill-pilot).
 # -s1gate: the gate trained in stage 1 too (at stage 1's rate, 1e-2), from 0.5, beside the feature maps: on SmolLM2
 # (CPU) the pilot's best final loss (2.970 nats), and its linear readout lowers the loss past the exact memory on long
-# documents, beyond the training length too (results/long/smollm2-135m/s19-distill-pilot/reading).
+# documents, beyond the training length too (results/long/smollm2-135m/s19-distill-pilot/reading). On Qwen (session 20,
+# H200, s20/) the gate closed the linear branch within one step of stage 1 (g = 0.9985 on average; validation 2.5397
+# against the base's 2.5391): at 4k-token rows window + sinks + 2048 recall keys already reproduce each layer's output.
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which
@@ -82,7 +84,9 @@ delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.spar
 # decode memory still chosen by the prompt's queries; -recall: the memory as trained, at inference too. On the CPU
 # (12 SQuAD items, s16/cpu-memory-prefill): query memory 0.102 bpb, -prefill 0.089, -recall 0.079 (a prompt within
 # window + memory is read exactly; -prefill's answer tokens still read keys that left the window after the choice
-# through the linear state).
+# through the linear state). Its cost: with the recall memory walked over every prompt, the session-20 evaluations
+# scored 3 prompts per ~41 s each (four processes sharing the H200: 24 of the 199 in ~370 s), so the whole set needs
+# ~45 min; budget for it, or shorten LONG_ARGS (fewer items, no 32k lengths) for these variants.
 # memory_fill (-fill; the default since session 17, the variants before it ran without): the keys that leave the window
 # after the query memory is chosen take its free slots before the linear state, so a prompt and answer within window
 # + sinks + memory are read exactly (the training-free memory baselines too, MEMORY_FILL).

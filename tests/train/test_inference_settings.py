@@ -89,6 +89,27 @@ def test_resume_of_a_finished_run_rebuilds_the_same_model(runs, tmp_path):
     assert json.loads((out / "config.json").read_text())["linearize"] == before_config["linearize"]
 
 
+def test_resume_of_a_finished_run_keeps_its_gate_report_unmeasured(runs, tmp_path, monkeypatch):
+    """A restored pack written out again (nothing trained, nothing changed) takes the gate report its summary holds
+    instead of a forward over the validation rows; one that trains again measures it."""
+    import linearize.models.convert as convert
+
+    root, _, with_settings = runs
+    out = tmp_path / "run"
+    shutil.copytree(root / "inference", out)
+    for name in ("model.safetensors", "config.json"):
+        (out / name).unlink()
+    assert with_settings["mixing"]["gate"] == "dynamic"
+    measured = []
+    real = convert.mixing_report
+    monkeypatch.setattr(convert, "mixing_report", lambda *a, **k: measured.append(1) or real(*a, **k))
+    summary = run_recipe(tiny_llama(), None, out, data=random_data(), resume=True)
+    assert measured == [] and summary["mixing"] == with_settings["mixing"]
+    assert json.loads((out / "summary.json").read_text())["mixing"] == with_settings["mixing"]
+    fresh = run_recipe(tiny_llama(), "ssd", tmp_path / "fresh", overrides=SETS, data=random_data())
+    assert measured == [1] and fresh["mixing"]["gate"] == "dynamic"
+
+
 def test_a_run_without_stage2_saves_the_settings_too(tmp_path):
     out = tmp_path / "run"
     summary = run_recipe(tiny_llama(), "la-only", out, overrides=[*tiny_recipe(), "inference.hybrid.window=16"],

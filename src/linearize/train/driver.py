@@ -73,6 +73,9 @@ class Run:
     train_rows: torch.Tensor | None = None
     val_rows: torch.Tensor | None = None
     data_dir: str | None = None  # where the long documents of a measured layer selection are read
+    # this process changed the run's parameters or recipe (a fresh run, a stage trained here, a resume that changed
+    # the recipe): what the earlier summary measured of the final model no longer holds
+    changed_here: bool = True
 
     @property
     def show_progress(self) -> bool:
@@ -172,7 +175,7 @@ def start(recipe: Recipe, out: Path, model: str, accelerator=None, *, resume: bo
     summary = {"recipe": recipe.name, "preset": recipe.preset, "seed": recipe.seed, **provenance,
                "processes": acc.num_processes, "distributed": rt.distributed}
     return Run(recipe=recipe, out=out, acc=acc, log=log, resume=resume, counter=loop.StepCounter(interrupt_after),
-               summary=summary, provenance=provenance)
+               summary=summary, provenance=provenance, changed_here=not resume or bool(changes))
 
 
 def prepare(run: Run, model: Any, *, tokenizer=None, data=None, data_dir: str | None = None,
@@ -321,6 +324,7 @@ def _finish_stage(run: Run, name: str, result, params: dict, **extra) -> None:
     t0 = time.perf_counter()
     logged = [r for r in run.log.records() if r.get("stage") == name and r.get("event") == "eval" and r.get("final")] \
         if run.resume else []
+    run.changed_here |= not logged
     run.stages[name] = {**result.to_dict(), **extra, "val": logged[-1]["val"] if logged else run.evaluate()}
     run.stages[name]["eval_seconds"] = time.perf_counter() - t0
     if run.acc.is_main_process and not logged:
@@ -375,6 +379,20 @@ def apply_inference_settings(run: Run) -> None:
     run.summary["inference_hybrid"] = settings
 
 
+def _recorded_mixing(run: Run) -> dict | None:
+    """``{"mixing": report}`` from the summary of a finished run resumed with nothing changed (a restored pack whose
+    model files are written again): the same parameters give the same gate report, and measuring it again is a
+    forward over the validation rows (over 17 minutes on a 2-core CPU for Qwen2.5-1.5B). None: measure it."""
+    path = run.out / "summary.json"
+    if run.changed_here or not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {"mixing": earlier["mixing"]} if isinstance(earlier, dict) and "mixing" in earlier else None
+
+
 def save(run: Run, wall_start: float) -> dict:
     """The model (LoRA merged unless the recipe says otherwise) with the recipe's inference settings, the adapter,
     the tokenizer, the loss plot and the summary: staged, moved into place, then the completion marker
@@ -385,7 +403,8 @@ def save(run: Run, wall_start: float) -> dict:
     acc, ocfg, stages, summary = run.acc, run.recipe.output, run.stages, run.summary
     model = run.model
     clear_drops(hybrid_modules(model))
-    summary["mixing"] = mixing_report(model, run.val_rows[: run.recipe.eval.batch_size])
+    recorded = _recorded_mixing(run)
+    summary["mixing"] = recorded["mixing"] if recorded else mixing_report(model, run.val_rows[: run.recipe.eval.batch_size])
     final_val = stages["stage2"]["val"] if "stage2" in stages else stages["stage1"]["val"] if "stage1" in stages \
         else run.evaluate()
     warnings = _divergence_warnings(final_val, model.get_output_embeddings().weight.shape[0])

@@ -45,6 +45,10 @@ declare -A extra=(
   [lm-lora-g09]="--set hybrid.mix_value=0.9"
   [kl-maps-s1gate]="--set stage1.train_mixing=true --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3"
   [lm-lora-s1gate]="--set stage1.train_mixing=true"
+  # stage 1 alone, the gate trained: does it close the linear branch when the exact memory covers more of each row?
+  # m256: window + sinks + memory = 328 of 1024 keys (the runs above); m568: 640 of 1024, as Qwen's 2568 of 4096
+  [s1gate-stage1-m256]="--set stage1.train_mixing=true --set stage2.enabled=false"
+  [s1gate-stage1-m568]="--set stage1.train_mixing=true --set stage2.enabled=false --set hybrid.sparse_memory=568"
 )
 for name in ${RUNS:-lm-lora kl-maps lm-maps kl-lora}; do
   [ -f "$out/$name/summary.json" ] && continue

@@ -12,7 +12,7 @@
 # Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run, 388 s for both
 # stages on an H200 at 0444c9a; delta-all-memtrain is the long-context-all recipe), RUN_NAMES (a comma-separated
 # subset of delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4, delta-all-kl, delta-all-kl-g09,
-# delta-all-memtrain-g09, delta-all-kl-s1gate), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
+# delta-all-memtrain-g09, delta-all-kl-s1gate, delta-all-s1gate-w64-stage1), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
 # below), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
@@ -52,7 +52,8 @@ delta-all-conv4|ssd|$common --set hybrid.layers=all $delta --set hybrid.qk_conv=
 delta-all-kl|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl;\
 delta-all-kl-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set hybrid.mix_value=0.9;\
 delta-all-memtrain-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 --set hybrid.mix_value=0.9;\
-delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set stage1.train_mixing=true"
+delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set stage1.train_mixing=true;\
+delta-all-s1gate-w64-stage1|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 --set hybrid.window=64 --set stage1.train_mixing=true --set stage2.enabled=false"
 # delta-all-memtrain: delta-all trained with 2048 exact keys in the loop (the online 'recall' memory: a teacher-forced
 # row has no prompt end to choose them by its queries), so that the gate and the linear state learn beside an exact
 # memory what they add to it (on delta-all, trained without one, the readout off reads better: RESULTS.md, session 14).
@@ -74,7 +75,10 @@ delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.spar
 # (CPU) the pilot's best final loss (2.970 nats), and its linear readout lowers the loss past the exact memory on long
 # documents, beyond the training length too (results/long/smollm2-135m/s19-distill-pilot/reading). On Qwen (session 20,
 # H200, s20/) the gate closed the linear branch within one step of stage 1 (g = 0.9985 on average; validation 2.5397
-# against the base's 2.5391): at 4k-token rows window + sinks + 2048 recall keys already reproduce each layer's output.
+# against the base's 2.5391): with the gate closed, window + sinks + 2048 recall keys reproduce each layer's output on
+# 4k-token rows. Not the memory's share of the row: SmolLM2's gate stays open (0.84) with 640 of 1024 keys exact
+# (results/long/smollm2-135m/s20-stage1-gate). -s1gate-w64-stage1: stage 1 alone at the pilot's 64-token window
+# (~3 min on the H200): is the window what closes Qwen's gate?
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which

@@ -15,7 +15,7 @@
 #   lm-lora-g09     lm-lora with the gate starting at g = 0.9 (the gate start alone changed from lm-lora);
 #   lm-lora-s1gate  lm-lora with the gate trained in stage 1 too (what trains in stage 1 alone changed from lm-lora).
 # Each run's summary.json holds the held-out loss per component mode: hybrid, swa_only (the window + sinks alone:
-# this mode leaves the memory out too) and la_only; the base's own loss is in the log. scripts/cpu_distill_eval.py
+# this mode leaves the memory out too) and la_only; the base's own loss is in the log. scripts/reading_eval.py
 # adds the readout switched off (window + sinks + memory; for the runs without LoRA exactly the untrained base with
 # that memory) on held-out long documents. The question: does the linear branch earn its bytes over the memory alone (hybrid
 # below the readout off), and which stage 2 reads closer to the base?

@@ -1,5 +1,5 @@
-"""Per-position reading of held-out long documents by the conversions of scripts/cpu_distill_pilot.sh and by their
-base: each run in `hybrid`, `swa_only` (the window + sinks alone: this component mode leaves out the memory too) and
+"""Per-position reading of held-out long documents by finished conversions (scripts/cpu_distill_pilot.sh's on the
+CPU, a GPU run's with --device cuda) and by their base: each run in `hybrid`, `swa_only` (the window + sinks alone: this component mode leaves out the memory too) and
 `readout_off` (the hybrid with its gate pushed to the softmax branch, mix_shift 30: window + sinks + memory; for a run
 without LoRA exactly the untrained base with that memory), the base model alone,
 on the first long documents (../shared/data, not among the training sources) at a length beyond the training rows.
@@ -9,7 +9,8 @@ pairs over the documents (95% bootstrap intervals): each variant against the bas
 against readout_off (does the linear branch earn its bytes over the memory alone?). `--merge` adds the variants of an
 earlier record of the same documents (not computed again).
 
-    python scripts/cpu_distill_eval.py --runs OUT/lm-lora OUT/kl-maps ... --model smollm2-135m --out RESULTS_DIR
+    python scripts/reading_eval.py --runs OUT/lm-lora OUT/kl-maps ... --model smollm2-135m --out RESULTS_DIR
+    python scripts/reading_eval.py --runs OUT/runs/delta-all-kl-g09 --model QWEN.gguf --seq-len 8192 --device cuda --out DIR
 
 Writes RESULTS_DIR/reading.json (commit, device, command, each document's band means per variant, the pairs) and
 RESULTS_DIR/reading.md.
@@ -49,7 +50,10 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4, help="documents per forward pass")
     p.add_argument("--modes", default="hybrid,swa_only,readout_off", help="what to run of each run (comma-separated)")
     p.add_argument("--merge", type=Path, help="an earlier reading.json of the same documents: its variants join")
+    p.add_argument("--device", default="cpu", help="where the models run (cpu, cuda)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the models' weights and activations")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(modes) <= {"hybrid", "swa_only", "readout_off"}:
         p.error(f"--modes {args.modes!r}: expected hybrid, swa_only and / or readout_off")
@@ -72,7 +76,7 @@ def main() -> int:
     if earlier and earlier["settings"]["edges"] != edges:
         p.error(f"--merge {args.merge}: other position bands {earlier['settings']['edges']} vs {edges}")
     torch.manual_seed(0)
-    base, tok, info = load_model(args.model, device="cpu", dtype=torch.float32)
+    base, tok, info = load_model(args.model, device=args.device, dtype=dtype)
     ids = long_document_batch(tok, num_docs=args.docs, seq_len=args.seq_len)
 
     def losses(model) -> torch.Tensor:
@@ -83,7 +87,7 @@ def main() -> int:
     per_variant = {"base": losses(base)}
     print(f"base {time.perf_counter() - t0:.0f} s", flush=True)
     for run in args.runs:
-        model = linearize.load(run, device="cpu")
+        model = linearize.load(run, device=args.device, dtype=dtype)
         hybrid = linearize.hybrid_config_of(model)
         for mode in modes:
             t1 = time.perf_counter()
@@ -112,12 +116,12 @@ def main() -> int:
         table[band] = {"variants": {n: bootstrap(bands[n][band]) for n in names},
                        "paired": {f"{a} - {b}": bootstrap(list(np.subtract(bands[a][band], bands[b][band])))
                                   for a, b in pairs}}
-    record = {"meta": run_metadata(model_info=info, device="cpu", seed=0, argv=["python", *sys.argv]),
-              "settings": {"runs": [str(r) for r in args.runs], "docs": args.docs, "seq_len": args.seq_len,
+    record = {"meta": run_metadata(model_info=info, device=args.device, seed=0, argv=["python", *sys.argv]),
+              "settings": {"runs": [str(r) for r in args.runs], "docs": args.docs, "seq_len": args.seq_len, "dtype": args.dtype,
                            "edges": edges, "hybrid": hybrid.to_dict(), "modes": modes,
                            "merged": str(args.merge) if args.merge else None},
               "bands": table, "per_document": bands, "seconds": time.perf_counter() - t0}
-    write_json_with_provenance(args.out / "reading.json", record, "cpu")
+    write_json_with_provenance(args.out / "reading.json", record, args.device)
 
     def ci(b):
         return f"{b['mean']:.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]" if b["ci95"] else f"{b['mean']:.3f}"
@@ -130,7 +134,7 @@ def main() -> int:
               "| pair | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
     lines += [f"| {a} - {b} | " + " | ".join(ci(table[band]["paired"][f"{a} - {b}"]) for band in table) + " |"
               for a, b in pairs]
-    lines += ["", f"commit {record['meta']['commit']}, CPU, fp32, {record['seconds']:.0f} s"]
+    lines += ["", f"commit {record['meta']['commit']}, {record['meta'].get('gpu', 'CPU')}, {args.dtype}, {record['seconds']:.0f} s"]
     (args.out / "reading.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -128,12 +128,17 @@ def test_the_base_at_a_short_context_gives_the_ceiling_of_any_attention_speedup(
     def row(kind, ctx, ms):
         return _fair_row(kind, batch=1024, context=ctx, tps=1024e3 / ms, floor=1.0)
 
-    rows = [row("base_static_graph", 32768, 36.0), row("base_static_graph", 16, 6.0), row("converted_graph", 32768, 12.0)]
+    ours = _fair_row("converted_graph", batch=1024, context=32768, tps=1024e3 / 12.0, floor=3.0, cache=3)
+    rows = [row("base_static_graph", 32768, 36.0), row("base_static_graph", 16, 6.0), ours]
     (ratio,) = decode.fair_ratios(rows)  # the short-context base row has no converted row of its own
     assert ratio["context"] == 32768 and ratio["speedup_vs_static_graph_base"] == pytest.approx(3.0)
     assert ratio["outside_attention_ms"] == pytest.approx(6.0)
     assert ratio["ceiling_speedup_vs_static_graph_base"] == pytest.approx(6.0)
-    assert "| 6.00 | 6.0x |" in _fair_table(rows, [ratio])
+    # the state's share of the 3 ms floor (3 of 4 bytes; the weights are read inside the 6 ms step already): 2.25 ms
+    assert ratio["state_read_bound_speedup"] == pytest.approx(36.0 / (6.0 + 2.25))
+    # attention free, the step still takes the 6 ms outside attention: at most half of its 3 ms floor
+    assert ratio["floor_fraction_bound"] == pytest.approx(0.5)
+    assert "| 6.00 | 6.0x | 4.4x | 50% |" in _fair_table(rows, [ratio])
 
 
 def test_fold_every_sets_and_restores_the_tuning():

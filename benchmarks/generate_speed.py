@@ -1,5 +1,6 @@
 """Batch-1 `generate()` speed of a converted model on the GPU: the captured decode step (the default) against the
-eager step, tokens/s of the new tokens (prompt and warm-up included, as `linearize generate` reports them).
+eager step, and the captured step with the norms and MLPs compiled into it (LINEARIZE_COMPILED_STEP=1), tokens/s of
+the new tokens (prompt and warm-up included, as `linearize generate` reports them).
 
     python benchmarks/generate_speed.py OUT_JSON [--model shape:gemma3-270m | MODEL] [--new-tokens 256] [--layers global]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from transformers import GenerationMixin
 import linearize
 from linearize.bench.decode import decode_shape
 from linearize.bench.kernels import environment
+from linearize.models.generation import COMPILED_ENV
 from linearize.records import benchmark_header
 
 
@@ -67,12 +70,21 @@ def main(argv=None) -> int:
         captured_tps, captured = timed(lambda: model.generate(prompt, **kw), args.new_tokens)
         path = model.decode_path
         eager_tps, eager = timed(lambda: GenerationMixin.generate(model, prompt, **kw), args.new_tokens)
+        os.environ[COMPILED_ENV] = "1"
+        try:
+            model.generate(prompt, max_new_tokens=8, do_sample=False)  # compiles the norms and MLPs: not timed
+            compiled_tps, compiled = timed(lambda: model.generate(prompt, **kw), args.new_tokens)
+            compiled_path = model.decode_path
+        finally:
+            del os.environ[COMPILED_ENV]
     env = environment(args.commit, ["generate_speed"] + sys.argv[1:])
     env["command"] = "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:])
     res = dict(benchmark_header(env), model=args.model, layers=args.layers, batch=1,
                prompt_tokens=32, new_tokens=args.new_tokens, captured_tokens_per_s=captured_tps,
                eager_tokens_per_s=eager_tps, speedup=captured_tps / eager_tps, decode_path=path.describe(),
-               captured_equals_eager=bool(torch.equal(captured, eager)))
+               captured_equals_eager=bool(torch.equal(captured, eager)), compiled_tokens_per_s=compiled_tps,
+               compiled_over_captured=compiled_tps / captured_tps, compiled_decode_path=compiled_path.describe(),
+               compiled_equals_eager=bool(torch.equal(compiled, eager)))
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0

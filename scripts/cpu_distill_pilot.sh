@@ -49,6 +49,12 @@ declare -A extra=(
   # m256: window + sinks + memory = 328 of 1024 keys (the runs above); m568: 640 of 1024, as Qwen's 2568 of 4096
   [s1gate-stage1-m256]="--set stage1.train_mixing=true --set stage2.enabled=false"
   [s1gate-stage1-m568]="--set stage1.train_mixing=true --set stage2.enabled=false --set hybrid.sparse_memory=568"
+  # stage 1 alone, the gate trained, 2048-token rows (6 steps of 4): Qwen's softmax span scaled down -- a 512-token
+  # window and memory updates every 512 tokens (w512-b512: 512 + 8 + 256 of 2048 keys exact) -- against the pilot's
+  # 64-token window with as many keys exact through the memory (w64-m704: 64 + 8 + 704): is it the window that
+  # closed Qwen's gate (session 20)?
+  [s1gate-stage1-w512-b512]="--set stage1.train_mixing=true --set stage2.enabled=false --set hybrid.window=512 --set hybrid.memory_block=512 --set data.seq_len=2048 --set data.train_tokens=49152"
+  [s1gate-stage1-w64-m704]="--set stage1.train_mixing=true --set stage2.enabled=false --set hybrid.sparse_memory=704 --set data.seq_len=2048 --set data.train_tokens=49152"
 )
 for name in ${RUNS:-lm-lora kl-maps lm-maps kl-lora}; do
   [ -f "$out/$name/summary.json" ] && continue

@@ -141,6 +141,27 @@ def test_the_base_at_a_short_context_gives_the_ceiling_of_any_attention_speedup(
     assert "| 6.00 | 6.0x | 4.4x | 50% |" in _fair_table(rows, [ratio])
 
 
+def test_the_compiled_rows_give_the_same_treatment_ratios():
+    def row(kind, ctx, ms, floor=1.0):
+        return _fair_row(kind, batch=1024, context=ctx, tps=1024e3 / ms, floor=floor)
+
+    rows = [row("base_static_graph", 32768, 36.0), row("base_static_graph", 16, 6.0), row("converted_graph", 32768, 12.0),
+            row("base_static_graph_compiled", 32768, 32.0), row("base_static_graph_compiled", 16, 2.0),
+            row("converted_graph_compiled", 32768, 8.0, floor=1.5)]
+    (ratio,) = decode.fair_ratios(rows)
+    assert ratio["speedup_vs_static_graph_base"] == pytest.approx(3.0)  # the captured pair as before
+    assert ratio["compiled_speedup_vs_compiled_base"] == pytest.approx(4.0)
+    assert ratio["compiled_base_over_base"] == pytest.approx(36.0 / 32.0)
+    assert ratio["compiled_over_ours"] == pytest.approx(1.5)
+    assert ratio["compiled_floor_fraction"] == pytest.approx(1.5 / 8.0)
+    assert ratio["compiled_outside_attention_ms"] == pytest.approx(2.0)
+    assert ratio["compiled_ceiling_speedup"] == pytest.approx(16.0)
+    assert ratio["compiled_floor_fraction_bound"] == pytest.approx(0.75)
+    assert "| gemma3-270m | 1024 | 32768 | **4.00x** | 1.12x | 1.50x | 19% | 2.00 | 16.0x | 75% |" in _fair_table(rows, [ratio])
+    (plain,) = decode.fair_ratios(rows[:3])  # a run without the compiled rows: no such keys, no such table
+    assert not any(k.startswith("compiled") for k in plain) and "compiled into" not in _fair_table(rows[:3], [plain])
+
+
 def test_fold_every_sets_and_restores_the_tuning():
     pytest.importorskip("triton")
     from linearize.attention.triton.decode import TUNING

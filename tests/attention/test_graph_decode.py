@@ -166,3 +166,62 @@ def test_captured_memory_replay_equals_eager_stepping(family):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert_states_equal(graphed, eager, atol=1e-5)
     assert graphed.layers[0].state.memory.valid.any()
+
+
+def test_compiled_outside_attention_compiles_norms_and_mlps_for_the_duration(monkeypatch):
+    """The norms and MLPs (every layer's instances sharing one compiled function per class) run compiled inside,
+    their own forward after; the logits are the uncompiled model's. A tracing-only backend on the CPU: what a CUDA
+    step compiles with inductor, traced whole (fullgraph)."""
+    from linearize.attention import graph_decode
+
+    monkeypatch.setattr(graph_decode, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = linearize.convert(tiny_model("gemma3"), linearize.HybridConfig(window=4)).eval()
+    ids = torch.randint(1, 128, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+        with graph_decode.compiled_outside_attention(model) as classes:
+            wrapped = [m for m in model.modules() if "forward" in m.__dict__]
+            got = model(ids).logits
+    assert classes == ["Gemma3MLP", "Gemma3RMSNorm"]
+    assert len(wrapped) == sum(type(m).__name__ in classes for m in model.modules()) > 2 * model.config.num_hidden_layers
+    assert not any("forward" in m.__dict__ for m in model.modules())  # each module's own forward again
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fused_step_decodes_as_the_unfused_one(monkeypatch):
+    """GraphDecoder(fuse=True) (capture=False: every step inside the compiled context) steps the cache as the eager
+    model does, token by token."""
+    from linearize.attention import graph_decode
+
+    monkeypatch.setattr(graph_decode, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = linearize.convert(tiny_model("qwen2"), linearize.HybridConfig(window=4, combine="mix")).eval()
+    prompt, tokens = torch.randint(1, 128, (2, 9)), torch.randint(1, 128, (2, 6))
+    eager, fused = prefilled(model, prompt), prefilled(model, prompt)
+    decoder = GraphDecoder(model, fused, positions=9, capture=False, fuse=True)
+    for i in range(tokens.shape[1]):
+        with torch.no_grad():
+            want = model(tokens[:, i:i + 1], **cache_kwargs(eager), use_cache=True,
+                         position_ids=torch.full((2, 1), 9 + i)).logits
+        torch.testing.assert_close(decoder.step(tokens[:, i:i + 1]), want, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_fused_graph_replay_equals_eager_stepping(family):
+    """The captured step with the norms and MLPs compiled by inductor (fuse=True) replays what eager stepping gives;
+    the modules run their own forward after the capture."""
+    torch.manual_seed(0)
+    model = linearize.convert(tiny_model(family), linearize.HybridConfig(window=6)).cuda().eval()
+    prompt, tokens = torch.randint(1, 128, (2, 9), device="cuda"), torch.randint(1, 128, (2, 12), device="cuda")
+    eager, graphed = prefilled(model, prompt), prefilled(model, prompt)
+    decoder = GraphDecoder(model, graphed, positions=9, fuse=True)
+    for i in range(tokens.shape[1]):
+        with torch.no_grad():
+            want = model(tokens[:, i:i + 1], **cache_kwargs(eager), use_cache=True,
+                         position_ids=torch.full((2, 1), 9 + i, device="cuda")).logits
+        torch.testing.assert_close(decoder.step(tokens[:, i:i + 1]), want, atol=2e-4, rtol=2e-4)
+    assert decoder.captured and not any("forward" in m.__dict__ for m in model.modules())

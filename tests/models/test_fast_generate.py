@@ -239,3 +239,21 @@ def test_captured_generate_with_rings_equals_eager_generate():
     assert model.decode_path.path == "captured"
     torch.manual_seed(3)
     assert torch.equal(sampled, eager_generate(model, ids, **sampling))
+
+
+def test_the_compiled_step_is_taken_on_request_and_decodes_the_same_tokens(monkeypatch):
+    """LINEARIZE_COMPILED_STEP=1: the decoder compiles the norms and MLPs into its step (a tracing-only backend on
+    the CPU), greedy tokens as HF's eager loop, and the path says so; the modules run uncompiled afterwards."""
+    from linearize.attention import graph_decode
+
+    monkeypatch.setattr(graph_decode, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(generation, "DECODER_CLASS", functools.partial(GraphDecoder, capture=False))
+    monkeypatch.setattr(generation, "eager_reason", lambda *a, **k: None)
+    monkeypatch.setenv(generation.COMPILED_ENV, "1")
+    torch.manual_seed(0)
+    model = ring_model()
+    prompt = torch.randint(1, 128, (1, 6))
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(prompt, **kw), eager_generate(model, prompt, **kw))
+    assert model.decode_path.compiled and "norms and MLPs compiled" in model.decode_path.describe()
+    assert not any("forward" in m.__dict__ for m in model.modules())

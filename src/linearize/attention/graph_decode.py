@@ -19,6 +19,9 @@ through the ring's mask, passed as the model's attention mask; unconverted full-
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -28,20 +31,62 @@ from linearize.attention.ring import RING_ATTENTION, ring_attention_mask, swap_i
 from linearize.compat import cache_kwargs
 
 
+#: classes whose names end so are compiled by `compiled_outside_attention`: the parts of a decoder step outside
+#: attention that run as chains of small kernels (a Gemma 3 RMSNorm is about eight elementwise kernels, six per layer)
+OUTSIDE_ATTENTION = ("RMSNorm", "MLP")
+
+#: torch.compile's backend for them (tests on the CPU set a tracing-only one)
+COMPILE_BACKEND = "inductor"
+
+# one torch.compile wrapper per (class, backend) for the process: dynamo keeps its compiled graphs per wrapper, so a
+# step entering the context again (the capture after the warm-up steps) finds them instead of compiling anew
+_COMPILED: dict = {}
+
+
+@contextlib.contextmanager
+def compiled_outside_attention(model: torch.nn.Module, *, backend: str | None = None):
+    """While inside: every norm and MLP module of `model` (classes named *RMSNorm, *MLP) runs through torch.compile,
+    one compiled function per class that all its instances share (their weights are its inputs), so a step launches
+    one fused kernel where a norm ran several. A step captured in a CUDA graph inside keeps the fused kernels in
+    every replay after the exit. Modules whose `forward` is already an instance attribute (a hook library's wrapper)
+    or compiled by the user (`module.compile()`) are left alone; on exit the others run their own forward again. The same treatment
+    for a base model and its conversion, whose layers outside attention are the base's. Yields the classes' names."""
+    backend = backend or COMPILE_BACKEND
+    classes, mods = set(), []
+    for m in model.modules():
+        cls = type(m)
+        if (cls.__name__.endswith(OUTSIDE_ATTENTION) and "forward" not in m.__dict__
+                and getattr(m, "_compiled_call_impl", None) is None):
+            if (cls, backend) not in _COMPILED:  # dynamic=None: a second batch size recompiles once, that size symbolic
+                _COMPILED[cls, backend] = torch.compile(cls.forward, backend=backend, fullgraph=True)
+            m.forward = types.MethodType(_COMPILED[cls, backend], m)
+            classes.add(cls.__name__)
+            mods.append(m)
+    try:
+        yield sorted(classes)
+    finally:
+        for m in mods:
+            del m.forward
+
+
 class GraphStep:
     """A model's one-token forward on static buffers (`ids`, `positions`, the cache), replayed from a CUDA graph.
 
     The first `warmup_steps` calls run eagerly on a side stream (they are real steps: Triton compiles, cuBLAS sets up
     its workspace); the next one captures the forward and replays it. Used by `GraphDecoder` and by the decode
     benchmark's static-cache base, so both get the same treatment. `capture=False` runs every call eagerly (the same
-    forward on the same buffers, on any device).
+    forward on the same buffers, on any device). `fuse`: the warm-up steps and the capture run inside
+    `compiled_outside_attention` (the norms and MLPs compiled; with capture=False every step does).
     """
 
-    def _init_buffers(self, model, cache, positions: torch.Tensor, warmup_steps: int, capture: bool = True) -> None:
+    fuse = False  # set by _init_buffers
+
+    def _init_buffers(self, model, cache, positions: torch.Tensor, warmup_steps: int, capture: bool = True,
+                      fuse: bool = False) -> None:
         self.model, self.cache, self.positions = model, cache, positions
         self.ids = torch.zeros(positions.shape[0], 1, dtype=torch.long, device=positions.device)
         self.warmup_left = warmup_steps
-        self.capture = capture
+        self.capture, self.fuse = capture, fuse
         self.side_stream = torch.cuda.Stream(positions.device) if capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -51,8 +96,9 @@ class GraphStep:
         return {}
 
     def _forward(self) -> torch.Tensor:
-        logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True,
-                            **self._model_inputs()).logits
+        with compiled_outside_attention(self.model) if self.fuse else contextlib.nullcontext():
+            logits = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache),
+                                use_cache=True, **self._model_inputs()).logits
         self.positions.add_(1)
         return logits
 
@@ -93,11 +139,12 @@ class GraphDecoder(GraphStep):
     Unconverted sliding-window layers: their cache layers are replaced by rings (in `cache`, in place) holding the last
     window of the prompt; `valid` (B, prompt length) bool is the prompt's padding mask (None: no padding).
     `capture=False` runs every step eagerly through the same forward (what the captured step replays, on any device).
+    `fuse`: the norms and MLPs compiled into the step (`compiled_outside_attention`).
     """
 
     @torch.inference_mode()
     def __init__(self, model: torch.nn.Module, cache: Cache, positions: int | torch.Tensor, *, warmup_steps: int = 2,
-                 valid: torch.Tensor | None = None, capture: bool = True):
+                 valid: torch.Tensor | None = None, capture: bool = True, fuse: bool = False):
         if model.training:
             raise ValueError("call model.eval() first: a captured step replays the same dropout masks")
         layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
@@ -152,7 +199,7 @@ class GraphDecoder(GraphStep):
         self.attention_layers = layers
         for st in online:  # after every check: a refused decoder leaves the states as they were
             st.boundary_every_step = True
-        self._init_buffers(model, cache, self.positions, warmup_steps, capture)
+        self._init_buffers(model, cache, self.positions, warmup_steps, capture, fuse)
         self.captured_with = self._signature()
 
     def _signature(self):

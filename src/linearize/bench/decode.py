@@ -90,13 +90,14 @@ def _fill_hybrid_cache(model, batch, ctx, dtype, device="cuda"):
     return cache
 
 
-def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, device="cuda"):
-    """tokens/s, ms/step and cache bytes of `steps` decoding steps: eager forwards, or a captured graph's replays."""
+def _decode_rate(model, cache, batch, ctx, steps, *, graph=False, fuse=False, device="cuda"):
+    """tokens/s, ms/step and cache bytes of `steps` decoding steps: eager forwards, or a captured graph's replays
+    (`fuse`: with the norms and MLPs compiled into it)."""
 
     ids = torch.randint(1, 1000, (batch, 1), device=device)
     nbytes = cache_nbytes(cache)
     if graph:
-        decoder = GraphDecoder(model, cache, positions=ctx)
+        decoder = GraphDecoder(model, cache, positions=ctx, fuse=fuse)
         warm = decoder.warmup_left + 2  # eager warm-up steps, the capture (+ its first replay), one more replay
 
         def step(i):
@@ -276,9 +277,11 @@ class CapturedStaticStep(GraphStep):
     the treatment `GraphDecoder` gives a converted model (the same `GraphStep`: warm-up steps on a side stream,
     then capture, then replay). Call `use_unmasked_sdpa(model)` first (no mask is built)."""
 
-    def __init__(self, model, cache: StaticCache, batch: int, position: int, *, warmup_steps: int = 2):
+    def __init__(self, model, cache: StaticCache, batch: int, position: int, *, warmup_steps: int = 2,
+                 fuse: bool = False):
         device = next(model.parameters()).device
-        self._init_buffers(model, cache, torch.full((batch, 1), position, dtype=torch.long, device=device), warmup_steps)
+        self._init_buffers(model, cache, torch.full((batch, 1), position, dtype=torch.long, device=device), warmup_steps,
+                           fuse=fuse)
 
     @torch.inference_mode()
     def step(self, ids):
@@ -332,6 +335,9 @@ FAIR_KINDS = {
                               "leaving the window wait in a list of 16 and S is written once per 16 steps instead of "
                               "every step), in the same run (its floor counts the state without that list)",
     "base_eager_dynamic": "extra: base in HF's eager loop with a DynamicCache (the old, host-bound baseline)",
+    "base_static_graph_compiled": "base_static_graph with its norms and MLPs torch.compile'd into the captured step "
+                                  "(graph_decode.compiled_outside_attention)",
+    "converted_graph_compiled": "converted_graph with the same norms and MLPs compiled (the same treatment)",
 }
 
 #: contexts at most this long count as "attention nearly free" rows (see fair_ratios: the ceiling of a speed-up)
@@ -387,12 +393,14 @@ def base_batches(cfg, ctx: int, room: int, weights: int, *, max_batch: int, dtyp
 
 def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 32768, 131072), *, steps: int = 12,
                     llama_layers: int = 8, max_batch: int = 1024, eager_extra_context: int | None = 32768,
-                    fold_rows: bool = True, log=print, on_row=None) -> dict:
+                    fold_rows: bool = True, compiled_rows: bool = True, log=print, on_row=None) -> dict:
     """Per shape, context and batch (1 and the largest the base fits): the captured static-cache base and the
     converted model's captured step at the same batch (with the fused decode kernel, then without it), each with its
     memory floor; plus the old eager base at
     `eager_extra_context` (Gemma shape) as a labelled extra; with `fold_rows`, the fused step with its deferred fold
-    (converted_graph_fold16) too. Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
+    (converted_graph_fold16) too; with `compiled_rows`, the base (at every context and batch, the short ones too) and
+    the converted step again with their norms and MLPs compiled into the step (`*_compiled`: the same treatment for
+    both). Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
     `on_row(result so far)` after every row (so that a run cut off by a time limit keeps its rows)."""
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
@@ -409,9 +417,9 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
         try:
             free()
             torch.cuda.reset_peak_memory_stats()
-            if kind == "base_static_graph":
+            if kind in ("base_static_graph", "base_static_graph_compiled"):
                 cache = fill_static_cache(model, batch, ctx, room, dtype)
-                stepper = CapturedStaticStep(model, cache, batch, ctx)
+                stepper = CapturedStaticStep(model, cache, batch, ctx, fuse=kind.endswith("_compiled"))
                 ids = torch.randint(1, 1000, (batch, 1), device="cuda")
                 tps, ms = _timed_steps(lambda i: stepper.step(ids), batch, warm, steps)
             elif kind == "base_eager_dynamic":
@@ -421,7 +429,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 cache = _fill_hybrid_cache(model, batch, ctx, dtype)
                 fold = FOLD_ROWS if kind == "converted_graph_fold16" else 1
                 with fused_decode(kind != "converted_graph_unfused"), fold_every(fold):
-                    tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True)
+                    tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True,
+                                              fuse=kind == "converted_graph_compiled")
             nbytes = cache_nbytes(cache)
             floor_ms = memory_floor_ms(weights + nbytes, bandwidth)
             row.update(tokens_per_s=tps, ms_per_step=ms, cache_bytes=nbytes, cache_bytes_per_seq=nbytes / batch,
@@ -462,9 +471,15 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 if "error" not in measure(shape, "base_static_graph", batch, ctx, model, weights):
                     plan[ctx].append(batch)
                     break
+        if compiled_rows:
+            for ctx, batches in plan.items():
+                for batch in batches:
+                    measure(shape, "base_static_graph_compiled", batch, ctx, model, weights)
         for ctx in short:  # the base's step outside attention, at every batch measured above (no converted rows)
             for batch in sorted({b for bs in plan.values() for b in bs}):
                 measure(shape, "base_static_graph", batch, ctx, model, weights)
+                if compiled_rows:
+                    measure(shape, "base_static_graph_compiled", batch, ctx, model, weights)
         model.set_attn_implementation("sdpa")  # from here on the model as users run it
         if shape == "gemma3-270m" and eager_extra_context in plan:
             for batch in plan[eager_extra_context]:
@@ -477,6 +492,8 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                 measure(shape, "converted_graph_unfused", batch, ctx, model, weights)
                 if fold_rows:
                     measure(shape, "converted_graph_fold16", batch, ctx, model, weights)
+                if compiled_rows:
+                    measure(shape, "converted_graph_compiled", batch, ctx, model, weights)
         del model
         free()
     return result
@@ -522,6 +539,20 @@ def fair_ratios(rows) -> list[dict]:
         if fold:
             entry["fold16_speedup_vs_static_graph_base"] = fold["tokens_per_s"] / base["tokens_per_s"]
             entry["fold16_floor_fraction"] = fold["floor_fraction"]
+        # both with their norms and MLPs compiled into the captured step: the same treatment, another level of it
+        base_c, ours_c = (by.get((shape, k, batch, ctx)) for k in ("base_static_graph_compiled", "converted_graph_compiled"))
+        if base_c and ours_c:
+            entry["compiled_speedup_vs_compiled_base"] = ours_c["tokens_per_s"] / base_c["tokens_per_s"]
+            entry["compiled_base_over_base"] = base_c["tokens_per_s"] / base["tokens_per_s"]
+            entry["compiled_over_ours"] = ours_c["tokens_per_s"] / ours["tokens_per_s"]
+            entry["compiled_floor_fraction"] = ours_c["floor_fraction"]
+            short_c = [r for (sh, kd, bt, cx), r in by.items()
+                       if sh == shape and kd == "base_static_graph_compiled" and bt == batch and cx <= SHORT_CONTEXT]
+            if short_c:
+                outside_c = min(short_c, key=lambda r: r["context"])["ms_per_step"]
+                entry["compiled_outside_attention_ms"] = outside_c
+                entry["compiled_ceiling_speedup"] = base_c["ms_per_step"] / outside_c
+                entry["compiled_floor_fraction_bound"] = min(1.0, ours_c["floor_ms"] / outside_c)
         out.append(entry)
     return out
 
@@ -561,4 +592,17 @@ def render_fair_markdown(fair: dict) -> list[str]:
                      f"{100 * e['base_floor_fraction']:.0f}% | {100 * e['ours_floor_fraction']:.0f}% | "
                      f"{'—' if extra is None else f'{extra:.1f}x'} | {'—' if fused is None else f'{fused:.2f}x'} | "
                      f"{unfused} | {fold_cells} |")
+    compiled = [e for e in fair["ratios"] if "compiled_speedup_vs_compiled_base" in e]
+    if compiled:
+        lines += ["", "Both steps with their norms and MLPs compiled into the captured graph (`*_compiled` rows):", "",
+                  "| shape | batch | context | converted / base, both compiled | compiled base / captured base "
+                  "| compiled converted / converted | its floor % | compiled base outside attention ms | ceiling "
+                  "| floor % bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in compiled:
+            outside = e.get("compiled_outside_attention_ms")
+            tail = ("— | — | —" if outside is None else f"{outside:.2f} | {e['compiled_ceiling_speedup']:.1f}x | "
+                    f"{100 * e['compiled_floor_fraction_bound']:.0f}%")
+            lines.append(f"| {e['shape']} | {e['batch']} | {e['context']} | **{e['compiled_speedup_vs_compiled_base']:.2f}x** | "
+                         f"{e['compiled_base_over_base']:.2f}x | {e['compiled_over_ours']:.2f}x | "
+                         f"{100 * e['compiled_floor_fraction']:.0f}% | {tail} |")
     return lines + [""]

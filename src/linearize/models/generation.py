@@ -10,7 +10,8 @@ token and is kept at block ends; a memory chosen at prefill, 'query', is fixed a
 unconverted full-attention layers, no cache -- the eager step runs. Unconverted sliding-window layers (Gemma 3's local
 layers under `layers="global"`) decode on fixed rings of their window (`attention/ring.py`; the returned cache holds
 those rings). Which path ran is on the model after the call (`model.decode_path`, a `DecodePath`) and in one log
-line. `LINEARIZE_EAGER_DECODE=1` keeps the eager step everywhere.
+line. `LINEARIZE_EAGER_DECODE=1` keeps the eager step everywhere; `LINEARIZE_COMPILED_STEP=1` compiles the model's
+norms and MLPs into the captured step (`graph_decode.compiled_outside_attention`; off until measured on a GPU).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 #: Set (to 1) to keep every generate call on the eager step: a way out should a captured step ever misbehave.
 EAGER_ENV = "LINEARIZE_EAGER_DECODE"
 
+#: Set (to 1) to compile the norms and MLPs into the captured step: one fused kernel where a norm ran several (the
+#: first call compiles, once per process). Off by default until `benchmarks/generate_speed.py` measures it on a GPU.
+COMPILED_ENV = "LINEARIZE_COMPILED_STEP"
+
 #: The class that captures and replays the step (tests on CPU put a stand-in here to exercise the plumbing).
 DECODER_CLASS = GraphDecoder
 
@@ -50,12 +55,14 @@ class DecodePath:
     replayed: int = 0  # of them, replays of the captured graph
     rings: int = 0  # unconverted sliding-window layers that decoded on a fixed ring of their window
     ring_window: int | None = None
+    compiled: bool = False  # the norms and MLPs compiled into the captured step (LINEARIZE_COMPILED_STEP)
 
     def describe(self) -> str:
         if self.path == "captured":
             rings = (f"; {self.rings} unconverted sliding-window layers on rings of {self.ring_window} keys"
                      if self.rings else "")
-            return f"captured decode step (CUDA graph: {self.replayed} of {self.steps} steps replayed{rings})"
+            compiled = "; norms and MLPs compiled into it" if self.compiled else ""
+            return f"captured decode step (CUDA graph: {self.replayed} of {self.steps} steps replayed{rings}{compiled})"
         return f"eager decode step ({self.reason})"
 
 
@@ -66,7 +73,7 @@ def _hybrid_layers(model: nn.Module) -> list[HybridAttention]:
 def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None = None) -> str | None:
     """Why a `generate(**kwargs)` call of `model` must run the eager step; None when the captured step applies."""
     kwargs = kwargs or {}
-    if os.environ.get(EAGER_ENV, "").strip().lower() in ("1", "true", "yes"):
+    if _env_on(EAGER_ENV):
         return f"{EAGER_ENV} is set"
     config = generation_config if generation_config is not None else model.generation_config
 
@@ -103,6 +110,10 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
     if model.training:
         return "the model is in training mode (dropout); call model.eval()"
     return None
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def _input_ids(args, kwargs):
@@ -152,7 +163,8 @@ class CapturedStep:
             try:
                 rings = bool(unconverted_layers(self.model)[0])  # only rings need the prompt's padding
                 valid = _prompt_padding(kwargs.get("attention_mask"), cache.get_seq_length()) if rings else None
-                self.decoder = DECODER_CLASS(self.model, cache, positions=positions, valid=valid)
+                compiled = {"fuse": True} if _env_on(COMPILED_ENV) else {}
+                self.decoder = DECODER_CLASS(self.model, cache, positions=positions, valid=valid, **compiled)
             except ValueError as exc:
                 self.failure = str(exc)
                 log.info("linearize generate: eager decode step: %s", exc)
@@ -185,7 +197,8 @@ def generate(model: nn.Module, base_generate, *args, generation_config=None, **k
     if step is not None and step.decoder is not None:
         rings = getattr(step.decoder, "rings", [])
         path = DecodePath("captured", steps=step.steps, replayed=step.replayed, rings=len(rings),
-                          ring_window=rings[0].window if rings else None)
+                          ring_window=rings[0].window if rings else None,
+                          compiled=bool(getattr(step.decoder, "fuse", False)))
     else:
         path = DecodePath("eager", reason or step.failure or "no decode step after the prefill")
     model.decode_path = path

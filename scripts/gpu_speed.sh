@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU part of issue 21 on one GPU, in about 9 minutes (each step has its own limit) (one H200), results in OUT:
 #   1. the GPU tests of the issue (generate's captured path == eager, custom-op opcheck and compiled layer, the
-#      captured static-cache base step) -> logs/gpu_tests.log
+#      captured static-cache base step, the captured step with norms and MLPs compiled == eager) -> logs/gpu_tests.log
 #   2. layer: eager and torch.compile'd (CUDA graphs, Triton kernels as custom ops) hybrid layer vs SDPA, 2k and
 #      32k, fwd and fwd+bwd -> speed_layer.json / .md
 #   3. decode: the converted model's captured step vs the base with a StaticCache and a captured step, Gemma-3-270M
@@ -32,8 +32,9 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" > "$out/logs/$name.log" 2>&1 || say "$name: exit $? (see $out/logs/$name.log)"
 }
 
-[ -n "${SKIP_TESTS:-}" ] || step gpu_tests 80 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fast_generate.py \
-  tests/attention/test_triton_ops.py tests/test_bench_decode.py
+[ -n "${SKIP_TESTS:-}" ] || step gpu_tests 120 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fast_generate.py \
+  tests/attention/test_triton_ops.py tests/test_bench_decode.py \
+  tests/attention/test_graph_decode.py::test_fused_graph_replay_equals_eager_stepping
 step layer "${LAYER_SECONDS:-110}" "$py" -m linearize bench --name speed_layer --out-dir "$out" --commit "$commit" --skip-decode --skip-peak \
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \
   --budget 0.15

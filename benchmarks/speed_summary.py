@@ -48,33 +48,25 @@ def goals(layer, decode, conversion, generate) -> list[dict]:
     e = _largest(ratios, "gemma3-270m", 32768)
     add("decode, Gemma shape, 32k, largest batch: converted step >= 60% of its memory floor",
         e and e["ours_floor_fraction"], lambda v: f"{100 * v:.0f}%", lambda v: v >= 0.6)
-    for ctx in (32768, 131072):  # the same treatment one level up: both steps with their norms and MLPs compiled
-        e5 = _largest(ratios, "gemma3-270m", ctx)
-        add(f"decode, Gemma shape, {ctx // 1024}k, largest base batch, both with norms and MLPs compiled into the "
-            f"captured step: converted / base, floor % (reported)",
-            e5 and e5.get("compiled_speedup_vs_compiled_base") and (e5["compiled_speedup_vs_compiled_base"],
-                                                                    e5["compiled_floor_fraction"], e5["batch"]),
-            lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})", lambda v: None)
-    for ctx in (32768, 131072):  # what the model's own step outside attention leaves reachable
-        e4 = _largest(ratios, "gemma3-270m", ctx)
-        add(f"decode, Gemma shape, {ctx // 1024}k, the bounds at the largest base batch, with the step outside attention as "
-            f"measured -- attention kernels at their floor (state-read bound), attention free (floor % bound) (reported)",
-            e4 and e4.get("floor_fraction_bound") and (e4["state_read_bound_speedup"], e4["floor_fraction_bound"]),
-            lambda v: f"{v[0]:.1f}x, {100 * v[1]:.0f}% of the floor", lambda v: None)
-    for ctx in (32768, 131072):  # the deferred fold is not the default step: its rows are reported beside the goals
-        e2 = _largest(ratios, "gemma3-270m", ctx)
-        add(f"decode, Gemma shape, {ctx // 1024}k, largest base batch, the deferred fold (F=16): converted / captured "
-            f"base, floor % (reported)",
-            e2 and e2.get("fold16_speedup_vs_static_graph_base") and (e2["fold16_speedup_vs_static_graph_base"],
-                                                                      e2["fold16_floor_fraction"], e2["batch"]),
-            lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})", lambda v: None)
-    for ctx in (32768, 131072):  # what no attention method removes: the base's step at a context of a few tokens
-        e3 = _largest(ratios, "gemma3-270m", ctx)
-        add(f"decode, Gemma shape, {ctx // 1024}k, the ceiling of any attention speed-up (the base's step outside "
-            f"attention, at a 16-token context and the largest base batch; reported)",
-            e3 and e3.get("ceiling_speedup_vs_static_graph_base") and (e3["outside_attention_ms"],
-                                                                       e3["ceiling_speedup_vs_static_graph_base"]),
-            lambda v: f"{v[0]:.2f} ms, ceiling {v[1]:.1f}x", lambda v: None)
+    # reported beside the goals, per context at the largest base batch: what, the ratio keys shown, how
+    reported = [
+        ("both with norms and MLPs compiled into the captured step: converted / base, floor %",
+         ("compiled_speedup_vs_compiled_base", "compiled_floor_fraction", "batch"),
+         lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})"),
+        ("the bounds with the step outside attention as measured: attention kernels at their floor (state-read "
+         "bound), attention free (floor % bound)", ("state_read_bound_speedup", "floor_fraction_bound"),
+         lambda v: f"{v[0]:.1f}x, {100 * v[1]:.0f}% of the floor"),
+        ("the deferred fold (F=16), not the default step: converted / captured base, floor %",
+         ("fold16_speedup_vs_static_graph_base", "fold16_floor_fraction", "batch"),
+         lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})"),
+        ("the ceiling of any attention speed-up: the base's step outside attention (a 16-token context), ceiling",
+         ("outside_attention_ms", "ceiling_speedup_vs_static_graph_base"), lambda v: f"{v[0]:.2f} ms, ceiling {v[1]:.1f}x"),
+    ]
+    for what, keys, fmt in reported:
+        for ctx in (32768, 131072):
+            row = _largest(ratios, "gemma3-270m", ctx)
+            add(f"decode, Gemma shape, {ctx // 1024}k, largest base batch, {what} (reported)",
+                tuple(row[k] for k in keys) if row and keys[0] in row else None, fmt, lambda v: None)
     add("decode, the fused step over the unfused one, Gemma shape, 32k, largest batch (reported)",
         e and e.get("fused_speedup_over_unfused") and (e["fused_speedup_over_unfused"], e["unfused_floor_fraction"]),
         lambda v: f"{v[0]:.2f}x (unfused: {100 * v[1]:.0f}% of its floor)", lambda v: None)

@@ -12,7 +12,7 @@
 # Settings (environment): KEEP (4), TRAIN_TOKENS (500000 per stage: the measured delta-all run, 388 s for both
 # stages on an H200 at 0444c9a; delta-all-memtrain is the long-context-all recipe), RUN_NAMES (a comma-separated
 # subset of delta-all, delta-keep, sum-all, delta-all-memtrain, delta-all-conv4, delta-all-kl, delta-all-kl-g09,
-# delta-all-memtrain-g09, delta-all-kl-s1gate, delta-all-s1gate-w64-stage1), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
+# delta-all-memtrain-g09, delta-all-kl-s1gate, delta-all-s1gate-w64-stage1, delta-all-kl-g09-r8k), SSD_SCHEDULE (the stage-2 p(drop the window) per layer,
 # below), and those of gpu_long_context.sh (MAX_TRAIN 3 here, LONG_ARGS below). Every run here trains stage 1 on the `hybrid_output`
 # objective (the layer's output with its window, no T x T attention weights over 4k-token rows in 28 layers).
 set -uo pipefail
@@ -53,7 +53,8 @@ delta-all-kl|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memo
 delta-all-kl-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set hybrid.mix_value=0.9;\
 delta-all-memtrain-g09|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 --set hybrid.mix_value=0.9;\
 delta-all-kl-s1gate|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set stage1.train_mixing=true;\
-delta-all-s1gate-w64-stage1|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 --set hybrid.window=64 --set stage1.train_mixing=true --set stage2.enabled=false"
+delta-all-s1gate-w64-stage1|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 --set hybrid.window=64 --set stage1.train_mixing=true --set stage2.enabled=false;\
+delta-all-kl-g09-r8k|ssd|$common --set hybrid.layers=all $delta --set hybrid.sparse_memory=2048 --set hybrid.memory_block=512 $kl --set hybrid.mix_value=0.9 --set data.seq_len=8192 --set stage1.batch_size=1 --set stage1.grad_accum=8 --set stage2.batch_size=1 --set stage2.grad_accum=8"
 # delta-all-memtrain: delta-all trained with 2048 exact keys in the loop (the online 'recall' memory: a teacher-forced
 # row has no prompt end to choose them by its queries), so that the gate and the linear state learn beside an exact
 # memory what they add to it (on delta-all, trained without one, the readout off reads better: RESULTS.md, session 14).
@@ -78,7 +79,10 @@ delta-all-s1gate-w64-stage1|ssd|$common --set hybrid.layers=all $delta --set hyb
 # against the base's 2.5391): with the gate closed, window + sinks + 2048 recall keys reproduce each layer's output on
 # 4k-token rows. Not the memory's share of the row: SmolLM2's gate stays open (0.84) with 640 of 1024 keys exact
 # (results/long/smollm2-135m/s20-stage1-gate). -s1gate-w64-stage1: stage 1 alone at the pilot's 64-token window
-# (~3 min on the H200): is the window what closes Qwen's gate?
+# (~3 min on the H200): is the window what closes Qwen's gate? (SmolLM2 at a 512-token window, CPU, session 21:
+# the gate stays open, mean 0.76; results/long/smollm2-135m/s21-stage1-window.) -g09-r8k: -g09 on 8k-token rows (8
+# rows of 8k per step as 8 x 1), where window + sinks + memory hold 31% of a row's keys (4k rows: 63%), the pilot's
+# share: does the linear branch earn its bytes once the exact part of a training row is smaller?
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:
 # no measurable change, RESULTS.md).
 # memory_in_state (-instate): the query memory's keys stay in the linear state too, the state as trained (which

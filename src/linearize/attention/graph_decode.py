@@ -49,8 +49,9 @@ def compiled_outside_attention(model: torch.nn.Module, *, backend: str | None = 
     one compiled function per class that all its instances share (their weights are its inputs), so a step launches
     one fused kernel where a norm ran several. A step captured in a CUDA graph inside keeps the fused kernels in
     every replay after the exit. Modules whose `forward` is already an instance attribute (a hook library's wrapper)
-    or compiled by the user (`module.compile()`) are left alone; on exit the others run their own forward again. The same treatment
-    for a base model and its conversion, whose layers outside attention are the base's. Yields the classes' names."""
+    or compiled by the user (`module.compile()`) are left alone; on exit the others run their own forward again.
+    The same treatment for a base model and its conversion, whose layers outside attention are the base's. Yields
+    the classes' names."""
     backend = backend or COMPILE_BACKEND
     classes, mods = set(), []
     for m in model.modules():

@@ -66,6 +66,10 @@ class DecodePath:
         return f"eager decode step ({self.reason})"
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def _hybrid_layers(model: nn.Module) -> list[HybridAttention]:
     return [m for m in model.modules() if isinstance(m, HybridAttention)]
 
@@ -110,10 +114,6 @@ def eager_reason(model: nn.Module, generation_config=None, kwargs: dict | None =
     if model.training:
         return "the model is in training mode (dropout); call model.eval()"
     return None
-
-
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def _input_ids(args, kwargs):

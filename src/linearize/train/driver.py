@@ -379,10 +379,10 @@ def apply_inference_settings(run: Run) -> None:
     run.summary["inference_hybrid"] = settings
 
 
-def _recorded_mixing(run: Run) -> dict | None:
-    """``{"mixing": report}`` from the summary of a finished run resumed with nothing changed (a restored pack whose
-    model files are written again): the same parameters give the same gate report, and measuring it again is a
-    forward over the validation rows (over 17 minutes on a 2-core CPU for Qwen2.5-1.5B). None: measure it."""
+def _recorded_mixing(run: Run):
+    """The gate report in the summary of a finished run resumed with nothing changed (a restored pack whose model
+    files are written again): the same parameters give the same report, and measuring it again is a forward over the
+    validation rows (over 17 minutes on a 2-core CPU for Qwen2.5-1.5B). None: measure it."""
     path = run.out / "summary.json"
     if run.changed_here or not path.is_file():
         return None
@@ -390,7 +390,7 @@ def _recorded_mixing(run: Run) -> dict | None:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return {"mixing": earlier["mixing"]} if isinstance(earlier, dict) and "mixing" in earlier else None
+    return earlier.get("mixing") if isinstance(earlier, dict) else None
 
 
 def save(run: Run, wall_start: float) -> dict:
@@ -404,7 +404,7 @@ def save(run: Run, wall_start: float) -> dict:
     model = run.model
     clear_drops(hybrid_modules(model))
     recorded = _recorded_mixing(run)
-    summary["mixing"] = recorded["mixing"] if recorded else mixing_report(model, run.val_rows[: run.recipe.eval.batch_size])
+    summary["mixing"] = recorded if recorded is not None else mixing_report(model, run.val_rows[: run.recipe.eval.batch_size])
     final_val = stages["stage2"]["val"] if "stage2" in stages else stages["stage1"]["val"] if "stage1" in stages \
         else run.evaluate()
     warnings = _divergence_warnings(final_val, model.get_output_embeddings().weight.shape[0])

@@ -18,7 +18,8 @@
 # its free slots, in long/base-memory-<...>-fill/; 0: --no-memory-fill, as the records before session 17); MEMORY_PREFILL
 # (none, the default; recall: the prompt before the re-read tokens read with the online recall memory, in
 # long/base-memory-<...>-prefill/)), BASE_ARGS (the layers and window the baselines cut: --layers global --window 64), LONG_ARGS (extra `diagnose` options), and
-# RUN_EVALS (1; 0: evaluate only the VARIANTS of a trained run, not the run itself in every component mode),
+# RUN_EVALS (1; 0: evaluate only the VARIANTS of a trained run, not the run itself in every component mode), BASELINES
+# (1; 0: no base, MORE_BASELINES or MEMORY_BASELINES evaluation: train, pack and evaluate the runs only),
 # RUNS_OVERRIDE / VARIANTS_OVERRIDE (';'-separated entries in the format of RUNS / VARIANTS below), RUN_NAMES (a
 # comma-separated subset of the runs' names). Run from an exported copy of the sources? Set LINEARIZE_COMMIT so the records name the commit.
 set -uo pipefail
@@ -78,6 +79,7 @@ evaluate() {  # name, model dir or spec, options...
     > "$out/logs/long-$name.log" 2>&1 && say "evaluated $name" || say "evaluation of $name stopped (see logs/long-$name.log)"
 }
 
+if [ "${BASELINES:-1}" = 1 ]; then
 # shellcheck disable=SC2086
 evaluate base "$model" ${BASE_ARGS:---layers global --window 64} --baseline-windows "${BASELINE_WINDOWS:-auto,512,64}" &
 # more cuts, each matched to the conversion with these changes (a memory's keys counted), in its own record
@@ -97,6 +99,7 @@ done
   evaluate "base-memory-${m#auto+}$suffix" "$model" ${BASE_ARGS:---layers global --window 64} --baselines-only \
     --baseline-windows "" --memory-baselines "$m" --memory-reread "$r" "${fill[@]}" --memory-prefill "$prefill" &
 done
+fi
 pending=("${RUNS[@]%%|*}") variants=("${VARIANTS[@]}")
 while [ "$(left)" -gt 20 ]; do
   for i in "${!pending[@]}"; do

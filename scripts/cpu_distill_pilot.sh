@@ -19,11 +19,12 @@
 # adds the readout switched off (window + sinks + memory; for the runs without LoRA exactly the untrained base with
 # that memory) on held-out long documents. The question: does the linear branch earn its bytes over the memory alone (hybrid
 # below the readout off), and which stage 2 reads closer to the base?
-#   usage: scripts/cpu_distill_pilot.sh OUT     (calling it again resumes the runs that stopped; RUNS: a subset)
+#   usage: scripts/cpu_distill_pilot.sh OUT     (calling it again resumes the runs that stopped; RUNS: a subset;
+#   MODEL: another base, e.g. the Qwen2.5-Coder-1.5B .gguf, for the s1gate-stage1-short run below)
 set -uo pipefail
 out=$1
 mkdir -p "$out"
-common=(--model smollm2-135m --recipe ssd
+common=(--model "${MODEL:-smollm2-135m}" --recipe ssd
   --set hybrid.layers=all --set hybrid.window=64 --set hybrid.softmax_sinks=8 --set hybrid.combine=mix
   --set hybrid.mix_gate=dynamic --set hybrid.feature_size=half --set hybrid.linear_state=delta
   --set hybrid.sparse_memory=256 --set hybrid.memory_block=64
@@ -55,6 +56,11 @@ declare -A extra=(
   # closed Qwen's gate (session 20)?
   [s1gate-stage1-w512-b512]="--set stage1.train_mixing=true --set stage2.enabled=false --set hybrid.window=512 --set hybrid.memory_block=512 --set data.seq_len=2048 --set data.train_tokens=49152"
   [s1gate-stage1-w64-m704]="--set stage1.train_mixing=true --set stage2.enabled=false --set hybrid.sparse_memory=704 --set data.seq_len=2048 --set data.train_tokens=49152"
+  # stage 1 alone, the gate trained, 6 steps of 4 rows, 4 validation rows: s1gate-stage1-m256 cut to what a 2-core
+  # CPU trains on a 1.5B model in about half an hour; with MODEL=Qwen2.5-Coder-1.5B: does Qwen's gate close at the
+  # pilot's settings too (64-token window, 256 keys, 1024-token rows; SmolLM2's stayed open, 0.84)? Then the model,
+  # not the window or the rows, closes it.
+  [s1gate-stage1-short]="--set stage1.train_mixing=true --set stage2.enabled=false --set data.train_tokens=24576 --set data.val_tokens=4096"
 )
 for name in ${RUNS:-lm-lora kl-maps lm-maps kl-lora}; do
   [ -f "$out/$name/summary.json" ] && continue

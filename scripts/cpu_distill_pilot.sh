@@ -61,6 +61,10 @@ declare -A extra=(
   # pilot's settings too (64-token window, 256 keys, 1024-token rows; SmolLM2's stayed open, 0.84)? Then the model,
   # not the window or the rows, closes it.
   [s1gate-stage1-short]="--set stage1.train_mixing=true --set stage2.enabled=false --set data.train_tokens=24576 --set data.val_tokens=4096"
+  # kl-maps-g09 cut the same way (6 steps of 4 rows per stage, stage 2 recomputing each decoder layer): with
+  # MODEL=Qwen2.5-Coder-1.5B, the CPU-sized delta-all-kl-g09 -- does the linear branch, held open through stage 1 and
+  # taught by the base's next-token distribution in stage 2, read better than the readout off (reading_eval.py)?
+  [kl-maps-g09-short]="--set hybrid.mix_value=0.9 --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3 --set data.train_tokens=24576 --set data.val_tokens=4096 --set stage2.gradient_checkpointing=true"
 )
 for name in ${RUNS:-lm-lora kl-maps lm-maps kl-lora}; do
   [ -f "$out/$name/summary.json" ] && continue

@@ -80,7 +80,9 @@ delta-all-kl-g09-r8k|ssd|$common --set hybrid.layers=all $delta --set hybrid.spa
 # 4k-token rows. Not the memory's share of the row: SmolLM2's gate stays open (0.84) with 640 of 1024 keys exact
 # (results/long/smollm2-135m/s20-stage1-gate). -s1gate-w64-stage1: stage 1 alone at the pilot's 64-token window
 # (~3 min on the H200): is the window what closes Qwen's gate? (SmolLM2 at a 512-token window, CPU, session 21:
-# the gate stays open, mean 0.76; results/long/smollm2-135m/s21-stage1-window.) -g09-r8k: -g09 on 8k-token rows (8
+# the gate stays open, mean 0.76; results/long/smollm2-135m/s21-stage1-window. Qwen itself at the pilot's window 64,
+# 256 keys and 1024-token rows, CPU, session 22: it closes, mean 0.987; results/long/qwen2.5-coder-1.5b/
+# s22-cpu-stage1-gate -- the model closes it, so this run is no longer needed.) -g09-r8k: -g09 on 8k-token rows (8
 # rows of 8k per step as 8 x 1), where window + sinks + memory hold 31% of a row's keys (4k rows: 63%), the pilot's
 # share: does the linear branch earn its bytes once the exact part of a training row is smaller?
 # delta-all-conv4: delta-all with LAWCAT's short causal convolution (4 taps) on the linear branch's q/k (session 15:

@@ -1,6 +1,9 @@
 """Batch-1 `generate()` speed of a converted model on the GPU: the captured decode step (the default) against the
 eager step, and the captured step with the norms and MLPs compiled into it (LINEARIZE_COMPILED_STEP=1), tokens/s of
-the new tokens (prompt and warm-up included, as `linearize generate` reports them).
+the new tokens (prompt and warm-up included, as `linearize generate` reports them). Each path's greedy tokens are
+compared with the eager step's; the compiled one also with HF's eager loop run with the same norms and MLPs compiled
+(inductor rounds a fused bf16 chain once, not after every kernel, so its logits differ from the uncompiled ones by
+a bf16 step and a random-weight model's near-tied argmax can differ: the capture is right when it equals that loop).
 
     python benchmarks/generate_speed.py OUT_JSON [--model shape:gemma3-270m | MODEL] [--new-tokens 256] [--layers global]
 
@@ -23,6 +26,7 @@ import torch
 from transformers import GenerationMixin
 
 import linearize
+from linearize.attention.graph_decode import compiled_outside_attention
 from linearize.bench.decode import decode_shape
 from linearize.bench.kernels import environment
 from linearize.models.generation import COMPILED_ENV
@@ -42,6 +46,12 @@ def build(model: str, layers="all"):
     else:
         base, _ = linearize.load_base(model, dtype=torch.bfloat16, device="cuda", check=False)
     return linearize.convert(base.eval(), linearize.HybridConfig(layers=layers))
+
+
+def matching_tokens(a: torch.Tensor, b: torch.Tensor, prompt_tokens: int) -> int:
+    """How many new tokens two greedy generations share before their first difference."""
+    same = (a[:, prompt_tokens:] == b[:, prompt_tokens:]).all(0)
+    return int(same.numel() if same.all() else (~same).nonzero()[0, 0])
 
 
 def timed(fn, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -77,6 +87,8 @@ def main(argv=None) -> int:
             compiled_path = model.decode_path
         finally:
             del os.environ[COMPILED_ENV]
+        with compiled_outside_attention(model):
+            compiled_eager = GenerationMixin.generate(model, prompt, **kw)
     env = environment(args.commit, ["generate_speed"] + sys.argv[1:])
     env["command"] = "python benchmarks/generate_speed.py " + " ".join(sys.argv[1:])
     res = dict(benchmark_header(env), model=args.model, layers=args.layers, batch=1,
@@ -84,7 +96,9 @@ def main(argv=None) -> int:
                eager_tokens_per_s=eager_tps, speedup=captured_tps / eager_tps, decode_path=path.describe(),
                captured_equals_eager=bool(torch.equal(captured, eager)), compiled_tokens_per_s=compiled_tps,
                compiled_over_captured=compiled_tps / captured_tps, compiled_decode_path=compiled_path.describe(),
-               compiled_equals_eager=bool(torch.equal(compiled, eager)))
+               compiled_equals_eager=bool(torch.equal(compiled, eager)),
+               compiled_tokens_as_eager=matching_tokens(compiled, eager, prompt.shape[1]),
+               compiled_equals_compiled_eager=bool(torch.equal(compiled, compiled_eager)))
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0

@@ -189,6 +189,27 @@ def test_compiled_outside_attention_compiles_norms_and_mlps_for_the_duration(mon
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_models_of_other_dtypes_and_shapes_compile_in_one_process(monkeypatch):
+    """Dynamo keeps one function's compiled graphs per code object, shared by every model of the class in the
+    process: fp32, bf16 and fp16 conversions, each stepped at two batch sizes and its prompt's length, compile inside
+    the context (past dynamo's default limit of 8 graphs, a hard error under fullgraph before the context raised it)
+    and give the uncompiled logits."""
+    from linearize.attention import graph_decode
+
+    monkeypatch.setattr(graph_decode, "COMPILE_BACKEND", "aot_eager")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        model = linearize.convert(tiny_model("gemma3"), linearize.HybridConfig(window=4)).to(dtype).eval()
+        for batch, length in ((2, 7), (2, 1), (1, 1), (3, 5)):
+            ids = torch.randint(1, 128, (batch, length))
+            with torch.no_grad():
+                want = model(ids).logits
+                with graph_decode.compiled_outside_attention(model):
+                    got = model(ids).logits
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
 def test_a_fused_step_decodes_as_the_unfused_one(monkeypatch):
     """GraphDecoder(fuse=True) (capture=False: every step inside the compiled context) steps the cache as the eager
     model does, token by token."""

@@ -38,9 +38,22 @@ OUTSIDE_ATTENTION = ("RMSNorm", "MLP")
 #: torch.compile's backend for them (tests on the CPU set a tracing-only one)
 COMPILE_BACKEND = "inductor"
 
-# one torch.compile wrapper per (class, backend) for the process: dynamo keeps its compiled graphs per wrapper, so a
-# step entering the context again (the capture after the warm-up steps) finds them instead of compiling anew
+# one torch.compile wrapper per (class, backend) for the process, so a step entering the context again (the capture
+# after the warm-up steps) finds its compiled graphs instead of compiling anew
 _COMPILED: dict = {}
+
+#: dynamo's compiled graphs of one function (per code object: every wrapper of a class's forward shares them) while
+#: inside the context. One Gemma 3 model used 6 of dynamo's default 8 (input norms and q/k norms of other ranks, the
+#: prompt's length and the step's, strides), so a second model of another dtype in the process hit the limit: a hard
+#: error under fullgraph. The compiles happen inside the context only (a captured step replays without dynamo).
+RECOMPILE_LIMIT = 64
+
+
+def _recompile_limit(limit: int):
+    """dynamo's per-function recompile limit raised to `limit` while inside (its name changed across torch releases)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(limit, getattr(cfg, name))})
 
 
 @contextlib.contextmanager
@@ -64,7 +77,8 @@ def compiled_outside_attention(model: torch.nn.Module, *, backend: str | None = 
             classes.add(cls.__name__)
             mods.append(m)
     try:
-        yield sorted(classes)
+        with _recompile_limit(RECOMPILE_LIMIT):
+            yield sorted(classes)
     finally:
         for m in mods:
             del m.forward

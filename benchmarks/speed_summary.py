@@ -64,6 +64,9 @@ def goals(layer, decode, conversion, generate) -> list[dict]:
         ("the bounds with the step outside attention as measured: attention kernels at their floor (state-read "
          "bound), attention free (floor % bound)", ("state_read_bound_speedup", "floor_fraction_bound"),
          lambda v: f"{v[0]:.1f}x, {100 * v[1]:.0f}% of the floor"),
+        ("both compiled, the converted step with the deferred fold (F=16) too: converted / compiled base, floor %",
+         ("compiled_fold16_speedup_vs_compiled_base", "compiled_fold16_floor_fraction", "batch"),
+         lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})"),
         ("the deferred fold (F=16), not the default step: converted / captured base, floor %",
          ("fold16_speedup_vs_static_graph_base", "fold16_floor_fraction", "batch"),
          lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})"),

@@ -157,7 +157,12 @@ def test_the_compiled_rows_give_the_same_treatment_ratios():
     assert ratio["compiled_outside_attention_ms"] == pytest.approx(2.0)
     assert ratio["compiled_ceiling_speedup"] == pytest.approx(16.0)
     assert ratio["compiled_floor_fraction_bound"] == pytest.approx(0.75)
-    assert "| gemma3-270m | 1024 | 32768 | **4.00x** | 1.12x | 1.50x | 19% | 2.00 | 16.0x | 75% |" in _fair_table(rows, [ratio])
+    assert "| gemma3-270m | 1024 | 32768 | **4.00x** | 1.12x | 1.50x | 19% | — | — | 2.00 | 16.0x | 75% |" in _fair_table(rows, [ratio])
+    # with the deferred fold too: against the compiled base, its own floor %
+    (both,) = decode.fair_ratios(rows + [row("converted_graph_fold16_compiled", 32768, 4.0, floor=1.5)])
+    assert both["compiled_fold16_speedup_vs_compiled_base"] == pytest.approx(8.0)
+    assert both["compiled_fold16_floor_fraction"] == pytest.approx(1.5 / 4.0)
+    assert "| 19% | 8.00x | 38% | 2.00 |" in _fair_table(rows, [both])
     (plain,) = decode.fair_ratios(rows[:3])  # a run without the compiled rows: no such keys, no such table
     assert not any(k.startswith("compiled") for k in plain) and "compiled into" not in _fair_table(rows[:3], [plain])
 

@@ -6,7 +6,8 @@
 #      32k, fwd and fwd+bwd -> speed_layer.json / .md
 #   3. decode: the converted model's captured step vs the base with a StaticCache and a captured step, Gemma-3-270M
 #      and Llama-3-8B shapes (8 of 32 layers), 1k..128k, batch 1 and the largest the base fits, memory floors; both
-#      again with their norms and MLPs compiled into the captured step (the *_compiled rows);
+#      again with their norms and MLPs compiled into the captured step (the *_compiled rows; the converted one with
+#      its deferred fold too, converted_graph_fold16_compiled);
 #      the old eager-HF base as an extra at 32k -> speed_decode.json / .md
 #   4. generate(): batch-1 tokens/s of the converted Gemma shape, captured (default) vs eager -> generate_speed.json
 #   5. conversion throughput: each stage next to the base model's own LoRA step -> speed_conversion.json / .md

@@ -38,8 +38,9 @@ OUTSIDE_ATTENTION = ("RMSNorm", "MLP")
 #: torch.compile's backend for them (tests on the CPU set a tracing-only one)
 COMPILE_BACKEND = "inductor"
 
-# one torch.compile wrapper per (class, backend) for the process, so a step entering the context again (the capture
-# after the warm-up steps) finds its compiled graphs instead of compiling anew
+# one torch.compile wrapper per (class, backend) for the process (not a new one at every entry); the compiled graphs
+# themselves dynamo keeps on the class's forward (RECOMPILE_LIMIT), which a step entering the context again (the
+# capture after the warm-up steps) finds instead of compiling anew
 _COMPILED: dict = {}
 
 #: dynamo's compiled graphs of one function (per code object: every wrapper of a class's forward shares them) while

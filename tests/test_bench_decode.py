@@ -167,6 +167,27 @@ def test_the_compiled_rows_give_the_same_treatment_ratios():
     assert not any(k.startswith("compiled") for k in plain) and "compiled into" not in _fair_table(rows[:3], [plain])
 
 
+def test_each_model_at_its_largest_batch_gives_the_same_gpu_throughput_ratio():
+    def row(kind, batch, tps, ctx=32768, floor=1.0):
+        return dict(_fair_row(kind, batch=batch, context=ctx, tps=tps, floor=floor), peak_gib=batch / 64)
+
+    rows = [row("base_static_graph_compiled", 1, 500.0), row("base_static_graph_compiled", 1024, 30000.0),
+            row("base_static_graph_compiled", 1024, 90000.0, ctx=16),  # a short row: no comparison of its own
+            row("converted_graph_compiled", 1024, 90000.0), row("converted_graph_compiled", 4096, 240000.0, floor=8.0),
+            row("converted_graph_fold16_compiled", 4096, 270000.0),
+            dict(shape="gemma3-270m", kind="converted_graph_compiled", batch=8192, context=32768, error="out of memory"),
+            row("converted_graph_compiled", 1024, 50000.0, ctx=131072)]  # no compiled base at 128k: no entry
+    (entry,) = decode.largest_batch_ratios(rows)
+    assert (entry["context"], entry["base_batch"], entry["batch"]) == (32768, 1024, 4096)
+    assert entry["throughput_vs_compiled_base"] == pytest.approx(8.0)
+    assert entry["fold16_throughput_vs_compiled_base"] == pytest.approx(9.0)
+    assert entry["floor_fraction"] == pytest.approx(8.0 / (4096e3 / 240000.0))
+    assert (entry["base_peak_gib"], entry["peak_gib"]) == (16.0, 64.0)
+    table = _fair_table(rows, decode.fair_ratios(rows))
+    assert "| gemma3-270m | 32768 | 1024 | 30000 | 16.0 | 4096 | 240000 | 64.0 | 47% | **8.00x** | 9.00x |" in table
+    assert "same GPU filled by each model" not in _fair_table(rows[:3], [])
+
+
 def test_fold_every_sets_and_restores_the_tuning():
     pytest.importorskip("triton")
     from linearize.attention.triton.decode import TUNING
@@ -220,6 +241,17 @@ def test_converted_rows_capture_the_fused_step_only_when_switched_on(monkeypatch
         counts[on] = len(launches) - sum(counts.values())
         assert tps > 0 and ms > 0
     assert counts[True] == 3 * 3 and counts[False] == 0  # 3 layers x (2 eager warm-up steps + the capture)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_converted_batches_go_past_the_base_only_as_far_as_memory_allows():
+    import linearize
+
+    model = linearize.convert(tiny_model("gemma3", vocab_size=1024), linearize.HybridConfig()).to("cuda", torch.bfloat16)
+    tried = decode.converted_batches(model, 300, above=1024)
+    assert tried and all(b > 1024 for b in tried) and tried == sorted(tried, reverse=True)  # a tiny state fits them all
+    assert decode.converted_batches(model, 300, above=max(decode.CONVERTED_BATCHES)) == []
 
 
 @pytest.mark.gpu

@@ -348,6 +348,11 @@ SHORT_CONTEXT = 64
 
 FAIR_BATCHES = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
 
+#: batches tried for the converted model beyond the base's largest, largest first: its state does not grow with the
+#: context, so on the same GPU it serves more sequences at once (4096 keeps a batch's logits, 4096 x 262144 for
+#: Gemma, under 2**31 elements, the int32 index range of many kernels)
+CONVERTED_BATCHES = (4096, 3072, 2048, 1536)
+
 
 #: F of the deferred-fold rows (converted_graph_fold16); time a multiple of it (--decode-steps 32) so every
 #: measurement covers whole fold cycles
@@ -394,16 +399,31 @@ def base_batches(cfg, ctx: int, room: int, weights: int, *, max_batch: int, dtyp
     return fit or [1]
 
 
+def converted_batches(model, ctx: int, *, above: int, dtype=torch.bfloat16) -> list[int]:
+    """Batches to try for the converted model at `ctx`, largest first: those of CONVERTED_BATCHES above `above` (the
+    base's largest) whose state (measured on a one-sequence state) and logits fit in 85% of the free memory."""
+    free()
+    one = _fill_hybrid_cache(model, 1, ctx, dtype)
+    per_seq = cache_nbytes(one) + 4 * model.config.vocab_size * 2  # + logits and softcap temps, as base_batches
+    del one
+    free()
+    free_bytes = torch.cuda.mem_get_info()[0]
+    return [b for b in CONVERTED_BATCHES if b > above and b * per_seq <= 0.85 * free_bytes]
+
+
 def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 32768, 131072), *, steps: int = 12,
                     llama_layers: int = 8, max_batch: int = 1024, eager_extra_context: int | None = 32768,
-                    fold_rows: bool = True, compiled_rows: bool = True, log=print, on_row=None) -> dict:
+                    fold_rows: bool = True, compiled_rows: bool = True, largest_rows: bool = True, log=print,
+                    on_row=None) -> dict:
     """Per shape, context and batch (1 and the largest the base fits): the captured static-cache base and the
     converted model's captured step at the same batch (with the fused decode kernel, then without it), each with its
     memory floor; plus the old eager base at
     `eager_extra_context` (Gemma shape) as a labelled extra; with `fold_rows`, the fused step with its deferred fold
     (converted_graph_fold16) too; with `compiled_rows`, the base (at every context and batch, the short ones too) and
     the converted step again with their norms and MLPs compiled into the step (`*_compiled`: the same treatment for
-    both). Returns {copy_bandwidth_bytes_per_s, rows, ratios, ...};
+    both); with `largest_rows` (and compiled_rows), the compiled converted steps once more at the largest batch of
+    CONVERTED_BATCHES their state fits (same GPU, each model as full as it goes: `largest_batch_ratios`).
+    Returns {copy_bandwidth_bytes_per_s, rows, ratios, largest, ...};
     `on_row(result so far)` after every row (so that a run cut off by a time limit keeps its rows)."""
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
@@ -412,7 +432,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
     room = warm + steps + 4
     rows = []
     result = dict(copy_bandwidth_bytes_per_s=bandwidth, llama_layers=llama_layers, steps=steps, kinds=FAIR_KINDS,
-                  rows=rows, ratios=[])
+                  rows=rows, ratios=[], largest=[])
 
     def measure(shape, kind, batch, ctx, model, weights):
         row = dict(shape=shape, kind=kind, batch=batch, context=ctx)
@@ -453,6 +473,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
             free()
         rows.append(row)
         result["ratios"] = fair_ratios(rows)
+        result["largest"] = largest_batch_ratios(rows)
         if on_row is not None:
             on_row(result)
         return row
@@ -499,6 +520,13 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
                     measure(shape, "converted_graph_compiled", batch, ctx, model, weights)
                 if compiled_rows and fold_rows:
                     measure(shape, "converted_graph_fold16_compiled", batch, ctx, model, weights)
+        if compiled_rows and largest_rows:  # the same GPU filled by each model: ours at the largest batch it fits
+            for ctx, batches in plan.items():
+                for batch in converted_batches(model, ctx, above=max(batches), dtype=dtype):
+                    if "error" not in measure(shape, "converted_graph_compiled", batch, ctx, model, weights):
+                        if fold_rows:
+                            measure(shape, "converted_graph_fold16_compiled", batch, ctx, model, weights)
+                        break
         del model
         free()
     return result
@@ -566,6 +594,33 @@ def fair_ratios(rows) -> list[dict]:
     return out
 
 
+def largest_batch_ratios(rows) -> list[dict]:
+    """Per (shape, context): each model at the largest batch it was measured at, both with norms and MLPs compiled
+    into the captured step -- the base at the largest batch its cache fits, the converted step (and its deferred
+    fold) at the largest of its own rows, which may go past the base's: tokens/s of the same GPU filled by each, the
+    serving throughput a user would compare. Without a compiled base row at that context, none."""
+    largest = {}  # (shape, context, kind) -> the row of the largest batch
+    for r in rows:
+        key = (r["shape"], r["context"], r["kind"])
+        if "tokens_per_s" in r and r["context"] > SHORT_CONTEXT and r["batch"] > largest.get(key, {"batch": 0})["batch"]:
+            largest[key] = r
+    out = []
+    for shape, ctx in sorted({(sh, cx) for sh, cx, _ in largest}):
+        base, ours = largest.get((shape, ctx, "base_static_graph_compiled")), largest.get((shape, ctx, "converted_graph_compiled"))
+        if base is None or ours is None:
+            continue
+        entry = dict(shape=shape, context=ctx, base_batch=base["batch"], base_tokens_per_s=base["tokens_per_s"],
+                     base_peak_gib=base.get("peak_gib"), batch=ours["batch"], tokens_per_s=ours["tokens_per_s"],
+                     peak_gib=ours.get("peak_gib"), floor_fraction=ours["floor_fraction"],
+                     throughput_vs_compiled_base=ours["tokens_per_s"] / base["tokens_per_s"])
+        fold = largest.get((shape, ctx, "converted_graph_fold16_compiled"))
+        if fold is not None and fold["batch"] == ours["batch"]:
+            entry.update(fold16_tokens_per_s=fold["tokens_per_s"], fold16_floor_fraction=fold["floor_fraction"],
+                         fold16_throughput_vs_compiled_base=fold["tokens_per_s"] / base["tokens_per_s"])
+        out.append(entry)
+    return out
+
+
 def render_fair_markdown(fair: dict) -> list[str]:
     bw = fair["copy_bandwidth_bytes_per_s"]
     lines = ["### Decode against a captured static-cache base (random weights, bf16)", "",
@@ -617,4 +672,18 @@ def render_fair_markdown(fair: dict) -> list[str]:
             lines.append(f"| {e['shape']} | {e['batch']} | {e['context']} | **{e['compiled_speedup_vs_compiled_base']:.2f}x** | "
                          f"{e['compiled_base_over_base']:.2f}x | {e['compiled_over_ours']:.2f}x | "
                          f"{100 * e['compiled_floor_fraction']:.0f}% | {fold_cells} | {tail} |")
+    largest = largest_batch_ratios(fair["rows"])
+    if largest:
+        gib = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        lines += ["", "The same GPU filled by each model (both compiled; the base at the largest batch its cache fits, "
+                  "the converted step at the largest batch measured, its state not growing with the context):", "",
+                  "| shape | context | base batch | base tokens/s | base peak GiB | converted batch | tokens/s "
+                  "| peak GiB | its floor % | converted / base tokens/s | with the deferred fold (F=16) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in largest:
+            fold = e.get("fold16_throughput_vs_compiled_base")
+            lines.append(f"| {e['shape']} | {e['context']} | {e['base_batch']} | {e['base_tokens_per_s']:.0f} | "
+                         f"{gib(e['base_peak_gib'])} | {e['batch']} | {e['tokens_per_s']:.0f} | {gib(e['peak_gib'])} | "
+                         f"{100 * e['floor_fraction']:.0f}% | **{e['throughput_vs_compiled_base']:.2f}x** | "
+                         f"{'—' if fold is None else f'{fold:.2f}x'} |")
     return lines + [""]

@@ -20,7 +20,9 @@
 # (environment): SKIP_TESTS (set: no step 1), LAYER_SECONDS (110), DECODE_SECONDS (360: the compiled rows compile first; 148 s on an H100 at fe63995, before the deferred-fold compiled rows and the converted rows at the largest batch they fit) and GENERATE_SECONDS
 # (150: at 55 and 25 s both steps were cut on an H200 at 44d6733, by compile and capture time; with the compiled
 # path, 60 s cut it on an H100 at fe63995), CONVERSION_SECONDS (100 with random weights: 40 s cut it there), LAYER_CONFIGS (gemma3-270m), CONTEXTS (16,32768,131072: the 16-token base rows time the step outside attention, the ceiling of any
-# attention speed-up), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON.
+# attention speed-up), RECIPES (lolcats; lolcats,ssd adds the SSD stage 2 and the weights objective, ~20 s more), PYTHON, ONLY (a comma-separated
+# subset of the steps gpu_tests,layer,decode,generate,conversion: the others are skipped, for a short GPU window;
+# DECODE_SHAPES, default gemma3-270m,llama3-8b, then narrows the decode step).
 # A step that fails is logged and the next one runs; each step has its own time limit.
 set -uo pipefail
 out=$1 model=${2:-shape:gemma3-270m}
@@ -31,6 +33,7 @@ say() { printf '[gpu-speed %4ss] %s\n' "$SECONDS" "$*"; }
 commit=${LINEARIZE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then say "$name: skipped (ONLY=$ONLY)"; return; fi
   say "$name"
   timeout "$limit" "$@" > "$out/logs/$name.log" 2>&1 || say "$name: exit $? (see $out/logs/$name.log)"
 }
@@ -42,10 +45,10 @@ step layer "${LAYER_SECONDS:-110}" "$py" -m linearize bench --name speed_layer -
   --configs "${LAYER_CONFIGS:-gemma3-270m}" --impls sdpa,triton,sdpa_compiled,triton_compiled --lengths 2048,32768 \
   --budget 0.15
 step decode "${DECODE_SECONDS:-360}" "$py" -m linearize bench --name speed_decode --out-dir "$out" --commit "$commit" --skip-layer \
-  --skip-peak --contexts "${CONTEXTS:-16,32768,131072}" --decode-steps 32
+  --skip-peak --contexts "${CONTEXTS:-16,32768,131072}" --decode-steps 32 --decode-shapes "${DECODE_SHAPES:-gemma3-270m,llama3-8b}"
 step generate "${GENERATE_SECONDS:-150}" "$py" benchmarks/generate_speed.py "$out/generate_speed.json" --commit "$commit"
 step conversion "$conversion_seconds" "$py" -m linearize bench --conversion --model "$model" --recipes "${RECIPES:-lolcats}" \
   --name speed_conversion --out-dir "$out" --commit "$commit" --steps 4 --warmup 1 --no-progress
 "$py" benchmarks/speed_summary.py "$out" > "$out/logs/summary.log" 2>&1 || say "summary failed (see $out/logs/summary.log)"
 say "done: $out/speed.md"
-tail -n 2 "$out/logs/gpu_tests.log"
+[ ! -f "$out/logs/gpu_tests.log" ] || tail -n 2 "$out/logs/gpu_tests.log"

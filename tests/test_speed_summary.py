@@ -95,3 +95,19 @@ def test_goals_are_read_from_the_rows(tmp_path):
 def test_no_results_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no results"):
         summary_module().main([str(tmp_path)])
+
+
+def test_gpu_speed_runs_only_the_steps_named(tmp_path):
+    """scripts/gpu_speed.sh with ONLY=decode (a short GPU window): the decode step alone, its shapes from
+    DECODE_SHAPES; the others are skipped and say so (PYTHON=echo: the commands are written, not run)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "ONLY": "decode", "DECODE_SHAPES": "gemma3-270m", "PYTHON": "echo", "LINEARIZE_COMMIT": "abc"}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_speed.sh"), str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    for name in ("gpu_tests", "layer", "generate", "conversion"):
+        assert f"{name}: skipped (ONLY=decode)" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["decode.log", "summary.log"]
+    assert "--decode-shapes gemma3-270m" in (tmp_path / "logs" / "decode.log").read_text()

@@ -68,7 +68,8 @@ declare -A extra=(
   # the same with the gate held at 0.8 through stage 1 (the linear branch supplies a fifth of each output): with
   # Qwen, does a larger linear share earn more over the readout off (g09: -0.007 / -0.015 nats at 2048), or cost?
   # kl-maps-g09-short with twice the steps (12 of 4 rows per stage): does the linear readout's gain over the readout
-  # off (-0.007 / -0.015 nats at 6 steps) grow with training?
+  # off (-0.007 / -0.015 nats at 6 steps) grow with training? (Its validation rows are not the short run's -- the
+  # packed split follows train_tokens -- so compare the two by reading_eval.py on the same documents.)
   [kl-maps-g09-12steps]="--set hybrid.mix_value=0.9 --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3 --set data.train_tokens=49152 --set data.val_tokens=4096 --set stage2.gradient_checkpointing=true"
   [kl-maps-g08-short]="--set hybrid.mix_value=0.8 --set stage2.objective=kl --set stage2.lora.enabled=false --set stage2.train_feature_maps=true --set stage2.lr=1e-3 --set data.train_tokens=24576 --set data.val_tokens=4096 --set stage2.gradient_checkpointing=true"
 )

@@ -10,13 +10,15 @@ import json
 import os
 import sys
 
+import torch
+
 from linearize.bench.decode import render_fair_markdown, run_fair_decode
 
 out = sys.argv[1]
 
 
 def save(res):
-    res = dict(res, commit=os.environ.get("LINEARIZE_COMMIT"), command="quick_decode.py (run_fair_decode: gemma3-270m, "
+    res = dict(res, device=torch.cuda.get_device_name(), commit=os.environ.get("LINEARIZE_COMMIT"), command="quick_decode.py (run_fair_decode: gemma3-270m, "
                "32768, steps 16, no eager extra, no fold rows, compiled and largest rows)")
     with open(f"{out}/quick_decode.json", "w") as f:
         json.dump(res, f, indent=1, default=str)

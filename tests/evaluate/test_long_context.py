@@ -376,6 +376,20 @@ def test_records_of_more_lengths_merge_over_the_items_every_record_has():
         merge_long_records({"base": base, "other": _record(["hybrid"], [("x", "squad", None)])}, reps=20)
 
 
+def test_records_that_score_their_items_in_another_order_are_joined_item_by_item():
+    from linearize.evaluate.long_context import merge_long_records
+
+    items = [(f"s{i}", "squad", None) for i in range(3)] + [(f"p{i}-{n}", "passkey", n) for i in range(3) for n in (4096, 8192)]
+    base = _record(["base"], items, seed=1)
+    conv = _record(["hybrid", "swa_only"], items[3:] + [("d0", "drop", None)] + items[:3][::-1], seed=2)  # other tasks first
+    merged = merge_long_records({"base": base, "conv": conv}, reps=20)
+    assert [it["qid"] for it in merged["items"]] == [q for q, _, _ in items]  # the first record's order
+    assert merged["meta"]["items_left_out"] == {"conv": 1}
+    own = {it["qid"]: it for it in conv["items"]}
+    for got in merged["items"]:
+        assert got["conv hybrid"] == own[got["qid"]]["hybrid"] and got["conv swa_only"] == own[got["qid"]]["swa_only"]
+
+
 def test_a_change_at_load_is_paired_with_the_same_weights_without_it():
     from linearize.evaluate.long_context import merge_long_records
 

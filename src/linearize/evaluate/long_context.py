@@ -283,15 +283,15 @@ def merge_long_records(records: dict[str, dict[str, Any]], *, reps: int = 1000, 
     if not common:
         raise LinearizeError(f"{' + '.join(records)}: no item in common (other tasks, limits or seed)")
     dropped = {label: len(rec["items"]) - len(common) for label, rec in records.items() if len(rec["items"]) > len(common)}
-    records = {label: {**rec, "items": [it for it in rec["items"] if it["qid"] in common]} for label, rec in records.items()}
+    # joined by qid in the first record's order: a record of other tasks scores its items in another order
+    qids = [it["qid"] for it in next(iter(records.values()))["items"] if it["qid"] in common]
+    by_qid = {label: {it["qid"]: it for it in rec["items"]} for label, rec in records.items()}
+    records = {label: {**rec, "items": [by_qid[label][q] for q in qids]} for label, rec in records.items()}
     first = next(iter(records.values()))
-    qids = [it["qid"] for it in first["items"]]
     variants: dict[str, dict[str, Any]] = {}
     columns: dict[str, list[dict[str, Any]]] = {}
     converted_labels = []
     for label, rec in records.items():
-        if [it["qid"] for it in rec["items"]] != qids:
-            raise LinearizeError(f"{label}: its items come in another order than {next(iter(records))}'s")
         hybrid_modes = [n for n in rec["variants"] if n in ("hybrid", "swa_only", "la_only", "sinks_only", "none")]
         for name, info in rec["variants"].items():
             new = f"{label} {name}" if name in hybrid_modes else name

@@ -40,6 +40,12 @@ def band_means(loss: torch.Tensor, edges: list[int]) -> dict[str, list[float]]:
     return {f"{a}-{b}": loss[:, a:b].mean(1).tolist() for a, b in zip(edges, edges[1:]) if b > a}
 
 
+def position_edges(exact: int, train_len: int, seq_len: int) -> list[int]:
+    """The bands' edges over the seq_len - 1 predicted positions: 0, window + sinks + memory, the training length,
+    the end -- those inside the document (a run trained on rows as long as the documents has no band past them)."""
+    return sorted({e for e in (0, exact, train_len, seq_len - 1) if e <= seq_len - 1})
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="finished conversion runs")
@@ -72,7 +78,7 @@ def main() -> int:
     if len(cuts) > 1:
         p.error(f"the runs differ in window + sinks + memory or training length ({sorted(cuts)}): one table needs one set of bands")
     exact, train_len = cuts.pop()
-    edges = sorted({0, exact, train_len, args.seq_len - 1})
+    edges = position_edges(exact, train_len, args.seq_len)
     if earlier and earlier["settings"]["edges"] != edges:
         p.error(f"--merge {args.merge}: other position bands {earlier['settings']['edges']} vs {edges}")
     torch.manual_seed(0)

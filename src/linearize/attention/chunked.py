@@ -100,10 +100,14 @@ def memory_sums(q, qf, k, v, kf, candidate, *, spec: AttentionSpec, log_decay=No
     soft, lin = [], []
     walk = memory_walk(k, v, kf, candidate, kind=kind, window=spec.window, block=block, slots=spec.sparse_memory,
                        blocks=n, log_decay=log_decay, beta=beta, dtype=q.dtype)
+    # the blocks unbound once: indexing block j in the loop would make each backward step a zero tensor of the whole
+    # sequence (O(T^2 / block) memory traffic); unbind's backward stacks the blocks' gradients once
+    q_blocks, qf_blocks = qg.unbind(3), qfb.unbind(2)
+    since_blocks = None if since is None else since.unbind(2)
     for j, (state, (mk, mv, _, mvalid, *_)) in enumerate(walk):
-        logits = torch.einsum("bhgcd,bhsd->bhgcs", qg[:, :, :, j], mk) * spec.scale
+        logits = torch.einsum("bhgcd,bhsd->bhgcs", q_blocks[j], mk) * spec.scale
         soft.append(masked_softmax_sums(logits, mvalid[:, :, None, None, :], mv, "bhgcs,bhsd->bhgcd"))
-        lin.append(kind.read(state, qfb[:, :, j]) if since is None else kind.read(state, qfb[:, :, j], log_decay=since[:, :, j]))
+        lin.append(kind.read(state, qf_blocks[j]) if since is None else kind.read(state, qf_blocks[j], log_decay=since_blocks[j]))
 
     def flat(parts):  # per-block pieces (B, Hq, C, ...) -> (B, Hq, T, ...)
         return [torch.cat(x, 2)[:, :, :t] for x in zip(*parts)]

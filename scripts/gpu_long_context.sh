@@ -122,7 +122,11 @@ while [ "$(left)" -gt 20 ]; do
   sleep 10
 done
 wait
-say "merging the records"
-"${PYTHON:-python3}" -m linearize report "$out"/long/*/ --long-out "$out/long_merged" > "$out/logs/report.log" 2>&1 \
-  || say "merge failed (see logs/report.log)"
+if compgen -G "$out/long/*/long.json" > /dev/null; then
+  say "merging the records"
+  "${PYTHON:-python3}" -m linearize report "$out"/long/*/long.json --long-out "$out/long_merged" > "$out/logs/report.log" 2>&1 \
+    || say "merge failed (see logs/report.log)"
+else
+  say "no long-context record to merge (BASELINES=0 and RUN_EVALS=0 evaluate nothing)"
+fi
 say "done: $(ls "$out/long" | tr '\n' ' ')"

@@ -131,6 +131,15 @@ def test_a_finished_run_restored_gives_the_same_logits(machine_a, pack_of_whole,
     assert (restored / "tokenizer.json").read_bytes() == (machine_a / "whole" / "tokenizer.json").read_bytes()
 
 
+def test_the_folder_holding_a_pack_names_it(pack_of_whole, tmp_path):
+    from linearize.models.runpack import find_manifest
+
+    assert find_manifest([pack_of_whole.parent]) == manifest_path(pack_of_whole)  # the study's packs/NAME/
+    assert find_manifest([part_path(pack_of_whole, 0)]) == manifest_path(pack_of_whole)
+    with pytest.raises(LinearizeError, match="a folder of 0 pack manifests"):
+        find_manifest([tmp_path])
+
+
 def test_parts_respect_the_size_limit(machine_a, pack_of_whole):
     manifest = json.loads(manifest_path(pack_of_whole).read_text())
     limit = int(PART_MB * 2**20)

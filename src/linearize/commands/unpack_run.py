@@ -10,7 +10,7 @@ def register(subparsers) -> None:
                     "to the run's) and restore the run into --out; nothing is written unless every check passes. "
                     "Then `linearize convert --resume --model M --out RUN` continues it (a finished run: writes its "
                     "model files again, the tokenizer from the base).")
-    p.add_argument("pack", nargs="+", help="the pack: its OUT.manifest.json, its parts, or OUT")
+    p.add_argument("pack", nargs="+", help="the pack: its OUT.manifest.json, its parts, OUT, or the folder holding it (a study's packs/NAME/)")
     p.add_argument("--out", required=True, help="directory to restore the run into (new or empty)")
     p.add_argument("--model", default=None,
                    help="the run's base model on this machine (default: the one the pack records, when it is a short "

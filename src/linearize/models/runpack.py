@@ -135,12 +135,19 @@ def pack_run(run_dir: str | Path, out: str | Path, *, part_mb: float = DEFAULT_P
 
 
 def find_manifest(paths: list[str | Path]) -> Path:
-    """The manifest a list of pack files names: the manifest itself, a part (``OUT.partNNN``) or the pack's name."""
+    """The manifest a list of pack files names: the manifest itself, a part (``OUT.partNNN``), the pack's name, or the
+    folder that holds one pack (the study's ``packs/NAME/``)."""
     if not paths:
         raise LinearizeError("name the pack (its manifest, a part or OUT)")
     for p in map(str, paths):
         if p.endswith(MANIFEST_SUFFIX):
             return Path(p)
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        found = sorted(Path(paths[0]).glob(f"*{MANIFEST_SUFFIX}"))
+        if len(found) != 1:
+            raise LinearizeError(f"{paths[0]}: a folder of {len(found)} pack manifests; name the pack (its manifest, "
+                                 f"a part or OUT)")
+        return found[0]
     first = str(paths[0])
     stem = first.rsplit(".part", 1)[0] if ".part" in Path(first).name else first
     return manifest_path(stem)

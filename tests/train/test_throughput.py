@@ -53,6 +53,20 @@ def test_every_stage_of_every_recipe_is_measured_once(tiny):
     assert next(r for r in res["rows"] if r["what"] == "LoRA + SSD")["swa_dropped"] in (0.0, 0.5, 1.0)
 
 
+def test_a_self_distillation_stage_2_is_timed_against_the_base_lora_step():
+    # stage 2 as KL from the base with no adapters (the long-context runs): the anchor is still the base's own
+    # next-token LoRA step, and the row says what the stage trains
+    kl = ["stage2.objective=kl", "stage2.lora.enabled=false", "stage2.train_feature_maps=true", "stage2.train_mixing=true"]
+    res = measure(tiny_llama(), ("lolcats",), overrides=WINDOW + kl, **TINY)
+    rows = {r["stage"]: r for r in res["rows"] if r["stage"] != "eval"}
+    assert rows["stage2"]["what"] == "feature maps + gate, kl" and rows["anchor"]["what"] == "base LoRA"
+    for row in rows.values():
+        check_timing(row)
+        assert row["trainable_params"] > 0 and row["max_param_change"] > 0, row
+    assert rows["anchor"]["trainable_params"] != rows["stage2"]["trainable_params"]  # LoRA there, feature maps here
+    assert math.isclose(rows["stage2"]["cost_vs_base_lora"], rows["anchor"]["tokens_per_s"] / rows["stage2"]["tokens_per_s"])
+
+
 def test_cli_writes_json_and_markdown(tmp_path):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

@@ -133,8 +133,7 @@ def plan(recipes: dict[str, dict]) -> list[dict]:
             s = r[stage]
             if not s["enabled"]:
                 continue
-            what = (f"transfer: {s['objective']}" if stage == "stage1"
-                    else "LoRA + SSD" if s["ssd"]["enabled"] else "LoRA")
+            what = f"transfer: {s['objective']}" if stage == "stage1" else stage2_label(s)
             cost = {k: v for k, v in s.items() if k not in _NO_COST}
             add(stage, what, name, _cost_key(stage, hybrid, r["data"]["seq_len"], cost))
         if r["stage2"]["enabled"]:
@@ -143,9 +142,22 @@ def plan(recipes: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def stage2_label(s2: dict) -> str:
+    """What a stage 2 trains, as its row names it: 'LoRA' (+ ' + SSD'), or the feature maps / gate alone where it adds
+    no adapters, and its loss where it is not the next-token loss ('LoRA + SSD', 'feature maps + gate + SSD, kl')."""
+    parts = (["LoRA"] if s2["lora"]["enabled"] else []) + [
+        name for name, on in (("feature maps", s2["train_feature_maps"]), ("gate", s2["train_mixing"]))
+        if on and not s2["lora"]["enabled"]]
+    what = " + ".join(parts + (["SSD"] if s2["ssd"]["enabled"] else []))
+    return what if s2["objective"] == "lm" else f"{what}, {s2['objective']}"
+
+
 def base_lora_stage(s2: dict) -> dict:
-    """A recipe's stage 2 as the base model runs it: the same LoRA, rows and loss, nothing of the conversion."""
-    return {**s2, "ssd": {**s2["ssd"], "enabled": False}, "train_feature_maps": False, "train_mixing": False}
+    """A recipe's stage 2 as the base model's own LoRA fine-tuning runs it (what a user would run instead): the same
+    rows and LoRA settings, the adapters on also where the conversion trains none (a self-distillation stage 2), and
+    the next-token loss (a distillation loss has no teacher but the base itself); nothing of the conversion."""
+    return {**s2, "ssd": {**s2["ssd"], "enabled": False}, "train_feature_maps": False, "train_mixing": False,
+            "lora": {**s2["lora"], "enabled": True}, "objective": "lm"}
 
 
 def anchor_ratios(rows: list[dict]) -> None:

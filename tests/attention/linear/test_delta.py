@@ -71,6 +71,23 @@ def test_chunked_equals_naive_outputs_and_gradients(t, lag, chunk):
             assert g_n[name].abs().sum() > 0, f"d{name} is all zero: the test would not see a wrong gradient"
 
 
+def test_chunked_runs_in_bfloat16_on_the_cpu():
+    # PyTorch has no 16-bit triangular solve on the CPU: the chunk system is solved in fp32 there (a bf16 model
+    # converted on the CPU); the result within bf16's rounding of the fp32 one, gradients included
+    x = make_inputs(t=37)
+    args, kw = split(x)
+    cot = torch.randn(2, 4, 37, 5)
+    num32, _, g32 = grads(lambda: delta.chunked(**args, **kw, lag=3, chunk=16), x, cot)
+    x16 = {k: (v.detach().bfloat16().requires_grad_() if v.is_floating_point() else v) for k, v in x.items()}
+    args16, kw16 = split(x16)
+    num16, _, g16 = grads(lambda: delta.chunked(**args16, **kw16, lag=3, chunk=16), x16, cot.bfloat16())
+    assert num16.dtype == torch.bfloat16
+    assert_close_scaled(num16.float(), num32, 5e-2, "num")
+    for name in g32:
+        assert g16[name].dtype == torch.bfloat16
+        assert_close_scaled(g16[name].float(), g32[name], 1e-1, f"d{name}")
+
+
 @pytest.mark.parametrize("decay,beta", [(False, False), (False, True), (True, False)])
 def test_chunked_equals_naive_without_decay_or_beta(decay, beta):
     x = make_inputs(t=50, decay=decay, beta=beta)

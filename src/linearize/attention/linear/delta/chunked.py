@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.attention.common import group_queries, ungroup
-from linearize.attention.linear.delta.inputs import check_inputs, entering_keys, has_entered, unit_norm
+from linearize.attention.linear.delta.inputs import check_inputs, entering_keys, has_entered, unit_lower_solve, unit_norm
 from linearize.attention.linear.delta.recurrent import DeltaState
 
 
@@ -55,7 +55,7 @@ def _scan(qf, kf, v, log_decay, beta, enter, lag, chunk):
 
     A = beta_c[..., None] * _pair_decay(G, strict=True) * (K @ K.transpose(-1, -2))
     rhs = torch.cat([beta_c[..., None] * V, (beta_c * G.exp())[..., None] * K], dim=-1)
-    solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # unit diagonal: I + A
+    solved = unit_lower_solve(A, rhs)  # unit diagonal: I + A
     U_v, W = solved.split([d, m], dim=-1)
     to_end = (G[..., -1:] - G).exp()  # e^{G_C - G_j}
 

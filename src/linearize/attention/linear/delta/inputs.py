@@ -16,6 +16,14 @@ def unit_norm(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
 
 
+def unit_lower_solve(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """X with (I + A) X = rhs, A strictly lower triangular (the delta rule's chunk system). In fp32 where the inputs
+    are 16-bit on the CPU (PyTorch has no 16-bit triangular solve there), cast back after."""
+    work = torch.float32 if A.device.type == "cpu" and A.dtype in (torch.bfloat16, torch.float16) else A.dtype
+    x = torch.linalg.solve_triangular(A.to(work), rhs.to(work), upper=False, unitriangular=True)
+    return x.to(rhs.dtype)
+
+
 def check_inputs(qf, kf, v, log_decay, beta, enter, lag) -> None:
     """One-line ValueErrors for shapes that do not fit the linear-state interface (qf None: a prefill without
     queries)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from linearize.attention.linear.delta.inputs import unit_norm
+from linearize.attention.linear.delta.inputs import unit_lower_solve, unit_norm
 from linearize.attention.linear.delta.recurrent import DeltaState
 
 
@@ -31,6 +31,6 @@ def absorb(state: DeltaState, kf, v, valid, *, log_weight=None, beta=None) -> De
         strength = strength * beta.to(S.dtype)
     A = strength[..., None] * (k @ k.transpose(-1, -2)).tril(-1)
     rhs = strength[..., None] * (v.to(S.dtype) - k @ S)
-    U = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # the unit diagonal: I + A
+    U = unit_lower_solve(A, rhs)  # the unit diagonal: I + A
     entered = state.entered | valid.flatten(1).any(1)
     return DeltaState(S + k.transpose(-1, -2) @ U, entered)

@@ -169,7 +169,7 @@ def test_captured_memory_replay_equals_eager_stepping(family):
 
 
 def test_compiled_outside_attention_compiles_norms_and_mlps_for_the_duration(monkeypatch):
-    """The norms and MLPs (every layer's instances sharing one compiled function per class) run compiled inside,
+    """The norms, MLPs and feature maps (every layer's instances sharing one compiled function per class) run compiled inside,
     their own forward after; the logits are the uncompiled model's. A tracing-only backend on the CPU: what a CUDA
     step compiles with inductor, traced whole (fullgraph)."""
     from linearize.attention import graph_decode
@@ -183,7 +183,7 @@ def test_compiled_outside_attention_compiles_norms_and_mlps_for_the_duration(mon
         with graph_decode.compiled_outside_attention(model) as classes:
             wrapped = [m for m in model.modules() if "forward" in m.__dict__]
             got = model(ids).logits
-    assert classes == ["Gemma3MLP", "Gemma3RMSNorm"]
+    assert classes == ["FeatureMap", "Gemma3MLP", "Gemma3RMSNorm"]
     assert len(wrapped) == sum(type(m).__name__ in classes for m in model.modules()) > 2 * model.config.num_hidden_layers
     assert not any("forward" in m.__dict__ for m in model.modules())  # each module's own forward again
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -31,9 +31,11 @@ from linearize.attention.ring import RING_ATTENTION, ring_attention_mask, swap_i
 from linearize.compat import cache_kwargs
 
 
-#: classes whose names end so are compiled by `compiled_outside_attention`: the parts of a decoder step outside
-#: attention that run as chains of small kernels (a Gemma 3 RMSNorm is about eight elementwise kernels, six per layer)
-OUTSIDE_ATTENTION = ("RMSNorm", "MLP")
+#: classes whose names end so are compiled by `compiled_outside_attention`: the parts of a decoder step outside the
+#: attention kernel that run as chains of small kernels (a Gemma 3 RMSNorm is about eight elementwise kernels, six per
+#: layer; a converted layer's hedgehog feature map a GEMM, two softmaxes and a concatenation for q and again for k:
+#: 2.5 of 30 ms of a Gemma-3-270M-shaped step at batch 4096 on an H100, benchmarks/profile_decode.py)
+OUTSIDE_ATTENTION = ("RMSNorm", "MLP", "FeatureMap")
 
 #: torch.compile's backend for them (tests on the CPU set a tracing-only one)
 COMPILE_BACKEND = "inductor"
@@ -59,13 +61,14 @@ def _recompile_limit(limit: int):
 
 @contextlib.contextmanager
 def compiled_outside_attention(model: torch.nn.Module, *, backend: str | None = None):
-    """While inside: every norm and MLP module of `model` (classes named *RMSNorm, *MLP) runs through torch.compile,
+    """While inside: every norm, MLP and feature map of `model` (classes named as OUTSIDE_ATTENTION ends) runs
+    through torch.compile,
     one compiled function per class that all its instances share (their weights are its inputs), so a step launches
     one fused kernel where a norm ran several. A step captured in a CUDA graph inside keeps the fused kernels in
     every replay after the exit. Modules whose `forward` is already an instance attribute (a hook library's wrapper)
     or compiled by the user (`module.compile()`) are left alone; on exit the others run their own forward again.
-    The same treatment for a base model and its conversion, whose layers outside attention are the base's. Yields
-    the classes' names."""
+    The same treatment for a base model and its conversion, whose norms and MLPs are the base's (the feature maps
+    are the conversion's own: the base has none). Yields the classes' names."""
     backend = backend or COMPILE_BACKEND
     classes, mods = set(), []
     for m in model.modules():

@@ -178,7 +178,8 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
         try:
             ref, ours = copy.deepcopy(state), copy.deepcopy(state)
             err = 0.0
-            for _ in range(int(setting["fold_every"]) + 1):  # through a deferred fold's whole cycle
+            f = dict(launch)["F"]  # the deferred fold's F (an 'auto' setting resolved by the step's load)
+            for _ in range(f + 1):  # through a deferred fold's whole cycle
                 with fused_decode(False):
                     want = decode_step_triton(ref, *inputs, **kw)
                 with fused_decode(True):
@@ -188,7 +189,7 @@ def sweep_case(shape: str, batch: int, device: str, hybrid, choices: dict, *, se
                 err = max(err, *(_rel(got[k], want[k]) for k in want), _rel(linear_sums(ours)[0], ref.S))
             del ref, ours
             with fused_decode(True):
-                f = int(setting["fold_every"])  # whole fold cycles per replay: every replay the same work
+                # whole fold cycles per replay: every replay the same work
                 ms = timed_ms(step, inner=-(-inner // f) * f, reps=reps, cuda=cuda)
         except Exception as exc:  # a launch that does not compile (resources) or fails: recorded, the sweep goes on
             measured[launch] = dict(case, kind="fused", launch=dict(launch), settings=[shown],
@@ -252,7 +253,7 @@ def ablation_row(step, fastest: dict, skip: int, *, inner: int, reps: int, cuda:
     real = decode.launch_config
     decode.launch_config = lambda *a, **k: {**real(*a, **k), "SKIP": skip}
     try:
-        f = int(decode.TUNING["fold_every"])
+        f = fastest["launch"]["F"]
         with fused_decode(True):
             ms = timed_ms(step, inner=-(-inner // f) * f, reps=reps, cuda=cuda)
     finally:

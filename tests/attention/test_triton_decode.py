@@ -8,6 +8,7 @@ before anything imports the kernel); `LINEARIZE_FUSED_DECODE=1` lets the fused s
 from __future__ import annotations
 
 import copy
+import types
 import importlib
 
 import pytest
@@ -396,3 +397,24 @@ def test_the_switch_runs_the_fused_step_on_cuda_unless_told(monkeypatch, setting
         monkeypatch.setenv(fused.FUSED_ENV, setting)
     q = SimpleNamespace(is_cuda=device == "cuda", shape=(batch, 4, 1, 64))  # what the switch reads of q
     assert fused.fused_decode_enabled(q) is runs
+
+
+def test_auto_tuning_takes_the_large_batch_launch_where_programs_fill_the_sms():
+    """TUNING's 'auto' keys follow the step's load (batch rows x KV heads per SM, `decode.BY_LOAD`): the few-program
+    launch (4 warps, 3 stages, no deferred fold) at batch 1, the many-program one (2 warps, 2 stages, F = 16) where
+    the programs fill every SM several times over; a value set by hand wins; a state's F follows its own batch."""
+    cpu = torch.device("cpu")  # the interpreter's 4 "SMs"
+    shape = dict(hkv=1, g=4, d=256, m=512, L=63, ns=8, device=cpu, dtype=torch.bfloat16)
+    (few_load, few), (many_load, many) = fused.BY_LOAD[-1], fused.BY_LOAD[0]
+    small = fused.launch_config(1, **shape)
+    large = fused.launch_config(64, **shape)
+    assert (small["num_warps"], small["STAGES"], small["F"]) == (few["num_warps"], few["stages"], few["fold_every"])
+    assert (large["num_warps"], large["STAGES"], large["F"]) == (many["num_warps"], many["stages"], many["fold_every"])
+    assert large["F"] > 1 and small["F"] == 1 and 1 / 4 < many_load <= 64 / 4
+    by_hand = fused.launch_config(64, **shape, tuning={**fused.TUNING, "num_warps": 8, "fold_every": 1})
+    assert (by_hand["num_warps"], by_hand["STAGES"], by_hand["F"]) == (8, many["stages"], 1)
+
+    def state(batch):
+        return copy.copy(types.SimpleNamespace(pend_kf=None, S=torch.zeros(batch, 1, 4, 4)))
+
+    assert (fused.fold_every(state(1)), fused.fold_every(state(64))) == (few["fold_every"], many["fold_every"])

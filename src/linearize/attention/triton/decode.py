@@ -66,8 +66,30 @@ FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 #: step (a step otherwise reads and writes all of S); 1: each step folds its leaving key. `fold_pass`: where a
 #: deferred fold writes S -- 'inline', each tile as the readout reads it, or 'after', a pass of its own in narrow
 #: tiles (reads S again once per F steps; the main loop holds fewer registers).
-TUNING = {"num_warps": 4, "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "dot",
-          "dot_precision": "tf32", "stages": 3, "keys_once": True, "fold_every": 1, "fold_pass": "inline"}
+#: A key set to AUTO takes its value by the step's load (see BY_LOAD).
+TUNING = {"num_warps": "auto", "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "dot",
+          "dot_precision": "tf32", "stages": "auto", "keys_once": True, "fold_every": "auto", "fold_pass": "inline"}
+
+#: TUNING's value meaning "chosen by the step's load".
+AUTO = "auto"
+
+#: The AUTO keys' values by load -- the step's (batch row, KV head) programs per SM: the first entry whose least load
+#: the step reaches. Measured on an H100 (Gemma-3-270M shape, 32k context, captured steps with the norms, MLPs and
+#: feature maps compiled; commit 6544e31, benchmarks/results/speed/h100_6544e31/): at batch 4096 (31 programs per SM)
+#: the sweep's best launch, 2 warps, 2 pipeline stages and the deferred fold at F = 16, ran the whole step at 149,950
+#: tokens/s (62% of its floor) where 4 warps, 3 stages and no deferred fold ran 111,023 (45%); at batch 512 (3.9 per
+#: SM) 103,141 against 84,145 (4 warps, 3 stages: 97,762 with the fold); at batch 1 the 4-warp, 3-stage launch
+#: without the fold stays faster (244 against 221 tokens/s, uncompiled). Loads between 1/132 and 3.9 were not
+#: measured; 2 splits them.
+BY_LOAD = ((2.0, {"num_warps": 2, "stages": 2, "fold_every": 16}),
+           (0.0, {"num_warps": 4, "stages": 3, "fold_every": 1}))
+
+
+def resolve_tuning(tuning: dict, programs: int, device) -> dict:
+    """`tuning` with its AUTO values replaced by BY_LOAD's for `programs` (batch rows x KV heads) on `device`."""
+    load = programs / _num_sms(device)
+    chosen = next(values for least, values in BY_LOAD if load >= least)
+    return {key: chosen[key] if value == AUTO else value for key, value in tuning.items()}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
 #: its choices here). dot_precision ('ieee': 42% of the floor against tf32's 47% at Gemma batch 1024) and keys_once
@@ -490,7 +512,8 @@ def fold_every(state) -> int:
         return state.pend_kf.shape[2]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return 1
-    return int(TUNING["fold_every"])
+    b, hkv = state.S.shape[:2]
+    return int(resolve_tuning(TUNING, b * hkv, state.S.device)["fold_every"])
 
 
 def _pending_list(state, f: int) -> tuple:
@@ -537,7 +560,7 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     PREC, STAGES, NATIVE_QK. dtype: q's; key_dtype: the ring's and the new key's (None: both dtype). Settings that
     give the same launch run the same code (the sweep times each once)."""
     key_dtype = dtype if key_dtype is None else key_dtype
-    tuning = TUNING if tuning is None else tuning
+    tuning = resolve_tuning(TUNING if tuning is None else tuning, b * hkv, device)
     if tuning["contract"] not in ("loop", "dot"):
         raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
     dot = tuning["contract"] == "dot"

@@ -50,24 +50,26 @@ def goals(layer, decode, conversion, generate) -> list[dict]:
     ratios = fair_ratios((decode or {}).get("decode_fair", {}).get("rows", []))
     for ctx, need in ((32768, 6.0), (131072, 10.0)):
         e = _largest(ratios, "gemma3-270m", ctx)
-        add(f"decode, Gemma shape, {ctx // 1024}k, largest base batch: converted / captured static-cache base >= {need:g}x",
-            e and (e["speedup_vs_static_graph_base"], e["batch"]), lambda v: f"{v[0]:.2f}x (batch {v[1]})",
-            lambda v, need=need: v[0] >= need)
+        add(f"decode, Gemma shape, {ctx // 1024}k, largest base batch: converted (the default step) / captured "
+            f"static-cache base >= {need:g}x",
+            e and (e["default_speedup_vs_static_graph_base"], e["batch"], e["default_fold_every"]),
+            lambda v: f"{v[0]:.2f}x (batch {v[1]}, F={v[2]})", lambda v, need=need: v[0] >= need)
     # the other reading of "largest batch": the same GPU filled by each model (its state does not grow with context)
     full = {(e["shape"], e["context"]): e for e in largest_batch_ratios((decode or {}).get("decode_fair", {}).get("rows", []))}
     for ctx, need in ((32768, 6.0), (131072, 10.0)):
         e = full.get(("gemma3-270m", ctx))
         add(f"decode, Gemma shape, {ctx // 1024}k, each model at the largest batch it fits on the GPU, both compiled: "
-            f"converted / base tokens/s >= {need:g}x", e and (e["throughput_vs_compiled_base"], e["batch"], e["base_batch"]),
-            lambda v: f"{v[0]:.2f}x (batch {v[1]} against {v[2]})", lambda v, need=need: v[0] >= need)
+            f"converted (the default step) / base tokens/s >= {need:g}x",
+            e and (e["default_throughput_vs_compiled_base"], e["batch"], e["base_batch"], e["default_fold_every"]),
+            lambda v: f"{v[0]:.2f}x (batch {v[1]} against {v[2]}, F={v[3]})", lambda v, need=need: v[0] >= need)
     e = full.get(("gemma3-270m", 32768))
-    add("decode, Gemma shape, 32k, the converted step (compiled) at the largest batch it fits: >= 60% of its memory floor",
-        e and (e["floor_fraction"], e.get("fold16_floor_fraction")),
-        lambda v: f"{100 * v[0]:.0f}%" + ("" if v[1] is None else f" (with the deferred fold: {100 * v[1]:.0f}%)"),
-        lambda v: max(v[0], v[1] or 0) >= 0.6)
+    add("decode, Gemma shape, 32k, the converted step (the default, compiled) at the largest batch it fits: >= 60% of "
+        "its memory floor", e and (e["default_floor_fraction"], e["default_fold_every"], e["floor_fraction"]),
+        lambda v: f"{100 * v[0]:.0f}% (F={v[1]}; F=1: {100 * v[2]:.0f}%)", lambda v: v[0] >= 0.6)
     e = _largest(ratios, "gemma3-270m", 32768)
-    add("decode, Gemma shape, 32k, largest batch: converted step >= 60% of its memory floor",
-        e and e["ours_floor_fraction"], lambda v: f"{100 * v:.0f}%", lambda v: v >= 0.6)
+    add("decode, Gemma shape, 32k, largest batch: the converted step (the default) >= 60% of its memory floor",
+        e and (e["default_floor_fraction"], e["default_fold_every"]), lambda v: f"{100 * v[0]:.0f}% (F={v[1]})",
+        lambda v: v[0] >= 0.6)
     # reported beside the goals, per context at the largest base batch: what, the ratio keys shown, how
     reported = [
         ("both with norms and MLPs compiled into the captured step: converted / base, floor %",
@@ -79,7 +81,7 @@ def goals(layer, decode, conversion, generate) -> list[dict]:
         ("both compiled, the converted step with the deferred fold (F=16) too: converted / compiled base, floor %",
          ("compiled_fold16_speedup_vs_compiled_base", "compiled_fold16_floor_fraction", "batch"),
          lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})"),
-        ("the deferred fold (F=16), not the default step: converted / captured base, floor %",
+        ("the deferred fold (F=16; the default at >= 2 programs per SM): converted / captured base, floor %",
          ("fold16_speedup_vs_static_graph_base", "fold16_floor_fraction", "batch"),
          lambda v: f"{v[0]:.2f}x, {100 * v[1]:.0f}% of its floor (batch {v[2]})"),
         ("the ceiling of any attention speed-up: the base's step outside attention (a 16-token context), ceiling",

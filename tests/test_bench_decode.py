@@ -184,8 +184,30 @@ def test_each_model_at_its_largest_batch_gives_the_same_gpu_throughput_ratio():
     assert entry["floor_fraction"] == pytest.approx(8.0 / (4096e3 / 240000.0))
     assert (entry["base_peak_gib"], entry["peak_gib"]) == (16.0, 64.0)
     table = _fair_table(rows, decode.fair_ratios(rows))
-    assert "| gemma3-270m | 32768 | 1024 | 30000 | 16.0 | 4096 | 240000 | 64.0 | 47% | **8.00x** | 9.00x |" in table
+    # rows without a recorded default (runs before the fold could be one): the default is the F = 1 row
+    assert (entry["default_fold_every"], entry["default_throughput_vs_compiled_base"]) == (1, pytest.approx(8.0))
+    assert "| gemma3-270m | 32768 | 1024 | 30000 | 16.0 | 4096 | 240000 | 64.0 | 47% | 8.00x | 9.00x | **8.00x** (F=1, 47%) |" in table
     assert "same GPU filled by each model" not in _fair_table(rows[:3], [])
+
+
+def test_the_default_step_is_the_row_whose_fold_the_default_takes():
+    """Converted rows record their F and the F the default step takes at that batch (decode.BY_LOAD): the goals read
+    the default's row -- the deferred fold's where the default folds, the F = 1 row where it does not."""
+    def row(kind, batch, tps, fold=None, default=None):
+        r = dict(_fair_row(kind, batch=batch, context=32768, tps=tps, floor=1.0), peak_gib=1.0)
+        return r if fold is None else dict(r, fold_every=fold, default_fold_every=default)
+
+    base = [row("base_static_graph", 512, 1000.0), row("base_static_graph_compiled", 512, 1000.0)]
+    for default, want in ((16, 9.0), (1, 8.0)):
+        rows = base + [row("converted_graph", 512, 5000.0, 1, default), row("converted_graph_fold16", 512, 6000.0, 16, default),
+                       row("converted_graph_compiled", 512, 7000.0, 1, default),
+                       row("converted_graph_compiled", 4096, 8000.0, 1, default),
+                       row("converted_graph_fold16_compiled", 4096, 9000.0, 16, default)]
+        (ratio,) = decode.fair_ratios(rows)
+        assert ratio["default_speedup_vs_static_graph_base"] == pytest.approx(6.0 if default == 16 else 5.0)
+        assert ratio["default_fold_every"] == default
+        (entry,) = decode.largest_batch_ratios(rows)
+        assert (entry["default_fold_every"], entry["default_throughput_vs_compiled_base"]) == (default, pytest.approx(want))
 
 
 def test_fold_every_sets_and_restores_the_tuning():

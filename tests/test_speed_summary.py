@@ -62,11 +62,11 @@ def test_goals_are_read_from_the_rows(tmp_path):
     assert summary_module().main([str(tmp_path)]) == 0
     res = json.loads((tmp_path / "speed.json").read_text())
     by = {g["goal"].split(":")[0]: g for g in res["goals"]}
-    assert by["decode, Gemma shape, 32k, largest base batch"]["measured"] == "8.00x (batch 512)"
+    assert by["decode, Gemma shape, 32k, largest base batch"]["measured"] == "8.00x (batch 512, F=1)"
     assert by["decode, Gemma shape, 32k, largest base batch"]["met"] is True
-    assert by["decode, Gemma shape, 128k, largest base batch"]["measured"] == "9.00x (batch 128)"
+    assert by["decode, Gemma shape, 128k, largest base batch"]["measured"] == "9.00x (batch 128, F=1)"
     assert by["decode, Gemma shape, 128k, largest base batch"]["met"] is False  # goal 10x
-    assert by["decode, Gemma shape, 32k, largest batch"]["measured"] == "70%"
+    assert by["decode, Gemma shape, 32k, largest batch"]["measured"] == "70% (F=1)"
     # 32k: base 102.4 ms, outside attention 4 ms, our floor 0.7 * 12.8 = 8.96 ms of which the state 1e9 of 1.1e9 bytes
     bound = next(g for g in res["goals"] if g["goal"].startswith("decode, Gemma shape, 32k, largest base batch, the bounds"))
     assert bound["measured"] == f"{102.4 / (4.0 + 8.96 / 1.1):.1f}x, 100% of the floor" and bound["met"] is None

@@ -400,21 +400,24 @@ def test_the_switch_runs_the_fused_step_on_cuda_unless_told(monkeypatch, setting
 
 
 def test_auto_tuning_takes_the_large_batch_launch_where_programs_fill_the_sms():
-    """TUNING's 'auto' keys follow the step's load (batch rows x KV heads per SM, `decode.BY_LOAD`): the few-program
-    launch (4 warps, 3 stages, no deferred fold) at batch 1, the many-program one (2 warps, 2 stages, F = 16) where
-    the programs fill every SM several times over; a value set by hand wins; a state's F follows its own batch."""
+    """TUNING's 'auto' keys follow the step's load (batch rows x KV heads per SM) and head_dim (`decode.BY_LOAD`):
+    no deferred fold and 4 warps, 3 stages at batch 1; the fold (F = 16) where the programs fill every SM twice
+    over, with 2 warps and 2 stages for 256-wide heads and 4 and 3 for 128-wide ones; a value set by hand wins; a
+    state's F follows its own batch."""
     cpu = torch.device("cpu")  # the interpreter's 4 "SMs"
-    shape = dict(hkv=1, g=4, d=256, m=512, L=63, ns=8, device=cpu, dtype=torch.bfloat16)
-    (few_load, few), (many_load, many) = fused.BY_LOAD[-1], fused.BY_LOAD[0]
-    small = fused.launch_config(1, **shape)
-    large = fused.launch_config(64, **shape)
-    assert (small["num_warps"], small["STAGES"], small["F"]) == (few["num_warps"], few["stages"], few["fold_every"])
-    assert (large["num_warps"], large["STAGES"], large["F"]) == (many["num_warps"], many["stages"], many["fold_every"])
-    assert large["F"] > 1 and small["F"] == 1 and 1 / 4 < many_load <= 64 / 4
-    by_hand = fused.launch_config(64, **shape, tuning={**fused.TUNING, "num_warps": 8, "fold_every": 1})
-    assert (by_hand["num_warps"], by_hand["STAGES"], by_hand["F"]) == (8, many["stages"], 1)
 
-    def state(batch):
-        return copy.copy(types.SimpleNamespace(pend_kf=None, S=torch.zeros(batch, 1, 4, 4)))
+    def launch(b, d, **tuning):
+        got = fused.launch_config(b, 1, 4, d, 512, 63, 8, cpu, torch.bfloat16,
+                                  tuning={**fused.TUNING, **tuning} if tuning else None)
+        return got["num_warps"], got["STAGES"], got["F"]
 
-    assert (fused.fold_every(state(1)), fused.fold_every(state(64))) == (few["fold_every"], many["fold_every"])
+    assert launch(1, 256) == launch(1, 128) == (4, 3, 1)
+    assert launch(64, 256) == (2, 2, 16)
+    assert launch(64, 128) == (4, 3, 16)
+    assert launch(8, 256) == (2, 2, 16) and launch(7, 256) == (4, 3, 1)  # 2 programs per SM and more
+    assert launch(64, 256, num_warps=8, fold_every=1) == (8, 2, 1)
+
+    def state(batch, d):
+        return types.SimpleNamespace(pend_kf=None, S=torch.zeros(batch, 1, 4, d))
+
+    assert [fused.fold_every(state(b, d)) for b, d in ((1, 256), (64, 256), (64, 128))] == [1, 16, 16]

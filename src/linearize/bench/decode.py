@@ -328,16 +328,19 @@ def _timed_steps(step, batch: int, warm: int, steps: int) -> tuple[float, float]
 FAIR_KINDS = {
     "base_static_graph": "base, HF StaticCache, one-token forward captured in a CUDA graph",
     "converted_graph": "converted, HybridState, GraphDecoder (the fused one-launch Triton step of each layer, "
-                       "attention/triton/decode.py, captured in a CUDA graph)",
+                       "attention/triton/decode.py, captured in a CUDA graph), the deferred fold off (F = 1: every "
+                       "step folds its leaving key)",
     "converted_graph_unfused": "the same with LINEARIZE_FUSED_DECODE=0 (the previous step: the decode kernel plus "
                                "PyTorch ring and sink updates), in the same run",
     "converted_graph_fold16": "converted_graph with the fused step's deferred fold (TUNING['fold_every'] = 16: the keys "
                               "leaving the window wait in a list of 16 and S is written once per 16 steps instead of "
-                              "every step), in the same run (its floor counts the state without that list)",
+                              "every step; the default where the step's programs fill the SMs twice over, decode.BY_LOAD), in the same run "
+                              "(its floor counts the state without that list)",
     "base_eager_dynamic": "extra: base in HF's eager loop with a DynamicCache (the old, host-bound baseline)",
     "base_static_graph_compiled": "base_static_graph with its norms and MLPs torch.compile'd into the captured step "
                                   "(graph_decode.compiled_outside_attention)",
-    "converted_graph_compiled": "converted_graph with the same norms and MLPs compiled (the same treatment)",
+    "converted_graph_compiled": "converted_graph with the same norms and MLPs compiled (the same treatment; its "
+                                "feature maps too)",
     "converted_graph_fold16_compiled": "converted_graph_fold16 with the norms and MLPs compiled: both levers at once "
                                        "(a step that folds every token writes S back each step, a traffic the floor, "
                                        "which counts reads, does not hold; attention/triton/decode.py)",
@@ -371,6 +374,21 @@ def fold_every(f: int):
         yield
     finally:
         TUNING["fold_every"] = saved
+
+
+def default_fold_every(cfg, batch: int) -> int:
+    """F of the deferred fold that the fused step takes by default for `batch` rows of a model of `cfg` on this GPU
+    (TUNING's, 'auto' resolved by the step's load: decode.BY_LOAD)."""
+    from linearize.attention.triton.decode import TUNING, resolve_tuning
+
+    return int(resolve_tuning(TUNING, batch * cfg.num_key_value_heads, cfg.head_dim, torch.device("cuda"))["fold_every"])
+
+
+def _default_row(rows_by_fold: dict, default: int | None):
+    """Of a batch's converted rows by their F ({1: the no-fold row, 16: the fold row}), the one the default step
+    runs: the row whose F is the default recorded with them; F = 1 where no default was recorded (runs before the
+    fold could be a default) or its row is missing."""
+    return rows_by_fold.get(default) or rows_by_fold.get(1)
 
 
 @contextlib.contextmanager
@@ -451,6 +469,7 @@ def run_fair_decode(shapes=("gemma3-270m", "llama3-8b"), contexts=(1024, 4096, 3
             else:
                 cache = _fill_hybrid_cache(model, batch, ctx, dtype)
                 fold = FOLD_ROWS if kind.startswith("converted_graph_fold16") else 1
+                row.update(fold_every=fold, default_fold_every=default_fold_every(model.config, batch))
                 with fused_decode(kind != "converted_graph_unfused"), fold_every(fold):
                     tps, ms, _ = _decode_rate(model, cache, batch, ctx, steps, graph=True,
                                               fuse=kind.endswith("_compiled"))
@@ -572,6 +591,10 @@ def fair_ratios(rows) -> list[dict]:
         if fold:
             entry["fold16_speedup_vs_static_graph_base"] = fold["tokens_per_s"] / base["tokens_per_s"]
             entry["fold16_floor_fraction"] = fold["floor_fraction"]
+        default = _default_row({1: ours, FOLD_ROWS: fold}, ours.get("default_fold_every"))
+        entry.update(default_fold_every=default.get("fold_every", 1),
+                     default_speedup_vs_static_graph_base=default["tokens_per_s"] / base["tokens_per_s"],
+                     default_floor_fraction=default["floor_fraction"])
         # both with their norms and MLPs compiled into the captured step: the same treatment, another level of it
         base_c, ours_c = (by.get((shape, k, batch, ctx)) for k in ("base_static_graph_compiled", "converted_graph_compiled"))
         if base_c and ours_c:
@@ -583,6 +606,9 @@ def fair_ratios(rows) -> list[dict]:
             if fold_c:
                 entry["compiled_fold16_speedup_vs_compiled_base"] = fold_c["tokens_per_s"] / base_c["tokens_per_s"]
                 entry["compiled_fold16_floor_fraction"] = fold_c["floor_fraction"]
+            default_c = _default_row({1: ours_c, FOLD_ROWS: fold_c}, ours_c.get("default_fold_every"))
+            entry.update(compiled_default_speedup_vs_compiled_base=default_c["tokens_per_s"] / base_c["tokens_per_s"],
+                         compiled_default_floor_fraction=default_c["floor_fraction"])
             short_c = [r for (sh, kd, bt, cx), r in by.items()
                        if sh == shape and kd == "base_static_graph_compiled" and bt == batch and cx <= SHORT_CONTEXT]
             if short_c:
@@ -617,6 +643,12 @@ def largest_batch_ratios(rows) -> list[dict]:
         if fold is not None and fold["batch"] == ours["batch"]:
             entry.update(fold16_tokens_per_s=fold["tokens_per_s"], fold16_floor_fraction=fold["floor_fraction"],
                          fold16_throughput_vs_compiled_base=fold["tokens_per_s"] / base["tokens_per_s"])
+        else:
+            fold = None
+        default = _default_row({1: ours, FOLD_ROWS: fold}, ours.get("default_fold_every"))
+        entry.update(default_fold_every=default.get("fold_every", 1), default_tokens_per_s=default["tokens_per_s"],
+                     default_floor_fraction=default["floor_fraction"],
+                     default_throughput_vs_compiled_base=default["tokens_per_s"] / base["tokens_per_s"])
         out.append(entry)
     return out
 
@@ -677,13 +709,15 @@ def render_fair_markdown(fair: dict) -> list[str]:
         gib = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
         lines += ["", "The same GPU filled by each model (both compiled; the base at the largest batch its cache fits, "
                   "the converted step at the largest batch measured, its state not growing with the context):", "",
-                  "| shape | context | base batch | base tokens/s | base peak GiB | converted batch | tokens/s "
-                  "| peak GiB | its floor % | converted / base tokens/s | with the deferred fold (F=16) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| shape | context | base batch | base tokens/s | base peak GiB | converted batch | tokens/s (F=1) "
+                  "| peak GiB | its floor % | converted (F=1) / base tokens/s | with the deferred fold (F=16) "
+                  "| **the default step / base** (its F, floor %) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in largest:
             fold = e.get("fold16_throughput_vs_compiled_base")
             lines.append(f"| {e['shape']} | {e['context']} | {e['base_batch']} | {e['base_tokens_per_s']:.0f} | "
                          f"{gib(e['base_peak_gib'])} | {e['batch']} | {e['tokens_per_s']:.0f} | {gib(e['peak_gib'])} | "
-                         f"{100 * e['floor_fraction']:.0f}% | **{e['throughput_vs_compiled_base']:.2f}x** | "
-                         f"{'—' if fold is None else f'{fold:.2f}x'} |")
+                         f"{100 * e['floor_fraction']:.0f}% | {e['throughput_vs_compiled_base']:.2f}x | "
+                         f"{'—' if fold is None else f'{fold:.2f}x'} | **{e['default_throughput_vs_compiled_base']:.2f}x** "
+                         f"(F={e['default_fold_every']}, {100 * e['default_floor_fraction']:.0f}%) |")
     return lines + [""]

@@ -23,12 +23,13 @@ through whole fold cycles); every path that reads S otherwise folds the list fir
 
 Tuning: the launch (`launch_config`: d-tiles, tile sizes, warps, how the G query heads meet a tile, the software
 pipeline, the deferred fold) follows TUNING; benchmarks/fused_tuning.py times its choices (TUNING_CHOICES) against
-the unfused step on the GPU.
+the unfused step on the GPU. Warps, stages and the deferred fold are 'auto' by default: chosen by the step's load and
+head_dim (BY_LOAD), so that a large batch gets the deferred fold at F = 16 and a batch of one does not.
 
 Switch: unset, the fused step runs on every CUDA step it covers. The tuning sweep on the H200
 (benchmarks/results/speed/fused_tuning.md; one layer, captured graphs; its header says commit 0ce5559, but its
-launches and ablation rows are those of 1d9fc94, before the deferred fold) measured the TUNING defaults -- the 'dot'
-contract in tf32, 3 pipeline stages, 4 warps -- at 1.67x the unfused step at batch 1024 (Gemma-3-270M shape, 47% of
+launches and ablation rows are those of 1d9fc94, before the deferred fold) measured the then TUNING defaults -- the
+'dot' contract in tf32, 3 pipeline stages, 4 warps -- at 1.67x the unfused step at batch 1024 (Gemma-3-270M shape, 47% of
 the floor), 3.9x at batch 64, 2.55x at batch 96 (Llama-3-8B shape, 44%) and 4.95x at batch 8, where the first,
 untuned version was 0.1-0.3x at those batches (so it ran at batch <= 4 only). With bf16 inputs its tf32 products
 put the outputs ~1e-3 (relative) from the unfused step's (bf16's own rounding is 4e-3; 'ieee': 4e-5, 10% slower);
@@ -66,29 +67,35 @@ FUSED_ENV = "LINEARIZE_FUSED_DECODE"
 #: step (a step otherwise reads and writes all of S); 1: each step folds its leaving key. `fold_pass`: where a
 #: deferred fold writes S -- 'inline', each tile as the readout reads it, or 'after', a pass of its own in narrow
 #: tiles (reads S again once per F steps; the main loop holds fewer registers).
-#: A key set to AUTO takes its value by the step's load (see BY_LOAD).
+#: A key set to AUTO takes its value by the step's load and head_dim (see BY_LOAD).
 TUNING = {"num_warps": "auto", "values_per_thread": 8, "programs_per_sm": 2, "min_tile_d": 32, "contract": "dot",
           "dot_precision": "tf32", "stages": "auto", "keys_once": True, "fold_every": "auto", "fold_pass": "inline"}
 
-#: TUNING's value meaning "chosen by the step's load".
+#: TUNING's value meaning "chosen by the step's load and head_dim".
 AUTO = "auto"
 
-#: The AUTO keys' values by load -- the step's (batch row, KV head) programs per SM: the first entry whose least load
-#: the step reaches. Measured on an H100 (Gemma-3-270M shape, 32k context, captured steps with the norms, MLPs and
-#: feature maps compiled; commit 6544e31, benchmarks/results/speed/h100_6544e31/): at batch 4096 (31 programs per SM)
-#: the sweep's best launch, 2 warps, 2 pipeline stages and the deferred fold at F = 16, ran the whole step at 149,950
-#: tokens/s (62% of its floor) where 4 warps, 3 stages and no deferred fold ran 111,023 (45%); at batch 512 (3.9 per
-#: SM) 103,141 against 84,145 (4 warps, 3 stages: 97,762 with the fold); at batch 1 the 4-warp, 3-stage launch
-#: without the fold stays faster (244 against 221 tokens/s, uncompiled). Loads between 1/132 and 3.9 were not
-#: measured; 2 splits them.
-BY_LOAD = ((2.0, {"num_warps": 2, "stages": 2, "fold_every": 16}),
-           (0.0, {"num_warps": 4, "stages": 3, "fold_every": 1}))
+#: The AUTO keys' values: the first entry whose least load -- the step's (batch row, KV head) programs per SM -- and
+#: least head_dim the step reaches. Measured on an H100 (results: benchmarks/results/speed/h100_6544e31/ and
+#: h100_087411f/; one-layer sweeps of benchmarks/fused_tuning.py, then whole captured steps with the norms, MLPs and
+#: feature maps compiled, 32k context):
+#: - the deferred fold (F = 16) wins wherever the programs fill the SMs: one Gemma-3-270M-shaped layer at batch 512
+#:   (3.9 programs per SM) 0.153 ms against 0.217 without it, at 4096 (31) 1.13 against 1.64; a Llama-3-8B-shaped one
+#:   at batch 96 (5.8) 0.084 against 0.098; whole steps likewise (Llama shape at batch 48: 17,457 against 16,898
+#:   tokens/s). At batch 1 it does not (Gemma shape 0.98x, Llama shape 414 against 419 tokens/s);
+#: - 2 warps and 2 pipeline stages for Gemma's 256-wide heads at those loads (the whole step at batch 4096: 149,950
+#:   tokens/s, 62% of its floor, against 140,613 with 4 warps and 3 stages, both with the fold), but 4 warps and 3
+#:   stages for Llama's 128-wide ones (0.084 ms against 0.093 with 2 and 2).
+#: Loads between 1/132 and 2.9 were not measured; 2 splits them.
+BY_LOAD = ((2.0, 256, {"num_warps": 2, "stages": 2, "fold_every": 16}),
+           (2.0, 0, {"num_warps": 4, "stages": 3, "fold_every": 16}),
+           (0.0, 0, {"num_warps": 4, "stages": 3, "fold_every": 1}))
 
 
-def resolve_tuning(tuning: dict, programs: int, device) -> dict:
-    """`tuning` with its AUTO values replaced by BY_LOAD's for `programs` (batch rows x KV heads) on `device`."""
+def resolve_tuning(tuning: dict, programs: int, head_dim: int, device) -> dict:
+    """`tuning` with its AUTO values replaced by BY_LOAD's for a step of `programs` (batch rows x KV heads) and
+    `head_dim` on `device`."""
     load = programs / _num_sms(device)
-    chosen = next(values for least, values in BY_LOAD if load >= least)
+    chosen = next(values for least, least_d, values in BY_LOAD if load >= least and head_dim >= least_d)
     return {key: chosen[key] if value == AUTO else value for key, value in tuning.items()}
 
 #: The values of each TUNING key that benchmarks/fused_tuning.py sweeps on the GPU (a variant added to TUNING adds
@@ -512,8 +519,8 @@ def fold_every(state) -> int:
         return state.pend_kf.shape[2]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return 1
-    b, hkv = state.S.shape[:2]
-    return int(resolve_tuning(TUNING, b * hkv, state.S.device)["fold_every"])
+    b, hkv, _, d = state.S.shape
+    return int(resolve_tuning(TUNING, b * hkv, d, state.S.device)["fold_every"])
 
 
 def _pending_list(state, f: int) -> tuple:
@@ -560,7 +567,7 @@ def launch_config(b: int, hkv: int, g: int, d: int, m: int, L: int, ns: int, dev
     PREC, STAGES, NATIVE_QK. dtype: q's; key_dtype: the ring's and the new key's (None: both dtype). Settings that
     give the same launch run the same code (the sweep times each once)."""
     key_dtype = dtype if key_dtype is None else key_dtype
-    tuning = resolve_tuning(TUNING if tuning is None else tuning, b * hkv, device)
+    tuning = resolve_tuning(TUNING if tuning is None else tuning, b * hkv, d, device)
     if tuning["contract"] not in ("loop", "dot"):
         raise ValueError(f"TUNING['contract'] must be 'loop' or 'dot', not {tuning['contract']!r}")
     dot = tuning["contract"] == "dot"

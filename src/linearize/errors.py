@@ -23,3 +23,7 @@ class DegenerateModelError(LinearizeError):
 
 class TrainingDivergedError(LinearizeError):
     """A NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class DoesNotFitError(LinearizeError):
+    """A training step that does not fit in the device's memory even split as far as it goes."""

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from linearize.errors import LinearizeError
+from linearize.errors import DoesNotFitError, LinearizeError
 from linearize.train import loop
 
 
@@ -65,4 +65,5 @@ def test_out_of_memory_that_cannot_be_split_is_a_one_line_error(tmp_path, batch_
         trainer.run()
     assert "\n" not in str(caught.value)
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert isinstance(caught.value, DoesNotFitError)  # what `linearize bench --conversion` records as its row's error
     assert all(torch.equal(p, before[n]) for n, p in params.items())  # no update was applied

@@ -42,7 +42,7 @@ import torch
 from linearize.bench.decode import decode_shape
 from linearize.bench.kernels import environment as gpu_environment
 from linearize.config import HybridConfig
-from linearize.errors import LinearizeError, TrainingDivergedError
+from linearize.errors import DoesNotFitError, LinearizeError, TrainingDivergedError
 from linearize.models.convert import components, convert
 from linearize.models.loading import load_base
 from linearize.records import benchmark_header, git_commit
@@ -246,7 +246,7 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
         _reset_peak(acc.device)
         try:
             row.update(fn(*args, **kwargs))
-        except (torch.OutOfMemoryError, TrainingDivergedError) as exc:  # recorded; the other rows still run
+        except (torch.OutOfMemoryError, DoesNotFitError, TrainingDivergedError) as exc:  # recorded; the other rows run
             row["error"] = f"{type(exc).__name__}: {exc}"
         row["peak_mib"] = _peak_mib(acc.device)
         bar.update(1)

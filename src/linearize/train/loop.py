@@ -38,7 +38,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from linearize.attention.module import hybrid_param_kind
-from linearize.errors import LinearizeError, TrainingDivergedError
+from linearize.errors import DoesNotFitError, LinearizeError, TrainingDivergedError
 from linearize.train.checkpoint import (
     BEST, CHECKPOINT, FINAL, Checkpoints, load_optimizer, load_params, optimizer_state, param_state, rng_state,
     set_rng_state,
@@ -357,7 +357,7 @@ class Trainer:
             # out of the except block: the traceback's frames, and the activations they hold, are gone
             self._split_micro_batches(step)
 
-    def _unsplittable(self, exc: BaseException) -> LinearizeError | None:
+    def _unsplittable(self, exc: BaseException) -> DoesNotFitError | None:
         """Why an out-of-memory step cannot be retried with smaller micro-batches (None: it can)."""
         spec, seq_len = self.spec, self.data.shape[1]
         what = f"{spec.name}: a micro-batch of {spec.batch_size} row(s) of {seq_len} tokens does not fit in GPU memory"
@@ -366,11 +366,11 @@ class Trainer:
                  f"split it: --set {spec.name}.batch_size=<smaller> --set {spec.name}.grad_accum=<larger> (the same "
                  f"product), or set {spec.name}.gradient_checkpointing=true")
         if not spec.split_on_oom:
-            return LinearizeError(f"{what} ({spec.name}.split_on_oom is off); {fixes}")
+            return DoesNotFitError(f"{what} ({spec.name}.split_on_oom is off); {fixes}")
         if self.processes.world > 1:
-            return LinearizeError(f"{what}; with several processes the micro-batches are not split automatically: {fixes}")
+            return DoesNotFitError(f"{what}; with several processes the micro-batches are not split automatically: {fixes}")
         if spec.batch_size == 1:
-            return LinearizeError(f"{what}; {fixes}")
+            return DoesNotFitError(f"{what}; {fixes}")
         return None
 
     def _split_micro_batches(self, step: int) -> None:

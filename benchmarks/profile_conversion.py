@@ -1,0 +1,116 @@
+"""Where one conversion stage's training step spends its time (issue 21: on Qwen2.5-Coder-1.5B at 8k-token rows the
+long-context recipe's stage 1 ran at 2.9k tokens/s and stage 2 at 3.7k, 9.9x and 7.8x the cost of the base's own
+LoRA step; a forward of the converted model costs only 2.5x the base's).
+
+`linearize bench --conversion`'s measurement (`bench.throughput.measure`) with the timed steps of one stage run
+under the torch profiler: its kernels by GPU time, its host operators by CPU time, kernel launches per step, and the
+GPU's busy time against the steps' wall time (a step far from busy waits on the host: launch-bound).
+
+    PYTHONPATH=$PWD/src python benchmarks/profile_conversion.py OUT --model M --recipes R [--stage stage1]
+        [--seq-len 8192] [--set KEY=VALUE ...] [--steps 2]
+
+Writes OUT/profile_conversion_<stage>.json and .md (commit, device, command, every table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from linearize.bench import throughput
+
+
+def profiled_train_row(stage: str, store: dict):
+    """bench.throughput._train_row, with the rows of `stage` run under the profiler (their warm-up steps too, which
+    `store['steps']` does not count: the tables are per timed step, from the profile of all of them)."""
+    real = throughput._train_row
+
+    def row(model, name, *args, **kwargs):
+        if name != stage or "prof" in store:
+            return real(model, name, *args, **kwargs)
+        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            out = real(model, name, *args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        store.update(prof=prof, wall_s=time.perf_counter() - t0, steps=kwargs["steps"] + kwargs["warmup"])
+        return out
+
+    return row
+
+
+def tables(prof, steps: int, wall_s: float) -> dict:
+    """Per step: the 20 longest kernels and host operators, kernel launches, GPU busy time against the wall."""
+    events = prof.key_averages()
+    kernels = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+    host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    launches = Counter()
+    for e in prof.events():
+        if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"):
+            launches[e.name] += 1
+    return dict(
+        steps_profiled=steps, wall_ms_per_step=wall_s * 1e3 / steps, gpu_busy_ms_per_step=busy,
+        kernel_launches_per_step=sum(launches.values()) / steps,
+        kernels=[dict(name=e.key, ms=e.self_device_time_total / 1e3 / steps, calls=e.count / steps)
+                 for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]],
+        host_ops=[dict(name=e.key, ms=e.self_cpu_time_total / 1e3 / steps, calls=e.count / steps) for e in host[:20]])
+
+
+def render(res: dict) -> str:
+    t = res["profile"]
+    lines = [f"Device **{res['device']}**, commit `{res['commit']}`, command `{res['command']}`.", "",
+             f"{res['stage']}: {t['wall_ms_per_step']:.0f} ms a step (profiled, {t['steps_profiled']} steps with the "
+             f"warm-up), GPU busy {t['gpu_busy_ms_per_step']:.0f} ms, {t['kernel_launches_per_step']:.0f} kernel "
+             f"launches a step; the row as measured: {res['row'].get('tokens_per_s', 0):.0f} tokens/s.", ""]
+    for title, key in (("Kernels by GPU time", "kernels"), ("Host operators by self CPU time", "host_ops")):
+        lines += [f"### {title} (per step)", "", "| name | ms | calls |", "|---|---|---|"]
+        lines += [f"| `{r['name'][:100]}` | {r['ms']:.2f} | {r['calls']:.0f} |" for r in t[key]] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--model", required=True, help="a .gguf, HF directory, short name or shape:<decode shape>")
+    ap.add_argument("--recipes", required=True, help="one recipe name or recipe.yaml")
+    ap.add_argument("--stage", default="stage1", choices=("stage1", "stage2"))
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    store: dict = {}
+    throughput._train_row = profiled_train_row(args.stage, store)
+    other = "stage2" if args.stage == "stage1" else "stage1"
+    res = throughput.measure(args.model, (args.recipes,), overrides=[*args.overrides, f"{other}.enabled=false"],
+                             steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, batch_size=args.batch_size)
+    if "prof" not in store:
+        raise SystemExit(f"no {args.stage} row was measured: {[r.get('error') for r in res['rows']]}")
+    row = next(r for r in res["rows"] if r["stage"] == args.stage)
+    out = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               commit=os.environ.get("LINEARIZE_COMMIT"), command="python benchmarks/profile_conversion.py "
+               + " ".join(sys.argv[1:]), stage=args.stage, row={k: v for k, v in row.items() if k != "step_seconds"},
+               rows=[{k: r.get(k) for k in ("stage", "what", "tokens_per_s", "cost_vs_base_lora", "error")}
+                     for r in res["rows"]],
+               profile=tables(store["prof"], store["steps"], store["wall_s"]))
+    base = os.path.join(args.out, f"profile_conversion_{args.stage}")
+    with open(base + ".json", "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+    with open(base + ".md", "w") as fh:
+        fh.write(render(out) + "\n")
+    print(render(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,9 +2,9 @@
 long-context recipe's stage 1 ran at 2.9k tokens/s and stage 2 at 3.7k, 9.9x and 7.8x the cost of the base's own
 LoRA step; a forward of the converted model costs only 2.5x the base's).
 
-`linearize bench --conversion`'s measurement (`bench.throughput.measure`) with the timed steps of one stage run
-under the torch profiler: its kernels by GPU time, its host operators by CPU time, kernel launches per step, and the
-GPU's busy time against the steps' wall time (a step far from busy waits on the host: launch-bound).
+`linearize bench --conversion`'s measurement (`bench.throughput.measure`) with the first timed step of one stage
+run under the torch profiler: its kernels by GPU time, its host operators by CPU time, kernel launches, and the GPU's
+busy time against the step's wall time (a step far from busy waits on the host: launch-bound).
 
     PYTHONPATH=$PWD/src python benchmarks/profile_conversion.py OUT --model M --recipes R [--stage stage1]
         [--seq-len 8192] [--set KEY=VALUE ...] [--steps 2]
@@ -25,54 +25,66 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from linearize.bench import throughput
+from linearize.train import loop
 
 
 def profiled_train_row(stage: str, store: dict):
-    """bench.throughput._train_row, with the rows of `stage` run under the profiler (their warm-up steps too, which
-    `store['steps']` does not count: the tables are per timed step, from the profile of all of them)."""
+    """bench.throughput._train_row, with the first timed step of `stage`'s row run under the profiler (one step: a
+    profile of every step of an 8k-row stage took longer to summarise than the GPU call had left)."""
     real = throughput._train_row
 
     def row(model, name, *args, **kwargs):
         if name != stage or "prof" in store:
             return real(model, name, *args, **kwargs)
-        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
-        t0 = time.perf_counter()
-        with profile(activities=activities) as prof:
-            out = real(model, name, *args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        store.update(prof=prof, wall_s=time.perf_counter() - t0, steps=kwargs["steps"] + kwargs["warmup"])
-        return out
+        step = loop.Trainer.train_step
+        first_timed = kwargs["warmup"]
+
+        def train_step(self, i):
+            if i != first_timed or "prof" in store:
+                return step(self, i)
+            activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
+            t0 = time.perf_counter()
+            with profile(activities=activities) as prof:
+                out = step(self, i)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            store.update(prof=prof, wall_s=time.perf_counter() - t0)
+            return out
+
+        loop.Trainer.train_step = train_step
+        try:
+            return real(model, name, *args, **kwargs)
+        finally:
+            loop.Trainer.train_step = step
 
     return row
 
 
-def tables(prof, steps: int, wall_s: float) -> dict:
-    """Per step: the 20 longest kernels and host operators, kernel launches, GPU busy time against the wall."""
+#: host-side names of a kernel launch (runtime and driver APIs)
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def tables(prof, wall_s: float) -> dict:
+    """One step: the 20 longest kernels and host operators, kernel launches, GPU busy time against the wall."""
     events = prof.key_averages()
     kernels = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
     host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
-    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
-    launches = Counter()
-    for e in prof.events():
-        if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"):
-            launches[e.name] += 1
     return dict(
-        steps_profiled=steps, wall_ms_per_step=wall_s * 1e3 / steps, gpu_busy_ms_per_step=busy,
-        kernel_launches_per_step=sum(launches.values()) / steps,
-        kernels=[dict(name=e.key, ms=e.self_device_time_total / 1e3 / steps, calls=e.count / steps)
+        wall_ms=wall_s * 1e3, gpu_busy_ms=sum(e.self_device_time_total for e in kernels) / 1e3,
+        kernel_launches=sum(e.count for e in events if e.key in LAUNCHES),
+        kernels=[dict(name=e.key, ms=e.self_device_time_total / 1e3, calls=e.count)
                  for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]],
-        host_ops=[dict(name=e.key, ms=e.self_cpu_time_total / 1e3 / steps, calls=e.count / steps) for e in host[:20]])
+        host_ops=[dict(name=e.key, ms=e.self_cpu_time_total / 1e3, calls=e.count) for e in host[:20]])
 
 
 def render(res: dict) -> str:
     t = res["profile"]
     lines = [f"Device **{res['device']}**, commit `{res['commit']}`, command `{res['command']}`.", "",
-             f"{res['stage']}: {t['wall_ms_per_step']:.0f} ms a step (profiled, {t['steps_profiled']} steps with the "
-             f"warm-up), GPU busy {t['gpu_busy_ms_per_step']:.0f} ms, {t['kernel_launches_per_step']:.0f} kernel "
-             f"launches a step; the row as measured: {res['row'].get('tokens_per_s', 0):.0f} tokens/s.", ""]
+             f"{res['stage']}: one profiled step {t['wall_ms']:.0f} ms, the GPU busy {t['gpu_busy_ms']:.0f} ms of it, "
+             f"{t['kernel_launches']} kernel launches; the row as measured: {res['row'].get('tokens_per_s', 0):.0f} "
+             f"tokens/s.", ""]
     for title, key in (("Kernels by GPU time", "kernels"), ("Host operators by self CPU time", "host_ops")):
-        lines += [f"### {title} (per step)", "", "| name | ms | calls |", "|---|---|---|"]
+        lines += [f"### {title} (one step)", "", "| name | ms | calls |", "|---|---|---|"]
         lines += [f"| `{r['name'][:100]}` | {r['ms']:.2f} | {r['calls']:.0f} |" for r in t[key]] + [""]
     return "\n".join(lines)
 
@@ -103,7 +115,7 @@ def main() -> None:
                + " ".join(sys.argv[1:]), stage=args.stage, row={k: v for k, v in row.items() if k != "step_seconds"},
                rows=[{k: r.get(k) for k in ("stage", "what", "tokens_per_s", "cost_vs_base_lora", "error")}
                      for r in res["rows"]],
-               profile=tables(store["prof"], store["steps"], store["wall_s"]))
+               profile=tables(store["prof"], store["wall_s"]))
     base = os.path.join(args.out, f"profile_conversion_{args.stage}")
     with open(base + ".json", "w") as fh:
         json.dump(out, fh, indent=1, default=str)

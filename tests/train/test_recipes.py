@@ -29,7 +29,8 @@ class _Sketch(Section):
 
 
 def test_shipped_recipes():
-    assert set(available_recipes()) >= {"lolcats", "la-only", "hedgecats", "ssd", "long-context", "long-context-all"}
+    assert set(available_recipes()) >= {"lolcats", "la-only", "hedgecats", "ssd", "long-context", "long-context-all",
+                                        "long-context-kl"}
     for name in available_recipes():
         text = (RECIPE_DIR / f"{name}.yaml").read_text()
         assert text.startswith("#"), f"{name}.yaml needs a header comment saying what it reproduces"
@@ -252,6 +253,23 @@ def test_long_context_all_recipe_is_the_measured_qwen_run(run):
                                                   "memory_fill": False}}  # (measured before memory_fill existed)
     assert (documented["hybrid"]["layers"], documented["hybrid"]["linear_state"]) == ("all", "delta")
     assert "--recipe long-context-all --preset gpu-small --out" in (RECIPE_DIR / "long-context-all.yaml").read_text()
+
+
+def test_long_context_kl_recipe_is_the_measured_qwen_run():
+    """long-context-kl.yaml with its documented preset resolves to the recipe the session-24 Qwen run wrote
+    (results/long/qwen2.5-coder-1.5b/s24/runs/delta-all-kl-g09-r8k/recipe.yaml, f455501) key for key, plus the
+    inference memory it was read with in session 25 (s25/: the keys chosen by the prompt's last queries)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    run = repo / "results/long/qwen2.5-coder-1.5b/s24/runs/delta-all-kl-g09-r8k/recipe.yaml"
+    measured = load_recipe(yaml.safe_load(run.read_text()))
+    documented = load_recipe("long-context-kl", preset="gpu-small")
+    own = ("name", "description", "reproduces", "inference", "resolved")
+    assert {k: v for k, v in documented.items() if k not in own} == {k: v for k, v in measured.items() if k not in own}
+    assert documented["inference"] == {"hybrid": {"sparse_memory": 2048, "memory_select": "query"}}
+    assert (documented["stage2"]["objective"], documented["stage2"]["lora"]["enabled"]) == ("kl", False)
+    assert "--recipe long-context-kl --preset gpu-small --out" in (RECIPE_DIR / "long-context-kl.yaml").read_text()
 
 
 def test_long_context_memory_recipe_is_the_training_free_query_memory_model(tmp_path):

@@ -8,7 +8,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a model with a training recipe (attention transfer + LoRA / SSD)",
         description="Convert a pretrained model into a linear + sliding-window hybrid with a recipe: lolcats, la-only, "
-                    "hedgecats, ssd, long-context, long-context-all, long-context-memory (no training) (or a YAML "
+                    "hedgecats, ssd, long-context, long-context-all, long-context-kl, long-context-memory (no training) (or a YAML "
                     "file; --list-recipes). Writes the converted model (LoRA merged), the adapter, the resolved recipe, the training log, a loss plot and summary.json to "
                     "--out. Exit status: 0 done, "
                     "2 bad input, 3 done but the validation loss shows a diverged run (see summary.json 'warnings').")

@@ -334,8 +334,8 @@ FAIR_KINDS = {
                                "PyTorch ring and sink updates), in the same run",
     "converted_graph_fold16": "converted_graph with the fused step's deferred fold (TUNING['fold_every'] = 16: the keys "
                               "leaving the window wait in a list of 16 and S is written once per 16 steps instead of "
-                              "every step; the default where the step's programs fill the SMs twice over, decode.BY_LOAD), in the same run "
-                              "(its floor counts the state without that list)",
+                              "every step; the default where the step's programs fill the SMs twice over, "
+                              "decode.BY_LOAD), in the same run (its floor counts the state without that list)",
     "base_eager_dynamic": "extra: base in HF's eager loop with a DynamicCache (the old, host-bound baseline)",
     "base_static_graph_compiled": "base_static_graph with its norms and MLPs torch.compile'd into the captured step "
                                   "(graph_decode.compiled_outside_attention)",

@@ -34,7 +34,8 @@ from linearize.compat import cache_kwargs
 #: classes whose names end so are compiled by `compiled_outside_attention`: the parts of a decoder step outside the
 #: attention kernel that run as chains of small kernels (a Gemma 3 RMSNorm is about eight elementwise kernels, six per
 #: layer; a converted layer's hedgehog feature map a GEMM, two softmaxes and a concatenation for q and again for k:
-#: 2.5 of 30 ms of a Gemma-3-270M-shaped step at batch 4096 on an H100, benchmarks/profile_decode.py)
+#: 1.1 ms of softmax and concatenation kernels, elementwise ones besides, in a 30 ms Gemma-3-270M-shaped step at batch
+#: 4096 on an H100; compiled, the step took 0.9 ms less: benchmarks/profile_decode.py, results/speed/h100_6544e31/)
 OUTSIDE_ATTENTION = ("RMSNorm", "MLP", "FeatureMap")
 
 #: torch.compile's backend for them (tests on the CPU set a tracing-only one)

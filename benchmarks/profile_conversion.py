@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile

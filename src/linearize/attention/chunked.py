@@ -25,6 +25,7 @@ from linearize.attention.common import (
     combine, expand_weight, first_valid, group_queries, masked_softmax_sums, merge_softmax, pad_time, safe_div,
     sink_positions, ungroup,
 )
+from linearize.attention.linear import fla_route
 from linearize.attention.linear import linear_state as linear_state_kind
 from linearize.attention.memory import memory_kind, memory_walk
 from linearize.attention.spec import AttentionSpec
@@ -123,7 +124,9 @@ def hybrid_attention_chunked(
     mode = component_mode(mode)
     spec = spec.full_forward()  # under memory_select 'query' the memory acts at prefill only
     kind = linear_state_kind(spec.linear_state)
-    linear_fn = kind.fla_forward if linear_backend == "fla" else kind.chunked
+    linear_fn = kind.chunked
+    if linear_backend == "fla":  # its kernels, with fla's refusal of their backward lifted where found safe
+        linear_fn = None if kind.fla_forward is None else functools.partial(fla_route.run, kind)
     if linear_fn is None:
         raise ValueError(f"linear state {spec.linear_state!r} has no {linear_backend!r} backend")
     extra = {} if linear_backend == "fla" else {"chunk": spec.chunk_size}

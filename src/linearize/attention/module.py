@@ -8,8 +8,6 @@ can replace 'hybrid' by 'la_only' through `drop_swa` (Scheduled Sliding-window D
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from typing import NamedTuple
 
@@ -21,7 +19,7 @@ from linearize.attention.adapters import FamilyAdapter, head_dim, layer_types
 from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked
 from linearize.attention.common import causal_conv
-from linearize.attention.linear import linear_state
+from linearize.attention.linear import fla_route, linear_state
 from linearize.attention.recurrent import decode_step, prefill_selecting, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.attention.spec import AttentionSpec
@@ -87,33 +85,6 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-@functools.cache
-def _fla_imports() -> bool:
-    try:
-        import fla.ops  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
-def _fla_backward_works() -> bool:
-    """fla 0.6 refuses the backward of its gated kernels on Hopper with Triton >= 3.4 and < 3.7.1 (wrong results there,
-    its issue 640) unless tilelang is installed: then training takes the chunked PyTorch path, inference still fla."""
-    try:
-        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
-    except ImportError:
-        return True
-    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
-        return True
-    return importlib.util.find_spec("tilelang") is not None
-
-
-def _fla_available(x: torch.Tensor) -> bool:
-    """flash-linear-attention (the optional GPU extra) runs the non-'sum' linear states on CUDA."""
-    return x.is_cuda and _fla_imports() and (not torch.is_grad_enabled() or _fla_backward_works())
-
-
 def _triton_available(x: torch.Tensor) -> bool:
     if not x.is_cuda:
         return False
@@ -132,9 +103,12 @@ class Route(NamedTuple):
     cast: torch.dtype | None = None  # Triton on fp32 inputs under autocast: the dtype the kernels run in
 
 
-def choose_backend(spec: AttentionSpec, q: torch.Tensor, mode: ComponentMode | None = None) -> Route:
+def choose_backend(spec: AttentionSpec, q: torch.Tensor, mode: ComponentMode | None = None,
+                   features: int | None = None) -> Route:
     """The one place that decides which backend runs: a full-sequence call in `mode`, or (mode None) one decoding
-    step of every mode. `spec.backend` 'auto' takes Triton on CUDA where the kernels compute the call, else PyTorch."""
+    step of every mode. `spec.backend` 'auto' takes Triton on CUDA where the kernels compute the call, else PyTorch;
+    the chunked path's linear sums take flash-linear-attention where `fla_route.usable` says so (`features`: the
+    feature size m, by default q's head size)."""
     kind = linear_state(spec.linear_state)
     if mode is None:
         triton = kind.triton and not spec.softmax_extras and (
@@ -145,7 +119,7 @@ def choose_backend(spec: AttentionSpec, q: torch.Tensor, mode: ComponentMode | N
     backend, linear_backend = spec.backend, "chunked"
     if backend == "auto":
         backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
-        if not kind.triton and kind.fla_forward is not None and _fla_available(q):
+        if not kind.triton and fla_route.usable(kind, q, features or q.shape[-1], q.shape[-1]):
             linear_backend = "fla"
         elif backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * spec.chunk_size and not spec.sparse_memory:
             backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
@@ -278,7 +252,7 @@ class HybridAttention(nn.Module):
         if mode.uses_linear and not needed <= set(gates):
             raise ValueError(f"linear_state {spec.linear_state!r} needs the layer's gates: pass "
                              f"gates=module.state_inputs(hidden_states, valid)")
-        route = choose_backend(spec, q, mode)
+        route = choose_backend(spec, q, mode, self.feature_map_k.num_features)
         if mode.uses_linear or route.backend == "triton":
             qf, kf, _ = self.features(q, k, valid)
         else:  # these modes never read the features: skip the feature maps

@@ -1,0 +1,196 @@
+"""When the linear states' flash-linear-attention kernels (`fla_forward` of 'gated' and 'delta') run, training included.
+
+fla (0.6) refuses the backward of its gated chunk kernels -- `chunk_bwd_dqkwg` with a gate, which both kinds reach --
+on Hopper GPUs with Triton >= 3.4 and < 3.7.1 unless tilelang is installed: a Triton miscompile (fla issue 640) whose
+bisection pins it to one block width of that kernel, 64 (widths 32 and 128 compute correct gradients). torch up to
+2.12.0 pins Triton in that range, so on an H100 / H200 training took the chunked PyTorch sums: on Qwen2.5-1.5B at
+8k-token rows a stage-1 step launched ~150k kernels and kept the GPU busy 5% of its time
+(benchmarks/results/speed/h100_5cff4a1/profile_conversion/).
+
+`usable` is the route's answer. Where fla does not refuse, the kernels run whenever fla is installed and the input is
+on CUDA. Where it refuses, they run under autograd only if the kernel's block widths for these sizes avoid 64 and a
+check on this device passes -- the kernels' outputs and gradients against the kind's chunked PyTorch sums on random
+inputs of these sizes, once per kind, size and device -- else the chunked sums train, with a warning saying why.
+`run` then calls the kernels so that their backward passes fla's refusal: the refusal is lifted only while that
+backward runs, inside this module's own autograd function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+#: fla's widest tile of chunk_bwd_dqkwg on Hopper (its CONST_TILING there) and its narrowest
+WIDEST_BLOCK, NARROWEST_BLOCK = 128, 16
+#: the block width at which the Triton releases fla refuses miscompile that kernel (fla issue 640's bisection)
+MISCOMPILED_BLOCK = 64
+#: the check's tolerances: relative RMS error of bf16 kernels against fp32 sums, as the GPU tests measure them
+OUTPUT_RTOL, GRAD_RTOL = 0.02, 0.03
+
+
+@functools.cache
+def imports() -> bool:
+    try:
+        import fla.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def refuses_backward() -> bool:
+    """fla refuses its gated backward here: a Hopper GPU, Triton in [3.4, 3.7.1), no tilelang."""
+    if not imports():
+        return False
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # an fla without the guard
+        return False
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return False
+    return importlib.util.find_spec("tilelang") is None
+
+
+def block_width(n: int) -> int:
+    """The tile fla's chunk_bwd_dqkwg takes on Hopper for a key or value size n."""
+    return min(max(1 << max(n - 1, 0).bit_length(), NARROWEST_BLOCK), WIDEST_BLOCK)
+
+
+def clear_of_miscompile(m: int, d: int) -> bool:
+    """Feature size m and value size d tile the kernel at widths other than the miscompiled one."""
+    return MISCOMPILED_BLOCK not in (block_width(m), block_width(d))
+
+
+def _rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).square().mean().sqrt() / want.square().mean().sqrt().clamp_min(1e-12)).item()
+
+
+def check_inputs(kind, m: int, d: int, device, *, b: int = 1, hq: int = 2, hkv: int = 1, t: int = 160) -> dict:
+    """Random inputs of the check (its own generator: the caller's random state is left alone); t spans three
+    chunks, the last one partial."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    x = dict(qf=rand(b, hq, t, m).softmax(-1), kf=rand(b, hkv, t, m).softmax(-1), v=rand(b, hkv, t, d))
+    if kind.needs_log_decay:
+        x["log_decay"] = -0.05 * torch.rand(b, hkv, t, generator=gen, device=device)
+    if kind.needs_beta:
+        x["beta"] = torch.rand(b, hkv, t, generator=gen, device=device)
+    return x
+
+
+def agrees(kind, fla_call, m: int, d: int, device) -> bool:
+    """`fla_call` (the kernels, as `run` calls them) computes the kind's chunked sums and their gradients on random
+    inputs of sizes m, d: outputs and every gradient within bf16 tolerance."""
+    x = check_inputs(kind, m, d, device)
+    cot = torch.randn(*x["qf"].shape[:3], d, generator=torch.Generator(device=device).manual_seed(1), device=device)
+
+    def grads(fn):
+        ins = {k: t.detach().requires_grad_() for k, t in x.items()}
+        num, _ = fn(ins)
+        found = torch.autograd.grad(num, list(ins.values()), cot)
+        return num.detach(), dict(zip(ins, found))
+
+    with torch.enable_grad():
+        want, want_g = grads(lambda i: kind.chunked(i["qf"], i["kf"], i["v"], log_decay=i.get("log_decay"),
+                                                    beta=i.get("beta"), lag=3))
+        got, got_g = grads(lambda i: fla_call(i["qf"], i["kf"], i["v"], log_decay=i.get("log_decay"),
+                                              beta=i.get("beta"), enter=None, lag=3))
+    return _rel_rms(got, want) < OUTPUT_RTOL and all(_rel_rms(got_g[k], want_g[k]) < GRAD_RTOL for k in want_g)
+
+
+def _in_worker(fn, *args):
+    """fn(*args) in a thread of its own: the caller's thread-local autograd state (a checkpoint's saved-tensor hooks,
+    autocast, no_grad) does not reach the check, and the check's graph does not enter the caller's."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
+
+
+@functools.cache
+def trainable(kind, m: int, d: int, device: str) -> bool:
+    """Where fla refuses its backward: may the kind's kernels train at feature size m, value size d on `device`?"""
+    if not clear_of_miscompile(m, d):
+        why = f"its kernel would tile feature size {m} / value size {d} at width {MISCOMPILED_BLOCK}, the width miscompiled"
+    elif not _in_worker(agrees, kind, functools.partial(run, kind), m, d, torch.device(device)):
+        why = "its kernels' gradients did not match the chunked sums on this device"
+    else:
+        return True
+    warnings.warn(f"linear state {kind.name!r}: flash-linear-attention's backward is refused on this GPU and Triton "
+                  f"(fla issue 640; Triton >= 3.7.1 or tilelang lifts it) and {why}: training takes the chunked "
+                  f"PyTorch sums (slower)", stacklevel=2)
+    return False
+
+
+def usable(kind, x: torch.Tensor, m: int, d: int) -> bool:
+    """The kind's kernels compute this call (x: the layer's q, on its device; m, d: feature and value sizes)."""
+    if kind.fla_forward is None or not x.is_cuda or not imports():
+        return False
+    if not torch.is_grad_enabled() or not refuses_backward():
+        return True
+    return trainable(kind, m, d, str(x.device))
+
+
+@contextlib.contextmanager
+def _refusal_lifted():
+    """fla's guard reads this module global at call time; set for the duration of one backward."""
+    try:
+        from fla.ops.common import chunk_o
+    except ImportError:
+        yield
+        return
+    before = getattr(chunk_o, "TRITON_ABOVE_3_7_1", None)
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    try:
+        yield
+    finally:
+        chunk_o.TRITON_ABOVE_3_7_1 = before
+
+
+class _LiftedBackward(torch.autograd.Function):
+    """fn(*inputs) -> tuple of tensors, recorded as one node whose backward differentiates fn's own graph with fla's
+    refusal lifted. fn's graph is built here (on detached copies of the inputs) and kept for that backward."""
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        leaves = [x.detach().requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
+        with torch.enable_grad():
+            outs = fn(*leaves)
+        ctx.leaves, ctx.outs = leaves, outs
+        ret = tuple(o.detach() for o in outs)
+        ctx.mark_non_differentiable(*[r for r, o in zip(ret, outs) if not o.requires_grad])
+        return ret
+
+    @staticmethod
+    def backward(ctx, *grads):
+        pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
+        wrt = [x for x in ctx.leaves if torch.is_tensor(x) and x.requires_grad]
+        found = [None] * len(wrt)
+        if pairs and wrt:
+            with _refusal_lifted():
+                found = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        it = iter(found)
+        return (None,) + tuple(next(it) if torch.is_tensor(x) and x.requires_grad else None for x in ctx.leaves)
+
+
+def lifted(fn, *inputs) -> tuple:
+    """fn(*inputs) with its backward run under fla's refusal lifted (the values and gradients are fn's own)."""
+    return _LiftedBackward.apply(fn, *inputs)
+
+
+def _kernels(kind, enter, lag, qf, kf, v, log_decay, beta):
+    return tuple(kind.fla_forward(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag))
+
+
+def run(kind, qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
+    """(num, den) of the kind's `fla_forward`; where fla refuses its backward, with the refusal lifted there (the
+    route sends a call here under autograd only where `trainable` found the kernels right)."""
+    if torch.is_grad_enabled() and refuses_backward():
+        return lifted(functools.partial(_kernels, kind, enter, lag), qf, kf, v, log_decay, beta)
+    return kind.fla_forward(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)

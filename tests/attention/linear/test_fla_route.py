@@ -132,3 +132,12 @@ def test_the_check_inside_a_checkpointed_forward_leaves_the_checkpoint_intact():
     want = torch.autograd.grad(sums(*plain)[0].square().sum(), plain)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_kernels_that_fail_the_check_leave_training_on_the_chunked_sums():
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image is available")
+
+    kind = dataclasses.replace(DELTA, fla_forward=broken)
+    with pytest.warns(UserWarning, match="failed the check on this device .RuntimeError: no kernel image"):
+        assert not fla_route.trainable(kind, 32, 16, "cpu")

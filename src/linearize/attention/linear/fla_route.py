@@ -118,10 +118,13 @@ def trainable(kind, m: int, d: int, device: str) -> bool:
     """Where fla refuses its backward: may the kind's kernels train at feature size m, value size d on `device`?"""
     if not clear_of_miscompile(m, d):
         why = f"its kernel would tile feature size {m} / value size {d} at width {MISCOMPILED_BLOCK}, the width miscompiled"
-    elif not _in_worker(agrees, kind, functools.partial(run, kind), m, d, torch.device(device)):
-        why = "its kernels' gradients did not match the chunked sums on this device"
     else:
-        return True
+        try:
+            if _in_worker(agrees, kind, functools.partial(run, kind), m, d, torch.device(device)):
+                return True
+            why = "its kernels' gradients did not match the chunked sums on this device"
+        except Exception as exc:  # noqa: BLE001 -- any failure of the kernels here keeps training on the chunked sums
+            why = f"its kernels failed the check on this device ({type(exc).__name__}: {exc})"
     warnings.warn(f"linear state {kind.name!r}: flash-linear-attention's backward is refused on this GPU and Triton "
                   f"(fla issue 640; Triton >= 3.7.1 or tilelang lifts it) and {why}: training takes the chunked "
                   f"PyTorch sums (slower)", stacklevel=2)

@@ -209,7 +209,36 @@ def test_long_context_table_is_the_states_script_comparison():
     assert settings.tasks == ("squad", "drop", "passkey", "niah_single", "qa_squad")
     assert (settings.limit, settings.cell_limit, settings.lengths, settings.qa_lengths, settings.depths) == (
         50, 3, (2048, 4096, 8192, 16384), (8192, 16384), (0.0, 0.5, 1.0))
-    assert all(t.long is None for name, t in TABLES.items() if name != "long-context")  # the old tables are unchanged
+    # the old tables are unchanged
+    assert all(t.long is None for name, t in TABLES.items() if not name.startswith("long-context"))
+
+
+def test_all_layers_table_is_the_measured_qwen_conversion_with_and_without_its_training_memory():
+    """long-context-all-layers: the long-context-kl recipe as measured (RESULTS.md, sessions 24-26) and trained
+    without the memory; its memory variants at load each beside its readout off; evaluated at 4k-32k with every layer
+    cut in the baselines and the training-free query memories of 2048 / 4096 keys."""
+    from linearize.study import LongSettings
+    from linearize.train.recipes import load_recipe
+
+    table = TABLES["long-context-all-layers"]
+    runs = {r.name: r for r in table.runs}
+    assert {n: (r.recipe, r.overrides, r.modes) for n, r in runs.items()} == {
+        "kl-r8k": ("long-context-kl", (), ("hybrid",)),
+        "kl-r8k-nomem": ("long-context-kl", ("hybrid.sparse_memory=0",), ("hybrid",))}
+    nomem = load_recipe("long-context-kl", list(runs["kl-r8k-nomem"].overrides), "gpu-small")
+    assert nomem["hybrid"]["sparse_memory"] == 0 and nomem["data"]["seq_len"] == 8192
+    assert nomem["inference"]["hybrid"] == {"sparse_memory": 2048, "memory_select": "query"}  # saved with the memory
+    off = (("mix_shift", 30.0),)
+    assert [(v.name, v.run, v.hybrid, v.paired_with) for v in table.variants] == [
+        ("kl-r8k-la-off", "kl-r8k", off, ("kl-r8k",)),
+        ("kl-r8k-mem4096", "kl-r8k", (("sparse_memory", 4096),), ()),
+        ("kl-r8k-mem4096-la-off", "kl-r8k", (("sparse_memory", 4096), *off), ("kl-r8k-mem4096",)),
+        ("kl-r8k-recall", "kl-r8k", (("memory_select", "recall"),), ()),
+        ("kl-r8k-nomem-la-off", "kl-r8k-nomem", off, ("kl-r8k-nomem",))]
+    assert table.long == LongSettings(lengths=(4096, 8192, 16384, 32768), qa_lengths=(8192, 16384, 32768),
+                                      layers="all", window=512, baseline_windows=("auto", 512),
+                                      memory_baselines=(2048, 4096), memory_reread=32, memory_fill=True)
+    assert table.long.tasks == ("squad", "drop", "passkey", "niah_single", "qa_squad")  # session 25's items
 
 
 def test_long_context_names_error_in_one_line(capsys):

@@ -15,7 +15,9 @@ Output directory of a run::
     loss.png                                          training / validation loss curves
     summary.json                                      validation losses per mode and stage, tokens/s, wall time,
                                                       where the mixing weights ended (gamma or g per layer and head),
-                                                      the inference settings the saved model carries (inference_hybrid)
+                                                      the inference settings the saved model carries (inference_hybrid),
+                                                      where fla refused its backward which kernels trained the linear
+                                                      states (fla_backward, linearize.attention.linear.fla_route)
     checkpoints/stage1/, checkpoints/stage2/          resumable checkpoints (see linearize.train.checkpoint)
     .linearize-run, .linearize-complete               run marker (written first) and completion marker (written
                                                       last, once the model files are in place): linearize.models.rundir
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from linearize.attention.linear import fla_route
 from linearize.config import measured_keep
 from linearize.errors import LinearizeError
 from linearize.models import rundir
@@ -426,6 +429,8 @@ def save(run: Run, wall_start: float) -> dict:
             run.tokenizer.save_pretrained(str(staging))
         plot_log(run.log.path, staging / "loss.png")
     acc.wait_for_everyone()
+    if fla_route.DECISIONS:  # where fla refused its backward: which kernels trained the linear states, and why
+        summary["fla_backward"] = dict(fla_route.DECISIONS)
     summary.update(stages=stages, val=final_val, wall_seconds=time.perf_counter() - wall_start,
                    tokens_per_s={k: v["tokens_per_s"] for k, v in stages.items()}, out_dir=str(run.out),
                    warnings=warnings)

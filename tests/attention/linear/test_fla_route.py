@@ -103,8 +103,10 @@ def test_the_check_accepts_kernels_that_compute_the_sums_and_rejects_others():
     assert fla_route.agrees(right, functools.partial(fla_route.run, right), 32, 16, cpu)
     assert not fla_route.agrees(wrong, functools.partial(fla_route.run, wrong), 32, 16, cpu)
     assert fla_route.trainable(right, 32, 16, "cpu")
+    assert fla_route.DECISIONS["delta m=32 d=16 cpu"] == "fla"
     with pytest.warns(UserWarning, match="did not match"):
         assert not fla_route.trainable(wrong, 32, 16, "cpu")
+    assert fla_route.DECISIONS["delta m=32 d=16 cpu"].startswith("chunked: its kernels' gradients did not match")
     with pytest.warns(UserWarning, match="width 64"):
         assert not fla_route.trainable(right, 64, 128, "cpu")
 
@@ -141,3 +143,23 @@ def test_kernels_that_fail_the_check_leave_training_on_the_chunked_sums():
     kind = dataclasses.replace(DELTA, fla_forward=broken)
     with pytest.warns(UserWarning, match="failed the check on this device .RuntimeError: no kernel image"):
         assert not fla_route.trainable(kind, 32, 16, "cpu")
+
+
+@pytest.mark.parametrize("refused,cleared,grad,want", [
+    (False, False, True, True),   # fla trains here itself
+    (True, True, True, True),     # refused, but these sizes were checked on the device
+    (True, False, True, False),   # refused and not cleared: the chunked sums train
+    (True, False, False, True),   # no gradient: the forward kernels are never refused
+])
+def test_the_route_takes_the_kernels_where_they_compute_the_call(monkeypatch, refused, cleared, grad, want):
+    class OnCuda:  # stands in for a CUDA tensor: the route reads only these
+        is_cuda, device = True, "cuda:0"
+
+    asked = []
+    monkeypatch.setattr(fla_route, "imports", lambda: True)
+    monkeypatch.setattr(fla_route, "refuses_backward", lambda: refused)
+    monkeypatch.setattr(fla_route, "trainable", lambda kind, m, d, device: asked.append((kind.name, m, d, device)) or cleared)
+    with torch.set_grad_enabled(grad):
+        assert fla_route.usable(DELTA, OnCuda(), 128, 64) is want
+    assert asked == ([("delta", 128, 64, "cuda:0")] if refused and grad else [])
+    assert not fla_route.usable(linear_state("sum"), OnCuda(), 128, 64)  # no fla kernels for 'sum'

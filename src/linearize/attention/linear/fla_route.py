@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,18 +114,33 @@ def _in_worker(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+#: What `trainable` decided in this process: "<kind> m=<m> d=<d> <device>" -> "fla" or "chunked: <why>" (a run's
+#: summary.json records it as 'fla_backward')
+DECISIONS: dict[str, str] = {}
+
+
 @functools.cache
 def trainable(kind, m: int, d: int, device: str) -> bool:
     """Where fla refuses its backward: may the kind's kernels train at feature size m, value size d on `device`?"""
+    return _trainable(kind, m, d, device)
+
+
+def _trainable(kind, m: int, d: int, device: str) -> bool:
+    key = f"{kind.name} m={m} d={d} {device}"
     if not clear_of_miscompile(m, d):
         why = f"its kernel would tile feature size {m} / value size {d} at width {MISCOMPILED_BLOCK}, the width miscompiled"
     else:
+        print(f"linearize: fla refuses its gated backward on this GPU and Triton (fla issue 640); checking its "
+              f"'{kind.name}' kernels' gradients at feature size {m}, value size {d} on {device} once (their first "
+              f"use compiles them: a minute or more)", file=sys.stderr, flush=True)
         try:
             if _in_worker(agrees, kind, functools.partial(run, kind), m, d, torch.device(device)):
+                DECISIONS[key] = "fla"
                 return True
             why = "its kernels' gradients did not match the chunked sums on this device"
         except Exception as exc:  # noqa: BLE001 -- any failure of the kernels here keeps training on the chunked sums
             why = f"its kernels failed the check on this device ({type(exc).__name__}: {exc})"
+    DECISIONS[key] = f"chunked: {why}"
     warnings.warn(f"linear state {kind.name!r}: flash-linear-attention's backward is refused on this GPU and Triton "
                   f"(fla issue 640; Triton >= 3.7.1 or tilelang lifts it) and {why}: training takes the chunked "
                   f"PyTorch sums (slower)", stacklevel=2)

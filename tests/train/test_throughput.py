@@ -139,3 +139,19 @@ def test_a_random_weight_shape_needs_no_model_files(monkeypatch):
     stage2 = next(r for r in res["rows"] if r["stage"] == "stage2")
     check_timing(stage2)
     assert stage2["cost_vs_base_lora"] > 0
+
+
+def test_the_kernels_that_trained_the_linear_states_are_recorded_where_fla_refused(monkeypatch):
+    """Where fla refuses its gated backward, the route's decisions (which kernels trained each state, and why) go
+    into the record and its table, so a throughput row says what it measured; elsewhere nothing is added."""
+    from linearize.attention.linear import fla_route
+    from linearize.bench.throughput import render_markdown
+
+    monkeypatch.setattr(fla_route, "DECISIONS", {})
+    res = measure(tiny_llama(), ("lolcats",), overrides=[*WINDOW, "stage2.enabled=false"], **TINY)
+    assert "fla_backward" not in res
+    monkeypatch.setitem(fla_route.DECISIONS, "delta m=128 d=128 cuda:0", "fla")
+    res = measure(tiny_llama(), ("lolcats",), overrides=[*WINDOW, "stage2.enabled=false"], **TINY)
+    assert res["fla_backward"] == {"delta m=128 d=128 cuda:0": "fla"}
+    res["environment"] = dict(device="cpu", torch="2", transformers="5", git_commit="abc", command="x")
+    assert "the linear states trained on: delta m=128 d=128 cuda:0: fla." in render_markdown(res)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from linearize.attention.linear import fla_route
 from linearize.bench.decode import decode_shape
 from linearize.bench.kernels import environment as gpu_environment
 from linearize.config import HybridConfig
@@ -321,6 +322,8 @@ def measure(model, recipes=("lolcats", "ssd", "hedgecats"), *, preset: str | Non
     for row in rows:
         del row["key"]
     anchor_ratios(rows)
+    if fla_route.DECISIONS:  # which kernels trained the linear states where fla refused its backward
+        res["fla_backward"] = dict(fla_route.DECISIONS)
     return res
 
 
@@ -352,6 +355,9 @@ def render_markdown(res: dict) -> str:
               f"Load {res['load_seconds']:.2f} s; convert: {convert or '—'}."), "",
              ("`anchor` = the base model's own LoRA step (the recipe's stage-2 LoRA, rows and length; no conversion); "
               "× base LoRA = its tokens/s over the row's (the cost of a token; stage 2 goal <= 1.25)."), "",
+             *([("Where flash-linear-attention refuses its gated backward (its issue 640), the linear states trained on: "
+                 + "; ".join(f"{k}: {v}" for k, v in res["fla_backward"].items()) + "."), ""]
+               if res.get("fla_backward") else []),
              f"| stage | what | recipes | rows/step × length | tokens/s | × base LoRA | s/step (median) | {memory} |",
              "|---|---|---|---|---|---|---|---|"]
     for row in res["rows"]:

@@ -87,9 +87,9 @@ def check_inputs(kind, m: int, d: int, device, *, b: int = 1, hq: int = 2, hkv: 
     return x
 
 
-def agrees(kind, fla_call, m: int, d: int, device) -> bool:
-    """`fla_call` (the kernels, as `run` calls them) computes the kind's chunked sums and their gradients on random
-    inputs of sizes m, d: outputs and every gradient within bf16 tolerance."""
+def errors(kind, fla_call, m: int, d: int, device) -> dict[str, float]:
+    """Relative RMS errors of `fla_call` (the kernels, as `run` calls them) against the kind's chunked sums on random
+    inputs of sizes m, d: 'num' (the output) and the gradient of each input by its name."""
     x = check_inputs(kind, m, d, device)
     cot = torch.randn(*x["qf"].shape[:3], d, generator=torch.Generator(device=device).manual_seed(1), device=device)
 
@@ -104,7 +104,16 @@ def agrees(kind, fla_call, m: int, d: int, device) -> bool:
                                                     beta=i.get("beta"), lag=3))
         got, got_g = grads(lambda i: fla_call(i["qf"], i["kf"], i["v"], log_decay=i.get("log_decay"),
                                               beta=i.get("beta"), enter=None, lag=3))
-    return _rel_rms(got, want) < OUTPUT_RTOL and all(_rel_rms(got_g[k], want_g[k]) < GRAD_RTOL for k in want_g)
+    return {"num": _rel_rms(got, want), **{k: _rel_rms(got_g[k], want_g[k]) for k in want_g}}
+
+
+def agrees(kind, fla_call, m: int, d: int, device) -> bool:
+    """`errors` within bf16 tolerance: the output and every gradient."""
+    return within(errors(kind, fla_call, m, d, device))
+
+
+def within(errs: dict[str, float]) -> bool:
+    return errs["num"] < OUTPUT_RTOL and all(e < GRAD_RTOL for k, e in errs.items() if k != "num")
 
 
 def _in_worker(fn, *args):
@@ -134,10 +143,13 @@ def _trainable(kind, m: int, d: int, device: str) -> bool:
               f"'{kind.name}' kernels' gradients at feature size {m}, value size {d} on {device} once (their first "
               f"use compiles them: a minute or more)", file=sys.stderr, flush=True)
         try:
-            if _in_worker(agrees, kind, functools.partial(run, kind), m, d, torch.device(device)):
-                DECISIONS[key] = "fla"
+            errs = _in_worker(errors, kind, functools.partial(run, kind), m, d, torch.device(device))
+            measured = ", ".join(f"{k} {e:.3g}" for k, e in errs.items())
+            if within(errs):
+                DECISIONS[key] = f"fla (relative RMS errors against the chunked sums: {measured})"
                 return True
-            why = "its kernels' gradients did not match the chunked sums on this device"
+            why = (f"its kernels' gradients did not match the chunked sums on this device (relative RMS errors "
+                   f"{measured}; limits {OUTPUT_RTOL} output, {GRAD_RTOL} gradients)")
         except Exception as exc:  # noqa: BLE001 -- any failure of the kernels here keeps training on the chunked sums
             why = f"its kernels failed the check on this device ({type(exc).__name__}: {exc})"
     DECISIONS[key] = f"chunked: {why}"

@@ -130,3 +130,18 @@ def test_prefill_state_of_a_long_row_with_strong_decay_matches_the_steps():
     got = GATED.final_state(kf, v, log_decay=ld, enter=enter, lag=4)
     torch.testing.assert_close(got.S, want.S, atol=1e-6, rtol=1e-5)  # the prefix-sum difference was off by ~1e-4
     torch.testing.assert_close(got.z, want.z, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("size", [64, 128])
+def test_fla_gradients_match_the_chunked_sums_through_the_route(size):
+    """The simple GLA kernel's gradients (num and den) against the fp32 chunked sums, through `fla_route.run`: where
+    fla refuses its gated backward (Hopper, Triton < 3.7.1) only at sizes the route clears on this device."""
+    pytest.importorskip("fla")
+    from linearize.attention.linear import fla_route
+
+    if fla_route.refuses_backward() and not fla_route.trainable(GATED, size, size, "cuda:0"):
+        pytest.skip(f"fla's gated backward is refused here and size {size} is not cleared to train")
+    errs = fla_route.errors(GATED, lambda *a, **k: fla_route.run(GATED, *a, **k), size, size, torch.device("cuda"))
+    assert fla_route.within(errs), errs

@@ -28,7 +28,7 @@ import torch
 
 #: fla's widest tile of chunk_bwd_dqkwg on Hopper (its CONST_TILING there) and its narrowest
 WIDEST_BLOCK, NARROWEST_BLOCK = 128, 16
-#: the block width at which the Triton releases fla refuses miscompile that kernel (fla issue 640's bisection)
+#: the tile width that the Triton releases behind fla's refusal miscompile in that kernel (fla issue 640's bisection)
 MISCOMPILED_BLOCK = 64
 #: the check's tolerances: relative RMS error of bf16 kernels against fp32 sums, as the GPU tests measure them
 OUTPUT_RTOL, GRAD_RTOL = 0.02, 0.03
@@ -71,7 +71,7 @@ def _rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).square().mean().sqrt() / want.square().mean().sqrt().clamp_min(1e-12)).item()
 
 
-def check_inputs(kind, m: int, d: int, device, *, b: int = 1, hq: int = 2, hkv: int = 1, t: int = 160) -> dict:
+def check_sample(kind, m: int, d: int, device, *, b: int = 1, hq: int = 2, hkv: int = 1, t: int = 160) -> dict:
     """Random inputs of the check (its own generator: the caller's random state is left alone); t spans three
     chunks, the last one partial."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -90,13 +90,16 @@ def check_inputs(kind, m: int, d: int, device, *, b: int = 1, hq: int = 2, hkv: 
 def errors(kind, fla_call, m: int, d: int, device) -> dict[str, float]:
     """Relative RMS errors of `fla_call` (the kernels, as `run` calls them) against the kind's chunked sums on random
     inputs of sizes m, d: 'num' (the output) and the gradient of each input by its name."""
-    x = check_inputs(kind, m, d, device)
-    cot = torch.randn(*x["qf"].shape[:3], d, generator=torch.Generator(device=device).manual_seed(1), device=device)
+    x = check_sample(kind, m, d, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    cot = torch.randn(*x["qf"].shape[:3], d, generator=gen, device=device)
+    cot_den = torch.randn(*x["qf"].shape[:3], generator=gen, device=device)
 
     def grads(fn):
         ins = {k: t.detach().requires_grad_() for k, t in x.items()}
-        num, _ = fn(ins)
-        found = torch.autograd.grad(num, list(ins.values()), cot)
+        num, den = fn(ins)
+        outs = [(num, cot)] + ([(den, cot_den)] if den.requires_grad else [])  # the normalised kinds' den too
+        found = torch.autograd.grad([o for o, _ in outs], list(ins.values()), [c for _, c in outs])
         return num.detach(), dict(zip(ins, found))
 
     with torch.enable_grad():

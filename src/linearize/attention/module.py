@@ -104,11 +104,11 @@ class Route(NamedTuple):
 
 
 def choose_backend(spec: AttentionSpec, q: torch.Tensor, mode: ComponentMode | None = None,
-                   features: int | None = None) -> Route:
+                   features: int | None = None, kv_heads: int | None = None) -> Route:
     """The one place that decides which backend runs: a full-sequence call in `mode`, or (mode None) one decoding
     step of every mode. `spec.backend` 'auto' takes Triton on CUDA where the kernels compute the call, else PyTorch;
     the chunked path's linear sums take flash-linear-attention where `fla_route.usable` says so (`features`: the
-    feature size m, by default q's head size)."""
+    feature size m, `kv_heads` the key/value heads; by default q's head size and head count)."""
     kind = linear_state(spec.linear_state)
     if mode is None:
         triton = kind.triton and not spec.softmax_extras and (
@@ -119,7 +119,9 @@ def choose_backend(spec: AttentionSpec, q: torch.Tensor, mode: ComponentMode | N
     backend, linear_backend = spec.backend, "chunked"
     if backend == "auto":
         backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
-        if not kind.triton and fla_route.usable(kind, q, features or q.shape[-1], q.shape[-1]):
+        shape = fla_route.Shape(m=features or q.shape[-1], d=q.shape[-1], b=q.shape[0], hq=q.shape[1],
+                                hkv=kv_heads or q.shape[1])
+        if not kind.triton and mode.uses_linear and fla_route.usable(kind, q, shape):
             linear_backend = "fla"
         elif backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * spec.chunk_size and not spec.sparse_memory:
             backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping
@@ -252,7 +254,7 @@ class HybridAttention(nn.Module):
         if mode.uses_linear and not needed <= set(gates):
             raise ValueError(f"linear_state {spec.linear_state!r} needs the layer's gates: pass "
                              f"gates=module.state_inputs(hidden_states, valid)")
-        route = choose_backend(spec, q, mode, self.feature_map_k.num_features)
+        route = choose_backend(spec, q, mode, self.feature_map_k.num_features, self.num_kv_heads)
         if mode.uses_linear or route.backend == "triton":
             qf, kf, _ = self.features(q, k, valid)
         else:  # these modes never read the features: skip the feature maps

@@ -8,14 +8,17 @@ import dataclasses
 import functools
 import sys
 import types
+import weakref
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from linearize.attention.linear import fla_route, linear_state
+from linearize.attention.linear.fla_route import Shape
 
 DELTA = linear_state("delta")
+GATED = linear_state("gated")
 
 
 def inputs(t=70, m=16, d=8, seed=0):
@@ -29,12 +32,24 @@ def sums(qf, kf, v, log_decay, beta):
     return DELTA.chunked(qf, kf, v, log_decay=log_decay, beta=beta, lag=2, chunk=16)
 
 
+def standing_in(kernel):
+    """The delta kind with `kernel` as its fla_forward (the chunked sums: right; anything else: a stand-in kernel)."""
+    return dataclasses.replace(DELTA, fla_forward=kernel)
+
+
 @pytest.mark.parametrize("n,width", [(1, 16), (8, 16), (32, 32), (64, 64), (65, 128), (96, 128), (128, 128), (256, 128)])
 def test_block_width_follows_the_kernels_tiling(n, width):
     assert fla_route.block_width(n) == width
 
 
-def test_sizes_tiled_at_the_miscompiled_width_are_not_cleared():
+def test_the_tile_check_reads_the_sizes_each_kernel_sees():
+    """The gated kind's kernel gets v with a ones column, padded to a multiple of 16: value size 64 reaches it as 80
+    (tiled at 128, cleared), 32 as 48 (tiled at 64, not); the delta kind's kernel sees m and d themselves."""
+    assert fla_route.kernel_sizes(GATED, 128, 64) == (128, 80) and fla_route.kernel_sizes(GATED, 128, 32) == (128, 48)
+    assert fla_route.kernel_sizes(DELTA, 128, 64) == (128, 64)
+    assert fla_route.clear_of_miscompile(*fla_route.kernel_sizes(GATED, 128, 64))
+    assert not fla_route.clear_of_miscompile(*fla_route.kernel_sizes(GATED, 128, 32))
+    assert not fla_route.clear_of_miscompile(*fla_route.kernel_sizes(DELTA, 128, 64))
     assert fla_route.clear_of_miscompile(128, 128) and fla_route.clear_of_miscompile(32, 256)
     assert not fla_route.clear_of_miscompile(64, 128) and not fla_route.clear_of_miscompile(128, 48)
 
@@ -42,7 +57,8 @@ def test_sizes_tiled_at_the_miscompiled_width_are_not_cleared():
 @pytest.mark.parametrize("recompute", [False, True])
 def test_lifted_backward_gives_the_functions_own_values_and_gradients(recompute):
     """Through the lifted node, alone or inside a non-reentrant checkpoint (gradient checkpointing in training), the
-    values and every gradient equal those of the function itself; a None input passes through."""
+    values and every gradient equal those of the function itself; a None input passes through; the delta kind's den
+    (1 once a key entered) gets no gradient."""
     x = inputs()
     cot = torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(1))
     want_in = {k: t.clone().requires_grad_() for k, t in x.items()}
@@ -56,15 +72,63 @@ def test_lifted_backward_gives_the_functions_own_values_and_gradients(recompute)
 
     args = list(got_in.values())
     num, den = checkpoint(through_lifted, *args, use_reentrant=False) if recompute else through_lifted(*args)
-    assert not den.requires_grad  # the kind's den (1 once a key entered) has no gradient
     torch.testing.assert_close(num, want, rtol=0, atol=0)
-    got_g = torch.autograd.grad((num * cot).sum(), args)
+    got_g = torch.autograd.grad((num * cot).sum() + den.sum(), args)
     for g, w in zip(got_g, want_g):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
     no_beta = fla_route.lifted(lambda q, k, v, b: (DELTA.chunked(q, k, v, beta=b, chunk=16)[0],),
                                got_in["qf"], got_in["kf"], got_in["v"], None)[0]
     assert no_beta.requires_grad
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_under_gradient_checkpointing_the_layer_is_recomputed_once(reentrant):
+    """The lifted node saves its inputs as any op does (the checkpoint drops and restores them) and runs the function
+    again in its own backward: the checkpointed region is recomputed once, as without it."""
+    calls = []
+    x, w = torch.randn(24, 24, requires_grad=True), torch.randn(24, 24, requires_grad=True)
+
+    def region(lift, x, w):
+        calls.append(1)
+        h = (x @ w).tanh()
+        out, = (lift(lambda a, b: (a.sin() * b,), h, x) if lift else (h.sin() * x,))
+        return (out.exp() * h).sum()
+
+    def grads(lift):
+        calls.clear()
+        x.grad = w.grad = None
+        checkpoint(functools.partial(region, lift), x, w, use_reentrant=reentrant).backward()
+        return (x.grad, w.grad), len(calls)
+
+    want, plain_calls = grads(None)
+    got, lifted_calls = grads(fla_route.lifted)
+    assert lifted_calls == plain_calls == 2  # the forward, then one recompute
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=1e-6, atol=1e-7)
+
+
+def test_the_lifted_node_keeps_its_inputs_not_the_functions_intermediates():
+    refs = []
+
+    def fn(a, b):
+        mid = a.sin()
+        refs.append(weakref.ref(mid))
+        return (mid * b,)
+
+    a, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    (out,) = fla_route.lifted(fn, a, b)
+    assert refs[0]() is None  # the forward's run of fn left nothing behind
+    out.sum().backward()
+    torch.testing.assert_close(a.grad, a.detach().cos() * b.detach())
+
+
+def test_the_lifted_node_refuses_a_second_order_gradient():
+    a = torch.randn(3, requires_grad=True)
+    (out,) = fla_route.lifted(lambda t: (t.sin(),), a)
+    (g,) = torch.autograd.grad(out.sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), a)
 
 
 def test_the_refusal_is_lifted_while_the_backward_runs_and_restored_after(monkeypatch):
@@ -80,7 +144,8 @@ def test_the_refusal_is_lifted_while_the_backward_runs_and_restored_after(monkey
 
     def fn(a):
         out = a * 2
-        out.register_hook(lambda g: seen.append(chunk_o.TRITON_ABOVE_3_7_1))
+        if out.requires_grad:  # the backward's run of fn (the forward's runs without a graph)
+            out.register_hook(lambda g: seen.append(chunk_o.TRITON_ABOVE_3_7_1))
         return (out,)
 
     a = torch.ones(3, requires_grad=True)
@@ -92,40 +157,62 @@ def test_the_refusal_is_lifted_while_the_backward_runs_and_restored_after(monkey
 
 
 def test_the_check_accepts_kernels_that_compute_the_sums_and_rejects_others():
-    right = dataclasses.replace(DELTA, fla_forward=DELTA.chunked)
+    right = standing_in(DELTA.chunked)
 
     def off(qf, kf, v, **kw):  # a miscompiled kernel: the gradient wrt the keys scaled
-        num, den = DELTA.chunked(qf, kf * 1.05 - 0.05 * kf.detach(), v, **kw)
-        return num, den
+        return DELTA.chunked(qf, kf * 1.05 - 0.05 * kf.detach(), v, **kw)
 
-    wrong = dataclasses.replace(DELTA, fla_forward=off)
-    cpu = torch.device("cpu")
-    assert fla_route.agrees(right, functools.partial(fla_route.run, right), 32, 16, cpu)
-    assert not fla_route.agrees(wrong, functools.partial(fla_route.run, wrong), 32, 16, cpu)
-    assert fla_route.trainable(right, 32, 16, "cpu")
-    assert fla_route.DECISIONS["delta m=32 d=16 cpu"].startswith("fla (relative RMS errors against the chunked sums: num 0")
+    wrong = standing_in(off)
+    cpu, shape = torch.device("cpu"), Shape(m=32, d=16, b=2, hq=4, hkv=2)
+    assert fla_route.within(fla_route.errors(right, functools.partial(fla_route.run, right), shape, cpu))
+    errs = fla_route.errors(wrong, functools.partial(fla_route.run, wrong), shape, cpu)
+    assert not fla_route.within(errs) and errs["kf"] > fla_route.GRAD_RTOL and errs["num"] < 1e-6
+    assert fla_route.trainable(right, shape, "cpu")
+    assert fla_route.DECISIONS["delta m=32 d=16 b=2 hq=4 hkv=2 cpu"].startswith(
+        "fla (relative RMS errors against the chunked sums: num 0")
     with pytest.warns(UserWarning, match="did not match"):
-        assert not fla_route.trainable(wrong, 32, 16, "cpu")
-    assert fla_route.DECISIONS["delta m=32 d=16 cpu"].startswith("chunked: its kernels' gradients did not match")
+        assert not fla_route.trainable(wrong, shape, "cpu")
+    assert "relative RMS errors" in fla_route.DECISIONS["delta m=32 d=16 b=2 hq=4 hkv=2 cpu"]
     with pytest.warns(UserWarning, match="width 64"):
-        assert not fla_route.trainable(right, 64, 128, "cpu")
+        assert not fla_route.trainable(right, Shape(m=64, d=128), "cpu")
 
 
-def test_no_kernels_off_cuda_or_without_fla():
-    x = inputs()["qf"]
-    assert not fla_route.usable(DELTA, x, 16, 8)
-    assert not fla_route.usable(linear_state("sum"), x, 16, 8)
+def test_the_check_runs_at_the_calls_batch_and_head_counts():
+    """The kernels compile their batch and head counts in: the check's sample has the call's."""
+    x = fla_route.check_sample(DELTA, Shape(m=8, d=4, b=3, hq=6, hkv=2), torch.device("cpu"))
+    assert x["qf"].shape[:2] == (3, 6) and x["kf"].shape[:2] == (3, 2) and x["v"].shape[-1] == 4
+    assert set(x) == {"qf", "kf", "v", "log_decay", "beta"}
+    assert set(fla_route.check_sample(GATED, Shape(m=8, d=4), torch.device("cpu"))) == {"qf", "kf", "v", "log_decay"}
+
+
+def test_kernels_that_fail_the_check_leave_training_on_the_chunked_sums():
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image is available")
+
+    with pytest.warns(UserWarning, match="failed the check on this device .RuntimeError: no kernel image"):
+        assert not fla_route.trainable(standing_in(broken), Shape(m=32, d=16), "cpu")
+
+
+def test_run_refuses_a_shape_the_check_did_not_clear(monkeypatch):
+    """Called directly (not through the route) at a shape not cleared, `run` says so in one line instead of letting
+    the kernels compute a refused backward."""
+    monkeypatch.setattr(fla_route, "refuses_backward", lambda: True)
+    x = inputs(m=64, d=8)
+    with pytest.warns(UserWarning, match="width 64"), pytest.raises(ValueError, match="not cleared at m=64 d=8"):
+        fla_route.run(standing_in(DELTA.chunked), x["qf"], x["kf"], x["v"], log_decay=x["log_decay"], beta=x["beta"])
+    with torch.no_grad():  # no backward, nothing refused
+        fla_route.run(standing_in(DELTA.chunked), x["qf"], x["kf"], x["v"], log_decay=x["log_decay"], beta=x["beta"])
 
 
 def test_the_check_inside_a_checkpointed_forward_leaves_the_checkpoint_intact():
     """The route decides inside a training forward, which gradient checkpointing records and replays: the check runs
     apart (its own thread), so the replay finds the same saved tensors and the gradients are the plain ones."""
-    right = dataclasses.replace(DELTA, fla_forward=lambda *a, **k: DELTA.chunked(*a, **k))
+    right = standing_in(lambda *a, **k: DELTA.chunked(*a, **k))
     x = inputs(seed=3)
     args = [t.clone().requires_grad_() for t in x.values()]
 
     def layer(qf, kf, v, log_decay, beta):
-        assert fla_route.trainable(right, 32, 16, "cpu")  # computed on the first call, cached for the replay
+        assert fla_route.trainable(right, Shape(m=32, d=16), "cpu")  # computed on the first call, cached for the replay
         return sums(qf, kf, v, log_decay, beta)[0]
 
     out = checkpoint(layer, *args, use_reentrant=False)
@@ -136,18 +223,32 @@ def test_the_check_inside_a_checkpointed_forward_leaves_the_checkpoint_intact():
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 
-def test_kernels_that_fail_the_check_leave_training_on_the_chunked_sums():
-    def broken(*a, **k):
-        raise RuntimeError("no kernel image is available")
+def test_a_check_first_needed_inside_a_backward_runs_there():
+    """Under a reentrant checkpoint the forward runs without a graph and the route first asks with gradients on inside
+    the backward's recompute: the check then runs inline (a worker's CUDA backward would wait on the blocked device
+    thread), and still decides."""
+    right = standing_in(lambda *a, **k: DELTA.chunked(*a, **k))
+    seen = []
 
-    kind = dataclasses.replace(DELTA, fla_forward=broken)
-    with pytest.warns(UserWarning, match="failed the check on this device .RuntimeError: no kernel image"):
-        assert not fla_route.trainable(kind, 32, 16, "cpu")
+    def layer(a):
+        if torch.is_grad_enabled():
+            seen.append(fla_route.trainable(right, Shape(m=16, d=8, b=3), "cpu"))
+        return a.sin()
+
+    a = torch.randn(4, requires_grad=True)
+    checkpoint(layer, a, use_reentrant=True).sum().backward()
+    assert seen == [True]
+
+
+def test_no_kernels_off_cuda_or_without_fla():
+    x = inputs()["qf"]
+    assert not fla_route.usable(DELTA, x, Shape(m=16, d=8))
+    assert not fla_route.usable(linear_state("sum"), x, Shape(m=16, d=8))
 
 
 @pytest.mark.parametrize("refused,cleared,grad,want", [
     (False, False, True, True),   # fla trains here itself
-    (True, True, True, True),     # refused, but these sizes were checked on the device
+    (True, True, True, True),     # refused, but this shape was checked on the device
     (True, False, True, False),   # refused and not cleared: the chunked sums train
     (True, False, False, True),   # no gradient: the forward kernels are never refused
 ])
@@ -156,10 +257,11 @@ def test_the_route_takes_the_kernels_where_they_compute_the_call(monkeypatch, re
         is_cuda, device = True, "cuda:0"
 
     asked = []
+    shape = Shape(m=128, d=64, b=2, hq=12, hkv=2)
     monkeypatch.setattr(fla_route, "imports", lambda: True)
     monkeypatch.setattr(fla_route, "refuses_backward", lambda: refused)
-    monkeypatch.setattr(fla_route, "trainable", lambda kind, m, d, device: asked.append((kind.name, m, d, device)) or cleared)
+    monkeypatch.setattr(fla_route, "trainable", lambda kind, sh, device: asked.append((kind.name, sh, device)) or cleared)
     with torch.set_grad_enabled(grad):
-        assert fla_route.usable(DELTA, OnCuda(), 128, 64) is want
-    assert asked == ([("delta", 128, 64, "cuda:0")] if refused and grad else [])
-    assert not fla_route.usable(linear_state("sum"), OnCuda(), 128, 64)  # no fla kernels for 'sum'
+        assert fla_route.usable(DELTA, OnCuda(), shape) is want
+    assert asked == ([("delta", shape, "cuda:0")] if refused and grad else [])
+    assert not fla_route.usable(linear_state("sum"), OnCuda(), shape)  # no fla kernels for 'sum'

@@ -141,7 +141,9 @@ def test_fla_gradients_match_the_chunked_sums_through_the_route(size):
     pytest.importorskip("fla")
     from linearize.attention.linear import fla_route
 
-    if fla_route.refuses_backward() and not fla_route.trainable(GATED, size, size, "cuda:0"):
-        pytest.skip(f"fla's gated backward is refused here and size {size} is not cleared to train")
-    errs = fla_route.errors(GATED, lambda *a, **k: fla_route.run(GATED, *a, **k), size, size, torch.device("cuda"))
+    shape = fla_route.Shape(m=size, d=size, b=2, hq=4, hkv=2)
+    if fla_route.refuses_backward() and not fla_route.trainable(GATED, shape, "cuda:0"):
+        pytest.skip(f"fla's gated backward is refused here and {shape} is not cleared to train")
+    # other inputs than the route's own check drew (seed 0)
+    errs = fla_route.errors(GATED, lambda *a, **k: fla_route.run(GATED, *a, **k), shape, torch.device("cuda"), seed=7)
     assert fla_route.within(errs), errs

@@ -10,9 +10,9 @@ bisection pins it to one block width of that kernel, 64 (widths 32 and 128 compu
 `usable` is the route's answer. Where fla does not refuse, the kernels run whenever fla is installed and the input is
 on CUDA. Where it refuses, they run under autograd only if the kernel's block widths for these sizes avoid 64 and a
 check on this device passes -- the kernels' outputs and gradients against the kind's chunked PyTorch sums on random
-inputs of these sizes, once per kind, size and device -- else the chunked sums train, with a warning saying why.
-`run` then calls the kernels so that their backward passes fla's refusal: the refusal is lifted only while that
-backward runs, inside this module's own autograd function.
+inputs of the call's sizes, batch and head counts (which the kernels compile in), once per kind, shape and device --
+else the chunked sums train, with a warning saying why. `run` then calls the kernels so that their backward passes
+fla's refusal: the refusal is lifted only while that backward runs, inside this module's own autograd function.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import importlib.util
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 #: fla's widest tile of chunk_bwd_dqkwg on Hopper (its CONST_TILING there) and its narrowest
 WIDEST_BLOCK, NARROWEST_BLOCK = 128, 16
@@ -62,23 +64,48 @@ def block_width(n: int) -> int:
     return min(max(1 << max(n - 1, 0).bit_length(), NARROWEST_BLOCK), WIDEST_BLOCK)
 
 
-def clear_of_miscompile(m: int, d: int) -> bool:
-    """Feature size m and value size d tile the kernel at widths other than the miscompiled one."""
-    return MISCOMPILED_BLOCK not in (block_width(m), block_width(d))
+def kernel_sizes(kind, m: int, d: int) -> tuple[int, int]:
+    """The key and value sizes the kind's kernel is called with (its `fla_kernel_sizes`, else m and d)."""
+    return kind.fla_kernel_sizes(m, d) if kind.fla_kernel_sizes is not None else (m, d)
+
+
+def clear_of_miscompile(k: int, v: int) -> bool:
+    """Kernel key size k and value size v tile it at widths other than the miscompiled one."""
+    return MISCOMPILED_BLOCK not in (block_width(k), block_width(v))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the check runs at: the call's sizes (the kernels' batch and head counts are compile-time constants, so the
+    check compiles and tunes the kernels training then runs) with a short row."""
+
+    m: int  # feature size
+    d: int  # value size
+    b: int = 1
+    hq: int = 2
+    hkv: int = 1
+
+    @classmethod
+    def of(cls, qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> "Shape":
+        return cls(m=qf.shape[-1], d=v.shape[-1], b=qf.shape[0], hq=qf.shape[1], hkv=kf.shape[1])
+
+    def __str__(self) -> str:
+        return f"m={self.m} d={self.d} b={self.b} hq={self.hq} hkv={self.hkv}"
 
 
 def _rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).square().mean().sqrt() / want.square().mean().sqrt().clamp_min(1e-12)).item()
 
 
-def check_sample(kind, m: int, d: int, device, *, b: int = 1, hq: int = 2, hkv: int = 1, t: int = 160) -> dict:
+def check_sample(kind, shape: Shape, device, *, t: int = 160, seed: int = 0) -> dict:
     """Random inputs of the check (its own generator: the caller's random state is left alone); t spans three
     chunks, the last one partial."""
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device)
+    def rand(*size):
+        return torch.randn(*size, generator=gen, device=device)
 
+    b, hq, hkv, m, d = shape.b, shape.hq, shape.hkv, shape.m, shape.d
     x = dict(qf=rand(b, hq, t, m).softmax(-1), kf=rand(b, hkv, t, m).softmax(-1), v=rand(b, hkv, t, d))
     if kind.needs_log_decay:
         x["log_decay"] = -0.05 * torch.rand(b, hkv, t, generator=gen, device=device)
@@ -87,12 +114,12 @@ def check_sample(kind, m: int, d: int, device, *, b: int = 1, hq: int = 2, hkv: 
     return x
 
 
-def errors(kind, fla_call, m: int, d: int, device) -> dict[str, float]:
+def errors(kind, fla_call, shape: Shape, device, *, seed: int = 0) -> dict[str, float]:
     """Relative RMS errors of `fla_call` (the kernels, as `run` calls them) against the kind's chunked sums on random
-    inputs of sizes m, d: 'num' (the output) and the gradient of each input by its name."""
-    x = check_sample(kind, m, d, device)
-    gen = torch.Generator(device=device).manual_seed(1)
-    cot = torch.randn(*x["qf"].shape[:3], d, generator=gen, device=device)
+    inputs of `shape`: 'num' (the output) and the gradient of each input by its name."""
+    x = check_sample(kind, shape, device, seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    cot = torch.randn(*x["qf"].shape[:3], shape.d, generator=gen, device=device)
     cot_den = torch.randn(*x["qf"].shape[:3], generator=gen, device=device)
 
     def grads(fn):
@@ -110,44 +137,43 @@ def errors(kind, fla_call, m: int, d: int, device) -> dict[str, float]:
     return {"num": _rel_rms(got, want), **{k: _rel_rms(got_g[k], want_g[k]) for k in want_g}}
 
 
-def agrees(kind, fla_call, m: int, d: int, device) -> bool:
-    """`errors` within bf16 tolerance: the output and every gradient."""
-    return within(errors(kind, fla_call, m, d, device))
-
-
 def within(errs: dict[str, float]) -> bool:
+    """The output and every gradient within bf16 tolerance."""
     return errs["num"] < OUTPUT_RTOL and all(e < GRAD_RTOL for k, e in errs.items() if k != "num")
 
 
-def _in_worker(fn, *args):
-    """fn(*args) in a thread of its own: the caller's thread-local autograd state (a checkpoint's saved-tensor hooks,
-    autocast, no_grad) does not reach the check, and the check's graph does not enter the caller's."""
+def _apart(fn, *args):
+    """fn(*args) where the caller's autograd state does not reach it. Normally a thread of its own (a checkpoint's
+    saved-tensor hooks, autocast and no_grad are thread-local, and the check's graph stays out of the caller's);
+    inside a backward pass (a reentrant checkpoint's recompute), inline: the backward's device thread would otherwise
+    wait on a worker whose own CUDA backward it must run."""
+    task = getattr(torch._C, "_current_graph_task_id", lambda: -1)()
+    if task != -1:
+        with torch.enable_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args)
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(fn, *args).result()
 
 
-#: What `trainable` decided in this process: "<kind> m=<m> d=<d> <device>" -> "fla" or "chunked: <why>" (a run's
-#: summary.json records it as 'fla_backward')
+#: What `trainable` decided in this process: "<kind> <shape> <device>" -> "fla (<errors>)" or "chunked: <why>" (a
+#: run's summary.json and `linearize bench --conversion` record it as 'fla_backward')
 DECISIONS: dict[str, str] = {}
 
 
 @functools.cache
-def trainable(kind, m: int, d: int, device: str) -> bool:
-    """Where fla refuses its backward: may the kind's kernels train at feature size m, value size d on `device`?"""
-    return _trainable(kind, m, d, device)
-
-
-def _trainable(kind, m: int, d: int, device: str) -> bool:
-    key = f"{kind.name} m={m} d={d} {device}"
-    if not clear_of_miscompile(m, d):
-        why = f"its kernel would tile feature size {m} / value size {d} at width {MISCOMPILED_BLOCK}, the width miscompiled"
+def trainable(kind, shape: Shape, device: str) -> bool:
+    """Where fla refuses its backward: may the kind's kernels train at `shape` on `device`? Checked once each."""
+    key = f"{kind.name} {shape} {device}"
+    k, v = kernel_sizes(kind, shape.m, shape.d)
+    if not clear_of_miscompile(k, v):
+        why = f"its kernel would tile key size {k} / value size {v} at width {MISCOMPILED_BLOCK}, the width miscompiled"
     else:
         print(f"linearize: fla refuses its gated backward on this GPU and Triton (fla issue 640); checking its "
-              f"'{kind.name}' kernels' gradients at feature size {m}, value size {d} on {device} once (their first "
-              f"use compiles them: a minute or more)", file=sys.stderr, flush=True)
+              f"'{kind.name}' kernels' gradients at {shape} on {device} once (their first use compiles them: a "
+              f"minute or more)", file=sys.stderr, flush=True)
         try:
-            errs = _in_worker(errors, kind, functools.partial(run, kind), m, d, torch.device(device))
-            measured = ", ".join(f"{k} {e:.3g}" for k, e in errs.items())
+            errs = _apart(errors, kind, functools.partial(_lifted_call, kind), shape, torch.device(device))
+            measured = ", ".join(f"{name} {e:.3g}" for name, e in errs.items())
             if within(errs):
                 DECISIONS[key] = f"fla (relative RMS errors against the chunked sums: {measured})"
                 return True
@@ -162,13 +188,13 @@ def _trainable(kind, m: int, d: int, device: str) -> bool:
     return False
 
 
-def usable(kind, x: torch.Tensor, m: int, d: int) -> bool:
-    """The kind's kernels compute this call (x: the layer's q, on its device; m, d: feature and value sizes)."""
+def usable(kind, x: torch.Tensor, shape: Shape) -> bool:
+    """The kind's kernels compute this call (x: the layer's q, on its device; `shape`: the call's sizes)."""
     if kind.fla_forward is None or not x.is_cuda or not imports():
         return False
     if not torch.is_grad_enabled() or not refuses_backward():
         return True
-    return trainable(kind, m, d, str(x.device))
+    return trainable(kind, shape, str(x.device))
 
 
 @contextlib.contextmanager
@@ -188,29 +214,35 @@ def _refusal_lifted():
 
 
 class _LiftedBackward(torch.autograd.Function):
-    """fn(*inputs) -> tuple of tensors, recorded as one node whose backward differentiates fn's own graph with fla's
-    refusal lifted. fn's graph is built here (on detached copies of the inputs) and kept for that backward."""
+    """fn(*inputs) -> tuple of tensors, as one node: the forward runs fn without a graph and saves only the inputs
+    (through the saved-tensor hooks, so gradient checkpointing drops and restores them as any other); the backward
+    runs fn again on them and differentiates that graph with fla's refusal lifted -- one more forward of the kernels
+    per backward, nothing else kept."""
 
     @staticmethod
     def forward(ctx, fn, *inputs):
-        leaves = [x.detach().requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
-        with torch.enable_grad():
-            outs = fn(*leaves)
-        ctx.leaves, ctx.outs = leaves, outs
-        ret = tuple(o.detach() for o in outs)
-        ctx.mark_non_differentiable(*[r for r, o in zip(ret, outs) if not o.requires_grad])
-        return ret
+        ctx.fn = fn
+        ctx.is_tensor = [torch.is_tensor(x) for x in inputs]
+        ctx.others = [None if t else x for t, x in zip(ctx.is_tensor, inputs)]
+        ctx.save_for_backward(*[x for x in inputs if torch.is_tensor(x)])
+        return tuple(fn(*inputs))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
-        pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
-        wrt = [x for x in ctx.leaves if torch.is_tensor(x) and x.requires_grad]
+        saved = iter(ctx.saved_tensors)
+        ins = [next(saved).detach().requires_grad_(ctx.needs_input_grad[i + 1]) if t else other
+               for i, (t, other) in enumerate(zip(ctx.is_tensor, ctx.others))]
+        wrt = [x for x in ins if torch.is_tensor(x) and x.requires_grad]
         found = [None] * len(wrt)
-        if pairs and wrt:
-            with _refusal_lifted():
-                found = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        with torch.enable_grad():
+            outs = ctx.fn(*ins)
+            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
+            if pairs and wrt:
+                with _refusal_lifted():
+                    found = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
         it = iter(found)
-        return (None,) + tuple(next(it) if torch.is_tensor(x) and x.requires_grad else None for x in ctx.leaves)
+        return (None,) + tuple(next(it) if torch.is_tensor(x) and x.requires_grad else None for x in ins)
 
 
 def lifted(fn, *inputs) -> tuple:
@@ -222,9 +254,19 @@ def _kernels(kind, enter, lag, qf, kf, v, log_decay, beta):
     return tuple(kind.fla_forward(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag))
 
 
-def run(kind, qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
-    """(num, den) of the kind's `fla_forward`; where fla refuses its backward, with the refusal lifted there (the
-    route sends a call here under autograd only where `trainable` found the kernels right)."""
+def _lifted_call(kind, qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
     if torch.is_grad_enabled() and refuses_backward():
         return lifted(functools.partial(_kernels, kind, enter, lag), qf, kf, v, log_decay, beta)
     return kind.fla_forward(qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)
+
+
+def run(kind, qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
+    """(num, den) of the kind's `fla_forward`; where fla refuses its backward, with the refusal lifted there -- only
+    at shapes `trainable` cleared on this device (a one-line error otherwise: fla's kernels would compute wrong
+    gradients or refuse them)."""
+    if torch.is_grad_enabled() and refuses_backward():
+        shape = Shape.of(qf, kf, v)
+        if not trainable(kind, shape, str(qf.device)):
+            raise ValueError(f"linear state {kind.name!r}: flash-linear-attention's backward is refused on this GPU "
+                             f"and not cleared at {shape} (see the warning above): use the chunked sums")
+    return _lifted_call(kind, qf, kf, v, log_decay=log_decay, beta=beta, enter=enter, lag=lag)

@@ -19,8 +19,8 @@ from linearize.attention.linear.common import (
     shift_time,
 )
 
-__all__ = ["absorb", "chunked", "decay_weights", "decayed", "final_state", "fla_forward", "init_state", "naive", "read",
-           "recall_error", "step"]
+__all__ = ["absorb", "chunked", "decay_weights", "decayed", "final_state", "fla_forward", "fla_kernel_sizes",
+           "init_state", "naive", "read", "recall_error", "step"]
 
 init_state = init_kv_state
 # sparse memory scores and lets keys in as the 'sum' state does (the decay is in absorb's log_weight)
@@ -113,6 +113,12 @@ def step(state: KVState, qf_t, kf_in, v_in, *, log_decay_t=None, beta_in=None, e
     return sum_kind.step(state, qf_t, kf_in, v_in, enter_in=enter_in)
 
 
+def fla_kernel_sizes(m: int, d: int) -> tuple[int, int]:
+    """The kernel's key and value sizes: v gets a ones column (the kernel's output then carries den), then zeros to
+    a kernel-friendly width."""
+    return m, -(-(d + 1) // 16) * 16
+
+
 def fla_forward(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
     """The same sums through flash-linear-attention's simple GLA kernel (CUDA): v gets a ones column so the kernel's
     output carries den; the lag is a shift of the keys, GQA a repeat of the KV heads."""
@@ -121,7 +127,7 @@ def fla_forward(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
     hq, hkv, d = qf.shape[1], kf.shape[1], v.shape[-1]
     rep = hq // hkv
     kf = shift_time(kf * entering(kf, enter)[:, None, :, None].to(kf.dtype), lag)
-    width = -(-(d + 1) // 16) * 16  # the ones column, then zeros to a kernel-friendly width
+    width = fla_kernel_sizes(qf.shape[-1], d)[1]
     vx = torch.cat([shift_time(v, lag), torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], width - d - 1)], -1)
     ld = _log_decay(log_decay, kf)
     kf, vx, ld = (x.repeat_interleave(rep, 1) for x in (kf, vx, ld))

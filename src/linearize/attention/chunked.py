@@ -116,6 +116,14 @@ def memory_sums(q, qf, k, v, kf, candidate, *, spec: AttentionSpec, log_decay=No
     return flat([[ungroup(x) for x in part] for part in soft]), flat(lin)
 
 
+def reads_linear_sums(spec: AttentionSpec, mode: ComponentMode) -> bool:
+    """A full-sequence call in `mode` computes the kind's linear sums (`linear_backend` chooses how): a mode with the
+    linear branch, except where the sparse memory's walk supplies them (a combining mode, keys entering late)."""
+    if not mode.uses_linear:
+        return False
+    return not (spec.sparse_memory > 0 and mode.combines and mode.linear_lag(spec.placement, spec.window) != 0)
+
+
 def hybrid_attention_chunked(
     q, k, v, qf, kf, *, spec: AttentionSpec, mode: str | ComponentMode = "hybrid", weight=0.1, valid=None,
     log_decay=None, beta=None, linear_backend: str = "chunked",

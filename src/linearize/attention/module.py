@@ -17,7 +17,7 @@ from torch import nn
 
 from linearize.attention.adapters import FamilyAdapter, head_dim, layer_types
 from linearize.attention.cache import hybrid_cache_layer, take_cache
-from linearize.attention.chunked import hybrid_attention_chunked
+from linearize.attention.chunked import hybrid_attention_chunked, reads_linear_sums
 from linearize.attention.common import causal_conv
 from linearize.attention.linear import fla_route, linear_state
 from linearize.attention.recurrent import decode_step, prefill_selecting, prefill_state
@@ -121,7 +121,7 @@ def choose_backend(spec: AttentionSpec, q: torch.Tensor, mode: ComponentMode | N
         backend = "triton" if kind.triton and _triton_available(q) and not extras else "torch"
         shape = fla_route.Shape(m=features or q.shape[-1], d=q.shape[-1], b=q.shape[0], hq=q.shape[1],
                                 hkv=kv_heads or q.shape[1])
-        if not kind.triton and mode.uses_linear and fla_route.usable(kind, q, shape):
+        if not kind.triton and reads_linear_sums(spec, mode) and fla_route.usable(kind, q, shape):
             linear_backend = "fla"
         elif backend == "torch" and q.shape[2] <= DENSE_UP_TO_CHUNKS * spec.chunk_size and not spec.sparse_memory:
             backend = "reference"  # short rows (benchmark prompts): one (T x T) product beats the chunk bookkeeping

@@ -265,3 +265,54 @@ def test_the_route_takes_the_kernels_where_they_compute_the_call(monkeypatch, re
         assert fla_route.usable(DELTA, OnCuda(), shape) is want
     assert asked == ([("delta", shape, "cuda:0")] if refused and grad else [])
     assert not fla_route.usable(linear_state("sum"), OnCuda(), shape)  # no fla kernels for 'sum'
+
+
+def test_sizes_the_kernel_does_not_compute_never_take_it(monkeypatch):
+    """The delta kernel computes an even feature size up to 256 and an even value size: a hedgehog map of full size
+    on a 256-wide head (m = 512) stays on the chunked sums, with or without gradients."""
+    class OnCuda:
+        is_cuda, device = True, "cuda:0"
+
+    monkeypatch.setattr(fla_route, "imports", lambda: True)
+    monkeypatch.setattr(fla_route, "refuses_backward", lambda: False)
+    assert fla_route.usable(DELTA, OnCuda(), Shape(m=256, d=256))
+    with torch.no_grad():
+        assert not fla_route.usable(DELTA, OnCuda(), Shape(m=512, d=256))
+    assert not fla_route.usable(DELTA, OnCuda(), Shape(m=128, d=63))
+
+
+def test_the_route_asks_only_where_the_call_reads_the_linear_sums():
+    """Modes without the linear branch, and the sparse memory's combining modes whose walk supplies the linear sums,
+    never ask fla_route (its check compiles kernels that would not run)."""
+    import dataclasses as dc
+
+    from linearize.attention.chunked import reads_linear_sums
+    from linearize.attention.spec import AttentionSpec
+    from linearize.config import component_mode
+
+    spec = AttentionSpec(scale=0.1, window=8, rule="mix", linear_state="delta")
+    assert reads_linear_sums(spec, component_mode("hybrid")) and reads_linear_sums(spec, component_mode("la_only"))
+    assert not reads_linear_sums(spec, component_mode("swa_only")) and not reads_linear_sums(spec, component_mode("none"))
+    memory = dc.replace(spec, sparse_memory=4)
+    assert not reads_linear_sums(memory, component_mode("hybrid"))  # the memory's walk
+    assert reads_linear_sums(memory, component_mode("la_only"))  # no window: the memory does not act
+    assert reads_linear_sums(dc.replace(memory, placement="overlap"), component_mode("hybrid"))  # every key: the sums
+
+
+def test_a_check_first_run_in_a_non_reentrant_recompute_leaves_that_checkpoint_intact():
+    """Inline inside a backward, the check's own tensors bypass the recomputing checkpoint's saved-tensor hooks, so
+    the recompute finds what the forward saved and the gradients are the plain ones."""
+    right = standing_in(lambda *a, **k: DELTA.chunked(*a, **k))
+    seen = []
+
+    def layer(a):
+        h = a.sin()
+        if torch._C._current_graph_task_id() != -1:  # only in the recompute
+            seen.append(fla_route.trainable(right, Shape(m=16, d=8, b=2), "cpu"))
+        return (h * a).cos()
+
+    a = torch.randn(4, requires_grad=True)
+    checkpoint(layer, a, use_reentrant=False).sum().backward()
+    want = torch.autograd.grad((a.sin() * a).cos().sum(), a)[0]
+    assert seen == [True]
+    torch.testing.assert_close(a.grad, want)

@@ -7,6 +7,7 @@ A kind's folder (`attention/linear/<kind>/`) exposes plain fp32 torch functions:
     step(state, qf_t, kf_in, v_in, *, log_decay_t=None, beta_in=None, enter_in=None)      one step, in place
     fla_forward(...)                                                                       optional GPU backend
     fla_kernel_sizes(m, d) -> (key size, value size) its kernel sees, where not (m, d)    (fla_route's tile check)
+    fla_supports(m, d) -> bool: the sizes fla_forward computes, where it has limits
 and, optionally, final_state(kf, v, *, log_decay, beta, enter, lag) -> state (the decode prefill; without it the
 prefill runs `step` over the prompt). A kind that the sparse memory (`attention.memory`) can serve also has
     read(state, qf[, log_decay=]) -> (num, den)          queries (B, Hq, L, m) against the state (decayed per query)
@@ -53,6 +54,7 @@ class LinearState:
     step: Callable
     fla_forward: Callable | None = None
     fla_kernel_sizes: Callable | None = None  # (m, d) -> the key and value sizes fla_forward's kernel sees (else m, d)
+    fla_supports: Callable | None = None  # (m, d) -> whether fla_forward computes these sizes (None: any)
     final_state: Callable | None = None
     read: Callable | None = None
     recall_error: Callable | None = None
@@ -62,8 +64,8 @@ class LinearState:
     @classmethod
     def from_module(cls, name: str, module: ModuleType, **fields) -> "LinearState":
         """The entry of the kind in `module`: its functions by their interface names, unless `fields` name them."""
-        names = ("naive", "chunked", "init_state", "step", "fla_forward", "fla_kernel_sizes", "final_state", "read",
-                 "recall_error", "absorb", "decayed")
+        names = ("naive", "chunked", "init_state", "step", "fla_forward", "fla_kernel_sizes", "fla_supports",
+                 "final_state", "read", "recall_error", "absorb", "decayed")
         fns = {f: getattr(module, f, None) for f in names}
         return cls(name=name, help=(module.__doc__ or "").strip().split("\n")[0], **{**fns, **fields})
 

@@ -1,7 +1,7 @@
 """When the linear states' flash-linear-attention kernels (`fla_forward` of 'gated' and 'delta') run, training included.
 
 fla (0.6) refuses the backward of its gated chunk kernels -- `chunk_bwd_dqkwg` with a gate, which both kinds reach --
-on Hopper GPUs with Triton >= 3.4 and < 3.7.1 unless tilelang is installed: a Triton miscompile (fla issue 640) whose
+on Hopper GPUs with Triton >= 3.4 and < 3.7.1 (unless its tilelang kernels take the call): a Triton miscompile (fla issue 640) whose
 bisection pins it to one block width of that kernel, 64 (widths 32 and 128 compute correct gradients). torch up to
 2.12.0 pins Triton in that range, so on an H100 / H200 training took the chunked PyTorch sums: on Qwen2.5-1.5B at
 8k-token rows a stage-1 step launched ~150k kernels and kept the GPU busy 5% of its time
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -47,16 +46,16 @@ def imports() -> bool:
 
 @functools.cache
 def refuses_backward() -> bool:
-    """fla refuses its gated backward here: a Hopper GPU, Triton in [3.4, 3.7.1), no tilelang."""
+    """fla's guard stands here: a Hopper GPU, Triton in [3.4, 3.7.1). (With tilelang installed fla hands some of
+    these calls to its tilelang kernels, not all -- simple GLA's fp32 states, no nvcc, FLA_TILELANG=0 -- so the route
+    treats the guard as standing and checks whatever kernel fla then runs.)"""
     if not imports():
         return False
     try:
         from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
     except ImportError:  # an fla without the guard
         return False
-    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
-        return False
-    return importlib.util.find_spec("tilelang") is None
+    return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
 
 
 def block_width(n: int) -> int:
@@ -148,8 +147,9 @@ def _apart(fn, *args):
     inside a backward pass (a reentrant checkpoint's recompute), inline: the backward's device thread would otherwise
     wait on a worker whose own CUDA backward it must run."""
     task = getattr(torch._C, "_current_graph_task_id", lambda: -1)()
-    if task != -1:
-        with torch.enable_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+    if task != -1:  # identity saved-tensor hooks: a checkpoint's own hooks do not take the check's tensors
+        with torch.enable_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             return fn(*args)
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(fn, *args).result()
@@ -183,7 +183,7 @@ def trainable(kind, shape: Shape, device: str) -> bool:
             why = f"its kernels failed the check on this device ({type(exc).__name__}: {exc})"
     DECISIONS[key] = f"chunked: {why}"
     warnings.warn(f"linear state {kind.name!r}: flash-linear-attention's backward is refused on this GPU and Triton "
-                  f"(fla issue 640; Triton >= 3.7.1 or tilelang lifts it) and {why}: training takes the chunked "
+                  f"(fla issue 640; Triton >= 3.7.1 lifts it) and {why}: training takes the chunked "
                   f"PyTorch sums (slower)", stacklevel=2)
     return False
 
@@ -191,6 +191,8 @@ def trainable(kind, shape: Shape, device: str) -> bool:
 def usable(kind, x: torch.Tensor, shape: Shape) -> bool:
     """The kind's kernels compute this call (x: the layer's q, on its device; `shape`: the call's sizes)."""
     if kind.fla_forward is None or not x.is_cuda or not imports():
+        return False
+    if kind.fla_supports is not None and not kind.fla_supports(shape.m, shape.d):
         return False
     if not torch.is_grad_enabled() or not refuses_backward():
         return True
@@ -220,6 +222,7 @@ class _LiftedBackward(torch.autograd.Function):
     per backward, nothing else kept."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # the backward's run of fn under the forward's autocast state
     def forward(ctx, fn, *inputs):
         ctx.fn = fn
         ctx.is_tensor = [torch.is_tensor(x) for x in inputs]
@@ -229,6 +232,7 @@ class _LiftedBackward(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, *grads):
         saved = iter(ctx.saved_tensors)
         ins = [next(saved).detach().requires_grad_(ctx.needs_input_grad[i + 1]) if t else other

@@ -7,10 +7,10 @@ den is 1 once a key has entered, else 0, so it suits the 'mix' combine rule only
 """
 
 from linearize.attention.linear.delta.chunked import chunked, prefill_state
-from linearize.attention.linear.delta.fla import fla_forward
+from linearize.attention.linear.delta.fla import fla_forward, fla_supports
 from linearize.attention.linear.delta.naive import naive
 from linearize.attention.linear.delta.memory import absorb, recall_error
 from linearize.attention.linear.delta.recurrent import DeltaState, decayed, init_state, read, step
 
-__all__ = ["naive", "chunked", "init_state", "step", "fla_forward", "prefill_state", "DeltaState", "absorb", "decayed",
-           "read", "recall_error"]
+__all__ = ["naive", "chunked", "init_state", "step", "fla_forward", "fla_supports", "prefill_state", "DeltaState",
+           "absorb", "decayed", "read", "recall_error"]

@@ -35,10 +35,15 @@ def kernel_inputs(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0, dt
             heads_last(beta_in, torch.float32)), enters
 
 
+def fla_supports(m: int, d: int) -> bool:
+    """The kernel computes feature size m and value size d: m even and at most MAX_FEATURES, d even."""
+    return m <= MAX_FEATURES and m % 2 == 0 and d % 2 == 0
+
+
 def fla_forward(qf, kf, v, *, log_decay=None, beta=None, enter=None, lag=0):
     """(num (B, Hq, T, d) in qf's dtype, den (B, Hq, T)); equal to `naive` up to bf16 rounding."""
     m, d = qf.shape[-1], v.shape[-1]
-    if m > MAX_FEATURES or m % 2 or d % 2:
+    if not fla_supports(m, d):
         raise ValueError(f"fla's gated delta rule needs an even feature size <= {MAX_FEATURES} and an even value size; got m={m}, d={d}")
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule

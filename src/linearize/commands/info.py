@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
+    import torch
+
     from linearize.attention.adapters import adapter_for, head_dim, layer_types
+    from linearize.attention.linear import fla_route, linear_state
     from linearize.feature_maps import num_features
     from linearize.models.convert import resolve_layers, text_config
     from linearize.models.memory import decode_state_bytes
@@ -72,6 +75,7 @@ def describe(model, hybrid: HybridConfig, context: int, converted: bool) -> str:
         f"  layers        {len(layers)} of {c.num_hidden_layers}: {layers}",
         f"  attention     softmax over the last {hybrid.window} keys + linear attention ({hybrid.placement}), combined by {hybrid.combine}",
         f"  feature map   {hybrid.feature_map}, W {d}x{proj} per head -> {m} features",
+        f"  linear state  {hybrid.linear_state}: {fla_route.describe(linear_state(hybrid.linear_state), m, d, cuda=torch.cuda.is_available())}",
         f"  new params    ~{new_params / 1e6:.2f}M feature-map weights (+ mixing parameters)",
         f"  decode cache  at {context} tokens, fp32, batch 1: base {base_kv / 2**20:.1f} MiB -> converted {converted_bytes / 2**20:.1f} MiB"
         + (f" (unconverted full-attention layers {growing} still grow)" if growing else " (constant in context"

@@ -316,3 +316,18 @@ def test_a_check_first_run_in_a_non_reentrant_recompute_leaves_that_checkpoint_i
     want = torch.autograd.grad((a.sin() * a).cos().sum(), a)[0]
     assert seen == [True]
     torch.testing.assert_close(a.grad, want)
+
+
+def test_info_says_what_computes_the_linear_sums_here(monkeypatch):
+    assert "Triton kernels" in fla_route.describe(linear_state("sum"), 128, 128, cuda=True)
+    assert fla_route.describe(DELTA, 128, 128, cuda=False).startswith("chunked PyTorch sums (no CUDA here")
+    monkeypatch.setattr(fla_route, "imports", lambda: False)
+    assert "is not installed" in fla_route.describe(DELTA, 128, 128, cuda=True)
+    monkeypatch.setattr(fla_route, "imports", lambda: True)
+    assert "does not compute feature size 512" in fla_route.describe(DELTA, 512, 256, cuda=True)
+    monkeypatch.setattr(fla_route, "refuses_backward", lambda: False)
+    assert fla_route.describe(DELTA, 128, 128, cuda=True) == "flash-linear-attention's kernels, training included"
+    monkeypatch.setattr(fla_route, "refuses_backward", lambda: True)
+    assert "training on the chunked PyTorch sums" in fla_route.describe(DELTA, 64, 64, cuda=True)
+    assert "value size 48 tile at the miscompiled width 64" in fla_route.describe(GATED, 128, 32, cuda=True)
+    assert "once a check of their gradients on the device passes" in fla_route.describe(GATED, 128, 64, cuda=True)

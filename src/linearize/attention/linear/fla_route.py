@@ -199,6 +199,28 @@ def usable(kind, x: torch.Tensor, shape: Shape) -> bool:
     return trainable(kind, shape, str(x.device))
 
 
+def describe(kind, m: int, d: int, *, cuda: bool) -> str:
+    """One line for `linearize info`: what computes the kind's linear sums here, and for training, before any check."""
+    if kind.fla_forward is None:
+        return "chunked PyTorch sums (no flash-linear-attention kernel for this state)" if not kind.triton else \
+            "the package's Triton kernels on CUDA, chunked PyTorch sums elsewhere"
+    if not cuda:
+        return "chunked PyTorch sums (no CUDA here; flash-linear-attention's kernels on CUDA)"
+    if not imports():
+        return "chunked PyTorch sums (flash-linear-attention, the `gpu` extra, is not installed)"
+    if kind.fla_supports is not None and not kind.fla_supports(m, d):
+        return f"chunked PyTorch sums (fla's kernel does not compute feature size {m} / value size {d})"
+    if not refuses_backward():
+        return "flash-linear-attention's kernels, training included"
+    k, v = kernel_sizes(kind, m, d)
+    if not clear_of_miscompile(k, v):
+        return (f"flash-linear-attention's kernels for inference; training on the chunked PyTorch sums (fla refuses "
+                f"its gated backward on this GPU and Triton, issue 640, and key size {k} / value size {v} tile at "
+                f"the miscompiled width {MISCOMPILED_BLOCK})")
+    return ("flash-linear-attention's kernels; for training once a check of their gradients on the device passes at "
+            "the first training step (fla refuses its gated backward on this GPU and Triton, issue 640)")
+
+
 @contextlib.contextmanager
 def _refusal_lifted():
     """fla's guard reads this module global at call time; set for the duration of one backward."""

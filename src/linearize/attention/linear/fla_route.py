@@ -1,8 +1,8 @@
 """When the linear states' flash-linear-attention kernels (`fla_forward` of 'gated' and 'delta') run, training included.
 
 fla (0.6) refuses the backward of its gated chunk kernels -- `chunk_bwd_dqkwg` with a gate, which both kinds reach --
-on Hopper GPUs with Triton >= 3.4 and < 3.7.1 (unless its tilelang kernels take the call): a Triton miscompile (fla issue 640) whose
-bisection pins it to one block width of that kernel, 64 (widths 32 and 128 compute correct gradients). torch up to
+on Hopper GPUs with Triton >= 3.4 and < 3.7.1 (unless its tilelang kernels take the call): a Triton miscompile (fla
+issue 640) whose bisection pins it to one block width of that kernel, 64 (32 and 128 give correct gradients). torch up to
 2.12.0 pins Triton in that range, so on an H100 / H200 training took the chunked PyTorch sums: on Qwen2.5-1.5B at
 8k-token rows a stage-1 step launched ~150k kernels and kept the GPU busy 5% of its time
 (benchmarks/results/speed/h100_5cff4a1/profile_conversion/).

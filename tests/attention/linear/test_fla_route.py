@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 import types
 import weakref
@@ -33,8 +34,26 @@ def sums(qf, kf, v, log_decay, beta):
 
 
 def standing_in(kernel):
-    """The delta kind with `kernel` as its fla_forward (the chunked sums: right; anything else: a stand-in kernel)."""
+    """The delta kind with `kernel` as its fla_forward (the chunked sums: right; anything else: a stand-in kernel).
+    The check imports the kernel by name in its own process: module-level functions only."""
     return dataclasses.replace(DELTA, fla_forward=kernel)
+
+
+# stand-in kernels (fla_forward's signature) for the check's process
+def chunked_kernels(qf, kf, v, **kw):
+    return DELTA.chunked(qf, kf, v, **kw)
+
+
+def miscompiled_kernels(qf, kf, v, **kw):  # the gradient wrt the keys scaled, the output right
+    return DELTA.chunked(qf, kf * 1.05 - 0.05 * kf.detach(), v, **kw)
+
+
+def broken_kernels(*a, **k):
+    raise RuntimeError("no kernel image is available")
+
+
+def faulting_kernels(*a, **k):  # a kernel that kills its process, as an illegal memory access leaves a CUDA context
+    os.abort()
 
 
 @pytest.mark.parametrize("n,width", [(1, 16), (8, 16), (32, 32), (64, 64), (65, 128), (96, 128), (128, 128), (256, 128)])
@@ -157,17 +176,12 @@ def test_the_refusal_is_lifted_while_the_backward_runs_and_restored_after(monkey
 
 
 def test_the_check_accepts_kernels_that_compute_the_sums_and_rejects_others():
-    right = standing_in(DELTA.chunked)
-
-    def off(qf, kf, v, **kw):  # a miscompiled kernel: the gradient wrt the keys scaled
-        return DELTA.chunked(qf, kf * 1.05 - 0.05 * kf.detach(), v, **kw)
-
-    wrong = standing_in(off)
+    right, wrong = standing_in(chunked_kernels), standing_in(miscompiled_kernels)
     cpu, shape = torch.device("cpu"), Shape(m=32, d=16, b=2, hq=4, hkv=2)
-    assert fla_route.within(fla_route.errors(right, functools.partial(fla_route.run, right), shape, cpu))
-    errs = fla_route.errors(wrong, functools.partial(fla_route.run, wrong), shape, cpu)
+    assert fla_route.within(fla_route.errors(right, functools.partial(fla_route._lifted_call, right), shape, cpu))
+    errs = fla_route.errors(wrong, functools.partial(fla_route._lifted_call, wrong), shape, cpu)
     assert not fla_route.within(errs) and errs["kf"] > fla_route.GRAD_RTOL and errs["num"] < 1e-6
-    assert fla_route.trainable(right, shape, "cpu")
+    assert fla_route.trainable(right, shape, "cpu")  # the same, in the check's own process
     assert fla_route.DECISIONS["delta m=32 d=16 b=2 hq=4 hkv=2 cpu"].startswith(
         "fla (relative RMS errors against the chunked sums: num 0")
     with pytest.warns(UserWarning, match="did not match"):
@@ -186,11 +200,24 @@ def test_the_check_runs_at_the_calls_batch_and_head_counts():
 
 
 def test_kernels_that_fail_the_check_leave_training_on_the_chunked_sums():
-    def broken(*a, **k):
-        raise RuntimeError("no kernel image is available")
+    with pytest.warns(UserWarning, match="failed the check on this device .RuntimeError: .*no kernel image"):
+        assert not fla_route.trainable(standing_in(broken_kernels), Shape(m=32, d=16), "cpu")
 
-    with pytest.warns(UserWarning, match="failed the check on this device .RuntimeError: no kernel image"):
-        assert not fla_route.trainable(standing_in(broken), Shape(m=32, d=16), "cpu")
+
+def test_kernels_that_kill_the_checks_process_leave_this_one_working():
+    """A kernel fault (an illegal memory access breaks the CUDA context of its process for good) ends only the check's
+    process: the route says so and trains on the chunked sums here."""
+    with pytest.warns(UserWarning, match="its process ended with exit code -6"):
+        assert not fla_route.trainable(standing_in(faulting_kernels), Shape(m=32, d=16), "cpu")
+    assert "exit code -6" in fla_route.DECISIONS["delta m=32 d=16 b=1 hq=2 hkv=1 cpu"]
+    x = inputs()
+    assert torch.isfinite(sums(**x)[0]).all()  # this process computes on
+
+
+def test_the_check_names_kernels_its_process_can_import():
+    with pytest.raises(ValueError, match="cannot be imported"):
+        fla_route.check_in_own_process(standing_in(lambda *a, **k: None), Shape(m=32, d=16), "cpu")
+    assert fla_route._import_kernels(fla_route._kernels_name(DELTA.fla_forward)) is DELTA.fla_forward
 
 
 def test_run_refuses_a_shape_the_check_did_not_clear(monkeypatch):
@@ -206,8 +233,8 @@ def test_run_refuses_a_shape_the_check_did_not_clear(monkeypatch):
 
 def test_the_check_inside_a_checkpointed_forward_leaves_the_checkpoint_intact():
     """The route decides inside a training forward, which gradient checkpointing records and replays: the check runs
-    apart (its own thread), so the replay finds the same saved tensors and the gradients are the plain ones."""
-    right = standing_in(lambda *a, **k: DELTA.chunked(*a, **k))
+    apart (its own process), so the replay finds the same saved tensors and the gradients are the plain ones."""
+    right = standing_in(chunked_kernels)
     x = inputs(seed=3)
     args = [t.clone().requires_grad_() for t in x.values()]
 
@@ -225,9 +252,8 @@ def test_the_check_inside_a_checkpointed_forward_leaves_the_checkpoint_intact():
 
 def test_a_check_first_needed_inside_a_backward_runs_there():
     """Under a reentrant checkpoint the forward runs without a graph and the route first asks with gradients on inside
-    the backward's recompute: the check then runs inline (a worker's CUDA backward would wait on the blocked device
-    thread), and still decides."""
-    right = standing_in(lambda *a, **k: DELTA.chunked(*a, **k))
+    the backward's recompute: the check (its own process) still decides there."""
+    right = standing_in(chunked_kernels)
     seen = []
 
     def layer(a):
@@ -300,9 +326,10 @@ def test_the_route_asks_only_where_the_call_reads_the_linear_sums():
 
 
 def test_a_check_first_run_in_a_non_reentrant_recompute_leaves_that_checkpoint_intact():
-    """Inline inside a backward, the check's own tensors bypass the recomputing checkpoint's saved-tensor hooks, so
-    the recompute finds what the forward saved and the gradients are the plain ones."""
-    right = standing_in(lambda *a, **k: DELTA.chunked(*a, **k))
+    """Asked inside a backward's recompute, the check's tensors live in another process, out of the recomputing
+    checkpoint's saved-tensor hooks, so the recompute finds what the forward saved and the gradients are the plain
+    ones."""
+    right = standing_in(chunked_kernels)
     seen = []
 
     def layer(a):

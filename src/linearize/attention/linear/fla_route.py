@@ -10,7 +10,9 @@ issue 640) whose bisection pins it to one block width of that kernel, 64 (32 and
 `usable` is the route's answer. Where fla does not refuse, the kernels run whenever fla is installed and the input is
 on CUDA. Where it refuses, they run under autograd only if the kernel's block widths for these sizes avoid 64 and a
 check on this device passes -- the kernels' outputs and gradients against the kind's chunked PyTorch sums on random
-inputs of the call's sizes, batch and head counts (which the kernels compile in), once per kind, shape and device --
+inputs of the call's sizes, batch and head counts (which the kernels compile in), once per kind, shape and device, in
+a process of its own (on an H100 with Triton 3.6 the delta kernels also computed wrong gradients at some sizes clear
+of width 64, and at feature size 32 made an illegal memory access, which leaves a process's CUDA context unusable) --
 else the chunked sums train, with a warning saying why. `run` then calls the kernels so that their backward passes
 fla's refusal: the refusal is lifted only while that backward runs, inside this module's own autograd function.
 """
@@ -18,10 +20,14 @@ fla's refusal: the refusal is lifted only while that backward runs, inside this 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import importlib
+import json
+import os
+import subprocess
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +39,8 @@ WIDEST_BLOCK, NARROWEST_BLOCK = 128, 16
 MISCOMPILED_BLOCK = 64
 #: the check's tolerances: relative RMS error of bf16 kernels against fp32 sums, as the GPU tests measure them
 OUTPUT_RTOL, GRAD_RTOL = 0.02, 0.03
+#: the longest the check's process may take (its first use of the kernels compiles and tunes them: minutes)
+CHECK_SECONDS = 900
 
 
 @functools.cache
@@ -141,18 +149,52 @@ def within(errs: dict[str, float]) -> bool:
     return errs["num"] < OUTPUT_RTOL and all(e < GRAD_RTOL for k, e in errs.items() if k != "num")
 
 
-def _apart(fn, *args):
-    """fn(*args) where the caller's autograd state does not reach it. Normally a thread of its own (a checkpoint's
-    saved-tensor hooks, autocast and no_grad are thread-local, and the check's graph stays out of the caller's);
-    inside a backward pass (a reentrant checkpoint's recompute), inline: the backward's device thread would otherwise
-    wait on a worker whose own CUDA backward it must run."""
-    task = getattr(torch._C, "_current_graph_task_id", lambda: -1)()
-    if task != -1:  # identity saved-tensor hooks: a checkpoint's own hooks do not take the check's tensors
-        with torch.enable_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            return fn(*args)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn, *args).result()
+def _kernels_name(fn) -> str:
+    """'module:qualname' of a kind's kernel function, for the check's process to import."""
+    name = f"{fn.__module__}:{fn.__qualname__}"
+    if "<" in fn.__qualname__:  # a lambda or a function defined inside another
+        raise ValueError(f"the check imports the kernels in its own process; {name} cannot be imported")
+    return name
+
+
+def _import_kernels(name: str):
+    module, _, qualname = name.partition(":")
+    found = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def check_in_own_process(kind, shape: Shape, device: str) -> dict[str, float]:
+    """`errors` of the kind's kernels at `shape` on `device`, computed in a new Python process (this one's import path;
+    the kernels by name), so that a kernel that faults leaves this process's CUDA context alone. Raises RuntimeError
+    with the process's last words when it does not answer."""
+    spec = dict(kind=kind.name, kernels=_kernels_name(kind.fla_forward), shape=dataclasses.asdict(shape), device=device)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    code = "import sys; from linearize.attention.linear.fla_route import _check_main; _check_main(sys.argv[1])"
+    try:
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env,
+                              timeout=CHECK_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"its process did not answer within {CHECK_SECONDS} s") from None
+    answer = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+    if not answer or not answer[0].startswith("{"):
+        last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise RuntimeError(f"its process ended with exit code {done.returncode}: {last[:300]}")
+    return json.loads(answer[0])
+
+
+def _check_main(spec_json: str) -> None:
+    """The check's process: one line of JSON, the relative errors, on stdout."""
+    from linearize.attention.linear import linear_state
+
+    spec = json.loads(spec_json)
+    kind = dataclasses.replace(linear_state(spec["kind"]), fla_forward=_import_kernels(spec["kernels"]))
+    device = torch.device(spec["device"])
+    errs = errors(kind, functools.partial(_lifted_call, kind), Shape(**spec["shape"]), device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a fault surfaces here, in this process
+    print(json.dumps(errs), flush=True)
 
 
 #: What `trainable` decided in this process: "<kind> <shape> <device>" -> "fla (<errors>)" or "chunked: <why>" (a
@@ -169,10 +211,10 @@ def trainable(kind, shape: Shape, device: str) -> bool:
         why = f"its kernel would tile key size {k} / value size {v} at width {MISCOMPILED_BLOCK}, the width miscompiled"
     else:
         print(f"linearize: fla refuses its gated backward on this GPU and Triton (fla issue 640); checking its "
-              f"'{kind.name}' kernels' gradients at {shape} on {device} once (their first use compiles them: a "
-              f"minute or more)", file=sys.stderr, flush=True)
+              f"'{kind.name}' kernels' gradients at {shape} on {device} once, in a process of its own (their first "
+              f"use compiles them: a minute or more)", file=sys.stderr, flush=True)
         try:
-            errs = _apart(errors, kind, functools.partial(_lifted_call, kind), shape, torch.device(device))
+            errs = check_in_own_process(kind, shape, device)
             measured = ", ".join(f"{name} {e:.3g}" for name, e in errs.items())
             if within(errs):
                 DECISIONS[key] = f"fla (relative RMS errors against the chunked sums: {measured})"

@@ -214,27 +214,32 @@ def test_long_context_table_is_the_states_script_comparison():
 
 
 def test_all_layers_table_is_the_measured_qwen_conversion_with_and_without_its_training_memory():
-    """long-context-all-layers: the long-context-kl recipe as measured (RESULTS.md, sessions 24-26) and trained
-    without the memory; its memory variants at load each beside its readout off; evaluated at 4k-32k with every layer
-    cut in the baselines and the training-free query memories of 2048 / 4096 keys."""
+    """long-context-all-layers: the long-context-kl recipe as measured (RESULTS.md, session 27) and trained with the
+    recall memory (sessions 24-26); their memory variants at load each beside its readout off; evaluated at 4k-32k
+    with every layer cut in the baselines and the training-free query memories of 2048 / 4096 keys."""
     from linearize.study import LongSettings
     from linearize.train.recipes import load_recipe
 
     table = TABLES["long-context-all-layers"]
     runs = {r.name: r for r in table.runs}
     assert {n: (r.recipe, r.overrides, r.modes) for n, r in runs.items()} == {
-        "kl-r8k": ("long-context-kl", (), ("hybrid",)),
-        "kl-r8k-nomem": ("long-context-kl", ("hybrid.sparse_memory=0",), ("hybrid",))}
+        "kl-r8k": ("long-context-kl", ("hybrid.sparse_memory=2048",), ("hybrid",)),
+        "kl-r8k-nomem": ("long-context-kl", (), ("hybrid",))}
     nomem = load_recipe("long-context-kl", list(runs["kl-r8k-nomem"].overrides), "gpu-small")
     assert nomem["hybrid"]["sparse_memory"] == 0 and nomem["data"]["seq_len"] == 8192
     assert nomem["inference"]["hybrid"] == {"sparse_memory": 2048, "memory_select": "query"}  # saved with the memory
+    memtrain = load_recipe("long-context-kl", list(runs["kl-r8k"].overrides), "gpu-small")
+    assert (memtrain["hybrid"]["sparse_memory"], memtrain["hybrid"]["memory_select"],
+            memtrain["hybrid"]["memory_block"]) == (2048, "recall", 512)  # session 24's training memory
     off = (("mix_shift", 30.0),)
     assert [(v.name, v.run, v.hybrid, v.paired_with) for v in table.variants] == [
         ("kl-r8k-la-off", "kl-r8k", off, ("kl-r8k",)),
         ("kl-r8k-mem4096", "kl-r8k", (("sparse_memory", 4096),), ()),
         ("kl-r8k-mem4096-la-off", "kl-r8k", (("sparse_memory", 4096), *off), ("kl-r8k-mem4096",)),
         ("kl-r8k-recall", "kl-r8k", (("memory_select", "recall"),), ()),
-        ("kl-r8k-nomem-la-off", "kl-r8k-nomem", off, ("kl-r8k-nomem",))]
+        ("kl-r8k-nomem-la-off", "kl-r8k-nomem", off, ("kl-r8k-nomem",)),
+        ("kl-r8k-nomem-mem4096", "kl-r8k-nomem", (("sparse_memory", 4096),), ()),
+        ("kl-r8k-nomem-mem4096-la-off", "kl-r8k-nomem", (("sparse_memory", 4096), *off), ("kl-r8k-nomem-mem4096",))]
     assert table.long == LongSettings(lengths=(4096, 8192, 16384, 32768), qa_lengths=(8192, 16384, 32768),
                                       layers="all", window=512, baseline_windows=("auto", 512),
                                       memory_baselines=(2048, 4096), memory_reread=32, memory_fill=True)

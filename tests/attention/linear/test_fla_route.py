@@ -4,6 +4,7 @@ with the chunked sums standing in for the kernels."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import os
@@ -48,12 +49,30 @@ def miscompiled_kernels(qf, kf, v, **kw):  # the gradient wrt the keys scaled, t
     return DELTA.chunked(qf, kf * 1.05 - 0.05 * kf.detach(), v, **kw)
 
 
+#: torch's message for a CUDA error, as the kernels raise it
+CUDA_ERROR = ("CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors might be "
+              "asynchronously reported at some other API call, so the stacktrace below might be incorrect.\nFor "
+              "debugging consider passing CUDA_LAUNCH_BLOCKING=1\nCompile with `TORCH_USE_CUDA_DSA` to enable "
+              "device-side assertions.\n")
+
+
 def broken_kernels(*a, **k):
-    raise RuntimeError("no kernel image is available")
+    raise RuntimeError(CUDA_ERROR)
 
 
-def faulting_kernels(*a, **k):  # a kernel that kills its process, as an illegal memory access leaves a CUDA context
+def faulting_kernels(*a, **k):  # a kernel that kills its process, as an illegal memory access in a destructor does
+    sys.stderr.write("terminate called after throwing an instance of 'c10::Error'\n  what():  CUDA error: an illegal "
+                     "memory access was encountered\nException raised from c10_cuda_check_implementation\n"
+                     "frame #0: c10::Error::Error + 0x98 (0x7f in libc10.so)\n")
+    sys.stderr.flush()
     os.abort()
+
+
+def noisy_kernels(qf, kf, v, **kw):  # right, and printing on stdout as libraries do (Triton's autotune report)
+    print("{autotuning: best config BV=32}")
+    os.write(1, b"from C: {\n")
+    atexit.register(print, "{a report at exit}")  # after the answer
+    return DELTA.chunked(qf, kf, v, **kw)
 
 
 @pytest.mark.parametrize("n,width", [(1, 16), (8, 16), (32, 32), (64, 64), (65, 128), (96, 128), (128, 128), (256, 128)])
@@ -200,24 +219,61 @@ def test_the_check_runs_at_the_calls_batch_and_head_counts():
 
 
 def test_kernels_that_fail_the_check_leave_training_on_the_chunked_sums():
-    with pytest.warns(UserWarning, match="failed the check on this device .RuntimeError: .*no kernel image"):
+    """The warning names the exception in one line (its first: not the lines torch adds below a CUDA error)."""
+    with pytest.warns(UserWarning) as said:
         assert not fla_route.trainable(standing_in(broken_kernels), Shape(m=32, d=16), "cpu")
+    (warning,) = [str(w.message) for w in said]
+    assert "failed the check on this device (RuntimeError: its process ended with exit code 1: RuntimeError: CUDA " \
+           "error: no kernel image is available for execution on the device)" in warning
+    assert "TORCH_USE_CUDA_DSA" not in warning and "\n" not in warning
 
 
 def test_kernels_that_kill_the_checks_process_leave_this_one_working():
     """A kernel fault (an illegal memory access breaks the CUDA context of its process for good) ends only the check's
-    process: the route says so and trains on the chunked sums here."""
-    with pytest.warns(UserWarning, match="its process ended with exit code -6"):
+    process: the route says so, with the error the process aborted on, and trains on the chunked sums here."""
+    with pytest.warns(UserWarning, match=r"exit code -6 \(SIGABRT\): CUDA error: an illegal memory access was "
+                                         r"encountered\)"):
         assert not fla_route.trainable(standing_in(faulting_kernels), Shape(m=32, d=16), "cpu")
-    assert "exit code -6" in fla_route.DECISIONS["delta m=32 d=16 b=1 hq=2 hkv=1 cpu"]
+    assert "exit code -6 (SIGABRT)" in fla_route.DECISIONS["delta m=32 d=16 b=1 hq=2 hkv=1 cpu"]
     x = inputs()
     assert torch.isfinite(sums(**x)[0]).all()  # this process computes on
 
 
+def test_the_check_reads_its_answer_whatever_else_its_process_prints(monkeypatch, tmp_path):
+    """Prints on stdout (Python's or a C library's) do not reach the answer; this process's import path goes over as
+    it is, paths of no directory and non-str entries included, with PYTHONPATH left alone."""
+    monkeypatch.setattr(sys, "path", [*sys.path, tmp_path / "not-there", str(tmp_path / "none.zip"), b"/bytes"])
+    monkeypatch.setenv("PYTHONPATH", "/somewhere-else")
+    errs = fla_route.check_in_own_process(standing_in(noisy_kernels), Shape(m=16, d=8), "cpu")
+    assert fla_route.within(errs) and set(errs) == {"num", "qf", "kf", "v", "log_decay", "beta"}
+
+
 def test_the_check_names_kernels_its_process_can_import():
-    with pytest.raises(ValueError, match="cannot be imported"):
-        fla_route.check_in_own_process(standing_in(lambda *a, **k: None), Shape(m=32, d=16), "cpu")
     assert fla_route._import_kernels(fla_route._kernels_name(DELTA.fla_forward)) is DELTA.fla_forward
+    assert fla_route._kernels_name(chunked_kernels) == f"{__name__}:chunked_kernels"
+
+    def nested(*a, **k):
+        return None
+
+    in_main = types.FunctionType(chunked_kernels.__code__, {"DELTA": DELTA}, "chunked_kernels")
+    in_main.__module__ = "__main__"
+    for fn in (lambda *a, **k: None, nested, functools.partial(chunked_kernels), in_main):
+        with pytest.raises(ValueError, match="imports the kernels by name in its own process"):
+            fla_route.check_in_own_process(standing_in(fn), Shape(m=32, d=16), "cpu")
+
+
+@pytest.mark.parametrize("visible,device,want", [
+    (None, "cuda:3", ("cuda:0", "3")),                       # torchrun / accelerate: all GPUs, rank 3 on cuda:3
+    ("4,5,6,7", "cuda:1", ("cuda:0", "5")),                  # a launcher's subset
+    ("GPU-aa11, GPU-bb22", "cuda:1", ("cuda:0", "GPU-bb22")),  # by UUID
+    ("2", "cuda:0", ("cuda:0", "2")),                        # one GPU a process
+    ("0,1", "cuda:2", ("cuda:2", "0,1")),                    # not what CUDA read: as it is
+    (None, "cpu", ("cpu", None)),
+])
+def test_the_checks_process_sees_only_the_gpu_of_the_call(visible, device, want):
+    environ = {"LOCAL_RANK": "3"} | ({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible})
+    own, env = fla_route._own_device(device, environ)
+    assert (own, env.get("CUDA_VISIBLE_DEVICES")) == want and env["LOCAL_RANK"] == "3"
 
 
 def test_run_refuses_a_shape_the_check_did_not_clear(monkeypatch):

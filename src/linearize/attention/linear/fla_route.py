@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import functools
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -84,7 +86,7 @@ def clear_of_miscompile(k: int, v: int) -> bool:
 @dataclass(frozen=True)
 class Shape:
     """What the check runs at: the call's sizes (the kernels' batch and head counts are compile-time constants, so the
-    check compiles and tunes the kernels training then runs) with a short row."""
+    check runs the kernel variants training then runs) with a short row."""
 
     m: int  # feature size
     d: int  # value size
@@ -150,10 +152,17 @@ def within(errs: dict[str, float]) -> bool:
 
 
 def _kernels_name(fn) -> str:
-    """'module:qualname' of a kind's kernel function, for the check's process to import."""
-    name = f"{fn.__module__}:{fn.__qualname__}"
-    if "<" in fn.__qualname__:  # a lambda or a function defined inside another
-        raise ValueError(f"the check imports the kernels in its own process; {name} cannot be imported")
+    """'module:qualname' of a kind's kernel function, for the check's process to import: only a module-level function
+    of an importable module (not __main__, a lambda, a nested function or a partial) is named so."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    name = f"{module}:{qualname}"
+    try:
+        found = module not in (None, "__main__") and _import_kernels(name) is fn
+    except (ImportError, AttributeError):
+        found = False
+    if not found:
+        raise ValueError(f"the check imports the kernels by name in its own process; {fn!r} has no such name "
+                         f"(a module-level function of an importable module, not __main__, has)")
     return name
 
 
@@ -165,36 +174,84 @@ def _import_kernels(name: str):
     return found
 
 
+def _own_device(device: str, environ) -> tuple[str, dict[str, str]]:
+    """The check process's device and environment: this process's CUDA device N is the only GPU the check's process
+    sees (N's entry of CUDA_VISIBLE_DEVICES, or N where unset), as its cuda:0 -- the same GPU under any launcher
+    (torchrun, accelerate), and no CUDA context on the others (fla reads device 0's properties at import)."""
+    env, dev = dict(environ), torch.device(device)
+    if dev.type != "cuda" or dev.index is None or torch.version.hip is not None:
+        return device, env
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        env["CUDA_VISIBLE_DEVICES"] = str(dev.index)
+    else:
+        entries = [e.strip() for e in visible.split(",")]
+        if dev.index >= len(entries) or not entries[dev.index]:  # not what CUDA read here: leave it as it is
+            return device, env
+        env["CUDA_VISIBLE_DEVICES"] = entries[dev.index]
+    return "cuda:0", env
+
+
+def _last_words(stderr: str) -> str:
+    """The line of a process's stderr that says why it failed: the exception of its last traceback (not the lines
+    torch adds below a CUDA error's first), else a C++ error's what(), else the last line."""
+    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if tracebacks:
+        said = [line for line in lines[tracebacks[-1] + 1:] if not line[0].isspace()]
+        if said:
+            return said[0][:300]
+    what = [line.split("what():", 1)[1].strip() for line in lines if "what():" in line]
+    return (what or lines or ["(nothing on stderr)"])[-1][:300]
+
+
+#: the check's process: stdout (fd 1) joins stderr before anything is imported (a library's prints, Triton's autotune
+#: report), the answer goes out on a copy of the original; the import path is this process's sys.path (argv[2:]), set
+#: before linearize is imported, PYTHONPATH left alone for the processes it starts
+_CHILD = ("import os, sys; answer = os.dup(1); os.dup2(2, 1); sys.path[:] = sys.argv[2:]; "
+          "from linearize.attention.linear.fla_route import _check_main; _check_main(sys.argv[1], answer)")
+
+
 def check_in_own_process(kind, shape: Shape, device: str) -> dict[str, float]:
     """`errors` of the kind's kernels at `shape` on `device`, computed in a new Python process (this one's import path;
     the kernels by name), so that a kernel that faults leaves this process's CUDA context alone. Raises RuntimeError
     with the process's last words when it does not answer."""
-    spec = dict(kind=kind.name, kernels=_kernels_name(kind.fla_forward), shape=dataclasses.asdict(shape), device=device)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    code = "import sys; from linearize.attention.linear.fla_route import _check_main; _check_main(sys.argv[1])"
+    own_device, env = _own_device(device, os.environ)
+    spec = dict(kind=kind.name, kernels=_kernels_name(kind.fla_forward), shape=dataclasses.asdict(shape),
+                device=own_device)
+    path = [os.fspath(p) for p in sys.path if isinstance(p, (str, os.PathLike))]
     try:
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env,
-                              timeout=CHECK_SECONDS)
-    except subprocess.TimeoutExpired:
+        done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec), *path], stdin=subprocess.DEVNULL,
+                              capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=CHECK_SECONDS)
+    except subprocess.TimeoutExpired:  # run has killed the process (as on Ctrl-C, whose KeyboardInterrupt goes on up)
         raise RuntimeError(f"its process did not answer within {CHECK_SECONDS} s") from None
-    answer = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
-    if not answer or not answer[0].startswith("{"):
-        last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
-        raise RuntimeError(f"its process ended with exit code {done.returncode}: {last[:300]}")
-    return json.loads(answer[0])
+    if done.returncode == 0:
+        with contextlib.suppress(ValueError):
+            answer = json.loads(done.stdout)
+            if isinstance(answer, dict):
+                return answer
+        raise RuntimeError(f"its process ended without an answer: {_last_words(done.stderr)}")
+    code = str(done.returncode)
+    with contextlib.suppress(ValueError):  # killed by a signal (a kernel's abort: SIGABRT)
+        code += f" ({signal.Signals(-done.returncode).name})" if done.returncode < 0 else ""
+    raise RuntimeError(f"its process ended with exit code {code}: {_last_words(done.stderr)}")
 
 
-def _check_main(spec_json: str) -> None:
-    """The check's process: one line of JSON, the relative errors, on stdout."""
+def _check_main(spec_json: str, answer_fd: int) -> None:
+    """The check's process: the relative errors, one line of JSON, on `answer_fd`."""
+    faulthandler.dump_traceback_later(CHECK_SECONDS + 60, exit=True)  # ends on its own, should this process be gone
     from linearize.attention.linear import linear_state
 
     spec = json.loads(spec_json)
     kind = dataclasses.replace(linear_state(spec["kind"]), fla_forward=_import_kernels(spec["kernels"]))
     device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     errs = errors(kind, functools.partial(_lifted_call, kind), Shape(**spec["shape"]), device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a fault surfaces here, in this process
-    print(json.dumps(errs), flush=True)
+    with os.fdopen(answer_fd, "w") as answer:
+        answer.write(json.dumps(errs) + "\n")
 
 
 #: What `trainable` decided in this process: "<kind> <shape> <device>" -> "fla (<errors>)" or "chunked: <why>" (a

@@ -224,7 +224,11 @@ def test_all_layers_table_is_the_measured_qwen_conversion_with_and_without_its_t
     runs = {r.name: r for r in table.runs}
     assert {n: (r.recipe, r.overrides, r.modes) for n, r in runs.items()} == {
         "kl-r8k": ("long-context-kl", ("hybrid.sparse_memory=2048",), ("hybrid",)),
-        "kl-r8k-nomem": ("long-context-kl", (), ("hybrid",))}
+        "kl-r8k-nomem": ("long-context-kl", (), ("hybrid",)),
+        "kl-r8k-longdocs": ("long-context-kl", ("data.sources=[sharegpt,dolly,wikitext2,c4,wiki,longdocs:3]",),
+                            ("hybrid",))}
+    longdocs = load_recipe("long-context-kl", list(runs["kl-r8k-longdocs"].overrides), "gpu-small")
+    assert longdocs["data"]["sources"][-1] == "longdocs:3" and longdocs["hybrid"]["sparse_memory"] == 0
     nomem = load_recipe("long-context-kl", list(runs["kl-r8k-nomem"].overrides), "gpu-small")
     assert nomem["hybrid"]["sparse_memory"] == 0 and nomem["data"]["seq_len"] == 8192
     assert nomem["inference"]["hybrid"] == {"sparse_memory": 2048, "memory_select": "query"}  # saved with the memory
@@ -239,7 +243,8 @@ def test_all_layers_table_is_the_measured_qwen_conversion_with_and_without_its_t
         ("kl-r8k-recall", "kl-r8k", (("memory_select", "recall"),), ()),
         ("kl-r8k-nomem-la-off", "kl-r8k-nomem", off, ("kl-r8k-nomem",)),
         ("kl-r8k-nomem-mem4096", "kl-r8k-nomem", (("sparse_memory", 4096),), ()),
-        ("kl-r8k-nomem-mem4096-la-off", "kl-r8k-nomem", (("sparse_memory", 4096), *off), ("kl-r8k-nomem-mem4096",))]
+        ("kl-r8k-nomem-mem4096-la-off", "kl-r8k-nomem", (("sparse_memory", 4096), *off), ("kl-r8k-nomem-mem4096",)),
+        ("kl-r8k-longdocs-la-off", "kl-r8k-longdocs", off, ("kl-r8k-longdocs",))]
     assert table.long == LongSettings(lengths=(4096, 8192, 16384, 32768), qa_lengths=(8192, 16384, 32768),
                                       layers="all", window=512, baseline_windows=("auto", 512),
                                       memory_baselines=(2048, 4096), memory_reread=32, memory_fill=True)

@@ -24,6 +24,10 @@ A *source* is a name in :data:`SOURCES` or a path to a user file. Named sources 
                                 ``wikitext2_test`` reads it if you really want it.
 ``shakespeare``    text         ``tinyshakespeare/input.txt`` cut at blank lines into chunks of
                                 at least 4,000 characters (``tinyshakespeare``)
+``longdocs``       text         ``longdocs/longdocs.jsonl.xz`` (books and long FAQ sections,
+                                15k-230k tokens each) but its first 40 in file order, which
+                                the long-context evaluations read (:data:`LONGDOCS_HELD_OUT`):
+                                123 documents, ~9.9M tokens -- long rows of one text each
 =================  ===========  ==========================================================
 
 A user file is any path ending in ``.jsonl``, ``.json`` or ``.txt`` (optionally followed by ``.xz``,
@@ -436,6 +440,19 @@ def _read_shakespeare(d: Path) -> Iterator[Document]:
             yield Document("".join(buf).strip(), f"shakespeare-{k:03d}", None, "shakespeare")
 
 
+#: The long documents the evaluations read, the first ones in file order (per-position loss and reading: the starts of
+#: the first 8-16 documents at least as long as the row; 16 rows of 32k tokens reach the 16th, of 64k the 33rd): the
+#: training source ``longdocs`` leaves them out, and evaluation rows in file order stop at them
+#: (:func:`linearize.models.layer_select.long_document_rows`).
+LONGDOCS_HELD_OUT = 40
+
+
+def _read_longdocs(d: Path) -> Iterator[Document]:
+    for i, (_, row) in enumerate(_iter_jsonl(d / "longdocs" / "longdocs.jsonl.xz")):
+        if i >= LONGDOCS_HELD_OUT:
+            yield Document(str(row["text"]), str(row["id"]), None, "longdocs")
+
+
 #: Named sources: name -> :class:`Source` (callable: ``SOURCES[name](data_dir)`` streams documents).
 SOURCES: dict[str, Source] = {}
 
@@ -485,6 +502,11 @@ register_source(
     Source("shakespeare", ("tinyshakespeare/input.txt",), _read_shakespeare, "text",
            "Tiny Shakespeare cut into >=4,000-character chunks at blank lines"),
     aliases=("tinyshakespeare",),
+)
+register_source(
+    Source("longdocs", ("longdocs/longdocs.jsonl.xz",), _read_longdocs, "text",
+           f"Long documents (books, FAQ sections; 15k-230k tokens) but the first {LONGDOCS_HELD_OUT}, held out for "
+           "evaluation"),
 )
 
 

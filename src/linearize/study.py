@@ -221,14 +221,18 @@ TABLES["long-context"] = StudyTable(
 # 27 measured it no better and slower to train), read at 4k-32k against the base, its cuts and the training-free
 # query memory at 2048 / 4096 keys
 KL_R8K_OFF = (("mix_shift", 30.0),)  # the linear readout off, the memory kept: is the linear part used?
+# the recipe's sources with the long documents at 3 parts in 8 of the tokens (rows of one book each, not packed short
+# texts: what a state that reads 32k-token prompts has to learn from)
+KL_LONGDOCS_SOURCES = "[sharegpt,dolly,wikitext2,c4,wiki,longdocs:3]"
 TABLES["long-context-all-layers"] = StudyTable(
     "Long context of a model with only full-attention layers: every layer to the delta-rule state, 8k-token rows, "
     "self-distillation, a query-chosen exact memory at inference",
     (StudyRun("kl-r8k", "long-context-kl", ("hybrid.sparse_memory=2048",), ("hybrid",)),
-     StudyRun("kl-r8k-nomem", "long-context-kl", (), ("hybrid",))),
+     StudyRun("kl-r8k-nomem", "long-context-kl", (), ("hybrid",)),
+     StudyRun("kl-r8k-longdocs", "long-context-kl", (f"data.sources={KL_LONGDOCS_SOURCES}",), ("hybrid",))),
     "Run with --model <Qwen2.5-Coder-1.5B-Instruct>. kl-r8k-nomem: the long-context-kl recipe (no memory in "
     "training, 2048 query keys at inference); kl-r8k: the same with 2048 recall keys in training (the inference "
-    "memory as saved); -la-off: mix_shift 30, the linear readout off with the memory kept (the component-mode "
+    "memory as saved); kl-r8k-longdocs: the recipe with long documents (books) mixed into its data; -la-off: mix_shift 30, the linear readout off with the memory kept (the component-mode "
     "question for a memory row; with no LoRA it is the training-free memory on the base's weights); -mem4096: 4096 "
     "query keys at load (193 MiB a sequence at 32k, a fifth of the base's); -recall: the memory chosen as trained. "
     "Baselines: the base, its 512 + 8 cut and the cut of the conversion's bytes, and the training-free query memory "
@@ -242,7 +246,8 @@ TABLES["long-context-all-layers"] = StudyTable(
               StudyVariant("kl-r8k-nomem-la-off", "kl-r8k-nomem", KL_R8K_OFF, paired_with=("kl-r8k-nomem",)),
               StudyVariant("kl-r8k-nomem-mem4096", "kl-r8k-nomem", (("sparse_memory", 4096),)),
               StudyVariant("kl-r8k-nomem-mem4096-la-off", "kl-r8k-nomem", (("sparse_memory", 4096), *KL_R8K_OFF),
-                           paired_with=("kl-r8k-nomem-mem4096",))),
+                           paired_with=("kl-r8k-nomem-mem4096",)),
+              StudyVariant("kl-r8k-longdocs-la-off", "kl-r8k-longdocs", KL_R8K_OFF, paired_with=("kl-r8k-longdocs",))),
     long=LongSettings(lengths=(4096, 8192, 16384, 32768), qa_lengths=(8192, 16384, 32768), layers="all", window=512,
                       baseline_windows=("auto", 512), memory_baselines=(2048, 4096), memory_reread=32,
                       memory_fill=True))

@@ -6,6 +6,7 @@ The tokenizer is a tiny byte-level BPE trained here on local WikiText, not a hub
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import time
 
@@ -295,3 +296,35 @@ def test_iter_long_documents(data_dir):
     doc_id, text = next(it)
     it.close()
     assert doc_id.startswith("pg-") and len(text) > 60_000
+
+
+def test_longdocs_source_trains_on_the_documents_evaluation_leaves(data_dir):
+    """The training source `longdocs` yields whole long documents but the first LONGDOCS_HELD_OUT in file order,
+    which the evaluations' rows (per-position loss, reading) come from -- and those rows stop there."""
+    held_out = [doc_id for doc_id, _ in itertools.islice(Docs.iter_long_documents(data_dir), Docs.LONGDOCS_HELD_OUT)]
+    docs = list(Docs.iter_documents("longdocs", data_dir, limit=3))
+    assert len(docs) == 3 and all(len(d) > 60_000 for d in docs)
+    assert not {d.id for d in docs} & set(held_out) and docs[0].id not in held_out
+    first_trained = next(itertools.islice(Docs.iter_long_documents(data_dir), Docs.LONGDOCS_HELD_OUT, None))[0]
+    assert docs[0].id == first_trained and docs[0].source == "longdocs"
+
+
+def test_evaluation_rows_in_file_order_stay_in_the_held_out_documents(tok, data_dir, monkeypatch):
+    from linearize.models import layer_select
+
+    monkeypatch.setattr(layer_select, "LONGDOCS_HELD_OUT", 3)
+    rows, ids = layer_select.long_document_rows(tok, num_rows=3, seq_len=64, seed=None, data_dir=data_dir)
+    assert rows.shape == (3, 64) and len(ids) == 3
+    with pytest.raises(LinearizeError, match="only 3 of the first 3 long documents .held out of the training source"):
+        layer_select.long_document_rows(tok, num_rows=4, seq_len=64, seed=None, data_dir=data_dir)
+    assert layer_select.long_document_rows(tok, num_rows=4, seq_len=64, seed=0, data_dir=data_dir)[0].shape == (4, 64)
+
+
+def test_long_documents_pack_into_rows_of_one_text(tok, tmp_path):
+    """Mixed into the packed data, a long document fills whole rows: most rows of the `longdocs` source hold no
+    document boundary (the end-of-text token) at all."""
+    out = build(tok, ["longdocs"], tmp_path, seq_len=1024, max_train_tokens=24 * 1024)
+    assert out.train.shape == (24, 1024)
+    boundaries = (out.train == tok.eos_token_id).any(dim=1)
+    assert boundaries.float().mean() < 0.2
+    assert out.manifest["sources"][0]["name"] == "longdocs" and out.manifest["sources"][0]["documents_read"] <= 3

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from linearize.config import MEASURED
-from linearize.documents import iter_long_documents
+from linearize.documents import LONGDOCS_HELD_OUT, iter_long_documents
 from linearize.errors import LinearizeError
 from linearize.models.convert import text_config
 from linearize.models.lm_head import chunk_loss_sum, final_softcap
@@ -59,8 +59,9 @@ def check_keep(model: nn.Module, keep: int) -> list[int]:
 def long_document_rows(tokenizer, *, num_rows: int, seq_len: int, seed: int | None = 0, data_dir=None,
                        texts: dict[str, str] | list[str] | None = None) -> tuple[torch.Tensor, list[str]]:
     """``(num_rows, seq_len)`` token ids, each the start of one long document (BOS first when the tokenizer has
-    one), and the ids of those documents. `seed` draws the documents (None: the first ones in file order);
-    documents shorter than `seq_len` tokens are passed over. `texts` ({id: text}, or a list: ids 'text-<i>')
+    one), and the ids of those documents. `seed` draws the documents (None: the first ones in file order, for
+    evaluation: only among the first LONGDOCS_HELD_OUT, which the training source 'longdocs' leaves out); documents
+    shorter than `seq_len` tokens are passed over. `texts` ({id: text}, or a list: ids 'text-<i>')
     replaces the long documents."""
     if texts is not None and not isinstance(texts, dict):
         texts = {f"text-{i}": t for i, t in enumerate(texts)}
@@ -74,6 +75,9 @@ def long_document_rows(tokenizer, *, num_rows: int, seq_len: int, seed: int | No
     bos = tokenizer.bos_token_id
     rows, ids, seen = [], [], 0
     for doc_id, text in docs:
+        if seed is None and texts is None and seen == LONGDOCS_HELD_OUT:  # evaluation rows: held-out documents only
+            raise LinearizeError(f"only {len(rows)} of the first {LONGDOCS_HELD_OUT} long documents (held out of the "
+                                 f"training source 'longdocs') have {seq_len} tokens; {num_rows} rows asked")
         seen += 1
         tokens = ([bos] if bos is not None else []) + tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
         if len(tokens) >= seq_len:

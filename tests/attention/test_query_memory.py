@@ -64,6 +64,8 @@ CASES = [(kind, rule, placement, window, prompt, extra)
          if not (kind == "delta" and rule == "shared_norm")
          for window, prompt, extra in ((4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5)),
                                        (1, 14, dict(memory_pool=1, memory_observe=40)),
+                                       # a KV head's query heads combined by their largest score, not their sum
+                                       (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5, memory_heads="max")),
                                        (1, 2, dict(memory_pool=5)),  # fewer prompt keys than slots
                                        # the prompt's last 6 tokens read again against the memory (the question)
                                        (4, 21, dict(softmax_sinks=2, memory_pool=3, memory_observe=5, memory_reread=6)),
@@ -264,6 +266,27 @@ def test_decode_bytes_are_what_the_cache_holds(kind, placement):
     assert decode_state_bytes(model.config, 40, dtype_bytes=4, hybrid=recall) > cache_nbytes(cache)
 
 
+@pytest.mark.parametrize("heads,kept", [("sum", 1), ("max", 0)])
+def test_max_over_heads_keeps_the_key_one_head_alone_looks_for(heads, kept):
+    """One KV head, four query heads: head 0 gives key 0 half its attention, the other three give key 1 0.4 each.
+    Added, key 1 wins (1.24 against 0.69); by the largest any head gives, key 0 (0.53 against 0.40)."""
+    from linearize.attention.memory import select_by_query
+    from linearize.attention.spec import AttentionSpec
+
+    t = 12  # key 0, key 1, nine keys of zeros, the observer (zeros too)
+    k = torch.zeros(1, 1, t, 2)
+    k[0, 0, 0, 0] = k[0, 0, 1, 1] = 1.0
+    q = torch.zeros(1, 4, t, 2)
+    q[0, 0, -1] = torch.tensor([2.5, 0.0])
+    q[0, 1:, -1] = torch.tensor([0.0, 2.0])
+    valid = torch.ones(1, t, dtype=torch.bool)
+    candidate = torch.arange(t)[None] < 2
+    spec = AttentionSpec(scale=1.0, window=1, sparse_memory=1, memory_select="query", memory_observe=1,
+                         memory_pool=1, memory_heads=heads)
+    chosen = select_by_query(q, k, valid, candidate, spec=spec)
+    assert chosen[0, 0].nonzero().flatten().tolist() == [kept]
+
+
 def test_save_load_round_trips_the_fields(tmp_path):
     model = converted("sum")
     model.save_pretrained(tmp_path)
@@ -283,6 +306,8 @@ def test_config_checks_and_set_hybrid():
         linearize.HybridConfig(memory_pool=4)
     with pytest.raises(ValueError, match="memory_observe"):
         linearize.HybridConfig(memory_observe=0)
+    with pytest.raises(ValueError, match="memory_heads must be one of"):
+        linearize.HybridConfig(memory_heads="mean")
     with pytest.raises(ValueError, match="memory_reread"):
         linearize.HybridConfig(memory_reread=0)
     with pytest.raises(ValueError, match="sparse_memory is 0"):  # a rule with nothing to choose is a mistake, said

@@ -147,10 +147,10 @@ def memory_walk(k, v, kf, candidate, *, kind: LinearState, window: int, block: i
         yield state, mem
 
 
-def query_scores(q, k, valid, *, scale: float, observe: int) -> torch.Tensor:
+def query_scores(q, k, valid, *, scale: float, observe: int, heads: str = "sum") -> torch.Tensor:
     """(B, Hkv, T): the softmax attention each key receives from the last `observe` valid queries of its row (the
-    causal softmax over the row's valid keys, padding left out), summed over those queries and the query heads of
-    its KV head. q (B, Hq, T, d), k (B, Hkv, T, d), valid (B, T)."""
+    causal softmax over the row's valid keys, padding left out), summed over those queries, then over the query heads
+    of its KV head (`heads` 'sum') or their largest (`heads` 'max'). q (B, Hq, T, d), k (B, Hkv, T, d), valid (B, T)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     pos = torch.arange(t, device=q.device)
@@ -162,7 +162,8 @@ def query_scores(q, k, valid, *, scale: float, observe: int) -> torch.Tensor:
     mask = valid[:, None, :] & (pos[None, None, :] <= at[:, :, None]) & seen[:, :, None]  # (B, O, T)
     logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
     weights = torch.softmax(logits, -1).nan_to_num(0.0)  # an observer with no key (none here: it sees itself) adds 0
-    return weights.sum((2, 3))
+    per_head = weights.sum(3)  # (B, Hkv, G, T)
+    return per_head.amax(2) if heads == "max" else per_head.sum(2)
 
 
 def select_by_query(q, k, valid, candidate, *, spec: AttentionSpec) -> torch.Tensor:
@@ -171,7 +172,7 @@ def select_by_query(q, k, valid, candidate, *, spec: AttentionSpec) -> torch.Ten
     max-pooled over `spec.memory_pool` neighbouring positions; the highest are kept, equal scores the older key
     first. Not differentiated."""
     with torch.no_grad():
-        scores = query_scores(q, k, valid, scale=spec.scale, observe=spec.memory_observe)
+        scores = query_scores(q, k, valid, scale=spec.scale, observe=spec.memory_observe, heads=spec.memory_heads)
         scores = scores * candidate[:, None].to(scores.dtype)
         if spec.memory_pool > 1:
             b, hkv, t = scores.shape

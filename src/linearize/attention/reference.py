@@ -50,7 +50,8 @@ no end of prompt: it runs without the memory (the definitions above with m = 0).
 (positions 0 .. P - 1 of the row, padding included) chooses the memory once, for its last R = min(memory_reread, P)
 tokens and all later ones (they are read again against it):
   observers  O = the last memory_observe valid positions < P (all of them if fewer), the last token's included;
-  score_s  = sum over o in O and the G query heads of s's KV head of softmax_{s' valid, s' <= o}(scale q_o . k_s')[s];
+  score_s  = sum over o in O of softmax_{s' valid, s' <= o}(scale q_o . k_s')[s] for each of the G query heads of s's
+             KV head, then their sum (memory_heads 'sum') or their largest (memory_heads 'max');
   N        = {s valid, s not in Z : s <= P - R - w} (outside the window of the first re-read token); pooled_s = max of
              score_s' * [s' in N] over |s' - s| <= memory_pool // 2;  M = the m keys of N with the highest pooled
              scores (equal: the older first), per (row, KV head).
@@ -243,13 +244,15 @@ def query_memory_selection(q, k, valid, *, spec: AttentionSpec, prompt: int) -> 
         observers = [o for o in range(prompt) if valid[row, o]][-spec.memory_observe:]
         candidates = [s for s in keys if not sinks[row, s] and s <= prompt - min(spec.memory_reread, prompt) - spec.window]
         for h in range(hkv):
-            score = [0.0] * t
+            per_head = [[0.0] * t for _ in range(g)]
             for o in observers:
                 seen = [s for s in keys if s <= o]
-                for head in range(h * g, (h + 1) * g):
+                for i, head in enumerate(range(h * g, (h + 1) * g)):
                     logits = torch.stack([q[row, head, o].double() @ k[row, h, s].double() for s in seen]) * spec.scale
                     for s, a in zip(seen, torch.softmax(logits, 0).tolist()):
-                        score[s] += a
+                        per_head[i][s] += a
+            combine = max if spec.memory_heads == "max" else sum
+            score = [combine(scores[s] for scores in per_head) for s in range(t)]
             pooled = {s: max(score[u] for u in candidates if abs(u - s) <= reach) for s in candidates}
             for s in sorted(candidates, key=lambda s: (-pooled[s], s))[:spec.sparse_memory]:
                 chosen[row, h, s] = True

@@ -27,6 +27,7 @@ class AttentionSpec:
     memory_select: str = field(default="recall", metadata={"help": "How the sparse memory chooses its keys (HybridConfig.memory_select)."})
     memory_observe: int = field(default=32, metadata={"help": "'query': the prompt's last queries that score the keys."})
     memory_pool: int = field(default=7, metadata={"help": "'query': max-pooling width of the keys' scores (1 = none)."})
+    memory_heads: str = field(default="sum", metadata={"help": "'query': how a KV head's query heads combine their scores (HybridConfig.memory_heads)."})
     memory_reread: int = field(default=MEMORY_REREAD, metadata={"help": "'query': the prompt's last tokens read again against the memory (HybridConfig.memory_reread)."})
     memory_in_state: bool = field(default=False, metadata={"help": "'query': the kept keys also enter the linear state (HybridConfig.memory_in_state)."})
     memory_prefill: str = field(default="none", metadata={"help": "'query': what the prompt reads before the memory is chosen (HybridConfig.memory_prefill)."})
@@ -40,7 +41,7 @@ class AttentionSpec:
         return cls(scale=scale, window=hybrid.window, rule=hybrid.combine, placement=hybrid.placement,
                    num_sinks=hybrid.num_sinks, softmax_sinks=hybrid.softmax_sinks, sparse_memory=hybrid.sparse_memory,
                    memory_block=hybrid.memory_block, memory_select=hybrid.memory_select,
-                   memory_observe=hybrid.memory_observe, memory_pool=hybrid.memory_pool,
+                   memory_observe=hybrid.memory_observe, memory_pool=hybrid.memory_pool, memory_heads=hybrid.memory_heads,
                    memory_reread=hybrid.memory_reread, memory_in_state=hybrid.memory_in_state,
                    memory_prefill=hybrid.memory_prefill, memory_fill=hybrid.memory_fill,
                    chunk_size=hybrid.chunk_size,

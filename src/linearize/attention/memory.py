@@ -10,7 +10,9 @@ kinds with a decay, `decayed` (attention.linear). 'query' (SnapKV-style, once at
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +168,22 @@ def query_scores(q, k, valid, *, scale: float, observe: int, heads: str = "sum")
     return per_head.amax(2) if heads == "max" else per_head.sum(2)
 
 
+#: what `observing_selection` registered: called with each query-memory selection
+_SELECTION_OBSERVERS: list[Callable[[torch.Tensor, torch.Tensor, AttentionSpec], None]] = []
+
+
+@contextlib.contextmanager
+def observing_selection(observer: Callable[[torch.Tensor, torch.Tensor, AttentionSpec], None]):
+    """Within: observer(chosen, candidate, spec) after each `select_by_query` -- one call per converted layer at the end
+    of a prefill, in layer order; chosen (B, Hkv, T), candidate (B, T). For diagnostics of what the memory keeps
+    (`linearize.evaluate.memory_coverage`); the selection itself is unchanged."""
+    _SELECTION_OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _SELECTION_OBSERVERS.remove(observer)
+
+
 def select_by_query(q, k, valid, candidate, *, spec: AttentionSpec) -> torch.Tensor:
     """memory_select 'query': the keys the memory keeps, a (B, Hkv, T) mask with at most `spec.sparse_memory` keys per
     row and KV head, all among `candidate` (B, T). The `query_scores` of the candidates (the others count 0) are
@@ -180,7 +198,10 @@ def select_by_query(q, k, valid, candidate, *, spec: AttentionSpec) -> torch.Ten
                                   padding=spec.memory_pool // 2).reshape(b, hkv, t)
         ranked = scores.masked_fill(~candidate[:, None], float("-inf"))
         top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :spec.sparse_memory]
-        return torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, top, True) & candidate[:, None]
+        chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, top, True) & candidate[:, None]
+    for observer in _SELECTION_OBSERVERS:
+        observer(chosen, candidate, spec)
+    return chosen
 
 
 def frozen_slots(k, v, kf, selected, slots: int):

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", default="0,0.5,1", help="gold-passage depths")
     p.add_argument("--cell-limit", type=int, default=3, help="prompts per length x depth")
     p.add_argument("--seed", type=int, default=1234, help="the items' seed (diagnose's default)")
+    p.add_argument("--only", default=None, help="keep the items whose id contains this (e.g. a question id)")
     p.add_argument("--device", default=None, help="cuda where available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     items = build_items(tokenizer, [args.task], limit=args.cell_limit, lengths=args.lengths if retrieval else [],
                         qa_lengths=[] if retrieval else args.lengths, depths=depths, seed=args.seed, data_dir=data_dir,
                         cell_limit=args.cell_limit, progress=print)
+    if args.only:
+        items = [it for it in items if args.only in it.qid]
+        if not items:
+            p.error(f"--only {args.only!r}: no item of these settings has it in its id")
     rules = {}
     for rule in heads:
         model = query_memory_baseline(base, args.window, args.sinks, args.memory, layers=args.layers,

@@ -49,7 +49,8 @@ def test_coverage_records_each_layers_choice_and_leaves_the_scores_alone(tokeniz
     assert rows[0]["kept_mean"] < 0.5  # 8 keys of a passage of far more tokens
     everything = query_memory_baseline(base, 16, 2, LENGTH, layers="all", reread=4)
     for row in memory_coverage(everything, tokenizer, items):
-        assert row["exact"] == [1.0, 1.0]
+        assert row["exact"] == [1.0, 1.0] and row["answer_exact"] in (None, [1.0, 1.0])
+    assert any(row["answer_span"] is not None and len(row["answer_exact"]) == 2 for row in rows)
     record = {"meta": {"model": "tiny"}, "rules": {"sum": rows, "max": rows}}
     md = coverage_markdown(record)
     assert "| sum bpb | sum kept |" in md and f"| {rows[0]['id']} | {LENGTH} | 0.0 |" in md
@@ -106,3 +107,19 @@ def test_the_script_writes_both_rules_for_the_diagnose_items(tokenizer, tmp_path
     assert (tmp_path / "out" / "coverage.md").read_text().startswith("# What the query memory keeps")
     with pytest.raises(SystemExit):
         mod.main(args)  # the output directory is not empty: refused before anything runs
+    one = [*args[:1], str(tmp_path / "one"), *args[2:], "--only", want[1].qid, "--heads", "max"]
+    assert mod.main(one) == 0
+    record = json.loads((tmp_path / "one" / "coverage.json").read_text())
+    assert list(record["rules"]) == ["max"] and [r["id"] for r in record["rules"]["max"]] == [want[1].qid]
+
+
+def test_the_answer_is_found_in_the_passage_as_tokens(tokenizer, items):
+    from linearize.evaluate.memory_coverage import answer_span
+
+    item = items[0]
+    start, length = item.meta["needle_starts"][0], item.meta["needle_lengths"][0]
+    found = answer_span(tokenizer, item, start, length)
+    assert found is not None and start <= found[0] and found[0] + found[1] <= start + length
+    assert item.answers[0] in tokenizer.decode(item.context[found[0]:found[0] + found[1]])
+    nowhere = Item(item.task, item.qid, item.context, item.target, item.target_text, ["zzqx qqzz"], meta=item.meta)
+    assert answer_span(tokenizer, nowhere, start, length) is None

@@ -7,7 +7,9 @@ score and how much of that span the layers' memories hold:
 
 - ``kept``: the share of the span's tokens a KV head's memory keeps, averaged over the KV heads, per layer;
 - ``exact``: the same counting also what the prompt's last tokens read exactly without the memory (the window of the
-  re-read tokens and the softmax sinks: positions the selection does not choose among).
+  re-read tokens and the softmax sinks: positions the selection does not choose among);
+- ``answer_exact``: ``exact`` over the tokens of the gold answer where the passage holds them (its first occurrence,
+  found as a token sequence; None where the tokenizer splits it otherwise there).
 
 So a long-QA loss can be told apart: a passage the memory holds and the model still misreads, or one it never kept.
 """
@@ -34,6 +36,18 @@ def span_coverage(chosen: torch.Tensor, candidate: torch.Tensor, start: int, len
     return kept.mean().item(), exact.mean().item()
 
 
+def answer_span(tokenizer, item: Item, start: int, length: int) -> tuple[int, int] | None:
+    """(start, length) of the first of the item's answers found as a token sequence inside [start, start + length)."""
+    passage = item.context[start:start + length]
+    for answer in item.answers:
+        for text in (" " + answer, answer):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            for i in range(len(passage) - len(ids) + 1):
+                if ids and passage[i:i + len(ids)] == ids:
+                    return start + i, len(ids)
+    return None
+
+
 def memory_coverage(model, tokenizer, items: list[Item], *, progress=None) -> list[dict[str, Any]]:
     """Per item: its score (bits, bytes, greedy_exact, bpb) and the `kept` / `exact` share of its gold span per converted
     layer (lists in layer order) with their means. `model` chooses its memory at prefill (memory_select 'query'); each
@@ -50,9 +64,13 @@ def memory_coverage(model, tokenizer, items: list[Item], *, progress=None) -> li
         start, length = item.meta["needle_starts"][0], item.meta["needle_lengths"][0]
         per_layer = [span_coverage(chosen, candidate, start, length) for chosen, candidate in seen]
         kept, exact = [k for k, _ in per_layer], [e for _, e in per_layer]
+        answer = answer_span(tokenizer, item, start, length)
+        answer_exact = None if answer is None else [span_coverage(c, cand, *answer)[1] for c, cand in seen]
         rows.append({"id": item.qid, "task": item.task, "length": item.length, "depth": item.depth, **score,
                      "bpb": score["bits"] / score["bytes"], "span": [start, length], "kept": kept, "exact": exact,
-                     "kept_mean": mean(kept), "exact_mean": mean(exact), "exact_min": min(exact)})
+                     "kept_mean": mean(kept), "exact_mean": mean(exact), "exact_min": min(exact),
+                     "answer_span": None if answer is None else list(answer), "answer_exact": answer_exact,
+                     "answer_exact_mean": None if answer is None else mean(answer_exact)})
         if progress:
             progress(f"[coverage] {n + 1}/{len(items)} {item.qid}: bpb {rows[-1]['bpb']:.3f}, "
                      f"kept {rows[-1]['kept_mean']:.2f}, exact {rows[-1]['exact_mean']:.2f}")
@@ -67,15 +85,18 @@ def coverage_markdown(record: dict[str, Any]) -> str:
     lines = [f"# What the query memory keeps of the gold passage: {meta.get('model', '')}", "",
              f"`{meta.get('command', '')}` · commit {meta.get('commit', '?')} · {meta.get('gpu') or meta.get('device', '')}",
              "", "kept: share of the passage's tokens the memory keeps (mean over KV heads and layers); exact: kept or "
-             "read by the window / sinks at the end of the prompt; min: the layer with the least exact.", ""]
-    head = "| item | length | depth | " + " | ".join(f"{r} bpb | {r} kept | {r} exact | {r} min" for r in rules) + " |"
-    lines += [head, "|" + "---|" * (3 + 4 * len(rules))]
+             "read by the window / sinks at the end of the prompt; min: the layer with the least exact; answer: exact over "
+             "the gold answer's tokens in the passage (- where not found as a token sequence).", ""]
+    head = "| item | length | depth | " + " | ".join(f"{r} bpb | {r} kept | {r} exact | {r} min | {r} answer"
+                                                     for r in rules) + " |"
+    lines += [head, "|" + "---|" * (3 + 5 * len(rules))]
     first = record["rules"][rules[0]]
     for i, row in enumerate(first):
         cells = [row["id"], str(row["length"]), str(row["depth"])]
         for r in rules:
             x = record["rules"][r][i]
-            cells += [f"{x['bpb']:.3f}", f"{x['kept_mean']:.2f}", f"{x['exact_mean']:.2f}", f"{x['exact_min']:.2f}"]
+            answer = "-" if x.get("answer_exact_mean") is None else f"{x['answer_exact_mean']:.2f}"
+            cells += [f"{x['bpb']:.3f}", f"{x['kept_mean']:.2f}", f"{x['exact_mean']:.2f}", f"{x['exact_min']:.2f}", answer]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| length | depth | " + " | ".join(f"{r} bpb | {r} exact" for r in rules) + " |",
               "|" + "---|" * (2 + 2 * len(rules))]

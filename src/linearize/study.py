@@ -221,7 +221,7 @@ TABLES["long-context"] = StudyTable(
 # 27 measured it no better and slower to train), read at 4k-32k against the base, its cuts and the training-free
 # query memory at 2048 / 4096 keys
 KL_R8K_OFF = (("mix_shift", 30.0),)  # the linear readout off, the memory kept: is the linear part used?
-# the recipe's sources with the long documents at 3 parts in 8 of the tokens (rows of one book each, not packed short
+# the recipe's sources with the long documents weighted 3 against 1 each (rows of one book each, not packed short
 # texts: what a state that reads 32k-token prompts has to learn from)
 KL_LONGDOCS_SOURCES = "[sharegpt,dolly,wikitext2,c4,wiki,longdocs:3]"
 TABLES["long-context-all-layers"] = StudyTable(
@@ -232,8 +232,8 @@ TABLES["long-context-all-layers"] = StudyTable(
      StudyRun("kl-r8k-longdocs", "long-context-kl", (f"data.sources={KL_LONGDOCS_SOURCES}",), ("hybrid",))),
     "Run with --model <Qwen2.5-Coder-1.5B-Instruct>. kl-r8k-nomem: the long-context-kl recipe (no memory in "
     "training, 2048 query keys at inference); kl-r8k: the same with 2048 recall keys in training (the inference "
-    "memory as saved); kl-r8k-longdocs: the recipe with long documents (books) mixed into its data; -la-off: mix_shift 30, the linear readout off with the memory kept (the component-mode "
-    "question for a memory row; with no LoRA it is the training-free memory on the base's weights); -mem4096: 4096 "
+    "memory as saved); kl-r8k-longdocs: the recipe with long documents (books) mixed into its data; -la-off: "
+    "mix_shift 30, the linear readout off with the memory kept (the component-mode question for a memory row; with no LoRA it is the training-free memory on the base's weights); -mem4096: 4096 "
     "query keys at load (193 MiB a sequence at 32k, a fifth of the base's); -recall: the memory chosen as trained. "
     "Baselines: the base, its 512 + 8 cut and the cut of the conversion's bytes, and the training-free query memory "
     "of 2048 / 4096 keys (window + sinks + memory, softmax alone). merged/long.md: all of them paired over the same "

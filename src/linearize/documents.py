@@ -448,9 +448,9 @@ LONGDOCS_HELD_OUT = 40
 
 
 def _read_longdocs(d: Path) -> Iterator[Document]:
-    for i, (_, row) in enumerate(_iter_jsonl(d / "longdocs" / "longdocs.jsonl.xz")):
+    for i, (doc_id, text) in enumerate(iter_long_documents(d)):
         if i >= LONGDOCS_HELD_OUT:
-            yield Document(str(row["text"]), str(row["id"]), None, "longdocs")
+            yield Document(text, doc_id, None, "longdocs")
 
 
 #: Named sources: name -> :class:`Source` (callable: ``SOURCES[name](data_dir)`` streams documents).

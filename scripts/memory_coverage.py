@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import linearize
+from linearize.commands.info import parse_layers
 from linearize.config import MEMORY_HEADS, MEMORY_REREAD
 from linearize.data_dir import default_data_dir
 from linearize.evaluate.lm_eval_model import load_model
@@ -45,13 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sinks", type=int, default=8)
     p.add_argument("--memory", type=int, default=2048, help="keys per layer and KV head")
     p.add_argument("--reread", type=int, default=MEMORY_REREAD)
-    p.add_argument("--layers", default="all", help="the cut layers (as the baselines of `diagnose --layers`)")
+    p.add_argument("--layers", default="all", type=parse_layers,
+                   help="the cut layers: 'all', 'global' or comma-separated indices (as `diagnose --layers`)")
     p.add_argument("--task", default="qa_squad", help="a long-QA or retrieval task of `diagnose --what long`")
     p.add_argument("--lengths", type=ints, default=[16384, 32768], help="prompt tokens")
     p.add_argument("--depths", default="0,0.5,1", help="gold-passage depths")
     p.add_argument("--cell-limit", type=int, default=3, help="prompts per length x depth")
     p.add_argument("--seed", type=int, default=1234, help="the items' seed (diagnose's default)")
     p.add_argument("--only", default=None, help="keep the items whose id contains this (e.g. a question id)")
+    p.add_argument("--gold-first", action="store_true",
+                   help="an oracle choice of the same size: every layer's memory takes the gold passage's keys before "
+                        "any other (the rest by the rule) -- does the model read the passage when the memory holds it?")
     p.add_argument("--device", default=None, help="cuda where available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                       reread=args.reread)
         linearize.set_hybrid(model, memory_heads=rule)
         print(f"[coverage] memory_heads={rule}: {len(items)} prompts", flush=True)
-        rules[rule] = memory_coverage(model, tokenizer, items, progress=lambda s: print(s, flush=True))
+        rules[rule] = memory_coverage(model, tokenizer, items, gold_first=args.gold_first, progress=lambda s: print(s, flush=True))
         del model
         gc.collect()
         if torch.cuda.is_available():

@@ -287,6 +287,38 @@ def test_max_over_heads_keeps_the_key_one_head_alone_looks_for(heads, kept):
     assert chosen[0, 0].nonzero().flatten().tolist() == [kept]
 
 
+def test_preferred_keys_rank_first_within_the_budget():
+    """`preferring_keys` (the diagnostics' oracle): the preferred candidates are kept before any other, the budget
+    unchanged, a preferred key that is no candidate (the window, padding) never kept; outside it the rule is back."""
+    from linearize.attention.memory import preferring_keys, query_scores, select_by_query
+    from linearize.attention.spec import AttentionSpec
+
+    q, k, _, _, _, valid, _, _ = layer_inputs(30, seed=5)
+    candidate = valid & (torch.arange(30)[None] < 24)  # the last 6 in the window
+    spec = AttentionSpec(scale=D ** -0.5, window=6, sparse_memory=4, memory_select="query", memory_observe=3,
+                         memory_pool=1)
+    plain = select_by_query(q, k, valid, candidate, spec=spec)
+    prefer = torch.zeros(30, dtype=torch.bool)
+    prefer[[2, 3, 26]] = True  # 26 is in the window: no candidate
+    free = [int(i) for i in range(24) if i not in (2, 3)]
+    with preferring_keys(prefer):
+        chosen = select_by_query(q, k, valid, candidate, spec=spec)
+        many = torch.zeros(20, dtype=torch.bool)  # more preferred keys than slots, shorter than the prompt
+        many[:10] = True
+        with preferring_keys(many):  # the innermost holds
+            crowded = select_by_query(q, k, valid, candidate, spec=spec)
+    assert (chosen.sum(-1) == 4).all() and (crowded.sum(-1) == 4).all()
+    assert chosen[0, :, [2, 3]].all() and not chosen[..., 26].any()
+    assert not chosen[1, :, :5].any()  # row 1's first 5 are padding: preferred or not, never kept
+    scores = query_scores(q, k, valid, scale=spec.scale, observe=3)
+    for h in range(HKV):  # the other two slots of row 0: the rule's best two among the rest
+        best = sorted(free, key=lambda i: -scores[0, h, i].item())[:2]
+        assert chosen[0, h].nonzero().flatten().tolist() == sorted([2, 3, *best])
+    # 10 preferred in row 0, 5 in row 1 (after its padding): 4 of them kept, none of the rest
+    assert crowded[:, :, 10:].sum() == 0 and (crowded[1, :, 5:10].sum(-1) == 4).all()
+    assert torch.equal(select_by_query(q, k, valid, candidate, spec=spec), plain)
+
+
 def test_save_load_round_trips_the_fields(tmp_path):
     model = converted("sum")
     model.save_pretrained(tmp_path)

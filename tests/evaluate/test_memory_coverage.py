@@ -56,6 +56,22 @@ def test_coverage_records_each_layers_choice_and_leaves_the_scores_alone(tokeniz
     assert "| sum bpb | sum kept |" in md and f"| {rows[0]['id']} | {LENGTH} | 0.0 |" in md
 
 
+def test_gold_first_keeps_the_passage_where_it_fits(tokenizer, items):
+    """The oracle choice: a memory as large as the passage holds all of it in every layer (the rule alone keeps less),
+    and the scores are those of that memory, not of the rule's."""
+    base = tiny_llama(tokenizer, layers=2, max_pos=2048)
+    spans = [it.meta["needle_lengths"][0] for it in items]
+    model = query_memory_baseline(base, 16, 2, max(spans), layers="all", reread=4)
+    rule = memory_coverage(model, tokenizer, items)
+    oracle = memory_coverage(model, tokenizer, items, gold_first=True)
+    for row in oracle:
+        assert row["kept"] == [1.0, 1.0] and row["exact"] == [1.0, 1.0]
+    assert min(r["kept_mean"] for r in rule) < 1.0
+    assert any(a["bits"] != pytest.approx(b["bits"], rel=1e-6) for a, b in zip(rule, oracle))
+    md = coverage_markdown({"meta": {}, "settings": {"gold_first": True}, "rules": {"sum": oracle}})
+    assert "Oracle choice" in md
+
+
 def test_max_over_heads_changes_what_is_kept(tokenizer, items):
     base = tiny_llama(tokenizer, layers=1, seed=3, max_pos=2048)
     chosen = {}
@@ -107,10 +123,14 @@ def test_the_script_writes_both_rules_for_the_diagnose_items(tokenizer, tmp_path
     assert (tmp_path / "out" / "coverage.md").read_text().startswith("# What the query memory keeps")
     with pytest.raises(SystemExit):
         mod.main(args)  # the output directory is not empty: refused before anything runs
-    one = [*args[:1], str(tmp_path / "one"), *args[2:], "--only", want[1].qid, "--heads", "max"]
+    one = [*args[:1], str(tmp_path / "one"), *args[2:], "--only", want[1].qid, "--heads", "max", "--layers", "0",
+           "--gold-first"]  # a layer list as `diagnose --layers` takes it; the oracle choice
     assert mod.main(one) == 0
     record = json.loads((tmp_path / "one" / "coverage.json").read_text())
     assert list(record["rules"]) == ["max"] and [r["id"] for r in record["rules"]["max"]] == [want[1].qid]
+    assert record["settings"]["gold_first"] and record["settings"]["layers"] == [0]
+    row = record["rules"]["max"][0]  # the 8 slots all in the passage
+    assert row["kept"] == [pytest.approx(min(8, row["span"][1]) / row["span"][1])]
 
 
 def test_the_answer_is_found_in_the_passage_as_tokens(tokenizer, items):

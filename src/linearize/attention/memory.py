@@ -184,11 +184,28 @@ def observing_selection(observer: Callable[[torch.Tensor, torch.Tensor, Attentio
         _SELECTION_OBSERVERS.remove(observer)
 
 
+#: what `preferring_keys` set: positions the query memory ranks above the others
+_PREFERRED: list[torch.Tensor] = []
+
+
+@contextlib.contextmanager
+def preferring_keys(prefer: torch.Tensor):
+    """Within: `select_by_query` ranks the candidates at `prefer` ((T,) or (B, T) bool over the prefill's positions;
+    shorter is padded with False) above every other key, in every layer and KV head; the memory still keeps at most
+    sparse_memory keys, the rest (and ties among the preferred) by the query rule. For diagnostics: an oracle choice --
+    the gold passage of a long-QA item, say -- to read the rule's own choice against (`evaluate.memory_coverage`)."""
+    _PREFERRED.append(prefer)
+    try:
+        yield
+    finally:
+        _PREFERRED.pop()  # contexts close innermost first (and list.remove would compare tensors)
+
+
 def select_by_query(q, k, valid, candidate, *, spec: AttentionSpec) -> torch.Tensor:
     """memory_select 'query': the keys the memory keeps, a (B, Hkv, T) mask with at most `spec.sparse_memory` keys per
     row and KV head, all among `candidate` (B, T). The `query_scores` of the candidates (the others count 0) are
     max-pooled over `spec.memory_pool` neighbouring positions; the highest are kept, equal scores the older key
-    first. Not differentiated."""
+    first; within `preferring_keys`, its keys first. Not differentiated."""
     with torch.no_grad():
         scores = query_scores(q, k, valid, scale=spec.scale, observe=spec.memory_observe, heads=spec.memory_heads)
         scores = scores * candidate[:, None].to(scores.dtype)
@@ -197,6 +214,11 @@ def select_by_query(q, k, valid, candidate, *, spec: AttentionSpec) -> torch.Ten
             scores = F.max_pool1d(scores.reshape(b * hkv, 1, t), spec.memory_pool, stride=1,
                                   padding=spec.memory_pool // 2).reshape(b, hkv, t)
         ranked = scores.masked_fill(~candidate[:, None], float("-inf"))
+        if _PREFERRED:  # lifted above the largest score, so they rank first and keep their order among themselves
+            b, t = candidate.shape
+            first = _PREFERRED[-1].to(candidate.device, torch.bool)[..., :t]
+            first = F.pad(first, (0, t - first.shape[-1])).expand(b, t) & candidate
+            ranked = torch.where(first[:, None], ranked + scores.amax() + 1, ranked)
         top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :spec.sparse_memory]
         chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, top, True) & candidate[:, None]
     for observer in _SELECTION_OBSERVERS:

@@ -8,6 +8,7 @@ import time
 
 from linearize.commands.eval import (add_bench_args, add_model_args, hybrid_overrides, model_spec, parse_batch, parse_limit,
                                      torch_dtype)
+from linearize.commands.info import parse_layers
 from linearize.config import COMPONENT_MODES, MEMORY_PREFILLS, MEMORY_REREAD
 
 WHAT = ("benchmarks", "attribution", "probes", "long")
@@ -182,7 +183,7 @@ def run(args) -> int:
         if converted and base is None and not args.no_base:
             raise LinearizeError("--what long: the converted model records no base model; pass --base or --no-base")
         train_len = training_seq_len(spec) if converted else None
-        layers = args.layers if args.layers in ("all", "global") else ints(args.layers)
+        layers = parse_layers(args.layers)
         body = run_long(model, tokenizer, base=base, modes=[m.strip() for m in args.long_modes.split(",") if m.strip()],
                         tasks=tasks_long, limit=int(args.limit) if args.limit else 20, cell_limit=args.cell_limit, lengths=ints(args.lengths),
                         qa_lengths=ints(args.qa_lengths), depths=[float(d) for d in args.depths.split(",") if d.strip()],

@@ -16,12 +16,13 @@ So a long-QA loss can be told apart: a passage the memory holds and the model st
 
 from __future__ import annotations
 
+import contextlib
 from statistics import mean
 from typing import Any
 
 import torch
 
-from linearize.attention.memory import observing_selection
+from linearize.attention.memory import observing_selection, preferring_keys
 from linearize.errors import LinearizeError
 from linearize.evaluate.long_score import score_items
 from linearize.evaluate.long_tasks import Item
@@ -48,20 +49,29 @@ def answer_span(tokenizer, item: Item, start: int, length: int) -> tuple[int, in
     return None
 
 
-def memory_coverage(model, tokenizer, items: list[Item], *, progress=None) -> list[dict[str, Any]]:
+def memory_coverage(model, tokenizer, items: list[Item], *, gold_first: bool = False,
+                    progress=None) -> list[dict[str, Any]]:
     """Per item: its score (bits, bytes, greedy_exact, bpb) and the `kept` / `exact` share of its gold span per converted
     layer (lists in layer order) with their means. `model` chooses its memory at prefill (memory_select 'query'); each
-    item is scored alone (a batch of one, so prompt positions are the context's)."""
+    item is scored alone (a batch of one, so prompt positions are the context's). ``gold_first``: every layer's memory
+    takes the gold span's keys before any other (`attention.memory.preferring_keys`; the rest by the rule), an oracle
+    choice of the same size -- does the model read the passage when the memory surely holds it?"""
     rows = []
     for n, item in enumerate(items):
         if not item.meta.get("needle_starts"):
             raise LinearizeError(f"{item.qid}: no gold span to cover (long-QA and retrieval items have one)")
+        start, length = item.meta["needle_starts"][0], item.meta["needle_lengths"][0]
+        gold = torch.zeros(len(item.context), dtype=torch.bool)
+        gold[start:start + length] = True
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with observing_selection(lambda chosen, candidate, spec: seen.append((chosen[0].cpu(), candidate[0].cpu()))):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(observing_selection(
+                lambda chosen, candidate, spec: seen.append((chosen[0].cpu(), candidate[0].cpu()))))
+            if gold_first:
+                stack.enter_context(preferring_keys(gold))
             (score,) = score_items(model, tokenizer, [item], batch_tokens=len(item.context) + len(item.target))
         if not seen:
             raise LinearizeError("the model chose no memory at prefill: memory_coverage needs memory_select 'query'")
-        start, length = item.meta["needle_starts"][0], item.meta["needle_lengths"][0]
         per_layer = [span_coverage(chosen, candidate, start, length) for chosen, candidate in seen]
         kept, exact = [k for k, _ in per_layer], [e for _, e in per_layer]
         answer = answer_span(tokenizer, item, start, length)
@@ -84,6 +94,8 @@ def coverage_markdown(record: dict[str, Any]) -> str:
     meta = record.get("meta", {})
     lines = [f"# What the query memory keeps of the gold passage: {meta.get('model', '')}", "",
              f"`{meta.get('command', '')}` · commit {meta.get('commit', '?')} · {meta.get('gpu') or meta.get('device', '')}",
+             *(["", "**Oracle choice**: every layer's memory took the gold passage's keys first (`--gold-first`)."]
+               if record.get("settings", {}).get("gold_first") else []),
              "", "kept: share of the passage's tokens the memory keeps (mean over KV heads and layers); exact: kept or "
              "read by the window / sinks at the end of the prompt; min: the layer with the least exact; answer: exact over "
              "the gold answer's tokens in the passage (- where not found as a token sequence).", ""]

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sinks", type=int, default=8)
     p.add_argument("--memory", type=int, default=2048, help="keys per layer and KV head")
     p.add_argument("--reread", type=int, default=MEMORY_REREAD)
+    p.add_argument("--pyramid", type=float, default=1.0,
+                   help="memory_pyramid: the first cut layer keeps this many times the last one's keys, the same total")
     p.add_argument("--layers", default="all", type=parse_layers,
                    help="the cut layers: 'all', 'global' or comma-separated indices (as `diagnose --layers`)")
     p.add_argument("--task", default="qa_squad", help="a long-QA or retrieval task of `diagnose --what long`")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for rule in heads:
         model = query_memory_baseline(base, args.window, args.sinks, args.memory, layers=args.layers,
                                       reread=args.reread)
-        linearize.set_hybrid(model, memory_heads=rule)
+        linearize.set_hybrid(model, memory_heads=rule, memory_pyramid=args.pyramid)
         print(f"[coverage] memory_heads={rule}: {len(items)} prompts", flush=True)
         rules[rule] = memory_coverage(model, tokenizer, items, gold_first=args.gold_first, progress=lambda s: print(s, flush=True))
         del model

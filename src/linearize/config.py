@@ -132,6 +132,7 @@ class HybridConfig:
     memory_prefill: str = field(default="none", metadata={"help": "memory_select 'query': what the prompt's tokens before the re-read ones read besides the window, the sinks and the linear state -- in a prefill and in a full (teacher-forced) forward. 'none' (the default): nothing; the memory is chosen only at the prompt's end. 'recall': the online recall memory of the same size (sparse_memory keys, updated every memory_block tokens), as in the training of a conversion trained with sparse_memory (memory_select 'recall'), so a gate trained beside that memory reads the prompt as it learned to; a prompt no longer than window + sinks + sparse_memory is then read exactly. The decode memory is still the query-chosen one (the re-read tokens and every later one read it; keys that leave the window after it is chosen take its free slots, memory_fill, then enter the linear state). Measured on the memory-trained Qwen2.5-Coder-1.5B conversion, 12 SQuAD items (CPU, before memory_fill and the delta den fix of session 17): 0.102 -> 0.089 bits per byte (the recall memory at inference: 0.079; RESULTS.md, session 16). Computation only (set_hybrid); the prefill walks the recall memory too (its cost), the decode state is the same."})
     memory_fill: bool = field(default=True, metadata={"help": "memory_select 'query' (the 'recall' memory takes every leaving key already; ignored there): keys that leave the window after the memory is chosen (while the re-read tokens and the decoded ones are read) take the memory's free slots first, in time order, instead of entering the linear state; free slots exist where the prompt had fewer candidates than sparse_memory. So a prompt and its continuation no longer than window + sinks + sparse_memory are read exactly (with memory_prefill 'recall' the prompt's tokens before the re-read ones too); a longer one fills no slot and is read as without it. Measured on the untrained Qwen2.5-Coder-1.5B with 2048 query-chosen keys (H200): reading (SQuAD / CoQA / DROP) +4.7% -> +1.9% bits per byte over the base, every long task unchanged (RESULTS.md, session 17). False: the memory stays as chosen and every later key enters the linear state (the rule before session 17, which saved configs without this field did not have either). Computation only (set_hybrid); the decode state is the same size."})
     memory_reread: int = field(default=MEMORY_REREAD, metadata={"help": "memory_select 'query': how many of the prompt's last tokens are read again against the chosen memory (decoded one by one after it is chosen, in every converted layer, so the upper layers see tokens that have read it): 1 = the last token only; 32 (the default) = the question too, when it is among the last 32 tokens (a prefill streams: without this the question's own tokens never read the memory; measured on Gemma 3 270M at 8k / 16k, 256 keys: long QA 0.877 / 0.854 -> 0.727 / 0.762 bits per byte, the base 0.691 / 0.770, RESULTS.md). The memory is chosen among the keys outside the window of the first re-read token. Computation only (set_hybrid); costs that many decode steps per converted layer at each prefill."})
+    memory_pyramid: float = field(default=1.0, metadata={"help": "How the sparse memory's keys spread over the converted layers (PyramidKV-style): 1 = sparse_memory keys in every layer; p > 1 = a linear ramp from the first converted layer down to the last, p times as many keys in the first as in the last, the total the same (sparse_memory x layers, up to rounding: HybridConfig.memory_sizes) -- more exact keys where the lower layers' attention spreads over the prompt. Measured on the failing long-QA items, CPU: RESULTS.md. Computation only (set_hybrid); the decode state holds the same number of keys in all."})
     linear_state: str = field(default="sum", metadata={"help": "State of the linear branch (linearize.attention.linear): 'sum' (normalised linear attention, LoLCATs), 'gated' (the same with a learned per-head, per-token decay, GLA-style; log_decay = -softplus(x W + b)), 'delta' (gated delta rule, Gated DeltaNet; unnormalised: combine 'mix' only)."})
     decay_init: float = field(default=0.999, metadata={"help": "linear_state 'gated' (and 'delta'): the initial per-token decay exp(log_decay) of every head (W = 0, b set from it); 0.999 forgets over ~1000 tokens, close to 'sum' at conversion."})
     delta_beta_init: float = field(default=0.5, metadata={"help": "linear_state 'delta': the initial write strength beta = sigmoid(x W + b) of every head (W = 0, b set from it)."})
@@ -164,6 +165,9 @@ class HybridConfig:
                              f"combine={self.combine!r}, mix_gate={self.mix_gate!r} (a fixed g is mix_value)")
         if self.softmax_sinks < 0 or self.sparse_memory < 0 or self.memory_block < 1:
             raise ValueError("softmax_sinks and sparse_memory must be >= 0 and memory_block >= 1")
+        if self.memory_pyramid < 1 or (self.memory_pyramid != 1 and not self.sparse_memory):
+            raise ValueError(f"memory_pyramid={self.memory_pyramid} spreads sparse_memory's keys over the layers: it must be "
+                             f">= 1 (1 = the same in every layer), and > 1 only with sparse_memory > 0")
         if self.memory_reread < 1:
             raise ValueError(f"memory_reread must be >= 1 (the prompt's last token reads the memory); got {self.memory_reread}")
         if self.memory_heads not in MEMORY_HEADS:
@@ -206,6 +210,34 @@ class HybridConfig:
     def softmax_extras(self) -> bool:
         """Whether the softmax branch holds keys besides the window (softmax sinks, sparse memory)."""
         return self.softmax_sinks > 0 or self.sparse_memory > 0
+
+    def memory_sizes(self, layers: list[int]) -> dict[int, int]:
+        """{layer: the sparse memory's keys there} over the converted ``layers``: sparse_memory each, or with
+        memory_pyramid = p > 1 weights falling linearly from p (the first layer) to 1 (the last), scaled to the same
+        total; the keys rounding leaves go to the largest remainders (each layer keeps at least one)."""
+        order = sorted(layers)
+        n = len(order)
+        if self.memory_pyramid == 1 or n < 2 or not self.sparse_memory:
+            return {i: self.sparse_memory for i in order}
+        p = self.memory_pyramid
+        weights = [p - (p - 1) * j / (n - 1) for j in range(n)]
+        raw = [self.sparse_memory * n * w / sum(weights) for w in weights]
+        whole = [int(r + 1e-9) for r in raw]  # a share of 4.9999999 is 5
+        sizes = [max(1, x) for x in whole]
+        left = self.sparse_memory * n - sum(sizes)
+        for j in sorted(range(n), key=lambda j: raw[j] - whole[j], reverse=True)[:max(left, 0)]:
+            sizes[j] += 1
+        return dict(zip(order, sizes))
+
+    def layer_memory(self, layer: int) -> int:
+        """The sparse memory's keys in converted layer ``layer`` (`memory_sizes` over ``layers``, which a converted
+        model's config holds as a list)."""
+        if self.memory_pyramid == 1 or not self.sparse_memory:
+            return self.sparse_memory
+        if not isinstance(self.layers, list) or layer not in self.layers:
+            raise ValueError(f"memory_pyramid spreads the memory over the converted layers, given as a list (convert "
+                             f"resolves them); layer {layer} is not in layers={self.layers!r}")
+        return self.memory_sizes(self.layers)[layer]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -141,8 +141,8 @@ class HybridAttention(nn.Module):
                  layer_idx: int, padding: PaddingContext):
         super().__init__()
         self.scale = adapter.scale(model_config)
-        self.hybrid = hybrid  # after the scale: setting it builds the spec
         self.layer_idx = layer_idx
+        self.hybrid = hybrid  # after the scale and the index: setting it builds the spec
         self.padding = padding
         self.num_heads = model_config.num_attention_heads
         self.num_kv_heads = model_config.num_key_value_heads
@@ -192,7 +192,7 @@ class HybridAttention(nn.Module):
     def hybrid(self, hybrid: HybridConfig) -> None:
         """Settings change as a whole (`convert.set_hybrid`); the spec the backends read follows them."""
         self._hybrid = hybrid
-        self.spec = AttentionSpec.from_config(hybrid, self.scale)
+        self.spec = AttentionSpec.from_config(hybrid, self.scale, self.layer_idx)
 
     # -- pieces the training and diagnostics code reuses -------------------------------------------
     def project(self, hidden_states, position_embeddings):

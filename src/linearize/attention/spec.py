@@ -37,9 +37,12 @@ class AttentionSpec:
     backend: str = field(default="auto", metadata={"help": "The requested backend; module.choose_backend decides."})
 
     @classmethod
-    def from_config(cls, hybrid: HybridConfig, scale: float) -> "AttentionSpec":
+    def from_config(cls, hybrid: HybridConfig, scale: float, layer: int | None = None) -> "AttentionSpec":
+        """The spec of converted layer ``layer`` (its share of the memory, HybridConfig.layer_memory); None: the
+        memory's size as configured."""
+        memory = hybrid.sparse_memory if layer is None else hybrid.layer_memory(layer)
         return cls(scale=scale, window=hybrid.window, rule=hybrid.combine, placement=hybrid.placement,
-                   num_sinks=hybrid.num_sinks, softmax_sinks=hybrid.softmax_sinks, sparse_memory=hybrid.sparse_memory,
+                   num_sinks=hybrid.num_sinks, softmax_sinks=hybrid.softmax_sinks, sparse_memory=memory,
                    memory_block=hybrid.memory_block, memory_select=hybrid.memory_select,
                    memory_observe=hybrid.memory_observe, memory_pool=hybrid.memory_pool, memory_heads=hybrid.memory_heads,
                    memory_reread=hybrid.memory_reread, memory_in_state=hybrid.memory_in_state,

@@ -18,6 +18,7 @@ returning the base model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def convert(model: nn.Module, hybrid: HybridConfig | None = None, layers=None) -
     if layers is not None:
         hybrid.layers = layers if isinstance(layers, str) else list(layers)
     indices = resolve_layers(hybrid.layers, config)
+    hybrid = dataclasses.replace(hybrid, layers=indices)  # each layer's settings may depend on its place among them
     padding = PaddingContext()
     blocks = decoder_layers(model)
     ref = next(model.parameters())

@@ -19,6 +19,8 @@ One definition for the three kinds of model that the long-context evaluation put
 
 from __future__ import annotations
 
+import dataclasses
+
 from linearize.attention.adapters import head_dim, layer_types
 from linearize.attention.linear import linear_state
 from linearize.attention.ring import ring_bytes
@@ -76,11 +78,13 @@ def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: Hy
     kinds = layer_types(config)
     spec = layers if layers is not None else (hybrid.layers if hybrid is not None else "global")
     changed = set(resolve_layers(spec, config)) if (hybrid is not None or window_sinks is not None) else set()
+    memory = hybrid.memory_sizes(sorted(changed)) if hybrid is not None else {}  # memory_pyramid: per layer
     total = 0
     for i, kind in enumerate(kinds):
         own = config.sliding_window if kind == "sliding_attention" else None
         if i in changed and hybrid is not None:
-            total += _hybrid_layer_bytes(config.num_attention_heads, hkv, d, hybrid, dtype_bytes)
+            layer = dataclasses.replace(hybrid, sparse_memory=memory[i], memory_pyramid=1.0)
+            total += _hybrid_layer_bytes(config.num_attention_heads, hkv, d, layer, dtype_bytes)
         elif hybrid is not None and own is not None:
             total += ring_bytes(hkv, d, own, dtype_bytes)
         elif i in changed and own is None:  # the baseline leaves a layer with its own window as it is
@@ -93,7 +97,8 @@ def decode_state_bytes(config, context: int, *, dtype_bytes: int = 2, hybrid: Hy
 
 def matching_window(config, hybrid: HybridConfig, *, sinks: int, dtype_bytes: int = 2, layers=None) -> int:
     """The baseline window ``w`` whose ``w + sinks`` keys and values per layer take no more bytes than one converted
-    layer's state (layers with their own window count the same on both sides: the baseline leaves them alone)."""
+    layer's state (layers with their own window count the same on both sides: the baseline leaves them alone; with
+    memory_pyramid the mean layer's, sparse_memory keys: the total is the same)."""
     d, hkv = head_dim(config), config.num_key_value_heads
     per_key = 2 * hkv * d * dtype_bytes
     w = _hybrid_layer_bytes(config.num_attention_heads, hkv, d, hybrid, dtype_bytes) // per_key - sinks

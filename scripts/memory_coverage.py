@@ -24,7 +24,7 @@ import torch
 
 import linearize
 from linearize.commands.info import parse_layers
-from linearize.config import MEMORY_HEADS, MEMORY_REREAD
+from linearize.config import MEMORY_HEADS, MEMORY_PREFILLS, MEMORY_REREAD
 from linearize.data_dir import default_data_dir
 from linearize.evaluate.lm_eval_model import load_model
 from linearize.evaluate.long_tasks import build_items
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sinks", type=int, default=8)
     p.add_argument("--memory", type=int, default=2048, help="keys per layer and KV head")
     p.add_argument("--reread", type=int, default=MEMORY_REREAD)
+    p.add_argument("--prefill", default="none", choices=MEMORY_PREFILLS,
+                   help="memory_prefill: what the prompt's tokens before the re-read ones read ('exact': the base's "
+                        "full attention, a diagnostic of what the constant-memory prefill loses)")
     p.add_argument("--pyramid", type=float, default=1.0,
                    help="memory_pyramid: the first cut layer keeps this many times the last one's keys, the same total")
     p.add_argument("--layers", default="all", type=parse_layers,
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     rules = {}
     for rule in heads:
         model = query_memory_baseline(base, args.window, args.sinks, args.memory, layers=args.layers,
-                                      reread=args.reread)
+                                      reread=args.reread, prefill=args.prefill)
         linearize.set_hybrid(model, memory_heads=rule, memory_pyramid=args.pyramid)
         print(f"[coverage] memory_heads={rule}: {len(items)} prompts", flush=True)
         rules[rule] = memory_coverage(model, tokenizer, items, gold_first=args.gold_first, progress=lambda s: print(s, flush=True))

@@ -349,7 +349,7 @@ def test_config_checks_and_set_hybrid():
     with pytest.raises(ValueError, match="memory_prefill"):
         linearize.HybridConfig(sparse_memory=4, memory_prefill="recall")  # the 'recall' memory is read by every token
     with pytest.raises(ValueError, match="memory_prefill"):
-        linearize.HybridConfig(sparse_memory=4, memory_select="query", memory_prefill="exact")
+        linearize.HybridConfig(sparse_memory=4, memory_select="query", memory_prefill="full")
     model = converted("sum", memory_select="recall")
     linearize.set_hybrid(model, memory_select="query")  # a training-free change of a conversion
     assert model.model.layers[0].self_attn.spec.selects_at_prefill
@@ -401,6 +401,53 @@ def test_memory_prefill_recall_reads_the_prompt_with_the_recall_memory(kind):
     without = layer_outputs(plain, hidden, prompt)
     torch.testing.assert_close(got[:, first:], without[:, first:], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got[:, :first], without[:, :first], atol=1e-4)  # the recall memory changes the prompt's
+
+
+def test_memory_prefill_exact_reads_the_prompt_with_the_base_attention():
+    """memory_prefill='exact' (a diagnostic): in a prefill the tokens before the re-read ones attend by softmax to the
+    whole prompt (written out here); the re-read and decoded tokens are as without it (the same state); a full forward
+    is unchanged."""
+    import copy
+
+    model = converted("delta", memory_reread=5, memory_prefill="exact")
+    plain = copy.deepcopy(model)
+    linearize.set_hybrid(plain, memory_prefill="none")
+    t, prompt, reread = 24, 15, 5
+    torch.manual_seed(6)
+    hidden = torch.randn(1, t, 64)
+    got = layer_outputs(model, hidden, prompt)
+    layer = model.model.layers[0].self_attn
+    pe = model.model.rotary_emb(hidden, torch.arange(prompt)[None])
+    with torch.no_grad():
+        q, k, v = layer.project(hidden[:, :prompt], pe)
+        g = q.shape[1] // k.shape[1]
+        logits = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(g, 1)) * layer.scale
+        logits = logits.masked_fill(torch.ones(prompt, prompt, dtype=torch.bool).triu(1), float("-inf"))
+        exact = torch.einsum("bhts,bhsd->bhtd", logits.softmax(-1), v.repeat_interleave(g, 1))
+        want = layer.o_proj(exact.transpose(1, 2).reshape(1, prompt, -1))
+    first = prompt - reread
+    torch.testing.assert_close(got[:, :first], want[:, :first], atol=1e-5, rtol=1e-5)
+    without = layer_outputs(plain, hidden, prompt)
+    torch.testing.assert_close(got[:, first:], without[:, first:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[:, :first], without[:, :first], atol=1e-4)  # a window of 4 reads less
+    assert torch.equal(layer_outputs(model, hidden, prompt, cached=False), layer_outputs(plain, hidden, prompt, cached=False))
+
+
+def test_the_training_free_memory_with_an_exact_prefill_reads_the_prompt_as_the_base():
+    """Every layer cut to window + sinks + memory, the prompt prefilled with memory_prefill='exact': the logits of the
+    prompt's tokens before the re-read ones are the base model's; the re-read ones read the memory."""
+    from tiny_models import tiny_model
+
+    from linearize.models.window_sinks import query_memory_baseline
+
+    base = tiny_model("llama")
+    model = query_memory_baseline(base, 4, 1, 3, layers="all", reread=5, prefill="exact")
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = model(ids, **cache_kwargs(DynamicCache(config=model.config)), use_cache=True).logits
+        want = base(ids).logits
+    torch.testing.assert_close(got[:, :25], want[:, :25], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[:, 25:], want[:, 25:], atol=1e-3)
 
 
 def test_memory_prefill_reads_a_short_prompt_exactly():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from linearize import HybridConfig, convert
+from linearize.attention.common import softmax_attention
 from linearize.attention.reference import hybrid_attention_reference
 from linearize.train import loop, transfer
 from lz_train_helpers import random_data, tiny_gemma3, tiny_llama
@@ -73,7 +74,7 @@ def test_weights_loss_never_below_zero(features):
 def test_output_loss_zero_when_la_equals_softmax():
     q, k, v = qkv()
     qf, kf = exact_features(q, k, 0.35)
-    teacher = transfer.teacher_attention(q, k, v, scale=0.35)
+    teacher = softmax_attention(q, k, v, scale=0.35)
     student = hybrid_attention_reference(q, k, v, qf, kf, **with_spec(scale=0.35, window=4, mode="la_only"))
     assert float(transfer.masked_mse(teacher, student)) < 1e-10
 
@@ -82,7 +83,7 @@ def test_teacher_with_padding_and_window():
     q, k, v = qkv(t=12)
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :3] = False
-    out = transfer.teacher_attention(q, k, v, scale=0.3, window=4, valid=valid)
+    out = softmax_attention(q, k, v, scale=0.3, window=4, valid=valid)
     qf = kf = None
     ref = hybrid_attention_reference(q, k, v, torch.ones(2, 4, 12, 1), torch.ones(2, 2, 12, 1),
                                      **with_spec(scale=0.3, window=4, mode="swa_only", valid=valid))
@@ -153,5 +154,5 @@ def test_teacher_in_blocks_equals_one_full_mask(window, pad, block):
     mask = (ts <= tq) & (tq - ts < (window or 23)) & valid[:, None, None, :]
     kx, vx = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     want = torch.softmax((q @ kx.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")), -1).nan_to_num() @ vx
-    got = transfer.teacher_attention(q, k, v, scale=0.3, window=window, valid=valid, block=block)
+    got = softmax_attention(q, k, v, scale=0.3, window=window, valid=valid, block=block)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

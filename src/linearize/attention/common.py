@@ -124,3 +124,45 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | Non
     for j in range(taps - 1):
         out = out + padded[:, :, j:j + t] * w[..., j]
     return out, padded[:, :, padded.shape[2] - (taps - 1):]
+
+
+def key_mask(t0: int, t1: int, s: int, window: int | None, valid: torch.Tensor | None, device,
+             s0: int = 0) -> torch.Tensor:
+    """(B or 1, 1, 1, t1-t0, s-s0) mask of the softmax keys s0..s-1 queries t0..t1-1 see (causal, within `window`,
+    not padding)."""
+    tq = torch.arange(t0, t1, device=device)[:, None]
+    ts = torch.arange(s0, s, device=device)[None, :]
+    mask = ts <= tq
+    if window is not None:
+        mask = mask & (tq - ts < window)
+    mask = mask[None, None, None]
+    if valid is not None:
+        mask = mask & valid[:, None, None, None, s0:s]
+    return mask
+
+
+#: Queries per block of a masked `softmax_attention`: a block sees at most SOFTMAX_BLOCK + window keys, never T x T.
+SOFTMAX_BLOCK = 1024
+
+
+def softmax_attention(q, k, v, *, scale: float, window: int | None = None, valid: torch.Tensor | None = None,
+                      block: int = SOFTMAX_BLOCK) -> torch.Tensor:
+    """The base's softmax attention (B, Hq, T, d) -- the transfer objectives' teacher, a query memory's exact prefill:
+    causal, optionally within the last `window` keys, GQA, padding keys masked.
+    Without a window or padding one flash call; with them, blocks of `block` queries over only the keys they can
+    see (a block's mask is `block` x (block + window) where one mask for all queries would be T x T)."""
+    b, hq, t, d = q.shape
+    rep = hq // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if window is None and valid is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    outs = []
+    for t0 in range(0, t, block):
+        t1 = min(t0 + block, t)
+        s0 = 0 if window is None else max(0, t0 - window + 1)
+        mask = key_mask(t0, t1, t1, window, valid, q.device, s0=s0)[:, 0]  # (B or 1, 1, C, S)
+        outs.append(F.scaled_dot_product_attention(q[:, :, t0:t1], k[:, :, s0:t1], v[:, :, s0:t1], attn_mask=mask,
+                                                   scale=scale))
+    return torch.nan_to_num(torch.cat(outs, dim=2))  # a query with no valid key (left padding) gets 0

@@ -18,7 +18,7 @@ from torch import nn
 from linearize.attention.adapters import FamilyAdapter, head_dim, layer_types
 from linearize.attention.cache import hybrid_cache_layer, take_cache
 from linearize.attention.chunked import hybrid_attention_chunked, reads_linear_sums
-from linearize.attention.common import causal_conv
+from linearize.attention.common import causal_conv, softmax_attention
 from linearize.attention.linear import fla_route, linear_state
 from linearize.attention.recurrent import decode_step, prefill_selecting, prefill_state
 from linearize.attention.reference import hybrid_attention_reference
@@ -324,7 +324,10 @@ class HybridAttention(nn.Module):
         layer = hybrid_cache_layer(cache, self.layer_idx)
         spec = self.spec
         if layer.state is None:
-            out = self._forward_full(q, k, v, weight, valid, gates)
+            if spec.selects_at_prefill and spec.memory_prefill == "exact":  # the base's attention (a diagnostic)
+                out = softmax_attention(q, k, v, scale=self.scale, valid=valid)
+            else:
+                out = self._forward_full(q, k, v, weight, valid, gates)
             qf, kf, conv_history = self.features(q, k, valid)
             if valid is None:
                 valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)

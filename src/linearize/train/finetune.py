@@ -29,7 +29,7 @@ from linearize.attention.module import HybridAttention, hybrid_param_kind
 from linearize.models.convert import components, decoder_layers, hybrid_modules, is_converted
 from linearize.models.lm_head import chunk_kl_sum, chunk_loss_sum, final_softcap
 from linearize.train.ssd import SSDSchedule, clear_drops, dropped_fraction, set_drops
-from linearize.train.transfer import teacher_attention
+from linearize.attention.common import softmax_attention
 
 #: Stage 2's losses (`stage2.objective`).
 FINETUNE_OBJECTIVES = ("lm", "kl")
@@ -64,7 +64,7 @@ def lm_loss(model, input_ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tenso
 
 def _base_attention_hook(module, q, k, v, valid, weight, hidden_states):
     """A converted layer's attention as its base layer computes it (its own window, if any): the teacher."""
-    return teacher_attention(q, k, v, scale=module.scale, window=module.base_sliding_window, valid=valid)
+    return softmax_attention(q, k, v, scale=module.scale, window=module.base_sliding_window, valid=valid)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from linearize.attention.common import group_queries, ungroup
+from linearize.attention.common import group_queries, key_mask, softmax_attention, ungroup
 from linearize.attention.module import hybrid_param_kind
 from linearize.models.convert import hybrid_modules
 
@@ -58,50 +58,10 @@ def register_objective(name: str):
     return add
 
 
-def _key_mask(t0: int, t1: int, s: int, window: int | None, valid: torch.Tensor | None, device,
-              s0: int = 0) -> torch.Tensor:
-    """(B or 1, 1, 1, t1-t0, s-s0) mask of the teacher's keys s0..s-1 for queries t0..t1-1."""
-    tq = torch.arange(t0, t1, device=device)[:, None]
-    ts = torch.arange(s0, s, device=device)[None, :]
-    mask = ts <= tq
-    if window is not None:
-        mask = mask & (tq - ts < window)
-    mask = mask[None, None, None]
-    if valid is not None:
-        mask = mask & valid[:, None, None, None, s0:s]
-    return mask
-
-
-#: Queries per block of the masked teacher: a block sees at most TEACHER_BLOCK + window keys, never T x T.
-TEACHER_BLOCK = 1024
-
-
-def teacher_attention(q, k, v, *, scale: float, window: int | None = None, valid: torch.Tensor | None = None,
-                      block: int = TEACHER_BLOCK) -> torch.Tensor:
-    """Softmax attention (B, Hq, T, d): causal, optionally within the last `window` keys, GQA, padding keys masked.
-    Without a window or padding one flash call; with them, blocks of `block` queries over only the keys they can
-    see (a block's mask is `block` x (block + window) where one mask for all queries would be T x T)."""
-    b, hq, t, d = q.shape
-    rep = hq // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    if window is None and valid is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    outs = []
-    for t0 in range(0, t, block):
-        t1 = min(t0 + block, t)
-        s0 = 0 if window is None else max(0, t0 - window + 1)
-        mask = _key_mask(t0, t1, t1, window, valid, q.device, s0=s0)[:, 0]  # (B or 1, 1, C, S)
-        outs.append(F.scaled_dot_product_attention(q[:, :, t0:t1], k[:, :, s0:t1], v[:, :, s0:t1], attn_mask=mask,
-                                                   scale=scale))
-    return torch.nan_to_num(torch.cat(outs, dim=2))  # a query with no valid key (left padding) gets 0
-
-
 def _block_kl(qg, qfg, k, kf, scale, window, valid, t0, eps, cum=None):
     t1 = t0 + qg.shape[3]
-    mask = _key_mask(t0, t1, t1, window, valid, qg.device)  # (B|1, 1, 1, C, S)
-    la_mask = mask if window is None else _key_mask(t0, t1, t1, None, valid, qg.device)  # student: all past keys
+    mask = key_mask(t0, t1, t1, window, valid, qg.device)  # (B|1, 1, 1, C, S)
+    la_mask = mask if window is None else key_mask(t0, t1, t1, None, valid, qg.device)  # student: all past keys
     with torch.no_grad():
         logits = torch.einsum("bhgcd,bhsd->bhgcs", qg.float(), k[:, :, :t1].float()) * scale
         logp = torch.log_softmax(logits.masked_fill_(~mask, _NEG), dim=-1)
@@ -200,7 +160,7 @@ class AttentionTransfer:
     def hook(self, module, q, k, v, valid, weight, hidden_states):
         window = module.base_sliding_window
         with torch.no_grad():
-            teacher = teacher_attention(q, k, v, scale=module.scale, window=window, valid=valid)
+            teacher = softmax_attention(q, k, v, scale=module.scale, window=window, valid=valid)
         args = (q, k, v, valid, weight, teacher, hidden_states)
         if self.recompute and torch.is_grad_enabled():
             loss = checkpoint(self._student_loss, *args, module=module, window=window, use_reentrant=False)

@@ -244,6 +244,9 @@ def test_all_layers_table_is_the_measured_qwen_conversion_with_and_without_its_t
         ("kl-r8k-nomem-la-off", "kl-r8k-nomem", off, ("kl-r8k-nomem",)),
         ("kl-r8k-nomem-mem4096", "kl-r8k-nomem", (("sparse_memory", 4096),), ()),
         ("kl-r8k-nomem-mem4096-la-off", "kl-r8k-nomem", (("sparse_memory", 4096), *off), ("kl-r8k-nomem-mem4096",)),
+        # the memory spread over the layers at load, the same bytes (session 28's CPU diagnosis)
+        ("kl-r8k-nomem-pyramid7", "kl-r8k-nomem", (("memory_pyramid", 7.0),), ()),
+        ("kl-r8k-nomem-mem4096-pyramid7", "kl-r8k-nomem", (("sparse_memory", 4096), ("memory_pyramid", 7.0)), ()),
         ("kl-r8k-longdocs-la-off", "kl-r8k-longdocs", off, ("kl-r8k-longdocs",))]
     assert table.long == LongSettings(lengths=(4096, 8192, 16384, 32768), qa_lengths=(8192, 16384, 32768),
                                       layers="all", window=512, baseline_windows=("auto", 512),

@@ -221,6 +221,8 @@ TABLES["long-context"] = StudyTable(
 # 27 measured it no better and slower to train), read at 4k-32k against the base, its cuts and the training-free
 # query memory at 2048 / 4096 keys
 KL_R8K_OFF = (("mix_shift", 30.0),)  # the linear readout off, the memory kept: is the linear part used?
+# the memory's keys spread over the layers, the first 7x the last, the same total (the same decode bytes)
+KL_PYRAMID = (("memory_pyramid", 7.0),)
 # the recipe's sources with the long documents weighted 3 against 1 each (rows of one book each, not packed short
 # texts: what a state that reads 32k-token prompts has to learn from)
 KL_LONGDOCS_SOURCES = "[sharegpt,dolly,wikitext2,c4,wiki,longdocs:3]"
@@ -234,7 +236,7 @@ TABLES["long-context-all-layers"] = StudyTable(
     "training, 2048 query keys at inference); kl-r8k: the same with 2048 recall keys in training (the inference "
     "memory as saved); kl-r8k-longdocs: the recipe with long documents (books) mixed into its data; -la-off: "
     "mix_shift 30, the linear readout off with the memory kept (the component-mode question for a memory row; with no LoRA it is the training-free memory on the base's weights); -mem4096: 4096 "
-    "query keys at load (193 MiB a sequence at 32k, a fifth of the base's); -recall: the memory chosen as trained. "
+    "query keys at load (193 MiB a sequence at 32k, a fifth of the base's); -pyramid7: the memory spread over the layers at load (memory_pyramid 7, the same bytes); -recall: the memory chosen as trained. "
     "Baselines: the base, its 512 + 8 cut and the cut of the conversion's bytes, and the training-free query memory "
     "of 2048 / 4096 keys (window + sinks + memory, softmax alone). merged/long.md: all of them paired over the same "
     "items.",
@@ -247,6 +249,8 @@ TABLES["long-context-all-layers"] = StudyTable(
               StudyVariant("kl-r8k-nomem-mem4096", "kl-r8k-nomem", (("sparse_memory", 4096),)),
               StudyVariant("kl-r8k-nomem-mem4096-la-off", "kl-r8k-nomem", (("sparse_memory", 4096), *KL_R8K_OFF),
                            paired_with=("kl-r8k-nomem-mem4096",)),
+              StudyVariant("kl-r8k-nomem-pyramid7", "kl-r8k-nomem", KL_PYRAMID),
+              StudyVariant("kl-r8k-nomem-mem4096-pyramid7", "kl-r8k-nomem", (("sparse_memory", 4096), *KL_PYRAMID)),
               StudyVariant("kl-r8k-longdocs-la-off", "kl-r8k-longdocs", KL_R8K_OFF, paired_with=("kl-r8k-longdocs",))),
     long=LongSettings(lengths=(4096, 8192, 16384, 32768), qa_lengths=(8192, 16384, 32768), layers="all", window=512,
                       baseline_windows=("auto", 512), memory_baselines=(2048, 4096), memory_reread=32,

@@ -2,7 +2,8 @@
 a KV head's query heads (`memory_heads`): the base model cut to window + sinks + a memory chosen by the prompt's last
 queries (`models.window_sinks.query_memory_baseline`, every layer), each item scored through a cached prefill while
 `evaluate.memory_coverage` records every layer's choice. A conversion without LoRA (the `long-context-kl` recipe)
-chooses with the base's queries and keys, so its memory is this one.
+chooses with the base's queries and keys, so its memory is this one. Given a converted run instead, the run is read with
+its own window, sinks and layers and this memory (its linear state on).
 
 The items are `linearize diagnose --what long`'s with the same seed, lengths, depths and cell limit (default: those of
 the Qwen records, results/long/qwen2.5-coder-1.5b/s27/), so each row pairs with those records' per-item scores.
@@ -39,7 +40,8 @@ def ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", help="the base model (short name, .gguf, HF directory)")
+    p.add_argument("model", help="the base model (short name, .gguf, HF directory), cut to the training-free memory; or "
+                                 "a converted run, read with its own window and layers and this memory")
     p.add_argument("out", type=Path)
     p.add_argument("--heads", default="sum,max", help=f"memory_heads rules to compare, of {MEMORY_HEADS}")
     p.add_argument("--window", type=int, default=512)
@@ -82,14 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         items = [it for it in items if args.only in it.qid]
         if not items:
             p.error(f"--only {args.only!r}: no item of these settings has it in its id")
+    converted = linearize.is_converted(base)
+    if converted and (args.window, args.sinks, args.layers) != (512, 8, "all"):
+        p.error("a converted run keeps its own window, sinks and layers: leave --window / --sinks / --layers out")
     rules = {}
     for rule in heads:
-        model = query_memory_baseline(base, args.window, args.sinks, args.memory, layers=args.layers,
-                                      reread=args.reread, prefill=args.prefill)
+        if converted:  # its saved inference memory, or the one asked for here
+            model = base
+            linearize.set_hybrid(model, sparse_memory=args.memory, memory_select="query", memory_reread=args.reread,
+                                 memory_prefill=args.prefill)
+        else:
+            model = query_memory_baseline(base, args.window, args.sinks, args.memory, layers=args.layers,
+                                          reread=args.reread, prefill=args.prefill)
         linearize.set_hybrid(model, memory_heads=rule, memory_pyramid=args.pyramid)
         print(f"[coverage] memory_heads={rule}: {len(items)} prompts", flush=True)
         rules[rule] = memory_coverage(model, tokenizer, items, gold_first=args.gold_first, progress=lambda s: print(s, flush=True))
-        del model
+        if not converted:
+            del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

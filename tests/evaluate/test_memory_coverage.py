@@ -133,6 +133,30 @@ def test_the_script_writes_both_rules_for_the_diagnose_items(tokenizer, tmp_path
     assert row["kept"] == [pytest.approx(min(8, row["span"][1]) / row["span"][1])]
 
 
+def test_the_script_reads_a_converted_run_with_its_own_window_and_the_asked_memory(tokenizer, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    model = linearize.convert(tiny_llama(tokenizer, layers=2, max_pos=2048),
+                              linearize.HybridConfig(window=16, combine="mix", linear_state="delta"))
+    model.save_pretrained(tmp_path / "run")
+    tokenizer.save_pretrained(tmp_path / "run")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "memory_coverage.py"
+    spec = importlib.util.spec_from_file_location("memory_coverage_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = [str(tmp_path / "run"), str(tmp_path / "out"), "--lengths", str(LENGTH), "--depths", "0", "--cell-limit",
+            "1", "--device", "cpu", "--dtype", "float32", "--memory", "8", "--reread", "4", "--heads", "sum",
+            "--pyramid", "3"]
+    assert mod.main(args) == 0
+    row = json.loads((tmp_path / "out" / "coverage.json").read_text())["rules"]["sum"][0]
+    assert len(row["kept"]) == 2 and 0 < row["kept_mean"] < 1  # 12 and 4 keys of a long passage
+    with pytest.raises(SystemExit):  # its window is its own
+        mod.main([*args[:1], str(tmp_path / "other"), *args[2:], "--window", "64"])
+    assert not (tmp_path / "other").exists()
+
+
 def test_the_answer_is_found_in_the_passage_as_tokens(tokenizer, items):
     from linearize.evaluate.memory_coverage import answer_span
 

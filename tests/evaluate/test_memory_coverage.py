@@ -96,21 +96,28 @@ def test_items_without_a_span_or_a_model_without_a_query_memory_are_refused(toke
                         [plain])
 
 
+def coverage_script():
+    """scripts/memory_coverage.py as a module (scripts/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("memory_coverage_script",
+                                                  Path(__file__).resolve().parents[2] / "scripts" / "memory_coverage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_the_script_writes_both_rules_for_the_diagnose_items(tokenizer, tmp_path):
     """scripts/memory_coverage.py on a saved tiny model: the record holds every item under each rule, with the
     provenance block, and the items are `diagnose --what long`'s (same builder, seed and cell limit)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     from linearize.evaluate.long_tasks import build_items
 
     tiny_llama(tokenizer, layers=1, max_pos=2048).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    script = Path(__file__).resolve().parents[2] / "scripts" / "memory_coverage.py"
-    spec = importlib.util.spec_from_file_location("memory_coverage_script", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = coverage_script()
     args = [str(tmp_path / "m"), str(tmp_path / "out"), "--lengths", str(LENGTH), "--depths", "0,1", "--cell-limit",
             "1", "--device", "cpu", "--dtype", "float32", "--window", "16", "--memory", "8", "--reread", "4"]
     assert mod.main(args) == 0
@@ -134,18 +141,13 @@ def test_the_script_writes_both_rules_for_the_diagnose_items(tokenizer, tmp_path
 
 
 def test_the_script_reads_a_converted_run_with_its_own_window_and_the_asked_memory(tokenizer, tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
     model = linearize.convert(tiny_llama(tokenizer, layers=2, max_pos=2048),
                               linearize.HybridConfig(window=16, combine="mix", linear_state="delta"))
     model.save_pretrained(tmp_path / "run")
     tokenizer.save_pretrained(tmp_path / "run")
-    script = Path(__file__).resolve().parents[2] / "scripts" / "memory_coverage.py"
-    spec = importlib.util.spec_from_file_location("memory_coverage_script", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = coverage_script()
     args = [str(tmp_path / "run"), str(tmp_path / "out"), "--lengths", str(LENGTH), "--depths", "0", "--cell-limit",
             "1", "--device", "cpu", "--dtype", "float32", "--memory", "8", "--reread", "4", "--heads", "sum",
             "--pyramid", "3"]

@@ -325,7 +325,7 @@ class HybridAttention(nn.Module):
         spec = self.spec
         if layer.state is None:
             if spec.selects_at_prefill and spec.memory_prefill == "exact":  # the base's attention (a diagnostic)
-                out = softmax_attention(q, k, v, scale=self.scale, valid=valid)
+                out = softmax_attention(q, k, v, scale=self.scale, window=self.base_sliding_window, valid=valid)
             else:
                 out = self._forward_full(q, k, v, weight, valid, gates)
             qf, kf, conv_history = self.features(q, k, valid)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import linearize
+from linearize.commands.eval import int_list
 from linearize.commands.info import parse_layers
 from linearize.config import MEMORY_HEADS, MEMORY_PREFILLS, MEMORY_REREAD
 from linearize.data_dir import default_data_dir
@@ -32,10 +33,6 @@ from linearize.evaluate.long_tasks import build_items
 from linearize.evaluate.memory_coverage import coverage_markdown, memory_coverage
 from linearize.models.window_sinks import query_memory_baseline
 from linearize.records import run_metadata, write_record
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="all", type=parse_layers,
                    help="the cut layers: 'all', 'global' or comma-separated indices (as `diagnose --layers`)")
     p.add_argument("--task", default="qa_squad", help="a long-QA or retrieval task of `diagnose --what long`")
-    p.add_argument("--lengths", type=ints, default=[16384, 32768], help="prompt tokens")
+    p.add_argument("--lengths", type=int_list, default=[16384, 32768], help="prompt tokens")
     p.add_argument("--depths", default="0,0.5,1", help="gold-passage depths")
     p.add_argument("--cell-limit", type=int, default=3, help="prompts per length x depth")
     p.add_argument("--seed", type=int, default=1234, help="the items' seed (diagnose's default)")
@@ -89,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("a converted run keeps its own window, sinks and layers: leave --window / --sinks / --layers out")
     rules = {}
     for rule in heads:
+        memory = {}
         if converted:  # its saved inference memory, or the one asked for here
             model = base
-            linearize.set_hybrid(model, sparse_memory=args.memory, memory_select="query", memory_reread=args.reread,
-                                 memory_prefill=args.prefill)
+            memory = dict(sparse_memory=args.memory, memory_select="query", memory_reread=args.reread,
+                          memory_prefill=args.prefill)
         else:
             model = query_memory_baseline(base, args.window, args.sinks, args.memory, layers=args.layers,
                                           reread=args.reread, prefill=args.prefill)
-        linearize.set_hybrid(model, memory_heads=rule, memory_pyramid=args.pyramid)
+        linearize.set_hybrid(model, memory_heads=rule, memory_pyramid=args.pyramid, **memory)
         print(f"[coverage] memory_heads={rule}: {len(items)} prompts", flush=True)
         rules[rule] = memory_coverage(model, tokenizer, items, gold_first=args.gold_first, progress=lambda s: print(s, flush=True))
         if not converted:

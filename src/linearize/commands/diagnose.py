@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from linearize.commands.eval import (add_bench_args, add_model_args, hybrid_overrides, model_spec, parse_batch, parse_limit,
-                                     torch_dtype)
+from linearize.commands.eval import (add_bench_args, add_model_args, hybrid_overrides, int_list, model_spec, parse_batch,
+                                     parse_limit, torch_dtype)
 from linearize.commands.info import parse_layers
 from linearize.config import COMPONENT_MODES, MEMORY_PREFILLS, MEMORY_REREAD
 
@@ -174,7 +174,6 @@ def run(args) -> int:
         from linearize.evaluate.long_context import (DEFAULT_TASKS, long_markdown, plot_bpb, plot_retrieval, run_long,
                                                      training_seq_len)
 
-        ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
         tasks_long = list(DEFAULT_TASKS) if args.long_tasks == "all" else [t.strip() for t in args.long_tasks.split(",") if t.strip()]
         converted = is_converted(model)
         if args.baselines_only and converted:
@@ -185,8 +184,8 @@ def run(args) -> int:
         train_len = training_seq_len(spec) if converted else None
         layers = parse_layers(args.layers)
         body = run_long(model, tokenizer, base=base, modes=[m.strip() for m in args.long_modes.split(",") if m.strip()],
-                        tasks=tasks_long, limit=int(args.limit) if args.limit else 20, cell_limit=args.cell_limit, lengths=ints(args.lengths),
-                        qa_lengths=ints(args.qa_lengths), depths=[float(d) for d in args.depths.split(",") if d.strip()],
+                        tasks=tasks_long, limit=int(args.limit) if args.limit else 20, cell_limit=args.cell_limit, lengths=int_list(args.lengths),
+                        qa_lengths=int_list(args.qa_lengths), depths=[float(d) for d in args.depths.split(",") if d.strip()],
                         sinks=args.sinks, baseline_windows=windows, layers=layers, window=window,
                         generate=args.generate, max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens,
                         position_docs=args.position_docs, position_len=args.position_len, train_len=train_len,

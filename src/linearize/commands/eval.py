@@ -78,6 +78,11 @@ def parse_limit(limit):
     return int(limit) if limit >= 1 else float(limit)
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers (``"4096,8192"``), empty items skipped."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def parse_batch(bs: str):
     return bs if bs == "auto" else int(bs)
 
